@@ -1,0 +1,226 @@
+//! The agent side of a node: joins with a token, keeps a session with the manager
+//! (heartbeats, assignments, task reports), reconnects with backoff, and serves `run`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+use tracing::{info, warn};
+
+use crate::model::{Id, TaskState};
+use crate::ops::{StandaloneCreate, TaskReport};
+use crate::pki::{self, CertKey};
+use crate::proto::*;
+use crate::runtime::Runtime;
+use crate::token::JoinToken;
+
+/// A node's identity in the cluster, in `<data-dir>/node/identity.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: Id,
+    pub cluster_id: String,
+    pub ca_pem: String,
+    pub cert: CertKey,
+    /// host:port of the manager.
+    pub manager: String,
+}
+
+impl Identity {
+    fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("node").join("identity.json")
+    }
+
+    pub fn load(data_dir: &Path) -> anyhow::Result<Option<Identity>> {
+        match std::fs::read(Self::path(data_dir)) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is not valid", Self::path(data_dir).display()))?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", Self::path(data_dir).display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = Self::path(data_dir);
+        std::fs::create_dir_all(p.parent().unwrap_or(data_dir))?;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&p)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+}
+
+async fn connect(addr: &str, cfg: rustls::ClientConfig) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("connect to manager {addr}: timed out"))?
+        .with_context(|| format!("connect to manager {addr}"))?;
+    let _ = tcp.set_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(pki::server_name(), tcp))
+        .await
+        .map_err(|_| anyhow!("TLS handshake with manager {addr}: timed out"))?
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains(pki::CA_MISMATCH) {
+                anyhow!("manager {addr}: {}", pki::CA_MISMATCH)
+            } else if msg.contains("UnknownCA") || msg.contains("BadCertificate") || msg.contains("CertificateRequired") || msg.contains("DecryptError") {
+                anyhow!("manager {addr} refused this node's certificate (it was not issued by this cluster's CA): {msg}")
+            } else {
+                anyhow!("TLS handshake with manager {addr}: {msg}")
+            }
+        })?;
+    Ok(tls)
+}
+
+/// Joins the cluster: checks the manager's CA against the token, presents the secret, and
+/// stores the node certificate it receives.
+pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &str, addr: IpAddr, underlay: Vec<IpNetwork>) -> anyhow::Result<Identity> {
+    let cfg = pki::join_client_config(&token.ca_digest)?;
+    let mut tls = connect(manager, cfg).await.context("join")?;
+    write_msg(&mut tls, &Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay }).await?;
+    let reply: Reply = read_msg(&mut tls).await?.ok_or_else(|| anyhow!("join: manager {manager} closed the connection"))?;
+    if !reply.ok {
+        bail!("{}", reply.error);
+    }
+    let j: Joined = serde_json::from_value(reply.data).context("join: unexpected reply")?;
+    let id = Identity { node_id: j.node_id, cluster_id: j.cluster_id, ca_pem: j.ca_pem, cert: j.cert, manager: manager.to_string() };
+    id.save(data_dir)?;
+    info!(node = %id.node_id, cluster = %id.cluster_id, manager, "joined the cluster");
+    Ok(id)
+}
+
+pub struct Agent {
+    pub id: Identity,
+    tls: rustls::ClientConfig,
+    pub runtime: Arc<Runtime>,
+    reports: Mutex<mpsc::UnboundedReceiver<TaskReport>>,
+    assigned: Mutex<BTreeMap<Id, Assignment>>,
+}
+
+impl Agent {
+    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>) -> anyhow::Result<Arc<Agent>> {
+        let tls = pki::client_config(&id.ca_pem, &id.cert)?;
+        Ok(Arc::new(Agent { id, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
+    }
+
+    /// One request to the manager, on a connection of its own.
+    pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
+        let mut tls = connect(&self.id.manager, self.tls.clone()).await?;
+        write_msg(&mut tls, &Hello::Api { request }).await?;
+        read_msg(&mut tls).await?.ok_or_else(|| anyhow!("manager {} closed the connection", self.id.manager))
+    }
+
+    /// Keeps a session with the manager for as long as the daemon runs.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => info!(manager = %self.id.manager, "session ended"),
+                Err(e) => warn!(manager = %self.id.manager, error = %format!("{e:#}"), "session failed; tasks keep running, retrying"),
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn session(&self) -> anyhow::Result<()> {
+        let tls = connect(&self.id.manager, self.tls.clone()).await?;
+        let (mut r, mut w) = tokio::io::split(tls);
+        let mut reports = self.reports.lock().await;
+        while reports.try_recv().is_ok() {}
+        write_msg(&mut w, &Hello::Session { reports: self.runtime.reports() }).await?;
+        let reply: Reply = read_msg(&mut r).await?.ok_or_else(|| anyhow!("manager closed the session"))?;
+        if !reply.ok {
+            bail!("manager refused the session: {}", reply.error);
+        }
+        let hb_ms = reply.data.get("heartbeat_ms").and_then(|v| v.as_u64()).unwrap_or(5000).max(50);
+        info!(manager = %self.id.manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
+        let (msg_tx, mut msg_rx) = mpsc::channel::<anyhow::Result<Option<FromManager>>>(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = read_msg::<_, FromManager>(&mut r).await.map_err(anyhow::Error::from);
+                let end = !matches!(m, Ok(Some(_)));
+                if msg_tx.send(m).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));
+        let result = loop {
+            tokio::select! {
+                _ = hb.tick() => {
+                    if let Err(e) = write_msg(&mut w, &FromAgent::Heartbeat).await { break Err(e.into()); }
+                }
+                m = msg_rx.recv() => match m {
+                    Some(Ok(Some(FromManager::Assign { full, upsert, remove }))) => {
+                        let mut assigned = self.assigned.lock().await;
+                        if full {
+                            assigned.clear();
+                        }
+                        for id in remove {
+                            assigned.remove(&id);
+                        }
+                        for a in upsert {
+                            assigned.insert(a.task_id.clone(), a);
+                        }
+                        self.runtime.reconcile(&assigned);
+                    }
+                    Some(Ok(None)) | None => break Ok(()),
+                    Some(Err(e)) => break Err(e),
+                },
+                r = reports.recv() => {
+                    let Some(first) = r else { break Ok(()) };
+                    let mut batch = vec![first];
+                    while let Ok(more) = reports.try_recv() {
+                        batch.push(more);
+                    }
+                    if let Err(e) = write_msg(&mut w, &FromAgent::Reports { reports: batch }).await { break Err(e.into()); }
+                }
+            }
+        };
+        reader.abort();
+        result
+    }
+
+    /// `run` on this node: asks the manager for a standalone task here, then waits for it to
+    /// be running (`detach`) or to finish, and returns its output and exit code.
+    pub async fn run_local(&self, spec: StandaloneCreate, detach: bool) -> Reply {
+        let reply = match self.call(ApiRequest::Run { spec }).await {
+            Ok(r) => r,
+            Err(e) => return Reply::err(format!("{e:#}")),
+        };
+        if !reply.ok {
+            return reply;
+        }
+        let Some(task_id) = reply.data.get("id").and_then(|v| v.as_str()).map(str::to_string) else {
+            return Reply::err("manager replied without a task id");
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(code) = self.runtime.exit_code(&task_id) {
+                let output = std::fs::read_to_string(self.runtime.log_path(&task_id)).unwrap_or_default();
+                let _ = std::fs::remove_file(self.runtime.log_path(&task_id));
+                return Reply::ok(json!({ "id": task_id, "exit_code": code, "output": output, "task": reply.data }));
+            }
+            let rep = self.runtime.report_of(&task_id);
+            if detach && rep.as_ref().is_some_and(|r| r.state == TaskState::Running) {
+                return Reply::ok(reply.data);
+            }
+            if rep.is_none() && Instant::now() > deadline {
+                return Reply::err(format!("task {task_id} was not started on this node within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

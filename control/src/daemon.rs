@@ -1,0 +1,145 @@
+//! The two daemons (`swarmnet manager`, `swarmnet agent`) and the local control socket the
+//! CLI talks to.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ipnetwork::Ipv4Network;
+use swarmnet_dataplane::netns::NsWorker;
+use swarmnet_dataplane::task::underlay_facts;
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::agent::{self, Agent, Identity};
+use crate::manager::{Manager, ManagerConfig};
+use crate::proto::*;
+use crate::runtime::Runtime;
+use crate::token::JoinToken;
+
+pub struct Common {
+    pub data_dir: PathBuf,
+    pub advertise: IpAddr,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Name of the node: the lab sets SWARMNET_HOSTNAME because its nodes share one UTS name.
+fn node_name() -> String {
+    std::env::var("SWARMNET_HOSTNAME").unwrap_or_else(|_| hostname())
+}
+
+struct NodeBase {
+    ns: NsWorker,
+    mtu: u32,
+    underlay: Vec<ipnetwork::IpNetwork>,
+}
+
+async fn node_base(c: &Common) -> anyhow::Result<NodeBase> {
+    std::fs::create_dir_all(&c.data_dir).with_context(|| format!("create data dir {}", c.data_dir.display()))?;
+    let ns = NsWorker::start().context("start the namespace thread")?;
+    let (mtu, underlay) = underlay_facts(&ns, c.advertise).await.context("read the node's addresses")?;
+    let Some(mtu) = mtu else {
+        bail!("--advertise-addr {}: no interface of this node has that address", c.advertise);
+    };
+    Ok(NodeBase { ns, mtu, underlay })
+}
+
+pub async fn run_manager(c: Common, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration) -> anyhow::Result<()> {
+    let base = node_base(&c).await?;
+    let cfg = ManagerConfig { advertise: c.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone() };
+    let manager = Manager::open(&c.data_dir, &cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");
+    let first_start = Identity::load(&c.data_dir)?.is_none();
+    let id = Identity {
+        node_id: manager.meta.manager_node_id.clone(),
+        cluster_id: manager.meta.cluster_id.clone(),
+        ca_pem: manager.meta.ca.cert_pem.clone(),
+        cert: manager.meta.manager_cert.clone(),
+        manager: SocketAddr::new(c.advertise, listen.port()).to_string(),
+    };
+    id.save(&c.data_dir)?;
+    if first_start {
+        let token = manager.join_token()?;
+        println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join {} --token {token} --advertise-addr <its address>\n", id.manager);
+    }
+    tokio::spawn(manager.clone().serve(listener));
+    tokio::spawn(manager.clone().watch_heartbeats());
+    let (rt, reports) = Runtime::open(base.ns, &c.data_dir, base.mtu)?;
+    let agent = Agent::new(id, rt, reports)?;
+    tokio::spawn(agent.clone().run());
+    serve_control(&c.data_dir, Some(manager), agent).await
+}
+
+pub async fn run_agent(c: Common, join: String, token: Option<String>) -> anyhow::Result<()> {
+    let base = node_base(&c).await?;
+    let id = match Identity::load(&c.data_dir)? {
+        Some(id) => {
+            info!(node = %id.node_id, manager = %id.manager, "using the identity in the data dir");
+            id
+        }
+        None => {
+            let Some(token) = token else { bail!("--token is required to join (this data dir has no node identity yet)") };
+            let token = JoinToken::parse(&token)?;
+            agent::join(&c.data_dir, &join, &token, &node_name(), c.advertise, base.underlay.clone()).await?
+        }
+    };
+    let (rt, reports) = Runtime::open(base.ns, &c.data_dir, base.mtu)?;
+    let agent = Agent::new(id, rt, reports)?;
+    tokio::spawn(agent.clone().run());
+    serve_control(&c.data_dir, None, agent).await
+}
+
+pub fn control_socket(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.sock")
+}
+
+async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Arc<Agent>) -> anyhow::Result<()> {
+    let path = control_socket(data_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    info!(socket = %path.display(), node = %agent.id.node_id, "ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            acc = listener.accept() => {
+                let (mut conn, _) = match acc {
+                    Ok(c) => c,
+                    Err(e) => { warn!(error = %e, "control socket accept"); continue; }
+                };
+                let manager = manager.clone();
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let req: ApiRequest = match read_msg(&mut conn).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return,
+                        Err(e) => { let _ = write_msg(&mut conn, &Reply::err(format!("bad request: {e}"))).await; return; }
+                    };
+                    let reply = match (req, &manager) {
+                        (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
+                        (req, Some(m)) => m.api(req, Some(&agent.id.node_id)),
+                        (_, None) => Reply::err("this node is not a manager"),
+                    };
+                    let _ = write_msg(&mut conn, &reply).await;
+                });
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    info!("stopping; tasks keep running and are adopted at the next start");
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}

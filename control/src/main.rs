@@ -1,0 +1,340 @@
+//! `swarmnet`: the daemons and the CLI.
+
+mod agent;
+mod daemon;
+mod ipam;
+mod manager;
+mod model;
+mod ops;
+mod pki;
+mod proto;
+mod runtime;
+mod store;
+mod token;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use model::EndpointMode;
+use ops::{NetworkCreate, ServiceCreate, StandaloneCreate};
+use proto::{ApiRequest, Reply};
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/swarmnet";
+
+#[derive(Parser)]
+#[command(name = "swarmnet", version, about = "Swarm-style cluster networking: manager, agents and CLI")]
+struct Cli {
+    /// Daemon to talk to: unix:///path/to/control.sock (default: <data dir>/control.sock).
+    #[arg(long, global = true, env = "SWARMNET_HOST")]
+    host: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// This node's address on the underlay: other nodes reach it there.
+    #[arg(long)]
+    advertise_addr: IpAddr,
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a manager (it also runs tasks, like a Docker manager node).
+    Manager {
+        #[command(flatten)]
+        d: DaemonArgs,
+        /// Where to listen for nodes and remote CLIs (default: 0.0.0.0:2377).
+        #[arg(long, default_value = "0.0.0.0:2377")]
+        listen_addr: SocketAddr,
+        /// Pool that overlay subnets are taken from, a /24 each.
+        #[arg(long, default_value = "10.0.0.0/8")]
+        default_addr_pool: ipnetwork::Ipv4Network,
+        /// Seconds between node heartbeats; a node is down after 3 missed.
+        #[arg(long, default_value_t = 5.0)]
+        heartbeat_interval: f64,
+    },
+    /// Run an agent that joins a manager.
+    Agent {
+        #[command(flatten)]
+        d: DaemonArgs,
+        /// The manager, HOST:PORT.
+        #[arg(long)]
+        join: String,
+        /// The join token (needed only the first time: the node keeps its identity).
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Print the command and token to join a worker.
+    JoinToken {
+        #[arg(default_value = "worker")]
+        role: String,
+        /// Print only the token.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    #[command(subcommand)]
+    Node(NodeCmd),
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Run a standalone task on this node, attached to an attachable network.
+    Run {
+        #[arg(long)]
+        name: String,
+        #[arg(long, required = true)]
+        network: Vec<String>,
+        /// Return once it runs, instead of waiting for it to finish.
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct Format {
+    /// `json` for a JSON array.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    Ls {
+        #[command(flatten)]
+        f: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    Create {
+        #[arg(short, long, default_value = "overlay")]
+        driver: String,
+        #[arg(long)]
+        attachable: bool,
+        #[arg(long)]
+        subnet: Option<String>,
+        name: String,
+    },
+    Ls {
+        #[command(flatten)]
+        f: Format,
+    },
+    Inspect { name: String },
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        replicas: i64,
+        /// replicated or global
+        #[arg(long, default_value = "replicated")]
+        mode: String,
+        #[arg(long)]
+        network: Vec<String>,
+        /// vip or dnsrr
+        #[arg(long, default_value = "vip")]
+        endpoint_mode: String,
+        /// PUBLISHED:TARGET[/tcp|/udp]
+        #[arg(short, long)]
+        publish: Vec<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    Ls {
+        #[command(flatten)]
+        f: Format,
+    },
+    Ps {
+        name: String,
+        #[command(flatten)]
+        f: Format,
+    },
+    Inspect { name: String },
+    /// SERVICE=REPLICAS
+    Scale { spec: String },
+    Rm { name: String },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let host = cli.host.clone();
+    let req = match cli.cmd {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval } => {
+            init_logging();
+            if !(0.05..=3600.0).contains(&heartbeat_interval) {
+                bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
+            }
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr };
+            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval)))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Agent { d, join, token } => {
+            init_logging();
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr };
+            daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::JoinToken { role, quiet } => {
+            let data = call(&host, ApiRequest::JoinToken { role })?;
+            let token = data["token"].as_str().unwrap_or_default();
+            if quiet {
+                println!("{token}");
+            } else {
+                println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join <manager address>:2377 --token {token} --advertise-addr <its address>\n");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Node(NodeCmd::Ls { f }) => {
+            let data = call(&host, ApiRequest::NodeLs)?;
+            print_list(&f, &data, &[("ID", "id"), ("HOSTNAME", "hostname"), ("ADDRESS", "address"), ("STATUS", "status"), ("AVAILABILITY", "availability"), ("MANAGER STATUS", "manager_status")]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Network(NetworkCmd::Ls { f }) => {
+            let data = call(&host, ApiRequest::NetworkLs)?;
+            print_list(&f, &data, &[("NETWORK ID", "id"), ("NAME", "name"), ("DRIVER", "driver"), ("SCOPE", "scope"), ("SUBNET", "subnet"), ("VNI", "vni"), ("ATTACHABLE", "attachable")]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Service(ServiceCmd::Ls { f }) => {
+            let data = call(&host, ApiRequest::ServiceLs)?;
+            print_list(&f, &data, &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("ENDPOINT", "endpoint_mode"), ("PORTS", "ports")]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Service(ServiceCmd::Ps { name, f }) => {
+            let data = call(&host, ApiRequest::ServicePs { name })?;
+            print_list(&f, &data, &[("ID", "id"), ("NAME", "name"), ("NODE", "node"), ("DESIRED STATE", "desired_state"), ("CURRENT STATE", "state"), ("ADDRESSES", "addresses"), ("ERROR", "error")]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Run { name, network, detach, command } => {
+            let data = call(&host, ApiRequest::RunLocal { spec: StandaloneCreate { name, networks: network, command }, detach })?;
+            if detach {
+                println!("{}", data["id"].as_str().unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            print!("{}", data["output"].as_str().unwrap_or_default());
+            let code = data["exit_code"].as_i64().unwrap_or(1);
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, name }) => ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet } },
+        Cmd::Network(NetworkCmd::Inspect { name }) => ApiRequest::NetworkInspect { name },
+        Cmd::Network(NetworkCmd::Rm { name }) => ApiRequest::NetworkRm { name },
+        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, command }) => {
+            let endpoint_mode = match endpoint_mode.as_str() {
+                "vip" => EndpointMode::Vip,
+                "dnsrr" => EndpointMode::Dnsrr,
+                m => bail!("invalid --endpoint-mode {m:?}: expected vip or dnsrr"),
+            };
+            ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, replicas, networks: network, endpoint_mode, publish, command } }
+        }
+        Cmd::Service(ServiceCmd::Inspect { name }) => ApiRequest::ServiceInspect { name },
+        Cmd::Service(ServiceCmd::Scale { spec }) => {
+            let (name, n) = spec.split_once('=').ok_or_else(|| anyhow!("invalid scale {spec:?}: expected SERVICE=REPLICAS"))?;
+            let replicas: i64 = n.parse().map_err(|_| anyhow!("invalid scale {spec:?}: {n:?} is not a number"))?;
+            ApiRequest::ServiceScale { name: name.to_string(), replicas }
+        }
+        Cmd::Service(ServiceCmd::Rm { name }) => ApiRequest::ServiceRm { name },
+    };
+    // Commands that print the object they made or show.
+    let data = call(&host, req)?;
+    match data.get("name").and_then(|n| n.as_str()) {
+        Some(_) if data.get("endpoints").is_some() || data.get("command").is_some() => println!("{}", serde_json::to_string_pretty(&data)?),
+        Some(name) => println!("{name}"),
+        None => println!("{data}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn socket_path(host: &Option<String>) -> anyhow::Result<PathBuf> {
+    match host {
+        None => Ok(daemon::control_socket(&PathBuf::from(DEFAULT_DATA_DIR))),
+        Some(h) => match h.strip_prefix("unix://") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => bail!("--host {h:?}: only unix:///path/to/control.sock is supported"),
+        },
+    }
+}
+
+fn call(host: &Option<String>, req: ApiRequest) -> anyhow::Result<Value> {
+    let path = socket_path(host)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply: Reply = rt.block_on(async {
+        let mut s = tokio::net::UnixStream::connect(&path)
+            .await
+            .with_context(|| format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST)", path.display()))?;
+        proto::write_msg(&mut s, &req).await?;
+        proto::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
+    })?;
+    if !reply.ok {
+        bail!("{}", reply.error);
+    }
+    Ok(reply.data)
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn print_list(f: &Format, data: &Value, cols: &[(&str, &str)]) {
+    if f.format == "json" {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<Vec<String>> = data
+        .as_array()
+        .map(|a| a.iter().map(|r| cols.iter().map(|(_, k)| cell(&r[*k])).collect()).collect())
+        .unwrap_or_default();
+    let mut widths: Vec<usize> = cols.iter().map(|(h, _)| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(cols.iter().map(|(h, _)| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}

@@ -1,0 +1,541 @@
+//! The manager: owns the cluster state, serves TCP 2377 (join, node sessions, API) inside
+//! mutual TLS, runs the scheduler and watches heartbeats. It never touches a packet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use crate::model::*;
+use crate::ops::{self, OpError};
+use crate::pki::{self, Ca};
+use crate::proto::*;
+use crate::store::{self, ClusterMeta, RedbStore, Store, StoreError};
+use crate::token::{self, JoinToken};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Op(#[from] OpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+}
+
+pub struct ManagerConfig {
+    pub advertise: IpAddr,
+    pub pool: Ipv4Network,
+    pub heartbeat: Duration,
+    pub hostname: String,
+    pub underlay: Vec<IpNetwork>,
+}
+
+struct Inner {
+    state: ClusterState,
+    last_seen: HashMap<Id, Instant>,
+}
+
+pub struct Manager {
+    store: Box<dyn Store>,
+    inner: Mutex<Inner>,
+    changed: tokio::sync::watch::Sender<u64>,
+    pub meta: ClusterMeta,
+    pool: Ipv4Network,
+    heartbeat: Duration,
+    started: Instant,
+}
+
+fn gen_id() -> Id {
+    // The system RNG failing is not recoverable in any useful way; an id from the clock
+    // and a counter is still unique within this manager.
+    pki::new_id().unwrap_or_else(|_| {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("{t:x}{n:x}")
+    })
+}
+
+impl Manager {
+    /// Opens the store in `data_dir`; on first start creates the cluster (id, root CA, join
+    /// secret, the manager's own node).
+    pub fn open(data_dir: &Path, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
+        let store = RedbStore::open(&data_dir.join("manager.redb"))?;
+        let (meta, mut state) = store.load()?;
+        let meta = match meta {
+            Some(m) => {
+                info!(cluster = %m.cluster_id, nodes = state.nodes.len(), services = state.services.len(), "loaded cluster state");
+                m
+            }
+            None => {
+                let cluster_id = pki::new_id()?;
+                let ca = Ca::generate(&cluster_id)?;
+                let node_id = pki::new_id()?;
+                let cert = ca.issue_node(&node_id, &Role::Manager, Some(cfg.advertise))?;
+                let meta = ClusterMeta {
+                    cluster_id: cluster_id.clone(),
+                    ca: ca.cert.clone(),
+                    worker_secret: pki::random_base36(token::SECRET_LEN)?,
+                    manager_node_id: node_id,
+                    manager_cert: cert,
+                };
+                store.commit(&[store::meta_write(&meta)?])?;
+                info!(cluster = %cluster_id, "created a new cluster");
+                meta
+            }
+        };
+        // The manager's own node, kept in step with how it was started this time.
+        let old = state.clone();
+        let me = Node {
+            id: meta.manager_node_id.clone(),
+            hostname: cfg.hostname.clone(),
+            addr: cfg.advertise,
+            role: Role::Manager,
+            status: state
+                .nodes
+                .get(&meta.manager_node_id)
+                .map_or(NodeStatus::Ready, |n| n.status),
+            underlay: cfg.underlay.clone(),
+            cert_sha256: pki::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
+        };
+        state.nodes.insert(me.id.clone(), me);
+        store.commit(&store::diff(&old, &state)?)?;
+        let (changed, _) = tokio::sync::watch::channel(0);
+        Ok(Arc::new(Manager {
+            store: Box::new(store),
+            inner: Mutex::new(Inner { state, last_seen: HashMap::new() }),
+            changed,
+            meta,
+            pool: cfg.pool,
+            heartbeat: cfg.heartbeat,
+            started: Instant::now(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> ClusterState {
+        self.lock().state.clone()
+    }
+
+    pub fn join_token(&self) -> Result<String, ManagerError> {
+        let ca = Ca::load(&self.meta.cluster_id, self.meta.ca.clone())?;
+        Ok(JoinToken { ca_digest: ca.digest()?, secret: self.meta.worker_secret.clone() }.to_string())
+    }
+
+    /// Runs `f` on a copy of the state; commits the copy only if `f` succeeds and the store
+    /// takes the writes. A failed operation leaves state and store as they were.
+    pub fn mutate<R>(&self, f: impl FnOnce(&mut ClusterState, ops::IdGen) -> Result<R, OpError>) -> Result<R, ManagerError> {
+        let mut inner = self.lock();
+        let mut next = inner.state.clone();
+        let mut ids = gen_id;
+        let r = f(&mut next, &mut ids)?;
+        let writes = store::diff(&inner.state, &next)?;
+        if !writes.is_empty() {
+            self.store.commit(&writes)?;
+            inner.state = next;
+            drop(inner);
+            self.changed.send_modify(|v| *v += 1);
+        }
+        Ok(r)
+    }
+
+    fn touch(&self, node: &Id) {
+        let down = {
+            let mut inner = self.lock();
+            inner.last_seen.insert(node.clone(), Instant::now());
+            inner.state.nodes.get(node).is_some_and(|n| n.status == NodeStatus::Down)
+        };
+        if down {
+            info!(node = %node, "heartbeat from a node that was down: ready again");
+            if let Err(e) = self.mutate(|st, g| Ok(ops::set_node_status(st, node, NodeStatus::Ready, g))) {
+                warn!(node = %node, error = %e, "could not mark node ready");
+            }
+        }
+    }
+
+    /// Marks nodes down that missed three heartbeats.
+    pub async fn watch_heartbeats(self: Arc<Self>) {
+        let limit = self.heartbeat * 3;
+        let mut tick = tokio::time::interval(self.heartbeat / 2);
+        loop {
+            tick.tick().await;
+            let stale: Vec<Id> = {
+                let inner = self.lock();
+                inner
+                    .state
+                    .nodes
+                    .values()
+                    .filter(|n| n.status == NodeStatus::Ready)
+                    .filter(|n| match inner.last_seen.get(&n.id) {
+                        Some(t) => t.elapsed() > limit,
+                        None => self.started.elapsed() > limit,
+                    })
+                    .map(|n| n.id.clone())
+                    .collect()
+            };
+            for id in stale {
+                warn!(node = %id, "missed 3 heartbeats: marking it down and rescheduling its tasks");
+                if let Err(e) = self.mutate(|st, g| Ok(ops::set_node_status(st, &id, NodeStatus::Down, g))) {
+                    warn!(node = %id, error = %e, "could not mark node down");
+                }
+            }
+        }
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let me = self.meta.manager_cert.clone();
+        let cfg = pki::server_config(&self.meta.ca.cert_pem, &me)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let m = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Err(e) = m.handle(acceptor, tcp, peer).await {
+                    info!(peer = %peer, error = %e, "connection on 2377 closed");
+                }
+            });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+            .await
+            .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
+        let cert_fp = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| pki::sha256_hex(c.as_ref()));
+        let (mut r, mut w) = tokio::io::split(tls);
+        let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg::<_, Hello>(&mut r))
+            .await
+            .map_err(|_| anyhow::anyhow!("no request within 10 s"))??
+        else {
+            return Ok(());
+        };
+        let node = match &cert_fp {
+            None => None,
+            Some(fp) => {
+                let found = self.lock().state.nodes.values().find(|n| &n.cert_sha256 == fp).map(|n| n.id.clone());
+                if found.is_none() && !matches!(hello, Hello::Join { .. }) {
+                    write_msg(&mut w, &Reply::err("refused: this node's certificate is not known to this cluster (was the node removed, or did it join another cluster?)")).await?;
+                    return Ok(());
+                }
+                found
+            }
+        };
+        match hello {
+            Hello::Join { secret, hostname, addr, underlay } => {
+                let reply = self.join(&secret, hostname, addr, underlay, peer);
+                write_msg(&mut w, &reply).await?;
+            }
+            Hello::Api { request } => {
+                let Some(node) = node else {
+                    write_msg(&mut w, &Reply::err("refused: a client certificate of this cluster is required (join first)")).await?;
+                    return Ok(());
+                };
+                let reply = self.api(request, Some(&node));
+                write_msg(&mut w, &reply).await?;
+            }
+            Hello::Session { reports } => {
+                let Some(node) = node else {
+                    write_msg(&mut w, &Reply::err("refused: a client certificate of this cluster is required (join first)")).await?;
+                    return Ok(());
+                };
+                self.session(node, reports, r, w).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn join(&self, secret: &str, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork>, peer: SocketAddr) -> Reply {
+        if !token::secrets_equal(secret, &self.meta.worker_secret) {
+            warn!(peer = %peer, "join refused: wrong token secret");
+            return Reply::err("join refused: the token's secret is not valid for this cluster");
+        }
+        let result = (|| -> Result<Joined, ManagerError> {
+            let ca = Ca::load(&self.meta.cluster_id, self.meta.ca.clone())?;
+            let node_id = pki::new_id()?;
+            let cert = ca.issue_node(&node_id, &Role::Worker, None)?;
+            let node = Node {
+                id: node_id.clone(),
+                hostname,
+                addr,
+                role: Role::Worker,
+                status: NodeStatus::Ready,
+                underlay,
+                cert_sha256: pki::sha256_hex(cert.cert_der()?.as_ref()),
+            };
+            self.mutate(|st, g| {
+                st.nodes.insert(node.id.clone(), node.clone());
+                ops::reconcile(st, g);
+                Ok(())
+            })?;
+            self.lock().last_seen.insert(node_id.clone(), Instant::now());
+            info!(node = %node_id, hostname = %node.hostname, addr = %node.addr, "node joined");
+            Ok(Joined { node_id, cluster_id: self.meta.cluster_id.clone(), ca_pem: self.meta.ca.cert_pem.clone(), cert })
+        })();
+        match result.and_then(|j| Ok(serde_json::to_value(j).map_err(StoreError::from)?)) {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(format!("join failed: {e}")),
+        }
+    }
+
+    fn assignments(&self, node: &Id) -> BTreeMap<Id, Assignment> {
+        let inner = self.lock();
+        let st = &inner.state;
+        st.tasks
+            .values()
+            .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Running && t.state != TaskState::Pending)
+            .filter_map(|t| {
+                let attachments = t
+                    .networks
+                    .iter()
+                    .map(|n| Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)? }))
+                    .collect::<Option<Vec<_>>>()?;
+                Some((
+                    t.id.clone(),
+                    Assignment {
+                        task_id: t.id.clone(),
+                        name: t.name.clone(),
+                        service_id: t.service_id.clone(),
+                        command: t.command.clone(),
+                        restart: t.restart,
+                        attachments,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    async fn session<R, W>(self: Arc<Self>, node: Id, reports: Vec<ops::TaskReport>, mut r: R, mut w: W) -> anyhow::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send,
+        W: tokio::io::AsyncWrite + Unpin + Send,
+    {
+        self.touch(&node);
+        self.mutate(|st, g| {
+            ops::set_node_status(st, &node, NodeStatus::Ready, g);
+            ops::apply_reports(st, &node, &reports, true, g);
+            Ok(())
+        })?;
+        info!(node = %node, tasks = reports.len(), "node session opened");
+        let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
+        write_msg(&mut w, &Reply::ok(json!({ "node_id": node, "heartbeat_ms": hb }))).await?;
+        let mut rx = self.changed.subscribe();
+        let mut sent = self.assignments(&node);
+        write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: vec![] }).await?;
+        let me = self.clone();
+        let n2 = node.clone();
+        let reader = async move {
+            loop {
+                match read_msg::<_, FromAgent>(&mut r).await? {
+                    None => return Ok::<(), anyhow::Error>(()),
+                    Some(FromAgent::Heartbeat) => me.touch(&n2),
+                    Some(FromAgent::Reports { reports }) => {
+                        me.touch(&n2);
+                        me.mutate(|st, g| {
+                            ops::apply_reports(st, &n2, &reports, false, g);
+                            Ok(())
+                        })?;
+                    }
+                }
+            }
+        };
+        let writer = async {
+            loop {
+                rx.changed().await?;
+                let now = self.assignments(&node);
+                let upsert: Vec<Assignment> = now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
+                let remove: Vec<Id> = sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                if !upsert.is_empty() || !remove.is_empty() {
+                    write_msg(&mut w, &FromManager::Assign { full: false, upsert, remove }).await?;
+                }
+                sent = now;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        };
+        let r = tokio::select! { r = reader => r, w = writer => w };
+        info!(node = %node, "node session closed");
+        r
+    }
+
+    /// Answers one API request. `caller` is the node a request came from, if any.
+    pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
+        match self.api_inner(req, caller) {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(e),
+        }
+    }
+
+    fn api_inner(&self, req: ApiRequest, caller: Option<&Id>) -> Result<Value, ManagerError> {
+        let pool = self.pool;
+        let v = match req {
+            ApiRequest::NodeLs => {
+                let st = self.state();
+                Value::Array(st.nodes.values().map(|n| node_row(n, &self.meta)).collect())
+            }
+            ApiRequest::JoinToken { role } => match role.as_str() {
+                "worker" => json!({ "role": "worker", "token": self.join_token()?, "manager": self.meta.manager_node_id }),
+                _ => return Err(OpError::Invalid(format!("join-token {role}: this version runs one manager; only worker tokens exist")).into()),
+            },
+            ApiRequest::NetworkCreate { spec } => {
+                let n = self.mutate(|st, g| ops::create_network(st, &spec, pool, g))?;
+                info!(network = %n.name, vni = n.vni, subnet = %n.subnet, "network created");
+                network_row(&n)
+            }
+            ApiRequest::NetworkLs => Value::Array(self.state().networks.values().map(network_row).collect()),
+            ApiRequest::NetworkInspect { name } => {
+                let st = self.state();
+                let n = st.network_by_name(&name).ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
+                let mut v = network_row(n);
+                let endpoints: Vec<Value> = st
+                    .tasks
+                    .values()
+                    .filter_map(|t| {
+                        let ip = t.addresses.get(&n.id)?;
+                        Some(json!({
+                            "name": t.name,
+                            "task_id": t.id,
+                            "ip": ip.to_string(),
+                            "mac": format_mac(mac_for(*ip)),
+                            "node": t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()),
+                        }))
+                    })
+                    .collect();
+                v["endpoints"] = Value::Array(endpoints);
+                v
+            }
+            ApiRequest::NetworkRm { name } => {
+                let n = self.mutate(|st, _| ops::remove_network(st, &name))?;
+                json!({ "id": n.id, "name": n.name })
+            }
+            ApiRequest::ServiceCreate { spec } => {
+                let s = self.mutate(|st, g| ops::create_service(st, &spec, g))?;
+                info!(service = %s.name, "service created");
+                service_row(&s, &self.state())
+            }
+            ApiRequest::ServiceLs => {
+                let st = self.state();
+                Value::Array(st.services.values().map(|s| service_row(s, &st)).collect())
+            }
+            ApiRequest::ServicePs { name } => {
+                let st = self.state();
+                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+                let mut tasks: Vec<&Task> = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id)).collect();
+                tasks.sort_by_key(|t| (t.slot, t.name.clone(), t.desired_state != DesiredState::Running));
+                Value::Array(tasks.iter().map(|t| task_row(t, &st)).collect())
+            }
+            ApiRequest::ServiceInspect { name } => {
+                let st = self.state();
+                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+                service_row(s, &st)
+            }
+            ApiRequest::ServiceScale { name, replicas } => {
+                let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
+                service_row(&s, &self.state())
+            }
+            ApiRequest::ServiceRm { name } => {
+                let s = self.mutate(|st, g| ops::remove_service(st, &name, g))?;
+                json!({ "id": s.id, "name": s.name })
+            }
+            ApiRequest::Run { spec } => {
+                let node = caller.ok_or_else(|| OpError::Invalid("run: no calling node".into()))?;
+                let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
+                task_row(&t, &self.state())
+            }
+            ApiRequest::RunLocal { .. } => {
+                return Err(OpError::Invalid("run is handled by the local daemon".into()).into());
+            }
+        };
+        Ok(v)
+    }
+}
+
+fn node_row(n: &Node, meta: &ClusterMeta) -> Value {
+    json!({
+        "id": n.id,
+        "hostname": n.hostname,
+        "address": n.addr.to_string(),
+        "status": n.status,
+        "availability": "active",
+        "manager_status": if n.id == meta.manager_node_id { "Leader" } else { "" },
+        "role": n.role,
+    })
+}
+
+fn network_row(n: &Network) -> Value {
+    json!({
+        "id": n.id,
+        "name": n.name,
+        "driver": n.driver,
+        "scope": "swarm",
+        "attachable": n.attachable,
+        "subnet": n.subnet.to_string(),
+        "gateway": n.gateway.to_string(),
+        "vni": n.vni,
+    })
+}
+
+fn net_name(st: &ClusterState, id: &Id) -> String {
+    st.networks.get(id).map_or_else(|| id.clone(), |n| n.name.clone())
+}
+
+fn service_row(s: &Service, st: &ClusterState) -> Value {
+    let running = st
+        .tasks
+        .values()
+        .filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running)
+        .count();
+    let (mode, desired) = match s.mode {
+        ServiceMode::Replicated { replicas } => ("replicated", replicas),
+        ServiceMode::Global => ("global", st.ready_nodes().count() as u64),
+    };
+    let vips: BTreeMap<String, String> = s.vips.iter().map(|(n, v)| (net_name(st, n), v.to_string())).collect();
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "mode": mode,
+        "replicas": format!("{running}/{desired}"),
+        "desired_replicas": desired,
+        "running_replicas": running,
+        "networks": s.networks.iter().map(|n| net_name(st, n)).collect::<Vec<_>>(),
+        "endpoint_mode": s.endpoint_mode,
+        "vips": vips,
+        "ports": s.ports.iter().map(|p| format!("*:{}->{}/{}", p.published, p.target, match p.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" })).collect::<Vec<_>>(),
+        "command": s.command,
+    })
+}
+
+fn task_row(t: &Task, st: &ClusterState) -> Value {
+    let addresses: BTreeMap<String, String> = t.addresses.iter().map(|(n, a)| (net_name(st, n), a.to_string())).collect();
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "node": t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()).unwrap_or_default(),
+        "node_id": t.node_id,
+        "desired_state": t.desired_state,
+        "state": t.state,
+        "error": t.error,
+        "addresses": addresses,
+        "pid": t.pid,
+        "restarts": t.restarts,
+    })
+}

@@ -1,0 +1,198 @@
+//! The cluster's objects as the manager stores them. Plain data, no I/O.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use serde::{Deserialize, Serialize};
+
+pub type Id = String;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Manager,
+    Worker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: Id,
+    pub hostname: String,
+    /// The address other nodes reach this node on (its underlay address).
+    pub addr: std::net::IpAddr,
+    pub role: Role,
+    pub status: NodeStatus,
+    /// Prefixes configured on the node's interfaces; overlay subnets never overlap them.
+    pub underlay: Vec<IpNetwork>,
+    /// SHA-256 of the node certificate's DER, hex. A client certificate that is not
+    /// recorded here is refused even if the CA signed it.
+    pub cert_sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: Id,
+    pub name: String,
+    pub driver: String,
+    pub attachable: bool,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    Vip,
+    Dnsrr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub published: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum ServiceMode {
+    Replicated { replicas: u64 },
+    Global,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: Id,
+    pub name: String,
+    pub mode: ServiceMode,
+    /// Network ids, in the order given.
+    pub networks: Vec<Id>,
+    pub endpoint_mode: EndpointMode,
+    pub ports: Vec<PortSpec>,
+    pub command: Vec<String>,
+    /// network id -> VIP (endpoint mode vip only).
+    pub vips: BTreeMap<Id, Ipv4Addr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Shutdown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Not yet placed on a node or not yet given its addresses.
+    Pending,
+    /// Sent to its node, not yet reported running.
+    Assigned,
+    Running,
+    /// The process exited with status 0 (standalone tasks).
+    Complete,
+    /// The process exited with an error or could not be started.
+    Failed,
+    /// Stopped on purpose.
+    Shutdown,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Complete | TaskState::Failed | TaskState::Shutdown)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: Id,
+    /// `web.1`, `agent.<node id>`, or the name of a standalone task.
+    pub name: String,
+    /// None for a standalone (`run`) task.
+    pub service_id: Option<Id>,
+    pub slot: Option<u64>,
+    /// None while pending.
+    pub node_id: Option<Id>,
+    pub desired_state: DesiredState,
+    pub state: TaskState,
+    /// Why the task is not running, if it is not.
+    pub error: String,
+    /// network id -> address.
+    pub addresses: BTreeMap<Id, Ipv4Addr>,
+    pub networks: Vec<Id>,
+    pub command: Vec<String>,
+    /// Restart the process when it exits (services); standalone tasks run once.
+    pub restart: bool,
+    pub restarts: u32,
+    pub pid: Option<u32>,
+}
+
+/// Everything the manager knows, as one value: operations clone it, change the clone
+/// and commit the difference, so a failed operation leaves nothing behind.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<Id, Node>,
+    pub networks: BTreeMap<Id, Network>,
+    pub services: BTreeMap<Id, Service>,
+    pub tasks: BTreeMap<Id, Task>,
+}
+
+impl ClusterState {
+    pub fn network_by_name(&self, name: &str) -> Option<&Network> {
+        self.networks
+            .values()
+            .find(|n| n.name == name || n.id == name)
+    }
+
+    pub fn service_by_name(&self, name: &str) -> Option<&Service> {
+        self.services
+            .values()
+            .find(|s| s.name == name || s.id == name)
+    }
+
+    pub fn ready_nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.status == NodeStatus::Ready)
+    }
+}
+
+/// MAC address of a task interface: `02:42:` + the four bytes of its IPv4 address.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_derived_from_ip() {
+        assert_eq!(
+            format_mac(mac_for(Ipv4Addr::new(10, 0, 1, 7))),
+            "02:42:0a:00:01:07"
+        );
+    }
+}

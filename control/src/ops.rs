@@ -1,0 +1,775 @@
+//! Operations on the cluster state and the scheduler. Pure: they take the state and an id
+//! generator, and either change the state or return an error that says why not. The manager
+//! runs each one on a clone and commits the clone only on success.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use crate::ipam;
+use crate::model::*;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+}
+
+fn invalid(msg: impl Into<String>) -> OpError {
+    OpError::Invalid(msg.into())
+}
+
+pub type IdGen<'a> = &'a mut dyn FnMut() -> Id;
+
+pub const FIRST_VNI: u32 = 4096;
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub driver: String,
+    pub attachable: bool,
+    pub subnet: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceCreate {
+    pub name: String,
+    /// "replicated" or "global".
+    pub mode: String,
+    pub replicas: i64,
+    pub networks: Vec<String>,
+    pub endpoint_mode: EndpointMode,
+    /// `published:target[/tcp|/udp]`
+    pub publish: Vec<String>,
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StandaloneCreate {
+    pub name: String,
+    pub networks: Vec<String>,
+    pub command: Vec<String>,
+}
+
+/// Docker's rule for object names: a letter or digit, then letters, digits, `_`, `.`, `-`.
+pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid {kind} name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+pub fn parse_publish(s: &str) -> Result<PortSpec, OpError> {
+    let bad = || invalid(format!("invalid --publish {s:?}: expected PUBLISHED:TARGET[/tcp|/udp]"));
+    let (ports, proto) = match s.split_once('/') {
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some(_) => return Err(bad()),
+        None => (s, Protocol::Tcp),
+    };
+    let (p, t) = ports.split_once(':').ok_or_else(bad)?;
+    let published: u16 = p.parse().map_err(|_| bad())?;
+    let target: u16 = t.parse().map_err(|_| bad())?;
+    if published == 0 || target == 0 {
+        return Err(bad());
+    }
+    Ok(PortSpec { published, target, protocol: proto })
+}
+
+pub fn create_network(
+    st: &mut ClusterState,
+    req: &NetworkCreate,
+    pool: Ipv4Network,
+    new_id: IdGen,
+) -> Result<Network, OpError> {
+    check_name("network", &req.name)?;
+    if st.network_by_name(&req.name).is_some() {
+        return Err(OpError::Conflict(format!("network {} already exists", req.name)));
+    }
+    if req.driver != "overlay" {
+        return Err(invalid(format!(
+            "network {}: driver {:?} is not supported (only \"overlay\")",
+            req.name, req.driver
+        )));
+    }
+    let taken = ipam::taken_ranges(st);
+    let subnet = match &req.subnet {
+        Some(s) => {
+            let subnet: Ipv4Network = s
+                .parse()
+                .map_err(|e| invalid(format!("network {}: invalid --subnet {s:?}: {e}", req.name)))?;
+            ipam::check_subnet(subnet, &taken)?;
+            subnet
+        }
+        None => ipam::pick_subnet(pool, 24, &taken)?,
+    };
+    let used: BTreeSet<u32> = st.networks.values().map(|n| n.vni).collect();
+    let vni = (FIRST_VNI..=MAX_VNI)
+        .find(|v| !used.contains(v))
+        .ok_or_else(|| OpError::Conflict("no free VNI left".into()))?;
+    let net = Network {
+        id: new_id(),
+        name: req.name.clone(),
+        driver: req.driver.clone(),
+        attachable: req.attachable,
+        subnet,
+        gateway: ipam::gateway(subnet),
+        vni,
+    };
+    st.networks.insert(net.id.clone(), net.clone());
+    Ok(net)
+}
+
+pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpError> {
+    let net = st
+        .network_by_name(name)
+        .cloned()
+        .ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
+    if let Some(s) = st.services.values().find(|s| s.networks.contains(&net.id)) {
+        return Err(OpError::Conflict(format!(
+            "network {} is in use by service {}",
+            net.name, s.name
+        )));
+    }
+    if let Some(t) = st.tasks.values().find(|t| t.networks.contains(&net.id)) {
+        return Err(OpError::Conflict(format!(
+            "network {} is in use by task {} (still stopping)",
+            net.name, t.name
+        )));
+    }
+    st.networks.remove(&net.id);
+    Ok(net)
+}
+
+fn resolve_networks(st: &ClusterState, names: &[String]) -> Result<Vec<Id>, OpError> {
+    let mut ids = Vec::new();
+    for n in names {
+        let net = st
+            .network_by_name(n)
+            .ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
+        if ids.contains(&net.id) {
+            return Err(invalid(format!("network {n} is given twice")));
+        }
+        ids.push(net.id.clone());
+    }
+    Ok(ids)
+}
+
+fn name_in_use(st: &ClusterState, name: &str) -> Option<String> {
+    if st.service_by_name(name).is_some() {
+        return Some(format!("service {name} already exists"));
+    }
+    if st
+        .tasks
+        .values()
+        .any(|t| t.service_id.is_none() && t.name == name && t.desired_state == DesiredState::Running)
+    {
+        return Some(format!("a standalone task named {name} already exists"));
+    }
+    None
+}
+
+/// Addresses a service will need on each of its networks beyond what it holds already.
+fn check_capacity(st: &ClusterState, svc: &Service, extra_tasks: u64, need_vip: bool) -> Result<(), OpError> {
+    for net_id in &svc.networks {
+        let need = extra_tasks + u64::from(need_vip && svc.endpoint_mode == EndpointMode::Vip);
+        let free = ipam::free_count(st, net_id);
+        if need > free {
+            let net = &st.networks[net_id];
+            return Err(OpError::Ipam(ipam::IpamError::NotEnough {
+                network: net.name.clone(),
+                subnet: net.subnet,
+                service: svc.name.clone(),
+                need,
+                free,
+            }));
+        }
+    }
+    Ok(())
+}
+
+fn live_tasks_of<'a>(st: &'a ClusterState, svc: &'a Id) -> impl Iterator<Item = &'a Task> {
+    st.tasks
+        .values()
+        .filter(move |t| t.service_id.as_ref() == Some(svc) && t.desired_state == DesiredState::Running)
+}
+
+pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen) -> Result<Service, OpError> {
+    check_name("service", &req.name)?;
+    if let Some(msg) = name_in_use(st, &req.name) {
+        return Err(OpError::Conflict(msg));
+    }
+    let mode = match req.mode.as_str() {
+        "replicated" => {
+            let replicas = u64::try_from(req.replicas)
+                .map_err(|_| invalid(format!("invalid --replicas {}: must be 0 or more", req.replicas)))?;
+            ServiceMode::Replicated { replicas }
+        }
+        "global" => ServiceMode::Global,
+        m => return Err(invalid(format!("invalid --mode {m:?}: expected replicated or global"))),
+    };
+    if req.command.is_empty() {
+        return Err(invalid(format!("service {}: no command given (put it after --)", req.name)));
+    }
+    let networks = resolve_networks(st, &req.networks)?;
+    let mut ports = Vec::new();
+    for p in &req.publish {
+        let spec = parse_publish(p)?;
+        if let Some(other) = st.services.values().find(|s| {
+            s.ports
+                .iter()
+                .any(|q| q.published == spec.published && q.protocol == spec.protocol)
+        }) {
+            return Err(OpError::Conflict(format!(
+                "port {}/{:?} is already published by service {}",
+                spec.published, spec.protocol, other.name
+            )));
+        }
+        if ports.iter().any(|q: &PortSpec| q.published == spec.published && q.protocol == spec.protocol) {
+            return Err(invalid(format!("port {} is published twice", spec.published)));
+        }
+        ports.push(spec);
+    }
+    let mut svc = Service {
+        id: new_id(),
+        name: req.name.clone(),
+        mode,
+        networks,
+        endpoint_mode: req.endpoint_mode,
+        ports,
+        command: req.command.clone(),
+        vips: BTreeMap::new(),
+    };
+    let tasks = match mode {
+        ServiceMode::Replicated { replicas } => replicas,
+        ServiceMode::Global => st.ready_nodes().count() as u64,
+    };
+    check_capacity(st, &svc, tasks, true)?;
+    if svc.endpoint_mode == EndpointMode::Vip {
+        for net in svc.networks.clone() {
+            let vip = ipam::allocate(st, &net)?;
+            svc.vips.insert(net, vip);
+        }
+    }
+    st.services.insert(svc.id.clone(), svc.clone());
+    reconcile(st, new_id);
+    Ok(svc)
+}
+
+pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: IdGen) -> Result<Service, OpError> {
+    let svc = st
+        .service_by_name(name)
+        .cloned()
+        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let ServiceMode::Replicated { replicas: old } = svc.mode else {
+        return Err(invalid(format!("service {name} is a global service; it cannot be scaled")));
+    };
+    let replicas = u64::try_from(replicas)
+        .map_err(|_| invalid(format!("invalid replicas {replicas} for {name}: must be 0 or more")))?;
+    if replicas > old {
+        check_capacity(st, &svc, replicas - old, false)?;
+    }
+    let mut svc = svc;
+    svc.mode = ServiceMode::Replicated { replicas };
+    st.services.insert(svc.id.clone(), svc.clone());
+    reconcile(st, new_id);
+    Ok(svc)
+}
+
+pub fn remove_service(st: &mut ClusterState, name: &str, new_id: IdGen) -> Result<Service, OpError> {
+    let svc = st
+        .service_by_name(name)
+        .cloned()
+        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    st.services.remove(&svc.id);
+    reconcile(st, new_id);
+    Ok(svc)
+}
+
+pub fn create_standalone(
+    st: &mut ClusterState,
+    req: &StandaloneCreate,
+    node_id: &Id,
+    new_id: IdGen,
+) -> Result<Task, OpError> {
+    check_name("task", &req.name)?;
+    if let Some(msg) = name_in_use(st, &req.name) {
+        return Err(OpError::Conflict(msg));
+    }
+    if req.command.is_empty() {
+        return Err(invalid("no command given (put it after --)"));
+    }
+    if req.networks.is_empty() {
+        return Err(invalid("run needs --network"));
+    }
+    let networks = resolve_networks(st, &req.networks)?;
+    for id in &networks {
+        let net = &st.networks[id];
+        if !net.attachable {
+            return Err(invalid(format!(
+                "network {} is not attachable: create it with --attachable to run standalone tasks on it",
+                net.name
+            )));
+        }
+    }
+    let mut task = Task {
+        id: new_id(),
+        name: req.name.clone(),
+        service_id: None,
+        slot: None,
+        node_id: Some(node_id.clone()),
+        desired_state: DesiredState::Running,
+        state: TaskState::Assigned,
+        error: String::new(),
+        addresses: BTreeMap::new(),
+        networks: networks.clone(),
+        command: req.command.clone(),
+        restart: false,
+        restarts: 0,
+        pid: None,
+    };
+    for id in &networks {
+        let a = ipam::allocate(st, id)?;
+        task.addresses.insert(id.clone(), a);
+        // Hold it while allocating on the next network.
+        st.tasks.insert(task.id.clone(), task.clone());
+    }
+    st.tasks.insert(task.id.clone(), task.clone());
+    Ok(task)
+}
+
+/// What an agent says of one of its tasks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    pub task_id: Id,
+    pub state: TaskState,
+    pub error: String,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+}
+
+/// Applies an agent's reports. With `full`, the report lists every task the node has, so a
+/// task that should be gone and is not listed is gone.
+pub fn apply_reports(st: &mut ClusterState, node: &Id, reports: &[TaskReport], full: bool, new_id: IdGen) {
+    for r in reports {
+        let Some(t) = st.tasks.get_mut(&r.task_id) else { continue };
+        if t.node_id.as_ref() != Some(node) {
+            continue;
+        }
+        t.state = r.state;
+        t.error = r.error.clone();
+        t.pid = r.pid;
+        t.restarts = r.restarts;
+    }
+    if full {
+        let listed: BTreeSet<&Id> = reports.iter().map(|r| &r.task_id).collect();
+        let gone: Vec<Id> = st
+            .tasks
+            .values()
+            .filter(|t| {
+                t.node_id.as_ref() == Some(node)
+                    && t.desired_state == DesiredState::Shutdown
+                    && !listed.contains(&t.id)
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        for id in gone {
+            st.tasks.remove(&id);
+        }
+    }
+    reconcile(st, new_id);
+}
+
+pub fn set_node_status(st: &mut ClusterState, node: &Id, status: NodeStatus, new_id: IdGen) -> bool {
+    let Some(n) = st.nodes.get_mut(node) else { return false };
+    if n.status == status {
+        return false;
+    }
+    n.status = status;
+    reconcile(st, new_id);
+    true
+}
+
+/// The scheduler: makes the tasks match the services and the ready nodes.
+pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
+    let ready: BTreeSet<Id> = st.ready_nodes().map(|n| n.id.clone()).collect();
+
+    // 1. Tasks that should no longer run.
+    for t in st.tasks.values_mut() {
+        if t.desired_state != DesiredState::Running {
+            continue;
+        }
+        let Some(sid) = &t.service_id else {
+            continue; // standalone tasks live and die with their node
+        };
+        let reason = match st.services.get(sid) {
+            None => Some("service removed".to_string()),
+            Some(s) => match (s.mode, t.slot) {
+                (ServiceMode::Replicated { replicas }, Some(slot)) if slot > replicas => {
+                    Some("scaled down".to_string())
+                }
+                _ => match &t.node_id {
+                    Some(n) if !ready.contains(n) => Some(format!("node {n} is down")),
+                    _ => None,
+                },
+            },
+        };
+        if let Some(reason) = reason {
+            t.desired_state = DesiredState::Shutdown;
+            if !t.state.is_terminal() {
+                t.error = reason;
+            }
+        }
+    }
+
+    // 2. Tasks that are finished and need no more bookkeeping.
+    st.tasks.retain(|_, t| {
+        let unplaced = t.node_id.is_none();
+        let done = t.state.is_terminal();
+        !((t.desired_state == DesiredState::Shutdown && (done || unplaced))
+            || (t.service_id.is_none() && done))
+    });
+
+    // 3. Missing tasks.
+    let services: Vec<Service> = st.services.values().cloned().collect();
+    for svc in &services {
+        let live: Vec<Task> = live_tasks_of(st, &svc.id).cloned().collect();
+        let mut wanted: Vec<(String, Option<u64>, Option<Id>)> = Vec::new();
+        match svc.mode {
+            ServiceMode::Replicated { replicas } => {
+                for slot in 1..=replicas {
+                    if !live.iter().any(|t| t.slot == Some(slot)) {
+                        wanted.push((format!("{}.{slot}", svc.name), Some(slot), None));
+                    }
+                }
+            }
+            ServiceMode::Global => {
+                for node in &ready {
+                    if !live.iter().any(|t| t.node_id.as_ref() == Some(node)) {
+                        wanted.push((format!("{}.{node}", svc.name), None, Some(node.clone())));
+                    }
+                }
+            }
+        }
+        for (name, slot, node_id) in wanted {
+            let t = Task {
+                id: new_id(),
+                name,
+                service_id: Some(svc.id.clone()),
+                slot,
+                node_id,
+                desired_state: DesiredState::Running,
+                state: TaskState::Pending,
+                error: String::new(),
+                addresses: BTreeMap::new(),
+                networks: svc.networks.clone(),
+                command: svc.command.clone(),
+                restart: true,
+                restarts: 0,
+                pid: None,
+            };
+            st.tasks.insert(t.id.clone(), t);
+        }
+    }
+
+    // 4. Give pending tasks their addresses and a node.
+    let mut pending: Vec<Id> = st
+        .tasks
+        .values()
+        .filter(|t| t.desired_state == DesiredState::Running && t.state == TaskState::Pending)
+        .map(|t| t.id.clone())
+        .collect();
+    pending.sort_by_key(|id| {
+        let t = &st.tasks[id];
+        (t.service_id.clone(), t.slot, t.name.clone())
+    });
+    for id in pending {
+        place(st, &id, &ready);
+    }
+}
+
+fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
+    let task = st.tasks[id].clone();
+    // Addresses first, all or nothing.
+    let mut addrs = task.addresses.clone();
+    for net in &task.networks {
+        if addrs.contains_key(net) {
+            continue;
+        }
+        match ipam::allocate(st, net) {
+            Ok(a) => {
+                addrs.insert(net.clone(), a);
+                if let Some(t) = st.tasks.get_mut(id) {
+                    t.addresses = addrs.clone();
+                }
+            }
+            Err(e) => {
+                if let Some(t) = st.tasks.get_mut(id) {
+                    t.addresses = task.addresses.clone();
+                    t.error = e.to_string();
+                }
+                return;
+            }
+        }
+    }
+    let node = match &task.node_id {
+        Some(n) => Some(n.clone()),
+        None => {
+            let count = |node: &Id, svc_only: bool| {
+                st.tasks
+                    .values()
+                    .filter(|t| {
+                        t.desired_state == DesiredState::Running
+                            && t.node_id.as_ref() == Some(node)
+                            && (!svc_only || t.service_id == task.service_id)
+                    })
+                    .count()
+            };
+            ready
+                .iter()
+                .min_by_key(|n| (count(n, true), count(n, false), (*n).clone()))
+                .cloned()
+        }
+    };
+    let Some(t) = st.tasks.get_mut(id) else { return };
+    match node {
+        Some(n) => {
+            t.node_id = Some(n);
+            t.state = TaskState::Assigned;
+            t.error.clear();
+        }
+        None => {
+            t.error = "no suitable node: no node is ready".into();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> impl FnMut() -> Id {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("id{n:03}")
+        }
+    }
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            hostname: id.into(),
+            addr: "10.210.0.1".parse().expect("addr"),
+            role: Role::Worker,
+            status: NodeStatus::Ready,
+            underlay: vec!["10.210.0.0/24".parse().expect("net")],
+            cert_sha256: String::new(),
+        }
+    }
+
+    fn cluster(nodes: &[&str]) -> (ClusterState, impl FnMut() -> Id) {
+        let mut st = ClusterState::default();
+        for n in nodes {
+            st.nodes.insert((*n).into(), node(n));
+        }
+        let mut g = ids();
+        create_network(
+            &mut st,
+            &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None },
+            "10.0.0.0/8".parse().expect("pool"),
+            &mut g,
+        )
+        .expect("network");
+        (st, g)
+    }
+
+    fn svc(name: &str, replicas: i64) -> ServiceCreate {
+        ServiceCreate {
+            name: name.into(),
+            mode: "replicated".into(),
+            replicas,
+            networks: vec!["appnet".into()],
+            endpoint_mode: EndpointMode::Vip,
+            publish: vec![],
+            command: vec!["sleep".into(), "infinity".into()],
+        }
+    }
+
+    fn running(st: &ClusterState) -> Vec<&Task> {
+        st.tasks.values().filter(|t| t.desired_state == DesiredState::Running).collect()
+    }
+
+    fn per_node(st: &ClusterState) -> BTreeMap<Id, usize> {
+        let mut m = BTreeMap::new();
+        for t in running(st) {
+            *m.entry(t.node_id.clone().unwrap_or_default()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_with_addresses() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        let s = create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        let net = st.network_by_name("appnet").expect("net").clone();
+        assert_eq!(net.subnet.to_string(), "10.0.0.0/24");
+        assert_eq!(s.vips.get(&net.id).map(|v| v.to_string()), Some("10.0.0.2".into()));
+        assert_eq!(per_node(&st).values().copied().collect::<Vec<_>>(), vec![1, 1, 1]);
+        let mut addrs: Vec<String> = running(&st).iter().map(|t| t.addresses[&net.id].to_string()).collect();
+        addrs.sort();
+        assert_eq!(addrs, vec!["10.0.0.3", "10.0.0.4", "10.0.0.5"]);
+        assert!(running(&st).iter().all(|t| t.state == TaskState::Assigned));
+        let mut names: Vec<&str> = running(&st).iter().map(|t| t.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["web.1", "web.2", "web.3"]);
+    }
+
+    #[test]
+    fn scale_up_and_down() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        scale_service(&mut st, "web", 6, &mut g).expect("scale up");
+        assert_eq!(per_node(&st).values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+        scale_service(&mut st, "web", 1, &mut g).expect("scale down");
+        assert_eq!(running(&st).len(), 1);
+        assert_eq!(running(&st)[0].slot, Some(1));
+        // The 5 removed tasks wait for their nodes to confirm they stopped.
+        assert_eq!(st.tasks.len(), 6);
+        assert!(matches!(scale_service(&mut st, "web", -1, &mut g), Err(OpError::Invalid(_))));
+    }
+
+    #[test]
+    fn node_down_reschedules_and_full_report_cleans_up() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        assert!(set_node_status(&mut st, &"b".into(), NodeStatus::Down, &mut g));
+        let pn = per_node(&st);
+        assert_eq!(pn.get("b"), None);
+        assert_eq!(pn.values().sum::<usize>(), 3);
+        // b comes back and reports nothing: its old task is dropped, freeing its address.
+        set_node_status(&mut st, &"b".into(), NodeStatus::Ready, &mut g);
+        apply_reports(&mut st, &"b".into(), &[], true, &mut g);
+        assert_eq!(st.tasks.len(), 3);
+    }
+
+    #[test]
+    fn global_mode_follows_nodes() {
+        let (mut st, mut g) = cluster(&["a", "b"]);
+        let mut req = svc("agent", 0);
+        req.mode = "global".into();
+        create_service(&mut st, &req, &mut g).expect("global");
+        assert_eq!(running(&st).len(), 2);
+        st.nodes.insert("c".into(), node("c"));
+        reconcile(&mut st, &mut g);
+        assert_eq!(per_node(&st).len(), 3);
+        assert!(running(&st).iter().any(|t| t.name == "agent.c"));
+        assert!(matches!(scale_service(&mut st, "agent", 3, &mut g), Err(OpError::Invalid(_))));
+    }
+
+    #[test]
+    fn exhaustion_is_refused_up_front_and_state_is_unchanged() {
+        let (mut st, mut g) = cluster(&["a"]);
+        create_network(
+            &mut st,
+            &NetworkCreate { name: "tiny".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.9.9.0/29".into()) },
+            "10.0.0.0/8".parse().expect("pool"),
+            &mut g,
+        )
+        .expect("tiny");
+        // /29: 6 hosts, gateway takes one: 5 free. VIP + 5 tasks do not fit.
+        let mut req = svc("big", 5);
+        req.networks = vec!["tiny".into()];
+        let before = st.clone();
+        let e = create_service(&mut st, &req, &mut g).expect_err("exhausted");
+        assert!(e.to_string().contains("tiny"), "{e}");
+        assert!(e.to_string().contains("no free address"), "{e}");
+        // The manager works on a clone; here we check create_service fails before changing anything.
+        assert_eq!(st, before);
+        req.replicas = 4;
+        create_service(&mut st, &req, &mut g).expect("fits");
+        let e = scale_service(&mut st, "big", 5, &mut g).expect_err("scale past capacity");
+        assert!(e.to_string().contains("no free address"), "{e}");
+    }
+
+    #[test]
+    fn bad_input() {
+        let (mut st, mut g) = cluster(&["a"]);
+        create_service(&mut st, &svc("web", 1), &mut g).expect("web");
+        assert!(matches!(create_service(&mut st, &svc("web", 1), &mut g), Err(OpError::Conflict(_))));
+        let mut r = svc("x", 1);
+        r.networks = vec!["nope".into()];
+        assert_eq!(create_service(&mut st, &r, &mut g), Err(OpError::NotFound("network nope not found".into())));
+        assert!(matches!(create_service(&mut st, &svc("neg", -2), &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(create_service(&mut st, &svc("-bad", 1), &mut g), Err(OpError::Invalid(_))));
+        let mut r = svc("p", 1);
+        r.publish = vec!["80".into()];
+        assert!(matches!(create_service(&mut st, &r, &mut g), Err(OpError::Invalid(_))));
+        let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None };
+        assert!(matches!(create_network(&mut st, &dup, "10.0.0.0/8".parse().expect("p"), &mut g), Err(OpError::Conflict(_))));
+        let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()) };
+        let e = create_network(&mut st, &overlap, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("overlap");
+        assert!(e.to_string().contains("overlaps network appnet"), "{e}");
+        let e = remove_network(&mut st, "appnet").expect_err("in use");
+        assert!(e.to_string().contains("in use by service web"), "{e}");
+    }
+
+    #[test]
+    fn vnis_are_unique_from_4096() {
+        let (mut st, mut g) = cluster(&["a"]);
+        let n2 = create_network(
+            &mut st,
+            &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None },
+            "10.0.0.0/8".parse().expect("pool"),
+            &mut g,
+        )
+        .expect("second");
+        assert_eq!(st.network_by_name("appnet").map(|n| n.vni), Some(4096));
+        assert_eq!(n2.vni, 4097);
+        assert_eq!(n2.subnet.to_string(), "10.0.1.0/24");
+    }
+
+    #[test]
+    fn standalone_needs_attachable() {
+        let (mut st, mut g) = cluster(&["a"]);
+        create_network(
+            &mut st,
+            &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None },
+            "10.0.0.0/8".parse().expect("pool"),
+            &mut g,
+        )
+        .expect("closed");
+        let req = StandaloneCreate { name: "probe".into(), networks: vec!["closed".into()], command: vec!["true".into()] };
+        let e = create_standalone(&mut st, &req, &"a".into(), &mut g).expect_err("not attachable");
+        assert!(e.to_string().contains("not attachable"), "{e}");
+        let req = StandaloneCreate { networks: vec!["appnet".into()], ..req };
+        let t = create_standalone(&mut st, &req, &"a".into(), &mut g).expect("attachable");
+        assert_eq!(t.addresses.len(), 1);
+        // It finished: it is dropped and its address freed.
+        apply_reports(
+            &mut st,
+            &"a".into(),
+            &[TaskReport { task_id: t.id.clone(), state: TaskState::Complete, error: String::new(), pid: None, restarts: 0 }],
+            false,
+            &mut g,
+        );
+        assert!(!st.tasks.contains_key(&t.id));
+    }
+}

@@ -1,0 +1,205 @@
+//! The one place that speaks rtnetlink. A `Netlink` is bound to the network namespace of
+//! the thread that opened it (see `netns::NsCtx::netlink_in`); nothing else in swarmnet
+//! builds netlink messages.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+#[error("netlink: {op}: {source}")]
+pub struct NetlinkError {
+    pub op: String,
+    #[source]
+    pub source: rtnetlink::Error,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("netlink: open socket: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("link {0} not found")]
+    NoLink(String),
+}
+
+fn ctx(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let op = op.into();
+    move |source| Error::Netlink(NetlinkError { op, source })
+}
+
+/// errno of a netlink error reply, positive.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Vec<u8>,
+}
+
+fn link_info(m: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo { index: m.header.index, name: String::new(), mtu: 0, mac: Vec::new() };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Mtu(v) => info.mtu = *v,
+            LinkAttribute::Address(mac) => info.mac = mac.clone(),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// A handle on one namespace's rtnetlink socket.
+pub struct Netlink {
+    h: rtnetlink::Handle,
+}
+
+impl Netlink {
+    /// Opens a socket in the calling thread's network namespace. The returned future drives
+    /// the socket and must be spawned on a runtime.
+    pub fn open() -> Result<(Netlink, impl std::future::Future<Output = ()> + Send), Error> {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(Error::Open)?;
+        Ok((Netlink { h }, conn))
+    }
+
+    pub async fn links(&self) -> Result<Vec<LinkInfo>, Error> {
+        let msgs: Vec<LinkMessage> = self.h.link().get().execute().try_collect().await.map_err(ctx("list links"))?;
+        Ok(msgs.iter().map(link_info).collect())
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<LinkInfo>, Error> {
+        let mut s = self.h.link().get().match_name(name.to_string()).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(link_info(&m))),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(ctx(format!("get link {name}"))(e)),
+        }
+    }
+
+    async fn index(&self, name: &str) -> Result<u32, Error> {
+        self.link(name).await?.map(|l| l.index).ok_or_else(|| Error::NoLink(name.to_string()))
+    }
+
+    pub async fn create_veth(&self, name: &str, peer: &str) -> Result<(), Error> {
+        self.h
+            .link()
+            .add(LinkVeth::new(name, peer).build())
+            .execute()
+            .await
+            .map_err(ctx(format!("create veth {name} peer {peer}")))
+    }
+
+    /// Moves a link into the namespace of `netns_fd`.
+    pub async fn move_to_netns(&self, name: &str, netns_fd: RawFd) -> Result<(), Error> {
+        let idx = self.index(name).await?;
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(idx).setns_by_fd(netns_fd).build())
+            .execute()
+            .await
+            .map_err(ctx(format!("move link {name} to another namespace")))
+    }
+
+    /// Renames, sets MAC and MTU (each if given) while the link is down, then brings it up.
+    pub async fn configure_link(
+        &self,
+        name: &str,
+        rename: Option<&str>,
+        mac: Option<[u8; 6]>,
+        mtu: Option<u32>,
+    ) -> Result<(), Error> {
+        let idx = self.index(name).await?;
+        let mut b = LinkUnspec::new_with_index(idx);
+        if let Some(n) = rename {
+            b = b.name(n.to_string());
+        }
+        if let Some(m) = mac {
+            b = b.address(m.to_vec());
+        }
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        self.h
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(ctx(format!("configure link {name}")))?;
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(idx).up().build())
+            .execute()
+            .await
+            .map_err(ctx(format!("set link {} up", rename.unwrap_or(name))))
+    }
+
+    pub async fn add_address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        self.h
+            .address()
+            .add(idx, addr, prefix)
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("add address {addr}/{prefix} on {link}")))
+    }
+
+    pub async fn add_default_route_v4(&self, link: &str, gateway: Ipv4Addr) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(idx)
+            .build();
+        self.h
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("add default route via {gateway} dev {link}")))
+    }
+
+    /// Deletes a link; `Ok(false)` if it did not exist.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, Error> {
+        let Some(l) = self.link(name).await? else { return Ok(false) };
+        match self.h.link().del(l.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(ctx(format!("delete link {name}"))(e)),
+        }
+    }
+
+    /// Every address on every link but loopback, with its prefix, and the link index.
+    pub async fn addresses(&self) -> Result<Vec<(u32, IpNetwork)>, Error> {
+        let msgs: Vec<_> = self.h.address().get().execute().try_collect().await.map_err(ctx("list addresses"))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    if ip.is_loopback() {
+                        continue;
+                    }
+                    if let Ok(n) = IpNetwork::new(*ip, m.header.prefix_len) {
+                        out.push((m.header.index, n));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

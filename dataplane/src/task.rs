@@ -1,0 +1,189 @@
+//! A task's kernel state: its network namespace with one veth per network (the node end
+//! stays in the node namespace for the overlay to plug into its bridge), and its process.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+
+use crate::netns::{raw, NsError, NsWorker};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskNet {
+    /// Name of the node end, `snt…` (at most 15 bytes).
+    pub host_if: String,
+    /// Name inside the task: `eth0`, `eth1`, …
+    pub ifname: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// Node-end name for a task's `index`-th network: `snt` + 10 characters of the id + index.
+pub fn host_if_name(task_id: &str, index: usize) -> String {
+    let short: String = task_id.chars().take(10).collect();
+    format!("snt{short}{}", index % 10)
+}
+
+/// Makes the task's namespace and plugs one veth per network into it; the first network
+/// gets the default route. On failure, removes what it made.
+pub async fn setup_task_net(ns: &NsWorker, nets: Vec<TaskNet>) -> Result<File, NsError> {
+    ns.run(move |ctx| -> Result<File, NsError> {
+        let netns = ctx.new_netns()?;
+        let tnl = ctx.netlink_in(&netns)?;
+        let fd = raw(&netns);
+        let result = ctx.block_on(async {
+            tnl.configure_link("lo", None, None, None).await?;
+            for n in &nets {
+                let peer = format!("snp{}", &n.host_if[3..]);
+                ctx.home().delete_link(&n.host_if).await?;
+                ctx.home().delete_link(&peer).await?;
+                ctx.home().create_veth(&n.host_if, &peer).await?;
+                ctx.home().move_to_netns(&peer, fd).await?;
+                ctx.home().configure_link(&n.host_if, None, None, Some(n.mtu)).await?;
+                tnl.configure_link(&peer, Some(&n.ifname), Some(n.mac), Some(n.mtu)).await?;
+                tnl.add_address(&n.ifname, n.address.into(), n.prefix).await?;
+            }
+            if let Some(first) = nets.first() {
+                tnl.add_default_route_v4(&first.ifname, first.gateway).await?;
+            }
+            Ok::<(), crate::netlink::Error>(())
+        });
+        if let Err(e) = result {
+            ctx.block_on(async {
+                for n in &nets {
+                    let _ = ctx.home().delete_link(&n.host_if).await;
+                }
+            });
+            return Err(e.into());
+        }
+        Ok(netns)
+    })
+    .await?
+}
+
+/// Removes the node ends of a task's veths (the task ends go with them).
+pub async fn teardown_task_net(ns: &NsWorker, host_ifs: Vec<String>) -> Result<(), NsError> {
+    ns.run(move |ctx| -> Result<(), NsError> {
+        ctx.block_on(async {
+            for h in &host_ifs {
+                ctx.home().delete_link(h).await?;
+            }
+            Ok::<(), crate::netlink::Error>(())
+        })?;
+        Ok(())
+    })
+    .await?
+}
+
+/// The MTU of the link holding `addr` in the node namespace, and every prefix on the node's
+/// links (loopback excluded).
+pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Option<u32>, Vec<ipnetwork::IpNetwork>), NsError> {
+    ns.run(move |ctx| -> Result<_, NsError> {
+        ctx.block_on(async {
+            let addrs = ctx.home().addresses().await?;
+            let links = ctx.home().links().await?;
+            let mtu = addrs
+                .iter()
+                .find(|(_, n)| n.ip() == addr)
+                .and_then(|(idx, _)| links.iter().find(|l| l.index == *idx))
+                .map(|l| l.mtu);
+            Ok::<_, crate::netlink::Error>((mtu, addrs.into_iter().map(|(_, n)| n).collect()))
+        })
+        .map_err(NsError::from)
+    })
+    .await?
+}
+
+/// Starts `argv` inside the namespace `netns`, in a mount namespace of its own and a new
+/// session (so it outlives the daemon and a signal to its group reaches its children), with
+/// stdout and stderr appended to `log`.
+pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)]) -> std::io::Result<tokio::process::Child> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
+    };
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let fd = netns.as_raw_fd();
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    // SAFETY: the closure runs in the child between fork and exec and only makes raw
+    // system calls (setns, unshare, mount, setsid) that are async-signal-safe; it
+    // allocates nothing and touches no lock. `fd` stays open until exec (it is not
+    // closed by the parent before spawn returns).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Mounts made for the task (resolv.conf, hosts) must not leak back to the node.
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    tokio::process::Command::from(cmd).kill_on_drop(false).spawn()
+}
+
+/// The start time of a process (field 22 of /proc/PID/stat, clock ticks since boot), or
+/// None if there is no such live process (a zombie counts as gone).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); starttime is field 22.
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Signals the process group led by `pid`.
+pub fn signal_group(pid: u32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(|_| nix::Error::EINVAL)?);
+    nix::sys::signal::killpg(pgid, sig)
+}
+
+/// The network namespace of a live process.
+pub fn netns_of(pid: u32) -> std::io::Result<File> {
+    File::open(format!("/proc/{pid}/ns/net"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_if_names_fit_ifnamsiz() {
+        let n = host_if_name("abcdefghijklmnopqrstuvwxy", 1);
+        assert_eq!(n, "sntabcdefghij1");
+        assert!(n.len() <= 15);
+    }
+
+    #[test]
+    fn start_time_of_self_and_of_nothing() {
+        assert!(proc_start_time(std::process::id()).is_some());
+        assert!(proc_start_time(u32::MAX).is_none());
+    }
+}
