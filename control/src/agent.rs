@@ -66,17 +66,30 @@ async fn connect(addr: &str, cfg: rustls::ClientConfig) -> anyhow::Result<tokio_
     let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(pki::server_name(), tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake with manager {addr}: timed out"))?
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains(pki::CA_MISMATCH) {
-                anyhow!("manager {addr}: {}", pki::CA_MISMATCH)
-            } else if msg.contains("UnknownCA") || msg.contains("BadCertificate") || msg.contains("CertificateRequired") || msg.contains("DecryptError") {
-                anyhow!("manager {addr} refused this node's certificate (it was not issued by this cluster's CA): {msg}")
-            } else {
-                anyhow!("TLS handshake with manager {addr}: {msg}")
-            }
-        })?;
+        .map_err(|e| explain_tls(addr, &e.to_string()))?;
     Ok(tls)
+}
+
+/// Says what a TLS failure with the manager means. With TLS 1.3 the manager's verdict on
+/// our certificate arrives as an alert on the first read, so every path uses this.
+fn explain_tls(addr: &str, msg: &str) -> anyhow::Error {
+    if msg.contains(pki::CA_MISMATCH) {
+        anyhow!("manager {addr}: {}", pki::CA_MISMATCH)
+    } else if ["UnknownCA", "BadCertificate", "CertificateRequired", "DecryptError", "CertificateExpired"].iter().any(|a| msg.contains(a)) {
+        anyhow!("manager {addr} refused this node's certificate (expired, or not issued by this cluster's CA): {msg}")
+    } else {
+        anyhow!("TLS with manager {addr}: {msg}")
+    }
+}
+
+/// Reads one message from the manager, explaining a TLS alert if that is what came.
+async fn read_reply<R: tokio::io::AsyncRead + Unpin, T: serde::de::DeserializeOwned>(r: &mut R, addr: &str) -> anyhow::Result<T> {
+    match read_msg::<_, T>(r).await {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(anyhow!("manager {addr} closed the connection")),
+        Err(FrameError::Io(e)) => Err(explain_tls(addr, &e.to_string())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Joins the cluster: checks the manager's CA against the token, presents the secret, and
@@ -85,7 +98,7 @@ pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &
     let cfg = pki::join_client_config(&token.ca_digest)?;
     let mut tls = connect(manager, cfg).await.context("join")?;
     write_msg(&mut tls, &Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay }).await?;
-    let reply: Reply = read_msg(&mut tls).await?.ok_or_else(|| anyhow!("join: manager {manager} closed the connection"))?;
+    let reply: Reply = read_reply(&mut tls, manager).await.context("join")?;
     if !reply.ok {
         bail!("{}", reply.error);
     }
@@ -114,7 +127,7 @@ impl Agent {
     pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
         let mut tls = connect(&self.id.manager, self.tls.clone()).await?;
         write_msg(&mut tls, &Hello::Api { request }).await?;
-        read_msg(&mut tls).await?.ok_or_else(|| anyhow!("manager {} closed the connection", self.id.manager))
+        read_reply(&mut tls, &self.id.manager).await
     }
 
     /// Keeps a session with the manager for as long as the daemon runs.
@@ -140,7 +153,7 @@ impl Agent {
         let mut reports = self.reports.lock().await;
         while reports.try_recv().is_ok() {}
         write_msg(&mut w, &Hello::Session { reports: self.runtime.reports() }).await?;
-        let reply: Reply = read_msg(&mut r).await?.ok_or_else(|| anyhow!("manager closed the session"))?;
+        let reply: Reply = read_reply(&mut r, &self.id.manager).await?;
         if !reply.ok {
             bail!("manager refused the session: {}", reply.error);
         }

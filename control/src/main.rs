@@ -173,7 +173,8 @@ enum ServiceCmd {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).with_env_filter(filter).init();
 }
 
 fn main() -> ExitCode {
@@ -268,12 +269,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Service(ServiceCmd::Rm { name }) => ApiRequest::ServiceRm { name },
     };
-    // Commands that print the object they made or show.
+    // Creates print the new object's id, removals its name, inspects the whole object.
+    let inspect = matches!(req, ApiRequest::NetworkInspect { .. } | ApiRequest::ServiceInspect { .. });
+    let create = matches!(req, ApiRequest::NetworkCreate { .. } | ApiRequest::ServiceCreate { .. });
     let data = call(&host, req)?;
-    match data.get("name").and_then(|n| n.as_str()) {
-        Some(_) if data.get("endpoints").is_some() || data.get("command").is_some() => println!("{}", serde_json::to_string_pretty(&data)?),
-        Some(name) => println!("{name}"),
-        None => println!("{data}"),
+    if inspect {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else if create {
+        println!("{}", data["id"].as_str().unwrap_or_default());
+    } else {
+        println!("{}", data["name"].as_str().unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }

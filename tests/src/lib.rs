@@ -1,1 +1,366 @@
+//! The one-machine lab: N "hosts" made of network namespaces joined by an underlay bridge
+//! that lives in a namespace of its own, so nothing of the lab touches the machine's own
+//! namespace or routes. Each node runs a `swarmnet` daemon (node 1 the manager).
+//!
+//! Every object is named after the lab (`<lab>-n1`, `<lab>-ul`, …); every process it starts
+//! carries `SWARMNET_LAB=<lab>` in its environment, and so do the tasks those daemons start.
+//! `cleanup` removes exactly those, so a crashed run is cleaned up by the next one.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+pub const UNDERLAY_PREFIX: &str = "10.210.0";
+const LAB_ROOT: &str = "/run/swarmnet-lab";
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab needs root (network namespaces, veths, bridges): run the tests as root");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `swarmnet` binary: `$SWARMNET_BIN`, or built once with cargo.
+pub fn binary() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SWARMNET_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let root = workspace_root();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "-j2", "--workspace"])
+            .current_dir(&root)
+            .status()
+            .map_err(|e| format!("run cargo build: {e}"))?;
+        if !st.success() {
+            return Err("cargo build --workspace failed".into());
+        }
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+        Ok(target.join("debug").join("swarmnet"))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    Ok(out)
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = run(Command::new(args[0]).args(&args[1..]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes every trace of lab `name`: its processes (daemons and their tasks), its
+/// namespaces and its files.
+pub fn cleanup(name: &str) -> Result<()> {
+    let marker = format!("SWARMNET_LAB={name}");
+    let me = std::process::id();
+    for pid in lab_pids(&marker) {
+        if pid != me {
+            // Processes this lab started, found by the marker it gave them.
+            let _ = nix_kill(pid, libc::SIGKILL);
+        }
+    }
+    // Give the kernel a moment to reap before the namespaces go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab_pids(&marker).into_iter().all(|p| p == me) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = sh(&["ip", "netns", "list"]).unwrap_or_default();
+    for line in list.lines() {
+        let ns = line.split_whitespace().next().unwrap_or("");
+        if ns.starts_with(&format!("{name}-")) {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+    let dir = Path::new(LAB_ROOT).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) with a positive pid only sends a signal; no memory is involved.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn lab_pids(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
+            // A zombie has no environment left to read, so it is not listed here.
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+pub struct LabNode {
+    pub ns: String,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub pid: Option<u32>,
+}
+
+pub struct Lab {
+    pub name: String,
+    pub nodes: Vec<LabNode>,
+    pub bin: PathBuf,
+    pub heartbeat: f64,
+    token: Option<String>,
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds `nodes` hosts and starts daemons on the first `start` of them (node 1 is the
+    /// manager), then waits until the manager lists `start` ready nodes.
+    pub fn up(name: &str, nodes: usize, start: usize, heartbeat: f64) -> Result<Lab> {
+        require_root()?;
+        if nodes == 0 || nodes > 200 || start > nodes {
+            bail!("lab {name}: {nodes} nodes (start {start}) is out of range");
+        }
+        cleanup(name)?;
+        let bin = binary()?;
+        let root = Path::new(LAB_ROOT).join(name);
+        std::fs::create_dir_all(&root)?;
+        let ul = format!("{name}-ul");
+        sh(&["ip", "netns", "add", &ul])?;
+        sh(&["ip", "-n", &ul, "link", "add", "snbr0", "type", "bridge"])?;
+        sh(&["ip", "-n", &ul, "link", "set", "snbr0", "up"])?;
+        let mut lab = Lab { name: name.to_string(), nodes: Vec::new(), bin, heartbeat, token: None, keep: false };
+        for i in 1..=nodes {
+            let ns = format!("{name}-n{i}");
+            let addr = format!("{UNDERLAY_PREFIX}.{i}");
+            sh(&["ip", "netns", "add", &ns])?;
+            let port = format!("snv{i}");
+            sh(&["ip", "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh(&["ip", "-n", &ul, "link", "set", &port, "master", "snbr0", "up"])?;
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            let data_dir = root.join(format!("n{i}"));
+            std::fs::create_dir_all(&data_dir)?;
+            lab.nodes.push(LabNode { ns, addr, data_dir, pid: None });
+        }
+        for i in 0..start {
+            lab.start_node(i)?;
+        }
+        lab.wait_ready(start, Duration::from_secs(30))?;
+        Ok(lab)
+    }
+
+    /// Leaves everything in place when dropped (for `xtask lab up`).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn control(&self, i: usize) -> String {
+        format!("unix://{}", self.nodes[i].data_dir.join("control.sock").display())
+    }
+
+    /// Starts the daemon of node `i` (0-based): the manager on node 0, agents elsewhere.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        // A restarted node keeps its identity and needs no token.
+        let token = if i > 0 && !self.nodes[i].data_dir.join("node").join("identity.json").exists() {
+            Some(self.token()?)
+        } else {
+            None
+        };
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("daemon.log"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.ns]).arg(&self.bin);
+        let hb = self.heartbeat.to_string();
+        if i == 0 {
+            cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]);
+        } else {
+            let manager = format!("{}:2377", self.nodes[0].addr);
+            cmd.args(["agent", "--join", &manager, "--advertise-addr", &node.addr]);
+            if let Some(token) = &token {
+                cmd.args(["--token", token]);
+            }
+        }
+        cmd.arg("--data-dir").arg(&node.data_dir);
+        cmd.env("SWARMNET_LAB", &self.name)
+            .env("SWARMNET_HOSTNAME", &node.ns)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().with_context(|| format!("start the daemon of {}", node.ns))?;
+        let pid = child.id();
+        // The daemon is reaped by a thread so that a killed one does not linger as a zombie.
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        self.nodes[i].pid = Some(pid);
+        std::fs::write(self.nodes[i].data_dir.join("daemon.pid"), pid.to_string())?;
+        let sock = self.nodes[i].data_dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            if Instant::now() > deadline || !pid_alive(pid) {
+                bail!("daemon of {} did not come up; its log:\n{}", self.nodes[i].ns, self.log(i));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Sends `sig` to node `i`'s daemon and waits for it to exit.
+    pub fn stop_node(&mut self, i: usize, sig: i32) -> Result<()> {
+        let Some(pid) = self.nodes[i].pid.take() else { return Ok(()) };
+        nix_kill(pid, sig)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while pid_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("daemon of {} (pid {pid}) did not exit after signal {sig}", self.nodes[i].ns);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].data_dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn token(&mut self) -> Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let t = self.cli_ok(0, &["join-token", "worker", "--quiet"])?.trim().to_string();
+        self.token = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Runs the CLI against node `i`'s daemon.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Result<Output> {
+        run(Command::new(&self.bin).arg("--host").arg(self.control(i)).args(args))
+    }
+
+    /// Runs the CLI and fails with its stderr unless it succeeds.
+    pub fn cli_ok(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self.cli(i, args)?;
+        if !out.status.success() {
+            bail!("swarmnet {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the CLI and fails unless it fails; returns its stderr.
+    pub fn cli_err(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self.cli(i, args)?;
+        if out.status.success() {
+            bail!("swarmnet {} succeeded but should have failed: {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn cli_json(&self, i: usize, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        let s = self.cli_ok(i, &a)?;
+        serde_json::from_str(&s).with_context(|| format!("swarmnet {}: not JSON: {s}", args.join(" ")))
+    }
+
+    pub fn wait_ready(&self, n: usize, timeout: Duration) -> Result<Value> {
+        wait_for(&format!("{n} ready nodes"), timeout, || {
+            let v = self.cli_json(0, &["node", "ls"]).ok()?;
+            let ready = v.as_array()?.iter().filter(|n| n["status"] == "ready").count();
+            (ready == n).then_some(v)
+        })
+    }
+
+    /// Tasks of `service` that are wanted and running.
+    pub fn running_tasks(&self, service: &str) -> Result<Vec<Value>> {
+        let v = self.cli_json(0, &["service", "ps", service])?;
+        Ok(v.as_array()
+            .map(|a| a.iter().filter(|t| t["desired_state"] == "running" && t["state"] == "running").cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// Waits until `service` has exactly `n` tasks, all wanted and running, and no others.
+    pub fn wait_service(&self, service: &str, n: usize, timeout: Duration) -> Result<Vec<Value>> {
+        wait_for(&format!("{service}: exactly {n} running tasks and no others"), timeout, || {
+            let all = self.cli_json(0, &["service", "ps", service]).ok()?;
+            let all = all.as_array()?.clone();
+            let running: Vec<Value> = all.iter().filter(|t| t["desired_state"] == "running" && t["state"] == "running").cloned().collect();
+            (running.len() == n && all.len() == n).then_some(running)
+        })
+    }
+
+    pub fn down(&mut self) -> Result<()> {
+        cleanup(&self.name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = cleanup(&self.name);
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns Some, or fails after `timeout` saying what it
+/// waited for.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command inside the network namespace of process `pid`.
+pub fn in_netns_of(pid: u32, args: &[&str]) -> Result<String> {
+    let p = pid.to_string();
+    let mut a = vec!["nsenter", "-t", &p, "-n", "--"];
+    a.extend_from_slice(args);
+    sh(&a)
+}
+
+/// Runs a command inside a named namespace of the lab.
+pub fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
+    let mut a = vec!["ip", "netns", "exec", ns];
+    a.extend_from_slice(args);
+    sh(&a)
+}

@@ -1,1 +1,178 @@
-fn main(){}
+//! `cargo xtask …`: the lab, the demo, the test run and the benchmarks.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use swarmnet_lab::{cleanup, Lab};
+
+const LAB: &str = "snlab";
+const SIGTERM: i32 = 15;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The one-machine lab.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Build, stand up 3 nodes, create an overlay network and a 3-replica service, show it.
+    Demo,
+    /// Build and run every test (needs root for the lab tests).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
+    Bench {
+        /// `control`
+        what: String,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Make N node namespaces on an underlay bridge, start a manager and N-1 agents.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5.0)]
+        heartbeat_interval: f64,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build() -> Result<()> {
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "-j2", "--workspace"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build failed");
+    }
+    Ok(())
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Lab(LabCmd::Up { nodes, heartbeat_interval }) => {
+            build()?;
+            let lab = Lab::up(LAB, nodes, nodes, heartbeat_interval)?;
+            println!("{}", lab.cli_ok(0, &["node", "ls"])?);
+            println!("lab {LAB} is up. Talk to a node with:\n  swarmnet --host {} node ls\nRemove it with: cargo xtask lab down", lab.control(0));
+            lab.keep();
+        }
+        Cmd::Lab(LabCmd::Down) => {
+            cleanup(LAB)?;
+            println!("lab {LAB} removed");
+        }
+        Cmd::Demo => demo()?,
+        Cmd::Test { args } => {
+            build()?;
+            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["test", "-j2", "--workspace", "--"])
+                .arg("--test-threads=1")
+                .args(&args)
+                .status()?;
+            if !st.success() {
+                bail!("tests failed");
+            }
+        }
+        Cmd::Bench { what, runs } => match what.as_str() {
+            "control" => bench_control(runs)?,
+            other => bail!("unknown benchmark {other:?} (known: control)"),
+        },
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    build()?;
+    let lab = Lab::up(LAB, 3, 3, 5.0)?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    lab.wait_service("web", 3, Duration::from_secs(30))?;
+    println!("$ swarmnet node ls\n{}", lab.cli_ok(0, &["node", "ls"])?);
+    println!("$ swarmnet network ls\n{}", lab.cli_ok(0, &["network", "ls"])?);
+    println!("$ swarmnet service ls\n{}", lab.cli_ok(0, &["service", "ls"])?);
+    println!("$ swarmnet service ps web\n{}", lab.cli_ok(0, &["service", "ps", "web"])?);
+    println!(
+        "The lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down\n(Overlay traffic between nodes, DNS and the routing mesh are later issues.)",
+        lab.control(0)
+    );
+    lab.keep();
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// `service create --replicas 3` to 3 tasks running, and manager restart to all agents
+/// back, on the 3-node lab.
+fn bench_control(runs: usize) -> Result<()> {
+    build()?;
+    let mut lab = Lab::up("snbench", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "benchnet"])?;
+    let mut create = Vec::new();
+    for i in 0..runs {
+        let name = format!("b{i}");
+        let t = Instant::now();
+        lab.cli_ok(0, &["service", "create", "--name", &name, "--replicas", "3", "--network", "benchnet", "--", "sleep", "3600"])?;
+        swarmnet_lab::wait_for("3 running", Duration::from_secs(30), || {
+            let n = lab.running_tasks(&name).ok()?.len();
+            (n == 3).then_some(())
+        })?;
+        create.push(t.elapsed().as_secs_f64() * 1000.0);
+        lab.cli_ok(0, &["service", "rm", &name])?;
+        // Wait until the removed tasks are confirmed stopped, so runs do not overlap.
+        swarmnet_lab::wait_for("removed tasks gone", Duration::from_secs(30), || {
+            let v = lab.cli_json(0, &["network", "inspect", "benchnet"]).ok()?;
+            v["endpoints"].as_array()?.is_empty().then_some(())
+        })?;
+    }
+    create.sort_by(|a, b| a.total_cmp(b));
+    println!("service create --replicas 3 -> 3 running: runs={runs} p50={:.1} ms p90={:.1} ms max={:.1} ms", percentile(&create, 50.0), percentile(&create, 90.0), percentile(&create, 100.0));
+
+    let mut reconnect = Vec::new();
+    for _ in 0..5.min(runs) {
+        // Each agent logs "session open" when its session (re)opens.
+        let before: Vec<usize> = (0..3).map(|i| lab.log(i).matches("session open").count()).collect();
+        lab.stop_node(0, SIGTERM)?;
+        let t = Instant::now();
+        lab.start_node(0)?;
+        swarmnet_lab::wait_for("agents reconnected", Duration::from_secs(30), || {
+            (1..3).all(|i| lab.log(i).matches("session open").count() > before[i]).then_some(())
+        })
+        .context("agents did not reconnect")?;
+        reconnect.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    reconnect.sort_by(|a, b| a.total_cmp(b));
+    println!("manager restart -> both agents reconnected: runs={} p50={:.1} ms max={:.1} ms", reconnect.len(), percentile(&reconnect, 50.0), percentile(&reconnect, 100.0));
+    lab.down()?;
+    Ok(())
+}

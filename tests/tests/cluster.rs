@@ -1,0 +1,360 @@
+//! Control plane on the one-machine lab: real daemons in real namespaces, real task
+//! processes. Each test builds a lab of its own (named `snx-…`) and removes it after.
+//! These tests need root; without it they fail with a message saying so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use swarmnet_lab::{in_netns_of, in_ns, pid_alive, wait_for, Lab};
+
+const T: Duration = Duration::from_secs(30);
+
+fn pid_of(task: &Value) -> u32 {
+    task["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("running task has a pid")
+}
+
+fn nodes_of(tasks: &[Value]) -> Vec<String> {
+    let mut n: Vec<String> = tasks.iter().map(|t| t["node"].as_str().unwrap_or("").to_string()).collect();
+    n.sort();
+    n
+}
+
+fn ns_inode(pid: u32, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).map(|p| p.display().to_string()).unwrap_or_default()
+}
+
+/// The task's kernel state: its own namespaces, the allocated address on eth0, the MAC
+/// derived from it, the MTU of the underlay minus 50, a default route via the gateway.
+fn check_task_kernel_state(lab: &Lab, task: &Value, gateway: &str) -> Result<()> {
+    let pid = pid_of(task);
+    let ip = task["addresses"]["appnet"].as_str().context("task address")?;
+    let node = task["node"].as_str().context("node")?;
+    let i = lab.nodes.iter().position(|n| n.ns == node).context("node of the task")?;
+    let daemon = lab.nodes[i].pid.context("daemon pid")?;
+    assert_ne!(ns_inode(pid, "net"), ns_inode(daemon, "net"), "task {ip} must have its own network namespace");
+    assert_ne!(ns_inode(pid, "mnt"), ns_inode(daemon, "mnt"), "task {ip} must have its own mount namespace");
+    let link: Value = serde_json::from_str(&in_netns_of(pid, &["ip", "-j", "addr", "show", "eth0"])?)?;
+    let link = &link[0];
+    let o: Vec<u8> = ip.split('.').map(|x| x.parse().expect("octet")).collect();
+    let mac = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+    assert_eq!(link["address"], mac.as_str(), "MAC of {ip}");
+    assert_eq!(link["mtu"], 1450, "MTU of {ip} (underlay 1500 - 50)");
+    let addrs: Vec<String> = link["addr_info"]
+        .as_array()
+        .context("addr_info")?
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
+        .collect();
+    assert_eq!(addrs, vec![format!("{ip}/24")]);
+    let routes = in_netns_of(pid, &["ip", "route", "show", "default"])?;
+    assert!(routes.contains(&format!("default via {gateway} dev eth0")), "default route of {ip}: {routes}");
+    // The node end of the veth is in the node's namespace.
+    let peer = in_ns(node, &["ip", "-br", "link"])?;
+    let short: String = task["id"].as_str().unwrap_or("").chars().take(10).collect();
+    assert!(peer.contains(&format!("snt{short}0")), "node end of the veth on {node}: {peer}");
+    Ok(())
+}
+
+#[test]
+fn three_nodes_run_replicas_in_their_own_namespaces() -> Result<()> {
+    let lab = Lab::up("snx-basic", 3, 3, 1.0)?;
+    let nodes = lab.cli_json(0, &["node", "ls"])?;
+    assert_eq!(nodes.as_array().map(|a| a.len()), Some(3));
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
+    assert_eq!(net["subnet"], "10.0.0.0/24");
+    assert_eq!(net["gateway"], "10.0.0.1");
+    assert_eq!(net["vni"], 4096);
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "python3", "-m", "http.server", "80"])?;
+    let tasks = lab.wait_service("web", 3, T)?;
+    assert_eq!(nodes_of(&tasks), vec!["snx-basic-n1", "snx-basic-n2", "snx-basic-n3"], "one task per node");
+    let mut ips = BTreeSet::new();
+    for t in &tasks {
+        check_task_kernel_state(&lab, t, "10.0.0.1")?;
+        ips.insert(t["addresses"]["appnet"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(ips.len(), 3, "distinct addresses");
+    let svc: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "web"])?)?;
+    let vip = svc["vips"]["appnet"].as_str().context("vip")?;
+    assert!(!ips.contains(vip), "the VIP is reserved, not given to a task");
+    // The service really serves, inside its namespace, on its address.
+    let t = &tasks[0];
+    let ip = t["addresses"]["appnet"].as_str().context("ip")?;
+    let code = wait_for("http.server answers", T, || {
+        let c = in_netns_of(pid_of(t), &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{ip}/")]).ok()?;
+        (c == "200").then_some(c)
+    })?;
+    assert_eq!(code, "200");
+    // Its output goes to a log file under the node's data dir.
+    let i = lab.nodes.iter().position(|n| n.ns == t["node"].as_str().unwrap_or("")).context("node")?;
+    let log = lab.nodes[i].data_dir.join("tasks").join(format!("{}.log", t["id"].as_str().unwrap_or("")));
+    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+    assert!(text.contains("GET / HTTP"), "task log has the request: {text}");
+    Ok(())
+}
+
+#[test]
+fn scale_up_and_down_and_global_mode_with_a_late_node() -> Result<()> {
+    let mut lab = Lab::up("snx-scale", 3, 2, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "sleep", "3600"])?;
+    lab.wait_service("web", 3, T)?;
+    lab.cli_ok(0, &["service", "scale", "web=6"])?;
+    let six = lab.wait_service("web", 6, T)?;
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for n in nodes_of(&six) {
+        *per_node.entry(n).or_default() += 1;
+    }
+    assert_eq!(per_node.values().copied().collect::<Vec<_>>(), vec![3, 3], "6 replicas spread over 2 nodes");
+    lab.cli_ok(0, &["service", "scale", "web=1"])?;
+    let one = lab.wait_service("web", 1, T)?;
+    assert_eq!(one[0]["name"], "web.1");
+    // The five removed tasks' processes are gone, not just forgotten.
+    for t in &six {
+        if t["id"] != one[0]["id"] {
+            let pid = pid_of(t);
+            wait_for(&format!("process {pid} of a removed task to exit"), T, || (!pid_alive(pid)).then_some(()))?;
+        }
+    }
+
+    lab.cli_ok(0, &["service", "create", "--name", "agent", "--mode", "global", "--network", "appnet", "--", "sleep", "3600"])?;
+    let g = lab.wait_service("agent", 2, T)?;
+    assert_eq!(nodes_of(&g), vec!["snx-scale-n1", "snx-scale-n2"]);
+    lab.start_node(2)?;
+    lab.wait_ready(3, T)?;
+    let g = lab.wait_service("agent", 3, T)?;
+    assert_eq!(nodes_of(&g), vec!["snx-scale-n1", "snx-scale-n2", "snx-scale-n3"], "the late node runs the global service too");
+    // The replicated service did not move onto the new node.
+    assert_eq!(lab.running_tasks("web")?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn killed_agent_has_its_tasks_rescheduled() -> Result<()> {
+    let mut lab = Lab::up("snx-kill", 3, 3, 0.5)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "sleep", "3600"])?;
+    lab.wait_service("web", 3, T)?;
+    lab.stop_node(2, libc::SIGKILL)?;
+    let v = wait_for("node 3 down", T, || {
+        let v = lab.cli_json(0, &["node", "ls"]).ok()?;
+        let n3 = v.as_array()?.iter().find(|n| n["hostname"] == "snx-kill-n3")?.clone();
+        (n3["status"] == "down").then_some(n3)
+    })?;
+    assert_eq!(v["status"], "down");
+    let tasks = wait_for("3 running tasks on nodes 1 and 2", T, || {
+        let t = lab.running_tasks("web").ok()?;
+        (t.len() == 3 && t.iter().all(|t| t["node"] != "snx-kill-n3")).then_some(t)
+    })?;
+    let nodes: BTreeSet<String> = nodes_of(&tasks).into_iter().collect();
+    assert_eq!(nodes.len(), 2);
+    // The agent comes back: its stale task is stopped and dropped, nothing else moves.
+    lab.start_node(2)?;
+    lab.wait_ready(3, T)?;
+    let after = lab.wait_service("web", 3, T)?;
+    let ids = |v: &[Value]| v.iter().map(|t| t["id"].to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(ids(&after), ids(&tasks));
+    Ok(())
+}
+
+#[test]
+fn manager_restart_keeps_state_and_restarts_no_task() -> Result<()> {
+    let mut lab = Lab::up("snx-restart", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "sleep", "3600"])?;
+    let before = lab.wait_service("web", 3, T)?;
+    let token = lab.cli_ok(0, &["join-token", "worker", "-q"])?;
+    let nets = lab.cli_json(0, &["network", "ls"])?;
+    let svcs = lab.cli_ok(0, &["service", "inspect", "web"])?;
+    let sessions: Vec<usize> = (0..3).map(|i| lab.log(i).matches("session open").count()).collect();
+
+    lab.stop_node(0, libc::SIGTERM)?;
+    // The tasks keep running while the manager is away, the manager's own included.
+    for t in &before {
+        assert!(pid_alive(pid_of(t)), "task {} kept running", t["name"]);
+    }
+    lab.start_node(0)?;
+    lab.wait_ready(3, T)?;
+    wait_for("agents reconnected", T, || (1..3).all(|i| lab.log(i).matches("session open").count() > sessions[i]).then_some(()))?;
+    assert_eq!(lab.cli_ok(0, &["join-token", "worker", "-q"])?, token);
+    assert_eq!(lab.cli_json(0, &["network", "ls"])?, nets);
+    let after = lab.wait_service("web", 3, T)?;
+    // Same tasks, same processes, no restart: the reports after reconnection are the same.
+    let key = |v: &[Value]| v.iter().map(|t| (t["id"].to_string(), t["pid"].to_string(), t["restarts"].to_string(), t["addresses"].to_string())).collect::<BTreeSet<_>>();
+    assert_eq!(key(&after), key(&before));
+    let svcs_after: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "web"])?)?;
+    let svcs: Value = serde_json::from_str(&svcs)?;
+    assert_eq!(svcs_after["vips"], svcs["vips"]);
+    assert_eq!(svcs_after["id"], svcs["id"]);
+    Ok(())
+}
+
+fn store_snapshot(lab: &Lab) -> Result<(Value, Value, Value)> {
+    Ok((lab.cli_json(0, &["node", "ls"])?, lab.cli_json(0, &["network", "ls"])?, lab.cli_json(0, &["service", "ls"])?))
+}
+
+/// Runs `swarmnet agent` for node `i` with `token` in a fresh data dir; it must fail.
+fn join_must_fail(lab: &Lab, i: usize, token: &str) -> Result<String> {
+    let node = &lab.nodes[i];
+    let dir = node.data_dir.join("refused");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns])
+        .arg(&lab.bin)
+        .args(["agent", "--join", &format!("{}:2377", lab.nodes[0].addr), "--token", token, "--advertise-addr", &node.addr])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("SWARMNET_LAB", &lab.name)
+        .output()?;
+    assert!(!out.status.success(), "agent with a bad token must exit non-zero");
+    assert!(!dir.join("node").join("identity.json").exists(), "no identity is written");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn wrong_tokens_and_missing_certificates_are_refused() -> Result<()> {
+    // Node 3 is left free to host a second, unrelated cluster's manager.
+    let mut lab = Lab::up("snx-auth", 3, 2, 1.0)?;
+    let token = lab.cli_ok(0, &["join-token", "worker", "-q"])?.trim().to_string();
+    let before = store_snapshot(&lab)?;
+
+    // The right CA digest with a wrong secret.
+    let (head, _) = token.rsplit_once('-').context("token")?;
+    let err = join_must_fail(&lab, 2, &format!("{head}-{}", "a".repeat(25)))?;
+    assert!(err.contains("secret is not valid"), "{err}");
+
+    // A malformed token never reaches the manager.
+    let err = join_must_fail(&lab, 2, "SWMTKN-1-nope")?;
+    assert!(err.contains("malformed join token"), "{err}");
+
+    // The token of another cluster: its CA digest does not match this manager's CA.
+    let other_dir = lab.nodes[2].data_dir.join("other-cluster");
+    std::fs::create_dir_all(&other_dir)?;
+    let mut other = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[2].ns])
+        .arg(&lab.bin)
+        .args(["manager", "--advertise-addr", &lab.nodes[2].addr])
+        .arg("--data-dir")
+        .arg(&other_dir)
+        .env("SWARMNET_LAB", &lab.name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let sock = format!("unix://{}", other_dir.join("control.sock").display());
+    let other_token = wait_for("the other cluster's manager", T, || {
+        let out = std::process::Command::new(&lab.bin).args(["--host", &sock, "join-token", "-q"]).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })?;
+    let _ = other.kill();
+    let _ = other.wait();
+    let err = join_must_fail(&lab, 2, &other_token)?;
+    assert!(err.contains("does not match the CA digest"), "{err}");
+
+    // A TLS client with no certificate may only join; anything else is refused.
+    let py = r#"
+import socket, ssl, struct, json, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection((sys.argv[1], 2377), timeout=5))
+body = json.dumps({"type": "api", "request": {"verb": "network_create", "spec": {"name": "sneaky", "driver": "overlay", "attachable": False, "subnet": None}}}).encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+n = struct.unpack(">I", s.recv(4))[0]
+data = b""
+while len(data) < n:
+    data += s.recv(n - len(data))
+print(data.decode())
+"#;
+    let out = in_ns(&lab.nodes[2].ns, &["python3", "-c", py, &lab.nodes[0].addr])?;
+    let reply: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(reply["ok"], false);
+    assert!(reply["error"].as_str().unwrap_or("").contains("client certificate of this cluster is required"), "{reply}");
+
+    // A certificate of another cluster: node 2 restarts with an identity whose cert was
+    // issued by the other cluster's CA.
+    let other_id: Value = serde_json::from_slice(&std::fs::read(other_dir.join("node").join("identity.json"))?)?;
+    let id_path = lab.nodes[1].data_dir.join("node").join("identity.json");
+    let mut mine: Value = serde_json::from_slice(&std::fs::read(&id_path)?)?;
+    mine["cert"] = other_id["cert"].clone();
+    lab.stop_node(1, libc::SIGTERM)?;
+    std::fs::write(&id_path, serde_json::to_vec(&mine)?)?;
+    lab.start_node(1)?;
+    wait_for("node 2's session to be refused", T, || lab.log(1).contains("refused this node's certificate").then_some(()))
+        .with_context(|| format!("log of node 2:\n{}", lab.log(1)))?;
+
+    assert_eq!(store_snapshot(&lab)?.1, before.1, "no network was written");
+    assert_eq!(store_snapshot(&lab)?.2, before.2, "no service was written");
+    let nodes = store_snapshot(&lab)?.0;
+    assert_eq!(nodes.as_array().map(|a| a.len()), before.0.as_array().map(|a| a.len()), "no node was added");
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() -> Result<()> {
+    let lab = Lab::up("snx-bad", 2, 2, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["network", "create", "--subnet", "10.9.9.0/30", "tiny"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--network", "appnet", "--", "sleep", "3600"])?;
+    lab.wait_service("web", 1, T)?;
+    let before = store_snapshot(&lab)?;
+    let cases: &[(&[&str], &str)] = &[
+        (&["network", "create", "appnet"], "network appnet already exists"),
+        (&["network", "create", "--subnet", "10.0.0.128/25", "over"], "overlaps network appnet"),
+        (&["network", "create", "--subnet", "10.210.0.0/16", "under"], "overlaps the underlay of node"),
+        (&["network", "create", "--subnet", "10.1.2.300/24", "bad"], "invalid --subnet"),
+        (&["network", "create", "--subnet", "10.1.2.5/24", "hostbits"], "host bits are set"),
+        (&["network", "create", "--driver", "bridge", "br"], "not supported"),
+        (&["network", "rm", "appnet"], "in use by service web"),
+        (&["network", "rm", "nope"], "network nope not found"),
+        (&["service", "create", "--name", "web", "--network", "appnet", "--", "true"], "service web already exists"),
+        (&["service", "create", "--name", "x", "--network", "nope", "--", "true"], "network nope not found"),
+        (&["service", "create", "--name", "x", "--replicas", "-1", "--network", "appnet", "--", "true"], "must be 0 or more"),
+        (&["service", "create", "--name", "x", "--replicas", "1", "--network", "tiny", "--", "true"], "no free address left"),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "80", "--", "true"], "invalid --publish"),
+        (&["service", "scale", "web=-3"], "must be 0 or more"),
+        (&["service", "scale", "nope=2"], "service nope not found"),
+        (&["service", "ps", "nope"], "service nope not found"),
+        (&["run", "--name", "p", "--network", "appnet", "--", "true"], "not attachable"),
+    ];
+    for (args, want) in cases {
+        let err = lab.cli_err(0, args)?;
+        assert!(err.contains(want), "swarmnet {}: expected {want:?} in {err:?}", args.join(" "));
+    }
+    // A bad flag is refused by the CLI itself.
+    let err = lab.cli_err(0, &["service", "create", "--name", "x", "--bogus", "--", "true"])?;
+    assert!(err.contains("--bogus"), "{err}");
+    // Manager verbs on a worker.
+    let err = lab.cli_err(1, &["service", "ls"])?;
+    assert!(err.contains("this node is not a manager"), "{err}");
+    assert_eq!(store_snapshot(&lab)?, before, "state unchanged");
+    // The /30 fits a VIP and nothing else: a dnsrr service with one task fits exactly.
+    lab.cli_ok(0, &["service", "create", "--name", "fits", "--endpoint-mode", "dnsrr", "--network", "tiny", "--", "sleep", "3600"])?;
+    lab.wait_service("fits", 1, T)?;
+    let err = lab.cli_err(0, &["service", "scale", "fits=2"])?;
+    assert!(err.contains("no free address left"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn run_on_a_worker_gets_an_address_and_returns_the_exit_code() -> Result<()> {
+    let lab = Lab::up("snx-run", 2, 2, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    let out = lab.cli(1, &["run", "--name", "probe", "--network", "appnet", "--", "sh", "-c", "ip -4 -o addr show eth0; exit 3"])?;
+    assert_eq!(out.status.code(), Some(3), "exit code of the task");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("inet 10.0.0."), "the task has an overlay address: {text}");
+    // A detached one keeps running and shows where it runs; the name is then taken.
+    let id = lab.cli_ok(1, &["run", "--name", "bg", "--network", "appnet", "--detach", "--", "sleep", "3600"])?;
+    assert!(!id.trim().is_empty());
+    let err = lab.cli_err(1, &["run", "--name", "bg", "--network", "appnet", "--", "true"])?;
+    assert!(err.contains("already exists"), "{err}");
+    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
+    let eps = net["endpoints"].as_array().context("endpoints")?;
+    assert_eq!(eps.len(), 1, "the finished probe released its address: {eps:?}");
+    assert_eq!(eps[0]["name"], "bg");
+    assert_eq!(eps[0]["node"], "snx-run-n2");
+    Ok(())
+}
