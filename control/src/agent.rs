@@ -181,13 +181,14 @@ impl Agent {
                         if full {
                             assigned.clear();
                         }
-                        for id in remove {
-                            assigned.remove(&id);
+                        for id in &remove {
+                            assigned.remove(id);
                         }
                         for a in upsert {
                             assigned.insert(a.task_id.clone(), a);
                         }
                         self.runtime.reconcile(&assigned);
+                        self.runtime.confirm_unknown(&remove);
                     }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),

@@ -324,6 +324,17 @@ impl Manager {
             .collect()
     }
 
+    /// Tasks of `node` that should stop and have not been reported stopped.
+    fn shutting_down(&self, node: &Id) -> std::collections::BTreeSet<Id> {
+        self.lock()
+            .state
+            .tasks
+            .values()
+            .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Shutdown && !t.state.is_terminal())
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
     async fn session<R, W>(self: Arc<Self>, node: Id, reports: Vec<ops::TaskReport>, mut r: R, mut w: W) -> anyhow::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin + Send,
@@ -340,7 +351,10 @@ impl Manager {
         write_msg(&mut w, &Reply::ok(json!({ "node_id": node, "heartbeat_ms": hb }))).await?;
         let mut rx = self.changed.subscribe();
         let mut sent = self.assignments(&node);
-        write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: vec![] }).await?;
+        // Removals are also sent for tasks the node may never have seen (made and removed
+        // between two notifications): it answers "shutdown" for those it does not have.
+        let mut told_to_stop = self.shutting_down(&node);
+        write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: told_to_stop.iter().cloned().collect() }).await?;
         let me = self.clone();
         let n2 = node.clone();
         let reader = async move {
@@ -363,7 +377,11 @@ impl Manager {
                 rx.changed().await?;
                 let now = self.assignments(&node);
                 let upsert: Vec<Assignment> = now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
-                let remove: Vec<Id> = sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                let mut remove: Vec<Id> = sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                let stopping = self.shutting_down(&node);
+                let newly: Vec<Id> = stopping.iter().filter(|id| !told_to_stop.contains(*id) && !remove.contains(*id)).cloned().collect();
+                remove.extend(newly);
+                told_to_stop = stopping;
                 if !upsert.is_empty() || !remove.is_empty() {
                     write_msg(&mut w, &FromManager::Assign { full: false, upsert, remove }).await?;
                 }

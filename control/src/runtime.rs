@@ -111,6 +111,16 @@ impl Runtime {
         out
     }
 
+    /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.
+    pub fn confirm_unknown(&self, removed: &[Id]) {
+        for id in removed {
+            let known = lock(&self.locals).contains_key(id) || lock(&self.adoptable).contains_key(id);
+            if !known {
+                self.send(TaskReport { task_id: id.clone(), state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
+            }
+        }
+    }
+
     pub fn report_of(&self, task: &Id) -> Option<TaskReport> {
         lock(&self.locals).get(task).map(|l| lock(&l.report).clone())
     }

@@ -151,9 +151,10 @@ fn bench_control(runs: usize) -> Result<()> {
         lab.cli_ok(0, &["service", "rm", &name])?;
         // Wait until the removed tasks are confirmed stopped, so runs do not overlap.
         swarmnet_lab::wait_for("removed tasks gone", Duration::from_secs(30), || {
-            let v = lab.cli_json(0, &["network", "inspect", "benchnet"]).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "benchnet"]).ok()?).ok()?;
             v["endpoints"].as_array()?.is_empty().then_some(())
-        })?;
+        })
+        .with_context(|| format!("endpoints left: {}", lab.cli_ok(0, &["network", "inspect", "benchnet"]).unwrap_or_default()))?;
     }
     create.sort_by(|a, b| a.total_cmp(b));
     println!("service create --replicas 3 -> 3 running: runs={runs} p50={:.1} ms p90={:.1} ms max={:.1} ms", percentile(&create, 50.0), percentile(&create, 90.0), percentile(&create, 100.0));
