@@ -9,6 +9,7 @@ mod ops;
 mod pki;
 mod proto;
 mod runtime;
+mod sim;
 mod store;
 mod token;
 
@@ -72,6 +73,21 @@ enum Cmd {
         /// The join token (needed only the first time: the node keeps its identity).
         #[arg(long)]
         token: Option<String>,
+    },
+    /// Benchmarks only: N simulated nodes that join and keep real sessions, and report
+    /// every task they are given as running without starting anything.
+    #[command(hide = true)]
+    SimNodes {
+        #[arg(long)]
+        join: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        advertise_addr: IpAddr,
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Print the command and token to join a worker.
     JoinToken {
@@ -208,6 +224,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr };
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::SimNodes { join, token, count, advertise_addr, data_dir } => {
+            init_logging();
+            daemon_runtime()?.block_on(sim::run(join, token, count, &data_dir, advertise_addr))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::JoinToken { role, quiet } => {

@@ -358,3 +358,57 @@ fn run_on_a_worker_gets_an_address_and_returns_the_exit_code() -> Result<()> {
     assert_eq!(eps[0]["node"], "snx-run-n2");
     Ok(())
 }
+
+#[test]
+fn an_exiting_task_is_restarted_with_backoff_and_the_status_says_why() -> Result<()> {
+    let lab = Lab::up("snx-crash", 1, 1, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "crash", "--network", "appnet", "--", "sh", "-c", "echo started; sleep 0.2; exit 7"])?;
+    let t = wait_for("two restarts", T, || {
+        let v = lab.cli_json(0, &["service", "ps", "crash"]).ok()?;
+        let t = v.as_array()?.first()?.clone();
+        (t["restarts"].as_u64()? >= 2).then_some(t)
+    })?;
+    assert_eq!(t["desired_state"], "running");
+    // Between runs the status shows the last exit.
+    let failed = wait_for("a failed state with the exit status", T, || {
+        let v = lab.cli_json(0, &["service", "ps", "crash"]).ok()?;
+        let t = v.as_array()?.first()?.clone();
+        (t["state"] == "failed").then_some(t)
+    })?;
+    assert_eq!(failed["error"], "exited with status 7");
+    // Same task, same address: restarted in place, not replaced.
+    assert_eq!(failed["id"], t["id"]);
+    assert_eq!(failed["addresses"], t["addresses"]);
+    let log = lab.nodes[0].data_dir.join("tasks").join(format!("{}.log", t["id"].as_str().unwrap_or("")));
+    let runs = std::fs::read_to_string(&log)?.matches("started").count();
+    assert!(runs >= 3, "the log keeps every run's output: {runs} runs");
+    Ok(())
+}
+
+#[test]
+fn an_exhausted_network_shows_in_service_ps() -> Result<()> {
+    let mut lab = Lab::up("snx-full", 3, 2, 1.0)?;
+    // /29: 6 hosts, the gateway takes one, 5 left.
+    lab.cli_ok(0, &["network", "create", "--subnet", "10.9.9.0/29", "small"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "g", "--mode", "global", "--endpoint-mode", "dnsrr", "--network", "small", "--", "sleep", "3600"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "r", "--replicas", "3", "--endpoint-mode", "dnsrr", "--network", "small", "--", "sleep", "3600"])?;
+    lab.wait_service("g", 2, T)?;
+    lab.wait_service("r", 3, T)?;
+    // A third node joins: the global service wants a task there, and there is no address.
+    lab.start_node(2)?;
+    lab.wait_ready(3, T)?;
+    let pending = wait_for("a pending task of g with an error", T, || {
+        let v = lab.cli_json(0, &["service", "ps", "g"]).ok()?;
+        v.as_array()?.iter().find(|t| t["state"] == "pending").cloned()
+    })?;
+    assert_eq!(pending["error"], "network small (10.9.9.0/29) has no free address left");
+    assert_eq!(pending["desired_state"], "running");
+    let table = lab.cli_ok(0, &["service", "ps", "g"])?;
+    assert!(table.contains("no free address left"), "the table shows it too:\n{table}");
+    // Freeing addresses lets it run.
+    lab.cli_ok(0, &["service", "scale", "r=1"])?;
+    let g = lab.wait_service("g", 3, T)?;
+    assert_eq!(nodes_of(&g), vec!["snx-full-n1", "snx-full-n2", "snx-full-n3"]);
+    Ok(())
+}

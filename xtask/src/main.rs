@@ -32,7 +32,7 @@ enum Cmd {
     },
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// `control`
+        /// `control` or `manager-memory`
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -100,7 +100,8 @@ fn real_main() -> Result<()> {
         }
         Cmd::Bench { what, runs } => match what.as_str() {
             "control" => bench_control(runs)?,
-            other => bail!("unknown benchmark {other:?} (known: control)"),
+            "manager-memory" => bench_manager_memory()?,
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory)"),
         },
     }
     Ok(())
@@ -176,4 +177,53 @@ fn bench_control(runs: usize) -> Result<()> {
     println!("manager restart -> both agents reconnected: runs={} p50={:.1} ms max={:.1} ms", reconnect.len(), percentile(&reconnect, 50.0), percentile(&reconnect, 100.0));
     lab.down()?;
     Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS not found")
+}
+
+/// Manager memory with 100 nodes' worth of state: the manager's own node plus 99 simulated
+/// nodes (real joins, real sessions), a /22 network, 300 replicas and a global service.
+fn bench_manager_memory() -> Result<()> {
+    build()?;
+    let lab = Lab::up("snbench", 2, 1, 1.0)?;
+    let manager_pid = lab.nodes[0].pid.context("manager pid")?;
+    let idle = rss_kib(manager_pid)?;
+    let token = lab.cli_ok(0, &["join-token", "-q"])?.trim().to_string();
+    let sim_dir = lab.nodes[1].data_dir.join("sim");
+    let log = std::fs::File::create(lab.nodes[1].data_dir.join("sim.log"))?;
+    let mut sim = Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[1].ns])
+        .arg(&lab.bin)
+        .args(["sim-nodes", "--join", &format!("{}:2377", lab.nodes[0].addr), "--token", &token, "--count", "99", "--advertise-addr", &lab.nodes[1].addr])
+        .arg("--data-dir")
+        .arg(&sim_dir)
+        .env("SWARMNET_LAB", &lab.name)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let r = (|| -> Result<()> {
+        lab.wait_ready(100, Duration::from_secs(120))?;
+        lab.cli_ok(0, &["network", "create", "--subnet", "10.50.0.0/22", "bignet"])?;
+        lab.cli_ok(0, &["service", "create", "--name", "many", "--replicas", "300", "--network", "bignet", "--", "sleep", "3600"])?;
+        lab.cli_ok(0, &["service", "create", "--name", "everywhere", "--mode", "global", "--network", "bignet", "--", "sleep", "3600"])?;
+        swarmnet_lab::wait_for("400 running tasks", Duration::from_secs(120), || {
+            let n = lab.running_tasks("many").ok()?.len() + lab.running_tasks("everywhere").ok()?.len();
+            (n == 400).then_some(())
+        })?;
+        std::thread::sleep(Duration::from_secs(3));
+        let loaded = rss_kib(manager_pid)?;
+        println!("manager RSS: idle (1 node) {:.1} MiB; 100 nodes, 2 services, 400 tasks, 99 live sessions: {:.1} MiB", idle as f64 / 1024.0, loaded as f64 / 1024.0);
+        Ok(())
+    })();
+    let _ = sim.kill();
+    let _ = sim.wait();
+    r
 }

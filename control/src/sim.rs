@@ -1,0 +1,96 @@
+//! Simulated nodes for benchmarks: each joins with a real token over real mutual TLS and
+//! keeps a real session (heartbeats, assignments, reports), but "runs" its tasks by
+//! reporting them running at once. They load the manager as many real nodes would.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use tokio::net::TcpStream;
+
+use crate::agent::{self, Identity};
+use crate::model::TaskState;
+use crate::ops::TaskReport;
+use crate::pki;
+use crate::proto::*;
+use crate::token::JoinToken;
+
+pub async fn run(manager: String, token: String, count: usize, data_dir: &Path, addr: IpAddr) -> anyhow::Result<()> {
+    let token = JoinToken::parse(&token)?;
+    let mut handles = Vec::new();
+    for i in 0..count {
+        let dir = data_dir.join(format!("sim{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let id = match Identity::load(&dir)? {
+            Some(id) => id,
+            None => agent::join(&dir, &manager, &token, &format!("sim{i}"), addr, vec![]).await?,
+        };
+        handles.push(tokio::spawn(async move {
+            loop {
+                if let Err(e) = session(&id).await {
+                    tracing::warn!(node = %id.node_id, error = %format!("{e:#}"), "simulated session failed");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+    }
+    println!("{count} simulated nodes joined");
+    for h in handles {
+        h.await?;
+    }
+    Ok(())
+}
+
+async fn session(id: &Identity) -> anyhow::Result<()> {
+    let cfg = pki::client_config(&id.ca_pem, &id.cert)?;
+    let tcp = TcpStream::connect(&id.manager).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(pki::server_name(), tcp).await?;
+    let (mut r, mut w) = tokio::io::split(tls);
+    write_msg(&mut w, &Hello::Session { reports: vec![] }).await?;
+    let reply: Reply = read_msg(&mut r).await?.ok_or_else(|| anyhow!("closed"))?;
+    if !reply.ok {
+        bail!("{}", reply.error);
+    }
+    let hb = Duration::from_millis(reply.data["heartbeat_ms"].as_u64().unwrap_or(5000));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = read_msg::<_, FromManager>(&mut r).await {
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(hb);
+    let mut running: BTreeSet<String> = BTreeSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = write_msg(&mut w, &FromAgent::Heartbeat).await { break Err(e.into()); }
+            }
+            m = rx.recv() => {
+                let Some(FromManager::Assign { full, upsert, remove }) = m else { break Ok(()) };
+                if full {
+                    running.clear();
+                }
+                let mut reports = Vec::new();
+                for a in upsert {
+                    if running.insert(a.task_id.clone()) {
+                        reports.push(TaskReport { task_id: a.task_id, state: TaskState::Running, error: String::new(), pid: None, restarts: 0 });
+                    }
+                }
+                for id in remove {
+                    running.remove(&id);
+                    reports.push(TaskReport { task_id: id, state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
+                }
+                if !reports.is_empty() {
+                    if let Err(e) = write_msg(&mut w, &FromAgent::Reports { reports }).await { break Err(e.into()); }
+                }
+            }
+        }
+    };
+    reader.abort();
+    result
+}
