@@ -273,6 +273,25 @@ print(data.decode())
     assert_eq!(reply["ok"], false);
     assert!(reply["error"].as_str().unwrap_or("").contains("client certificate of this cluster is required"), "{reply}");
 
+    // Garbage on 2377: raw bytes, then inside TLS a malformed frame and an oversized length.
+    let garbage = r#"
+import os, socket, ssl, struct, sys
+addr = (sys.argv[1], 2377)
+s = socket.create_connection(addr, timeout=5); s.sendall(os.urandom(4096)); s.close()
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+for payload in [struct.pack(">I", 5) + b"{{{{{", struct.pack(">I", 0xFFFFFFF0), b"\x00\x00"]:
+    t = ctx.wrap_socket(socket.create_connection(addr, timeout=5))
+    t.sendall(payload)
+    try:
+        t.recv(100)
+    except Exception:
+        pass
+    t.close()
+print("sent")
+"#;
+    assert_eq!(in_ns(&lab.nodes[2].ns, &["python3", "-c", garbage, &lab.nodes[0].addr])?.trim(), "sent");
+    assert_eq!(store_snapshot(&lab)?.1, before.1, "the manager still answers, unchanged");
+
     // A certificate of another cluster: node 2 restarts with an identity whose cert was
     // issued by the other cluster's CA.
     let other_id: Value = serde_json::from_slice(&std::fs::read(other_dir.join("node").join("identity.json"))?)?;
