@@ -1,0 +1,588 @@
+//! Gossip for swarmnet, without I/O: SWIM membership and failure detection (foca), and the
+//! replicated endpoint table. A caller feeds it packets and the time, and sends what it
+//! asks to send; `memnet` runs many of them over an in-memory network for tests.
+//!
+//! Wire: every packet starts `S N 1 <kind>`; kind 1 is a foca packet, kind 2 one of our
+//! `Wire` messages (postcard). UDP packets are at most `max_packet` bytes; bulk messages
+//! (digests and owner sets) go over a reliable stream (TCP). Room is left in the header for
+//! an encrypted kind later.
+
+pub mod memnet;
+pub mod table;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::{Duration, Instant};
+
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, Timer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub use table::{Change, Endpoint, EndpointState, Item, NodeId, OwnerSet, Port, Summary, Table};
+use table::Applied;
+
+const MAGIC: [u8; 3] = [b'S', b'N', 1];
+const KIND_FOCA: u8 = 1;
+const KIND_WIRE: u8 = 2;
+/// Largest reliable message accepted.
+pub const MAX_STREAM_MESSAGE: usize = 16 << 20;
+
+/// A node as the membership layer knows it. A restarted node has a higher generation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ident {
+    pub node: NodeId,
+    pub addr: SocketAddr,
+    pub gen: u64,
+}
+
+impl foca::Identity for Ident {
+    type Addr = SocketAddr;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Ident { gen: self.gen + 1, ..self.clone() })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.gen > adversary.gen
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub probe_period: Duration,
+    pub probe_rtt: Duration,
+    pub suspect_to_down: Duration,
+    pub anti_entropy: Duration,
+    pub tombstone_ttl: Duration,
+    pub max_packet: usize,
+}
+
+impl Default for Config {
+    /// Tuned for a LAN: a dead node is declared within about 2 s.
+    fn default() -> Self {
+        Config {
+            probe_period: Duration::from_millis(500),
+            probe_rtt: Duration::from_millis(200),
+            suspect_to_down: Duration::from_millis(1500),
+            anti_entropy: Duration::from_secs(5),
+            tombstone_ttl: Duration::from_secs(60),
+            max_packet: 1400,
+        }
+    }
+}
+
+impl Config {
+    fn foca(&self, cluster_size: u32) -> foca::Config {
+        let mut c = foca::Config::new_lan(NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN));
+        c.probe_period = self.probe_period;
+        c.probe_rtt = self.probe_rtt;
+        c.suspect_to_down_after = self.suspect_to_down;
+        c.max_packet_size = NonZeroUsize::new(self.max_packet).unwrap_or(NonZeroUsize::MIN);
+        c.periodic_gossip = Some(foca::PeriodicParams { frequency: Duration::from_millis(200), num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN) });
+        c.periodic_announce = Some(foca::PeriodicParams { frequency: Duration::from_secs(10), num_members: NonZeroUsize::MIN });
+        c
+    }
+}
+
+/// Which networks a node has joined, owned and versioned by that node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub owner: NodeId,
+    pub gen: u64,
+    pub version: u64,
+    pub networks: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Wire {
+    /// Changes pushed by their owner.
+    Items { items: Vec<Item> },
+    Member(Membership),
+    /// Anti-entropy: what the sender has; the receiver answers with what the sender lacks
+    /// and, unless this is a reply, a digest of its own.
+    Digest { from: NodeId, reply: bool, membership: Membership, memberships: BTreeMap<NodeId, (u64, u64)>, nets: BTreeMap<String, BTreeMap<NodeId, Summary>> },
+    Sync { from: NodeId, memberships: Vec<Membership>, sets: Vec<OwnerSet> },
+}
+
+/// Something to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Out {
+    Udp { to: SocketAddr, data: Vec<u8> },
+    Stream { to: SocketAddr, data: Vec<u8> },
+}
+
+// Events are short-lived and handed on at once; boxing the common variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Endpoint(Change),
+    NodeUp(Ident),
+    NodeDown(Ident),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub malformed: u64,
+    pub oversized: u64,
+    pub stale: u64,
+    pub udp_sent: u64,
+    pub udp_bytes: u64,
+    pub stream_bytes: u64,
+}
+
+pub struct Gossip {
+    me: Ident,
+    cfg: Config,
+    foca: Foca<Ident, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    rt: AccumulatingRuntime<Ident>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_events: HashMap<u64, Timer<Ident>>,
+    seq: u64,
+    clock: u64,
+    table: Table,
+    memberships: BTreeMap<NodeId, Membership>,
+    alive: BTreeMap<NodeId, Ident>,
+    epoch: Instant,
+    next_ae: Instant,
+    next_reap: Instant,
+    rng: StdRng,
+    out: Vec<Out>,
+    events: Vec<Event>,
+    pub stats: Stats,
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + body.len());
+    v.extend_from_slice(&MAGIC);
+    v.push(kind);
+    v.extend_from_slice(body);
+    v
+}
+
+impl Gossip {
+    pub fn new(me: Ident, cfg: Config, seed: u64, now: Instant) -> Gossip {
+        let foca = Foca::new(me.clone(), cfg.foca(8), StdRng::seed_from_u64(seed), PostcardCodec);
+        let membership = Membership { owner: me.node.clone(), gen: me.gen, version: 0, networks: BTreeSet::new() };
+        let mut g = Gossip {
+            foca,
+            rt: AccumulatingRuntime::new(),
+            timers: BinaryHeap::new(),
+            timer_events: HashMap::new(),
+            seq: 0,
+            clock: 0,
+            table: Table::default(),
+            memberships: BTreeMap::from([(me.node.clone(), membership)]),
+            alive: BTreeMap::new(),
+            epoch: now,
+            next_ae: now + cfg.anti_entropy,
+            next_reap: now + Duration::from_secs(1),
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            out: Vec::new(),
+            events: Vec::new(),
+            stats: Stats::default(),
+            me,
+            cfg,
+        };
+        g.pump(now);
+        g
+    }
+
+    pub fn me(&self) -> &Ident {
+        &self.me
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Live members other than this node.
+    pub fn members(&self) -> impl Iterator<Item = &Ident> {
+        self.alive.values()
+    }
+
+    pub fn take_out(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Joins the cluster through known addresses (the manager's node list).
+    pub fn join_via(&mut self, seeds: &[SocketAddr], now: Instant) {
+        for s in seeds {
+            if *s == self.me.addr {
+                continue;
+            }
+            let placeholder = Ident { node: String::new(), addr: *s, gen: 0 };
+            let _ = self.foca.announce(placeholder, &mut self.rt);
+        }
+        self.pump(now);
+    }
+
+    /// When `tick` next has work to do.
+    pub fn next_deadline(&self) -> Instant {
+        let t = self.timers.peek().map(|Reverse((t, _))| *t);
+        [Some(self.next_ae), Some(self.next_reap), t].into_iter().flatten().min().unwrap_or(self.next_ae)
+    }
+
+    /// Runs what is due at `now`.
+    pub fn tick(&mut self, now: Instant) {
+        while let Some(Reverse((t, seq))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(ev) = self.timer_events.remove(&seq) {
+                let _ = self.foca.handle_timer(ev, &mut self.rt);
+                self.pump(now);
+            }
+        }
+        if now >= self.next_ae {
+            self.next_ae = now + self.cfg.anti_entropy;
+            self.anti_entropy(now);
+        }
+        if now >= self.next_reap {
+            self.next_reap = now + Duration::from_secs(1);
+            let ttl = u64::try_from(self.cfg.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
+            let now_ms = self.ms(now);
+            self.table.reap(now_ms, ttl);
+        }
+    }
+
+    /// A packet from `from`; `stream` if it came over the reliable channel.
+    pub fn handle(&mut self, from: SocketAddr, data: &[u8], stream: bool, now: Instant) {
+        let limit = if stream { MAX_STREAM_MESSAGE } else { self.cfg.max_packet };
+        if data.len() > limit {
+            self.stats.oversized += 1;
+            return;
+        }
+        if data.len() < 4 || data[..3] != MAGIC {
+            self.stats.malformed += 1;
+            return;
+        }
+        let body = &data[4..];
+        match data[3] {
+            KIND_FOCA if !stream => {
+                if self.foca.handle_data(body, &mut self.rt).is_err() {
+                    self.stats.malformed += 1;
+                }
+                self.pump(now);
+            }
+            KIND_WIRE => match postcard::from_bytes::<Wire>(body) {
+                Ok(w) => self.handle_wire(from, w, now),
+                Err(_) => self.stats.malformed += 1,
+            },
+            _ => self.stats.malformed += 1,
+        }
+    }
+
+    fn send_udp(&mut self, to: SocketAddr, w: &Wire) {
+        if let Ok(body) = postcard::to_allocvec(w) {
+            let data = frame(KIND_WIRE, &body);
+            self.stats.udp_sent += 1;
+            self.stats.udp_bytes += data.len() as u64;
+            self.out.push(Out::Udp { to, data });
+        }
+    }
+
+    fn send_stream(&mut self, to: SocketAddr, w: &Wire) {
+        if let Ok(body) = postcard::to_allocvec(w) {
+            let data = frame(KIND_WIRE, &body);
+            self.stats.stream_bytes += data.len() as u64;
+            self.out.push(Out::Stream { to, data });
+        }
+    }
+
+    /// Drains what foca asked for: packets, timers, notifications.
+    fn pump(&mut self, now: Instant) {
+        while let Some((to, data)) = self.rt.to_send() {
+            let data = frame(KIND_FOCA, &data);
+            self.stats.udp_sent += 1;
+            self.stats.udp_bytes += data.len() as u64;
+            self.out.push(Out::Udp { to: to.addr, data });
+        }
+        while let Some((after, ev)) = self.rt.to_schedule() {
+            self.seq += 1;
+            self.timers.push(Reverse((now + after, self.seq)));
+            self.timer_events.insert(self.seq, ev);
+        }
+        let mut notes = Vec::new();
+        while let Some(n) = self.rt.to_notify() {
+            notes.push(n);
+        }
+        for n in notes {
+            self.notified(n, now);
+        }
+    }
+
+    fn notified(&mut self, n: OwnedNotification<Ident>, now: Instant) {
+        match n {
+            OwnedNotification::MemberUp(id) => {
+                let ch = self.table.owner_generation(&id.node, id.gen);
+                self.emit(ch);
+                self.alive.insert(id.node.clone(), id.clone());
+                self.events.push(Event::NodeUp(id.clone()));
+                // A newcomer gets a full exchange at once rather than at the next round.
+                self.send_digest(id.addr, false);
+            }
+            OwnedNotification::MemberDown(id) => {
+                if self.alive.get(&id.node).is_some_and(|a| a.gen <= id.gen) {
+                    self.alive.remove(&id.node);
+                }
+                let ch = self.table.owner_dead(&id.node, id.gen);
+                self.emit(ch);
+                if self.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
+                    self.memberships.remove(&id.node);
+                }
+                self.events.push(Event::NodeDown(id));
+            }
+            OwnedNotification::Rename(_, new) => {
+                let ch = self.table.owner_generation(&new.node, new.gen);
+                self.emit(ch);
+                if self.alive.contains_key(&new.node) {
+                    self.alive.insert(new.node.clone(), new);
+                }
+            }
+            OwnedNotification::Rejoin(new) => {
+                // We were declared down and came back under a new generation: re-stamp
+                // everything we own so that others take it again.
+                self.me = new;
+                self.restamp(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn emit(&mut self, changes: Vec<Change>) {
+        self.events.extend(changes.into_iter().map(Event::Endpoint));
+    }
+
+    fn restamp(&mut self, now: Instant) {
+        let nets: Vec<String> = self.table.joined().iter().cloned().collect();
+        for net in nets {
+            for mut i in self.table.owner_items(&net, &self.me.node.clone()) {
+                self.clock += 1;
+                i.gen = self.me.gen;
+                i.version = self.clock;
+                let (_, ch) = self.table.apply(i.clone(), self.ms(now));
+                self.emit(ch);
+                self.push_items(vec![i]);
+            }
+        }
+        self.bump_membership();
+    }
+
+    fn my_membership(&self) -> Membership {
+        self.memberships.get(&self.me.node).cloned().unwrap_or(Membership {
+            owner: self.me.node.clone(),
+            gen: self.me.gen,
+            version: 0,
+            networks: BTreeSet::new(),
+        })
+    }
+
+    fn bump_membership(&mut self) {
+        self.clock += 1;
+        let m = Membership { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, networks: self.table.joined().clone() };
+        self.memberships.insert(self.me.node.clone(), m.clone());
+        let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
+        for p in peers {
+            self.send_udp(p, &Wire::Member(m.clone()));
+        }
+    }
+
+    /// Peers that have joined `network`, as far as we know.
+    fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
+        self.alive
+            .values()
+            .filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.contains(network)))
+            .map(|i| i.addr)
+            .collect()
+    }
+
+    /// Pushes owned items to every peer on their network, in packets that fit.
+    fn push_items(&mut self, items: Vec<Item>) {
+        let mut by_net: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        for i in items {
+            by_net.entry(i.network.clone()).or_default().push(i);
+        }
+        for (net, items) in by_net {
+            let mut chunks: Vec<Vec<Item>> = vec![Vec::new()];
+            for i in items {
+                let mut candidate = chunks.last().cloned().unwrap_or_default();
+                candidate.push(i.clone());
+                let size = postcard::to_allocvec(&Wire::Items { items: candidate }).map(|v| v.len() + 4).unwrap_or(usize::MAX);
+                if size > self.cfg.max_packet && chunks.last().is_some_and(|c| !c.is_empty()) {
+                    chunks.push(vec![i]);
+                } else if let Some(last) = chunks.last_mut() {
+                    last.push(i);
+                }
+            }
+            for p in self.network_peers(&net) {
+                for c in &chunks {
+                    self.send_udp(p, &Wire::Items { items: c.clone() });
+                }
+            }
+        }
+    }
+
+    pub fn join_network(&mut self, network: &str, now: Instant) {
+        if self.table.joined().contains(network) {
+            return;
+        }
+        self.table.join(network);
+        self.bump_membership();
+        // Fetch the network's table now (from up to 3 peers), not at the next round.
+        let mut peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
+        for _ in 0..3 {
+            if peers.is_empty() {
+                break;
+            }
+            let k = self.rng.random_range(0..peers.len());
+            let p = peers.swap_remove(k);
+            self.send_digest(p, false);
+        }
+        let _ = now;
+    }
+
+    /// Leaves a network; the caller removes its own endpoints there first.
+    pub fn leave_network(&mut self, network: &str) {
+        if !self.table.joined().contains(network) {
+            return;
+        }
+        let ch = self.table.leave(network);
+        self.emit(ch);
+        self.bump_membership();
+    }
+
+    /// Publishes (adds or changes) one of this node's endpoints.
+    pub fn set_endpoint(&mut self, ep: Endpoint, now: Instant) {
+        if !self.table.joined().contains(&ep.network) {
+            self.join_network(&ep.network.clone(), now);
+        }
+        self.clock += 1;
+        let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: ep.network.clone(), id: ep.id.clone(), value: Some(ep) };
+        let (_, ch) = self.table.apply(item.clone(), self.ms(now));
+        self.emit(ch);
+        self.push_items(vec![item]);
+    }
+
+    /// Withdraws one of this node's endpoints (a tombstone).
+    pub fn remove_endpoint(&mut self, network: &str, id: &str, now: Instant) {
+        if self.table.get(network, id).is_none_or(|i| i.value.is_none()) {
+            return;
+        }
+        self.clock += 1;
+        let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: network.to_string(), id: id.to_string(), value: None };
+        let (_, ch) = self.table.apply(item.clone(), self.ms(now));
+        self.emit(ch);
+        self.push_items(vec![item]);
+    }
+
+    fn digest_of(&self, reply: bool) -> Wire {
+        let nets = self.table.joined().iter().map(|n| (n.clone(), self.table.digest(n))).collect();
+        let memberships = self.memberships.iter().map(|(k, m)| (k.clone(), (m.gen, m.version))).collect();
+        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships, nets }
+    }
+
+    fn send_digest(&mut self, to: SocketAddr, reply: bool) {
+        let d = self.digest_of(reply);
+        self.send_stream(to, &d);
+    }
+
+    fn anti_entropy(&mut self, _now: Instant) {
+        let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let p = peers[self.rng.random_range(0..peers.len())];
+        self.send_digest(p, false);
+    }
+
+    fn apply_membership(&mut self, m: Membership) {
+        if m.owner == self.me.node {
+            return;
+        }
+        let newer = self.memberships.get(&m.owner).is_none_or(|cur| (m.gen, m.version) > (cur.gen, cur.version));
+        if newer {
+            self.memberships.insert(m.owner.clone(), m);
+        } else {
+            self.stats.stale += 1;
+        }
+    }
+
+    fn handle_wire(&mut self, from: SocketAddr, w: Wire, now: Instant) {
+        let now_ms = self.ms(now);
+        match w {
+            Wire::Items { items } => {
+                for i in items {
+                    if i.owner == self.me.node {
+                        continue;
+                    }
+                    let (a, ch) = self.table.apply(i, now_ms);
+                    if matches!(a, Applied::Stale) {
+                        self.stats.stale += 1;
+                    }
+                    self.emit(ch);
+                }
+            }
+            Wire::Member(m) => self.apply_membership(m),
+            Wire::Digest { from: peer, reply, membership, memberships, nets } => {
+                let peer_nets = membership.networks.clone();
+                self.apply_membership(membership);
+                let to = self.alive.get(&peer).map_or(from, |i| i.addr);
+                // Memberships the peer lacks or has older.
+                let ms: Vec<Membership> = self
+                    .memberships
+                    .values()
+                    .filter(|m| memberships.get(&m.owner).is_none_or(|(g, v)| (m.gen, m.version) > (*g, *v)))
+                    .cloned()
+                    .collect();
+                // Owner sets the peer lacks or has older, on networks we both joined.
+                let mut sets = Vec::new();
+                for net in self.table.joined().iter().filter(|n| peer_nets.contains(*n)) {
+                    let theirs = nets.get(net).cloned().unwrap_or_default();
+                    for (owner, mine) in self.table.digest(net) {
+                        // Send when we differ and are not behind; if they are ahead, their
+                        // reply brings theirs.
+                        if theirs.get(&owner).is_none_or(|t| *t != mine && mine.stamp >= t.stamp) {
+                            let items = self.table.owner_items(net, &owner);
+                            sets.push(OwnerSet { network: net.clone(), owner, gen: mine.stamp.0, version: mine.stamp.1, items });
+                        }
+                    }
+                }
+                if !ms.is_empty() || !sets.is_empty() {
+                    self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets });
+                }
+                if !reply {
+                    self.send_digest(to, true);
+                }
+            }
+            Wire::Sync { from: sender, memberships, sets } => {
+                for m in memberships {
+                    self.apply_membership(m);
+                }
+                for s in sets {
+                    if s.owner == self.me.node {
+                        continue;
+                    }
+                    let authoritative = s.owner == sender;
+                    let ch = self.table.apply_owner_set(s, authoritative, now_ms);
+                    self.emit(ch);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The endpoint table: one entry per task endpoint per network, owned by the node that runs
+//! the task. An entry's stamp is (owner generation, owner clock): a restarted owner has a
+//! higher generation; within one, the owner's clock only grows. Deletes are tombstones,
+//! reaped after a while; anti-entropy sends an owner's whole set, so a reaped tombstone
+//! cannot bring a stale entry back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = String;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointState {
+    Active,
+    /// Takes no new connections and leaves DNS answers, but still exists.
+    Draining,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub published: u16,
+    pub target: u16,
+    /// 6 tcp, 17 udp
+    pub proto: u8,
+}
+
+/// What every consumer (overlay, load balancer, DNS) needs to know of one endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Network id.
+    pub network: String,
+    /// Endpoint id (the task id).
+    pub id: String,
+    pub task_name: String,
+    pub service_name: String,
+    pub service_id: String,
+    pub aliases: Vec<String>,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The owner node's VTEP (its underlay address).
+    pub vtep: IpAddr,
+    pub vip: Option<Ipv4Addr>,
+    pub ports: Vec<Port>,
+    pub state: EndpointState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub owner: NodeId,
+    pub gen: u64,
+    pub version: u64,
+    pub network: String,
+    pub id: String,
+    /// None: a tombstone.
+    pub value: Option<Endpoint>,
+}
+
+impl Item {
+    fn stamp(&self) -> (u64, u64) {
+        (self.gen, self.version)
+    }
+}
+
+/// An owner's entries in one network as of its stamp (gen, version): what anti-entropy sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OwnerSet {
+    pub network: String,
+    pub owner: NodeId,
+    pub gen: u64,
+    pub version: u64,
+    pub items: Vec<Item>,
+}
+
+/// One endpoint appearing, changing or going away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub network: String,
+    pub id: String,
+    pub old: Option<Endpoint>,
+    pub new: Option<Endpoint>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Taken (the change it made, if any, is in the list returned beside it).
+    Changed,
+    /// Older than or equal to what we hold (a replay, or news we already had).
+    Stale,
+    /// A network this node has not joined.
+    NotJoined,
+    /// The owner is known dead at that generation.
+    DeadOwner,
+}
+
+/// What anti-entropy compares per owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub stamp: (u64, u64),
+    pub sum: u64,
+}
+
+fn fnv(id: &[u8], gen: u64, version: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.iter().chain(&gen.to_le_bytes()).chain(&version.to_le_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[derive(Default)]
+pub struct Table {
+    entries: BTreeMap<(String, String), (Item, Option<u64>)>,
+    joined: BTreeSet<String>,
+    /// Highest generation seen per owner; older generations are gone.
+    gens: BTreeMap<NodeId, u64>,
+    /// Owners declared dead, at the generation they died with.
+    dead: BTreeMap<NodeId, u64>,
+}
+
+fn change(network: &str, id: &str, old: Option<Endpoint>, new: Option<Endpoint>) -> Option<Change> {
+    (old != new).then(|| Change { network: network.to_string(), id: id.to_string(), old, new })
+}
+
+impl Table {
+    pub fn joined(&self) -> &BTreeSet<String> {
+        &self.joined
+    }
+
+    pub fn join(&mut self, network: &str) {
+        self.joined.insert(network.to_string());
+    }
+
+    /// Leaves a network: every entry of it goes.
+    pub fn leave(&mut self, network: &str) -> Vec<Change> {
+        self.joined.remove(network);
+        let keys: Vec<(String, String)> = self.entries.keys().filter(|(n, _)| n == network).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let (item, _) = self.entries.remove(&k)?;
+                change(&k.0, &k.1, item.value, None)
+            })
+            .collect()
+    }
+
+    pub fn get(&self, network: &str, id: &str) -> Option<&Item> {
+        self.entries.get(&(network.to_string(), id.to_string())).map(|(i, _)| i)
+    }
+
+    pub fn endpoints(&self, network: &str) -> Vec<&Endpoint> {
+        self.entries
+            .range((network.to_string(), String::new())..)
+            .take_while(|((n, _), _)| n == network)
+            .filter_map(|(_, (i, _))| i.value.as_ref())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A newer generation of `owner` exists: its older entries are gone.
+    pub fn owner_generation(&mut self, owner: &str, gen: u64) -> Vec<Change> {
+        let known = self.gens.get(owner).copied().unwrap_or(0);
+        if gen <= known {
+            return Vec::new();
+        }
+        self.gens.insert(owner.to_string(), gen);
+        if self.dead.get(owner).is_some_and(|d| *d < gen) {
+            self.dead.remove(owner);
+        }
+        self.drop_owner_where(owner, |i| i.gen < gen)
+    }
+
+    /// `owner` died at generation `gen`: its entries go, and stay gone until it comes back
+    /// with a newer generation.
+    pub fn owner_dead(&mut self, owner: &str, gen: u64) -> Vec<Change> {
+        let d = self.dead.entry(owner.to_string()).or_insert(gen);
+        *d = (*d).max(gen);
+        self.drop_owner_where(owner, |i| i.gen <= gen)
+    }
+
+    fn drop_owner_where(&mut self, owner: &str, f: impl Fn(&Item) -> bool) -> Vec<Change> {
+        let keys: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|(_, (i, _))| i.owner == owner && f(i))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let (item, _) = self.entries.remove(&k)?;
+                change(&k.0, &k.1, item.value, None)
+            })
+            .collect()
+    }
+
+    /// Applies one entry if it is newer than what we hold.
+    pub fn apply(&mut self, item: Item, now_ms: u64) -> (Applied, Vec<Change>) {
+        if !self.joined.contains(&item.network) {
+            return (Applied::NotJoined, Vec::new());
+        }
+        if self.dead.get(&item.owner).is_some_and(|g| item.gen <= *g) {
+            return (Applied::DeadOwner, Vec::new());
+        }
+        let mut changes = self.owner_generation(&item.owner, item.gen);
+        if self.gens.get(&item.owner).is_some_and(|g| item.gen < *g) {
+            return (Applied::Stale, changes);
+        }
+        let key = (item.network.clone(), item.id.clone());
+        let old = match self.entries.get(&key) {
+            Some((cur, _)) if (cur.stamp(), cur.owner.as_str()) >= (item.stamp(), item.owner.as_str()) => {
+                return (Applied::Stale, changes);
+            }
+            Some((cur, _)) => cur.value.clone(),
+            None => None,
+        };
+        let tomb = item.value.is_none().then_some(now_ms);
+        let new = item.value.clone();
+        self.entries.insert(key, (item.clone(), tomb));
+        changes.extend(change(&item.network, &item.id, old, new));
+        (Applied::Changed, changes)
+    }
+
+    /// Per owner in `network`: the newest stamp we hold and a checksum of all its entries'
+    /// stamps (so a lost older change shows even when a newer one arrived).
+    pub fn digest(&self, network: &str) -> BTreeMap<NodeId, Summary> {
+        let mut d: BTreeMap<NodeId, Summary> = BTreeMap::new();
+        for ((n, id), (i, _)) in self.entries.range((network.to_string(), String::new())..) {
+            if n != network {
+                break;
+            }
+            let e = d.entry(i.owner.clone()).or_default();
+            e.stamp = e.stamp.max(i.stamp());
+            e.sum = e.sum.wrapping_add(fnv(id.as_bytes(), i.gen, i.version));
+        }
+        d
+    }
+
+    /// Every entry `owner` has in `network`, tombstones included.
+    pub fn owner_items(&self, network: &str, owner: &str) -> Vec<Item> {
+        self.entries
+            .range((network.to_string(), String::new())..)
+            .take_while(|((n, _), _)| n == network)
+            .filter(|(_, (i, _))| i.owner == owner)
+            .map(|(_, (i, _))| i.clone())
+            .collect()
+    }
+
+    /// Applies an owner's set as of stamp (`gen`, `version`). When the owner itself sent it
+    /// (`authoritative`), it is complete: entries of that owner we hold at or below that
+    /// stamp and not in the set are gone. A set relayed by another node may lack entries, so
+    /// then only its entries are applied.
+    pub fn apply_owner_set(&mut self, set: OwnerSet, authoritative: bool, now_ms: u64) -> Vec<Change> {
+        let OwnerSet { network, owner, gen, version, items } = set;
+        let (network, owner) = (network.as_str(), owner.as_str());
+        if !self.joined.contains(network) {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        let ids: BTreeSet<String> = items.iter().map(|i| i.id.clone()).collect();
+        for i in items {
+            if i.owner == owner && i.network == network {
+                changes.extend(self.apply(i, now_ms).1);
+            }
+        }
+        if !authoritative {
+            return changes;
+        }
+        let gone: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|((n, id), (i, _))| n == network && i.owner == owner && i.stamp() <= (gen, version) && !ids.contains(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some((item, _)) = self.entries.remove(&k) {
+                changes.extend(change(&k.0, &k.1, item.value, None));
+            }
+        }
+        changes
+    }
+
+    /// Forgets tombstones older than `ttl_ms`.
+    pub fn reap(&mut self, now_ms: u64, ttl_ms: u64) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, (_, t)| t.is_none_or(|t| now_ms.saturating_sub(t) < ttl_ms));
+        before - self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn ep(net: &str, id: &str, last: u8) -> Endpoint {
+        Endpoint {
+            network: net.into(),
+            id: id.into(),
+            task_name: format!("web.{last}"),
+            service_name: "web".into(),
+            service_id: "s".into(),
+            aliases: vec![],
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            mac: [2, 0x42, 10, 0, 0, last],
+            vtep: "10.210.0.1".parse().expect("ip"),
+            vip: None,
+            ports: vec![],
+            state: EndpointState::Active,
+        }
+    }
+
+    fn item(owner: &str, gen: u64, version: u64, id: &str, value: Option<Endpoint>) -> Item {
+        Item { owner: owner.into(), gen, version, network: "n".into(), id: id.into(), value }
+    }
+
+    #[test]
+    fn newer_wins_replays_are_stale_and_unjoined_networks_are_ignored() {
+        let mut t = Table::default();
+        assert_eq!(t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0).0, Applied::NotJoined);
+        t.join("n");
+        assert!(matches!(t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0).0, Applied::Changed));
+        assert_eq!(t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0).0, Applied::Stale);
+        let (a, ch) = t.apply(item("a", 1, 2, "e1", None), 5);
+        assert!(matches!(a, Applied::Changed));
+        assert_eq!(ch[0].new, None);
+        assert!(t.endpoints("n").is_empty());
+        assert_eq!(t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0).0, Applied::Stale, "an old add cannot undo a delete");
+        assert_eq!(t.reap(100, 50), 1);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn a_new_generation_replaces_the_old_one_and_the_dead_stay_dead() {
+        let mut t = Table::default();
+        t.join("n");
+        t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0);
+        t.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        let (_, ch) = t.apply(item("a", 2, 1, "e3", Some(ep("n", "e3", 5))), 0);
+        assert_eq!(ch.len(), 3, "e1 and e2 removed, e3 added: {ch:?}");
+        assert_eq!(t.endpoints("n").len(), 1);
+        let ch = t.owner_dead("a", 2);
+        assert_eq!(ch.len(), 1);
+        assert_eq!(t.apply(item("a", 2, 9, "e3", Some(ep("n", "e3", 5))), 0).0, Applied::DeadOwner);
+        assert!(matches!(t.apply(item("a", 3, 1, "e3", Some(ep("n", "e3", 5))), 0).0, Applied::Changed));
+    }
+
+    #[test]
+    fn an_owner_set_removes_what_it_no_longer_has() {
+        let mut t = Table::default();
+        t.join("n");
+        t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0);
+        t.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        t.apply(item("b", 1, 1, "f1", Some(ep("n", "f1", 9))), 0);
+        // a deleted e1 and reaped the tombstone; its set at (1,5) has only e2.
+        // A relayed set removes nothing.
+        let set = OwnerSet { network: "n".into(), owner: "a".into(), gen: 1, version: 5, items: vec![item("a", 1, 2, "e2", Some(ep("n", "e2", 4)))] };
+        let relayed = t.apply_owner_set(set.clone(), false, 0);
+        assert!(relayed.is_empty());
+        let ch = t.apply_owner_set(set, true, 0);
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].id, "e1");
+        let d = t.digest("n");
+        assert_eq!(d["a"].stamp, (1, 2));
+        assert_eq!(d["b"].stamp, (1, 1));
+        // Same newest stamp, one older entry missing: the checksums differ.
+        let mut u = Table::default();
+        u.join("n");
+        u.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        u.apply(item("a", 1, 1, "x", Some(ep("n", "x", 5))), 0);
+        let mut v = Table::default();
+        v.join("n");
+        v.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        assert_eq!(u.digest("n")["a"].stamp, v.digest("n")["a"].stamp);
+        assert_ne!(u.digest("n")["a"].sum, v.digest("n")["a"].sum);
+        assert_eq!(t.endpoints("n").len(), 2);
+    }
+}

@@ -1,0 +1,221 @@
+//! Gossip scenarios on the in-memory network (no root, no sockets, virtual time).
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use swarmnet_gossip::memnet::MemNet;
+use swarmnet_gossip::{Config, Endpoint, EndpointState};
+
+fn ep(net: &str, id: &str, last: u8, node: usize) -> Endpoint {
+    Endpoint {
+        network: net.into(),
+        id: id.into(),
+        task_name: format!("web.{last}"),
+        service_name: "web".into(),
+        service_id: "svc".into(),
+        aliases: vec![],
+        ip: Ipv4Addr::new(10, 0, 0, last),
+        mac: [2, 0x42, 10, 0, 0, last],
+        vtep: format!("10.210.0.{}", node + 1).parse().expect("ip"),
+        vip: Some(Ipv4Addr::new(10, 0, 0, 2)),
+        ports: vec![],
+        state: EndpointState::Active,
+    }
+}
+
+fn has(net: &MemNet, i: usize, network: &str, id: &str) -> bool {
+    net.nodes[i].table().endpoints(network).iter().any(|e| e.id == id)
+}
+
+fn everyone(net: &MemNet, nodes: &[usize], network: &str, id: &str, present: bool) -> bool {
+    nodes.iter().all(|i| has(net, *i, network, id) == present)
+}
+
+/// A cluster of `n` whose members all joined network "a".
+fn cluster(n: usize) -> MemNet {
+    let mut net = MemNet::new(n, Config::default());
+    net.join_all();
+    let all = net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == n - 1));
+    assert!(all.is_some(), "membership converges");
+    for i in 0..n {
+        net.with(i, |g, now| g.join_network("a", now));
+    }
+    net.run_for(Duration::from_millis(200));
+    net
+}
+
+#[test]
+fn a_change_reaches_every_member_fast_and_a_delete_too() {
+    let mut net = cluster(10);
+    let all: Vec<usize> = (0..10).collect();
+    net.with(3, |g, now| g.set_endpoint(ep("a", "t1", 3, 3), now));
+    let t = net.run_until(Duration::from_secs(5), |m| everyone(m, &all, "a", "t1", true)).expect("spread");
+    assert!(t < Duration::from_millis(50), "pushed at once, took {t:?}");
+    let got = net.nodes[7].table().endpoints("a")[0].clone();
+    assert_eq!(got, ep("a", "t1", 3, 3), "every field arrives");
+    net.with(3, |g, now| g.remove_endpoint("a", "t1", now));
+    net.run_until(Duration::from_secs(5), |m| everyone(m, &all, "a", "t1", false)).expect("delete spreads");
+}
+
+#[test]
+fn only_members_of_a_network_get_its_entries() {
+    let mut net = MemNet::new(4, Config::default());
+    net.join_all();
+    net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 3)).expect("members");
+    for i in 0..3 {
+        net.with(i, |g, now| g.join_network("a", now));
+    }
+    net.run_for(Duration::from_millis(100));
+    net.with(0, |g, now| g.set_endpoint(ep("a", "t1", 3, 0), now));
+    net.run_for(Duration::from_secs(12));
+    assert!(everyone(&net, &[0, 1, 2], "a", "t1", true));
+    assert!(!has(&net, 3, "a", "t1"), "node 3 never joined a");
+    assert_eq!(net.nodes[3].table().len(), 0);
+    // Node 3 joins later and fetches the table at once.
+    net.with(3, |g, now| g.join_network("a", now));
+    let t = net.run_until(Duration::from_secs(5), |m| has(m, 3, "a", "t1")).expect("fetched on join");
+    assert!(t < Duration::from_millis(100), "fetched on join, not at the next round: {t:?}");
+}
+
+#[test]
+fn a_missed_join_event_does_not_make_entries_rejected_forever() {
+    let mut net = cluster(3);
+    // Node 2 cannot hear node 0 while node 0 joins network b and publishes on it.
+    net.cut(0, 2);
+    net.with(0, |g, now| g.join_network("b", now));
+    net.with(2, |g, now| g.join_network("b", now));
+    net.with(0, |g, now| g.set_endpoint(ep("b", "x", 9, 0), now));
+    net.run_for(Duration::from_millis(500));
+    assert!(!has(&net, 2, "b", "x"));
+    net.heal(0, 2);
+    net.run_until(Duration::from_secs(15), |m| has(m, 2, "b", "x")).expect("repaired by anti-entropy");
+    // And 2's own entries on b reach 0, whose view of 2's membership was stale.
+    net.with(2, |g, now| g.set_endpoint(ep("b", "y", 8, 2), now));
+    net.run_until(Duration::from_secs(15), |m| has(m, 0, "b", "y")).expect("0 takes 2's entries");
+}
+
+#[test]
+fn a_short_partition_removes_nothing_and_a_dead_node_goes_everywhere() {
+    let mut net = cluster(5);
+    let others = [0, 1, 3, 4];
+    net.with(2, |g, now| g.set_endpoint(ep("a", "t2", 12, 2), now));
+    net.run_for(Duration::from_millis(100));
+    assert!(everyone(&net, &others, "a", "t2", true));
+    // Shorter than the failure detector needs: nothing is removed anywhere.
+    net.isolate(2);
+    net.run_for(Duration::from_millis(700));
+    net.rejoin(2);
+    net.run_for(Duration::from_secs(5));
+    assert!(everyone(&net, &others, "a", "t2", true), "a blip removes nothing");
+    assert!(net.events.iter().all(|(_, e)| !matches!(e, swarmnet_gossip::Event::NodeDown(_))), "no node declared down");
+    // Dead for real: its entries go from every node.
+    net.crash(2);
+    let t = net.run_until(Duration::from_secs(20), |m| everyone(m, &others, "a", "t2", false)).expect("removed");
+    assert!(t < Duration::from_secs(4), "failure detection took {t:?}");
+}
+
+#[test]
+fn a_restarted_node_replaces_its_old_entries() {
+    let mut net = cluster(4);
+    let others = [0, 2, 3];
+    net.with(1, |g, now| {
+        g.set_endpoint(ep("a", "old1", 20, 1), now);
+        g.set_endpoint(ep("a", "old2", 21, 1), now);
+    });
+    net.run_for(Duration::from_millis(100));
+    assert!(everyone(&net, &others, "a", "old1", true));
+    net.crash(1);
+    net.run_for(Duration::from_millis(200));
+    net.restart(1);
+    net.with(1, |g, now| g.set_endpoint(ep("a", "new1", 22, 1), now));
+    let t = net
+        .run_until(Duration::from_secs(10), |m| everyone(m, &others, "a", "new1", true) && everyone(m, &others, "a", "old1", false) && everyone(m, &others, "a", "old2", false))
+        .expect("replaced");
+    assert!(t < Duration::from_secs(1), "the new generation replaces the old one without waiting for failure detection: {t:?}");
+}
+
+#[test]
+fn a_node_declared_dead_comes_back_with_its_entries() {
+    let mut net = cluster(4);
+    let others = [0, 1, 3];
+    net.with(2, |g, now| g.set_endpoint(ep("a", "t", 30, 2), now));
+    net.run_for(Duration::from_millis(100));
+    net.isolate(2);
+    net.run_until(Duration::from_secs(20), |m| everyone(m, &others, "a", "t", false)).expect("declared dead");
+    net.rejoin(2);
+    net.run_until(Duration::from_secs(60), |m| everyone(m, &others, "a", "t", true)).expect("back after the partition heals");
+}
+
+#[test]
+fn garbage_is_dropped_and_counted_and_the_cluster_keeps_working() {
+    let mut net = cluster(3);
+    let before = net.nodes[1].stats.clone();
+    net.inject(0, 1, b"", false);
+    net.inject(0, 1, b"hello world", false);
+    net.inject(0, 1, &[b'S', b'N', 1, 1, 0xff, 0xff, 0xff], false);
+    net.inject(0, 1, &[b'S', b'N', 1, 2, 0xff, 0xff, 0xff], true);
+    net.inject(0, 1, &[b'S', b'N', 1, 9], false);
+    net.inject(0, 1, &vec![b'S'; 5000], false);
+    let s = &net.nodes[1].stats;
+    assert_eq!(s.malformed - before.malformed, 5);
+    assert_eq!(s.oversized - before.oversized, 1);
+    // A replayed push changes nothing and counts as stale.
+    net.record = true;
+    net.with(0, |g, now| g.set_endpoint(ep("a", "r", 40, 0), now));
+    net.run_for(Duration::from_millis(10));
+    net.record = false;
+    let add: Vec<u8> = net.recorded.iter().find(|(f, t, _, s)| *f == 0 && *t == 1 && !*s).map(|r| r.2.clone()).expect("a push from 0 to 1");
+    net.with(0, |g, now| g.remove_endpoint("a", "r", now));
+    net.run_for(Duration::from_millis(10));
+    assert!(!has(&net, 1, "a", "r"));
+    let stale = net.nodes[1].stats.stale;
+    net.inject(0, 1, &add, false);
+    assert!(!has(&net, 1, "a", "r"), "a replayed add does not undo the delete");
+    assert_eq!(net.nodes[1].stats.stale, stale + 1, "the replay is counted");
+    net.run_for(Duration::from_secs(3));
+    assert!(net.nodes[1].members().count() == 2, "still a member of a working cluster");
+}
+
+#[test]
+fn large_tables_respect_the_mtu_and_converge() {
+    let mut net = cluster(3);
+    net.with(0, |g, now| {
+        for k in 0..200u32 {
+            let mut e = ep("a", &format!("task-{k:04}"), (k % 250) as u8, 0);
+            e.aliases = vec![format!("alias-{k}")];
+            g.set_endpoint(e, now);
+        }
+    });
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.dropped_mtu, 0, "no UDP packet above 1400 bytes");
+    assert_eq!(net.nodes[2].table().endpoints("a").len(), 200);
+    // A node joining later gets all 200 over the stream.
+    let mut big = MemNet::new(3, Config::default());
+    big.join_all();
+    big.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 2)).expect("members");
+    big.with(0, |g, now| {
+        g.join_network("a", now);
+        for k in 0..200u32 {
+            g.set_endpoint(ep("a", &format!("task-{k:04}"), (k % 250) as u8, 0), now);
+        }
+    });
+    big.run_for(Duration::from_millis(100));
+    big.with(2, |g, now| g.join_network("a", now));
+    big.run_until(Duration::from_secs(5), |m| m.nodes[2].table().endpoints("a").len() == 200).expect("bulk sync");
+    assert_eq!(big.dropped_mtu, 0);
+}
+
+#[test]
+fn a_lost_push_is_repaired_by_anti_entropy() {
+    let mut net = cluster(3);
+    net.cut(0, 2);
+    net.with(0, |g, now| g.set_endpoint(ep("a", "lost", 50, 0), now));
+    net.run_for(Duration::from_millis(50));
+    net.heal(0, 2);
+    assert!(!has(&net, 2, "a", "lost"));
+    // A newer push arrives; the older one stays lost until anti-entropy notices.
+    net.with(0, |g, now| g.set_endpoint(ep("a", "later", 51, 0), now));
+    net.run_for(Duration::from_millis(50));
+    assert!(has(&net, 2, "a", "later"));
+    net.run_until(Duration::from_secs(30), |m| has(m, 2, "a", "lost")).expect("repaired");
+}
