@@ -111,6 +111,8 @@ pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &
 
 pub struct Agent {
     pub id: Identity,
+    pub gossip: crate::gossipd::GossipHandle,
+    gossip_port: u16,
     tls: rustls::ClientConfig,
     pub runtime: Arc<Runtime>,
     reports: Mutex<mpsc::UnboundedReceiver<TaskReport>>,
@@ -118,9 +120,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>) -> anyhow::Result<Arc<Agent>> {
+    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: crate::gossipd::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
         let tls = pki::client_config(&id.ca_pem, &id.cert)?;
-        Ok(Arc::new(Agent { id, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
+        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -190,6 +192,14 @@ impl Agent {
                         self.runtime.reconcile(&assigned);
                         self.runtime.confirm_unknown(&remove);
                     }
+                    Some(Ok(Some(FromManager::Nodes { nodes }))) => {
+                        let seeds = nodes
+                            .into_iter()
+                            .filter(|(id, _)| *id != self.id.node_id)
+                            .map(|(_, ip)| std::net::SocketAddr::new(ip, self.gossip_port))
+                            .collect();
+                        self.gossip.send(crate::gossipd::Cmd::Seeds(seeds));
+                    }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),
                 },
@@ -222,7 +232,10 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(code) = self.runtime.exit_code(&task_id) {
+            if let Some((code, why)) = self.runtime.exit_code(&task_id) {
+                if !why.is_empty() {
+                    return Reply::err(format!("task {task_id} did not run: {why}"));
+                }
                 let output = std::fs::read_to_string(self.runtime.log_path(&task_id)).unwrap_or_default();
                 let _ = std::fs::remove_file(self.runtime.log_path(&task_id));
                 return Reply::ok(json!({ "id": task_id, "exit_code": code, "output": output, "task": reply.data }));

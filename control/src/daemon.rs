@@ -14,6 +14,9 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::agent::{self, Agent, Identity};
+use crate::gossipd::{self, GossipHandle};
+use crate::overlay::Overlay;
+use crate::runtime::Net;
 use crate::manager::{Manager, ManagerConfig};
 use crate::proto::*;
 use crate::runtime::Runtime;
@@ -22,6 +25,10 @@ use crate::token::JoinToken;
 pub struct Common {
     pub data_dir: PathBuf,
     pub advertise: IpAddr,
+    /// UDP port of the VXLAN data path (like Docker's --data-path-port).
+    pub data_path_port: u16,
+    /// TCP and UDP port of gossip.
+    pub gossip_port: u16,
 }
 
 fn hostname() -> String {
@@ -40,6 +47,23 @@ struct NodeBase {
     ns: NsWorker,
     mtu: u32,
     underlay: Vec<ipnetwork::IpNetwork>,
+}
+
+/// Gossip, the overlay and the task runtime of this node, wired together.
+async fn node_services(c: &Common, base: NodeBase, node_id: &str) -> anyhow::Result<(Arc<Runtime>, tokio::sync::mpsc::UnboundedReceiver<crate::ops::TaskReport>, GossipHandle)> {
+    let IpAddr::V4(local) = c.advertise else {
+        bail!("--advertise-addr {}: an IPv6 underlay is not supported yet", c.advertise);
+    };
+    let gen = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
+    let me = swarmnet_gossip::Ident { node: node_id.to_string(), addr: SocketAddr::new(c.advertise, c.gossip_port), gen };
+    let gossip = gossipd::start(me, swarmnet_gossip::Config::default()).await?;
+    let task_mtu = base.mtu.saturating_sub(50);
+    let overlay = Arc::new(Overlay::open(base.ns.clone(), &c.data_dir, local, c.data_path_port, task_mtu)?);
+    let (dirty, dirty_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(crate::overlay::follow(overlay.clone(), gossip.clone(), dirty_rx));
+    let net = Net { overlay, gossip: gossip.clone(), dirty, vtep: c.advertise };
+    let (rt, reports) = Runtime::open(base.ns, net, &c.data_dir, base.mtu)?;
+    Ok((rt, reports, gossip))
 }
 
 async fn node_base(c: &Common) -> anyhow::Result<NodeBase> {
@@ -73,8 +97,8 @@ pub async fn run_manager(c: Common, listen: SocketAddr, pool: Ipv4Network, heart
     }
     tokio::spawn(manager.clone().serve(listener));
     tokio::spawn(manager.clone().watch_heartbeats());
-    let (rt, reports) = Runtime::open(base.ns, &c.data_dir, base.mtu)?;
-    let agent = Agent::new(id, rt, reports)?;
+    let (rt, reports, gossip) = node_services(&c, base, &id.node_id).await?;
+    let agent = Agent::new(id, rt, reports, gossip, c.gossip_port)?;
     tokio::spawn(agent.clone().run());
     serve_control(&c.data_dir, Some(manager), agent).await
 }
@@ -92,8 +116,8 @@ pub async fn run_agent(c: Common, join: String, token: Option<String>) -> anyhow
             agent::join(&c.data_dir, &join, &token, &node_name(), c.advertise, base.underlay.clone()).await?
         }
     };
-    let (rt, reports) = Runtime::open(base.ns, &c.data_dir, base.mtu)?;
-    let agent = Agent::new(id, rt, reports)?;
+    let (rt, reports, gossip) = node_services(&c, base, &id.node_id).await?;
+    let agent = Agent::new(id, rt, reports, gossip, c.gossip_port)?;
     tokio::spawn(agent.clone().run());
     serve_control(&c.data_dir, None, agent).await
 }

@@ -2,10 +2,12 @@
 
 mod agent;
 mod daemon;
+mod gossipd;
 mod ipam;
 mod manager;
 mod model;
 mod ops;
+mod overlay;
 mod pki;
 mod proto;
 mod runtime;
@@ -45,6 +47,12 @@ struct DaemonArgs {
     advertise_addr: IpAddr,
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// UDP port of the VXLAN data path; the same on every node.
+    #[arg(long, default_value_t = 4789)]
+    data_path_port: u16,
+    /// Port of gossip (UDP and TCP); the same on every node.
+    #[arg(long, default_value_t = 7946)]
+    gossip_port: u16,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +97,9 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Internal: holds an overlay sandbox namespace open (started by the daemon).
+    #[command(hide = true)]
+    SandboxHold,
     /// Print the command and token to join a worker.
     JoinToken {
         #[arg(default_value = "worker")]
@@ -216,15 +227,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
             }
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr };
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, data_path_port: d.data_path_port, gossip_port: d.gossip_port };
             daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval)))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
             init_logging();
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr };
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, data_path_port: d.data_path_port, gossip_port: d.gossip_port };
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::SandboxHold => {
+            // Blocks until killed; the namespace lives as long as this process.
+            loop {
+                std::thread::park();
+            }
         }
         Cmd::SimNodes { join, token, count, advertise_addr, data_dir } => {
             init_logging();

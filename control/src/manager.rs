@@ -304,10 +304,11 @@ impl Manager {
             .values()
             .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Running && t.state != TaskState::Pending)
             .filter_map(|t| {
+                let svc = t.service_id.as_ref().and_then(|s| st.services.get(s));
                 let attachments = t
                     .networks
                     .iter()
-                    .map(|n| Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)? }))
+                    .map(|n| Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)?, vip: svc.and_then(|s| s.vips.get(n).copied()) }))
                     .collect::<Option<Vec<_>>>()?;
                 Some((
                     t.id.clone(),
@@ -315,6 +316,7 @@ impl Manager {
                         task_id: t.id.clone(),
                         name: t.name.clone(),
                         service_id: t.service_id.clone(),
+                        service_name: svc.map(|s| s.name.clone()),
                         command: t.command.clone(),
                         restart: t.restart,
                         attachments,
@@ -322,6 +324,10 @@ impl Manager {
                 ))
             })
             .collect()
+    }
+
+    fn ready_nodes(&self) -> Vec<(Id, IpAddr)> {
+        self.lock().state.ready_nodes().map(|n| (n.id.clone(), n.addr)).collect()
     }
 
     /// Tasks of `node` that should stop and have not been reported stopped.
@@ -355,6 +361,8 @@ impl Manager {
         // between two notifications): it answers "shutdown" for those it does not have.
         let mut told_to_stop = self.shutting_down(&node);
         write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: told_to_stop.iter().cloned().collect() }).await?;
+        let mut nodes_sent = self.ready_nodes();
+        write_msg(&mut w, &FromManager::Nodes { nodes: nodes_sent.clone() }).await?;
         let me = self.clone();
         let n2 = node.clone();
         let reader = async move {
@@ -386,6 +394,11 @@ impl Manager {
                     write_msg(&mut w, &FromManager::Assign { full: false, upsert, remove }).await?;
                 }
                 sent = now;
+                let nodes = self.ready_nodes();
+                if nodes != nodes_sent {
+                    write_msg(&mut w, &FromManager::Nodes { nodes: nodes.clone() }).await?;
+                    nodes_sent = nodes;
+                }
             }
             #[allow(unreachable_code)]
             Ok::<(), anyhow::Error>(())

@@ -90,6 +90,8 @@ pub enum FromManager {
         upsert: Vec<Assignment>,
         remove: Vec<Id>,
     },
+    /// The ready nodes (id, underlay address): where to find gossip peers.
+    Nodes { nodes: Vec<(Id, IpAddr)> },
 }
 
 /// Agent to manager, on a session.
@@ -106,6 +108,8 @@ pub struct Assignment {
     pub task_id: Id,
     pub name: String,
     pub service_id: Option<Id>,
+    #[serde(default)]
+    pub service_name: Option<String>,
     pub command: Vec<String>,
     pub restart: bool,
     pub attachments: Vec<Attachment>,
@@ -115,6 +119,9 @@ pub struct Assignment {
 pub struct Attachment {
     pub network: Network,
     pub address: Ipv4Addr,
+    /// The service's VIP on this network (endpoint mode vip).
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

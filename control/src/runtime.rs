@@ -14,9 +14,12 @@ use swarmnet_dataplane::task::{self as dp, TaskNet};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::gossipd::{Cmd, GossipHandle};
 use crate::model::{mac_for, Id, TaskState};
 use crate::ops::TaskReport;
-use crate::proto::Assignment;
+use crate::overlay::Overlay;
+use crate::proto::{Assignment, Attachment};
+use swarmnet_gossip::{Endpoint, EndpointState};
 
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const RESTART_MIN: Duration = Duration::from_millis(500);
@@ -36,8 +39,18 @@ struct Local {
     stop: watch::Sender<bool>,
 }
 
+/// What the runtime plugs tasks into: the overlay, the endpoint table, and a queue of
+/// networks whose remote entries need a fresh look.
+pub struct Net {
+    pub overlay: Arc<Overlay>,
+    pub gossip: GossipHandle,
+    pub dirty: mpsc::UnboundedSender<Id>,
+    pub vtep: std::net::IpAddr,
+}
+
 pub struct Runtime {
     ns: NsWorker,
+    net: Net,
     dir: PathBuf,
     mtu: u32,
     /// Environment every task gets besides the daemon's own.
@@ -46,7 +59,8 @@ pub struct Runtime {
     persisted: Mutex<BTreeMap<Id, Persisted>>,
     /// Entries of `persisted` not yet claimed by an assignment since this daemon started.
     adoptable: Mutex<BTreeMap<Id, Persisted>>,
-    exits: Mutex<HashMap<Id, i32>>,
+    /// Exit code of finished run-once tasks, and why, if they never ran.
+    exits: Mutex<HashMap<Id, (i32, String)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
 }
 
@@ -55,7 +69,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runtime {
-    pub fn open(ns: NsWorker, data_dir: &std::path::Path, underlay_mtu: u32) -> anyhow::Result<(Arc<Runtime>, mpsc::UnboundedReceiver<TaskReport>)> {
+    pub fn open(ns: NsWorker, net: Net, data_dir: &std::path::Path, underlay_mtu: u32) -> anyhow::Result<(Arc<Runtime>, mpsc::UnboundedReceiver<TaskReport>)> {
         let dir = data_dir.join("tasks");
         std::fs::create_dir_all(&dir)?;
         let persisted: BTreeMap<Id, Persisted> = match std::fs::read(dir.join("state.json")) {
@@ -70,6 +84,7 @@ impl Runtime {
         Ok((
             Arc::new(Runtime {
                 ns,
+                net,
                 dir,
                 mtu: underlay_mtu.saturating_sub(50),
                 env,
@@ -125,8 +140,8 @@ impl Runtime {
         lock(&self.locals).get(task).map(|l| lock(&l.report).clone())
     }
 
-    pub fn exit_code(&self, task: &Id) -> Option<i32> {
-        lock(&self.exits).get(task).copied()
+    pub fn exit_code(&self, task: &Id) -> Option<(i32, String)> {
+        lock(&self.exits).get(task).cloned()
     }
 
     /// Makes the local tasks match `desired` (all the node's assignments).
@@ -206,7 +221,53 @@ impl Runtime {
             .collect()
     }
 
+    fn endpoint(&self, a: &Assignment, at: &Attachment, state: EndpointState) -> Endpoint {
+        Endpoint {
+            network: at.network.id.clone(),
+            id: a.task_id.clone(),
+            task_name: a.name.clone(),
+            service_name: a.service_name.clone().unwrap_or_default(),
+            service_id: a.service_id.clone().unwrap_or_default(),
+            aliases: Vec::new(),
+            ip: at.address,
+            mac: mac_for(at.address),
+            vtep: self.net.vtep,
+            vip: at.vip,
+            ports: Vec::new(),
+            state,
+        }
+    }
+
+    /// Puts the task on its networks' overlays and publishes its endpoints.
+    async fn connect(&self, a: &Assignment) -> anyhow::Result<()> {
+        for (i, at) in a.attachments.iter().enumerate() {
+            self.net.overlay.attach(&a.task_id, &at.network, &dp::host_if_name(&a.task_id, i)).await?;
+            self.net.gossip.send(Cmd::Set(Box::new(self.endpoint(a, at, EndpointState::Active))));
+            let _ = self.net.dirty.send(at.network.id.clone());
+        }
+        Ok(())
+    }
+
+    fn publish(&self, a: &Assignment, state: EndpointState) {
+        for at in &a.attachments {
+            self.net.gossip.send(Cmd::Set(Box::new(self.endpoint(a, at, state))));
+        }
+    }
+
+    fn withdraw(&self, a: &Assignment) {
+        for at in &a.attachments {
+            self.net.gossip.send(Cmd::Remove { network: at.network.id.clone(), id: a.task_id.clone() });
+        }
+    }
+
     async fn teardown(&self, id: &Id, a: &Assignment) {
+        self.withdraw(a);
+        for (i, at) in a.attachments.iter().enumerate() {
+            if self.net.overlay.detach(id, &at.network.id, &dp::host_if_name(id, i)).await {
+                // No local task left on it: stop taking its entries.
+                self.net.gossip.send(Cmd::Leave(at.network.id.clone()));
+            }
+        }
         let ifs = self.nets(a).into_iter().map(|n| n.host_if).collect();
         if let Err(e) = dp::teardown_task_net(&self.ns, ifs).await {
             warn!(task = %id, error = %e, "could not remove the task's links");
@@ -224,6 +285,9 @@ impl Runtime {
                 match dp::netns_of(p.pid) {
                     Ok(f) => {
                         info!(task = %id, pid = p.pid, "adopted a task that kept running while the daemon was away");
+                        if let Err(e) = self.connect(&a).await {
+                            warn!(task = %id, error = %format!("{e:#}"), "adopted task: overlay");
+                        }
                         netns = Some(f);
                         proc = Some(Proc::Adopted { pid: p.pid, start: p.start_time });
                         self.update(&report, |r| {
@@ -240,14 +304,26 @@ impl Runtime {
         let mut stopped = false;
         'life: loop {
             if netns.is_none() {
-                match dp::setup_task_net(&self.ns, self.nets(&a)).await {
+                let setup = match dp::setup_task_net(&self.ns, self.nets(&a)).await {
+                    Ok(f) => match self.connect(&a).await {
+                        Ok(()) => Ok(f),
+                        Err(e) => Err(format!("{e:#}")),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                match setup {
                     Ok(f) => netns = Some(f),
                     Err(e) => {
                         warn!(task = %id, error = %e, "task network setup failed");
+                        self.teardown(&id, &a).await;
                         self.update(&report, |r| {
                             r.state = TaskState::Failed;
                             r.error = format!("network setup: {e}");
                         });
+                        if !a.restart {
+                            lock(&self.exits).insert(id.clone(), (-1, format!("network setup: {e}")));
+                            break 'life;
+                        }
                         if wait_or_stop(&mut stop, delay).await {
                             stopped = true;
                             break 'life;
@@ -269,6 +345,9 @@ impl Runtime {
                         lock(&self.persisted).insert(id.clone(), Persisted { assignment: a.clone(), pid, start_time: start });
                         self.save();
                         info!(task = %id, name = %a.name, pid, "task started");
+                        if self.report_of(&id).is_some_and(|r| r.restarts > 0) {
+                            self.publish(&a, EndpointState::Active);
+                        }
                         self.update(&report, |r| {
                             r.state = TaskState::Running;
                             r.pid = Some(pid);
@@ -284,7 +363,7 @@ impl Runtime {
                             r.error = format!("start {:?}: {e}", a.command.first().cloned().unwrap_or_default());
                         });
                         if !a.restart {
-                            lock(&self.exits).insert(id.clone(), 127);
+                            lock(&self.exits).insert(id.clone(), (-1, format!("could not start {:?}: {e}", a.command.first().cloned().unwrap_or_default())));
                             break 'life;
                         }
                         if wait_or_stop(&mut stop, delay).await {
@@ -310,13 +389,14 @@ impl Runtime {
                         None => (TaskState::Failed, "exited (status unknown: adopted after a daemon restart)".to_string()),
                     };
                     info!(task = %id, name = %a.name, %error, "task exited");
+                    self.publish(&a, EndpointState::Draining);
                     self.update(&report, |r| {
                         r.state = state;
                         r.error = error;
                         r.pid = None;
                     });
                     if !a.restart {
-                        lock(&self.exits).insert(id.clone(), code.unwrap_or(-1));
+                        lock(&self.exits).insert(id.clone(), (code.unwrap_or(-1), String::new()));
                         break 'life;
                     }
                     if wait_or_stop(&mut stop, delay).await {
@@ -327,6 +407,8 @@ impl Runtime {
                     self.update(&report, |r| r.restarts += 1);
                 }
                 _ = stop.changed() => {
+                    // Out of every table before the process goes.
+                    self.withdraw(&a);
                     p.stop().await;
                     stopped = true;
                     break 'life;

@@ -3,4 +3,5 @@
 
 pub mod netlink;
 pub mod netns;
+pub mod overlay;
 pub mod task;

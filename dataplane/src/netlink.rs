@@ -9,7 +9,9 @@ use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
 #[error("netlink: {op}: {source}")]
@@ -40,6 +42,10 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,
     }
+}
+
+pub fn fmt_mac(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +178,133 @@ impl Netlink {
             .execute()
             .await
             .map_err(ctx(format!("add default route via {gateway} dev {link}")))
+    }
+
+    pub async fn create_bridge(&self, name: &str) -> Result<(), Error> {
+        self.h
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(ctx(format!("create bridge {name}")))
+    }
+
+    /// A VXLAN device for `vni` on UDP `port`, sourced from `local`; no learning (entries are
+    /// programmed), ARP answered from the neighbour table (proxy), no multicast group.
+    pub async fn create_vxlan(&self, name: &str, vni: u32, local: Ipv4Addr, port: u16, mtu: u32) -> Result<(), Error> {
+        self.h
+            .link()
+            .add(LinkVxlan::new(name, vni).port(port).local(local).learning(false).proxy(true).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(ctx(format!("create vxlan {name} vni {vni} local {local} dstport {port}")))
+    }
+
+    /// Plugs `name` into bridge `bridge` and brings it up.
+    pub async fn set_master(&self, name: &str, bridge: &str) -> Result<(), Error> {
+        let idx = self.index(name).await?;
+        let br = self.index(bridge).await?;
+        self.h
+            .link()
+            .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
+            .execute()
+            .await
+            .map_err(ctx(format!("attach {name} to bridge {bridge}")))
+    }
+
+    /// A permanent neighbour entry `ip` -> `mac` on `link`.
+    pub async fn neigh_add(&self, link: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        self.h
+            .neighbours()
+            .add(idx, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("neighbour {ip} lladdr {} dev {link}", fmt_mac(&mac))))
+    }
+
+    pub async fn neigh_del(&self, link: &str, ip: Ipv4Addr) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = idx;
+        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.h.neighbours().del(m).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(ctx(format!("delete neighbour {ip} dev {link}"))(e)),
+        }
+    }
+
+    /// A VXLAN forwarding entry: frames for `mac` go to the VTEP `dst`.
+    pub async fn fdb_add(&self, link: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        self.h
+            .neighbours()
+            .add_bridge(idx, &mac)
+            .flags(NeighbourFlags::Own)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(ctx(format!("fdb {} dst {dst} dev {link}", fmt_mac(&mac))))
+    }
+
+    pub async fn fdb_del(&self, link: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = idx;
+        m.header.flags = NeighbourFlags::Own;
+        m.header.state = NeighbourState::Permanent;
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        match self.h.neighbours().del(m).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(ctx(format!("delete fdb {} dev {link}", fmt_mac(&mac)))(e)),
+        }
+    }
+
+    /// Permanent IPv4 neighbour entries and FDB entries with a destination on `link`.
+    pub async fn neigh_and_fdb(&self, link: &str) -> Result<(Vec<(Ipv4Addr, [u8; 6])>, Vec<([u8; 6], Ipv4Addr)>), Error> {
+        let idx = self.index(link).await?;
+        let mut neigh = Vec::new();
+        let mut fdb = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Bridge] {
+            let msgs: Vec<NeighbourMessage> = self
+                .h
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(ctx(format!("list neighbours of {link}")))?;
+            for m in msgs.iter().filter(|m| m.header.ifindex == idx) {
+                let mut dst = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                            let mut b = [0u8; 6];
+                            b.copy_from_slice(l);
+                            mac = Some(b);
+                        }
+                        _ => {}
+                    }
+                }
+                match (family, dst, mac) {
+                    (AddressFamily::Inet, Some(ip), Some(mac)) if m.header.state == NeighbourState::Permanent => neigh.push((ip, mac)),
+                    (AddressFamily::Bridge, Some(ip), Some(mac)) => fdb.push((mac, ip)),
+                    _ => {}
+                }
+            }
+        }
+        Ok((neigh, fdb))
     }
 
     /// Deletes a link; `Ok(false)` if it did not exist.

@@ -51,10 +51,12 @@ fn check_task_kernel_state(lab: &Lab, task: &Value, gateway: &str) -> Result<()>
     assert_eq!(addrs, vec![format!("{ip}/24")]);
     let routes = in_netns_of(pid, &["ip", "route", "show", "default"])?;
     assert!(routes.contains(&format!("default via {gateway} dev eth0")), "default route of {ip}: {routes}");
-    // The node end of the veth is in the node's namespace.
-    let peer = in_ns(node, &["ip", "-br", "link"])?;
+    // The node end of the veth is on the bridge of the network's sandbox on that node.
     let short: String = task["id"].as_str().unwrap_or("").chars().take(10).collect();
-    assert!(peer.contains(&format!("snt{short}0")), "node end of the veth on {node}: {peer}");
+    let holders: Value = serde_json::from_slice(&std::fs::read(lab.nodes[i].data_dir.join("sandboxes").join("state.json"))?)?;
+    let holder = holders.as_object().and_then(|m| m.values().next()).and_then(|h| h["pid"].as_u64()).context("sandbox holder")?;
+    let links = in_netns_of(u32::try_from(holder)?, &["ip", "-br", "link", "show", "master", "br0"])?;
+    assert!(links.contains(&format!("snt{short}0")), "node end of the veth on br0 in the sandbox on {node}: {links}");
     Ok(())
 }
 

@@ -1,0 +1,148 @@
+//! The gossip server loop: owns the UDP and TCP sockets on port 7946 and the timers, and
+//! drives the sans-IO `swarmnet_gossip::Gossip`. The rest of the agent talks to it through a
+//! `GossipHandle`: commands in, a broadcast of table changes out (the subscription that the
+//! overlay, and later DNS and the load balancer, consume).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use swarmnet_gossip::{Config, Endpoint, Event, Gossip, Ident, Out, MAX_STREAM_MESSAGE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+pub enum Cmd {
+    Seeds(Vec<SocketAddr>),
+    Leave(String),
+    Set(Box<Endpoint>),
+    Remove { network: String, id: String },
+    Endpoints { network: String, reply: oneshot::Sender<Vec<Endpoint>> },
+}
+
+#[derive(Clone)]
+pub struct GossipHandle {
+    tx: mpsc::UnboundedSender<Cmd>,
+    events: broadcast::Sender<Event>,
+    pub me: Ident,
+}
+
+impl GossipHandle {
+    pub fn send(&self, c: Cmd) {
+        let _ = self.tx.send(c);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub async fn endpoints(&self, network: &str) -> Vec<Endpoint> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Endpoints { network: network.to_string(), reply });
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// Binds UDP and TCP on `me.addr` and starts the loop.
+pub async fn start(me: Ident, cfg: Config) -> anyhow::Result<GossipHandle> {
+    let udp = UdpSocket::bind(me.addr).await.map_err(|e| anyhow::anyhow!("gossip: bind udp {}: {e}", me.addr))?;
+    let tcp = TcpListener::bind(me.addr).await.map_err(|e| anyhow::anyhow!("gossip: bind tcp {}: {e}", me.addr))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (events, _) = broadcast::channel(4096);
+    let h = GossipHandle { tx, events: events.clone(), me: me.clone() };
+    let (stream_tx, stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
+    tokio::spawn(accept_streams(tcp, stream_tx));
+    let seed = me.gen ^ u64::from(me.addr.port());
+    info!(node = %me.node, addr = %me.addr, gen = me.gen, "gossip listening");
+    tokio::spawn(run(Gossip::new(me, cfg, seed, Instant::now()), udp, stream_rx, rx, events));
+    Ok(h)
+}
+
+async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
+    loop {
+        let Ok((mut s, peer)) = tcp.accept().await else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let n = u32::from_be_bytes(len) as usize;
+                if n > MAX_STREAM_MESSAGE {
+                    debug!(%peer, n, "gossip stream message too large: closing");
+                    return;
+                }
+                let mut buf = vec![0u8; n];
+                if tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.map_or(true, |r| r.is_err()) {
+                    return;
+                }
+                if tx.send((peer, buf)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn send_stream(to: SocketAddr, data: Vec<u8>) {
+    let r = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut s = TcpStream::connect(to).await?;
+        let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
+        s.write_all(&len.to_be_bytes()).await?;
+        s.write_all(&data).await?;
+        s.shutdown().await
+    })
+    .await;
+    if !matches!(r, Ok(Ok(()))) {
+        debug!(%to, "gossip stream send failed");
+    }
+}
+
+async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let deadline = tokio::time::Instant::from_std(g.next_deadline());
+        tokio::select! {
+            r = udp.recv_from(&mut buf) => match r {
+                Ok((n, from)) => g.handle(from, &buf[..n], false, Instant::now()),
+                Err(e) => warn!(error = %e, "gossip udp receive"),
+            },
+            Some((from, data)) = streams.recv() => g.handle(from, &data, true, Instant::now()),
+            c = cmds.recv() => {
+                let Some(c) = c else { return };
+                let now = Instant::now();
+                match c {
+                    Cmd::Seeds(s) => g.join_via(&s, now),
+                    Cmd::Leave(n) => g.leave_network(&n),
+                    Cmd::Set(e) => g.set_endpoint(*e, now),
+                    Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
+                    Cmd::Endpoints { network, reply } => {
+                        let _ = reply.send(g.table().endpoints(&network).into_iter().cloned().collect());
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => g.tick(Instant::now()),
+        }
+        for o in g.take_out() {
+            match o {
+                Out::Udp { to, data } => {
+                    if let Err(e) = udp.try_send_to(&data, to) {
+                        debug!(%to, error = %e, "gossip udp send");
+                    }
+                }
+                Out::Stream { to, data } => {
+                    tokio::spawn(send_stream(to, data));
+                }
+            }
+        }
+        for e in g.take_events() {
+            match &e {
+                Event::NodeUp(id) => info!(node = %id.node, addr = %id.addr, gen = id.gen, "gossip: node up"),
+                Event::NodeDown(id) => info!(node = %id.node, addr = %id.addr, gen = id.gen, "gossip: node down"),
+                Event::Endpoint(c) => debug!(network = %c.network, endpoint = %c.id, present = c.new.is_some(), "gossip: endpoint"),
+            }
+            let _ = events.send(e);
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The overlay on one node, per network: a sandbox namespace holding bridge `br0` (the
+//! gateway address) and a VXLAN device (created in the node namespace so that its UDP socket
+//! lives on the underlay, then moved in); task veths plug into `br0`. Remote endpoints are
+//! static: a permanent neighbour entry and an FDB entry each, computed by `plan` from what
+//! should be and what the kernel has.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::Ipv4Addr;
+
+use crate::netns::{raw, NsError, NsWorker};
+
+pub const BRIDGE: &str = "br0";
+
+pub fn vxlan_name(vni: u32) -> String {
+    format!("snvx{vni}")
+}
+
+/// A remote endpoint as the overlay needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Remote {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub vtep: Ipv4Addr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    NeighAdd(Ipv4Addr, [u8; 6]),
+    NeighDel(Ipv4Addr),
+    FdbAdd([u8; 6], Ipv4Addr),
+    FdbDel([u8; 6], Ipv4Addr),
+}
+
+/// The changes that make the kernel's entries (`neigh`, `fdb`) match `desired`.
+pub fn plan(desired: &[Remote], neigh: &[(Ipv4Addr, [u8; 6])], fdb: &[([u8; 6], Ipv4Addr)]) -> Vec<Op> {
+    let want_neigh: BTreeMap<Ipv4Addr, [u8; 6]> = desired.iter().map(|r| (r.ip, r.mac)).collect();
+    let want_fdb: BTreeMap<[u8; 6], Ipv4Addr> = desired.iter().map(|r| (r.mac, r.vtep)).collect();
+    let mut ops = Vec::new();
+    for (ip, mac) in neigh {
+        if want_neigh.get(ip) != Some(mac) {
+            ops.push(Op::NeighDel(*ip));
+        }
+    }
+    for (mac, dst) in fdb {
+        if want_fdb.get(mac) != Some(dst) {
+            ops.push(Op::FdbDel(*mac, *dst));
+        }
+    }
+    for (ip, mac) in &want_neigh {
+        if !neigh.contains(&(*ip, *mac)) {
+            ops.push(Op::NeighAdd(*ip, *mac));
+        }
+    }
+    for (mac, dst) in &want_fdb {
+        if !fdb.contains(&(*mac, *dst)) {
+            ops.push(Op::FdbAdd(*mac, *dst));
+        }
+    }
+    ops
+}
+
+#[derive(Clone, Debug)]
+pub struct SandboxSpec {
+    pub vni: u32,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    pub local: Ipv4Addr,
+    pub port: u16,
+    pub mtu: u32,
+}
+
+/// Makes (or completes) the sandbox's bridge and VXLAN device. Idempotent: what exists is
+/// kept, so a restarted agent reconciles instead of tearing down.
+pub async fn setup_sandbox(ns: &NsWorker, sandbox: &File, spec: SandboxSpec) -> Result<(), NsError> {
+    let sb = sandbox.try_clone()?;
+    ns.run(move |ctx| -> Result<(), NsError> {
+        let nl = ctx.netlink_in(&sb)?;
+        let vx = vxlan_name(spec.vni);
+        ctx.block_on(async {
+            nl.configure_link("lo", None, None, None).await?;
+            if nl.link(BRIDGE).await?.is_none() {
+                nl.create_bridge(BRIDGE).await?;
+                nl.configure_link(BRIDGE, None, None, Some(spec.mtu)).await?;
+                nl.add_address(BRIDGE, spec.gateway.into(), spec.prefix).await?;
+            }
+            if nl.link(&vx).await?.is_none() {
+                ctx.home().delete_link(&vx).await?;
+                ctx.home().create_vxlan(&vx, spec.vni, spec.local, spec.port, spec.mtu).await?;
+                ctx.home().move_to_netns(&vx, raw(&sb)).await?;
+            }
+            nl.set_master(&vx, BRIDGE).await?;
+            Ok::<(), crate::netlink::Error>(())
+        })?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Moves a task's node-side veth end into the sandbox and onto the bridge. Idempotent.
+pub async fn plug(ns: &NsWorker, sandbox: &File, host_if: String) -> Result<(), NsError> {
+    let sb = sandbox.try_clone()?;
+    ns.run(move |ctx| -> Result<(), NsError> {
+        let nl = ctx.netlink_in(&sb)?;
+        ctx.block_on(async {
+            if ctx.home().link(&host_if).await?.is_some() {
+                ctx.home().move_to_netns(&host_if, raw(&sb)).await?;
+            }
+            nl.set_master(&host_if, BRIDGE).await
+        })?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Removes a task's veth end from the sandbox (the task's end goes with it).
+pub async fn unplug(ns: &NsWorker, sandbox: &File, host_if: String) -> Result<(), NsError> {
+    let sb = sandbox.try_clone()?;
+    ns.run(move |ctx| -> Result<(), NsError> {
+        let nl = ctx.netlink_in(&sb)?;
+        ctx.block_on(nl.delete_link(&host_if))?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Deletes the sandbox's VXLAN device now. A namespace is torn down asynchronously after its
+/// last holder goes, and until then its VXLAN device keeps the VNI and port busy.
+pub async fn remove_vxlan(ns: &NsWorker, sandbox: &File, vni: u32) -> Result<(), NsError> {
+    let sb = sandbox.try_clone()?;
+    ns.run(move |ctx| -> Result<(), NsError> {
+        let nl = ctx.netlink_in(&sb)?;
+        ctx.block_on(nl.delete_link(&vxlan_name(vni)))?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Makes the sandbox's neighbour and FDB entries match `desired`; returns the changes made.
+pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<Remote>) -> Result<Vec<Op>, NsError> {
+    let sb = sandbox.try_clone()?;
+    ns.run(move |ctx| -> Result<Vec<Op>, NsError> {
+        let nl = ctx.netlink_in(&sb)?;
+        let vx = vxlan_name(vni);
+        let ops = ctx.block_on(async {
+            let (neigh, fdb) = nl.neigh_and_fdb(&vx).await?;
+            let ops = plan(&desired, &neigh, &fdb);
+            for op in &ops {
+                match *op {
+                    Op::NeighAdd(ip, mac) => nl.neigh_add(&vx, ip, mac).await?,
+                    Op::NeighDel(ip) => nl.neigh_del(&vx, ip).await?,
+                    Op::FdbAdd(mac, dst) => nl.fdb_add(&vx, mac, dst).await?,
+                    Op::FdbDel(mac, dst) => nl.fdb_del(&vx, mac, dst).await?,
+                }
+            }
+            Ok::<_, crate::netlink::Error>(ops)
+        })?;
+        Ok(ops)
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(last: u8, vtep: u8) -> Remote {
+        Remote { ip: Ipv4Addr::new(10, 0, 0, last), mac: [2, 0x42, 10, 0, 0, last], vtep: Ipv4Addr::new(10, 210, 0, vtep) }
+    }
+
+    #[test]
+    fn plan_adds_missing_removes_stale_and_moves_changed() {
+        let desired = [r(3, 2), r(4, 3)];
+        let neigh = vec![(Ipv4Addr::new(10, 0, 0, 3), [2, 0x42, 10, 0, 0, 3]), (Ipv4Addr::new(10, 0, 0, 9), [2, 0x42, 10, 0, 0, 9])];
+        // 10.0.0.3 moved from VTEP .3 to .2; 10.0.0.9 is gone.
+        let fdb = vec![([2, 0x42, 10, 0, 0, 3], Ipv4Addr::new(10, 210, 0, 3)), ([2, 0x42, 10, 0, 0, 9], Ipv4Addr::new(10, 210, 0, 2))];
+        let ops = plan(&desired, &neigh, &fdb);
+        assert_eq!(
+            ops,
+            vec![
+                Op::NeighDel(Ipv4Addr::new(10, 0, 0, 9)),
+                Op::FdbDel([2, 0x42, 10, 0, 0, 3], Ipv4Addr::new(10, 210, 0, 3)),
+                Op::FdbDel([2, 0x42, 10, 0, 0, 9], Ipv4Addr::new(10, 210, 0, 2)),
+                Op::NeighAdd(Ipv4Addr::new(10, 0, 0, 4), [2, 0x42, 10, 0, 0, 4]),
+                Op::FdbAdd([2, 0x42, 10, 0, 0, 3], Ipv4Addr::new(10, 210, 0, 2)),
+                Op::FdbAdd([2, 0x42, 10, 0, 0, 4], Ipv4Addr::new(10, 210, 0, 3)),
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_of_a_matching_kernel_is_empty() {
+        let desired = [r(3, 2)];
+        let neigh = vec![(Ipv4Addr::new(10, 0, 0, 3), [2, 0x42, 10, 0, 0, 3])];
+        let fdb = vec![([2, 0x42, 10, 0, 0, 3], Ipv4Addr::new(10, 210, 0, 2))];
+        assert!(plan(&desired, &neigh, &fdb).is_empty());
+    }
+}
