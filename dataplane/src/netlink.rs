@@ -252,15 +252,15 @@ impl Netlink {
             .map_err(ctx(format!("fdb {} dst {dst} dev {link}", fmt_mac(&mac))))
     }
 
-    pub async fn fdb_del(&self, link: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
+    pub async fn fdb_del(&self, link: &str, mac: [u8; 6]) -> Result<(), Error> {
         let idx = self.index(link).await?;
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
         m.header.ifindex = idx;
         m.header.flags = NeighbourFlags::Own;
         m.header.state = NeighbourState::Permanent;
+        // By MAC alone: the whole entry goes (we keep one destination per MAC).
         m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
         match self.h.neighbours().del(m).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
@@ -289,6 +289,10 @@ impl Netlink {
                 for a in &m.attributes {
                     match a {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                        // In AF_BRIDGE (FDB) messages the destination is not decoded.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                            dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+                        }
                         NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                             let mut b = [0u8; 6];
                             b.copy_from_slice(l);

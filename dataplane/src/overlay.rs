@@ -150,7 +150,7 @@ pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<
                     Op::NeighAdd(ip, mac) => nl.neigh_add(&vx, ip, mac).await?,
                     Op::NeighDel(ip) => nl.neigh_del(&vx, ip).await?,
                     Op::FdbAdd(mac, dst) => nl.fdb_add(&vx, mac, dst).await?,
-                    Op::FdbDel(mac, dst) => nl.fdb_del(&vx, mac, dst).await?,
+                    Op::FdbDel(mac, _) => nl.fdb_del(&vx, mac).await?,
                 }
             }
             Ok::<_, crate::netlink::Error>(ops)
