@@ -153,6 +153,16 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
                     };
                     let reply = match (req, &manager) {
                         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
+                        // Inspect works on every node: the manager's record plus what this
+                        // node's gossip knows.
+                        (req @ ApiRequest::NetworkInspect { .. }, m) => {
+                            let r = match m {
+                                Some(m) => m.api(req, Some(&agent.id.node_id)),
+                                None => agent.call(req).await.unwrap_or_else(|e| Reply::err(format!("{e:#}"))),
+                            };
+                            with_local_endpoints(r, &agent).await
+                        }
+                        (req @ ApiRequest::NodeLs, Some(m)) => with_gossip_state(m.api(req, Some(&agent.id.node_id)), &agent).await,
                         (req, Some(m)) => m.api(req, Some(&agent.id.node_id)),
                         (_, None) => Reply::err("this node is not a manager"),
                     };
@@ -166,4 +176,40 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
     info!("stopping; tasks keep running and are adopted at the next start");
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// Adds `local_endpoints`: the network's endpoint table as this node's gossip holds it.
+async fn with_local_endpoints(mut r: Reply, agent: &Agent) -> Reply {
+    let Some(id) = r.data.get("id").and_then(|v| v.as_str()).map(str::to_string) else { return r };
+    let eps: Vec<serde_json::Value> = agent
+        .gossip
+        .endpoints(&id)
+        .await
+        .into_iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.task_name,
+                "task_id": e.id,
+                "service": e.service_name,
+                "ip": e.ip.to_string(),
+                "mac": crate::model::format_mac(e.mac),
+                "vtep": e.vtep.to_string(),
+                "state": format!("{:?}", e.state).to_lowercase(),
+            })
+        })
+        .collect();
+    r.data["local_endpoints"] = serde_json::Value::Array(eps);
+    r
+}
+
+/// Adds each node's gossip state as this (the manager's) node sees it.
+async fn with_gossip_state(mut r: Reply, agent: &Agent) -> Reply {
+    let alive: std::collections::BTreeSet<String> = agent.gossip.members().await.into_iter().map(|m| m.node).collect();
+    if let Some(rows) = r.data.as_array_mut() {
+        for row in rows {
+            let id = row["id"].as_str().unwrap_or_default().to_string();
+            row["gossip"] = serde_json::Value::from(if id == agent.id.node_id || alive.contains(&id) { "alive" } else { "unreachable" });
+        }
+    }
+    r
 }

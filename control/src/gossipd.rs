@@ -18,6 +18,7 @@ pub enum Cmd {
     Set(Box<Endpoint>),
     Remove { network: String, id: String },
     Endpoints { network: String, reply: oneshot::Sender<Vec<Endpoint>> },
+    Members { reply: oneshot::Sender<Vec<Ident>> },
 }
 
 #[derive(Clone)]
@@ -34,6 +35,13 @@ impl GossipHandle {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Live members as this node's failure detector sees them (itself excluded).
+    pub async fn members(&self) -> Vec<Ident> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Members { reply });
+        rx.await.unwrap_or_default()
     }
 
     pub async fn endpoints(&self, network: &str) -> Vec<Endpoint> {
@@ -117,6 +125,9 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     Cmd::Leave(n) => g.leave_network(&n),
                     Cmd::Set(e) => g.set_endpoint(*e, now),
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
+                    Cmd::Members { reply } => {
+                        let _ = reply.send(g.members().cloned().collect());
+                    }
                     Cmd::Endpoints { network, reply } => {
                         let _ = reply.send(g.table().endpoints(&network).into_iter().cloned().collect());
                     }

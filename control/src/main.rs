@@ -260,7 +260,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Node(NodeCmd::Ls { f }) => {
             let data = call(&host, ApiRequest::NodeLs)?;
-            print_list(&f, &data, &[("ID", "id"), ("HOSTNAME", "hostname"), ("ADDRESS", "address"), ("STATUS", "status"), ("AVAILABILITY", "availability"), ("MANAGER STATUS", "manager_status")]);
+            print_list(&f, &data, &[("ID", "id"), ("HOSTNAME", "hostname"), ("ADDRESS", "address"), ("STATUS", "status"), ("AVAILABILITY", "availability"), ("MANAGER STATUS", "manager_status"), ("GOSSIP", "gossip")]);
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Network(NetworkCmd::Ls { f }) => {

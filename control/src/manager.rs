@@ -317,6 +317,7 @@ impl Manager {
                         name: t.name.clone(),
                         service_id: t.service_id.clone(),
                         service_name: svc.map(|s| s.name.clone()),
+                        ports: svc.map(|s| s.ports.clone()).unwrap_or_default(),
                         command: t.command.clone(),
                         restart: t.restart,
                         attachments,

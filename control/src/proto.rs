@@ -110,6 +110,9 @@ pub struct Assignment {
     pub service_id: Option<Id>,
     #[serde(default)]
     pub service_name: Option<String>,
+    /// The service's published ports.
+    #[serde(default)]
+    pub ports: Vec<crate::model::PortSpec>,
     pub command: Vec<String>,
     pub restart: bool,
     pub attachments: Vec<Attachment>,

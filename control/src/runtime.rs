@@ -233,7 +233,18 @@ impl Runtime {
             mac: mac_for(at.address),
             vtep: self.net.vtep,
             vip: at.vip,
-            ports: Vec::new(),
+            ports: a
+                .ports
+                .iter()
+                .map(|p| swarmnet_gossip::Port {
+                    published: p.published,
+                    target: p.target,
+                    proto: match p.protocol {
+                        crate::model::Protocol::Tcp => 6,
+                        crate::model::Protocol::Udp => 17,
+                    },
+                })
+                .collect(),
             state,
         }
     }

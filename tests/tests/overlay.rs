@@ -62,8 +62,11 @@ fn sandbox_of(lab: &Lab, i: usize, net_id: &str) -> Option<u32> {
     holders[net_id]["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
 }
 
-/// (neighbour IPs, FDB (mac, dst)) programmed in node `i`'s sandbox for the network.
-fn kernel_entries(lab: &Lab, i: usize, net: &Value) -> Result<(BTreeSet<String>, BTreeSet<(String, String)>)> {
+/// Neighbour IPs and FDB (mac, dst) pairs.
+type Entries = (BTreeSet<String>, BTreeSet<(String, String)>);
+
+/// The entries programmed in node `i`'s sandbox for the network.
+fn kernel_entries(lab: &Lab, i: usize, net: &Value) -> Result<Entries> {
     let id = net["id"].as_str().context("network id")?;
     let vx = format!("snvx{}", net["vni"]);
     let Some(holder) = sandbox_of(lab, i, id) else { return Ok((BTreeSet::new(), BTreeSet::new())) };
@@ -82,7 +85,7 @@ fn network(lab: &Lab, name: &str) -> Result<Value> {
 }
 
 /// What node `i`'s sandbox should hold: every running task of the network on another node.
-fn expected_entries(tasks: &[Value], net_name: &str, node_ns: &str, lab: &Lab) -> (BTreeSet<String>, BTreeSet<(String, String)>) {
+fn expected_entries(tasks: &[Value], net_name: &str, node_ns: &str, lab: &Lab) -> Entries {
     let mut n = BTreeSet::new();
     let mut f = BTreeSet::new();
     for t in tasks.iter().filter(|t| t["node"] != node_ns) {
@@ -177,6 +180,25 @@ fn neighbour_and_fdb_entries_match_the_endpoints_exactly_through_scaling() -> Re
     for n in [3usize, 6, 1] {
         lab.cli_ok(0, &["service", "scale", &format!("web={n}")])?;
         let tasks = lab.wait_service("web", n, T)?;
+        // A worker's `network inspect` shows the endpoints its own gossip holds.
+        let want: BTreeSet<(String, String)> = tasks
+            .iter()
+            .map(|t| {
+                let node = lab.nodes.iter().find(|x| x.ns == t["node"].as_str().unwrap_or("")).map(|x| x.addr.clone()).unwrap_or_default();
+                (t["addresses"]["appnet"].as_str().unwrap_or("").to_string(), node)
+            })
+            .collect();
+        let has_local = tasks.iter().any(|t| t["node"] == lab.nodes[1].ns.as_str());
+        wait_for("the worker's view of the endpoints", T, || {
+            let v: Value = serde_json::from_str(&lab.cli_ok(1, &["network", "inspect", "appnet"]).ok()?).ok()?;
+            let got: BTreeSet<(String, String)> = v["local_endpoints"]
+                .as_array()?
+                .iter()
+                .map(|e| (e["ip"].as_str().unwrap_or("").to_string(), e["vtep"].as_str().unwrap_or("").to_string()))
+                .collect();
+            // A node with no task on the network does not take its entries.
+            (if has_local { got == want } else { got.is_empty() }).then_some(())
+        })?;
         for i in 0..3 {
             let node_ns = lab.nodes[i].ns.clone();
             let want = expected_entries(&tasks, "appnet", &node_ns, &lab);
@@ -227,6 +249,9 @@ fn a_killed_agent_disappears_from_every_kernel_and_comes_back_and_a_blip_removes
     let t = std::time::Instant::now();
     wait_for("n3's entries gone from n1 and n2", T, || (!present(&lab, 0) && !present(&lab, 1)).then_some(()))?;
     eprintln!("removed {:?} after kill", t.elapsed());
+    let nodes = lab.cli_json(0, &["node", "ls"])?;
+    let n3 = nodes.as_array().and_then(|a| a.iter().find(|n| n["hostname"] == "snx-ovlfail-n3")).context("n3")?;
+    assert_eq!(n3["gossip"], "unreachable", "node ls shows the gossip view: {n3}");
     // Start it again: it adopts its task and publishes it under a new generation.
     lab.start_node(2)?;
     wait_for("n3's entries back on n1 and n2", T, || (present(&lab, 0) && present(&lab, 1)).then_some(()))?;

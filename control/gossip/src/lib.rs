@@ -85,6 +85,10 @@ impl Config {
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down;
         c.max_packet_size = NonZeroUsize::new(self.max_packet).unwrap_or(NonZeroUsize::MIN);
+        // Membership updates ride on every message to anyone; in a small cluster a
+        // suspicion's few transmissions are spent in one probe round, and a node cut off for
+        // that round never hears it is suspected, so cannot refute it. Send them longer.
+        c.max_transmissions = c.max_transmissions.max(std::num::NonZeroU8::new(12).unwrap_or(std::num::NonZeroU8::MIN));
         c.periodic_gossip = Some(foca::PeriodicParams { frequency: Duration::from_millis(200), num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN) });
         c.periodic_announce = Some(foca::PeriodicParams { frequency: Duration::from_secs(10), num_members: NonZeroUsize::MIN });
         c
