@@ -254,6 +254,7 @@ impl Runtime {
         for (i, at) in a.attachments.iter().enumerate() {
             self.net.overlay.attach(&a.task_id, &at.network, &dp::host_if_name(&a.task_id, i)).await?;
             self.net.gossip.send(Cmd::Set(Box::new(self.endpoint(a, at, EndpointState::Active))));
+            info!(task = %a.task_id, network = %at.network.name, ip = %at.address, "endpoint published");
             let _ = self.net.dirty.send(at.network.id.clone());
         }
         Ok(())

@@ -7,6 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use swarmnet_lab::{cleanup, Lab};
 
+mod bench_convergence;
+mod bench_overlay;
+
 const LAB: &str = "snlab";
 const SIGTERM: i32 = 15;
 
@@ -32,7 +35,7 @@ enum Cmd {
     },
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// `control` or `manager-memory`
+        /// control, manager-memory, overlay, convergence, gossip
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -60,6 +63,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Installs a Debian package if its command is missing (benchmarks only; CI does not run them).
+fn need(cmd: &str, package: &str) -> Result<()> {
+    if Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output()?.status.success() {
+        return Ok(());
+    }
+    println!("installing {package} for this benchmark");
+    let ok = Command::new("sh")
+        .args(["-c", &format!("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}")])
+        .status()?
+        .success();
+    if !ok {
+        bail!("could not install {package}");
+    }
+    Ok(())
 }
 
 fn build() -> Result<()> {
@@ -101,7 +120,16 @@ fn real_main() -> Result<()> {
         Cmd::Bench { what, runs } => match what.as_str() {
             "control" => bench_control(runs)?,
             "manager-memory" => bench_manager_memory()?,
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory)"),
+            "overlay" => {
+                need("iperf3", "iperf3")?;
+                build()?;
+                bench_overlay::bench_overlay(8, 3)?
+            }
+            "convergence" => {
+                build()?;
+                bench_convergence::bench_convergence(runs.max(50))?
+            }
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, overlay, convergence, gossip)"),
         },
     }
     Ok(())
