@@ -111,7 +111,7 @@ pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &
 
 pub struct Agent {
     pub id: Identity,
-    pub gossip: crate::gossipd::GossipHandle,
+    pub gossip: swarmnet_gossip::server::GossipHandle,
     gossip_port: u16,
     tls: rustls::ClientConfig,
     pub runtime: Arc<Runtime>,
@@ -120,7 +120,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: crate::gossipd::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
+    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
         let tls = pki::client_config(&id.ca_pem, &id.cert)?;
         Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
     }
@@ -198,7 +198,7 @@ impl Agent {
                             .filter(|(id, _)| *id != self.id.node_id)
                             .map(|(_, ip)| std::net::SocketAddr::new(ip, self.gossip_port))
                             .collect();
-                        self.gossip.send(crate::gossipd::Cmd::Seeds(seeds));
+                        self.gossip.send(swarmnet_gossip::server::Cmd::Seeds(seeds));
                     }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),

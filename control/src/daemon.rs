@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::agent::{self, Agent, Identity};
-use crate::gossipd::{self, GossipHandle};
+use swarmnet_gossip::server::{self as gossip_server, GossipHandle};
 use crate::overlay::Overlay;
 use crate::runtime::Net;
 use crate::manager::{Manager, ManagerConfig};
@@ -56,7 +56,7 @@ async fn node_services(c: &Common, base: NodeBase, node_id: &str) -> anyhow::Res
     };
     let gen = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
     let me = swarmnet_gossip::Ident { node: node_id.to_string(), addr: SocketAddr::new(c.advertise, c.gossip_port), gen };
-    let gossip = gossipd::start(me, swarmnet_gossip::Config::default()).await?;
+    let gossip = gossip_server::start(me, swarmnet_gossip::Config::default()).await?;
     let task_mtu = base.mtu.saturating_sub(50);
     let overlay = Arc::new(Overlay::open(base.ns.clone(), &c.data_dir, local, c.data_path_port, task_mtu)?);
     let (dirty, dirty_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -2,7 +2,6 @@
 
 mod agent;
 mod daemon;
-mod gossipd;
 mod ipam;
 mod manager;
 mod model;
@@ -96,6 +95,19 @@ enum Cmd {
         advertise_addr: IpAddr,
         #[arg(long)]
         data_dir: PathBuf,
+    },
+    /// Benchmarks only: a gossip peer that publishes COUNT endpoints on a network.
+    #[command(hide = true)]
+    SimEndpoints {
+        #[arg(long)]
+        gossip_addr: SocketAddr,
+        #[arg(long)]
+        seed: SocketAddr,
+        /// Network id.
+        #[arg(long)]
+        network: String,
+        #[arg(long)]
+        count: usize,
     },
     /// Internal: holds an overlay sandbox namespace open (started by the daemon).
     #[command(hide = true)]
@@ -235,6 +247,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging();
             let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, data_path_port: d.data_path_port, gossip_port: d.gossip_port };
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::SimEndpoints { gossip_addr, seed, network, count } => {
+            init_logging();
+            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::SandboxHold => {

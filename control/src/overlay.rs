@@ -133,7 +133,7 @@ impl Overlay {
 
 /// Keeps every local sandbox's remote entries equal to the endpoint table: on every change
 /// of a network, on request (`dirty`), and every 30 s against drift.
-pub async fn follow(overlay: std::sync::Arc<Overlay>, gossip: crate::gossipd::GossipHandle, mut dirty: tokio::sync::mpsc::UnboundedReceiver<Id>) {
+pub async fn follow(overlay: std::sync::Arc<Overlay>, gossip: swarmnet_gossip::server::GossipHandle, mut dirty: tokio::sync::mpsc::UnboundedReceiver<Id>) {
     use swarmnet_gossip::Event;
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut events = gossip.subscribe();

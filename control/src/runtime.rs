@@ -14,7 +14,7 @@ use swarmnet_dataplane::task::{self as dp, TaskNet};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::gossipd::{Cmd, GossipHandle};
+use swarmnet_gossip::server::{Cmd, GossipHandle};
 use crate::model::{mac_for, Id, TaskState};
 use crate::ops::TaskReport;
 use crate::overlay::Overlay;

@@ -94,3 +94,38 @@ async fn session(id: &Identity) -> anyhow::Result<()> {
     reader.abort();
     result
 }
+
+/// A gossip peer that publishes `count` endpoints on `network` (for the agent-memory
+/// benchmark): the agents take them as remote endpoints and program their kernels.
+pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize) -> anyhow::Result<()> {
+    use swarmnet_gossip::server::{self, Cmd};
+    use swarmnet_gossip::{Config, Endpoint, EndpointState, Ident};
+    let h = server::start(Ident { node: "sim-endpoints".into(), addr, gen: 1 }, Config::default()).await?;
+    h.send(Cmd::Seeds(vec![seed]));
+    while h.members().await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for k in 0..count {
+        // 10.0.100.0 and up inside the network's subnet is left to the test to choose.
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 100, 1)) + k as u32);
+        let o = ip.octets();
+        h.send(Cmd::Set(Box::new(Endpoint {
+            network: network.clone(),
+            id: format!("sim-{k}"),
+            task_name: format!("sim.{k}"),
+            service_name: "sim".into(),
+            service_id: "sim".into(),
+            aliases: vec![],
+            ip,
+            mac: [2, 0x42, o[0], o[1], o[2], o[3]],
+            vtep: addr.ip(),
+            vip: None,
+            ports: vec![],
+            state: EndpointState::Active,
+        })));
+    }
+    println!("{count} endpoints published");
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}

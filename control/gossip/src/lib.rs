@@ -8,6 +8,7 @@
 //! an encrypted kind later.
 
 pub mod memnet;
+pub mod server;
 pub mod table;
 
 use std::cmp::Reverse;
@@ -71,7 +72,7 @@ impl Default for Config {
             probe_period: Duration::from_millis(500),
             probe_rtt: Duration::from_millis(200),
             suspect_to_down: Duration::from_millis(1500),
-            anti_entropy: Duration::from_secs(5),
+            anti_entropy: Duration::from_secs(10),
             tombstone_ttl: Duration::from_secs(60),
             max_packet: 1400,
         }
@@ -89,8 +90,10 @@ impl Config {
         // suspicion's few transmissions are spent in one probe round, and a node cut off for
         // that round never hears it is suspected, so cannot refute it. Send them longer.
         c.max_transmissions = c.max_transmissions.max(std::num::NonZeroU8::new(12).unwrap_or(std::num::NonZeroU8::MIN));
-        c.periodic_gossip = Some(foca::PeriodicParams { frequency: Duration::from_millis(200), num_members: NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN) });
-        c.periodic_announce = Some(foca::PeriodicParams { frequency: Duration::from_secs(10), num_members: NonZeroUsize::MIN });
+        // Membership updates (a suspicion, a death) spread every 100 ms to 4 members; foca
+        // sends nothing when it has no update, so this costs bytes only when news exists.
+        c.periodic_gossip = Some(foca::PeriodicParams { frequency: Duration::from_millis(100), num_members: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN) });
+        c.periodic_announce = Some(foca::PeriodicParams { frequency: Duration::from_secs(30), num_members: NonZeroUsize::MIN });
         c
     }
 }
@@ -111,7 +114,18 @@ enum Wire {
     Member(Membership),
     /// Anti-entropy: what the sender has; the receiver answers with what the sender lacks
     /// and, unless this is a reply, a digest of its own.
-    Digest { from: NodeId, reply: bool, membership: Membership, memberships: BTreeMap<NodeId, (u64, u64)>, nets: BTreeMap<String, BTreeMap<NodeId, Summary>> },
+    Digest {
+        from: NodeId,
+        reply: bool,
+        membership: Membership,
+        /// Checksum of every membership record the sender holds; on a mismatch each side
+        /// sends all of its records.
+        memberships_sum: u64,
+        nets: BTreeMap<String, BTreeMap<NodeId, Summary>>,
+        /// The sender's whole SWIM view (push-pull, as memberlist does on join), so a
+        /// joining node learns every member at once instead of one packet's worth.
+        swim: Vec<foca::Member<Ident>>,
+    },
     Sync { from: NodeId, memberships: Vec<Membership>, sets: Vec<OwnerSet> },
 }
 
@@ -338,8 +352,14 @@ impl Gossip {
                 self.emit(ch);
                 self.alive.insert(id.node.clone(), id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
-                // A newcomer gets a full exchange at once rather than at the next round.
-                self.send_digest(id.addr, false);
+                // A full exchange at once rather than at the next round: with our first few
+                // members (we just joined), and with a newcomer at a probability that gives
+                // it about 8 such exchanges cluster-wide. Every member doing it with every
+                // newcomer costs O(N^2) stream connections when many join at once.
+                let n = self.alive.len();
+                if n <= 8 || self.rng.random_range(0..n) < 8 {
+                    self.send_digest(id.addr, false);
+                }
             }
             OwnedNotification::MemberDown(id) => {
                 if self.alive.get(&id.node).is_some_and(|a| a.gen <= id.gen) {
@@ -495,14 +515,23 @@ impl Gossip {
         self.push_items(vec![item]);
     }
 
-    fn digest_of(&self, reply: bool) -> Wire {
+    fn memberships_sum(&self) -> u64 {
+        self.memberships.values().fold(0u64, |acc, m| acc.wrapping_add(table::fnv(m.owner.as_bytes(), m.gen, m.version)))
+    }
+
+    /// `full`: also carry the whole SWIM view (at join time; periodic rounds do without).
+    fn digest_of(&self, reply: bool, full: bool) -> Wire {
         let nets = self.table.joined().iter().map(|n| (n.clone(), self.table.digest(n))).collect();
-        let memberships = self.memberships.iter().map(|(k, m)| (k.clone(), (m.gen, m.version))).collect();
-        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships, nets }
+        let swim = if full { self.foca.iter_membership_state().cloned().collect() } else { Vec::new() };
+        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships_sum: self.memberships_sum(), nets, swim }
     }
 
     fn send_digest(&mut self, to: SocketAddr, reply: bool) {
-        let d = self.digest_of(reply);
+        self.send_digest_with(to, reply, true);
+    }
+
+    fn send_digest_with(&mut self, to: SocketAddr, reply: bool, full: bool) {
+        let d = self.digest_of(reply, full);
         self.send_stream(to, &d);
     }
 
@@ -512,7 +541,7 @@ impl Gossip {
             return;
         }
         let p = peers[self.rng.random_range(0..peers.len())];
-        self.send_digest(p, false);
+        self.send_digest_with(p, false, false);
     }
 
     fn apply_membership(&mut self, m: Membership) {
@@ -543,17 +572,18 @@ impl Gossip {
                 }
             }
             Wire::Member(m) => self.apply_membership(m),
-            Wire::Digest { from: peer, reply, membership, memberships, nets } => {
+            Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim } => {
+                let full = !swim.is_empty();
+                if self.foca.apply_many(swim.into_iter(), false, &mut self.rt).is_err() {
+                    self.stats.malformed += 1;
+                }
+                self.pump(now);
                 let peer_nets = membership.networks.clone();
                 self.apply_membership(membership);
                 let to = self.alive.get(&peer).map_or(from, |i| i.addr);
-                // Memberships the peer lacks or has older.
-                let ms: Vec<Membership> = self
-                    .memberships
-                    .values()
-                    .filter(|m| memberships.get(&m.owner).is_none_or(|(g, v)| (m.gen, m.version) > (*g, *v)))
-                    .cloned()
-                    .collect();
+                // Membership records differ somewhere: send ours (the reply digest lets the
+                // peer send its own).
+                let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.memberships.values().cloned().collect() } else { Vec::new() };
                 // Owner sets the peer lacks or has older, on networks we both joined.
                 let mut sets = Vec::new();
                 for net in self.table.joined().iter().filter(|n| peer_nets.contains(*n)) {
@@ -571,7 +601,7 @@ impl Gossip {
                     self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets });
                 }
                 if !reply {
-                    self.send_digest(to, true);
+                    self.send_digest_with(to, true, full);
                 }
             }
             Wire::Sync { from: sender, memberships, sets } => {

@@ -101,7 +101,7 @@ pub struct Summary {
     pub sum: u64,
 }
 
-fn fnv(id: &[u8], gen: u64, version: u64) -> u64 {
+pub(crate) fn fnv(id: &[u8], gen: u64, version: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.iter().chain(&gen.to_le_bytes()).chain(&version.to_le_bytes()) {
         h ^= u64::from(*b);

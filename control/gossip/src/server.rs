@@ -1,4 +1,4 @@
-//! The gossip server loop: owns the UDP and TCP sockets on port 7946 and the timers, and
+//! The gossip server loop (tokio): owns the UDP and TCP sockets on port 7946 and the timers, and
 //! drives the sans-IO `swarmnet_gossip::Gossip`. The rest of the agent talks to it through a
 //! `GossipHandle`: commands in, a broadcast of table changes out (the subscription that the
 //! overlay, and later DNS and the load balancer, consume).
@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use swarmnet_gossip::{Config, Endpoint, Event, Gossip, Ident, Out, MAX_STREAM_MESSAGE};
+use crate::{Config, Endpoint, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -19,6 +19,10 @@ pub enum Cmd {
     Remove { network: String, id: String },
     Endpoints { network: String, reply: oneshot::Sender<Vec<Endpoint>> },
     Members { reply: oneshot::Sender<Vec<Ident>> },
+    Join(String),
+    Stats { reply: oneshot::Sender<Stats> },
+    /// Stops the loop and closes the sockets (benchmarks: a node that dies).
+    Stop,
 }
 
 #[derive(Clone)]
@@ -37,6 +41,12 @@ impl GossipHandle {
         self.events.subscribe()
     }
 
+    pub async fn stats(&self) -> Stats {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Stats { reply });
+        rx.await.unwrap_or_default()
+    }
+
     /// Live members as this node's failure detector sees them (itself excluded).
     pub async fn members(&self) -> Vec<Ident> {
         let (reply, rx) = oneshot::channel();
@@ -52,11 +62,11 @@ impl GossipHandle {
 }
 
 /// Binds UDP and TCP on `me.addr` and starts the loop.
-pub async fn start(me: Ident, cfg: Config) -> anyhow::Result<GossipHandle> {
-    let udp = UdpSocket::bind(me.addr).await.map_err(|e| anyhow::anyhow!("gossip: bind udp {}: {e}", me.addr))?;
-    let tcp = TcpListener::bind(me.addr).await.map_err(|e| anyhow::anyhow!("gossip: bind tcp {}: {e}", me.addr))?;
+pub async fn start(me: Ident, cfg: Config) -> std::io::Result<GossipHandle> {
+    let udp = UdpSocket::bind(me.addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("gossip: bind udp {}: {e}", me.addr)))?;
+    let tcp = TcpListener::bind(me.addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("gossip: bind tcp {}: {e}", me.addr)))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let (events, _) = broadcast::channel(4096);
+    let (events, _) = broadcast::channel(1024);
     let h = GossipHandle { tx, events: events.clone(), me: me.clone() };
     let (stream_tx, stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
     tokio::spawn(accept_streams(tcp, stream_tx));
@@ -125,6 +135,11 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     Cmd::Leave(n) => g.leave_network(&n),
                     Cmd::Set(e) => g.set_endpoint(*e, now),
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
+                    Cmd::Join(n) => g.join_network(&n, now),
+                    Cmd::Stats { reply } => {
+                        let _ = reply.send(g.stats.clone());
+                    }
+                    Cmd::Stop => return,
                     Cmd::Members { reply } => {
                         let _ = reply.send(g.members().cloned().collect());
                     }
