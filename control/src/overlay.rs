@@ -120,29 +120,41 @@ impl Overlay {
         false
     }
 
-    /// Programs the network's remote endpoints (no-op without a local sandbox).
-    pub async fn sync(&self, net: &Id, remotes: Vec<Remote>) -> anyhow::Result<usize> {
+    /// Programs the network's remote endpoints (no-op without a local sandbox); with
+    /// `keep_stale`, adds and corrects only.
+    pub async fn sync(&self, net: &Id, remotes: Vec<Remote>, keep_stale: bool) -> anyhow::Result<usize> {
         let sbs = self.sandboxes.lock().await;
         let Some(sb) = sbs.get(net) else { return Ok(0) };
-        let ops = ov::sync_remotes(&self.ns, &sb.ns, sb.holder.vni, remotes)
+        let ops = ov::sync_remotes(&self.ns, &sb.ns, sb.holder.vni, remotes, keep_stale)
             .await
             .map_err(|e| anyhow::anyhow!("network {net} vni {}: program remote endpoints: {e}", sb.holder.vni))?;
         Ok(ops.len())
     }
 }
 
+/// How long after start the table is taken as still filling: entries are added but none
+/// removed, so a restarted agent does not cut traffic that its kernel state still carries.
+const WARMUP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps every local sandbox's remote entries equal to the endpoint table: on every change
-/// of a network, on request (`dirty`), and every 30 s against drift.
+/// of a network, on request (`dirty`), once when the warm-up ends, and every 30 s against
+/// drift.
 pub async fn follow(overlay: std::sync::Arc<Overlay>, gossip: swarmnet_gossip::server::GossipHandle, mut dirty: tokio::sync::mpsc::UnboundedReceiver<Id>) {
     use swarmnet_gossip::Event;
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut events = gossip.subscribe();
     let mut resync = tokio::time::interval(std::time::Duration::from_secs(30));
     let local = gossip.me.addr.ip();
+    let warm_until = tokio::time::Instant::now() + WARMUP;
+    let mut warm = false;
     loop {
         let mut nets: BTreeSet<Id> = BTreeSet::new();
         let mut all = false;
         tokio::select! {
+            _ = tokio::time::sleep_until(warm_until), if !warm => {
+                warm = true;
+                all = true;
+            }
             e = events.recv() => match e {
                 Ok(Event::Endpoint(c)) => { nets.insert(c.network); }
                 Ok(_) => {}
@@ -182,7 +194,7 @@ pub async fn follow(overlay: std::sync::Arc<Overlay>, gossip: swarmnet_gossip::s
                     std::net::IpAddr::V6(_) => None,
                 })
                 .collect();
-            match overlay.sync(&net, remotes).await {
+            match overlay.sync(&net, remotes, !warm).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(network = %net, changes = n, "overlay entries updated"),
                 Err(e) => warn!(network = %net, error = %format!("{e:#}"), "overlay sync failed"),

@@ -137,14 +137,20 @@ pub async fn remove_vxlan(ns: &NsWorker, sandbox: &File, vni: u32) -> Result<(),
 }
 
 /// Makes the sandbox's neighbour and FDB entries match `desired`; returns the changes made.
-pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<Remote>) -> Result<Vec<Op>, NsError> {
+/// With `keep_stale`, entries not in `desired` are left alone (right after a restart, when
+/// the table is still filling, removing them would cut live traffic).
+pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<Remote>, keep_stale: bool) -> Result<Vec<Op>, NsError> {
     let sb = sandbox.try_clone()?;
     ns.run(move |ctx| -> Result<Vec<Op>, NsError> {
         let nl = ctx.netlink_in(&sb)?;
         let vx = vxlan_name(vni);
         let ops = ctx.block_on(async {
             let (neigh, fdb) = nl.neigh_and_fdb(&vx).await?;
-            let ops = plan(&desired, &neigh, &fdb);
+            let mut ops = plan(&desired, &neigh, &fdb);
+            if keep_stale {
+                // A changed destination is still corrected: FdbAdd replaces it.
+                ops.retain(|op| !matches!(op, Op::NeighDel(_) | Op::FdbDel(..)));
+            }
             for op in &ops {
                 match *op {
                     Op::NeighAdd(ip, mac) => nl.neigh_add(&vx, ip, mac).await?,

@@ -252,8 +252,19 @@ fn a_killed_agent_disappears_from_every_kernel_and_comes_back_and_a_blip_removes
     let nodes = lab.cli_json(0, &["node", "ls"])?;
     let n3 = nodes.as_array().and_then(|a| a.iter().find(|n| n["hostname"] == "snx-ovlfail-n3")).context("n3")?;
     assert_eq!(n3["gossip"], "unreachable", "node ls shows the gossip view: {n3}");
-    // Start it again: it adopts its task and publishes it under a new generation.
+    // Start it again: it adopts its task and its sandbox, and publishes the task under a
+    // new generation. The sandbox is the same one (not torn down and made again), and the
+    // entries it held for the other nodes' tasks stay in place throughout.
+    let net_id = net["id"].as_str().context("network id")?;
+    let holder_before = sandbox_of(&lab, 2, net_id).context("n3's sandbox")?;
+    let held = kernel_entries(&lab, 2, &net)?;
+    assert_eq!(held.0.len(), 2, "n3 holds the other two tasks: {held:?}");
     lab.start_node(2)?;
+    for _ in 0..40 {
+        assert_eq!(kernel_entries(&lab, 2, &net)?, held, "n3's entries stay during its agent's restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sandbox_of(&lab, 2, net_id), Some(holder_before), "the sandbox was adopted, not rebuilt");
     wait_for("n3's entries back on n1 and n2", T, || (present(&lab, 0) && present(&lab, 1)).then_some(()))?;
     assert!(lab.log(2).contains("adopted a task"), "the restarted agent adopted its running task");
     Ok(())
