@@ -160,6 +160,9 @@ impl Agent {
             bail!("manager refused the session: {}", reply.error);
         }
         let hb_ms = reply.data.get("heartbeat_ms").and_then(|v| v.as_u64()).unwrap_or(5000).max(50);
+        if let Some(p) = reply.data.get("data_path_port").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok()) {
+            self.runtime.overlay().set_port(p);
+        }
         info!(manager = %self.id.manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
         let (msg_tx, mut msg_rx) = mpsc::channel::<anyhow::Result<Option<FromManager>>>(16);
         let reader = tokio::spawn(async move {

@@ -25,8 +25,6 @@ use crate::token::JoinToken;
 pub struct Common {
     pub data_dir: PathBuf,
     pub advertise: IpAddr,
-    /// UDP port of the VXLAN data path (like Docker's --data-path-port).
-    pub data_path_port: u16,
     /// TCP and UDP port of gossip.
     pub gossip_port: u16,
 }
@@ -58,7 +56,7 @@ async fn node_services(c: &Common, base: NodeBase, node_id: &str) -> anyhow::Res
     let me = swarmnet_gossip::Ident { node: node_id.to_string(), addr: SocketAddr::new(c.advertise, c.gossip_port), gen };
     let gossip = gossip_server::start(me, swarmnet_gossip::Config::default()).await?;
     let task_mtu = base.mtu.saturating_sub(50);
-    let overlay = Arc::new(Overlay::open(base.ns.clone(), &c.data_dir, local, c.data_path_port, task_mtu)?);
+    let overlay = Arc::new(Overlay::open(base.ns.clone(), &c.data_dir, local, task_mtu)?);
     let (dirty, dirty_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(crate::overlay::follow(overlay.clone(), gossip.clone(), dirty_rx));
     let net = Net { overlay, gossip: gossip.clone(), dirty, vtep: c.advertise };
@@ -76,9 +74,9 @@ async fn node_base(c: &Common) -> anyhow::Result<NodeBase> {
     Ok(NodeBase { ns, mtu, underlay })
 }
 
-pub async fn run_manager(c: Common, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration) -> anyhow::Result<()> {
+pub async fn run_manager(c: Common, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16) -> anyhow::Result<()> {
     let base = node_base(&c).await?;
-    let cfg = ManagerConfig { advertise: c.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone() };
+    let cfg = ManagerConfig { advertise: c.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port };
     let manager = Manager::open(&c.data_dir, &cfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");

@@ -46,9 +46,6 @@ struct DaemonArgs {
     advertise_addr: IpAddr,
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// UDP port of the VXLAN data path; the same on every node.
-    #[arg(long, default_value_t = 4789)]
-    data_path_port: u16,
     /// Port of gossip (UDP and TCP); the same on every node.
     #[arg(long, default_value_t = 7946)]
     gossip_port: u16,
@@ -69,6 +66,10 @@ enum Cmd {
         /// Seconds between node heartbeats; a node is down after 3 missed.
         #[arg(long, default_value_t = 5.0)]
         heartbeat_interval: f64,
+        /// UDP port of the VXLAN data path for the whole cluster (used when the cluster is
+        /// created, like `docker swarm init --data-path-port`).
+        #[arg(long, default_value_t = 4789)]
+        data_path_port: u16,
     },
     /// Run an agent that joins a manager.
     Agent {
@@ -234,18 +235,21 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     let req = match cli.cmd {
-        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval } => {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
             }
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, data_path_port: d.data_path_port, gossip_port: d.gossip_port };
-            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval)))?;
+            if data_path_port == 0 {
+                bail!("--data-path-port 0: choose a UDP port (default 4789)");
+            }
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, gossip_port: d.gossip_port };
+            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
             init_logging();
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, data_path_port: d.data_path_port, gossip_port: d.gossip_port };
+            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, gossip_port: d.gossip_port };
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }

@@ -35,6 +35,8 @@ pub struct ManagerConfig {
     pub heartbeat: Duration,
     pub hostname: String,
     pub underlay: Vec<IpNetwork>,
+    /// Used when the cluster is created; later starts keep the stored one.
+    pub data_path_port: u16,
 }
 
 struct Inner {
@@ -75,6 +77,9 @@ impl Manager {
         let meta = match meta {
             Some(m) => {
                 info!(cluster = %m.cluster_id, nodes = state.nodes.len(), services = state.services.len(), "loaded cluster state");
+                if m.data_path_port != cfg.data_path_port {
+                    warn!(stored = m.data_path_port, given = cfg.data_path_port, "--data-path-port is set when the cluster is created; keeping the stored one");
+                }
                 m
             }
             None => {
@@ -88,6 +93,7 @@ impl Manager {
                     worker_secret: pki::random_base36(token::SECRET_LEN)?,
                     manager_node_id: node_id,
                     manager_cert: cert,
+                    data_path_port: cfg.data_path_port,
                 };
                 store.commit(&[store::meta_write(&meta)?])?;
                 info!(cluster = %cluster_id, "created a new cluster");
@@ -355,7 +361,7 @@ impl Manager {
         })?;
         info!(node = %node, tasks = reports.len(), "node session opened");
         let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
-        write_msg(&mut w, &Reply::ok(json!({ "node_id": node, "heartbeat_ms": hb }))).await?;
+        write_msg(&mut w, &Reply::ok(json!({ "node_id": node, "heartbeat_ms": hb, "data_path_port": self.meta.data_path_port }))).await?;
         let mut rx = self.changed.subscribe();
         let mut sent = self.assignments(&node);
         // Removals are also sent for tasks the node may never have seen (made and removed

@@ -34,14 +34,15 @@ pub struct Overlay {
     ns: NsWorker,
     dir: PathBuf,
     local: Ipv4Addr,
-    port: u16,
+    /// The cluster's data-path port, from the manager (until then the default).
+    port: std::sync::atomic::AtomicU16,
     mtu: u32,
     sandboxes: Mutex<HashMap<Id, Sandbox>>,
 }
 
 impl Overlay {
     /// Adopts the sandboxes an earlier daemon left (their holders still running).
-    pub fn open(ns: NsWorker, data_dir: &std::path::Path, local: Ipv4Addr, port: u16, task_mtu: u32) -> anyhow::Result<Overlay> {
+    pub fn open(ns: NsWorker, data_dir: &std::path::Path, local: Ipv4Addr, task_mtu: u32) -> anyhow::Result<Overlay> {
         let dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&dir)?;
         let mut sandboxes = HashMap::new();
@@ -57,7 +58,7 @@ impl Overlay {
                 }
             }
         }
-        let o = Overlay { ns, dir, local, port, mtu: task_mtu, sandboxes: Mutex::new(sandboxes) };
+        let o = Overlay { ns, dir, local, port: std::sync::atomic::AtomicU16::new(4789), mtu: task_mtu, sandboxes: Mutex::new(sandboxes) };
         Ok(o)
     }
 
@@ -67,6 +68,11 @@ impl Overlay {
         if let Err(e) = r {
             warn!(error = %e, "could not save sandbox state");
         }
+    }
+
+    /// The cluster's data-path port, as the manager says at each session.
+    pub fn set_port(&self, port: u16) {
+        self.port.store(port, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Networks with a sandbox on this node.
@@ -91,7 +97,7 @@ impl Overlay {
             self.save(&sbs);
         }
         let Some(sb) = sbs.get_mut(&net.id) else { anyhow::bail!("sandbox of network {} vanished", net.name) };
-        let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port, mtu: self.mtu };
+        let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(std::sync::atomic::Ordering::Relaxed), mtu: self.mtu };
         ov::setup_sandbox(&self.ns, &sb.ns, spec).await.map_err(|e| anyhow::anyhow!("network {} vni {}: sandbox: {e}", net.name, net.vni))?;
         ov::plug(&self.ns, &sb.ns, host_if.to_string()).await.map_err(|e| anyhow::anyhow!("network {}: plug {host_if}: {e}", net.name))?;
         sb.users.insert(task.clone());

@@ -111,6 +111,10 @@ impl Runtime {
         }
     }
 
+    pub fn overlay(&self) -> &Overlay {
+        &self.net.overlay
+    }
+
     pub fn log_path(&self, task: &Id) -> PathBuf {
         self.dir.join(format!("{task}.log"))
     }

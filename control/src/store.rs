@@ -36,6 +36,13 @@ pub struct ClusterMeta {
     pub manager_node_id: String,
     /// The manager's own certificate as a TLS server (and as a node).
     pub manager_cert: CertKey,
+    /// UDP port of the VXLAN data path, cluster-wide (set when the cluster is created).
+    #[serde(default = "default_data_path_port")]
+    pub data_path_port: u16,
+}
+
+fn default_data_path_port() -> u16 {
+    4789
 }
 
 #[derive(Clone, Debug, PartialEq)]

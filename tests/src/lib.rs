@@ -140,12 +140,18 @@ pub struct Lab {
     pub heartbeat: f64,
     token: Option<String>,
     keep: bool,
+    manager_args: Vec<String>,
 }
 
 impl Lab {
     /// Builds `nodes` hosts and starts daemons on the first `start` of them (node 1 is the
     /// manager), then waits until the manager lists `start` ready nodes.
     pub fn up(name: &str, nodes: usize, start: usize, heartbeat: f64) -> Result<Lab> {
+        Self::up_with(name, nodes, start, heartbeat, &[])
+    }
+
+    /// Like `up`, with extra flags for the manager (e.g. `--data-path-port 4790`).
+    pub fn up_with(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str]) -> Result<Lab> {
         require_root()?;
         if nodes == 0 || nodes > 200 || start > nodes {
             bail!("lab {name}: {nodes} nodes (start {start}) is out of range");
@@ -158,7 +164,15 @@ impl Lab {
         sh(&["ip", "netns", "add", &ul])?;
         sh(&["ip", "-n", &ul, "link", "add", "snbr0", "type", "bridge"])?;
         sh(&["ip", "-n", &ul, "link", "set", "snbr0", "up"])?;
-        let mut lab = Lab { name: name.to_string(), nodes: Vec::new(), bin, heartbeat, token: None, keep: false };
+        let mut lab = Lab {
+            name: name.to_string(),
+            nodes: Vec::new(),
+            bin,
+            heartbeat,
+            token: None,
+            keep: false,
+            manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
+        };
         for i in 1..=nodes {
             let ns = format!("{name}-n{i}");
             let addr = format!("{UNDERLAY_PREFIX}.{i}");
@@ -203,7 +217,7 @@ impl Lab {
         cmd.args(["netns", "exec", &node.ns]).arg(&self.bin);
         let hb = self.heartbeat.to_string();
         if i == 0 {
-            cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]);
+            cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]).args(&self.manager_args);
         } else {
             let manager = format!("{}:2377", self.nodes[0].addr);
             cmd.args(["agent", "--join", &manager, "--advertise-addr", &node.addr]);

@@ -292,3 +292,21 @@ fn a_standalone_task_on_a_worker_reaches_service_tasks_and_back() -> Result<()> 
     assert_eq!(echo_eventually(pid(&svc[0]), lip, "udp")?, "ping");
     Ok(())
 }
+
+#[test]
+fn the_clusters_data_path_port_is_used_by_every_node() -> Result<()> {
+    let lab = Lab::up_with("snx-dport", 2, 2, 1.0, &["--data-path-port", "4790"])?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    echo_service(&lab, "e", "2", &["appnet"])?;
+    let t = lab.wait_service("e", 2, T)?;
+    let net = network(&lab, "appnet")?;
+    let vx = format!("snvx{}", net["vni"]);
+    for i in 0..2 {
+        let holder = wait_for("sandbox", T, || sandbox_of(&lab, i, net["id"].as_str().unwrap_or("")))?;
+        let link = in_netns_of(holder, &["ip", "-d", "link", "show", &vx])?;
+        assert!(link.contains("dstport 4790"), "node {} vxlan: {link}", i + 1);
+    }
+    let ip = t[1]["addresses"]["appnet"].as_str().context("ip")?;
+    assert_eq!(echo_eventually(pid(&t[0]), ip, "tcp")?, "ping");
+    Ok(())
+}
