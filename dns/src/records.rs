@@ -1,0 +1,209 @@
+//! The record store: a plain lookup structure with no I/O, fed by the endpoint table's
+//! change stream (the same one the overlay consumes) and asked with the asker's networks.
+//!
+//! - `web` → the VIP of service `web` on the asker's networks (endpoint mode vip), or the
+//!   addresses of its active tasks (dnsrr: no VIP);
+//! - `tasks.web` → the addresses of the active tasks of `web`; NXDOMAIN (never forwarded) if
+//!   there is no such service: `tasks.` names are the cluster's own;
+//! - a task's name (`web.1`, a standalone task's `--name`) or an alias → its address;
+//! - PTR of a task address → its name;
+//! - anything else is not ours: forward it upstream.
+//!
+//! A draining endpoint leaves every answer at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use swarmnet_gossip::{Change, Endpoint, EndpointState};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Addresses, in a stable order; the server shuffles them per query.
+    Addrs(Vec<Ipv4Addr>),
+    /// A PTR answer.
+    Name(String),
+    /// The name is ours but has no record of the asked type (or no active task now).
+    NoData,
+    /// A cluster name that does not exist: answered here, never forwarded.
+    NxDomain,
+    /// Not a cluster name: forward to the upstream resolvers.
+    NotLocal,
+}
+
+#[derive(Default)]
+pub struct Records {
+    /// network id → endpoint id → endpoint
+    nets: BTreeMap<String, BTreeMap<String, Endpoint>>,
+}
+
+fn norm(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Records {
+    pub fn apply(&mut self, c: &Change) {
+        match &c.new {
+            Some(e) => {
+                self.nets.entry(c.network.clone()).or_default().insert(c.id.clone(), e.clone());
+            }
+            None => {
+                if let Some(n) = self.nets.get_mut(&c.network) {
+                    n.remove(&c.id);
+                    if n.is_empty() {
+                        self.nets.remove(&c.network);
+                    }
+                }
+            }
+        }
+    }
+
+    fn in_scope<'a>(&'a self, scope: &'a [String]) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        scope.iter().filter_map(|n| self.nets.get(n)).flat_map(|m| m.values())
+    }
+
+    fn active_ips<'a>(eps: impl Iterator<Item = &'a Endpoint>) -> Vec<Ipv4Addr> {
+        let set: BTreeSet<Ipv4Addr> = eps.filter(|e| e.state == EndpointState::Active).map(|e| e.ip).collect();
+        set.into_iter().collect()
+    }
+
+    fn addrs_or_nodata(v: Vec<Ipv4Addr>) -> Answer {
+        if v.is_empty() {
+            Answer::NoData
+        } else {
+            Answer::Addrs(v)
+        }
+    }
+
+    /// A records for `qname` as seen from a task on the networks `scope` (network ids).
+    pub fn a(&self, scope: &[String], qname: &str) -> Answer {
+        let name = norm(qname);
+        if let Some(svc) = name.strip_prefix("tasks.") {
+            let eps: Vec<&Endpoint> = self.in_scope(scope).filter(|e| !e.service_name.is_empty() && e.service_name.eq_ignore_ascii_case(svc)).collect();
+            if eps.is_empty() {
+                return Answer::NxDomain;
+            }
+            return Self::addrs_or_nodata(Self::active_ips(eps.into_iter()));
+        }
+        let svc: Vec<&Endpoint> = self.in_scope(scope).filter(|e| !e.service_name.is_empty() && e.service_name.eq_ignore_ascii_case(&name)).collect();
+        if !svc.is_empty() {
+            let vips: BTreeSet<Ipv4Addr> = svc.iter().filter_map(|e| e.vip).collect();
+            if !vips.is_empty() {
+                return Answer::Addrs(vips.into_iter().collect());
+            }
+            return Self::addrs_or_nodata(Self::active_ips(svc.into_iter()));
+        }
+        let tasks: Vec<&Endpoint> = self
+            .in_scope(scope)
+            .filter(|e| e.task_name.eq_ignore_ascii_case(&name) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name)))
+            .collect();
+        if !tasks.is_empty() {
+            return Self::addrs_or_nodata(Self::active_ips(tasks.into_iter()));
+        }
+        Answer::NotLocal
+    }
+
+    /// AAAA: cluster names have IPv4 only, so a name of ours is NoData (empty NOERROR).
+    pub fn aaaa(&self, scope: &[String], qname: &str) -> Answer {
+        match self.a(scope, qname) {
+            Answer::Addrs(_) | Answer::NoData => Answer::NoData,
+            other => other,
+        }
+    }
+
+    /// PTR of a task address on the asker's networks.
+    pub fn ptr(&self, scope: &[String], ip: Ipv4Addr) -> Answer {
+        match self.in_scope(scope).find(|e| e.ip == ip && e.state == EndpointState::Active) {
+            Some(e) => Answer::Name(e.task_name.clone()),
+            None => Answer::NotLocal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(net: &str, id: &str, svc: &str, task: &str, last: u8, vip: Option<u8>) -> Endpoint {
+        Endpoint {
+            network: net.into(),
+            id: id.into(),
+            task_name: task.into(),
+            service_name: svc.into(),
+            service_id: format!("{svc}-id"),
+            aliases: vec![],
+            ip: Ipv4Addr::new(10, 0, 0, last),
+            mac: [2, 0x42, 10, 0, 0, last],
+            vtep: "10.210.0.1".parse().expect("ip"),
+            vip: vip.map(|v| Ipv4Addr::new(10, 0, 0, v)),
+            ports: vec![],
+            state: EndpointState::Active,
+        }
+    }
+
+    fn add(r: &mut Records, e: Endpoint) {
+        r.apply(&Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(e) });
+    }
+
+    fn del(r: &mut Records, net: &str, id: &str) {
+        r.apply(&Change { network: net.into(), id: id.into(), old: None, new: None });
+    }
+
+    fn scope(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+
+    #[test]
+    fn service_vip_tasks_and_task_names() {
+        let mut r = Records::default();
+        add(&mut r, ep("n", "t1", "web", "web.1", 3, Some(2)));
+        add(&mut r, ep("n", "t2", "web", "web.2", 4, Some(2)));
+        let s = scope(&["n"]);
+        assert_eq!(r.a(&s, "web"), Answer::Addrs(vec![ip(2)]));
+        assert_eq!(r.a(&s, "WEB."), Answer::Addrs(vec![ip(2)]), "case and trailing dot");
+        assert_eq!(r.a(&s, "tasks.web"), Answer::Addrs(vec![ip(3), ip(4)]));
+        assert_eq!(r.a(&s, "web.2"), Answer::Addrs(vec![ip(4)]));
+        assert_eq!(r.ptr(&s, ip(3)), Answer::Name("web.1".into()));
+        assert_eq!(r.aaaa(&s, "web"), Answer::NoData);
+        assert_eq!(r.a(&s, "example.com"), Answer::NotLocal);
+        assert_eq!(r.aaaa(&s, "example.com"), Answer::NotLocal);
+        assert_eq!(r.a(&s, "tasks.nope"), Answer::NxDomain, "tasks.* never leaks upstream");
+        del(&mut r, "n", "t1");
+        assert_eq!(r.a(&s, "tasks.web"), Answer::Addrs(vec![ip(4)]));
+        assert_eq!(r.ptr(&s, ip(3)), Answer::NotLocal);
+    }
+
+    #[test]
+    fn dnsrr_answers_task_addresses_and_draining_tasks_leave_answers() {
+        let mut r = Records::default();
+        add(&mut r, ep("n", "t1", "db", "db.1", 5, None));
+        add(&mut r, ep("n", "t2", "db", "db.2", 6, None));
+        let s = scope(&["n"]);
+        assert_eq!(r.a(&s, "db"), Answer::Addrs(vec![ip(5), ip(6)]));
+        let mut d = ep("n", "t2", "db", "db.2", 6, None);
+        d.state = EndpointState::Draining;
+        add(&mut r, d);
+        assert_eq!(r.a(&s, "db"), Answer::Addrs(vec![ip(5)]));
+        assert_eq!(r.a(&s, "tasks.db"), Answer::Addrs(vec![ip(5)]));
+        del(&mut r, "n", "t1");
+        assert_eq!(r.a(&s, "tasks.db"), Answer::NoData, "the service exists, no task is active");
+    }
+
+    #[test]
+    fn scoping_and_standalone_names_and_aliases() {
+        let mut r = Records::default();
+        add(&mut r, ep("red", "t1", "web", "web.1", 3, Some(2)));
+        let mut probe = ep("blue", "p", "", "probe", 9, None);
+        probe.aliases = vec!["api".into()];
+        add(&mut r, probe);
+        assert_eq!(r.a(&scope(&["blue"]), "web"), Answer::NotLocal, "red's names are not visible from blue");
+        assert_eq!(r.a(&scope(&["blue"]), "tasks.web"), Answer::NxDomain);
+        assert_eq!(r.a(&scope(&["blue"]), "probe"), Answer::Addrs(vec![ip(9)]));
+        assert_eq!(r.a(&scope(&["blue"]), "api"), Answer::Addrs(vec![ip(9)]));
+        assert_eq!(r.a(&scope(&["red", "blue"]), "web"), Answer::Addrs(vec![ip(2)]), "a task on both sees both");
+        assert_eq!(r.a(&scope(&["red"]), "probe"), Answer::NotLocal);
+    }
+}
