@@ -58,7 +58,9 @@ pub fn bench_convergence(trials: usize) -> Result<()> {
         monitors.push(Command::new("nsenter").args(["-t", &pid, "-n", "--", "ip", "-ts", "monitor", "neigh"]).stdout(f).stderr(Stdio::null()).spawn()?);
         logs.push(log);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Past the agents' start-up warm-up (during which stale entries are kept, so a trial
+    // that reuses the previous trial's address would see no kernel event).
+    std::thread::sleep(Duration::from_secs(6));
     let (mut gossip, mut e2e) = (Vec::new(), Vec::new());
     for trial in 0..trials {
         let offsets: Vec<usize> = logs.iter().map(|l| std::fs::read_to_string(l).map(|s| s.len()).unwrap_or(0)).collect();
