@@ -361,7 +361,7 @@ impl Runtime {
                         lock(&self.persisted).insert(id.clone(), Persisted { assignment: a.clone(), pid, start_time: start });
                         self.save();
                         info!(task = %id, name = %a.name, pid, "task started");
-                        if self.report_of(&id).is_some_and(|r| r.restarts > 0) {
+                        if lock(&report).restarts > 0 {
                             self.publish(&a, EndpointState::Active);
                         }
                         self.update(&report, |r| {

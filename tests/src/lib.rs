@@ -74,7 +74,7 @@ pub fn cleanup(name: &str) -> Result<()> {
     for pid in lab_pids(&marker) {
         if pid != me {
             // Processes this lab started, found by the marker it gave them.
-            let _ = nix_kill(pid, libc::SIGKILL);
+            let _ = send_signal(pid, libc::SIGKILL);
         }
     }
     // Give the kernel a moment to reap before the namespaces go.
@@ -96,7 +96,7 @@ pub fn cleanup(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
+fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
     let pid = i32::try_from(pid).map_err(std::io::Error::other)?;
     // SAFETY: kill(2) with a positive pid only sends a signal; no memory is involved.
     if unsafe { libc::kill(pid, sig) } != 0 {
@@ -256,7 +256,7 @@ impl Lab {
     /// Sends `sig` to node `i`'s daemon and waits for it to exit.
     pub fn stop_node(&mut self, i: usize, sig: i32) -> Result<()> {
         let Some(pid) = self.nodes[i].pid.take() else { return Ok(()) };
-        nix_kill(pid, sig)?;
+        send_signal(pid, sig)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         while pid_alive(pid) {
             if Instant::now() > deadline {

@@ -6,6 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
+use crate::pct;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use swarmnet_lab::{wait_for, Lab};
@@ -36,10 +37,6 @@ fn log_ts(t: &str) -> Option<f64> {
     Some(secs as f64 + format!("0.{frac}").parse::<f64>().ok()?)
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
-}
 
 pub fn bench_convergence(trials: usize) -> Result<()> {
     let lab = Lab::up("snbench", 3, 3, 5.0)?;

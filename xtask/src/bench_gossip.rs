@@ -9,17 +9,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::pct;
 use anyhow::{bail, Result};
 use swarmnet_gossip::server::{self, Cmd, GossipHandle};
 use swarmnet_gossip::{Config, Endpoint, EndpointState, Event, Ident};
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
-}
 
 fn ep(k: usize) -> Endpoint {
     Endpoint {

@@ -172,12 +172,13 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
+/// The `p`th percentile (nearest rank) of `v`, which it sorts.
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
         return f64::NAN;
     }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
 }
 
 /// `service create --replicas 3` to 3 tasks running, and manager restart to all agents
@@ -204,8 +205,7 @@ fn bench_control(runs: usize) -> Result<()> {
         })
         .with_context(|| format!("endpoints left: {}", lab.cli_ok(0, &["network", "inspect", "benchnet"]).unwrap_or_default()))?;
     }
-    create.sort_by(|a, b| a.total_cmp(b));
-    println!("service create --replicas 3 -> 3 running: runs={runs} p50={:.1} ms p90={:.1} ms max={:.1} ms", percentile(&create, 50.0), percentile(&create, 90.0), percentile(&create, 100.0));
+    println!("service create --replicas 3 -> 3 running: runs={runs} p50={:.1} ms p90={:.1} ms max={:.1} ms", pct(&mut create, 50.0), pct(&mut create, 90.0), pct(&mut create, 100.0));
 
     let mut reconnect = Vec::new();
     for _ in 0..5.min(runs) {
@@ -220,8 +220,7 @@ fn bench_control(runs: usize) -> Result<()> {
         .context("agents did not reconnect")?;
         reconnect.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    reconnect.sort_by(|a, b| a.total_cmp(b));
-    println!("manager restart -> both agents reconnected: runs={} p50={:.1} ms max={:.1} ms", reconnect.len(), percentile(&reconnect, 50.0), percentile(&reconnect, 100.0));
+    println!("manager restart -> both agents reconnected: runs={} p50={:.1} ms max={:.1} ms", reconnect.len(), pct(&mut reconnect, 50.0), pct(&mut reconnect, 100.0));
     lab.down()?;
     Ok(())
 }

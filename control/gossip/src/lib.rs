@@ -269,7 +269,7 @@ impl Gossip {
         }
         if now >= self.next_ae {
             self.next_ae = now + self.cfg.anti_entropy;
-            self.anti_entropy(now);
+            self.anti_entropy();
         }
         if now >= self.next_reap {
             self.next_reap = now + Duration::from_secs(1);
@@ -462,7 +462,7 @@ impl Gossip {
         }
     }
 
-    pub fn join_network(&mut self, network: &str, now: Instant) {
+    pub fn join_network(&mut self, network: &str) {
         if self.table.joined().contains(network) {
             return;
         }
@@ -478,7 +478,6 @@ impl Gossip {
             let p = peers.swap_remove(k);
             self.send_digest(p, false);
         }
-        let _ = now;
     }
 
     /// Leaves a network; the caller removes its own endpoints there first.
@@ -494,7 +493,7 @@ impl Gossip {
     /// Publishes (adds or changes) one of this node's endpoints.
     pub fn set_endpoint(&mut self, ep: Endpoint, now: Instant) {
         if !self.table.joined().contains(&ep.network) {
-            self.join_network(&ep.network.clone(), now);
+            self.join_network(&ep.network.clone());
         }
         self.clock += 1;
         let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: ep.network.clone(), id: ep.id.clone(), value: Some(ep) };
@@ -535,7 +534,7 @@ impl Gossip {
         self.send_stream(to, &d);
     }
 
-    fn anti_entropy(&mut self, _now: Instant) {
+    fn anti_entropy(&mut self) {
         let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
         if peers.is_empty() {
             return;

@@ -135,7 +135,7 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     Cmd::Leave(n) => g.leave_network(&n),
                     Cmd::Set(e) => g.set_endpoint(*e, now),
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
-                    Cmd::Join(n) => g.join_network(&n, now),
+                    Cmd::Join(n) => g.join_network(&n),
                     Cmd::Stats { reply } => {
                         let _ = reply.send(g.stats.clone());
                     }

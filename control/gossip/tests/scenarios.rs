@@ -38,7 +38,7 @@ fn cluster(n: usize) -> MemNet {
     let all = net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == n - 1));
     assert!(all.is_some(), "membership converges");
     for i in 0..n {
-        net.with(i, |g, now| g.join_network("a", now));
+        net.with(i, |g, _| g.join_network("a"));
     }
     net.run_for(Duration::from_millis(200));
     net
@@ -63,7 +63,7 @@ fn only_members_of_a_network_get_its_entries() {
     net.join_all();
     net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 3)).expect("members");
     for i in 0..3 {
-        net.with(i, |g, now| g.join_network("a", now));
+        net.with(i, |g, _| g.join_network("a"));
     }
     net.run_for(Duration::from_millis(100));
     net.with(0, |g, now| g.set_endpoint(ep("a", "t1", 3, 0), now));
@@ -72,7 +72,7 @@ fn only_members_of_a_network_get_its_entries() {
     assert!(!has(&net, 3, "a", "t1"), "node 3 never joined a");
     assert_eq!(net.nodes[3].table().len(), 0);
     // Node 3 joins later and fetches the table at once.
-    net.with(3, |g, now| g.join_network("a", now));
+    net.with(3, |g, _| g.join_network("a"));
     let t = net.run_until(Duration::from_secs(5), |m| has(m, 3, "a", "t1")).expect("fetched on join");
     assert!(t < Duration::from_millis(100), "fetched on join, not at the next round: {t:?}");
 }
@@ -82,8 +82,8 @@ fn a_missed_join_event_does_not_make_entries_rejected_forever() {
     let mut net = cluster(3);
     // Node 2 cannot hear node 0 while node 0 joins network b and publishes on it.
     net.cut(0, 2);
-    net.with(0, |g, now| g.join_network("b", now));
-    net.with(2, |g, now| g.join_network("b", now));
+    net.with(0, |g, _| g.join_network("b"));
+    net.with(2, |g, _| g.join_network("b"));
     net.with(0, |g, now| g.set_endpoint(ep("b", "x", 9, 0), now));
     net.run_for(Duration::from_millis(500));
     assert!(!has(&net, 2, "b", "x"));
@@ -194,13 +194,13 @@ fn large_tables_respect_the_mtu_and_converge() {
     big.join_all();
     big.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 2)).expect("members");
     big.with(0, |g, now| {
-        g.join_network("a", now);
+        g.join_network("a");
         for k in 0..200u32 {
             g.set_endpoint(ep("a", &format!("task-{k:04}"), (k % 250) as u8, 0), now);
         }
     });
     big.run_for(Duration::from_millis(100));
-    big.with(2, |g, now| g.join_network("a", now));
+    big.with(2, |g, _| g.join_network("a"));
     big.run_until(Duration::from_secs(5), |m| m.nodes[2].table().endpoints("a").len() == 200).expect("bulk sync");
     assert_eq!(big.dropped_mtu, 0);
 }
