@@ -22,6 +22,8 @@ pub enum Answer {
     Addrs(Vec<Ipv4Addr>),
     /// A PTR answer.
     Name(String),
+    /// SRV answers: (port, target name).
+    Srv(Vec<(u16, String)>),
     /// The name is ours but has no record of the asked type (or no active task now).
     NoData,
     /// A cluster name that does not exist: answered here, never forwarded.
@@ -74,17 +76,38 @@ impl Records {
         }
     }
 
+    /// Replaces everything known about `network` (after the change stream lagged).
+    pub fn replace_network(&mut self, network: &str, eps: Vec<Endpoint>) {
+        if eps.is_empty() {
+            self.nets.remove(network);
+            return;
+        }
+        self.nets.insert(network.to_string(), eps.into_iter().map(|e| (e.id.clone(), e)).collect());
+    }
+
+    /// The networks this store holds entries of.
+    pub fn networks(&self) -> Vec<String> {
+        self.nets.keys().cloned().collect()
+    }
+
+    /// Endpoints of the service called `name` (or aliased `name`) in scope.
+    fn service<'a>(&'a self, scope: &'a [String], name: &'a str) -> Vec<&'a Endpoint> {
+        self.in_scope(scope)
+            .filter(|e| !e.service_name.is_empty() && (e.service_name.eq_ignore_ascii_case(name) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))))
+            .collect()
+    }
+
     /// A records for `qname` as seen from a task on the networks `scope` (network ids).
     pub fn a(&self, scope: &[String], qname: &str) -> Answer {
         let name = norm(qname);
         if let Some(svc) = name.strip_prefix("tasks.") {
-            let eps: Vec<&Endpoint> = self.in_scope(scope).filter(|e| !e.service_name.is_empty() && e.service_name.eq_ignore_ascii_case(svc)).collect();
+            let eps = self.service(scope, svc);
             if eps.is_empty() {
                 return Answer::NxDomain;
             }
             return Self::addrs_or_nodata(Self::active_ips(eps.into_iter()));
         }
-        let svc: Vec<&Endpoint> = self.in_scope(scope).filter(|e| !e.service_name.is_empty() && e.service_name.eq_ignore_ascii_case(&name)).collect();
+        let svc = self.service(scope, &name);
         if !svc.is_empty() {
             let vips: BTreeSet<Ipv4Addr> = svc.iter().filter_map(|e| e.vip).collect();
             if !vips.is_empty() {
@@ -92,9 +115,10 @@ impl Records {
             }
             return Self::addrs_or_nodata(Self::active_ips(svc.into_iter()));
         }
+        // A task's own name, or an alias of a standalone task.
         let tasks: Vec<&Endpoint> = self
             .in_scope(scope)
-            .filter(|e| e.task_name.eq_ignore_ascii_case(&name) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name)))
+            .filter(|e| e.task_name.eq_ignore_ascii_case(&name) || (e.service_name.is_empty() && e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name))))
             .collect();
         if !tasks.is_empty() {
             return Self::addrs_or_nodata(Self::active_ips(tasks.into_iter()));
@@ -104,16 +128,68 @@ impl Records {
 
     /// AAAA: cluster names have IPv4 only, so a name of ours is NoData (empty NOERROR).
     pub fn aaaa(&self, scope: &[String], qname: &str) -> Answer {
-        match self.a(scope, qname) {
+        Self::nodata_if_ours(self.a(scope, qname))
+    }
+
+    /// Any other type for a name of ours: NoData; otherwise as A would answer.
+    pub fn other(&self, scope: &[String], qname: &str) -> Answer {
+        Self::nodata_if_ours(self.a(scope, qname))
+    }
+
+    fn nodata_if_ours(a: Answer) -> Answer {
+        match a {
             Answer::Addrs(_) | Answer::NoData => Answer::NoData,
             other => other,
         }
     }
 
-    /// PTR of a task address on the asker's networks.
+    /// SRV for `_<label>._<tcp|udp>.<service>`: one record per port the service publishes
+    /// with that protocol (its target port), pointing at the service name (VIP mode) or at
+    /// each active task's name (dnsrr). The first label is not matched against anything:
+    /// ports have no names in a service spec.
+    pub fn srv(&self, scope: &[String], qname: &str) -> Answer {
+        let name = norm(qname);
+        let mut labels = name.splitn(3, '.');
+        let (Some(l1), Some(l2), Some(svc)) = (labels.next(), labels.next(), labels.next()) else {
+            return self.other(scope, qname);
+        };
+        let proto = match l2 {
+            "_tcp" => 6,
+            "_udp" => 17,
+            _ => return self.other(scope, qname),
+        };
+        if !l1.starts_with('_') {
+            return self.other(scope, qname);
+        }
+        let eps = self.service(scope, svc);
+        if eps.is_empty() {
+            return Answer::NotLocal;
+        }
+        let ports: BTreeSet<u16> = eps.iter().flat_map(|e| e.ports.iter()).filter(|p| p.proto == proto).map(|p| p.target).collect();
+        let vip = eps.iter().any(|e| e.vip.is_some());
+        let mut out = Vec::new();
+        for port in ports {
+            if vip {
+                out.push((port, svc.to_string()));
+            } else {
+                let names: BTreeSet<&str> = eps.iter().filter(|e| e.state == EndpointState::Active).map(|e| e.task_name.as_str()).collect();
+                out.extend(names.into_iter().map(|n| (port, n.to_string())));
+            }
+        }
+        if out.is_empty() {
+            Answer::NoData
+        } else {
+            Answer::Srv(out)
+        }
+    }
+
+    /// PTR of an address on the asker's networks: a task's name, or a service's for its VIP.
     pub fn ptr(&self, scope: &[String], ip: Ipv4Addr) -> Answer {
-        match self.in_scope(scope).find(|e| e.ip == ip && e.state == EndpointState::Active) {
-            Some(e) => Answer::Name(e.task_name.clone()),
+        if let Some(e) = self.in_scope(scope).find(|e| e.ip == ip && e.state == EndpointState::Active) {
+            return Answer::Name(e.task_name.clone());
+        }
+        match self.in_scope(scope).find(|e| e.vip == Some(ip) && !e.service_name.is_empty()) {
+            Some(e) => Answer::Name(e.service_name.clone()),
             None => Answer::NotLocal,
         }
     }
@@ -205,5 +281,51 @@ mod tests {
         assert_eq!(r.a(&scope(&["blue"]), "api"), Answer::Addrs(vec![ip(9)]));
         assert_eq!(r.a(&scope(&["red", "blue"]), "web"), Answer::Addrs(vec![ip(2)]), "a task on both sees both");
         assert_eq!(r.a(&scope(&["red"]), "probe"), Answer::NotLocal);
+    }
+
+    #[test]
+    fn service_aliases_resolve_like_the_service_and_vips_have_ptr() {
+        let mut r = Records::default();
+        let mut e = ep("n", "t1", "web", "web.1", 3, Some(2));
+        e.aliases = vec!["api".into()];
+        add(&mut r, e);
+        let s = scope(&["n"]);
+        assert_eq!(r.a(&s, "api"), Answer::Addrs(vec![ip(2)]), "a service alias gives the VIP");
+        assert_eq!(r.a(&s, "tasks.api"), Answer::Addrs(vec![ip(3)]));
+        assert_eq!(r.ptr(&s, ip(2)), Answer::Name("web".into()));
+        assert_eq!(r.other(&s, "api"), Answer::NoData);
+    }
+
+    #[test]
+    fn srv_from_published_ports() {
+        let mut r = Records::default();
+        let mut e = ep("n", "t1", "web", "web.1", 3, Some(2));
+        e.ports = vec![swarmnet_gossip::Port { published: 8080, target: 80, proto: 6 }, swarmnet_gossip::Port { published: 5353, target: 53, proto: 17 }];
+        add(&mut r, e);
+        let mut d1 = ep("n", "d1", "db", "db.1", 5, None);
+        d1.ports = vec![swarmnet_gossip::Port { published: 5432, target: 5432, proto: 6 }];
+        let mut d2 = d1.clone();
+        d2.id = "d2".into();
+        d2.task_name = "db.2".into();
+        d2.ip = ip(6);
+        add(&mut r, d1);
+        add(&mut r, d2);
+        let s = scope(&["n"]);
+        assert_eq!(r.srv(&s, "_http._tcp.web"), Answer::Srv(vec![(80, "web".into())]));
+        assert_eq!(r.srv(&s, "_dns._udp.web."), Answer::Srv(vec![(53, "web".into())]));
+        assert_eq!(r.srv(&s, "_pg._tcp.db"), Answer::Srv(vec![(5432, "db.1".into()), (5432, "db.2".into())]));
+        assert_eq!(r.srv(&s, "_x._udp.db"), Answer::NoData);
+        assert_eq!(r.srv(&s, "_http._tcp.example.com"), Answer::NotLocal);
+        assert_eq!(r.srv(&s, "web"), Answer::NoData, "a name of ours without SRV shape");
+    }
+
+    #[test]
+    fn replacing_a_network_after_a_lag() {
+        let mut r = Records::default();
+        add(&mut r, ep("n", "t1", "web", "web.1", 3, Some(2)));
+        r.replace_network("n", vec![ep("n", "t2", "web", "web.2", 4, Some(2))]);
+        assert_eq!(r.a(&scope(&["n"]), "tasks.web"), Answer::Addrs(vec![ip(4)]));
+        r.replace_network("n", vec![]);
+        assert!(r.networks().is_empty());
     }
 }

@@ -1,0 +1,421 @@
+//! The embedded resolver: a hickory-server request handler over the record store, one per
+//! task (it carries the task's networks: a task sees only names on them), served on a UDP
+//! socket and a TCP listener that were opened inside the task's network namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::rr::rdata::{A, PTR, SRV};
+use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use tracing::debug;
+
+use crate::forward::Forwarder;
+use crate::records::{Answer, Records};
+
+/// How long an idle TCP connection to the resolver stays open.
+const TCP_IDLE: Duration = Duration::from_secs(5);
+/// The largest UDP answer we send, whatever the client's EDNS size says.
+const MAX_UDP: u16 = 4096;
+
+pub struct Config {
+    /// TTL of the cluster's own records, in seconds.
+    pub ttl: u32,
+    pub forwarder: Forwarder,
+}
+
+/// Counters, for `network inspect`-style reporting and tests.
+#[derive(Default)]
+pub struct Counters {
+    pub local: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// What every task's resolver on this node shares.
+pub struct Shared {
+    pub records: RwLock<Records>,
+    pub config: Config,
+    pub counters: Counters,
+    shuffle: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Arc::new(Shared { records: RwLock::new(Records::default()), config, counters: Counters::default(), shuffle: AtomicU64::new(seed) })
+    }
+
+    /// Runs `f` on the records (a poisoned lock still holds a consistent store: every write
+    /// is one map operation).
+    pub fn read<R>(&self, f: impl FnOnce(&Records) -> R) -> R {
+        let g = self.records.read().unwrap_or_else(|p| p.into_inner());
+        f(&g)
+    }
+
+    pub fn write<R>(&self, f: impl FnOnce(&mut Records) -> R) -> R {
+        let mut g = self.records.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// A new order for `v` (per query, so clients that take the first address spread out).
+    fn shuffle<T>(&self, v: &mut [T]) {
+        let mut x = self.shuffle.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        for i in (1..v.len()).rev() {
+            x = splitmix(x);
+            let j = (x % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The resolver of one task.
+#[derive(Clone)]
+pub struct TaskResolver {
+    shared: Arc<Shared>,
+    /// Network ids the task is attached to.
+    scope: Arc<[String]>,
+}
+
+/// A task's resolver at work; dropping it closes its sockets.
+pub struct Listener {
+    server: Server<TaskResolver>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.server.shutdown_token().cancel();
+    }
+}
+
+/// Serves a task's resolver on sockets opened in its namespace. Must be called inside the
+/// tokio runtime that will serve them.
+pub fn serve(shared: Arc<Shared>, scope: Vec<String>, udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Listener> {
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    let mut server = Server::new(TaskResolver { shared, scope: scope.into() });
+    server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+    server.register_listener(tokio::net::TcpListener::from_std(tcp)?, TCP_IDLE, 65535);
+    Ok(Listener { server })
+}
+
+/// What to answer, decided without I/O.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    Records(Vec<Record>),
+    NoData,
+    Code(ResponseCode),
+    Forward,
+}
+
+impl TaskResolver {
+    fn plan(&self, request: &Request) -> Plan {
+        if request.metadata.op_code != OpCode::Query {
+            return Plan::Code(ResponseCode::NotImp);
+        }
+        let queries = request.queries.queries();
+        let [q] = queries else {
+            return Plan::Code(ResponseCode::FormErr);
+        };
+        let qtype = q.query_type();
+        match q.query_class() {
+            DNSClass::IN => {}
+            DNSClass::CH | DNSClass::HS | DNSClass::ANY | DNSClass::NONE | DNSClass::Unknown(_) | DNSClass::OPT(_) => {
+                return Plan::Code(ResponseCode::NotImp);
+            }
+        }
+        if matches!(qtype, RecordType::AXFR | RecordType::IXFR | RecordType::OPT) {
+            return Plan::Code(ResponseCode::NotImp);
+        }
+        let name: Name = q.name().clone().into();
+        let text = name.to_ascii();
+        let scope = &self.scope[..];
+        let ttl = self.shared.config.ttl;
+        let answer = self.shared.read(|r| match qtype {
+            RecordType::A => r.a(scope, &text),
+            RecordType::AAAA => r.aaaa(scope, &text),
+            RecordType::SRV => r.srv(scope, &text),
+            RecordType::PTR => match name.parse_arpa_name() {
+                Ok(net) => match net.addr() {
+                    IpAddr::V4(ip) if net.prefix_len() == 32 => r.ptr(scope, ip),
+                    _ => Answer::NotLocal,
+                },
+                Err(_) => r.other(scope, &text),
+            },
+            _ => r.other(scope, &text),
+        });
+        match answer {
+            Answer::Addrs(mut ips) => {
+                self.shared.shuffle(&mut ips);
+                Plan::Records(ips.into_iter().map(|ip: Ipv4Addr| Record::from_rdata(name.clone(), ttl, RData::A(A(ip)))).collect())
+            }
+            Answer::Name(target) => match Name::from_ascii(format!("{target}.")) {
+                Ok(t) => Plan::Records(vec![Record::from_rdata(name, ttl, RData::PTR(PTR(t)))]),
+                Err(_) => Plan::Code(ResponseCode::ServFail),
+            },
+            Answer::Srv(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (port, target) in list {
+                    let Ok(t) = Name::from_ascii(format!("{target}.")) else { return Plan::Code(ResponseCode::ServFail) };
+                    out.push(Record::from_rdata(name.clone(), ttl, RData::SRV(SRV::new(0, 1, port, t))));
+                }
+                self.shared.shuffle(&mut out);
+                Plan::Records(out)
+            }
+            Answer::NoData => Plan::NoData,
+            Answer::NxDomain => Plan::Code(ResponseCode::NXDomain),
+            Answer::NotLocal => Plan::Forward,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for TaskResolver {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
+        let resp_edns = request.edns.as_ref().map(|e| {
+            let mut r = Edns::new();
+            r.set_max_payload(e.max_payload().clamp(512, MAX_UDP));
+            r.set_version(0);
+            r
+        });
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.recursion_available = true;
+        let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            meta.response_code = ResponseCode::BADVERS;
+            return send(&mut response, builder.build_no_records(meta), &request.metadata).await;
+        }
+        let c = &self.shared.counters;
+        match self.plan(request) {
+            Plan::Records(recs) => {
+                c.local.fetch_add(1, Ordering::Relaxed);
+                meta.authoritative = true;
+                send(&mut response, builder.build(meta, recs.iter(), None, None, None), &request.metadata).await
+            }
+            Plan::NoData => {
+                c.local.fetch_add(1, Ordering::Relaxed);
+                meta.authoritative = true;
+                send(&mut response, builder.build_no_records(meta), &request.metadata).await
+            }
+            Plan::Code(code) => {
+                if code == ResponseCode::NXDomain {
+                    c.local.fetch_add(1, Ordering::Relaxed);
+                    meta.authoritative = true;
+                } else {
+                    c.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                meta.response_code = code;
+                send(&mut response, builder.build_no_records(meta), &request.metadata).await
+            }
+            Plan::Forward => {
+                c.forwarded.fetch_add(1, Ordering::Relaxed);
+                let tcp = request.protocol() != hickory_server::net::xfer::Protocol::Udp;
+                let upstream = match self.shared.config.forwarder.forward(request.as_slice(), tcp).await {
+                    Ok(bytes) => Message::from_vec(&bytes).map_err(|e| format!("upstream answer does not parse: {e}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                match upstream {
+                    Ok(m) => {
+                        // The upstream's answer, rcode and flags, under the client's id.
+                        let mut um = m.metadata;
+                        um.id = request.metadata.id;
+                        send(&mut response, builder.build(um, m.answers.iter(), m.authorities.iter(), None, m.additionals.iter()), &request.metadata).await
+                    }
+                    Err(e) => {
+                        c.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                        let name = request.queries.queries().first().map(|q| q.name().to_string()).unwrap_or_default();
+                        debug!(%name, error = %e, "forwarding failed: SERVFAIL");
+                        meta.response_code = ResponseCode::ServFail;
+                        send(&mut response, builder.build_no_records(meta), &request.metadata).await
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send<'a, R: ResponseHandler>(
+    response: &mut R,
+    msg: hickory_server::zone_handler::MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    request: &Metadata,
+) -> ResponseInfo {
+    match response.send_response(msg).await {
+        Ok(info) => info,
+        Err(e) => {
+            debug!(error = %e, "could not send a DNS answer");
+            let mut m = Metadata::response_from_request(request);
+            m.response_code = ResponseCode::ServFail;
+            ResponseInfo::from(Header { metadata: m, counts: HeaderCounts::default() })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_server::proto::op::{Message, MessageType, Query};
+    use std::net::SocketAddr;
+    use swarmnet_gossip::{Change, Endpoint, EndpointState};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn ep(id: u32, svc: &str, vip: Option<Ipv4Addr>) -> Endpoint {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 1, 0)) + id);
+        Endpoint {
+            network: "n".into(),
+            id: format!("t{id}"),
+            task_name: format!("{svc}.{id}"),
+            service_name: svc.into(),
+            service_id: format!("{svc}-id"),
+            aliases: vec![],
+            ip,
+            mac: [2, 0x42, 10, 0, 1, id as u8],
+            vtep: "10.210.0.1".parse().expect("ip"),
+            vip,
+            ports: vec![],
+            state: EndpointState::Active,
+        }
+    }
+
+    async fn start(upstreams: Vec<SocketAddr>) -> (Arc<Shared>, Listener, SocketAddr) {
+        let shared = Shared::new(Config { ttl: 2, forwarder: Forwarder { upstreams, timeout: Duration::from_millis(300) } });
+        shared.write(|r| {
+            for i in 1..=40 {
+                let e = ep(i, "big", None);
+                r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(e) });
+            }
+            let e = ep(100, "web", Some(Ipv4Addr::new(10, 0, 1, 250)));
+            r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(e) });
+        });
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = std::net::TcpListener::bind(addr).expect("tcp on the same port");
+        let l = serve(shared.clone(), vec!["n".into()], udp, tcp).expect("serve");
+        (shared, l, addr)
+    }
+
+    fn query(name: &str, t: RecordType, class: DNSClass, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new(4242, MessageType::Query, OpCode::Query);
+        let mut q = Query::query(Name::from_ascii(name).expect("name"), t);
+        q.set_query_class(class);
+        m.add_query(q);
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().expect("encode")
+    }
+
+    async fn udp_ask(to: SocketAddr, q: &[u8]) -> (Message, usize) {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        s.send_to(q, to).await.expect("send");
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), s.recv_from(&mut buf)).await.expect("an answer").expect("recv");
+        (Message::from_vec(&buf[..n]).expect("parse"), n)
+    }
+
+    async fn tcp_ask(to: SocketAddr, q: &[u8]) -> Message {
+        let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(q);
+        s.write_all(&msg).await.expect("write");
+        let mut lb = [0u8; 2];
+        s.read_exact(&mut lb).await.expect("len");
+        let mut buf = vec![0u8; u16::from_be_bytes(lb) as usize];
+        s.read_exact(&mut buf).await.expect("body");
+        Message::from_vec(&buf).expect("parse")
+    }
+
+    #[tokio::test]
+    async fn answers_truncation_tcp_and_bad_input() {
+        let (shared, _l, addr) = start(vec![]).await;
+        let (m, _) = udp_ask(addr, &query("web.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].ttl, 2);
+
+        let (m, n) = udp_ask(addr, &query("tasks.big.", RecordType::A, DNSClass::IN, None)).await;
+        assert!(m.metadata.truncation, "40 A records do not fit 512 bytes");
+        assert!(n <= 512);
+        let (m, _) = udp_ask(addr, &query("tasks.big.", RecordType::A, DNSClass::IN, Some(4096))).await;
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 40, "EDNS 4096 fits them all");
+        let m = tcp_ask(addr, &query("tasks.big.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.answers.len(), 40);
+
+        let (m, _) = udp_ask(addr, &query("web.", RecordType::AAAA, DNSClass::IN, None)).await;
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+        let (m, _) = udp_ask(addr, &query("tasks.nothing.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let (m, _) = udp_ask(addr, &query("web.", RecordType::A, DNSClass::CH, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        let (m, _) = udp_ask(addr, &query("web.", RecordType::AXFR, DNSClass::IN, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        let (m, _) = udp_ask(addr, &query("250.1.0.10.in-addr.arpa.", RecordType::PTR, DNSClass::IN, None)).await;
+        assert_eq!(m.answers.len(), 1, "PTR of the VIP");
+
+        // Garbage, a truncated header and a query with a mangled name: never a crash.
+        let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        for g in [vec![0u8; 3], vec![0xffu8; 600], { let mut q = query("web.", RecordType::A, DNSClass::IN, None); q[12] = 63; q }] {
+            junk.send_to(&g, addr).await.expect("send");
+        }
+        // No upstream: names that are not ours get SERVFAIL.
+        let (m, _) = udp_ask(addr, &query("example.com.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        let (m, _) = udp_ask(addr, &query("web.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.answers.len(), 1, "still answering after garbage");
+        assert!(shared.counters.upstream_failures.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[tokio::test]
+    async fn forwards_unchanged_and_shuffles() {
+        // An upstream that answers NXDOMAIN with one authority record for everything.
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let up_addr = up.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = up.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+                let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+                r.metadata.response_code = ResponseCode::NXDomain;
+                r.metadata.recursion_available = true;
+                r.queries = q.queries.clone();
+                let soa_name = Name::from_ascii("example.").expect("name");
+                r.authorities.push(Record::from_rdata(soa_name, 60, RData::A(A(Ipv4Addr::new(192, 0, 2, 1)))));
+                let _ = up.send_to(&r.to_vec().expect("encode"), from).await;
+            }
+        });
+        let (_s, _l, addr) = start(vec![up_addr]).await;
+        let (m, _) = udp_ask(addr, &query("missing.example.", RecordType::A, DNSClass::IN, None)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(m.authorities.len(), 1);
+        assert_eq!(m.metadata.id, 4242);
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let m = tcp_ask(addr, &query("tasks.big.", RecordType::A, DNSClass::IN, None)).await;
+            firsts.insert(format!("{:?}", m.answers[0].data));
+        }
+        assert!(firsts.len() > 1, "the order changes per query");
+    }
+}
