@@ -232,6 +232,7 @@ mod tests {
             ports: vec![],
             command: vec![],
             vips: Default::default(),
+            aliases: Default::default(),
         };
         svc.vips.insert("n".into(), a);
         st.services.insert("s".into(), svc);

@@ -2,6 +2,7 @@
 
 mod agent;
 mod daemon;
+mod dns;
 mod ipam;
 mod manager;
 mod model;
@@ -49,6 +50,52 @@ struct DaemonArgs {
     /// Port of gossip (UDP and TCP); the same on every node.
     #[arg(long, default_value_t = 7946)]
     gossip_port: u16,
+    /// Upstream resolver for names outside the cluster, IP or IP:PORT (repeatable; default:
+    /// the nameservers of the node's resolv.conf).
+    #[arg(long = "dns", value_name = "ADDR")]
+    dns: Vec<String>,
+    /// Search domain written into tasks' resolv.conf (repeatable; default: the node's;
+    /// `.` for none).
+    #[arg(long = "dns-search", value_name = "DOMAIN")]
+    dns_search: Vec<String>,
+    /// Option written into tasks' resolv.conf (repeatable; default: the node's).
+    #[arg(long = "dns-option", value_name = "OPT")]
+    dns_option: Vec<String>,
+    /// How long a forwarded query may take, over all upstreams, before the task gets
+    /// SERVFAIL (milliseconds).
+    #[arg(long, default_value_t = 2000)]
+    dns_timeout_ms: u64,
+    /// TTL of the cluster's own DNS records (seconds).
+    #[arg(long, default_value_t = 2)]
+    dns_ttl: u32,
+    /// The node's resolv.conf, read for upstreams, search domains and options.
+    #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
+    resolv_conf: PathBuf,
+}
+
+impl DaemonArgs {
+    fn common(self) -> anyhow::Result<daemon::Common> {
+        let upstreams = self.dns.iter().map(|s| swarmnet_dns::resolvconf::parse_upstream(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        if !(1..=60_000).contains(&self.dns_timeout_ms) {
+            bail!("--dns-timeout-ms {}: expected 1 to 60000", self.dns_timeout_ms);
+        }
+        if self.dns_ttl > 3600 {
+            bail!("--dns-ttl {}: expected 0 to 3600 seconds", self.dns_ttl);
+        }
+        Ok(daemon::Common {
+            data_dir: self.data_dir,
+            advertise: self.advertise_addr,
+            gossip_port: self.gossip_port,
+            dns: dns::DnsOpts {
+                upstreams,
+                search: self.dns_search,
+                options: self.dns_option,
+                timeout: Duration::from_millis(self.dns_timeout_ms),
+                ttl: self.dns_ttl,
+                resolv_conf: self.resolv_conf,
+            },
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -243,13 +290,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if data_path_port == 0 {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, gossip_port: d.gossip_port };
+            let c = d.common()?;
             daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
             init_logging();
-            let c = daemon::Common { data_dir: d.data_dir, advertise: d.advertise_addr, gossip_port: d.gossip_port };
+            let c = d.common()?;
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }

@@ -314,7 +314,10 @@ impl Manager {
                 let attachments = t
                     .networks
                     .iter()
-                    .map(|n| Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)?, vip: svc.and_then(|s| s.vips.get(n).copied()) }))
+                    .map(|n| {
+                        let aliases = svc.map_or(&t.aliases, |s| &s.aliases).get(n).cloned().unwrap_or_default();
+                        Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)?, vip: svc.and_then(|s| s.vips.get(n).copied()), aliases })
+                    })
                     .collect::<Option<Vec<_>>>()?;
                 Some((
                     t.id.clone(),

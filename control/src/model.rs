@@ -88,6 +88,9 @@ pub struct Service {
     pub command: Vec<String>,
     /// network id -> VIP (endpoint mode vip only).
     pub vips: BTreeMap<Id, Ipv4Addr>,
+    /// network id -> extra names of the service there (`--network name=…,alias=…`).
+    #[serde(default)]
+    pub aliases: BTreeMap<Id, Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,9 @@ pub struct Task {
     pub restart: bool,
     pub restarts: u32,
     pub pid: Option<u32>,
+    /// network id -> extra names of a standalone task there (a service's are on the service).
+    #[serde(default)]
+    pub aliases: BTreeMap<Id, Vec<String>>,
 }
 
 /// Everything the manager knows, as one value: operations clone it, change the clone

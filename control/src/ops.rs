@@ -158,18 +158,50 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
     Ok(net)
 }
 
-fn resolve_networks(st: &ClusterState, names: &[String]) -> Result<Vec<Id>, OpError> {
+/// One `--network` value: `NAME`, or `name=NAME[,alias=ALIAS]…` (Docker's long form).
+pub fn parse_network_arg(arg: &str) -> Result<(String, Vec<String>), OpError> {
+    if !arg.contains('=') {
+        return Ok((arg.to_string(), Vec::new()));
+    }
+    let mut name = None;
+    let mut aliases = Vec::new();
+    for part in arg.split(',') {
+        match part.split_once('=') {
+            Some(("name" | "network", v)) if !v.is_empty() => name = Some(v.to_string()),
+            Some(("alias", v)) => {
+                check_name("alias", v)?;
+                if !aliases.iter().any(|a: &String| a.eq_ignore_ascii_case(v)) {
+                    aliases.push(v.to_string());
+                }
+            }
+            _ => return Err(invalid(format!("invalid --network {arg:?}: expected NAME or name=NAME[,alias=ALIAS]... (unknown part {part:?})"))),
+        }
+    }
+    let name = name.ok_or_else(|| invalid(format!("invalid --network {arg:?}: no name=NETWORK in it")))?;
+    Ok((name, aliases))
+}
+
+/// network id -> aliases asked for on it.
+type Aliases = BTreeMap<Id, Vec<String>>;
+
+/// Network ids in the order given, and the aliases asked for on each.
+fn resolve_networks(st: &ClusterState, args: &[String]) -> Result<(Vec<Id>, Aliases), OpError> {
     let mut ids = Vec::new();
-    for n in names {
+    let mut aliases = BTreeMap::new();
+    for arg in args {
+        let (n, al) = parse_network_arg(arg)?;
         let net = st
-            .network_by_name(n)
+            .network_by_name(&n)
             .ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
         if ids.contains(&net.id) {
             return Err(invalid(format!("network {n} is given twice")));
         }
         ids.push(net.id.clone());
+        if !al.is_empty() {
+            aliases.insert(net.id.clone(), al);
+        }
     }
-    Ok(ids)
+    Ok((ids, aliases))
 }
 
 fn name_in_use(st: &ClusterState, name: &str) -> Option<String> {
@@ -228,7 +260,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen)
     if req.command.is_empty() {
         return Err(invalid(format!("service {}: no command given (put it after --)", req.name)));
     }
-    let networks = resolve_networks(st, &req.networks)?;
+    let (networks, aliases) = resolve_networks(st, &req.networks)?;
     let mut ports = Vec::new();
     for p in &req.publish {
         let spec = parse_publish(p)?;
@@ -256,6 +288,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen)
         ports,
         command: req.command.clone(),
         vips: BTreeMap::new(),
+        aliases,
     };
     let tasks = match mode {
         ServiceMode::Replicated { replicas } => replicas,
@@ -319,7 +352,7 @@ pub fn create_standalone(
     if req.networks.is_empty() {
         return Err(invalid("run needs --network"));
     }
-    let networks = resolve_networks(st, &req.networks)?;
+    let (networks, aliases) = resolve_networks(st, &req.networks)?;
     for id in &networks {
         let net = &st.networks[id];
         if !net.attachable {
@@ -344,6 +377,7 @@ pub fn create_standalone(
         restart: false,
         restarts: 0,
         pid: None,
+        aliases,
     };
     for id in &networks {
         let a = ipam::allocate(st, id)?;
@@ -484,6 +518,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
                 restart: true,
                 restarts: 0,
                 pid: None,
+                aliases: BTreeMap::new(),
             };
             st.tasks.insert(t.id.clone(), t);
         }
@@ -558,6 +593,22 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
         None => {
             t.error = "no suitable node: no node is ready".into();
         }
+    }
+}
+
+#[cfg(test)]
+mod network_arg_tests {
+    use super::parse_network_arg;
+
+    #[test]
+    fn plain_and_long_forms() {
+        assert_eq!(parse_network_arg("appnet").expect("plain"), ("appnet".to_string(), vec![]));
+        assert_eq!(parse_network_arg("name=appnet,alias=api,alias=API,alias=v1").expect("long"), ("appnet".to_string(), vec!["api".to_string(), "v1".to_string()]));
+        let e = parse_network_arg("alias=api").expect_err("no name");
+        assert!(e.to_string().contains("no name=NETWORK"), "{e}");
+        let e = parse_network_arg("name=appnet,colour=red").expect_err("unknown key");
+        assert!(e.to_string().contains("colour=red"), "{e}");
+        assert!(parse_network_arg("name=appnet,alias=bad name").is_err());
     }
 }
 

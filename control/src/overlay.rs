@@ -87,7 +87,7 @@ impl Overlay {
         if created {
             let ns = self.ns.run(|ctx| ctx.new_netns()).await??;
             let exe = std::env::current_exe()?;
-            let child = dp::spawn_in_netns(&ns, &[exe.display().to_string(), "sandbox-hold".into()], &self.dir.join(format!("{}.log", net.id)), &[])?;
+            let child = dp::spawn_in_netns(&ns, &[exe.display().to_string(), "sandbox-hold".into()], &self.dir.join(format!("{}.log", net.id)), &[], &[])?;
             let pid = child.id().unwrap_or(0);
             // The holder is not waited for here: it must outlive this daemon.
             drop(child);

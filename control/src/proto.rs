@@ -125,6 +125,9 @@ pub struct Attachment {
     /// The service's VIP on this network (endpoint mode vip).
     #[serde(default)]
     pub vip: Option<Ipv4Addr>,
+    /// Extra names on this network (`--network name=…,alias=…`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -46,6 +46,7 @@ pub struct Net {
     pub gossip: GossipHandle,
     pub dirty: mpsc::UnboundedSender<Id>,
     pub vtep: std::net::IpAddr,
+    pub dns: Arc<crate::dns::NodeDns>,
 }
 
 pub struct Runtime {
@@ -232,7 +233,7 @@ impl Runtime {
             task_name: a.name.clone(),
             service_name: a.service_name.clone().unwrap_or_default(),
             service_id: a.service_id.clone().unwrap_or_default(),
-            aliases: Vec::new(),
+            aliases: at.aliases.clone(),
             ip: at.address,
             mac: mac_for(at.address),
             vtep: self.net.vtep,
@@ -288,13 +289,21 @@ impl Runtime {
         if let Err(e) = dp::teardown_task_net(&self.ns, ifs).await {
             warn!(task = %id, error = %e, "could not remove the task's links");
         }
+        crate::dns::NodeDns::remove_task_files(&self.dir, id);
         lock(&self.persisted).remove(id);
         self.save();
+    }
+
+    /// The task's resolver on 127.0.0.11:53 in its namespace, scoped to its networks.
+    async fn resolver(&self, a: &Assignment, netns: &File) -> anyhow::Result<swarmnet_dns::server::Listener> {
+        let scope = a.attachments.iter().map(|at| at.network.id.clone()).collect();
+        self.net.dns.serve_task(&self.ns, netns, &a.task_id, scope).await
     }
 
     async fn supervise(self: Arc<Self>, a: Assignment, adopt: Option<Persisted>, report: Arc<Mutex<TaskReport>>, mut stop: watch::Receiver<bool>) {
         let id = a.task_id.clone();
         let mut netns: Option<File> = None;
+        let mut dns: Option<swarmnet_dns::server::Listener> = None;
         let mut proc: Option<Proc> = None;
         if let Some(p) = adopt {
             if dp::proc_start_time(p.pid) == Some(p.start_time) {
@@ -303,6 +312,10 @@ impl Runtime {
                         info!(task = %id, pid = p.pid, "adopted a task that kept running while the daemon was away");
                         if let Err(e) = self.connect(&a).await {
                             warn!(task = %id, error = %format!("{e:#}"), "adopted task: overlay");
+                        }
+                        match self.resolver(&a, &f).await {
+                            Ok(l) => dns = Some(l),
+                            Err(e) => warn!(task = %id, error = %format!("{e:#}"), "adopted task: no resolver"),
                         }
                         netns = Some(f);
                         proc = Some(Proc::Adopted { pid: p.pid, start: p.start_time });
@@ -321,14 +334,20 @@ impl Runtime {
         'life: loop {
             if netns.is_none() {
                 let setup = match dp::setup_task_net(&self.ns, self.nets(&a)).await {
-                    Ok(f) => match self.connect(&a).await {
-                        Ok(()) => Ok(f),
+                    Ok(f) => match self.resolver(&a, &f).await {
+                        Ok(l) => match self.connect(&a).await {
+                            Ok(()) => Ok((f, l)),
+                            Err(e) => Err(format!("{e:#}")),
+                        },
                         Err(e) => Err(format!("{e:#}")),
                     },
                     Err(e) => Err(e.to_string()),
                 };
                 match setup {
-                    Ok(f) => netns = Some(f),
+                    Ok((f, l)) => {
+                        netns = Some(f);
+                        dns = Some(l);
+                    }
                     Err(e) => {
                         warn!(task = %id, error = %e, "task network setup failed");
                         self.teardown(&id, &a).await;
@@ -354,7 +373,14 @@ impl Runtime {
                 let mut env = self.env.clone();
                 env.push(("SWARMNET_TASK_ID".into(), id.clone()));
                 env.push(("SWARMNET_TASK_NAME".into(), a.name.clone()));
-                match dp::spawn_in_netns(ns, &a.command, &self.log_path(&id), &env) {
+                let addrs: Vec<std::net::Ipv4Addr> = a.attachments.iter().map(|at| at.address).collect();
+                let spawned = self
+                    .net
+                    .dns
+                    .task_files(&self.dir, &id, &a.name, &addrs)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+                    .and_then(|binds| dp::spawn_in_netns(ns, &a.command, &self.log_path(&id), &env, &binds));
+                match spawned {
                     Ok(child) => {
                         let pid = child.id().unwrap_or(0);
                         let start = dp::proc_start_time(pid).unwrap_or(0);
@@ -431,6 +457,7 @@ impl Runtime {
                 }
             }
         }
+        drop(dns);
         drop(netns);
         self.teardown(&id, &a).await;
         if stopped {

@@ -63,6 +63,26 @@ impl NsCtx {
         Ok(ns?)
     }
 
+    /// Opens a UDP socket and a TCP listener on `addr` inside `ns` (for a task's resolver).
+    /// Sockets keep the namespace they were made in after the thread leaves it.
+    pub fn sockets_in(&mut self, ns: &File, addr: std::net::SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), NsError> {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
+        let made = (|| -> std::io::Result<_> {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            // Room for a burst of queries while the runtime is busy.
+            udp.set_recv_buffer_size(1 << 20)?;
+            udp.bind(&addr.into())?;
+            let tcp = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            tcp.set_reuse_address(true)?;
+            tcp.bind(&addr.into())?;
+            tcp.listen(128)?;
+            Ok((std::net::UdpSocket::from(udp), std::net::TcpListener::from(tcp)))
+        })();
+        self.back_home()?;
+        Ok(made?)
+    }
+
     /// Opens a netlink socket inside `ns`. The socket stays in `ns` after the thread leaves.
     pub fn netlink_in(&mut self, ns: &File) -> Result<Netlink, NsError> {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;

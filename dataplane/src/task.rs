@@ -98,13 +98,28 @@ pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Op
     .await?
 }
 
+/// Opens the task's resolver sockets (UDP and TCP on `addr`) inside its namespace.
+pub async fn resolver_sockets(ns: &NsWorker, netns: &File, addr: std::net::SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), NsError> {
+    let netns = netns.try_clone()?;
+    ns.run(move |ctx| ctx.sockets_in(&netns, addr)).await?
+}
+
 /// Starts `argv` inside the namespace `netns`, in a mount namespace of its own and a new
 /// session (so it outlives the daemon and a signal to its group reaches its children), with
-/// stdout and stderr appended to `log`.
-pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)]) -> std::io::Result<tokio::process::Child> {
+/// stdout and stderr appended to `log`. Each `(file, target)` of `binds` is bind-mounted
+/// over `target` in the task's mount namespace only (its resolv.conf and hosts).
+pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)], binds: &[(std::path::PathBuf, std::path::PathBuf)]) -> std::io::Result<tokio::process::Child> {
     let Some((prog, args)) = argv.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
+    let binds: Vec<(std::ffi::CString, std::ffi::CString)> = binds
+        .iter()
+        .map(|(f, t)| {
+            use std::os::unix::ffi::OsStrExt;
+            let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("path with a NUL byte: {}", p.display())));
+            Ok((c(f)?, c(t)?))
+        })
+        .collect::<std::io::Result<_>>()?;
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let fd = netns.as_raw_fd();
@@ -116,8 +131,9 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     // SAFETY: the closure runs in the child between fork and exec and only makes raw
     // system calls (setns, unshare, mount, setsid) that are async-signal-safe; it
-    // allocates nothing and touches no lock. `fd` stays open until exec (it is not
-    // closed by the parent before spawn returns).
+    // allocates nothing and touches no lock (the C strings of `binds` were made before
+    // the fork and are only read). `fd` stays open until exec (it is not closed by the
+    // parent before spawn returns).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
@@ -136,6 +152,11 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
             ) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            for (file, target) in &binds {
+                if libc::mount(file.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());

@@ -22,6 +22,8 @@ pub enum Cmd {
     Join(String),
     Stats { reply: oneshot::Sender<Stats> },
     /// Stops the loop and closes the sockets (benchmarks: a node that dies).
+    /// The networks this node takes entries of.
+    Networks { reply: oneshot::Sender<Vec<String>> },
     Stop,
 }
 
@@ -51,6 +53,12 @@ impl GossipHandle {
     pub async fn members(&self) -> Vec<Ident> {
         let (reply, rx) = oneshot::channel();
         self.send(Cmd::Members { reply });
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn networks(&self) -> Vec<String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Networks { reply });
         rx.await.unwrap_or_default()
     }
 
@@ -142,6 +150,9 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     Cmd::Stop => return,
                     Cmd::Members { reply } => {
                         let _ = reply.send(g.members().cloned().collect());
+                    }
+                    Cmd::Networks { reply } => {
+                        let _ = reply.send(g.table().joined().iter().cloned().collect());
                     }
                     Cmd::Endpoints { network, reply } => {
                         let _ = reply.send(g.table().endpoints(&network).into_iter().cloned().collect());
