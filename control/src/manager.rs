@@ -560,6 +560,7 @@ fn service_row(s: &Service, st: &ClusterState) -> Value {
         "networks": s.networks.iter().map(|n| net_name(st, n)).collect::<Vec<_>>(),
         "endpoint_mode": s.endpoint_mode,
         "vips": vips,
+        "aliases": s.aliases.iter().map(|(n, a)| (net_name(st, n), a.clone())).collect::<BTreeMap<String, Vec<String>>>(),
         "ports": s.ports.iter().map(|p| format!("*:{}->{}/{}", p.published, p.target, match p.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" })).collect::<Vec<_>>(),
         "command": s.command,
     })

@@ -141,6 +141,8 @@ pub struct Lab {
     token: Option<String>,
     keep: bool,
     manager_args: Vec<String>,
+    /// Flags for every node's daemon (manager and agents).
+    node_args: Vec<String>,
 }
 
 impl Lab {
@@ -152,6 +154,11 @@ impl Lab {
 
     /// Like `up`, with extra flags for the manager (e.g. `--data-path-port 4790`).
     pub fn up_with(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str]) -> Result<Lab> {
+        Self::up_full(name, nodes, start, heartbeat, manager_args, &[])
+    }
+
+    /// Like `up_with`, with flags for every node's daemon too (e.g. `--dns ADDR`).
+    pub fn up_full(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str]) -> Result<Lab> {
         require_root()?;
         if nodes == 0 || nodes > 200 || start > nodes {
             bail!("lab {name}: {nodes} nodes (start {start}) is out of range");
@@ -172,6 +179,7 @@ impl Lab {
             token: None,
             keep: false,
             manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
+            node_args: node_args.iter().map(|a| a.to_string()).collect(),
         };
         for i in 1..=nodes {
             let ns = format!("{name}-n{i}");
@@ -225,7 +233,7 @@ impl Lab {
                 cmd.args(["--token", token]);
             }
         }
-        cmd.arg("--data-dir").arg(&node.data_dir);
+        cmd.arg("--data-dir").arg(&node.data_dir).args(&self.node_args);
         cmd.env("SWARMNET_LAB", &self.name)
             .env("SWARMNET_HOSTNAME", &node.ns)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -368,6 +376,15 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub fn in_netns_of(pid: u32, args: &[&str]) -> Result<String> {
     let p = pid.to_string();
     let mut a = vec!["nsenter", "-t", &p, "-n", "--"];
+    a.extend_from_slice(args);
+    sh(&a)
+}
+
+/// Runs a command inside the network and mount namespaces of process `pid` (as the task
+/// itself sees the world: its resolv.conf and hosts).
+pub fn in_task(pid: u32, args: &[&str]) -> Result<String> {
+    let p = pid.to_string();
+    let mut a = vec!["nsenter", "-t", &p, "-n", "-m", "--"];
     a.extend_from_slice(args);
     sh(&a)
 }

@@ -1,0 +1,307 @@
+//! Service discovery on the lab, asked with real `dig` and glibc (`getent`) from inside the
+//! tasks' own network and mount namespaces (their resolv.conf says 127.0.0.11).
+//! Needs root and `dig`; fails with a message saying so without them.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use swarmnet_lab::{in_task, wait_for, Lab};
+
+const T: Duration = Duration::from_secs(30);
+const SLEEP: &[&str] = &["sleep", "3600"];
+
+fn pid(t: &Value) -> u32 {
+    t["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("running task has a pid")
+}
+
+fn need_dig() -> Result<()> {
+    if Command::new("dig").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        bail!("these tests need dig (apt install bind9-dnsutils; .ci/setup does it)");
+    }
+    Ok(())
+}
+
+/// `dig +short` from inside task `pid`, as a set of lines.
+fn short(pid: u32, args: &[&str]) -> Result<BTreeSet<String>> {
+    let mut a = vec!["dig", "+short", "+time=3", "+tries=1"];
+    a.extend_from_slice(args);
+    Ok(in_task(pid, &a)?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect())
+}
+
+/// The whole `dig` answer from inside task `pid`.
+fn dig(pid: u32, args: &[&str]) -> Result<String> {
+    let mut a = vec!["dig", "+time=3", "+tries=1"];
+    a.extend_from_slice(args);
+    in_task(pid, &a)
+}
+
+fn status(answer: &str) -> &str {
+    answer.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("none")
+}
+
+fn set(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn addrs(tasks: &[Value], net: &str) -> BTreeSet<String> {
+    tasks.iter().filter_map(|t| t["addresses"][net].as_str().map(str::to_string)).collect()
+}
+
+fn vip(lab: &Lab, svc: &str, net: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", svc])?)?;
+    v["vips"][net].as_str().map(str::to_string).with_context(|| format!("service {svc} has no VIP on {net}: {v}"))
+}
+
+/// Waits until `tasks.<svc>` asked from `pid` lists exactly `want`.
+fn wait_tasks(pid: u32, svc: &str, want: &BTreeSet<String>) -> Result<()> {
+    let q = format!("tasks.{svc}");
+    let mut last = BTreeSet::new();
+    wait_for(&format!("{q} = {want:?}"), T, || {
+        last = short(pid, &[&q]).ok()?;
+        (last == *want).then_some(())
+    })
+    .with_context(|| format!("last answer {last:?}"))
+}
+
+#[test]
+fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
+    need_dig()?;
+    let node_resolv_before = std::fs::read("/etc/resolv.conf").ok();
+    let lab = Lab::up_full("snx-dns", 3, 3, 1.0, &[], &["--dns-search", "."])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "othernet"])?;
+    let mut web = vec!["service", "create", "--name", "web", "--replicas", "3", "--network", "name=appnet,alias=api", "--publish", "8080:80", "--"];
+    web.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &web)?;
+    let mut db = vec!["service", "create", "--name", "db", "--replicas", "2", "--endpoint-mode", "dnsrr", "--network", "appnet", "--"];
+    db.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &db)?;
+    let mut hidden = vec!["service", "create", "--name", "hidden", "--replicas", "1", "--network", "othernet", "--"];
+    hidden.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &hidden)?;
+    let mut probe = vec!["run", "--detach", "--name", "probe", "--network", "name=appnet,alias=prober", "--"];
+    probe.extend_from_slice(SLEEP);
+    lab.cli_ok(2, &probe)?;
+
+    let webs = lab.wait_service("web", 3, T)?;
+    let dbs = lab.wait_service("db", 2, T)?;
+    let hid = lab.wait_service("hidden", 1, T)?;
+    let asker = webs.iter().find(|t| t["node"] == "snx-dns-n1").map(pid).context("a web task on node 1")?;
+    let web_vip = vip(&lab, "web", "appnet")?;
+
+    // The task's own files; the node's are untouched.
+    let resolv = in_task(asker, &["cat", "/etc/resolv.conf"])?;
+    assert!(resolv.lines().any(|l| l == "nameserver 127.0.0.11"), "{resolv}");
+    assert!(!resolv.contains("search"), "--dns-search . means none: {resolv}");
+    let hosts = in_task(asker, &["cat", "/etc/hosts"])?;
+    let own = webs.iter().find(|t| pid(t) == asker).context("asker")?;
+    assert!(hosts.contains(&format!("{}\t{}", own["addresses"]["appnet"].as_str().unwrap_or("?"), own["name"].as_str().unwrap_or("?"))), "{hosts}");
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), node_resolv_before, "the node's resolv.conf is not changed");
+
+    // service -> VIP, by dig and by glibc.
+    assert_eq!(short(asker, &["web"])?, set(&[&web_vip]));
+    let getent = in_task(asker, &["getent", "hosts", "web"])?;
+    assert!(getent.starts_with(&format!("{web_vip} ")), "getent hosts web: {getent}");
+    // tasks.web -> exactly the running tasks.
+    wait_tasks(asker, "web", &addrs(&webs, "appnet"))?;
+    // dnsrr: the task addresses, no VIP.
+    assert_eq!(short(asker, &["db"])?, addrs(&dbs, "appnet"));
+    // aliases: a service's resolves like the service, a standalone task's to the task.
+    assert_eq!(short(asker, &["api"])?, set(&[&web_vip]));
+    let probe_ip = wait_for("probe's endpoint", T, || {
+        let n: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"]).ok()?).ok()?;
+        n["endpoints"].as_array()?.iter().find(|e| e["name"] == "probe")?["ip"].as_str().map(str::to_string)
+    })?;
+    assert_eq!(short(asker, &["probe"])?, set(&[&probe_ip]));
+    assert_eq!(short(asker, &["prober"])?, set(&[&probe_ip]));
+    // PTR of a task and of the VIP; SRV from the published port; AAAA is empty NOERROR.
+    let other = webs.iter().find(|t| pid(t) != asker).context("another web task")?;
+    let other_ip = other["addresses"]["appnet"].as_str().context("address")?;
+    assert_eq!(short(asker, &["-x", other_ip])?, set(&[&format!("{}.", other["name"].as_str().unwrap_or("?"))]));
+    assert_eq!(short(asker, &["-x", &web_vip])?, set(&["web."]));
+    assert_eq!(short(asker, &["SRV", "_http._tcp.web"])?, set(&["0 1 80 web."]));
+    let aaaa = dig(asker, &["AAAA", "web"])?;
+    assert_eq!(status(&aaaa), "NOERROR", "{aaaa}");
+    assert!(aaaa.contains("ANSWER: 0,"), "{aaaa}");
+    // A cluster-only name that does not exist is answered here.
+    assert_eq!(status(&dig(asker, &["tasks.nothing"])?), "NXDOMAIN");
+
+    // Scoping: othernet's names are not visible from appnet, and back.
+    assert!(short(asker, &["hidden"])?.is_empty(), "hidden lives on othernet only");
+    assert_eq!(status(&dig(asker, &["tasks.hidden"])?), "NXDOMAIN");
+    let hidden_pid = pid(&hid[0]);
+    assert!(short(hidden_pid, &["web"])?.is_empty(), "web lives on appnet only");
+    assert_eq!(short(hidden_pid, &["hidden"])?.len(), 1);
+
+    // Scale 3 -> 5 -> 2: tasks.web follows on every node.
+    let asker3 = dbs.iter().chain(webs.iter()).find(|t| t["node"] == "snx-dns-n3").map(pid);
+    for n in ["5", "2"] {
+        lab.cli_ok(0, &["service", "scale", &format!("web={n}")])?;
+        let now = lab.wait_service("web", n.parse()?, T)?;
+        let asker_alive = now.iter().any(|t| pid(t) == asker);
+        let from = if asker_alive { asker } else { pid(&dbs[0]) };
+        wait_tasks(from, "web", &addrs(&now, "appnet"))?;
+        if let Some(p) = asker3.filter(|p| now.iter().chain(dbs.iter()).any(|t| pid(t) == *p)) {
+            wait_tasks(p, "web", &addrs(&now, "appnet"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn forty_tasks_set_tc_over_udp_tcp_gives_all_and_garbage_breaks_nothing() -> Result<()> {
+    need_dig()?;
+    let lab = Lab::up_full("snx-dnstc", 2, 2, 1.0, &[], &["--dns-search", "."])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let mut big = vec!["service", "create", "--name", "big", "--replicas", "40", "--network", "appnet", "--"];
+    big.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &big)?;
+    let tasks = lab.wait_service("big", 40, Duration::from_secs(90))?;
+    let asker = pid(&tasks[0]);
+    let all = addrs(&tasks, "appnet");
+    assert_eq!(all.len(), 40);
+    // Wait until every task is in the table here (over TCP: the whole answer).
+    wait_for("40 addresses over TCP", T, || (short(asker, &["+tcp", "tasks.big"]).ok()? == all).then_some(()))?;
+    let udp = dig(asker, &["+ignore", "+noedns", "tasks.big"])?;
+    let flags = udp.lines().find(|l| l.contains(";; flags:")).unwrap_or_default().to_string();
+    assert!(flags.contains(" tc"), "a 40-address answer over UDP without EDNS sets TC: {flags}");
+    let udp_len: usize = udp.split("MSG SIZE  rcvd: ").nth(1).and_then(|s| s.trim().parse().ok()).context("message size")?;
+    assert!(udp_len <= 512, "{udp_len} bytes");
+    // dig's default: retry over TCP on TC, and get everything.
+    assert_eq!(short(asker, &["+noedns", "tasks.big"])?, all);
+    // A big EDNS buffer fits all 40 over UDP.
+    let edns = dig(asker, &["+bufsize=4096", "+ignore", "tasks.big"])?;
+    assert!(!edns.lines().any(|l| l.contains(";; flags:") && l.contains(" tc")), "{edns}");
+    assert!(edns.contains("ANSWER: 40,"), "{edns}");
+
+    // Garbage: short, long, a bad name, a response instead of a query; then a valid query.
+    let garbage = r#"
+import socket, os
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for g in [b"\x00", os.urandom(11), os.urandom(700), b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fabc", b"\x12\x34\x81\x80" + bytes(8)] * 50:
+    s.sendto(g, ("127.0.0.11", 53))
+t = socket.create_connection(("127.0.0.11", 53), timeout=2)
+t.sendall(b"\x00\x05hello")
+t.close()
+print("sent")
+"#;
+    assert_eq!(in_task(asker, &["python3", "-c", garbage])?.trim(), "sent");
+    assert_eq!(short(asker, &["+tcp", "tasks.big"])?, all, "answers after garbage");
+    let ch = dig(asker, &["-c", "CH", "TXT", "version.bind"])?;
+    assert_eq!(status(&ch), "NOTIMP", "{ch}");
+    Ok(())
+}
+
+/// A dnsmasq started by the test on node 3 of the lab: the upstream of the other nodes.
+fn upstream(lab: &str, ns: &str, addr: &str) -> Result<Child> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+        .arg(format!("--listen-address={addr}"))
+        .args(["--port=5353", "--host-record=ext.example,192.0.2.77", "--local=/example/", "--pid-file=", "--user=root"])
+        .env("SWARMNET_LAB", lab)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start dnsmasq (apt install dnsmasq-base; .ci/setup does it)")?;
+    Ok(child)
+}
+
+#[test]
+fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Result<()> {
+    need_dig()?;
+    // Node 3 runs no daemon: it is the upstream resolver's host.
+    let lab = Lab::up_full("snx-dnsfwd", 3, 2, 1.0, &[], &["--dns", "10.210.0.3:5353", "--dns-timeout-ms", "1000", "--dns-search", "."])?;
+    let mut dnsmasq = upstream("snx-dnsfwd", "snx-dnsfwd-n3", "10.210.0.3")?;
+    let result = (|| -> Result<()> {
+        lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+        let mut web = vec!["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--"];
+        web.extend_from_slice(SLEEP);
+        lab.cli_ok(0, &web)?;
+        let tasks = lab.wait_service("web", 2, T)?;
+        let asker = pid(&tasks[0]);
+        wait_for("the upstream answers ext.example", T, || (short(asker, &["ext.example"]).ok()? == set(&["192.0.2.77"])).then_some(()))?;
+        assert_eq!(short(asker, &["+tcp", "ext.example"])?, set(&["192.0.2.77"]), "forwarded over TCP too");
+        let getent = in_task(asker, &["getent", "hosts", "ext.example"])?;
+        assert!(getent.starts_with("192.0.2.77"), "{getent}");
+        // The upstream's rcode comes back unchanged.
+        assert_eq!(status(&dig(asker, &["nope.example"])?), "NXDOMAIN");
+        // Cluster names still answered locally.
+        assert_eq!(short(asker, &["tasks.web"])?, addrs(&tasks, "appnet"));
+        Ok(())
+    })();
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    result?;
+    let asker = pid(&lab.running_tasks("web")?[0]);
+    // Upstream gone (port closed): SERVFAIL, at once.
+    let down = dig(asker, &["ext.example"])?;
+    assert_eq!(status(&down), "SERVFAIL", "{down}");
+    // Upstream silent (a socket that never answers): SERVFAIL within our 1 s timeout, well
+    // before dig's own 3 s.
+    let mut silent = Command::new("ip")
+        .args(["netns", "exec", "snx-dnsfwd-n3", "python3", "-c", "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.210.0.3',5353))\ntime.sleep(600)"])
+        .env("SWARMNET_LAB", "snx-dnsfwd")
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let quiet = dig(asker, &["ext.example"]);
+    let _ = silent.kill();
+    let _ = silent.wait();
+    let quiet = quiet?;
+    assert_eq!(status(&quiet), "SERVFAIL", "{quiet}");
+    Ok(())
+}
+
+#[test]
+fn a_killed_agents_tasks_leave_tasks_answers_on_the_other_nodes() -> Result<()> {
+    need_dig()?;
+    let mut lab = Lab::up_full("snx-dnskill", 3, 3, 1.0, &[], &["--dns-search", "."])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let mut web = vec!["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--"];
+    web.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &web)?;
+    let tasks = lab.wait_service("web", 3, T)?;
+    let asker = tasks.iter().find(|t| t["node"] == "snx-dnskill-n1").map(pid).context("a task on node 1")?;
+    let victim = tasks.iter().find(|t| t["node"] == "snx-dnskill-n3").context("a task on node 3")?;
+    let victim_ip = victim["addresses"]["appnet"].as_str().context("address")?.to_string();
+    wait_tasks(asker, "web", &addrs(&tasks, "appnet"))?;
+    lab.stop_node(2, 9)?;
+    // Once gossip confirms node 3 dead, its task leaves the answers (its process may still
+    // run: tasks outlive their daemon, but nothing can reach it through a dead agent).
+    wait_for("the killed node's task to leave tasks.web", T, || {
+        let now = short(asker, &["tasks.web"]).ok()?;
+        (!now.contains(&victim_ip) && !now.is_empty()).then_some(())
+    })?;
+    // The manager reschedules; the answers follow.
+    let again = wait_for("3 running tasks on live nodes", Duration::from_secs(60), || {
+        let t = lab.running_tasks("web").ok()?;
+        (t.len() == 3 && t.iter().all(|t| t["node"] != "snx-dnskill-n3")).then_some(t)
+    })?;
+    wait_tasks(asker, "web", &addrs(&again, "appnet"))?;
+    Ok(())
+}
+
+#[test]
+fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> {
+    need_dig()?;
+    let mut lab = Lab::up_full("snx-dnsadopt", 2, 2, 1.0, &[], &["--dns-search", "."])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let mut web = vec!["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--"];
+    web.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &web)?;
+    let tasks = lab.wait_service("web", 2, T)?;
+    let on2 = tasks.iter().find(|t| t["node"] == "snx-dnsadopt-n2").map(pid).context("a task on node 2")?;
+    let vip = vip(&lab, "web", "appnet")?;
+    assert_eq!(short(on2, &["web"])?, set(&[&vip]));
+    // SIGTERM: the daemon goes, its task stays (and has no resolver meanwhile).
+    lab.stop_node(1, 15)?;
+    assert!(swarmnet_lab::pid_alive(on2), "the task outlives its daemon");
+    lab.start_node(1)?;
+    wait_for("the adopted task's resolver", T, || (short(on2, &["web"]).ok()? == set(&[&vip])).then_some(()))?;
+    let again = lab.wait_service("web", 2, T)?;
+    assert!(again.iter().any(|t| pid(t) == on2), "the same process was adopted");
+    wait_tasks(on2, "web", &addrs(&again, "appnet"))?;
+    Ok(())
+}
