@@ -8,11 +8,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
+use hickory_server::net::NetError;
+use hickory_server::proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::proto::rr::rdata::{A, PTR, SRV};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use hickory_server::Server;
 use tracing::debug;
 
@@ -93,24 +95,127 @@ pub struct TaskResolver {
 
 /// A task's resolver at work; dropping it closes its sockets.
 pub struct Listener {
-    server: Server<TaskResolver>,
+    tcp: Server<TaskResolver>,
+    udp: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.server.shutdown_token().cancel();
+        self.tcp.shutdown_token().cancel();
+        self.udp.abort();
     }
 }
 
 /// Serves a task's resolver on sockets opened in its namespace. Must be called inside the
 /// tokio runtime that will serve them.
+///
+/// TCP goes through hickory-server's `Server`. UDP has a loop of its own (see ADR 0007):
+/// it answers the cluster's names inline, without a task and two channel hops per query,
+/// and spawns only for queries that are forwarded upstream.
 pub fn serve(shared: Arc<Shared>, scope: Vec<String>, udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Listener> {
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
-    let mut server = Server::new(TaskResolver { shared, scope: scope.into() });
-    server.register_socket(tokio::net::UdpSocket::from_std(udp)?);
+    let resolver = TaskResolver { shared, scope: scope.into() };
+    let mut server = Server::new(resolver.clone());
     server.register_listener(tokio::net::TcpListener::from_std(tcp)?, TCP_IDLE, 65535);
-    Ok(Listener { server })
+    let udp = Arc::new(tokio::net::UdpSocket::from_std(udp)?);
+    Ok(Listener { tcp: server, udp: tokio::spawn(serve_udp(udp, resolver)) })
+}
+
+async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, src) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "resolver: udp receive");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        if src.port() == 0 {
+            continue;
+        }
+        let responder = UdpResponder { sock: sock.clone(), dst: src };
+        let request = match Request::from_bytes(buf[..n].to_vec(), src, hickory_server::net::xfer::Protocol::Udp) {
+            Ok(r) => r,
+            Err(_) => {
+                resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(reply) = formerr(&buf[..n]) {
+                    let _ = sock.send_to(&reply, src).await;
+                }
+                continue;
+            }
+        };
+        if request.metadata.message_type != MessageType::Query {
+            continue;
+        }
+        let plan = resolver.plan(&request);
+        if plan == Plan::Forward {
+            let r = resolver.clone();
+            tokio::spawn(async move { r.respond(&request, plan, responder).await });
+        } else {
+            resolver.respond(&request, plan, responder).await;
+        }
+    }
+}
+
+/// FORMERR for a query whose header is readable but whose body is not; None for anything
+/// that is not even a query header (dropped).
+fn formerr(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() < 12 || raw[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut h = vec![0u8; 12];
+    h[..2].copy_from_slice(&raw[..2]);
+    // QR, the query's opcode and RD; RA; RCODE 1.
+    h[2] = 0x80 | (raw[2] & 0x79);
+    h[3] = 0x80 | 0x01;
+    Some(h)
+}
+
+/// Sends an answer straight back on the task's UDP socket, cut to 512 bytes or the
+/// client's EDNS size (records that do not fit are left out and TC is set).
+#[derive(Clone)]
+struct UdpResponder {
+    sock: Arc<tokio::net::UdpSocket>,
+    dst: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+        let id = response.metadata().id;
+        let mut bytes = Vec::with_capacity(512);
+        let mut enc = BinEncoder::new(&mut bytes);
+        enc.set_max_size(max);
+        let info = match response.destructive_emit(&mut enc) {
+            Ok(info) => info,
+            Err(e) => {
+                debug!(error = %e, "resolver: encoding an answer failed: SERVFAIL");
+                bytes.clear();
+                let mut enc = BinEncoder::new(&mut bytes);
+                let mut m = Metadata::new(id, MessageType::Response, OpCode::Query);
+                m.response_code = ResponseCode::ServFail;
+                let h = Header { metadata: m, counts: HeaderCounts::default() };
+                h.emit(&mut enc).map_err(|e| NetError::from(e.to_string()))?;
+                ResponseInfo::from(h)
+            }
+        };
+        self.sock.send_to(&bytes, self.dst).await?;
+        Ok(info)
+    }
 }
 
 /// What to answer, decided without I/O.
@@ -185,7 +290,13 @@ impl TaskResolver {
 
 #[async_trait::async_trait]
 impl RequestHandler for TaskResolver {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
+        self.respond(request, self.plan(request), response).await
+    }
+}
+
+impl TaskResolver {
+    async fn respond<R: ResponseHandler>(&self, request: &Request, plan: Plan, mut response: R) -> ResponseInfo {
         let resp_edns = request.edns.as_ref().map(|e| {
             let mut r = Edns::new();
             r.set_max_payload(e.max_payload().clamp(512, MAX_UDP));
@@ -200,7 +311,7 @@ impl RequestHandler for TaskResolver {
             return send(&mut response, builder.build_no_records(meta), &request.metadata).await;
         }
         let c = &self.shared.counters;
-        match self.plan(request) {
+        match plan {
             Plan::Records(recs) => {
                 c.local.fetch_add(1, Ordering::Relaxed);
                 meta.authoritative = true;
@@ -274,7 +385,7 @@ async fn send<'a, R: ResponseHandler>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_server::proto::op::{Message, MessageType, Query};
+    use hickory_server::proto::op::{Message, Query};
     use std::net::SocketAddr;
     use swarmnet_gossip::{Change, Endpoint, EndpointState};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use swarmnet_lab::{cleanup, Lab};
 
 mod bench_convergence;
+mod bench_dns;
 mod bench_gossip;
 mod bench_overlay;
 
@@ -36,7 +37,7 @@ enum Cmd {
     },
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// control, manager-memory, overlay, convergence, gossip
+        /// control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -134,7 +135,13 @@ fn real_main() -> Result<()> {
                 build()?;
                 bench_convergence::bench_convergence(runs.max(50))?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, overlay, convergence, gossip)"),
+            "dns" => {
+                need("dnsperf", "dnsperf")?;
+                need("dnsmasq", "dnsmasq-base")?;
+                build()?;
+                bench_dns::bench_dns(runs.max(50))?
+            }
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns)"),
         },
     }
     Ok(())
