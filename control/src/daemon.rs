@@ -60,7 +60,7 @@ async fn node_services(c: &Common, base: NodeBase, node_id: &str) -> anyhow::Res
     let overlay = Arc::new(Overlay::open(base.ns.clone(), &c.data_dir, local, task_mtu)?);
     let (dirty, dirty_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(crate::overlay::follow(overlay.clone(), gossip.clone(), dirty_rx));
-    let dns = Arc::new(crate::dns::NodeDns::new(&c.dns));
+    let dns = Arc::new(crate::dns::NodeDns::new(&c.dns)?);
     tokio::spawn(crate::dns::follow(dns.shared.clone(), gossip.clone()));
     let net = Net { overlay, gossip: gossip.clone(), dirty, vtep: c.advertise, dns };
     let (rt, reports) = Runtime::open(base.ns, net, &c.data_dir, base.mtu)?;

@@ -39,7 +39,7 @@ pub struct NodeDns {
 }
 
 impl NodeDns {
-    pub fn new(opts: &DnsOpts) -> NodeDns {
+    pub fn new(opts: &DnsOpts) -> anyhow::Result<NodeDns> {
         let node = match std::fs::read_to_string(&opts.resolv_conf) {
             Ok(t) => resolvconf::parse(&t),
             Err(e) => {
@@ -54,8 +54,8 @@ impl NodeDns {
             options: if opts.options.is_empty() { node.options.clone() } else { opts.options.clone() },
         };
         info!(upstreams = ?upstreams, search = ?task.search, ttl = opts.ttl, timeout_ms = opts.timeout.as_millis() as u64, "embedded DNS");
-        let shared = Shared::new(Config { ttl: opts.ttl, forwarder: Forwarder { upstreams, timeout: opts.timeout } });
-        NodeDns { shared, task_resolv: resolvconf::task_resolv_conf(&task) }
+        let shared = Shared::new(Config { ttl: opts.ttl, forwarder: Forwarder { upstreams, timeout: opts.timeout } }).context("start the DNS thread")?;
+        Ok(NodeDns { shared, task_resolv: resolvconf::task_resolv_conf(&task) })
     }
 
     /// Opens the task's resolver in its namespace and serves it here.

@@ -6,3 +6,4 @@ pub mod forward;
 pub mod records;
 pub mod resolvconf;
 pub mod server;
+pub mod udp;

@@ -47,12 +47,20 @@ pub struct Shared {
     pub config: Config,
     pub counters: Counters,
     shuffle: AtomicU64,
+    /// The runtime of the thread that serves every task's UDP socket.
+    udp_rt: tokio::runtime::Handle,
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Shared> {
+    /// Also starts the `sn-dns` thread: a single-threaded runtime for the UDP loops. Waking
+    /// a task there costs one epoll wake on one thread, where the daemon's multi-threaded
+    /// runtime adds cross-thread hand-offs per query (ADR 0007).
+    pub fn new(config: Config) -> std::io::Result<Arc<Shared>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let udp_rt = rt.handle().clone();
+        std::thread::Builder::new().name("sn-dns".into()).spawn(move || rt.block_on(std::future::pending::<()>()))?;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Arc::new(Shared { records: RwLock::new(Records::default()), config, counters: Counters::default(), shuffle: AtomicU64::new(seed) })
+        Ok(Arc::new(Shared { records: RwLock::new(Records::default()), config, counters: Counters::default(), shuffle: AtomicU64::new(seed), udp_rt }))
     }
 
     /// Runs `f` on the records (a poisoned lock still holds a consistent store: every write
@@ -115,48 +123,126 @@ impl Drop for Listener {
 pub fn serve(shared: Arc<Shared>, scope: Vec<String>, udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Listener> {
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
+    let rt = shared.udp_rt.clone();
     let resolver = TaskResolver { shared, scope: scope.into() };
     let mut server = Server::new(resolver.clone());
     server.register_listener(tokio::net::TcpListener::from_std(tcp)?, TCP_IDLE, 65535);
-    let udp = Arc::new(tokio::net::UdpSocket::from_std(udp)?);
-    Ok(Listener { tcp: server, udp: tokio::spawn(serve_udp(udp, resolver)) })
+    let udp = {
+        let _in_dns_thread = rt.enter();
+        Arc::new(tokio::net::UdpSocket::from_std(udp)?)
+    };
+    Ok(Listener { tcp: server, udp: rt.spawn(serve_udp(udp, resolver)) })
 }
 
 async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
-    let mut buf = vec![0u8; 65535];
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let fd = sock.as_raw_fd();
+    let mut batch = crate::udp::Batch::default();
+    let outbox = Outbox::default();
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
-            Ok(r) => r,
+        if let Err(e) = sock.readable().await {
+            debug!(error = %e, "resolver: udp socket");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let got = match sock.try_io(Interest::READABLE, || batch.recv(fd)) {
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 debug!(error = %e, "resolver: udp receive");
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
         };
-        if src.port() == 0 {
-            continue;
-        }
-        let responder = UdpResponder { sock: sock.clone(), dst: src };
-        let request = match Request::from_bytes(buf[..n].to_vec(), src, hickory_server::net::xfer::Protocol::Udp) {
-            Ok(r) => r,
-            Err(_) => {
-                resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                if let Some(reply) = formerr(&buf[..n]) {
-                    let _ = sock.send_to(&reply, src).await;
-                }
+        for g in &got {
+            let raw = batch.data(g);
+            if g.from.port() == 0 {
                 continue;
             }
-        };
-        if request.metadata.message_type != MessageType::Query {
-            continue;
+            let request = match Request::from_bytes(raw.to_vec(), g.from, hickory_server::net::xfer::Protocol::Udp) {
+                Ok(r) => r,
+                Err(_) => {
+                    resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = formerr(raw) {
+                        outbox.push(reply, g.from);
+                    }
+                    continue;
+                }
+            };
+            if request.metadata.message_type != MessageType::Query {
+                continue;
+            }
+            let plan = resolver.plan(&request);
+            if plan == Plan::Forward {
+                let r = resolver.clone();
+                let responder = UdpResponder { sock: sock.clone(), dst: g.from };
+                tokio::spawn(async move { r.respond(&request, plan, responder).await });
+            } else {
+                // Completes at once: the outbox only stores the encoded answer.
+                resolver.respond(&request, plan, outbox.to(g.from)).await;
+            }
         }
-        let plan = resolver.plan(&request);
-        if plan == Plan::Forward {
-            let r = resolver.clone();
-            tokio::spawn(async move { r.respond(&request, plan, responder).await });
-        } else {
-            resolver.respond(&request, plan, responder).await;
+        let out = outbox.take();
+        let mut sent = 0;
+        while sent < out.len() {
+            match sock.try_io(Interest::WRITABLE, || batch.send(fd, &out[sent..])) {
+                Ok(n) => sent += n.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let _ = sock.writable().await;
+                }
+                Err(e) => {
+                    debug!(error = %e, to = %out[sent].1, "resolver: udp send");
+                    sent += 1;
+                }
+            }
         }
+    }
+}
+
+/// An encoded answer and where it goes.
+type Outgoing = (Vec<u8>, std::net::SocketAddr);
+
+/// Answers waiting to go out in the next `sendmmsg`.
+#[derive(Clone, Default)]
+struct Outbox(Arc<std::sync::Mutex<Vec<Outgoing>>>);
+
+impl Outbox {
+    fn push(&self, bytes: Vec<u8>, to: std::net::SocketAddr) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((bytes, to));
+    }
+
+    fn take(&self) -> Vec<Outgoing> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn to(&self, dst: std::net::SocketAddr) -> OutboxResponder {
+        OutboxResponder { outbox: self.clone(), dst }
+    }
+}
+
+#[derive(Clone)]
+struct OutboxResponder {
+    outbox: Outbox,
+    dst: std::net::SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for OutboxResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_udp(response)?;
+        self.outbox.push(bytes, self.dst);
+        Ok(info)
     }
 }
 
@@ -172,6 +258,39 @@ fn formerr(raw: &[u8]) -> Option<Vec<u8>> {
     h[2] = 0x80 | (raw[2] & 0x79);
     h[3] = 0x80 | 0x01;
     Some(h)
+}
+
+/// Encodes an answer for UDP: cut to 512 bytes or the client's EDNS size (records that do
+/// not fit are left out and TC is set); SERVFAIL if it cannot be encoded at all.
+fn encode_udp<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+    let id = response.metadata().id;
+    let mut bytes = Vec::with_capacity(512);
+    let mut enc = BinEncoder::new(&mut bytes);
+    enc.set_max_size(max);
+    let info = match response.destructive_emit(&mut enc) {
+        Ok(info) => info,
+        Err(e) => {
+            debug!(error = %e, "resolver: encoding an answer failed: SERVFAIL");
+            bytes.clear();
+            let mut enc = BinEncoder::new(&mut bytes);
+            let mut m = Metadata::new(id, MessageType::Response, OpCode::Query);
+            m.response_code = ResponseCode::ServFail;
+            let h = Header { metadata: m, counts: HeaderCounts::default() };
+            h.emit(&mut enc).map_err(|e| NetError::from(e.to_string()))?;
+            ResponseInfo::from(h)
+        }
+    };
+    Ok((info, bytes))
 }
 
 /// Sends an answer straight back on the task's UDP socket, cut to 512 bytes or the
@@ -195,24 +314,7 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let max = response.edns().map_or(512, |e| e.max_payload().max(512));
-        let id = response.metadata().id;
-        let mut bytes = Vec::with_capacity(512);
-        let mut enc = BinEncoder::new(&mut bytes);
-        enc.set_max_size(max);
-        let info = match response.destructive_emit(&mut enc) {
-            Ok(info) => info,
-            Err(e) => {
-                debug!(error = %e, "resolver: encoding an answer failed: SERVFAIL");
-                bytes.clear();
-                let mut enc = BinEncoder::new(&mut bytes);
-                let mut m = Metadata::new(id, MessageType::Response, OpCode::Query);
-                m.response_code = ResponseCode::ServFail;
-                let h = Header { metadata: m, counts: HeaderCounts::default() };
-                h.emit(&mut enc).map_err(|e| NetError::from(e.to_string()))?;
-                ResponseInfo::from(h)
-            }
-        };
+        let (info, bytes) = encode_udp(response)?;
         self.sock.send_to(&bytes, self.dst).await?;
         Ok(info)
     }
@@ -409,7 +511,7 @@ mod tests {
     }
 
     async fn start(upstreams: Vec<SocketAddr>) -> (Arc<Shared>, Listener, SocketAddr) {
-        let shared = Shared::new(Config { ttl: 2, forwarder: Forwarder { upstreams, timeout: Duration::from_millis(300) } });
+        let shared = Shared::new(Config { ttl: 2, forwarder: Forwarder { upstreams, timeout: Duration::from_millis(300) } }).expect("dns thread");
         shared.write(|r| {
             for i in 1..=40 {
                 let e = ep(i, "big", None);
@@ -491,6 +593,10 @@ mod tests {
         for g in [vec![0u8; 3], vec![0xffu8; 600], { let mut q = query("web.", RecordType::A, DNSClass::IN, None); q[12] = 63; q }] {
             junk.send_to(&g, addr).await.expect("send");
         }
+        // Only the mangled query has a query header: it alone gets an answer, FORMERR.
+        let mut buf = [0u8; 512];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), junk.recv_from(&mut buf)).await.expect("FORMERR").expect("recv");
+        assert_eq!((n, buf[0], buf[1], buf[3] & 0x0f), (12, 4242u16.to_be_bytes()[0], 4242u16.to_be_bytes()[1], 1), "FORMERR under the query's id");
         // No upstream: names that are not ours get SERVFAIL.
         let (m, _) = udp_ask(addr, &query("example.com.", RecordType::A, DNSClass::IN, None)).await;
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
@@ -530,3 +636,4 @@ mod tests {
         assert!(firsts.len() > 1, "the order changes per query");
     }
 }
+

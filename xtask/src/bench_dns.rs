@@ -100,10 +100,15 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
         .spawn()
         .context("start dnsmasq")?;
     std::thread::sleep(Duration::from_millis(500));
+    let daemon: u32 = std::fs::read_to_string(dir.join("daemon.pid"))?.trim().parse()?;
     let r = (|| -> Result<()> {
         for (who, addr) in [("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11"), ("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11")] {
-            let (qps, lost) = dnsperf_qps(&asker, addr, &queries)?;
-            println!("saturation {who:9} {qps:>9.0} qps  lost {lost}");
+            // CPU of the server process (dnsmasq, or the whole node daemon) per answer.
+            let server = if who == "dnsmasq" { dnsmasq.id() } else { daemon };
+            let cpu0 = cpu_ticks(server)?;
+            let (qps, lost, total) = dnsperf_qps(&asker, addr, &queries)?;
+            let cpu = (cpu_ticks(server)? - cpu0) as f64 / 100.0;
+            println!("saturation {who:9} {qps:>9.0} qps  lost {lost}  server CPU {:.2} us/query ({cpu:.1} s for {total} queries)", cpu * 1e6 / total as f64);
         }
         for rate in [5000, 20000] {
             for (who, addr) in [("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11")] {
@@ -132,13 +137,28 @@ fn dnsperf(asker: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Queries per second at saturation (100 outstanding, 10 s), and queries lost.
-fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path) -> Result<(f64, String)> {
+/// utime + stime of a process, in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+/// Queries per second at saturation (100 outstanding, 10 s), queries lost, queries completed.
+fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path) -> Result<(f64, String, u64)> {
     let q = queries.display().to_string();
     let out = dnsperf(asker, &["-s", server, "-d", &q, "-l", "10", "-c", "4", "-q", "100"])?;
     let qps = out.lines().find(|l| l.contains("Queries per second:")).and_then(|l| l.split(':').nth(1)).and_then(|v| v.trim().parse().ok()).with_context(|| format!("no QPS in:\n{out}"))?;
     let lost = out.lines().find(|l| l.contains("Queries lost:")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
-    Ok((qps, lost))
+    let total = out
+        .lines()
+        .find(|l| l.contains("Queries completed:"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no completed count in:\n{out}"))?;
+    Ok((qps, lost, total))
 }
 
 /// Per-query latencies (ms) at a fixed rate for 5 s.

@@ -139,6 +139,16 @@ fn real_main() -> Result<()> {
                 need("dnsperf", "dnsperf")?;
                 need("dnsmasq", "dnsmasq-base")?;
                 build()?;
+                // dnsmasq is optimised C: compare it with an optimised build.
+                let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["build", "--release", "-j2", "-p", "swarmnet-control"])
+                    .status()?;
+                if !st.success() {
+                    bail!("cargo build --release failed");
+                }
+                let bin = std::env::current_dir()?.join("target/release/swarmnet");
+                println!("using {}", bin.display());
+                std::env::set_var("SWARMNET_BIN", bin);
                 bench_dns::bench_dns(runs.max(50))?
             }
             other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns)"),
