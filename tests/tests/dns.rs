@@ -200,7 +200,7 @@ fn upstream(lab: &str, ns: &str, addr: &str) -> Result<Child> {
     let child = Command::new("ip")
         .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
         .arg(format!("--listen-address={addr}"))
-        .args(["--port=5353", "--host-record=ext.example,192.0.2.77", "--local=/example/", "--pid-file=", "--user=root"])
+        .args(["--port=53", "--host-record=ext.example,192.0.2.77", "--local=/example/", "--pid-file=", "--user=root"])
         .env("SWARMNET_LAB", lab)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -212,8 +212,14 @@ fn upstream(lab: &str, ns: &str, addr: &str) -> Result<Child> {
 #[test]
 fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Result<()> {
     need_dig()?;
-    // Node 3 runs no daemon: it is the upstream resolver's host.
-    let lab = Lab::up_full("snx-dnsfwd", 3, 2, 1.0, &[], &["--dns", "10.210.0.3:5353", "--dns-timeout-ms", "1000", "--dns-search", "."])?;
+    // Node 3 runs no daemon: it is the upstream resolver's host. The nodes' resolv.conf
+    // (a file of the test's, given with the hidden --resolv-conf) names it, with a search
+    // domain and an option that the tasks' files must carry.
+    let node_resolv = std::env::temp_dir().join("snx-dnsfwd-resolv.conf");
+    std::fs::write(&node_resolv, "nameserver 10.210.0.3\nsearch corp.example\noptions ndots:2\n")?;
+    let node_resolv_arg = node_resolv.display().to_string();
+    let lab = Lab::up_full("snx-dnsfwd", 3, 2, 1.0, &[], &["--resolv-conf", &node_resolv_arg, "--dns-timeout-ms", "1000"])?;
+    let _ = std::fs::remove_file(&node_resolv);
     let mut dnsmasq = upstream("snx-dnsfwd", "snx-dnsfwd-n3", "10.210.0.3")?;
     let result = (|| -> Result<()> {
         lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
@@ -222,6 +228,12 @@ fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Re
         lab.cli_ok(0, &web)?;
         let tasks = lab.wait_service("web", 2, T)?;
         let asker = pid(&tasks[0]);
+        let resolv = in_task(asker, &["cat", "/etc/resolv.conf"])?;
+        assert!(resolv.contains("nameserver 127.0.0.11\nsearch corp.example\noptions ndots:2\n"), "the node's search and options: {resolv}");
+        // glibc walks the search list first (ndots:2): web.corp.example goes upstream and is
+        // NXDOMAIN there, then `web` is ours.
+        let getent = in_task(asker, &["getent", "hosts", "web"])?;
+        assert!(!getent.is_empty(), "getent hosts web through the search list");
         wait_for("the upstream answers ext.example", T, || (short(asker, &["ext.example"]).ok()? == set(&["192.0.2.77"])).then_some(()))?;
         assert_eq!(short(asker, &["+tcp", "ext.example"])?, set(&["192.0.2.77"]), "forwarded over TCP too");
         let getent = in_task(asker, &["getent", "hosts", "ext.example"])?;
@@ -242,7 +254,7 @@ fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Re
     // Upstream silent (a socket that never answers): SERVFAIL within our 1 s timeout, well
     // before dig's own 3 s.
     let mut silent = Command::new("ip")
-        .args(["netns", "exec", "snx-dnsfwd-n3", "python3", "-c", "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.210.0.3',5353))\ntime.sleep(600)"])
+        .args(["netns", "exec", "snx-dnsfwd-n3", "python3", "-c", "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.210.0.3',53))\ntime.sleep(600)"])
         .env("SWARMNET_LAB", "snx-dnsfwd")
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
