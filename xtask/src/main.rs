@@ -167,22 +167,29 @@ fn demo() -> Result<()> {
     println!("$ swarmnet network ls\n{}", lab.cli_ok(0, &["network", "ls"])?);
     println!("$ swarmnet service ls\n{}", lab.cli_ok(0, &["service", "ls"])?);
     println!("$ swarmnet service ps web\n{}", lab.cli_ok(0, &["service", "ps", "web"])?);
-    // Traffic between nodes over the overlay: from the task on node 1 to the one on node 3.
+    // Service discovery, then traffic by name between nodes over the overlay.
     let tasks = lab.wait_service("web", 3, Duration::from_secs(30))?;
     let on = |n: &str| tasks.iter().find(|t| t["node"] == n).cloned();
     if let (Some(a), Some(b)) = (on("snlab-n1"), on("snlab-n3")) {
         let pid = a["pid"].to_string();
-        let ip = b["addresses"]["appnet"].as_str().unwrap_or_default().to_string();
-        let url = format!("http://{ip}/");
+        let in_task = |args: &[&str]| -> Result<String> {
+            let out = Command::new("nsenter").args(["-t", &pid, "-n", "-m", "--"]).args(args).output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        println!("$ nsenter -t {pid} -n -m cat /etc/resolv.conf    # inside task {} on snlab-n1\n{}\n", a["name"], in_task(&["cat", "/etc/resolv.conf"])?);
+        for q in [&["dig", "+short", "web"][..], &["dig", "+short", "tasks.web"], &["getent", "hosts", "web"], &["dig", "+short", "-x", b["addresses"]["appnet"].as_str().unwrap_or_default()]] {
+            println!("$ {}\n{}\n", q.join(" "), in_task(q)?);
+        }
+        let name = b["name"].as_str().unwrap_or_default().to_string();
+        let url = format!("http://{name}/");
         let code = swarmnet_lab::wait_for("HTTP over the overlay", Duration::from_secs(30), || {
-            let out = Command::new("nsenter").args(["-t", &pid, "-n", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().ok()?;
-            let c = String::from_utf8_lossy(&out.stdout).to_string();
+            let c = in_task(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
             (c == "200").then_some(c)
         })?;
-        println!("$ nsenter -t {pid} -n curl {url}    # task {} on snlab-n1 -> task {} on snlab-n3 over VXLAN\nHTTP {code}\n", a["name"], b["name"]);
+        println!("$ curl {url}    # task {} on snlab-n1 -> task {name} on snlab-n3 over VXLAN, by name\nHTTP {code}\n", a["name"]);
     }
     println!(
-        "The lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down\n(DNS and the routing mesh on published ports are later issues.)",
+        "The lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down\n(The routing mesh on published ports is a later issue.)",
         lab.control(0)
     );
     lab.keep();
