@@ -176,7 +176,7 @@ async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
             let plan = resolver.plan(&request);
             if plan == Plan::Forward {
                 let r = resolver.clone();
-                let responder = UdpResponder { sock: sock.clone(), dst: g.from };
+                let responder = UdpResponder { sink: Sink::Socket(sock.clone()), dst: g.from };
                 tokio::spawn(async move { r.respond(&request, plan, responder).await });
             } else {
                 // Completes at once: the outbox only stores the encoded answer.
@@ -216,33 +216,8 @@ impl Outbox {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn to(&self, dst: std::net::SocketAddr) -> OutboxResponder {
-        OutboxResponder { outbox: self.clone(), dst }
-    }
-}
-
-#[derive(Clone)]
-struct OutboxResponder {
-    outbox: Outbox,
-    dst: std::net::SocketAddr,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for OutboxResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode_udp(response)?;
-        self.outbox.push(bytes, self.dst);
-        Ok(info)
+    fn to(&self, dst: std::net::SocketAddr) -> UdpResponder {
+        UdpResponder { sink: Sink::Outbox(self.clone()), dst }
     }
 }
 
@@ -293,11 +268,19 @@ fn encode_udp<'a>(
     Ok((info, bytes))
 }
 
-/// Sends an answer straight back on the task's UDP socket, cut to 512 bytes or the
-/// client's EDNS size (records that do not fit are left out and TC is set).
+/// Where a UDP answer goes: into the loop's next `sendmmsg` batch, or (for a forwarded
+/// query, answered later from its own task) straight onto the socket.
+#[derive(Clone)]
+enum Sink {
+    Outbox(Outbox),
+    Socket(Arc<tokio::net::UdpSocket>),
+}
+
+/// Answers a UDP query, cut to 512 bytes or the client's EDNS size (records that do not fit
+/// are left out and TC is set).
 #[derive(Clone)]
 struct UdpResponder {
-    sock: Arc<tokio::net::UdpSocket>,
+    sink: Sink,
     dst: std::net::SocketAddr,
 }
 
@@ -315,7 +298,12 @@ impl ResponseHandler for UdpResponder {
         >,
     ) -> Result<ResponseInfo, NetError> {
         let (info, bytes) = encode_udp(response)?;
-        self.sock.send_to(&bytes, self.dst).await?;
+        match &self.sink {
+            Sink::Outbox(o) => o.push(bytes, self.dst),
+            Sink::Socket(s) => {
+                s.send_to(&bytes, self.dst).await?;
+            }
+        }
         Ok(info)
     }
 }

@@ -11,6 +11,8 @@ use serde_json::Value;
 use swarmnet_lab::{in_task, wait_for, Lab};
 
 const T: Duration = Duration::from_secs(30);
+/// Debian puts dnsmasq in /usr/sbin, which a non-login root shell may not have on PATH.
+const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 const SLEEP: &[&str] = &["sleep", "3600"];
 
 fn pid(t: &Value) -> u32 {
@@ -55,6 +57,16 @@ fn vip(lab: &Lab, svc: &str, net: &str) -> Result<String> {
     v["vips"][net].as_str().map(str::to_string).with_context(|| format!("service {svc} has no VIP on {net}: {v}"))
 }
 
+/// `service create --name NAME --replicas N ARGS… -- sleep 3600`.
+fn sleeper(lab: &Lab, name: &str, replicas: &str, args: &[&str]) -> Result<()> {
+    let mut a = vec!["service", "create", "--name", name, "--replicas", replicas];
+    a.extend_from_slice(args);
+    a.push("--");
+    a.extend_from_slice(SLEEP);
+    lab.cli_ok(0, &a)?;
+    Ok(())
+}
+
 /// Waits until `tasks.<svc>` asked from `pid` lists exactly `want`.
 fn wait_tasks(pid: u32, svc: &str, want: &BTreeSet<String>) -> Result<()> {
     let q = format!("tasks.{svc}");
@@ -73,15 +85,9 @@ fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
     let lab = Lab::up_full("snx-dns", 3, 3, 1.0, &[], &["--dns-search", "."])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "othernet"])?;
-    let mut web = vec!["service", "create", "--name", "web", "--replicas", "3", "--network", "name=appnet,alias=api", "--publish", "8080:80", "--"];
-    web.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &web)?;
-    let mut db = vec!["service", "create", "--name", "db", "--replicas", "2", "--endpoint-mode", "dnsrr", "--network", "appnet", "--"];
-    db.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &db)?;
-    let mut hidden = vec!["service", "create", "--name", "hidden", "--replicas", "1", "--network", "othernet", "--"];
-    hidden.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &hidden)?;
+    sleeper(&lab, "web", "3", &["--network", "name=appnet,alias=api", "--publish", "8080:80"])?;
+    sleeper(&lab, "db", "2", &["--endpoint-mode", "dnsrr", "--network", "appnet"])?;
+    sleeper(&lab, "hidden", "1", &["--network", "othernet"])?;
     let mut probe = vec!["run", "--detach", "--name", "probe", "--network", "name=appnet,alias=prober", "--"];
     probe.extend_from_slice(SLEEP);
     lab.cli_ok(2, &probe)?;
@@ -156,9 +162,7 @@ fn forty_tasks_set_tc_over_udp_tcp_gives_all_and_garbage_breaks_nothing() -> Res
     need_dig()?;
     let lab = Lab::up_full("snx-dnstc", 2, 2, 1.0, &[], &["--dns-search", "."])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
-    let mut big = vec!["service", "create", "--name", "big", "--replicas", "40", "--network", "appnet", "--"];
-    big.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &big)?;
+    sleeper(&lab, "big", "40", &["--network", "appnet"])?;
     let tasks = lab.wait_service("big", 40, Duration::from_secs(90))?;
     let asker = pid(&tasks[0]);
     let all = addrs(&tasks, "appnet");
@@ -198,7 +202,7 @@ print("sent")
 /// A dnsmasq started by the test on node 3 of the lab: the upstream of the other nodes.
 fn upstream(lab: &str, ns: &str, addr: &str) -> Result<Child> {
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+        .args(["netns", "exec", ns, DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
         .arg(format!("--listen-address={addr}"))
         .args(["--port=53", "--host-record=ext.example,192.0.2.77", "--local=/example/", "--pid-file=", "--user=root"])
         .env("SWARMNET_LAB", lab)
@@ -223,9 +227,7 @@ fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Re
     let mut dnsmasq = upstream("snx-dnsfwd", "snx-dnsfwd-n3", "10.210.0.3")?;
     let result = (|| -> Result<()> {
         lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
-        let mut web = vec!["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--"];
-        web.extend_from_slice(SLEEP);
-        lab.cli_ok(0, &web)?;
+        sleeper(&lab, "web", "2", &["--network", "appnet"])?;
         let tasks = lab.wait_service("web", 2, T)?;
         let asker = pid(&tasks[0]);
         let resolv = in_task(asker, &["cat", "/etc/resolv.conf"])?;
@@ -271,9 +273,7 @@ fn a_killed_agents_tasks_leave_tasks_answers_on_the_other_nodes() -> Result<()> 
     need_dig()?;
     let mut lab = Lab::up_full("snx-dnskill", 3, 3, 1.0, &[], &["--dns-search", "."])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
-    let mut web = vec!["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--"];
-    web.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &web)?;
+    sleeper(&lab, "web", "3", &["--network", "appnet"])?;
     let tasks = lab.wait_service("web", 3, T)?;
     let asker = tasks.iter().find(|t| t["node"] == "snx-dnskill-n1").map(pid).context("a task on node 1")?;
     let victim = tasks.iter().find(|t| t["node"] == "snx-dnskill-n3").context("a task on node 3")?;
@@ -300,9 +300,7 @@ fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> 
     need_dig()?;
     let mut lab = Lab::up_full("snx-dnsadopt", 2, 2, 1.0, &[], &["--dns-search", "."])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
-    let mut web = vec!["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--"];
-    web.extend_from_slice(SLEEP);
-    lab.cli_ok(0, &web)?;
+    sleeper(&lab, "web", "2", &["--network", "appnet"])?;
     let tasks = lab.wait_service("web", 2, T)?;
     let on2 = tasks.iter().find(|t| t["node"] == "snx-dnsadopt-n2").map(pid).context("a task on node 2")?;
     let vip = vip(&lab, "web", "appnet")?;

@@ -19,6 +19,8 @@ use swarmnet_lab::{wait_for, Lab};
 
 const LAB: &str = "snbench";
 const T: Duration = Duration::from_secs(30);
+/// Debian puts dnsmasq in /usr/sbin, which a non-login root shell may not have on PATH.
+const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
 /// Asks 127.0.0.11 for `tasks.<svc>` every millisecond; prints "<epoch seconds> <ips>"
 /// whenever the set of addresses changes.
@@ -94,7 +96,7 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
     let queries = dir.join("bench-queries");
     std::fs::write(&queries, names.iter().map(|n| format!("{n} A\n")).collect::<String>())?;
     let mut dnsmasq = Command::new("nsenter")
-        .args(["-t", &asker, "-n", "--", "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.12", "--port=53", "--local-ttl=2", "--pid-file=", "--user=root", "--log-facility=/dev/null"])
+        .args(["-t", &asker, "-n", "--", DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.12", "--port=53", "--local-ttl=2", "--pid-file=", "--user=root", "--log-facility=/dev/null"])
         .arg(format!("--addn-hosts={}", hosts_file.display()))
         .env("SWARMNET_LAB", LAB)
         .spawn()

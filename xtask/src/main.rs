@@ -137,7 +137,7 @@ fn real_main() -> Result<()> {
             }
             "dns" => {
                 need("dnsperf", "dnsperf")?;
-                need("dnsmasq", "dnsmasq-base")?;
+                need("/usr/sbin/dnsmasq", "dnsmasq-base")?;
                 build()?;
                 // dnsmasq is optimised C: compare it with an optimised build.
                 let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
