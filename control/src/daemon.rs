@@ -200,6 +200,15 @@ async fn with_local_endpoints(mut r: Reply, agent: &Agent) -> Reply {
         })
         .collect();
     r.data["local_endpoints"] = serde_json::Value::Array(eps);
+    // This node's resolvers (all tasks, all networks) since the daemon started.
+    let c = &agent.runtime.dns().shared.counters;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    r.data["local_dns"] = serde_json::json!({
+        "answered_locally": n(&c.local),
+        "forwarded": n(&c.forwarded),
+        "upstream_failures": n(&c.upstream_failures),
+        "refused_or_malformed": n(&c.refused),
+    });
     r
 }
 

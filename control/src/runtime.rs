@@ -116,6 +116,10 @@ impl Runtime {
         &self.net.overlay
     }
 
+    pub fn dns(&self) -> &crate::dns::NodeDns {
+        &self.net.dns
+    }
+
     pub fn log_path(&self, task: &Id) -> PathBuf {
         self.dir.join(format!("{task}.log"))
     }

@@ -32,7 +32,7 @@ pub struct Config {
     pub forwarder: Forwarder,
 }
 
-/// Counters, for `network inspect`-style reporting and tests.
+/// Counters since the daemon started, shown as `local_dns` by `network inspect`.
 #[derive(Default)]
 pub struct Counters {
     pub local: AtomicU64,

@@ -244,6 +244,11 @@ fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Re
         assert_eq!(status(&dig(asker, &["nope.example"])?), "NXDOMAIN");
         // Cluster names still answered locally.
         assert_eq!(short(asker, &["tasks.web"])?, addrs(&tasks, "appnet"));
+        let node = tasks[0]["node"].as_str().context("node")?;
+        let i = lab.nodes.iter().position(|n| n.ns == node).context("node index")?;
+        let inspect: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"])?)?;
+        let counters = &inspect["local_dns"];
+        assert!(counters["forwarded"].as_u64().unwrap_or(0) >= 3 && counters["answered_locally"].as_u64().unwrap_or(0) >= 1, "{counters}");
         Ok(())
     })();
     let _ = dnsmasq.kill();
