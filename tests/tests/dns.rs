@@ -82,7 +82,7 @@ fn wait_tasks(pid: u32, svc: &str, want: &BTreeSet<String>) -> Result<()> {
 fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
     need_dig()?;
     let node_resolv_before = std::fs::read("/etc/resolv.conf").ok();
-    let lab = Lab::up_full("snx-dns", 3, 3, 1.0, &[], &["--dns-search", "."])?;
+    let lab = Lab::up_full("snx-dns", 3, 3, 1.0, &[], &["--dns-search", ".", "--dns-ttl", "7"])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "othernet"])?;
     sleeper(&lab, "web", "3", &["--network", "name=appnet,alias=api", "--publish", "8080:80"])?;
@@ -107,8 +107,10 @@ fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
     assert!(hosts.contains(&format!("{}\t{}", own["addresses"]["appnet"].as_str().unwrap_or("?"), own["name"].as_str().unwrap_or("?"))), "{hosts}");
     assert_eq!(std::fs::read("/etc/resolv.conf").ok(), node_resolv_before, "the node's resolv.conf is not changed");
 
-    // service -> VIP, by dig and by glibc.
+    // service -> VIP, by dig and by glibc, with the TTL the nodes were given.
     assert_eq!(short(asker, &["web"])?, set(&[&web_vip]));
+    let answer = dig(asker, &["+noall", "+answer", "web"])?;
+    assert_eq!(answer.split_whitespace().nth(1), Some("7"), "--dns-ttl 7: {answer}");
     let getent = in_task(asker, &["getent", "hosts", "web"])?;
     assert!(getent.starts_with(&format!("{web_vip} ")), "getent hosts web: {getent}");
     // tasks.web -> exactly the running tasks.
