@@ -6,7 +6,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use crate::pct;
+use crate::p50_p99_max;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use swarmnet_lab::{wait_for, Lab};
@@ -18,7 +18,7 @@ fn ts(line: &str) -> Option<f64> {
 }
 
 /// "2026-11-24T03:46:16.818824Z" -> seconds since the epoch (UTC).
-pub(crate) fn log_ts(t: &str) -> Option<f64> {
+fn log_ts(t: &str) -> Option<f64> {
     let (date, time) = t.trim_end_matches('Z').split_once('T')?;
     let d: Vec<i64> = date.split('-').filter_map(|x| x.parse().ok()).collect();
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
@@ -37,6 +37,15 @@ pub(crate) fn log_ts(t: &str) -> Option<f64> {
     Some(secs as f64 + format!("0.{frac}").parse::<f64>().ok()?)
 }
 
+
+/// When a daemon log says the endpoint of task `task_id` was published (seconds since the
+/// epoch), from the first such line.
+pub(crate) fn published_at(log: &str, task_id: &str) -> Option<f64> {
+    log.lines()
+        .find(|l| l.contains("endpoint published") && l.contains(task_id))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(log_ts)
+}
 
 pub fn bench_convergence(trials: usize) -> Result<()> {
     let lab = Lab::up("snbench", 3, 3, 5.0)?;
@@ -87,12 +96,7 @@ pub fn bench_convergence(trials: usize) -> Result<()> {
             Some(last)
         })?;
         let log = lab.log(origin);
-        let published = log[daemon_offsets[origin].min(log.len())..]
-            .lines()
-            .find(|l| l.contains("endpoint published") && l.contains(&task_id))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(log_ts)
-            .context("publish time in the origin's log")?;
+        let published = published_at(&log[daemon_offsets[origin].min(log.len())..], &task_id).context("publish time in the origin's log")?;
         gossip.push((done - published) * 1000.0);
         e2e.push((done - t0) * 1000.0);
         lab.cli_ok(0, &["service", "scale", "web=3"])?;
@@ -108,17 +112,7 @@ pub fn bench_convergence(trials: usize) -> Result<()> {
         let _ = m.kill();
         let _ = m.wait();
     }
-    println!(
-        "published -> neighbour+FDB on every other node: trials={trials} p50={:.1} ms p99={:.1} ms max={:.1} ms",
-        pct(&mut gossip, 50.0),
-        pct(&mut gossip, 99.0),
-        pct(&mut gossip, 100.0)
-    );
-    println!(
-        "service scale call -> entries on every other node: p50={:.1} ms p99={:.1} ms max={:.1} ms",
-        pct(&mut e2e, 50.0),
-        pct(&mut e2e, 99.0),
-        pct(&mut e2e, 100.0)
-    );
+    println!("published -> neighbour+FDB on every other node: trials={trials} {}", p50_p99_max(&mut gossip));
+    println!("service scale call -> entries on every other node: {}", p50_p99_max(&mut e2e));
     Ok(())
 }

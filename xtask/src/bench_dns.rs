@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
 
-use crate::bench_convergence::log_ts;
-use crate::pct;
+use crate::bench_convergence::published_at;
+use crate::{p50_p99_max, pct};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use swarmnet_lab::{wait_for, Lab};
@@ -106,11 +106,13 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
     let r = (|| -> Result<()> {
         let mut last_dnsmasq = 0.0;
         let rounds = [("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11")];
-        for (who, addr) in rounds.iter().cycle().take(8).copied() {
+        // One dnsperf thread (it takes a core, the server the other), then two (everything
+        // competes for both cores: the cheaper server leaves more to the client).
+        for (threads, (who, addr)) in ["1"; 8].into_iter().chain(["2"; 8]).zip(rounds.iter().cycle().copied()) {
             // CPU of the server process (dnsmasq, or the whole node daemon) per answer.
             let server = if who == "dnsmasq" { dnsmasq.id() } else { daemon };
             let cpu0 = cpu_ticks(server)?;
-            let (qps, lost, total) = dnsperf_qps(&asker, addr, &queries)?;
+            let (qps, lost, total) = dnsperf_qps(&asker, addr, &queries, threads)?;
             let cpu = (cpu_ticks(server)? - cpu0) as f64 / 100.0;
             let ratio = if who == "dnsmasq" {
                 last_dnsmasq = qps;
@@ -118,7 +120,7 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
             } else {
                 format!("  = {:.2}x the dnsmasq run before it", qps / last_dnsmasq)
             };
-            println!("saturation {who:9} {qps:>9.0} qps  lost {lost}  server CPU {:.2} us/query ({cpu:.1} s for {total} queries){ratio}", cpu * 1e6 / total as f64);
+            println!("saturation -T {threads} {who:9} {qps:>9.0} qps  lost {lost}  server CPU {:.2} us/query ({cpu:.1} s for {total} queries){ratio}", cpu * 1e6 / total as f64);
         }
         for rate in [5000, 20000] {
             for (who, addr) in [("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11")] {
@@ -155,10 +157,12 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
 }
 
-/// Queries per second at saturation (100 outstanding, 10 s), queries lost, queries completed.
-fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path) -> Result<(f64, String, u64)> {
+/// Queries per second at saturation (10 s; 4 clients and 100 outstanding per dnsperf
+/// thread), queries lost, queries completed.
+fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path, threads: &str) -> Result<(f64, String, u64)> {
     let q = queries.display().to_string();
-    let out = dnsperf(asker, &["-s", server, "-d", &q, "-l", "10", "-c", "4", "-q", "100"])?;
+    let (clients, outstanding) = if threads == "2" { ("8", "200") } else { ("4", "100") };
+    let out = dnsperf(asker, &["-s", server, "-d", &q, "-l", "10", "-T", threads, "-c", clients, "-q", outstanding])?;
     let qps = out.lines().find(|l| l.contains("Queries per second:")).and_then(|l| l.split(':').nth(1)).and_then(|v| v.trim().parse().ok()).with_context(|| format!("no QPS in:\n{out}"))?;
     let lost = out.lines().find(|l| l.contains("Queries lost:")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
     let total = out
@@ -231,12 +235,7 @@ fn update_latency(lab: &Lab, trials: usize) -> Result<()> {
             let origin = lab.nodes.iter().position(|n| n.ns == new["node"].as_str().unwrap_or("")).context("node")?;
             let task_id = new["id"].as_str().context("id")?;
             let log = lab.log(origin);
-            let published = log[offsets[origin].min(log.len())..]
-                .lines()
-                .find(|l| l.contains("endpoint published") && l.contains(task_id))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(log_ts)
-                .context("publish time in the origin's log")?;
+            let published = published_at(&log[offsets[origin].min(log.len())..], task_id).context("publish time in the origin's log")?;
             if origin == 2 {
                 local += 1;
             } else {
@@ -254,18 +253,8 @@ fn update_latency(lab: &Lab, trials: usize) -> Result<()> {
             wait_for("back to 3", T, || (lab.cli_json(0, &["service", "ps", "web"]).ok()?.as_array()?.len() == 3).then_some(()))?;
         }
         let n = from_publish.len();
-        println!(
-            "published on node 1/2 -> tasks.web on node 3 lists it: trials={n} (skipped {local} placed on node 3) p50={:.1} ms p99={:.1} ms max={:.1} ms",
-            pct(&mut from_publish, 50.0),
-            pct(&mut from_publish, 99.0),
-            pct(&mut from_publish, 100.0)
-        );
-        println!(
-            "service scale call -> tasks.web on node 3 lists it: p50={:.1} ms p99={:.1} ms max={:.1} ms",
-            pct(&mut from_call, 50.0),
-            pct(&mut from_call, 99.0),
-            pct(&mut from_call, 100.0)
-        );
+        println!("published on node 1/2 -> tasks.web on node 3 lists it: trials={n} (skipped {local} placed on node 3) {}", p50_p99_max(&mut from_publish));
+        println!("service scale call -> tasks.web on node 3 lists it: {}", p50_p99_max(&mut from_call));
         Ok(())
     })();
     let _ = poller.kill();

@@ -205,6 +205,11 @@ pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((p / 100.0) * (v.len() - 1) as f64).round() as usize]
 }
 
+/// "p50=… ms p99=… ms max=… ms" of `v`.
+pub(crate) fn p50_p99_max(v: &mut [f64]) -> String {
+    format!("p50={:.1} ms p99={:.1} ms max={:.1} ms", pct(v, 50.0), pct(v, 99.0), pct(v, 100.0))
+}
+
 /// `service create --replicas 3` to 3 tasks running, and manager restart to all agents
 /// back, on the 3-node lab.
 fn bench_control(runs: usize) -> Result<()> {
