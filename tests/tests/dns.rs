@@ -322,3 +322,28 @@ fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> 
     wait_tasks(on2, "web", &addrs(&again, "appnet"))?;
     Ok(())
 }
+
+#[test]
+fn a_task_whose_process_exits_leaves_the_answers_until_it_runs_again() -> Result<()> {
+    need_dig()?;
+    let lab = Lab::up_full("snx-dnsdrain", 2, 2, 1.0, &[], &["--dns-search", "."])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    sleeper(&lab, "web", "2", &["--network", "appnet"])?;
+    // Runs 1 s, exits 3, is restarted after a backoff growing to 5 s: its endpoint turns
+    // draining at each exit and active at each start.
+    lab.cli_ok(0, &["service", "create", "--name", "flaky", "--replicas", "1", "--network", "appnet", "--", "sh", "-c", "sleep 1; exit 3"])?;
+    let webs = lab.wait_service("web", 2, T)?;
+    let flaky_ip = wait_for("flaky's address", T, || {
+        let v = lab.cli_json(0, &["service", "ps", "flaky"]).ok()?;
+        v.as_array()?.first()?["addresses"]["appnet"].as_str().map(str::to_string)
+    })?;
+    for w in &webs {
+        let asker = pid(w);
+        wait_for(&format!("tasks.flaky empty from {}", w["node"]), T, || {
+            let a = dig(asker, &["tasks.flaky"]).ok()?;
+            (status(&a) == "NOERROR" && a.contains("ANSWER: 0,")).then_some(())
+        })?;
+        wait_for(&format!("tasks.flaky back from {}", w["node"]), T, || (short(asker, &["tasks.flaky"]).ok()? == set(&[&flaky_ip])).then_some(()))?;
+    }
+    Ok(())
+}
