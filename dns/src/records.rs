@@ -126,12 +126,8 @@ impl Records {
         Answer::NotLocal
     }
 
-    /// AAAA: cluster names have IPv4 only, so a name of ours is NoData (empty NOERROR).
-    pub fn aaaa(&self, scope: &[String], qname: &str) -> Answer {
-        Self::nodata_if_ours(self.a(scope, qname))
-    }
-
-    /// Any other type for a name of ours: NoData; otherwise as A would answer.
+    /// AAAA and every other type but A, PTR and SRV: cluster names have IPv4 addresses
+    /// only, so a name of ours is NoData (empty NOERROR); otherwise as A would answer.
     pub fn other(&self, scope: &[String], qname: &str) -> Answer {
         Self::nodata_if_ours(self.a(scope, qname))
     }
@@ -243,9 +239,9 @@ mod tests {
         assert_eq!(r.a(&s, "tasks.web"), Answer::Addrs(vec![ip(3), ip(4)]));
         assert_eq!(r.a(&s, "web.2"), Answer::Addrs(vec![ip(4)]));
         assert_eq!(r.ptr(&s, ip(3)), Answer::Name("web.1".into()));
-        assert_eq!(r.aaaa(&s, "web"), Answer::NoData);
+        assert_eq!(r.other(&s, "web"), Answer::NoData);
         assert_eq!(r.a(&s, "example.com"), Answer::NotLocal);
-        assert_eq!(r.aaaa(&s, "example.com"), Answer::NotLocal);
+        assert_eq!(r.other(&s, "example.com"), Answer::NotLocal);
         assert_eq!(r.a(&s, "tasks.nope"), Answer::NxDomain, "tasks.* never leaks upstream");
         del(&mut r, "n", "t1");
         assert_eq!(r.a(&s, "tasks.web"), Answer::Addrs(vec![ip(4)]));

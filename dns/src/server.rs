@@ -342,7 +342,6 @@ impl TaskResolver {
         let ttl = self.shared.config.ttl;
         let answer = self.shared.read(|r| match qtype {
             RecordType::A => r.a(scope, &text),
-            RecordType::AAAA => r.aaaa(scope, &text),
             RecordType::SRV => r.srv(scope, &text),
             RecordType::PTR => match name.parse_arpa_name() {
                 Ok(net) => match net.addr() {

@@ -57,6 +57,17 @@ fn vip(lab: &Lab, svc: &str, net: &str) -> Result<String> {
     v["vips"][net].as_str().map(str::to_string).with_context(|| format!("service {svc} has no VIP on {net}: {v}"))
 }
 
+/// A lab of `nodes` nodes with the DNS flags every test here uses plus `extra`, and an
+/// overlay network `appnet`.
+fn dns_lab(name: &str, nodes: usize, extra: &[&str]) -> Result<Lab> {
+    need_dig()?;
+    let mut args = vec!["--dns-search", "."];
+    args.extend_from_slice(extra);
+    let lab = Lab::up_full(name, nodes, nodes, 1.0, &[], &args)?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    Ok(lab)
+}
+
 /// `service create --name NAME --replicas N ARGS… -- sleep 3600`.
 fn sleeper(lab: &Lab, name: &str, replicas: &str, args: &[&str]) -> Result<()> {
     let mut a = vec!["service", "create", "--name", name, "--replicas", replicas];
@@ -80,10 +91,8 @@ fn wait_tasks(pid: u32, svc: &str, want: &BTreeSet<String>) -> Result<()> {
 
 #[test]
 fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
-    need_dig()?;
     let node_resolv_before = std::fs::read("/etc/resolv.conf").ok();
-    let lab = Lab::up_full("snx-dns", 3, 3, 1.0, &[], &["--dns-search", ".", "--dns-ttl", "7"])?;
-    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    let lab = dns_lab("snx-dns", 3, &["--dns-ttl", "7"])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "othernet"])?;
     sleeper(&lab, "web", "3", &["--network", "name=appnet,alias=api", "--publish", "8080:80"])?;
     sleeper(&lab, "db", "2", &["--endpoint-mode", "dnsrr", "--network", "appnet"])?;
@@ -161,9 +170,7 @@ fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
 
 #[test]
 fn forty_tasks_set_tc_over_udp_tcp_gives_all_and_garbage_breaks_nothing() -> Result<()> {
-    need_dig()?;
-    let lab = Lab::up_full("snx-dnstc", 2, 2, 1.0, &[], &["--dns-search", "."])?;
-    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let lab = dns_lab("snx-dnstc", 2, &[])?;
     sleeper(&lab, "big", "40", &["--network", "appnet"])?;
     let tasks = lab.wait_service("big", 40, Duration::from_secs(90))?;
     let asker = pid(&tasks[0]);
@@ -277,9 +284,7 @@ fn other_names_are_forwarded_upstream_and_a_dead_upstream_gives_servfail() -> Re
 
 #[test]
 fn a_killed_agents_tasks_leave_tasks_answers_on_the_other_nodes() -> Result<()> {
-    need_dig()?;
-    let mut lab = Lab::up_full("snx-dnskill", 3, 3, 1.0, &[], &["--dns-search", "."])?;
-    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let mut lab = dns_lab("snx-dnskill", 3, &[])?;
     sleeper(&lab, "web", "3", &["--network", "appnet"])?;
     let tasks = lab.wait_service("web", 3, T)?;
     let asker = tasks.iter().find(|t| t["node"] == "snx-dnskill-n1").map(pid).context("a task on node 1")?;
@@ -304,9 +309,7 @@ fn a_killed_agents_tasks_leave_tasks_answers_on_the_other_nodes() -> Result<()> 
 
 #[test]
 fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> {
-    need_dig()?;
-    let mut lab = Lab::up_full("snx-dnsadopt", 2, 2, 1.0, &[], &["--dns-search", "."])?;
-    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let mut lab = dns_lab("snx-dnsadopt", 2, &[])?;
     sleeper(&lab, "web", "2", &["--network", "appnet"])?;
     let tasks = lab.wait_service("web", 2, T)?;
     let on2 = tasks.iter().find(|t| t["node"] == "snx-dnsadopt-n2").map(pid).context("a task on node 2")?;
@@ -325,9 +328,7 @@ fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> 
 
 #[test]
 fn a_task_whose_process_exits_leaves_the_answers_until_it_runs_again() -> Result<()> {
-    need_dig()?;
-    let lab = Lab::up_full("snx-dnsdrain", 2, 2, 1.0, &[], &["--dns-search", "."])?;
-    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    let lab = dns_lab("snx-dnsdrain", 2, &[])?;
     sleeper(&lab, "web", "2", &["--network", "appnet"])?;
     // Runs 1 s, exits 3, is restarted after a backoff growing to 5 s: its endpoint turns
     // draining at each exit and active at each start.

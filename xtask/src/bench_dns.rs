@@ -142,11 +142,9 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
 }
 
 fn dnsperf(asker: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new("nsenter").args(["-t", asker, "-n", "--", "dnsperf"]).args(args).output().context("run dnsperf (apt install dnsperf)")?;
-    if !out.status.success() {
-        bail!("dnsperf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let mut a = vec!["dnsperf"];
+    a.extend_from_slice(args);
+    swarmnet_lab::in_netns_of(asker.parse()?, &a)
 }
 
 /// utime + stime of a process, in clock ticks (100 per second).

@@ -172,10 +172,8 @@ fn demo() -> Result<()> {
     let on = |n: &str| tasks.iter().find(|t| t["node"] == n).cloned();
     if let (Some(a), Some(b)) = (on("snlab-n1"), on("snlab-n3")) {
         let pid = a["pid"].to_string();
-        let in_task = |args: &[&str]| -> Result<String> {
-            let out = Command::new("nsenter").args(["-t", &pid, "-n", "-m", "--"]).args(args).output()?;
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        };
+        let task_pid: u32 = pid.parse()?;
+        let in_task = |args: &[&str]| -> Result<String> { Ok(swarmnet_lab::in_task(task_pid, args)?.trim().to_string()) };
         println!("$ nsenter -t {pid} -n -m cat /etc/resolv.conf    # inside task {} on snlab-n1\n{}\n", a["name"], in_task(&["cat", "/etc/resolv.conf"])?);
         for q in [&["dig", "+short", "web"][..], &["dig", "+short", "tasks.web"], &["getent", "hosts", "web"], &["dig", "+short", "-x", b["addresses"]["appnet"].as_str().unwrap_or_default()]] {
             println!("$ {}\n{}\n", q.join(" "), in_task(q)?);
