@@ -1,19 +1,8 @@
-//! `swarmnet`: the daemons and the CLI.
+//! `swarmnet`: the daemons (composed of the manager's and the agent's crates) and the CLI.
 
-mod agent;
 mod daemon;
-mod dns;
-mod ipam;
-mod manager;
-mod model;
-mod ops;
-mod overlay;
-mod pki;
-mod proto;
-mod runtime;
 mod sim;
-mod store;
-mod token;
+mod table;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -22,11 +11,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
-use serde_json::Value;
-
-use model::EndpointMode;
-use ops::{NetworkCreate, ServiceCreate, StandaloneCreate};
-use proto::{ApiRequest, Reply};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use swarmnet_agent::dns::DnsOpts;
+use swarmnet_agent::node::NodeConfig;
+use swarmnet_api::replies::*;
+use swarmnet_api::{ApiRequest, EndpointMode, NetworkCreate, Reply, ServiceCreate, StandaloneCreate};
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/swarmnet";
 
@@ -74,7 +64,7 @@ struct DaemonArgs {
 }
 
 impl DaemonArgs {
-    fn common(self) -> anyhow::Result<daemon::Common> {
+    fn node_config(self) -> anyhow::Result<NodeConfig> {
         let upstreams = self.dns.iter().map(|s| swarmnet_dns::resolvconf::parse_upstream(s)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
         if !(1..=60_000).contains(&self.dns_timeout_ms) {
             bail!("--dns-timeout-ms {}: expected 1 to 60000", self.dns_timeout_ms);
@@ -82,11 +72,12 @@ impl DaemonArgs {
         if self.dns_ttl > 3600 {
             bail!("--dns-ttl {}: expected 0 to 3600 seconds", self.dns_ttl);
         }
-        Ok(daemon::Common {
+        Ok(NodeConfig {
             data_dir: self.data_dir,
             advertise: self.advertise_addr,
             gossip_port: self.gossip_port,
-            dns: dns::DnsOpts {
+            holder_cmd: daemon::holder_cmd()?,
+            dns: DnsOpts {
                 upstreams,
                 search: self.dns_search,
                 options: self.dns_option,
@@ -190,9 +181,20 @@ enum Cmd {
 
 #[derive(Args)]
 struct Format {
-    /// `json` for a JSON array.
-    #[arg(long, default_value = "table")]
+    /// `table`, or `json` for a JSON array.
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
     format: String,
+}
+
+impl Format {
+    fn print<T: table::Row + Serialize>(&self, rows: &[T]) -> anyhow::Result<()> {
+        if self.format == "json" {
+            print_json(&rows)
+        } else {
+            print!("{}", table::render(rows));
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -281,7 +283,7 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
-    let req = match cli.cmd {
+    match cli.cmd {
         Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
@@ -290,13 +292,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if data_path_port == 0 {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
-            let c = d.common()?;
+            let c = d.node_config()?;
             daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
             init_logging();
-            let c = d.common()?;
+            let c = d.node_config()?;
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -317,76 +319,76 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::JoinToken { role, quiet } => {
-            let data = call(&host, ApiRequest::JoinToken { role })?;
-            let token = data["token"].as_str().unwrap_or_default();
+            let t: JoinTokenInfo = call(&host, ApiRequest::JoinToken { role })?;
             if quiet {
-                println!("{token}");
+                println!("{}", t.token);
             } else {
-                println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join <manager address>:2377 --token {token} --advertise-addr <its address>\n");
+                println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join <manager address>:2377 --token {} --advertise-addr <its address>\n", t.token);
             }
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Node(NodeCmd::Ls { f }) => {
-            let data = call(&host, ApiRequest::NodeLs)?;
-            print_list(&f, &data, &[("ID", "id"), ("HOSTNAME", "hostname"), ("ADDRESS", "address"), ("STATUS", "status"), ("AVAILABILITY", "availability"), ("MANAGER STATUS", "manager_status"), ("GOSSIP", "gossip")]);
+            let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
+            f.print(&nodes)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Network(NetworkCmd::Ls { f }) => {
-            let data = call(&host, ApiRequest::NetworkLs)?;
-            print_list(&f, &data, &[("NETWORK ID", "id"), ("NAME", "name"), ("DRIVER", "driver"), ("SCOPE", "scope"), ("SUBNET", "subnet"), ("VNI", "vni"), ("ATTACHABLE", "attachable")]);
+            let nets: Vec<NetworkInfo> = call(&host, ApiRequest::NetworkLs)?;
+            f.print(&nets)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Service(ServiceCmd::Ls { f }) => {
-            let data = call(&host, ApiRequest::ServiceLs)?;
-            print_list(&f, &data, &[("ID", "id"), ("NAME", "name"), ("MODE", "mode"), ("REPLICAS", "replicas"), ("ENDPOINT", "endpoint_mode"), ("PORTS", "ports")]);
+            let svcs: Vec<ServiceInfo> = call(&host, ApiRequest::ServiceLs)?;
+            f.print(&svcs)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Service(ServiceCmd::Ps { name, f }) => {
-            let data = call(&host, ApiRequest::ServicePs { name })?;
-            print_list(&f, &data, &[("ID", "id"), ("NAME", "name"), ("NODE", "node"), ("DESIRED STATE", "desired_state"), ("CURRENT STATE", "state"), ("ADDRESSES", "addresses"), ("ERROR", "error")]);
+            let tasks: Vec<TaskInfo> = call(&host, ApiRequest::ServicePs { name })?;
+            f.print(&tasks)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Run { name, network, detach, command } => {
-            let data = call(&host, ApiRequest::RunLocal { spec: StandaloneCreate { name, networks: network, command }, detach })?;
-            if detach {
-                println!("{}", data["id"].as_str().unwrap_or_default());
-                return Ok(ExitCode::SUCCESS);
-            }
-            print!("{}", data["output"].as_str().unwrap_or_default());
-            let code = data["exit_code"].as_i64().unwrap_or(1);
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            let r: RunResult = call(&host, ApiRequest::RunLocal { spec: StandaloneCreate { name, networks: network, command }, detach })?;
+            return Ok(match r {
+                RunResult::Detached(t) => {
+                    println!("{}", t.id);
+                    ExitCode::SUCCESS
+                }
+                RunResult::Finished { output, exit_code, .. } => {
+                    print!("{output}");
+                    ExitCode::from(u8::try_from(exit_code).unwrap_or(1))
+                }
+            });
         }
-        Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, name }) => ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet } },
-        Cmd::Network(NetworkCmd::Inspect { name }) => ApiRequest::NetworkInspect { name },
-        Cmd::Network(NetworkCmd::Rm { name }) => ApiRequest::NetworkRm { name },
+        Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, name }) => {
+            let n: NetworkInfo = call(&host, ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet } })?;
+            println!("{}", n.id);
+        }
+        Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
+        Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),
         Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, command }) => {
             let endpoint_mode = match endpoint_mode.as_str() {
                 "vip" => EndpointMode::Vip,
                 "dnsrr" => EndpointMode::Dnsrr,
                 m => bail!("invalid --endpoint-mode {m:?}: expected vip or dnsrr"),
             };
-            ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, replicas, networks: network, endpoint_mode, publish, command } }
+            let s: ServiceInfo = call(&host, ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, replicas, networks: network, endpoint_mode, publish, command } })?;
+            println!("{}", s.id);
         }
-        Cmd::Service(ServiceCmd::Inspect { name }) => ApiRequest::ServiceInspect { name },
+        Cmd::Service(ServiceCmd::Inspect { name }) => print_json(&call::<ServiceInfo>(&host, ApiRequest::ServiceInspect { name })?)?,
         Cmd::Service(ServiceCmd::Scale { spec }) => {
             let (name, n) = spec.split_once('=').ok_or_else(|| anyhow!("invalid scale {spec:?}: expected SERVICE=REPLICAS"))?;
             let replicas: i64 = n.parse().map_err(|_| anyhow!("invalid scale {spec:?}: {n:?} is not a number"))?;
-            ApiRequest::ServiceScale { name: name.to_string(), replicas }
+            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name: name.to_string(), replicas })?.name);
         }
-        Cmd::Service(ServiceCmd::Rm { name }) => ApiRequest::ServiceRm { name },
-    };
-    // Creates print the new object's id, removals its name, inspects the whole object.
-    let inspect = matches!(req, ApiRequest::NetworkInspect { .. } | ApiRequest::ServiceInspect { .. });
-    let create = matches!(req, ApiRequest::NetworkCreate { .. } | ApiRequest::ServiceCreate { .. });
-    let data = call(&host, req)?;
-    if inspect {
-        println!("{}", serde_json::to_string_pretty(&data)?);
-    } else if create {
-        println!("{}", data["id"].as_str().unwrap_or_default());
-    } else {
-        println!("{}", data["name"].as_str().unwrap_or_default());
+        Cmd::Service(ServiceCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::ServiceRm { name })?.name),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 fn socket_path(host: &Option<String>) -> anyhow::Result<PathBuf> {
@@ -399,53 +401,17 @@ fn socket_path(host: &Option<String>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn call(host: &Option<String>, req: ApiRequest) -> anyhow::Result<Value> {
+/// One request to the local daemon; its reply's data as `T` (a refusal is an error with the
+/// daemon's reason; a reply of another shape is an error too, never an empty field).
+fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> anyhow::Result<T> {
     let path = socket_path(host)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply: Reply = rt.block_on(async {
         let mut s = tokio::net::UnixStream::connect(&path)
             .await
             .with_context(|| format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST)", path.display()))?;
-        proto::write_msg(&mut s, &req).await?;
-        proto::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
+        swarmnet_api::write_msg(&mut s, &req).await?;
+        swarmnet_api::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
     })?;
-    if !reply.ok {
-        bail!("{}", reply.error);
-    }
-    Ok(reply.data)
-}
-
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
-        Value::Object(o) => o.iter().map(|(k, v)| format!("{k}={}", cell(v))).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
-}
-
-fn print_list(f: &Format, data: &Value, cols: &[(&str, &str)]) {
-    if f.format == "json" {
-        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
-        return;
-    }
-    let rows: Vec<Vec<String>> = data
-        .as_array()
-        .map(|a| a.iter().map(|r| cols.iter().map(|(_, k)| cell(&r[*k])).collect()).collect())
-        .unwrap_or_default();
-    let mut widths: Vec<usize> = cols.iter().map(|(h, _)| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        println!("{}", s.join("   ").trim_end());
-    };
-    line(cols.iter().map(|(h, _)| h.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
+    Ok(reply.into_data()?)
 }

@@ -8,15 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
+use swarmnet_agent::session::{self as agent, Identity};
+use swarmnet_api::tls;
+use swarmnet_api::token::JoinToken;
+use swarmnet_api::*;
 use tokio::net::TcpStream;
-
-use crate::agent::{self, Identity};
-use crate::model::TaskState;
-use crate::ops::TaskReport;
-use crate::pki;
-use crate::proto::*;
-use crate::token::JoinToken;
 
 pub async fn run(manager: String, token: String, count: usize, data_dir: &Path, addr: IpAddr) -> anyhow::Result<()> {
     let token = JoinToken::parse(&token)?;
@@ -45,16 +42,14 @@ pub async fn run(manager: String, token: String, count: usize, data_dir: &Path, 
 }
 
 async fn session(id: &Identity) -> anyhow::Result<()> {
-    let cfg = pki::client_config(&id.ca_pem, &id.cert)?;
+    let cfg = tls::client_config(&id.ca_pem, &id.cert)?;
     let tcp = TcpStream::connect(&id.manager).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(pki::server_name(), tcp).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(tls::server_name(), tcp).await?;
     let (mut r, mut w) = tokio::io::split(tls);
     write_msg(&mut w, &Hello::Session { reports: vec![] }).await?;
     let reply: Reply = read_msg(&mut r).await?.ok_or_else(|| anyhow!("closed"))?;
-    if !reply.ok {
-        bail!("{}", reply.error);
-    }
-    let hb = Duration::from_millis(reply.data["heartbeat_ms"].as_u64().unwrap_or(5000));
+    let opened: SessionOpened = reply.into_data()?;
+    let hb = Duration::from_millis(opened.heartbeat_ms.max(50));
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let reader = tokio::spawn(async move {
         while let Ok(Some(m)) = read_msg::<_, FromManager>(&mut r).await {
@@ -99,10 +94,11 @@ async fn session(id: &Identity) -> anyhow::Result<()> {
 /// benchmark): the agents take them as remote endpoints and program their kernels.
 pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize) -> anyhow::Result<()> {
     use swarmnet_gossip::server::{self, Cmd};
-    use swarmnet_gossip::{Config, Endpoint, EndpointState, Ident};
+    use swarmnet_gossip::{Config, Ident};
+    use swarmnet_types::{Endpoint, EndpointState};
     let h = server::start(Ident { node: "sim-endpoints".into(), addr, gen: 1 }, Config::default()).await?;
-    h.send(Cmd::Seeds(vec![seed]));
-    while h.members().await.is_empty() {
+    h.send(Cmd::Seeds(vec![seed]))?;
+    while h.members().await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for k in 0..count {
@@ -122,7 +118,7 @@ pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, n
             vip: None,
             ports: vec![],
             state: EndpointState::Active,
-        })));
+        })))?;
     }
     println!("{count} endpoints published");
     loop {

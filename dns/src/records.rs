@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use swarmnet_gossip::{Change, Endpoint, EndpointState};
+use swarmnet_types::{Change, Endpoint, EndpointState, Protocol};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
@@ -150,8 +150,8 @@ impl Records {
             return self.other(scope, qname);
         };
         let proto = match l2 {
-            "_tcp" => 6,
-            "_udp" => 17,
+            "_tcp" => Protocol::Tcp,
+            "_udp" => Protocol::Udp,
             _ => return self.other(scope, qname),
         };
         if !l1.starts_with('_') {
@@ -161,7 +161,7 @@ impl Records {
         if eps.is_empty() {
             return Answer::NotLocal;
         }
-        let ports: BTreeSet<u16> = eps.iter().flat_map(|e| e.ports.iter()).filter(|p| p.proto == proto).map(|p| p.target).collect();
+        let ports: BTreeSet<u16> = eps.iter().flat_map(|e| e.ports.iter()).filter(|p| p.protocol == proto).map(|p| p.target).collect();
         let vip = eps.iter().any(|e| e.vip.is_some());
         let mut out = Vec::new();
         for port in ports {
@@ -194,6 +194,7 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use swarmnet_types::Port;
 
     fn ep(net: &str, id: &str, svc: &str, task: &str, last: u8, vip: Option<u8>) -> Endpoint {
         Endpoint {
@@ -296,10 +297,10 @@ mod tests {
     fn srv_from_published_ports() {
         let mut r = Records::default();
         let mut e = ep("n", "t1", "web", "web.1", 3, Some(2));
-        e.ports = vec![swarmnet_gossip::Port { published: 8080, target: 80, proto: 6 }, swarmnet_gossip::Port { published: 5353, target: 53, proto: 17 }];
+        e.ports = vec![Port { published: 8080, target: 80, protocol: Protocol::Tcp }, Port { published: 5353, target: 53, protocol: Protocol::Udp }];
         add(&mut r, e);
         let mut d1 = ep("n", "d1", "db", "db.1", 5, None);
-        d1.ports = vec![swarmnet_gossip::Port { published: 5432, target: 5432, proto: 6 }];
+        d1.ports = vec![Port { published: 5432, target: 5432, protocol: Protocol::Tcp }];
         let mut d2 = d1.clone();
         d2.id = "d2".into();
         d2.task_name = "db.2".into();

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
@@ -20,6 +20,7 @@ use tracing::debug;
 
 use crate::forward::Forwarder;
 use crate::records::{Answer, Records};
+use crate::sink::{self, RecordStore};
 
 /// How long an idle TCP connection to the resolver stays open.
 const TCP_IDLE: Duration = Duration::from_secs(5);
@@ -43,7 +44,7 @@ pub struct Counters {
 
 /// What every task's resolver on this node shares.
 pub struct Shared {
-    pub records: RwLock<Records>,
+    pub records: RecordStore,
     pub config: Config,
     pub counters: Counters,
     shuffle: AtomicU64,
@@ -60,19 +61,16 @@ impl Shared {
         let udp_rt = rt.handle().clone();
         std::thread::Builder::new().name("sn-dns".into()).spawn(move || rt.block_on(std::future::pending::<()>()))?;
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
-        Ok(Arc::new(Shared { records: RwLock::new(Records::default()), config, counters: Counters::default(), shuffle: AtomicU64::new(seed), udp_rt }))
+        Ok(Arc::new(Shared { records: RecordStore::default(), config, counters: Counters::default(), shuffle: AtomicU64::new(seed), udp_rt }))
     }
 
-    /// Runs `f` on the records (a poisoned lock still holds a consistent store: every write
-    /// is one map operation).
+    /// Runs `f` on the records.
     pub fn read<R>(&self, f: impl FnOnce(&Records) -> R) -> R {
-        let g = self.records.read().unwrap_or_else(|p| p.into_inner());
-        f(&g)
+        sink::read(&self.records, f)
     }
 
     pub fn write<R>(&self, f: impl FnOnce(&mut Records) -> R) -> R {
-        let mut g = self.records.write().unwrap_or_else(|p| p.into_inner());
-        f(&mut g)
+        sink::write(&self.records, f)
     }
 
     /// A new order for `v` (per query, so clients that take the first address spread out).
@@ -476,7 +474,7 @@ mod tests {
     use super::*;
     use hickory_server::proto::op::{Message, Query};
     use std::net::SocketAddr;
-    use swarmnet_gossip::{Change, Endpoint, EndpointState};
+    use swarmnet_types::{Change, Endpoint, EndpointState};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn ep(id: u32, svc: &str, vip: Option<Ipv4Addr>) -> Endpoint {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crate::pct;
 use anyhow::{bail, Result};
 use swarmnet_gossip::server::{self, Cmd, GossipHandle};
-use swarmnet_gossip::{Config, Endpoint, EndpointState, Event, Ident};
+use swarmnet_gossip::{Config, Event, Ident};
+use swarmnet_types::{Endpoint, EndpointState};
 
 
 fn ep(k: usize) -> Endpoint {
@@ -61,13 +62,13 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
     // Everyone announces to node 0 (as agents do to the manager's node list).
     let seed = SocketAddr::from(([127, 0, 0, 1], base));
     for h in hs.iter().skip(1) {
-        h.send(Cmd::Seeds(vec![seed]));
+        h.send(Cmd::Seeds(vec![seed]))?;
     }
     let t = Instant::now();
     loop {
         let mut ok = true;
         for h in &hs {
-            if h.members().await.len() < n - 1 {
+            if h.members().await?.len() < n - 1 {
                 ok = false;
                 break;
             }
@@ -87,7 +88,7 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
 async fn bytes(hs: &[GossipHandle]) -> u64 {
     let mut total = 0;
     for h in hs {
-        let s = h.stats().await;
+        let s = h.stats().await.unwrap_or_default();
         total += s.udp_bytes + s.stream_bytes;
     }
     total
@@ -98,7 +99,7 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
     let downs = Arc::new(Mutex::new(HashMap::new()));
     let hs = start_cluster(n, base, &seen, &downs).await?;
     for h in &hs {
-        h.send(Cmd::Join("bench".into()));
+        h.send(Cmd::Join("bench".into()))?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let b0 = bytes(&hs).await;
@@ -114,7 +115,7 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
         rng ^= rng << 17;
         let r = (rng % n as u64) as usize;
         let t0 = Instant::now();
-        hs[r].send(Cmd::Set(Box::new(ep(k))));
+        hs[r].send(Cmd::Set(Box::new(ep(k))))?;
         let id = format!("t{k}");
         let deadline = t0 + Duration::from_secs(10);
         loop {
@@ -149,7 +150,7 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
         per_broadcast
     );
     for h in &hs {
-        h.send(Cmd::Stop);
+        h.send(Cmd::Stop)?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
@@ -166,7 +167,7 @@ async fn failure_detection(n: usize, trials: usize, base: u16) -> Result<()> {
         let victim = alive[1 + (t * 7) % (alive.len() - 1)];
         alive.retain(|i| *i != victim);
         let t0 = Instant::now();
-        hs[victim].send(Cmd::Stop);
+        hs[victim].send(Cmd::Stop)?;
         let name = format!("b{victim}");
         loop {
             let all = {
@@ -193,7 +194,7 @@ async fn failure_detection(n: usize, trials: usize, base: u16) -> Result<()> {
         pct(&mut times, 100.0)
     );
     for h in &hs {
-        h.send(Cmd::Stop);
+        h.send(Cmd::Stop)?;
     }
     Ok(())
 }
@@ -224,7 +225,7 @@ pub fn bench_soak(n: usize, dur: Duration) -> Result<()> {
         let false_dead = downs.lock().unwrap_or_else(|p| p.into_inner()).len();
         let mut short = 0;
         for h in &hs {
-            if h.members().await.len() < n - 1 {
+            if h.members().await?.len() < n - 1 {
                 short += 1;
             }
         }
@@ -233,7 +234,7 @@ pub fn bench_soak(n: usize, dur: Duration) -> Result<()> {
             t.elapsed().as_secs_f64()
         );
         for h in &hs {
-            h.send(Cmd::Stop);
+            h.send(Cmd::Stop)?;
         }
         Ok::<(), anyhow::Error>(())
     });

@@ -11,6 +11,7 @@ mod bench_convergence;
 mod bench_dns;
 mod bench_gossip;
 mod bench_overlay;
+mod walls;
 
 const LAB: &str = "snlab";
 const SIGTERM: i32 = 15;

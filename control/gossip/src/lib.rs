@@ -8,6 +8,7 @@
 //! an encrypted kind later.
 
 pub mod memnet;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod table;
 
@@ -22,7 +23,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-pub use table::{Change, Endpoint, EndpointState, Item, NodeId, OwnerSet, Port, Summary, Table};
+pub use table::{Item, NodeId, OwnerSet, Summary, Table};
+use swarmnet_types::{Change, Endpoint};
 use table::Applied;
 
 const MAGIC: [u8; 3] = [b'S', b'N', 1];

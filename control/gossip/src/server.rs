@@ -1,12 +1,13 @@
 //! The gossip server loop (tokio): owns the UDP and TCP sockets on port 7946 and the timers, and
 //! drives the sans-IO `swarmnet_gossip::Gossip`. The rest of the agent talks to it through a
-//! `GossipHandle`: commands in, a broadcast of table changes out (the subscription that the
-//! overlay, and later DNS and the load balancer, consume).
+//! `GossipHandle`: commands in, a broadcast of table changes out (the stream the agent's follow
+//! loop reads for every sink).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::{Config, Endpoint, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
+use crate::{Config, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
+use swarmnet_types::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -21,51 +22,59 @@ pub enum Cmd {
     Members { reply: oneshot::Sender<Vec<Ident>> },
     Join(String),
     Stats { reply: oneshot::Sender<Stats> },
-    /// Stops the loop and closes the sockets (benchmarks: a node that dies).
     /// The networks this node takes entries of.
     Networks { reply: oneshot::Sender<Vec<String>> },
+    /// Stops the loop and closes the sockets (benchmarks: a node that dies).
     Stop,
 }
 
 #[derive(Clone)]
 pub struct GossipHandle {
     tx: mpsc::UnboundedSender<Cmd>,
-    events: broadcast::Sender<Event>,
+    /// Only the loop holds the sender: when the loop ends (stopped, or a panic), every
+    /// subscription sees the stream closed instead of silence.
+    events: std::sync::Arc<broadcast::Receiver<Event>>,
     pub me: Ident,
 }
 
+/// The gossip loop is gone: nothing it would have answered can be known. Never take this
+/// for "empty": a caller that did would wipe kernel state that is still right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the gossip loop has stopped")]
+pub struct Stopped;
+
 impl GossipHandle {
-    pub fn send(&self, c: Cmd) {
-        let _ = self.tx.send(c);
+    pub fn send(&self, c: Cmd) -> Result<(), Stopped> {
+        self.tx.send(c).map_err(|_| Stopped)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.events.resubscribe()
     }
 
-    pub async fn stats(&self) -> Stats {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Stopped> {
         let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Stats { reply });
-        rx.await.unwrap_or_default()
+        self.send(make(reply))?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, Stopped> {
+        self.ask(|reply| Cmd::Stats { reply }).await
     }
 
     /// Live members as this node's failure detector sees them (itself excluded).
-    pub async fn members(&self) -> Vec<Ident> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Members { reply });
-        rx.await.unwrap_or_default()
+    pub async fn members(&self) -> Result<Vec<Ident>, Stopped> {
+        self.ask(|reply| Cmd::Members { reply }).await
     }
 
-    pub async fn networks(&self) -> Vec<String> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Networks { reply });
-        rx.await.unwrap_or_default()
+    /// The networks this node takes entries of.
+    pub async fn networks(&self) -> Result<Vec<String>, Stopped> {
+        self.ask(|reply| Cmd::Networks { reply }).await
     }
 
-    pub async fn endpoints(&self, network: &str) -> Vec<Endpoint> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Endpoints { network: network.to_string(), reply });
-        rx.await.unwrap_or_default()
+    /// The endpoints of `network` as this node's table holds them now.
+    pub async fn endpoints(&self, network: &str) -> Result<Vec<Endpoint>, Stopped> {
+        self.ask(|reply| Cmd::Endpoints { network: network.to_string(), reply }).await
     }
 }
 
@@ -74,8 +83,8 @@ pub async fn start(me: Ident, cfg: Config) -> std::io::Result<GossipHandle> {
     let udp = UdpSocket::bind(me.addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("gossip: bind udp {}: {e}", me.addr)))?;
     let tcp = TcpListener::bind(me.addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("gossip: bind tcp {}: {e}", me.addr)))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let (events, _) = broadcast::channel(1024);
-    let h = GossipHandle { tx, events: events.clone(), me: me.clone() };
+    let (events, template) = broadcast::channel(1024);
+    let h = GossipHandle { tx, events: std::sync::Arc::new(template), me: me.clone() };
     let (stream_tx, stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
     tokio::spawn(accept_streams(tcp, stream_tx));
     let seed = me.gen ^ u64::from(me.addr.port());
@@ -181,5 +190,36 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
             }
             let _ = events.send(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_loop_answers_errors_and_closes_the_stream_never_an_empty_table() {
+        let me = Ident { node: "n1".into(), addr: "127.0.0.1:0".parse().expect("addr"), gen: 1 };
+        let h = start(me, Config::default()).await.expect("start");
+        let mut events = h.subscribe();
+        h.send(Cmd::Join("net".into())).expect("send");
+        assert_eq!(h.endpoints("net").await, Ok(vec![]), "a live loop answers");
+        assert_eq!(h.networks().await, Ok(vec!["net".to_string()]));
+        h.send(Cmd::Stop).expect("send");
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match events.recv().await {
+                    Err(broadcast::error::RecvError::Closed) => return true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                }
+            }
+        })
+        .await
+        .expect("the stream closes when the loop ends");
+        assert!(closed);
+        assert_eq!(h.endpoints("net").await, Err(Stopped));
+        assert_eq!(h.members().await, Err(Stopped));
+        assert!(h.send(Cmd::Leave("net".into())).is_err());
+        assert!(h.subscribe().try_recv().is_err());
     }
 }

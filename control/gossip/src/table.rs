@@ -5,46 +5,10 @@
 //! cannot bring a stale entry back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
-
 use serde::{Deserialize, Serialize};
+use swarmnet_types::{Change, Endpoint};
 
-pub type NodeId = String;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EndpointState {
-    Active,
-    /// Takes no new connections and leaves DNS answers, but still exists.
-    Draining,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Port {
-    pub published: u16,
-    pub target: u16,
-    /// 6 tcp, 17 udp
-    pub proto: u8,
-}
-
-/// What every consumer (overlay, load balancer, DNS) needs to know of one endpoint.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    /// Network id.
-    pub network: String,
-    /// Endpoint id (the task id).
-    pub id: String,
-    pub task_name: String,
-    pub service_name: String,
-    pub service_id: String,
-    pub aliases: Vec<String>,
-    pub ip: Ipv4Addr,
-    pub mac: [u8; 6],
-    /// The owner node's VTEP (its underlay address).
-    pub vtep: IpAddr,
-    pub vip: Option<Ipv4Addr>,
-    pub ports: Vec<Port>,
-    pub state: EndpointState,
-}
+pub use swarmnet_types::NodeId;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
@@ -71,15 +35,6 @@ pub struct OwnerSet {
     pub gen: u64,
     pub version: u64,
     pub items: Vec<Item>,
-}
-
-/// One endpoint appearing, changing or going away.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub network: String,
-    pub id: String,
-    pub old: Option<Endpoint>,
-    pub new: Option<Endpoint>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -298,6 +253,8 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+    use swarmnet_types::EndpointState;
 
     pub fn ep(net: &str, id: &str, last: u8) -> Endpoint {
         Endpoint {

@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use swarmnet_gossip::memnet::MemNet;
-use swarmnet_gossip::{Config, Endpoint, EndpointState};
+use swarmnet_gossip::Config;
+use swarmnet_types::{Endpoint, EndpointState};
 
 fn ep(net: &str, id: &str, last: u8, node: usize) -> Endpoint {
     Endpoint {

@@ -8,16 +8,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
-use serde_json::{json, Value};
+use serde_json::Value;
+use swarmnet_api::replies::*;
+use swarmnet_api::tls;
+use swarmnet_api::token::{self, JoinToken};
+use swarmnet_api::*;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use crate::model::*;
 use crate::ops::{self, OpError};
 use crate::pki::{self, Ca};
-use crate::proto::*;
 use crate::store::{self, ClusterMeta, RedbStore, Store, StoreError};
-use crate::token::{self, JoinToken};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -27,6 +29,10 @@ pub enum ManagerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot encode the reply: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 pub struct ManagerConfig {
@@ -112,7 +118,7 @@ impl Manager {
                 .get(&meta.manager_node_id)
                 .map_or(NodeStatus::Ready, |n| n.status),
             underlay: cfg.underlay.clone(),
-            cert_sha256: pki::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
+            cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
         };
         state.nodes.insert(me.id.clone(), me);
         store.commit(&store::diff(&old, &state)?)?;
@@ -203,7 +209,7 @@ impl Manager {
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let me = self.meta.manager_cert.clone();
-        let cfg = pki::server_config(&self.meta.ca.cert_pem, &me)?;
+        let cfg = tls::server_config(&self.meta.ca.cert_pem, &me)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         loop {
             let (tcp, peer) = listener.accept().await?;
@@ -227,7 +233,7 @@ impl Manager {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|c| pki::sha256_hex(c.as_ref()));
+            .map(|c| tls::sha256_hex(c.as_ref()));
         let (mut r, mut w) = tokio::io::split(tls);
         let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg::<_, Hello>(&mut r))
             .await
@@ -286,7 +292,7 @@ impl Manager {
                 role: Role::Worker,
                 status: NodeStatus::Ready,
                 underlay,
-                cert_sha256: pki::sha256_hex(cert.cert_der()?.as_ref()),
+                cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()),
             };
             self.mutate(|st, g| {
                 st.nodes.insert(node.id.clone(), node.clone());
@@ -297,8 +303,8 @@ impl Manager {
             info!(node = %node_id, hostname = %node.hostname, addr = %node.addr, "node joined");
             Ok(Joined { node_id, cluster_id: self.meta.cluster_id.clone(), ca_pem: self.meta.ca.cert_pem.clone(), cert })
         })();
-        match result.and_then(|j| Ok(serde_json::to_value(j).map_err(StoreError::from)?)) {
-            Ok(v) => Reply::ok(v),
+        match result {
+            Ok(j) => Reply::ok(&j),
             Err(e) => Reply::err(format!("join failed: {e}")),
         }
     }
@@ -364,7 +370,7 @@ impl Manager {
         })?;
         info!(node = %node, tasks = reports.len(), "node session opened");
         let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
-        write_msg(&mut w, &Reply::ok(json!({ "node_id": node, "heartbeat_ms": hb, "data_path_port": self.meta.data_path_port }))).await?;
+        write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port })).await?;
         let mut rx = self.changed.subscribe();
         let mut sent = self.assignments(&node);
         // Removals are also sent for tasks the node may never have seen (made and removed
@@ -421,7 +427,7 @@ impl Manager {
     /// Answers one API request. `caller` is the node a request came from, if any.
     pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
         match self.api_inner(req, caller) {
-            Ok(v) => Reply::ok(v),
+            Ok(v) => Reply { ok: true, error: String::new(), data: v },
             Err(e) => Reply::err(e),
         }
     }
@@ -431,76 +437,74 @@ impl Manager {
         let v = match req {
             ApiRequest::NodeLs => {
                 let st = self.state();
-                Value::Array(st.nodes.values().map(|n| node_row(n, &self.meta)).collect())
+                to_value(st.nodes.values().map(|n| node_info(n, &self.meta)).collect::<Vec<_>>())?
             }
             ApiRequest::JoinToken { role } => match role.as_str() {
-                "worker" => json!({ "role": "worker", "token": self.join_token()?, "manager": self.meta.manager_node_id }),
+                "worker" => to_value(JoinTokenInfo { role: "worker".into(), token: self.join_token()?, manager: self.meta.manager_node_id.clone() })?,
                 _ => return Err(OpError::Invalid(format!("join-token {role}: this version runs one manager; only worker tokens exist")).into()),
             },
             ApiRequest::NetworkCreate { spec } => {
                 let n = self.mutate(|st, g| ops::create_network(st, &spec, pool, g))?;
                 info!(network = %n.name, vni = n.vni, subnet = %n.subnet, "network created");
-                network_row(&n)
+                to_value(network_info(&n))?
             }
-            ApiRequest::NetworkLs => Value::Array(self.state().networks.values().map(network_row).collect()),
+            ApiRequest::NetworkLs => to_value(self.state().networks.values().map(network_info).collect::<Vec<_>>())?,
             ApiRequest::NetworkInspect { name } => {
                 let st = self.state();
                 let n = st.network_by_name(&name).ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
-                let mut v = network_row(n);
-                let endpoints: Vec<Value> = st
+                let endpoints = st
                     .tasks
                     .values()
                     .filter_map(|t| {
-                        let ip = t.addresses.get(&n.id)?;
-                        Some(json!({
-                            "name": t.name,
-                            "task_id": t.id,
-                            "ip": ip.to_string(),
-                            "mac": format_mac(mac_for(*ip)),
-                            "node": t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()),
-                        }))
+                        let ip = *t.addresses.get(&n.id)?;
+                        Some(AssignedEndpoint {
+                            name: t.name.clone(),
+                            task_id: t.id.clone(),
+                            ip,
+                            mac: format_mac(mac_for(ip)),
+                            node: t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()),
+                        })
                     })
                     .collect();
-                v["endpoints"] = Value::Array(endpoints);
-                v
+                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: Vec::new(), local_dns: DnsCounters::default() })?
             }
             ApiRequest::NetworkRm { name } => {
                 let n = self.mutate(|st, _| ops::remove_network(st, &name))?;
-                json!({ "id": n.id, "name": n.name })
+                to_value(Removed { id: n.id, name: n.name })?
             }
             ApiRequest::ServiceCreate { spec } => {
                 let s = self.mutate(|st, g| ops::create_service(st, &spec, g))?;
                 info!(service = %s.name, "service created");
-                service_row(&s, &self.state())
+                to_value(service_info(&s, &self.state()))?
             }
             ApiRequest::ServiceLs => {
                 let st = self.state();
-                Value::Array(st.services.values().map(|s| service_row(s, &st)).collect())
+                to_value(st.services.values().map(|s| service_info(s, &st)).collect::<Vec<_>>())?
             }
             ApiRequest::ServicePs { name } => {
                 let st = self.state();
                 let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
                 let mut tasks: Vec<&Task> = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id)).collect();
                 tasks.sort_by_key(|t| (t.slot, t.name.clone(), t.desired_state != DesiredState::Running));
-                Value::Array(tasks.iter().map(|t| task_row(t, &st)).collect())
+                to_value(tasks.iter().map(|t| task_info(t, &st)).collect::<Vec<_>>())?
             }
             ApiRequest::ServiceInspect { name } => {
                 let st = self.state();
                 let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
-                service_row(s, &st)
+                to_value(service_info(s, &st))?
             }
             ApiRequest::ServiceScale { name, replicas } => {
                 let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
-                service_row(&s, &self.state())
+                to_value(service_info(&s, &self.state()))?
             }
             ApiRequest::ServiceRm { name } => {
                 let s = self.mutate(|st, g| ops::remove_service(st, &name, g))?;
-                json!({ "id": s.id, "name": s.name })
+                to_value(Removed { id: s.id, name: s.name })?
             }
             ApiRequest::Run { spec } => {
                 let node = caller.ok_or_else(|| OpError::Invalid("run: no calling node".into()))?;
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
-                task_row(&t, &self.state())
+                to_value(task_info(&t, &self.state()))?
             }
             ApiRequest::RunLocal { .. } => {
                 return Err(OpError::Invalid("run is handled by the local daemon".into()).into());
@@ -510,74 +514,77 @@ impl Manager {
     }
 }
 
-fn node_row(n: &Node, meta: &ClusterMeta) -> Value {
-    json!({
-        "id": n.id,
-        "hostname": n.hostname,
-        "address": n.addr.to_string(),
-        "status": n.status,
-        "availability": "active",
-        "manager_status": if n.id == meta.manager_node_id { "Leader" } else { "" },
-        "role": n.role,
-    })
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ManagerError> {
+    Ok(serde_json::to_value(v)?)
 }
 
-fn network_row(n: &Network) -> Value {
-    json!({
-        "id": n.id,
-        "name": n.name,
-        "driver": n.driver,
-        "scope": "swarm",
-        "attachable": n.attachable,
-        "subnet": n.subnet.to_string(),
-        "gateway": n.gateway.to_string(),
-        "vni": n.vni,
-    })
+fn node_info(n: &Node, meta: &ClusterMeta) -> NodeInfo {
+    NodeInfo {
+        id: n.id.clone(),
+        hostname: n.hostname.clone(),
+        address: n.addr,
+        status: n.status,
+        availability: "active".into(),
+        manager_status: if n.id == meta.manager_node_id { "Leader".into() } else { String::new() },
+        role: n.role,
+        gossip: None,
+    }
+}
+
+fn network_info(n: &Network) -> NetworkInfo {
+    NetworkInfo {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        driver: n.driver.clone(),
+        scope: "swarm".into(),
+        attachable: n.attachable,
+        subnet: n.subnet,
+        gateway: n.gateway,
+        vni: n.vni,
+    }
 }
 
 fn net_name(st: &ClusterState, id: &Id) -> String {
     st.networks.get(id).map_or_else(|| id.clone(), |n| n.name.clone())
 }
 
-fn service_row(s: &Service, st: &ClusterState) -> Value {
+fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
     let running = st
         .tasks
         .values()
         .filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running)
-        .count();
+        .count() as u64;
     let (mode, desired) = match s.mode {
-        ServiceMode::Replicated { replicas } => ("replicated", replicas),
-        ServiceMode::Global => ("global", st.ready_nodes().count() as u64),
+        ServiceMode::Replicated { replicas } => (ServiceModeName::Replicated, replicas),
+        ServiceMode::Global => (ServiceModeName::Global, st.ready_nodes().count() as u64),
     };
-    let vips: BTreeMap<String, String> = s.vips.iter().map(|(n, v)| (net_name(st, n), v.to_string())).collect();
-    json!({
-        "id": s.id,
-        "name": s.name,
-        "mode": mode,
-        "replicas": format!("{running}/{desired}"),
-        "desired_replicas": desired,
-        "running_replicas": running,
-        "networks": s.networks.iter().map(|n| net_name(st, n)).collect::<Vec<_>>(),
-        "endpoint_mode": s.endpoint_mode,
-        "vips": vips,
-        "aliases": s.aliases.iter().map(|(n, a)| (net_name(st, n), a.clone())).collect::<BTreeMap<String, Vec<String>>>(),
-        "ports": s.ports.iter().map(|p| format!("*:{}->{}/{}", p.published, p.target, match p.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" })).collect::<Vec<_>>(),
-        "command": s.command,
-    })
+    ServiceInfo {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        mode,
+        replicas: format!("{running}/{desired}"),
+        desired_replicas: desired,
+        running_replicas: running,
+        networks: s.networks.iter().map(|n| net_name(st, n)).collect(),
+        endpoint_mode: s.endpoint_mode,
+        vips: s.vips.iter().map(|(n, v)| (net_name(st, n), *v)).collect(),
+        aliases: s.aliases.iter().map(|(n, a)| (net_name(st, n), a.clone())).collect(),
+        ports: s.ports.clone(),
+        command: s.command.clone(),
+    }
 }
 
-fn task_row(t: &Task, st: &ClusterState) -> Value {
-    let addresses: BTreeMap<String, String> = t.addresses.iter().map(|(n, a)| (net_name(st, n), a.to_string())).collect();
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "node": t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()).unwrap_or_default(),
-        "node_id": t.node_id,
-        "desired_state": t.desired_state,
-        "state": t.state,
-        "error": t.error,
-        "addresses": addresses,
-        "pid": t.pid,
-        "restarts": t.restarts,
-    })
+fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
+    TaskInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        node: t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()).unwrap_or_default(),
+        node_id: t.node_id.clone(),
+        desired_state: t.desired_state,
+        state: t.state,
+        error: t.error.clone(),
+        addresses: t.addresses.iter().map(|(n, a)| (net_name(st, n), *a)).collect(),
+        pid: t.pid,
+        restarts: t.restarts,
+    }
 }

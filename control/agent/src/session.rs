@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use swarmnet_api::replies::{RunResult, TaskInfo};
+use swarmnet_api::tls::{self, CertKey};
+use swarmnet_api::token::JoinToken;
+use swarmnet_api::*;
+use swarmnet_dataplane::state::{self, StateError};
+use swarmnet_types::Id;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{info, warn};
 
-use crate::model::{Id, TaskState};
-use crate::ops::{StandaloneCreate, TaskReport};
-use crate::pki::{self, CertKey};
-use crate::proto::*;
 use crate::runtime::Runtime;
-use crate::token::JoinToken;
 
 /// A node's identity in the cluster, in `<data-dir>/node/identity.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,19 +39,17 @@ impl Identity {
     }
 
     pub fn load(data_dir: &Path) -> anyhow::Result<Option<Identity>> {
-        match std::fs::read(Self::path(data_dir)) {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is not valid", Self::path(data_dir).display()))?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("read {}", Self::path(data_dir).display())),
+        match state::read_json(&Self::path(data_dir)) {
+            Ok(id) => Ok(id),
+            Err(e @ StateError::Corrupt { .. }) => Err(anyhow!("{e}: this node cannot prove who it is; move the file away and join again with a token")),
+            Err(e) => Err(e.into()),
         }
     }
 
     pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let p = Self::path(data_dir);
-        std::fs::create_dir_all(p.parent().unwrap_or(data_dir))?;
-        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&p)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
+        std::fs::create_dir_all(p.parent().unwrap_or(data_dir)).with_context(|| format!("create {}", p.display()))?;
+        state::write_json(&p, self, 0o600)?;
         Ok(())
     }
 }
@@ -63,7 +61,7 @@ async fn connect(addr: &str, cfg: rustls::ClientConfig) -> anyhow::Result<tokio_
         .with_context(|| format!("connect to manager {addr}"))?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(pki::server_name(), tcp))
+    let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(tls::server_name(), tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake with manager {addr}: timed out"))?
         .map_err(|e| explain_tls(addr, &e.to_string()))?;
@@ -73,8 +71,8 @@ async fn connect(addr: &str, cfg: rustls::ClientConfig) -> anyhow::Result<tokio_
 /// Says what a TLS failure with the manager means. With TLS 1.3 the manager's verdict on
 /// our certificate arrives as an alert on the first read, so every path uses this.
 fn explain_tls(addr: &str, msg: &str) -> anyhow::Error {
-    if msg.contains(pki::CA_MISMATCH) {
-        anyhow!("manager {addr}: {}", pki::CA_MISMATCH)
+    if msg.contains(tls::CA_MISMATCH) {
+        anyhow!("manager {addr}: {}", tls::CA_MISMATCH)
     } else if ["UnknownCA", "BadCertificate", "CertificateRequired", "DecryptError", "CertificateExpired"].iter().any(|a| msg.contains(a)) {
         anyhow!("manager {addr} refused this node's certificate (expired, or not issued by this cluster's CA): {msg}")
     } else {
@@ -95,14 +93,11 @@ async fn read_reply<R: tokio::io::AsyncRead + Unpin, T: serde::de::DeserializeOw
 /// Joins the cluster: checks the manager's CA against the token, presents the secret, and
 /// stores the node certificate it receives.
 pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &str, addr: IpAddr, underlay: Vec<IpNetwork>) -> anyhow::Result<Identity> {
-    let cfg = pki::join_client_config(&token.ca_digest)?;
+    let cfg = tls::join_client_config(&token.ca_digest)?;
     let mut tls = connect(manager, cfg).await.context("join")?;
     write_msg(&mut tls, &Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay }).await?;
     let reply: Reply = read_reply(&mut tls, manager).await.context("join")?;
-    if !reply.ok {
-        bail!("{}", reply.error);
-    }
-    let j: Joined = serde_json::from_value(reply.data).context("join: unexpected reply")?;
+    let j: Joined = reply.into_data().context("join")?;
     let id = Identity { node_id: j.node_id, cluster_id: j.cluster_id, ca_pem: j.ca_pem, cert: j.cert, manager: manager.to_string() };
     id.save(data_dir)?;
     info!(node = %id.node_id, cluster = %id.cluster_id, manager, "joined the cluster");
@@ -121,7 +116,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
-        let tls = pki::client_config(&id.ca_pem, &id.cert)?;
+        let tls = tls::client_config(&id.ca_pem, &id.cert)?;
         Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
     }
 
@@ -156,13 +151,9 @@ impl Agent {
         while reports.try_recv().is_ok() {}
         write_msg(&mut w, &Hello::Session { reports: self.runtime.reports() }).await?;
         let reply: Reply = read_reply(&mut r, &self.id.manager).await?;
-        if !reply.ok {
-            bail!("manager refused the session: {}", reply.error);
-        }
-        let hb_ms = reply.data.get("heartbeat_ms").and_then(|v| v.as_u64()).unwrap_or(5000).max(50);
-        if let Some(p) = reply.data.get("data_path_port").and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok()) {
-            self.runtime.overlay().set_port(p);
-        }
+        let opened: SessionOpened = reply.into_data().map_err(|e| anyhow!("manager refused the session: {e}"))?;
+        let hb_ms = opened.heartbeat_ms.max(50);
+        self.runtime.sandboxes().set_port(opened.data_path_port);
         info!(manager = %self.id.manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
         let (msg_tx, mut msg_rx) = mpsc::channel::<anyhow::Result<Option<FromManager>>>(16);
         let reader = tokio::spawn(async move {
@@ -201,7 +192,9 @@ impl Agent {
                             .filter(|(id, _)| *id != self.id.node_id)
                             .map(|(_, ip)| std::net::SocketAddr::new(ip, self.gossip_port))
                             .collect();
-                        self.gossip.send(swarmnet_gossip::server::Cmd::Seeds(seeds));
+                        if self.gossip.send(swarmnet_gossip::server::Cmd::Seeds(seeds)).is_err() {
+                            warn!("gossip is not running: the new node list is not used");
+                        }
                     }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),
@@ -223,32 +216,32 @@ impl Agent {
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to
     /// be running (`detach`) or to finish, and returns its output and exit code.
     pub async fn run_local(&self, spec: StandaloneCreate, detach: bool) -> Reply {
-        let reply = match self.call(ApiRequest::Run { spec }).await {
-            Ok(r) => r,
-            Err(e) => return Reply::err(format!("{e:#}")),
-        };
-        if !reply.ok {
-            return reply;
+        match self.run_local_inner(spec, detach).await {
+            Ok(r) => Reply::ok(&r),
+            Err(e) => Reply::err(format!("{e:#}")),
         }
-        let Some(task_id) = reply.data.get("id").and_then(|v| v.as_str()).map(str::to_string) else {
-            return Reply::err("manager replied without a task id");
-        };
+    }
+
+    async fn run_local_inner(&self, spec: StandaloneCreate, detach: bool) -> anyhow::Result<RunResult> {
+        let task: TaskInfo = self.call(ApiRequest::Run { spec }).await?.into_data()?;
+        let task_id = task.id.clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some((code, why)) = self.runtime.exit_code(&task_id) {
                 if !why.is_empty() {
-                    return Reply::err(format!("task {task_id} did not run: {why}"));
+                    bail!("task {task_id} did not run: {why}");
                 }
-                let output = std::fs::read_to_string(self.runtime.log_path(&task_id)).unwrap_or_default();
-                let _ = std::fs::remove_file(self.runtime.log_path(&task_id));
-                return Reply::ok(json!({ "id": task_id, "exit_code": code, "output": output, "task": reply.data }));
+                let log = self.runtime.log_path(&task_id);
+                let output = std::fs::read_to_string(&log).with_context(|| format!("task {task_id}: read its output {}", log.display()))?;
+                let _ = std::fs::remove_file(&log);
+                return Ok(RunResult::Finished { id: task_id, exit_code: code, output, task });
             }
             let rep = self.runtime.report_of(&task_id);
             if detach && rep.as_ref().is_some_and(|r| r.state == TaskState::Running) {
-                return Reply::ok(reply.data);
+                return Ok(RunResult::Detached(task));
             }
             if rep.is_none() && Instant::now() > deadline {
-                return Reply::err(format!("task {task_id} was not started on this node within 30 s"));
+                bail!("task {task_id} was not started on this node within 30 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1,6 +1,7 @@
-//! The node's side of service discovery: keeps the record store in step with the endpoint
-//! table's change stream, and gives each task its resolver (sockets in its namespace,
-//! served here) and its resolv.conf/hosts files.
+//! The node's side of service discovery: the flags, the record store every task's resolver
+//! shares (kept in step with the endpoint table by `swarmnet_dns::sink::DnsSink` in the
+//! follow loop), and for each task its resolver (sockets opened in its namespace, served
+//! here) and its resolv.conf/hosts files.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,9 +13,6 @@ use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dns::forward::Forwarder;
 use swarmnet_dns::resolvconf::{self, NodeResolv, RESOLVER_ADDR};
 use swarmnet_dns::server::{self, Config, Listener, Shared};
-use swarmnet_gossip::server::GossipHandle;
-use swarmnet_gossip::Event;
-use tokio::sync::broadcast::error::RecvError;
 use tracing::{info, warn};
 
 /// The agent's DNS flags.
@@ -79,30 +77,6 @@ impl NodeDns {
     pub fn remove_task_files(dir: &Path, task: &str) {
         for f in [format!("{task}.resolv.conf"), format!("{task}.hosts")] {
             let _ = std::fs::remove_file(dir.join(f));
-        }
-    }
-}
-
-/// Applies every endpoint change to the record store; after a lag, reloads every network
-/// the gossip table holds.
-pub async fn follow(shared: Arc<Shared>, gossip: GossipHandle) {
-    let mut events = gossip.subscribe();
-    loop {
-        match events.recv().await {
-            Ok(Event::Endpoint(c)) => shared.write(|r| r.apply(&c)),
-            Ok(_) => {}
-            Err(RecvError::Lagged(n)) => {
-                warn!(missed = n, "DNS fell behind the endpoint stream: reloading");
-                let mut nets = gossip.networks().await;
-                nets.extend(shared.read(|r| r.networks()));
-                nets.sort();
-                nets.dedup();
-                for net in nets {
-                    let eps = gossip.endpoints(&net).await;
-                    shared.write(|r| r.replace_network(&net, eps));
-                }
-            }
-            Err(RecvError::Closed) => return,
         }
     }
 }

@@ -1,26 +1,15 @@
-//! The cluster's objects as the manager stores them. Plain data, no I/O.
+//! The cluster's objects as the manager stores them. Plain data, no I/O. The enums and the
+//! network it shares with the API and the agents come from `swarmnet-api` and
+//! `swarmnet-types`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-pub type Id = String;
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Manager,
-    Worker,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeStatus {
-    Ready,
-    Down,
-}
+pub use swarmnet_api::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
+pub use swarmnet_types::{format_mac, mac_for, Id, Network, Port, Protocol};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -35,38 +24,6 @@ pub struct Node {
     /// SHA-256 of the node certificate's DER, hex. A client certificate that is not
     /// recorded here is refused even if the CA signed it.
     pub cert_sha256: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Network {
-    pub id: Id,
-    pub name: String,
-    pub driver: String,
-    pub attachable: bool,
-    pub subnet: Ipv4Network,
-    pub gateway: Ipv4Addr,
-    pub vni: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EndpointMode {
-    Vip,
-    Dnsrr,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortSpec {
-    pub published: u16,
-    pub target: u16,
-    pub protocol: Protocol,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,42 +41,13 @@ pub struct Service {
     /// Network ids, in the order given.
     pub networks: Vec<Id>,
     pub endpoint_mode: EndpointMode,
-    pub ports: Vec<PortSpec>,
+    pub ports: Vec<Port>,
     pub command: Vec<String>,
     /// network id -> VIP (endpoint mode vip only).
     pub vips: BTreeMap<Id, Ipv4Addr>,
     /// network id -> extra names of the service there (`--network name=…,alias=…`).
     #[serde(default)]
     pub aliases: BTreeMap<Id, Vec<String>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DesiredState {
-    Running,
-    Shutdown,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    /// Not yet placed on a node or not yet given its addresses.
-    Pending,
-    /// Sent to its node, not yet reported running.
-    Assigned,
-    Running,
-    /// The process exited with status 0 (standalone tasks).
-    Complete,
-    /// The process exited with an error or could not be started.
-    Failed,
-    /// Stopped on purpose.
-    Shutdown,
-}
-
-impl TaskState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Complete | TaskState::Failed | TaskState::Shutdown)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,28 +105,3 @@ impl ClusterState {
     }
 }
 
-/// MAC address of a task interface: `02:42:` + the four bytes of its IPv4 address.
-pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [0x02, 0x42, o[0], o[1], o[2], o[3]]
-}
-
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_is_derived_from_ip() {
-        assert_eq!(
-            format_mac(mac_for(Ipv4Addr::new(10, 0, 1, 7))),
-            "02:42:0a:00:01:07"
-        );
-    }
-}

@@ -3,12 +3,23 @@
 //! lives on the underlay, then moved in); task veths plug into `br0`. Remote endpoints are
 //! static: a permanent neighbour entry and an FDB entry each, computed by `plan` from what
 //! should be and what the kernel has.
+//!
+//! - this module: the kernel steps (sandbox set-up, plug, unplug, entries) and the pure plan;
+//! - [`sandboxes`]: the node's sandboxes, one per network it is on, held by holder processes
+//!   so that they outlive a daemon restart;
+//! - [`sink`]: the overlay's sink of the endpoint stream (remote endpoints → entries).
 
-use std::collections::BTreeMap;
+pub mod sandboxes;
+pub mod sink;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 
 use crate::netns::{raw, NsError, NsWorker};
+
+pub use sandboxes::{SandboxError, Sandboxes};
+pub use sink::{OverlayKernel, OverlaySink};
 
 pub const BRIDGE: &str = "br0";
 
@@ -57,6 +68,39 @@ pub fn plan(desired: &[Remote], neigh: &[(Ipv4Addr, [u8; 6])], fdb: &[([u8; 6], 
             ops.push(Op::FdbAdd(*mac, *dst));
         }
     }
+    ops
+}
+
+/// Which of a plan's operations to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: the kernel ends up equal to what is desired.
+    All,
+    /// Add and correct, remove nothing (the table may still be filling).
+    AddOnly,
+    /// Only operations on these addresses and MACs (the ones a batch of changes touched):
+    /// entries nobody spoke of are left alone.
+    Keys { ips: BTreeSet<Ipv4Addr>, macs: BTreeSet<[u8; 6]> },
+}
+
+impl Scope {
+    pub fn keeps(&self, op: &Op) -> bool {
+        match self {
+            Scope::All => true,
+            // A changed destination is still corrected: FdbAdd replaces it.
+            Scope::AddOnly => !matches!(op, Op::NeighDel(_) | Op::FdbDel(..)),
+            Scope::Keys { ips, macs } => match op {
+                Op::NeighAdd(ip, _) | Op::NeighDel(ip) => ips.contains(ip),
+                Op::FdbAdd(mac, _) | Op::FdbDel(mac, _) => macs.contains(mac),
+            },
+        }
+    }
+}
+
+/// `plan`, narrowed to `scope`.
+pub fn plan_scoped(desired: &[Remote], neigh: &[(Ipv4Addr, [u8; 6])], fdb: &[([u8; 6], Ipv4Addr)], scope: &Scope) -> Vec<Op> {
+    let mut ops = plan(desired, neigh, fdb);
+    ops.retain(|op| scope.keeps(op));
     ops
 }
 
@@ -136,21 +180,16 @@ pub async fn remove_vxlan(ns: &NsWorker, sandbox: &File, vni: u32) -> Result<(),
     .await?
 }
 
-/// Makes the sandbox's neighbour and FDB entries match `desired`; returns the changes made.
-/// With `keep_stale`, entries not in `desired` are left alone (right after a restart, when
-/// the table is still filling, removing them would cut live traffic).
-pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<Remote>, keep_stale: bool) -> Result<Vec<Op>, NsError> {
+/// Makes the sandbox's neighbour and FDB entries match `desired`, within `scope`; returns
+/// the changes made. One dump and the operations, in one job on the namespace thread.
+pub async fn sync_remotes(ns: &NsWorker, sandbox: &File, vni: u32, desired: Vec<Remote>, scope: Scope) -> Result<Vec<Op>, NsError> {
     let sb = sandbox.try_clone()?;
     ns.run(move |ctx| -> Result<Vec<Op>, NsError> {
         let nl = ctx.netlink_in(&sb)?;
         let vx = vxlan_name(vni);
         let ops = ctx.block_on(async {
             let (neigh, fdb) = nl.neigh_and_fdb(&vx).await?;
-            let mut ops = plan(&desired, &neigh, &fdb);
-            if keep_stale {
-                // A changed destination is still corrected: FdbAdd replaces it.
-                ops.retain(|op| !matches!(op, Op::NeighDel(_) | Op::FdbDel(..)));
-            }
+            let ops = plan_scoped(&desired, &neigh, &fdb, &scope);
             for op in &ops {
                 match *op {
                     Op::NeighAdd(ip, mac) => nl.neigh_add(&vx, ip, mac).await?,
@@ -192,6 +231,19 @@ mod tests {
                 Op::FdbAdd([2, 0x42, 10, 0, 0, 4], Ipv4Addr::new(10, 210, 0, 3)),
             ]
         );
+    }
+
+    #[test]
+    fn scopes_narrow_the_plan() {
+        let desired = [r(4, 2)];
+        let neigh = vec![(Ipv4Addr::new(10, 0, 0, 9), [2, 0x42, 10, 0, 0, 9])];
+        let fdb = vec![([2, 0x42, 10, 0, 0, 9], Ipv4Addr::new(10, 210, 0, 2))];
+        assert_eq!(plan_scoped(&desired, &neigh, &fdb, &Scope::All).len(), 4);
+        let add = plan_scoped(&desired, &neigh, &fdb, &Scope::AddOnly);
+        assert_eq!(add, vec![Op::NeighAdd(Ipv4Addr::new(10, 0, 0, 4), [2, 0x42, 10, 0, 0, 4]), Op::FdbAdd([2, 0x42, 10, 0, 0, 4], Ipv4Addr::new(10, 210, 0, 2))]);
+        // Only .4 was spoken of: the stale .9 stays.
+        let keys = Scope::Keys { ips: [Ipv4Addr::new(10, 0, 0, 4)].into(), macs: [[2, 0x42, 10, 0, 0, 4]].into() };
+        assert_eq!(plan_scoped(&desired, &neigh, &fdb, &keys), add);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
-use serde::{Deserialize, Serialize};
+pub use swarmnet_api::{NetworkCreate, ServiceCreate, StandaloneCreate, TaskReport};
 
 use crate::ipam;
 use crate::model::*;
@@ -31,34 +31,6 @@ pub type IdGen<'a> = &'a mut dyn FnMut() -> Id;
 pub const FIRST_VNI: u32 = 4096;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NetworkCreate {
-    pub name: String,
-    pub driver: String,
-    pub attachable: bool,
-    pub subnet: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ServiceCreate {
-    pub name: String,
-    /// "replicated" or "global".
-    pub mode: String,
-    pub replicas: i64,
-    pub networks: Vec<String>,
-    pub endpoint_mode: EndpointMode,
-    /// `published:target[/tcp|/udp]`
-    pub publish: Vec<String>,
-    pub command: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct StandaloneCreate {
-    pub name: String,
-    pub networks: Vec<String>,
-    pub command: Vec<String>,
-}
-
 /// Docker's rule for object names: a letter or digit, then letters, digits, `_`, `.`, `-`.
 pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
     let ok = !name.is_empty()
@@ -76,7 +48,7 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
     }
 }
 
-pub fn parse_publish(s: &str) -> Result<PortSpec, OpError> {
+pub fn parse_publish(s: &str) -> Result<Port, OpError> {
     let bad = || invalid(format!("invalid --publish {s:?}: expected PUBLISHED:TARGET[/tcp|/udp]"));
     let (ports, proto) = match s.split_once('/') {
         Some((p, "tcp")) => (p, Protocol::Tcp),
@@ -90,7 +62,7 @@ pub fn parse_publish(s: &str) -> Result<PortSpec, OpError> {
     if published == 0 || target == 0 {
         return Err(bad());
     }
-    Ok(PortSpec { published, target, protocol: proto })
+    Ok(Port { published, target, protocol: proto })
 }
 
 pub fn create_network(
@@ -274,7 +246,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen)
                 spec.published, spec.protocol, other.name
             )));
         }
-        if ports.iter().any(|q: &PortSpec| q.published == spec.published && q.protocol == spec.protocol) {
+        if ports.iter().any(|q: &Port| q.published == spec.published && q.protocol == spec.protocol) {
             return Err(invalid(format!("port {} is published twice", spec.published)));
         }
         ports.push(spec);
@@ -387,16 +359,6 @@ pub fn create_standalone(
     }
     st.tasks.insert(task.id.clone(), task.clone());
     Ok(task)
-}
-
-/// What an agent says of one of its tasks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskReport {
-    pub task_id: Id,
-    pub state: TaskState,
-    pub error: String,
-    pub pid: Option<u32>,
-    pub restarts: u32,
 }
 
 /// Applies an agent's reports. With `full`, the report lists every task the node has, so a

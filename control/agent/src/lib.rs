@@ -1,0 +1,20 @@
+//! The agent: what runs on every node (the manager's too) and turns the manager's topology
+//! into kernel state. It cannot depend on the manager's crate.
+//!
+//! - [`session`]: the node's identity, joining with a token, the session with the manager
+//!   (heartbeats, assignments, task reports), `run`;
+//! - [`runtime`], [`supervisor`]: tasks, each a small state machine (ADR 0004);
+//! - [`membership`]: which networks the node is on, and why;
+//! - [`follow`]: the one loop that feeds the endpoint stream to every sink (ADR 0008);
+//! - [`dns`]: the node's resolver set-up per task;
+//! - [`node`]: all of it wired together.
+
+pub mod dns;
+pub mod follow;
+pub mod membership;
+pub mod node;
+pub mod runtime;
+pub mod session;
+pub mod supervisor;
+
+pub use session::{join, Agent, Identity};

@@ -1,0 +1,231 @@
+//! Which networks this node is on, and why. A network is wanted while something holds it:
+//! each local task holds the networks it is attached to from the moment it is assigned (or
+//! found running after a restart) until its links are gone, and other parts of the agent
+//! can hold a network without any task (the ingress network will). The node is on a
+//! network (its sandbox exists and it takes the network's gossip) exactly while the network
+//! is wanted; the runtime never decides a leave, it only releases its hold.
+//!
+//! Holding and releasing are synchronous bookkeeping, so a caller can register every hold
+//! of a new assignment set before anything is torn down; `settle` then makes the node's
+//! presence match, one network at a time, serialised.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use swarmnet_types::{Network, NetworkId, SinkError};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// What joining and leaving a network does on this node: its sandbox and its gossip.
+#[async_trait::async_trait]
+pub trait Fabric: Send + Sync {
+    /// Makes (or repairs) the network's sandbox, then takes its gossip. Idempotent.
+    async fn join(&self, net: &Network) -> Result<(), SinkError>;
+    /// Stops taking the network's gossip, then removes its sandbox.
+    async fn leave(&self, net: &NetworkId);
+}
+
+/// What the follow loop hears of membership.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    Joined(NetworkId),
+    Left(NetworkId),
+}
+
+struct Wanted {
+    network: Network,
+    holders: BTreeSet<String>,
+}
+
+pub struct Membership {
+    wanted: Mutex<BTreeMap<NetworkId, Wanted>>,
+    /// Networks the node is on now (a sandbox exists; adopted ones count). The async lock
+    /// serialises every join and leave.
+    present: tokio::sync::Mutex<BTreeSet<NetworkId>>,
+    fabric: Arc<dyn Fabric>,
+    notices: mpsc::UnboundedSender<Notice>,
+}
+
+impl Membership {
+    /// `present`: the networks the node already has a sandbox for (adopted after a restart).
+    pub fn new(fabric: Arc<dyn Fabric>, present: impl IntoIterator<Item = NetworkId>, notices: mpsc::UnboundedSender<Notice>) -> Membership {
+        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present.into_iter().collect()), fabric, notices }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<NetworkId, Wanted>> {
+        self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `holder` (a task id, or a name such as `ingress`) needs the node on `net`.
+    pub fn hold(&self, net: &Network, holder: &str) {
+        let mut w = self.lock();
+        let e = w.entry(net.id.clone()).or_insert_with(|| Wanted { network: net.clone(), holders: BTreeSet::new() });
+        e.network = net.clone();
+        e.holders.insert(holder.to_string());
+    }
+
+    /// `holder` no longer needs the node on `net`.
+    pub fn release(&self, net: &NetworkId, holder: &str) {
+        let mut w = self.lock();
+        if let Some(e) = w.get_mut(net) {
+            e.holders.remove(holder);
+            if e.holders.is_empty() {
+                w.remove(net);
+            }
+        }
+    }
+
+    /// Networks something holds.
+    pub fn wanted(&self) -> Vec<NetworkId> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Makes the node's presence on `net` match whether it is wanted; with `repair`, an
+    /// existing presence is checked and completed too (a task about to plug into it).
+    pub async fn settle(&self, net: &NetworkId, repair: bool) -> Result<(), SinkError> {
+        let mut present = self.present.lock().await;
+        let want = self.lock().get(net).map(|w| w.network.clone());
+        let here = present.contains(net);
+        match want {
+            Some(n) if !here || repair => {
+                self.fabric.join(&n).await.map_err(|e| format!("network {} vni {}: join: {e}", n.name, n.vni))?;
+                if present.insert(net.clone()) {
+                    info!(network = %n.name, vni = n.vni, "this node is on the network");
+                }
+                // A repaired or adopted network is announced too: the follow loop resyncs
+                // it into its (possibly new) sandbox.
+                if !here || repair {
+                    let _ = self.notices.send(Notice::Joined(net.clone()));
+                }
+            }
+            Some(_) => {}
+            None if here => {
+                self.fabric.leave(net).await;
+                present.remove(net);
+                info!(network = %net, "nothing on this node needs the network any more: left it");
+                let _ = self.notices.send(Notice::Left(net.clone()));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Settles every network that is wanted and absent, or present and not wanted.
+    pub async fn settle_all(&self) {
+        let mut nets: BTreeSet<NetworkId> = self.present.lock().await.clone();
+        nets.extend(self.wanted());
+        for n in nets {
+            if let Err(e) = self.settle(&n, false).await {
+                warn!(network = %n, error = %e, "could not settle the node's presence on the network");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        log: Mutex<Vec<String>>,
+        fail_join: Mutex<bool>,
+    }
+
+    #[async_trait::async_trait]
+    impl Fabric for Recorder {
+        async fn join(&self, net: &Network) -> Result<(), SinkError> {
+            if *self.fail_join.lock().expect("lock") {
+                return Err("cannot create vxlan: address in use".into());
+            }
+            self.log.lock().expect("lock").push(format!("join {}", net.id));
+            Ok(())
+        }
+        async fn leave(&self, net: &NetworkId) {
+            self.log.lock().expect("lock").push(format!("leave {net}"));
+        }
+    }
+
+    fn net(id: &str) -> Network {
+        Network { id: id.into(), name: format!("{id}-name"), driver: "overlay".into(), attachable: false, subnet: "10.0.1.0/24".parse().expect("net"), gateway: "10.0.1.1".parse().expect("gw"), vni: 4096 }
+    }
+
+    fn setup(present: &[&str]) -> (Arc<Recorder>, Membership, mpsc::UnboundedReceiver<Notice>) {
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let m = Membership::new(rec.clone(), present.iter().map(|s| s.to_string()), tx);
+        (rec, m, rx)
+    }
+
+    fn log(r: &Recorder) -> Vec<String> {
+        std::mem::take(&mut *r.log.lock().expect("lock"))
+    }
+
+    #[tokio::test]
+    async fn joins_with_the_first_holder_and_leaves_with_the_last() {
+        let (rec, m, mut rx) = setup(&[]);
+        m.hold(&net("a"), "t1");
+        m.hold(&net("a"), "t2");
+        m.settle(&"a".into(), false).await.expect("settle");
+        m.settle(&"a".into(), false).await.expect("settle again");
+        assert_eq!(log(&rec), vec!["join a"], "one join for two holders");
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Joined("a".into())));
+        m.release(&"a".into(), "t1");
+        m.settle(&"a".into(), false).await.expect("settle");
+        assert!(log(&rec).is_empty(), "t2 still holds it");
+        m.release(&"a".into(), "t2");
+        m.settle(&"a".into(), false).await.expect("settle");
+        assert_eq!(log(&rec), vec!["leave a"]);
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Left("a".into())));
+    }
+
+    #[tokio::test]
+    async fn a_network_can_be_held_without_any_task() {
+        let (rec, m, _rx) = setup(&[]);
+        m.hold(&net("ingress"), "ingress");
+        m.settle_all().await;
+        assert_eq!(log(&rec), vec!["join ingress"]);
+        assert_eq!(m.wanted(), vec!["ingress".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_task_stopping_after_a_restart_does_not_take_the_network_from_adopted_ones() {
+        // The restart case: the sandbox of "a" is adopted; the new assignment set holds "a"
+        // for two adopted tasks before the stale task that is no longer wanted goes.
+        let (rec, m, _rx) = setup(&["a"]);
+        m.hold(&net("a"), "stale");
+        m.hold(&net("a"), "adopted1");
+        m.hold(&net("a"), "adopted2");
+        m.release(&"a".into(), "stale");
+        m.settle(&"a".into(), false).await.expect("settle");
+        assert!(!log(&rec).contains(&"leave a".to_string()), "the adopted tasks keep the sandbox");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_sandbox_nobody_wants_is_removed() {
+        let (rec, m, _rx) = setup(&["old"]);
+        m.settle_all().await;
+        assert_eq!(log(&rec), vec!["leave old"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_join_is_an_error_that_names_the_network_and_can_be_retried() {
+        let (rec, m, _rx) = setup(&[]);
+        m.hold(&net("a"), "t1");
+        *rec.fail_join.lock().expect("lock") = true;
+        let e = m.settle(&"a".into(), false).await.expect_err("join fails");
+        assert!(e.to_string().contains("network a-name vni 4096"), "{e}");
+        *rec.fail_join.lock().expect("lock") = false;
+        m.settle(&"a".into(), false).await.expect("retry");
+        assert_eq!(log(&rec), vec!["join a"]);
+    }
+
+    #[tokio::test]
+    async fn repair_joins_again_and_announces_it() {
+        let (rec, m, mut rx) = setup(&["a"]);
+        m.hold(&net("a"), "t1");
+        m.settle(&"a".into(), true).await.expect("repair");
+        assert_eq!(log(&rec), vec!["join a"]);
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Joined("a".into())));
+    }
+}

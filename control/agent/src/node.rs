@@ -1,0 +1,101 @@
+//! The agent's parts on one node, wired together: gossip on 7946, the overlay's sandboxes,
+//! the node's DNS, membership, the one follow loop with its sinks, and the task runtime.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use swarmnet_api::TaskReport;
+use swarmnet_dataplane::netns::NsWorker;
+use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
+use swarmnet_dataplane::task::underlay_facts;
+use swarmnet_dns::sink::DnsSink;
+use swarmnet_gossip::server::{self as gossip_server, Cmd, GossipHandle};
+use swarmnet_types::{Network, NetworkId, Sink, SinkError};
+use tokio::sync::mpsc;
+use tracing::error;
+
+use crate::dns::{DnsOpts, NodeDns};
+use crate::follow::{self, FollowConfig};
+use crate::membership::{Fabric, Membership};
+use crate::runtime::{Deps, Runtime};
+
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// The node's underlay address: its VTEP and its gossip address.
+    pub advertise: IpAddr,
+    pub gossip_port: u16,
+    pub dns: DnsOpts,
+    /// argv of the process that holds a sandbox namespace open.
+    pub holder_cmd: Vec<String>,
+}
+
+/// What the node is made of before it has an identity: the namespace thread and the
+/// underlay's facts.
+pub struct NodeBase {
+    pub ns: NsWorker,
+    pub mtu: u32,
+    pub underlay: Vec<ipnetwork::IpNetwork>,
+}
+
+impl NodeBase {
+    pub async fn read(cfg: &NodeConfig) -> anyhow::Result<NodeBase> {
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+        let ns = NsWorker::start().context("start the namespace thread")?;
+        let (mtu, underlay) = underlay_facts(&ns, cfg.advertise).await.context("read the node's addresses")?;
+        let Some(mtu) = mtu else {
+            bail!("--advertise-addr {}: no interface of this node has that address", cfg.advertise);
+        };
+        Ok(NodeBase { ns, mtu, underlay })
+    }
+}
+
+pub struct Node {
+    pub runtime: Arc<Runtime>,
+    pub reports: mpsc::UnboundedReceiver<TaskReport>,
+    pub gossip: GossipHandle,
+}
+
+/// The sandbox and the gossip of a network, as membership joins and leaves them.
+struct NodeFabric {
+    sandboxes: Arc<Sandboxes>,
+    gossip: GossipHandle,
+}
+
+#[async_trait::async_trait]
+impl Fabric for NodeFabric {
+    async fn join(&self, net: &Network) -> Result<(), SinkError> {
+        self.sandboxes.ensure(net).await?;
+        self.gossip.send(Cmd::Join(net.id.clone()))?;
+        Ok(())
+    }
+
+    async fn leave(&self, net: &NetworkId) {
+        if self.gossip.send(Cmd::Leave(net.clone())).is_err() {
+            error!(network = %net, "gossip is not running: cannot leave the network's gossip");
+        }
+        self.sandboxes.remove(net).await;
+    }
+}
+
+/// Starts the node's parts; the session with the manager is started by the caller.
+pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::Result<Node> {
+    let IpAddr::V4(local) = cfg.advertise else {
+        bail!("--advertise-addr {}: an IPv6 underlay is not supported yet", cfg.advertise);
+    };
+    let gen = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
+    let me = swarmnet_gossip::Ident { node: node_id.to_string(), addr: SocketAddr::new(cfg.advertise, cfg.gossip_port), gen };
+    let gossip = gossip_server::start(me, swarmnet_gossip::Config::default()).await?;
+    let task_mtu = base.mtu.saturating_sub(50);
+    let sandboxes = Arc::new(Sandboxes::open(base.ns.clone(), &cfg.data_dir, local, task_mtu, cfg.holder_cmd.clone())?);
+    let dns = Arc::new(NodeDns::new(&cfg.dns)?);
+    let (notices_tx, notices) = mpsc::unbounded_channel();
+    let fabric = Arc::new(NodeFabric { sandboxes: sandboxes.clone(), gossip: gossip.clone() });
+    let membership = Arc::new(Membership::new(fabric, sandboxes.networks().await, notices_tx));
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)), Box::new(DnsSink::new(dns.shared.records.clone()))];
+    tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
+    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns };
+    let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, base.mtu)?;
+    Ok(Node { runtime, reports, gossip })
+}

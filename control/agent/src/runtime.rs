@@ -1,0 +1,316 @@
+//! The node's task runtime: turns the manager's assignments into running processes in
+//! their own namespaces (one [`supervisor`](crate::supervisor) per task), reports their
+//! state, and adopts the ones still running after the daemon itself restarted (tasks
+//! outlive the daemon, ADR 0004). Each task holds its networks in [`Membership`] from the
+//! moment it is assigned (or found running) until its links are gone; the runtime never
+//! decides that the node leaves a network.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
+use swarmnet_dataplane::netns::NsWorker;
+use swarmnet_dataplane::overlay::Sandboxes;
+use swarmnet_dataplane::state::{self, StateError};
+use swarmnet_dataplane::task::{self as dp, TaskNet};
+use swarmnet_gossip::server::{Cmd, GossipHandle};
+use swarmnet_types::{mac_for, Endpoint, EndpointState, Id};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::dns::NodeDns;
+use crate::membership::Membership;
+use crate::supervisor::{self, Persisted};
+
+pub(crate) struct Local {
+    assignment: Assignment,
+    report: Arc<Mutex<TaskReport>>,
+    stop: watch::Sender<bool>,
+}
+
+/// What the runtime plugs tasks into.
+pub struct Deps {
+    pub sandboxes: Arc<Sandboxes>,
+    pub membership: Arc<Membership>,
+    pub gossip: GossipHandle,
+    /// This node's VTEP (its underlay address), published with each endpoint.
+    pub vtep: IpAddr,
+    pub dns: Arc<NodeDns>,
+}
+
+pub struct Runtime {
+    pub(crate) ns: NsWorker,
+    pub(crate) deps: Deps,
+    pub(crate) dir: PathBuf,
+    pub(crate) mtu: u32,
+    /// Environment every task gets besides the daemon's own.
+    pub(crate) env: Vec<(String, String)>,
+    locals: Mutex<HashMap<Id, Local>>,
+    /// What survives a restart (`tasks/state.json`); saved under this lock, so two saves
+    /// never interleave and the file is never older than the last change.
+    persisted: Mutex<BTreeMap<Id, Persisted>>,
+    /// Entries of `persisted` not yet claimed by an assignment since this daemon started.
+    adoptable: Mutex<BTreeMap<Id, Persisted>>,
+    /// Exit code of finished run-once tasks, and why, if they never ran.
+    exits: Mutex<HashMap<Id, (i32, String)>>,
+    reports: mpsc::UnboundedSender<TaskReport>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Runtime {
+    pub fn open(ns: NsWorker, deps: Deps, data_dir: &std::path::Path, underlay_mtu: u32) -> anyhow::Result<(Arc<Runtime>, mpsc::UnboundedReceiver<TaskReport>)> {
+        let dir = data_dir.join("tasks");
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display()))?;
+        let path = dir.join("state.json");
+        let persisted: BTreeMap<Id, Persisted> = match state::read_json(&path) {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e @ StateError::Corrupt { .. }) => {
+                let aside = state::set_aside(&path)?;
+                error!(error = %e, kept_as = %aside.display(), "task state is corrupt: tasks of the earlier daemon are not adopted (their processes keep running)");
+                BTreeMap::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let env = vec![("SWARMNET_NODE_DATA_DIR".to_string(), data_dir.display().to_string())];
+        let rt = Runtime {
+            ns,
+            deps,
+            dir,
+            mtu: underlay_mtu.saturating_sub(50),
+            env,
+            locals: Mutex::new(HashMap::new()),
+            adoptable: Mutex::new(persisted.clone()),
+            persisted: Mutex::new(persisted),
+            exits: Mutex::new(HashMap::new()),
+            reports: tx,
+        };
+        Ok((Arc::new(rt), rx))
+    }
+
+    fn save(&self, p: &BTreeMap<Id, Persisted>) {
+        if let Err(e) = state::write_json(&self.dir.join("state.json"), p, 0o644) {
+            error!(error = %e, "could not save task state");
+        }
+    }
+
+    pub(crate) fn remember(&self, id: &Id, p: Persisted) {
+        let mut g = lock(&self.persisted);
+        g.insert(id.clone(), p);
+        self.save(&g);
+    }
+
+    fn forget(&self, id: &Id) {
+        let mut g = lock(&self.persisted);
+        if g.remove(id).is_some() {
+            self.save(&g);
+        }
+    }
+
+    pub fn sandboxes(&self) -> &Sandboxes {
+        &self.deps.sandboxes
+    }
+
+    pub fn dns(&self) -> &NodeDns {
+        &self.deps.dns
+    }
+
+    pub fn log_path(&self, task: &Id) -> PathBuf {
+        self.dir.join(format!("{task}.log"))
+    }
+
+    /// Every task this node has, for the start of a session.
+    pub fn reports(&self) -> Vec<TaskReport> {
+        let mut out: Vec<TaskReport> = lock(&self.locals).values().map(|l| lock(&l.report).clone()).collect();
+        for (id, p) in lock(&self.adoptable).iter() {
+            if dp::proc_start_time(p.pid) == Some(p.start_time) {
+                out.push(TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(p.pid), restarts: 0 });
+            }
+        }
+        out
+    }
+
+    /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.
+    pub fn confirm_unknown(&self, removed: &[Id]) {
+        for id in removed {
+            let known = lock(&self.locals).contains_key(id) || lock(&self.adoptable).contains_key(id);
+            if !known {
+                self.send(TaskReport { task_id: id.clone(), state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
+            }
+        }
+    }
+
+    pub fn report_of(&self, task: &Id) -> Option<TaskReport> {
+        lock(&self.locals).get(task).map(|l| lock(&l.report).clone())
+    }
+
+    pub fn exit_code(&self, task: &Id) -> Option<(i32, String)> {
+        lock(&self.exits).get(task).cloned()
+    }
+
+    pub(crate) fn record_exit(&self, task: &Id, code: i32, why: String) {
+        lock(&self.exits).insert(task.clone(), (code, why));
+    }
+
+    fn hold_networks(&self, id: &Id, a: &Assignment) {
+        for at in &a.attachments {
+            self.deps.membership.hold(&at.network, id);
+        }
+    }
+
+    /// Makes the local tasks match `desired` (all the node's assignments).
+    pub fn reconcile(self: &Arc<Self>, desired: &BTreeMap<Id, Assignment>) {
+        // Every wanted task holds its networks before anything is stopped, so no stop can
+        // take a sandbox that a task still being adopted needs.
+        for (id, a) in desired {
+            self.hold_networks(id, a);
+        }
+        let stale: Vec<(Id, Persisted)> = {
+            let mut adoptable = lock(&self.adoptable);
+            let ids: Vec<Id> = adoptable.keys().filter(|id| !desired.contains_key(*id)).cloned().collect();
+            ids.into_iter().filter_map(|id| adoptable.remove(&id).map(|p| (id, p))).collect()
+        };
+        let mut locals = lock(&self.locals);
+        locals.retain(|id, l| {
+            if desired.contains_key(id) {
+                return true;
+            }
+            info!(task = %id, name = %l.assignment.name, "task no longer assigned: stopping");
+            let _ = l.stop.send(true);
+            false
+        });
+        // Survivors of an earlier daemon that are no longer wanted: their links are in the
+        // sandboxes until they are gone.
+        for (id, p) in stale {
+            self.hold_networks(&id, &p.assignment);
+            info!(task = %id, pid = p.pid, "task left by an earlier daemon is no longer assigned: stopping");
+            let rt = self.clone();
+            tokio::spawn(async move {
+                if dp::proc_start_time(p.pid) == Some(p.start_time) {
+                    supervisor::stop_adopted(p.pid, p.start_time).await;
+                }
+                rt.teardown(&id, &p.assignment).await;
+                rt.send(TaskReport { task_id: id, state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
+            });
+        }
+        for (id, a) in desired {
+            if locals.contains_key(id) {
+                continue;
+            }
+            let adopt = lock(&self.adoptable).remove(id);
+            let report = Arc::new(Mutex::new(TaskReport { task_id: id.clone(), state: TaskState::Assigned, error: String::new(), pid: None, restarts: 0 }));
+            let (stop_tx, stop_rx) = watch::channel(false);
+            locals.insert(id.clone(), Local { assignment: a.clone(), report: report.clone(), stop: stop_tx });
+            tokio::spawn(supervisor::supervise(self.clone(), a.clone(), adopt, report, stop_rx));
+        }
+        drop(locals);
+        // Sandboxes nothing holds any more (adopted ones included) go; new ones are made.
+        let m = self.deps.membership.clone();
+        tokio::spawn(async move { m.settle_all().await });
+    }
+
+    pub(crate) fn send(&self, r: TaskReport) {
+        let _ = self.reports.send(r);
+    }
+
+    pub(crate) fn update(&self, report: &Arc<Mutex<TaskReport>>, f: impl FnOnce(&mut TaskReport)) {
+        let r = {
+            let mut g = lock(report);
+            f(&mut g);
+            g.clone()
+        };
+        self.send(r);
+    }
+
+    pub(crate) fn nets(&self, a: &Assignment) -> Vec<TaskNet> {
+        a.attachments
+            .iter()
+            .enumerate()
+            .map(|(i, at)| TaskNet {
+                host_if: dp::host_if_name(&a.task_id, i),
+                ifname: format!("eth{i}"),
+                address: at.address,
+                prefix: at.network.subnet.prefix(),
+                gateway: at.network.gateway,
+                mac: mac_for(at.address),
+                mtu: self.mtu,
+            })
+            .collect()
+    }
+
+    fn endpoint(&self, a: &Assignment, at: &Attachment, state: EndpointState) -> Endpoint {
+        Endpoint {
+            network: at.network.id.clone(),
+            id: a.task_id.clone(),
+            task_name: a.name.clone(),
+            service_name: a.service_name.clone().unwrap_or_default(),
+            service_id: a.service_id.clone().unwrap_or_default(),
+            aliases: at.aliases.clone(),
+            ip: at.address,
+            mac: mac_for(at.address),
+            vtep: self.deps.vtep,
+            vip: at.vip,
+            ports: a.ports.clone(),
+            state,
+        }
+    }
+
+    /// Puts the task on its networks (the node joins them first if it is not on them yet)
+    /// and publishes its endpoints.
+    pub(crate) async fn connect(&self, a: &Assignment) -> anyhow::Result<()> {
+        self.hold_networks(&a.task_id, a);
+        for (i, at) in a.attachments.iter().enumerate() {
+            self.deps.membership.settle(&at.network.id, true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            self.deps.sandboxes.plug(&at.network.id, &dp::host_if_name(&a.task_id, i)).await?;
+        }
+        self.publish(a, EndpointState::Active);
+        for at in &a.attachments {
+            info!(task = %a.task_id, network = %at.network.name, ip = %at.address, "endpoint published");
+        }
+        Ok(())
+    }
+
+    pub(crate) fn publish(&self, a: &Assignment, state: EndpointState) {
+        for at in &a.attachments {
+            if self.deps.gossip.send(Cmd::Set(Box::new(self.endpoint(a, at, state)))).is_err() {
+                error!(task = %a.task_id, network = %at.network.name, "gossip is not running: endpoint not published");
+            }
+        }
+    }
+
+    pub(crate) fn withdraw(&self, a: &Assignment) {
+        for at in &a.attachments {
+            if self.deps.gossip.send(Cmd::Remove { network: at.network.id.clone(), id: a.task_id.clone() }).is_err() {
+                error!(task = %a.task_id, network = %at.network.name, "gossip is not running: endpoint not withdrawn");
+            }
+        }
+    }
+
+    /// Removes everything of the task but its process: its endpoints, its links, its
+    /// files, its holds on networks (the node leaves a network nothing holds any more).
+    pub(crate) async fn teardown(&self, id: &Id, a: &Assignment) {
+        self.withdraw(a);
+        for (i, at) in a.attachments.iter().enumerate() {
+            if let Err(e) = self.deps.sandboxes.unplug(&at.network.id, &dp::host_if_name(id, i)).await {
+                warn!(task = %id, network = %at.network.name, error = %e, "could not unplug");
+            }
+        }
+        let ifs = self.nets(a).into_iter().map(|n| n.host_if).collect();
+        if let Err(e) = dp::teardown_task_net(&self.ns, ifs).await {
+            warn!(task = %id, error = %e, "could not remove the task's links");
+        }
+        NodeDns::remove_task_files(&self.dir, id);
+        self.forget(id);
+        for at in &a.attachments {
+            self.deps.membership.release(&at.network.id, id);
+            if let Err(e) = self.deps.membership.settle(&at.network.id, false).await {
+                warn!(network = %at.network.name, error = %e, "could not settle the node's presence on the network");
+            }
+        }
+    }
+}

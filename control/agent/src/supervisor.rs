@@ -1,0 +1,326 @@
+//! One task's life on its node, as a small state machine:
+//!
+//! ```text
+//!            adopted (found running after a restart) ─────────────┐
+//!                                                                 ▼
+//!   Network ──ok──► Start ──ok──► Running ──exit──┐           Running
+//!      │              │                           │
+//!      └──error──┐    └──error──┐                 │
+//!                ▼              ▼                 ▼
+//!              fail(state, error): report it; a run-once task ends here (exit code kept);
+//!                                  else Backoff(delay doubling to 5 s) → Network or Start
+//!   stop (at any point): withdraw the endpoints, stop the process → Stopped
+//! ```
+//!
+//! Every failure goes through the one `fail` path; every wait goes through the one
+//! `backoff`, which a stop interrupts. Whatever the end, the task's network is torn down
+//! and its holds released by the runtime.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use swarmnet_api::{Assignment, TaskReport, TaskState};
+use swarmnet_dataplane::task as dp;
+use swarmnet_types::EndpointState;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::runtime::{lock, Runtime};
+
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const RESTART_MIN: Duration = Duration::from_millis(500);
+const RESTART_MAX: Duration = Duration::from_secs(5);
+/// A process that ran this long resets the backoff.
+const RAN_LONG: Duration = Duration::from_secs(10);
+
+/// What survives a daemon restart, per task, in `<data-dir>/tasks/state.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Persisted {
+    pub assignment: Assignment,
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+/// Where the machine is.
+enum Step {
+    /// Make the task's namespace, links and resolver, and put it on its networks.
+    Network,
+    /// Start the process in the namespace.
+    Start,
+    /// The process runs.
+    Running(Proc),
+    /// Wait before trying `then` again.
+    Backoff { then: Box<Step> },
+    /// Told to stop, with the process if one runs.
+    Stopping(Option<Proc>),
+    /// Finished: stopped on purpose (`true`), or a run-once task that ended.
+    Done { stopped: bool },
+}
+
+/// How a run-once task ended.
+enum Outcome {
+    /// Its process exited with this code.
+    Exited(i32),
+    /// It never ran, and why.
+    NeverRan(String),
+}
+
+struct Supervisor {
+    rt: Arc<Runtime>,
+    a: Assignment,
+    report: Arc<Mutex<TaskReport>>,
+    stop: watch::Receiver<bool>,
+    netns: Option<File>,
+    dns: Option<swarmnet_dns::server::Listener>,
+    delay: Duration,
+}
+
+pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Persisted>, report: Arc<Mutex<TaskReport>>, stop: watch::Receiver<bool>) {
+    let mut s = Supervisor { rt, a, report, stop, netns: None, dns: None, delay: RESTART_MIN };
+    let mut step = match adopt {
+        Some(p) => s.adopt(p).await.map_or(Step::Network, Step::Running),
+        None => Step::Network,
+    };
+    let stopped = loop {
+        if *s.stop.borrow() && !matches!(step, Step::Stopping(_) | Step::Done { .. }) {
+            step = Step::Stopping(match step {
+                Step::Running(p) => Some(p),
+                _ => None,
+            });
+        }
+        step = match step {
+            Step::Network => s.network().await,
+            Step::Start => s.start(),
+            Step::Running(p) => s.run(p).await,
+            Step::Backoff { then } => s.backoff(*then).await,
+            Step::Stopping(p) => {
+                // Out of every table before the process goes.
+                s.rt.withdraw(&s.a);
+                if let Some(mut p) = p {
+                    p.stop().await;
+                }
+                Step::Done { stopped: true }
+            }
+            Step::Done { stopped } => break stopped,
+        };
+    };
+    let id = s.a.task_id.clone();
+    drop(s.dns.take());
+    drop(s.netns.take());
+    s.rt.teardown(&id, &s.a).await;
+    if stopped {
+        info!(task = %id, name = %s.a.name, "task stopped");
+        s.rt.update(&s.report, |r| {
+            r.state = TaskState::Shutdown;
+            r.pid = None;
+        });
+    }
+}
+
+impl Supervisor {
+    fn id(&self) -> &str {
+        &self.a.task_id
+    }
+
+    /// A task that kept running while the daemon was away: take it back as it is.
+    async fn adopt(&mut self, p: Persisted) -> Option<Proc> {
+        if dp::proc_start_time(p.pid) != Some(p.start_time) {
+            return None;
+        }
+        let f = match dp::netns_of(p.pid) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(task = %self.id(), pid = p.pid, error = %e, "could not adopt task");
+                return None;
+            }
+        };
+        info!(task = %self.id(), pid = p.pid, "adopted a task that kept running while the daemon was away");
+        if let Err(e) = self.rt.connect(&self.a).await {
+            warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task: overlay");
+        }
+        match self.rt.dns().serve_task(&self.rt.ns, &f, &self.a.task_id, self.scope()).await {
+            Ok(l) => self.dns = Some(l),
+            Err(e) => warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task: no resolver"),
+        }
+        self.netns = Some(f);
+        self.rt.update(&self.report, |r| {
+            r.state = TaskState::Running;
+            r.pid = Some(p.pid);
+            r.error.clear();
+        });
+        Some(Proc::Adopted { pid: p.pid, start: p.start_time })
+    }
+
+    fn scope(&self) -> Vec<String> {
+        self.a.attachments.iter().map(|at| at.network.id.clone()).collect()
+    }
+
+    async fn network(&mut self) -> Step {
+        let made = async {
+            let f = dp::setup_task_net(&self.rt.ns, self.rt.nets(&self.a)).await?;
+            let l = self.rt.dns().serve_task(&self.rt.ns, &f, &self.a.task_id, self.scope()).await?;
+            self.rt.connect(&self.a).await?;
+            Ok::<_, anyhow::Error>((f, l))
+        }
+        .await;
+        match made {
+            Ok((f, l)) => {
+                self.netns = Some(f);
+                self.dns = Some(l);
+                Step::Start
+            }
+            Err(e) => {
+                let e = format!("network setup: {e:#}");
+                warn!(task = %self.id(), error = %e, "task network setup failed");
+                // Nothing half-made stays behind while waiting to try again.
+                self.rt.teardown(&self.a.task_id, &self.a).await;
+                self.fail(TaskState::Failed, e.clone(), Outcome::NeverRan(e), Step::Network)
+            }
+        }
+    }
+
+    fn start(&mut self) -> Step {
+        let Some(ns) = self.netns.as_ref() else { return Step::Network };
+        let id = self.a.task_id.clone();
+        let mut env = self.rt.env.clone();
+        env.push(("SWARMNET_TASK_ID".into(), id.clone()));
+        env.push(("SWARMNET_TASK_NAME".into(), self.a.name.clone()));
+        let addrs: Vec<std::net::Ipv4Addr> = self.a.attachments.iter().map(|at| at.address).collect();
+        let spawned = self
+            .rt
+            .dns()
+            .task_files(&self.rt.dir, &id, &self.a.name, &addrs)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            .and_then(|binds| dp::spawn_in_netns(ns, &self.a.command, &self.rt.log_path(&id), &env, &binds));
+        match spawned {
+            Ok(child) => {
+                let pid = child.id().unwrap_or(0);
+                let start = dp::proc_start_time(pid).unwrap_or(0);
+                self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start });
+                info!(task = %id, name = %self.a.name, pid, "task started");
+                if lock(&self.report).restarts > 0 {
+                    // Back from draining.
+                    self.rt.publish(&self.a, EndpointState::Active);
+                }
+                self.rt.update(&self.report, |r| {
+                    r.state = TaskState::Running;
+                    r.pid = Some(pid);
+                    r.error.clear();
+                });
+                Step::Running(Proc::Child { child, started: Instant::now() })
+            }
+            Err(e) => {
+                let what = self.a.command.first().cloned().unwrap_or_default();
+                warn!(task = %id, error = %e, "task failed to start");
+                self.fail(TaskState::Failed, format!("start {what:?}: {e}"), Outcome::NeverRan(format!("could not start {what:?}: {e}")), Step::Start)
+            }
+        }
+    }
+
+    async fn run(&mut self, mut p: Proc) -> Step {
+        tokio::select! {
+            code = p.wait() => {
+                if matches!(&p, Proc::Child { started, .. } if started.elapsed() > RAN_LONG) {
+                    self.delay = RESTART_MIN;
+                }
+                let (state, error) = match code {
+                    Some(0) => (TaskState::Complete, "exited with status 0".to_string()),
+                    Some(c) => (TaskState::Failed, format!("exited with status {c}")),
+                    None => (TaskState::Failed, "exited (status unknown: adopted after a daemon restart)".to_string()),
+                };
+                info!(task = %self.id(), name = %self.a.name, %error, "task exited");
+                // It takes no new connections and leaves DNS answers until it runs again.
+                self.rt.publish(&self.a, EndpointState::Draining);
+                self.fail(state, error, Outcome::Exited(code.unwrap_or(-1)), Step::Start)
+            }
+            _ = self.stop.changed() => Step::Stopping(Some(p)),
+        }
+    }
+
+    /// The one failure path: report `state`/`error`; a run-once task ends here with its
+    /// `outcome`; others try `then` again after a backoff.
+    fn fail(&mut self, state: TaskState, error: String, outcome: Outcome, then: Step) -> Step {
+        self.rt.update(&self.report, |r| {
+            r.state = state;
+            r.error = error;
+            r.pid = None;
+        });
+        if !self.a.restart {
+            let (code, why) = match outcome {
+                Outcome::Exited(code) => (code, String::new()),
+                Outcome::NeverRan(why) => (-1, why),
+            };
+            self.rt.record_exit(&self.a.task_id, code, why);
+            return Step::Done { stopped: false };
+        }
+        Step::Backoff { then: Box::new(then) }
+    }
+
+    async fn backoff(&mut self, then: Step) -> Step {
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(RESTART_MAX);
+        if *self.stop.borrow() {
+            return Step::Stopping(None);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.stop.changed() => return Step::Stopping(None),
+        }
+        if matches!(then, Step::Start) {
+            self.rt.update(&self.report, |r| r.restarts += 1);
+        }
+        then
+    }
+}
+
+enum Proc {
+    Child { child: tokio::process::Child, started: Instant },
+    Adopted { pid: u32, start: u64 },
+}
+
+impl Proc {
+    /// Waits for the process to end; its exit code if known.
+    async fn wait(&mut self) -> Option<i32> {
+        match self {
+            Proc::Child { child, .. } => match child.wait().await {
+                Ok(s) => Some(s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0))),
+                Err(_) => None,
+            },
+            Proc::Adopted { pid, start } => {
+                while dp::proc_start_time(*pid) == Some(*start) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// SIGTERM to the task's process group, SIGKILL after the grace period.
+    async fn stop(&mut self) {
+        match self {
+            Proc::Child { child, .. } => {
+                let Some(pid) = child.id() else { return };
+                let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGTERM);
+                if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                    let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.wait().await;
+                }
+            }
+            Proc::Adopted { pid, start } => stop_adopted(*pid, *start).await,
+        }
+    }
+}
+
+pub(crate) async fn stop_adopted(pid: u32, start: u64) {
+    let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_GRACE;
+    while dp::proc_start_time(pid) == Some(start) {
+        if Instant::now() > deadline {
+            let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

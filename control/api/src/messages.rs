@@ -1,0 +1,172 @@
+//! The messages on TCP 2377 (inside mutual TLS) and on the local control socket.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::IpNetwork;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use swarmnet_types::{Id, Network, Port};
+
+use crate::cluster::{NetworkCreate, ServiceCreate, StandaloneCreate, TaskReport};
+use crate::tls::CertKey;
+
+/// The first message of every connection to 2377.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Hello {
+    /// From a node without a certificate: join with the token's secret.
+    Join {
+        secret: String,
+        hostname: String,
+        addr: IpAddr,
+        underlay: Vec<IpNetwork>,
+    },
+    /// Opens the node's session: the full list of tasks it has now, then a stream.
+    Session { reports: Vec<TaskReport> },
+    /// One request, one reply.
+    Api { request: ApiRequest },
+}
+
+/// The reply to a join.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Joined {
+    pub node_id: Id,
+    pub cluster_id: String,
+    pub ca_pem: String,
+    pub cert: CertKey,
+}
+
+/// The reply that opens a session.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionOpened {
+    pub node_id: Id,
+    pub heartbeat_ms: u64,
+    /// The cluster's VXLAN UDP port.
+    pub data_path_port: u16,
+}
+
+/// Manager to agent, on a session.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromManager {
+    /// `full`: this is every assignment of the node; otherwise changes.
+    Assign {
+        full: bool,
+        upsert: Vec<Assignment>,
+        remove: Vec<Id>,
+    },
+    /// The ready nodes (id, underlay address): where to find gossip peers.
+    Nodes { nodes: Vec<(Id, IpAddr)> },
+}
+
+/// Agent to manager, on a session.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    Heartbeat,
+    Reports { reports: Vec<TaskReport> },
+}
+
+/// What a node needs to run one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: Id,
+    pub name: String,
+    pub service_id: Option<Id>,
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// The service's published ports.
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    pub command: Vec<String>,
+    pub restart: bool,
+    pub attachments: Vec<Attachment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub network: Network,
+    pub address: Ipv4Addr,
+    /// The service's VIP on this network (endpoint mode vip).
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
+    /// Extra names on this network (`--network name=…,alias=…`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// A request of the CLI (or of an agent, for `run`). The reply's `data` is the type named
+/// on each variant (`crate::replies`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "snake_case")]
+pub enum ApiRequest {
+    /// `Vec<NodeInfo>`
+    NodeLs,
+    /// `JoinTokenInfo`
+    JoinToken { role: String },
+    /// `NetworkInfo`
+    NetworkCreate { spec: NetworkCreate },
+    /// `Vec<NetworkInfo>`
+    NetworkLs,
+    /// `NetworkDetail`
+    NetworkInspect { name: String },
+    /// `Removed`
+    NetworkRm { name: String },
+    /// `ServiceInfo`
+    ServiceCreate { spec: ServiceCreate },
+    /// `Vec<ServiceInfo>`
+    ServiceLs,
+    /// `Vec<TaskInfo>`
+    ServicePs { name: String },
+    /// `ServiceInfo`
+    ServiceInspect { name: String },
+    /// `ServiceInfo`
+    ServiceScale { name: String, replicas: i64 },
+    /// `Removed`
+    ServiceRm { name: String },
+    /// From an agent: a standalone task on the calling node. `TaskInfo`
+    Run { spec: StandaloneCreate },
+    /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`
+    RunLocal { spec: StandaloneCreate, detach: bool },
+}
+
+/// Every reply: `ok` and `data`, or an error message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The other side refused, with its reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("unexpected reply (a daemon of another version?): {0}")]
+    Shape(#[from] serde_json::Error),
+}
+
+impl Reply {
+    /// A successful reply carrying `data`.
+    pub fn ok<T: Serialize>(data: &T) -> Reply {
+        match serde_json::to_value(data) {
+            Ok(data) => Reply { ok: true, error: String::new(), data },
+            Err(e) => Reply::err(format!("cannot encode the reply: {e}")),
+        }
+    }
+
+    pub fn err(msg: impl std::fmt::Display) -> Reply {
+        Reply { ok: false, error: msg.to_string(), data: serde_json::Value::Null }
+    }
+
+    /// The reply's data as `T`, or why not.
+    pub fn into_data<T: DeserializeOwned>(self) -> Result<T, ReplyError> {
+        if !self.ok {
+            return Err(ReplyError::Refused(self.error));
+        }
+        Ok(serde_json::from_value(self.data)?)
+    }
+}

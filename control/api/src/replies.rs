@@ -1,0 +1,202 @@
+//! Typed replies: what the manager (and the node's daemon, for what only it knows) answers,
+//! and what the CLI prints. Field names are the JSON that `--format json` and `inspect`
+//! show.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+use swarmnet_types::{EndpointState, Id, Port};
+
+use crate::cluster::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
+
+/// A node as this node's gossip failure detector sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GossipView {
+    Alive,
+    Unreachable,
+    /// This node's gossip loop is not answering: nothing can be said.
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: Id,
+    pub hostname: String,
+    pub address: IpAddr,
+    pub status: NodeStatus,
+    /// `active` (drain and pause are not built).
+    pub availability: String,
+    /// `Leader` for the manager, empty for a worker.
+    pub manager_status: String,
+    pub role: Role,
+    /// Filled in by the manager node's daemon from its own gossip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<GossipView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub id: Id,
+    pub name: String,
+    pub driver: String,
+    /// `swarm`.
+    pub scope: String,
+    pub attachable: bool,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+}
+
+/// An endpoint of a network as the manager assigned it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedEndpoint {
+    pub name: String,
+    pub task_id: Id,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    /// Hostname of the task's node, if it is placed.
+    pub node: Option<String>,
+}
+
+/// An endpoint as this node's gossip table holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalEndpoint {
+    pub name: String,
+    pub task_id: Id,
+    pub service: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub vtep: IpAddr,
+    pub state: EndpointState,
+}
+
+/// This node's resolvers (every task, every network) since its daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsCounters {
+    pub answered_locally: u64,
+    pub forwarded: u64,
+    pub upstream_failures: u64,
+    pub refused_or_malformed: u64,
+}
+
+/// `network inspect`: the manager's record, and what the asked node itself knows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetail {
+    #[serde(flatten)]
+    pub network: NetworkInfo,
+    pub endpoints: Vec<AssignedEndpoint>,
+    /// The network's table as this node's gossip holds it (empty on a node that is not on
+    /// the network).
+    #[serde(default)]
+    pub local_endpoints: Vec<LocalEndpoint>,
+    #[serde(default)]
+    pub local_dns: DnsCounters,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceModeName {
+    Replicated,
+    Global,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub id: Id,
+    pub name: String,
+    pub mode: ServiceModeName,
+    /// `running/desired`.
+    pub replicas: String,
+    pub desired_replicas: u64,
+    pub running_replicas: u64,
+    /// Network names.
+    pub networks: Vec<String>,
+    pub endpoint_mode: EndpointMode,
+    /// Network name → VIP.
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    /// Network name → aliases of the service there.
+    pub aliases: BTreeMap<String, Vec<String>>,
+    pub ports: Vec<Port>,
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub id: Id,
+    pub name: String,
+    /// Hostname of its node; empty while it is not placed.
+    pub node: String,
+    pub node_id: Option<Id>,
+    pub desired_state: DesiredState,
+    pub state: TaskState,
+    /// Why it is not running, if it is not.
+    pub error: String,
+    /// Network name → address.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+    pub pid: Option<u32>,
+    pub restarts: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenInfo {
+    pub role: String,
+    pub token: String,
+    /// The manager's node id.
+    pub manager: Id,
+}
+
+/// The answer to an `rm`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub id: Id,
+    pub name: String,
+}
+
+/// `run`: the task once it runs (`--detach`), or once it finished.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunResult {
+    Finished { id: Id, exit_code: i32, output: String, task: TaskInfo },
+    Detached(TaskInfo),
+}
+
+/// `*:8080->80/tcp`, as `service ls` shows a published port.
+pub fn format_port(p: &Port) -> String {
+    format!("*:{}->{}/{}", p.published, p.target, p.protocol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarmnet_types::Protocol;
+
+    #[test]
+    fn run_results_decode_to_the_right_variant() {
+        let t = TaskInfo {
+            id: "t".into(),
+            name: "probe".into(),
+            node: "n1".into(),
+            node_id: Some("a".into()),
+            desired_state: DesiredState::Running,
+            state: TaskState::Running,
+            error: String::new(),
+            addresses: BTreeMap::new(),
+            pid: Some(7),
+            restarts: 0,
+        };
+        let done = RunResult::Finished { id: "t".into(), exit_code: 3, output: "hi\n".into(), task: t.clone() };
+        let back: RunResult = serde_json::from_value(serde_json::to_value(&done).expect("encode")).expect("decode");
+        assert_eq!(back, done);
+        let det = RunResult::Detached(t);
+        let back: RunResult = serde_json::from_value(serde_json::to_value(&det).expect("encode")).expect("decode");
+        assert_eq!(back, det);
+    }
+
+    #[test]
+    fn ports_print_like_docker() {
+        assert_eq!(format_port(&Port { published: 8080, target: 80, protocol: Protocol::Udp }), "*:8080->80/udp");
+    }
+}

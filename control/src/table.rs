@@ -1,0 +1,98 @@
+//! The CLI's tables: each reply type says its columns; an empty cell prints as `-`, so no
+//! column is ever silently blank.
+
+use swarmnet_api::replies::{format_port, GossipView, NetworkInfo, NodeInfo, ServiceInfo, TaskInfo};
+
+pub trait Row {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+fn lower<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+impl Row for NodeInfo {
+    const HEADERS: &'static [&'static str] = &["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY", "MANAGER STATUS", "GOSSIP"];
+    fn cells(&self) -> Vec<String> {
+        let gossip = match self.gossip {
+            Some(GossipView::Alive) => "alive",
+            Some(GossipView::Unreachable) => "unreachable",
+            Some(GossipView::Unknown) | None => "unknown",
+        };
+        vec![self.id.clone(), self.hostname.clone(), self.address.to_string(), lower(&self.status), self.availability.clone(), self.manager_status.clone(), gossip.into()]
+    }
+}
+
+impl Row for NetworkInfo {
+    const HEADERS: &'static [&'static str] = &["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI", "ATTACHABLE"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.id.clone(), self.name.clone(), self.driver.clone(), self.scope.clone(), self.subnet.to_string(), self.vni.to_string(), self.attachable.to_string()]
+    }
+}
+
+impl Row for ServiceInfo {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "MODE", "REPLICAS", "ENDPOINT", "PORTS"];
+    fn cells(&self) -> Vec<String> {
+        let ports: Vec<String> = self.ports.iter().map(format_port).collect();
+        vec![self.id.clone(), self.name.clone(), lower(&self.mode), self.replicas.clone(), lower(&self.endpoint_mode), ports.join(",")]
+    }
+}
+
+impl Row for TaskInfo {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ADDRESSES", "ERROR"];
+    fn cells(&self) -> Vec<String> {
+        let addrs: Vec<String> = self.addresses.iter().map(|(n, a)| format!("{n}={a}")).collect();
+        vec![self.id.clone(), self.name.clone(), self.node.clone(), lower(&self.desired_state), lower(&self.state), addrs.join(","), self.error.clone()]
+    }
+}
+
+/// The rows under their headers, columns aligned.
+pub fn render<T: Row>(rows: &[T]) -> String {
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| r.cells().into_iter().map(|c| if c.is_empty() { "-".to_string() } else { c }).collect()).collect();
+    let mut widths: Vec<usize> = T::HEADERS.iter().map(|h| h.len()).collect();
+    for r in &cells {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.len());
+            }
+        }
+    }
+    let line = |cells: &[String]| -> String {
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0))).collect();
+        format!("{}\n", s.join("   ").trim_end())
+    };
+    let mut out = line(&T::HEADERS.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for r in &cells {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use swarmnet_api::{DesiredState, TaskState};
+
+    #[test]
+    fn empty_cells_show_a_dash_and_columns_align() {
+        let t = TaskInfo {
+            id: "t1".into(),
+            name: "web.1".into(),
+            node: String::new(),
+            node_id: None,
+            desired_state: DesiredState::Running,
+            state: TaskState::Pending,
+            error: "network small (10.9.9.0/29) has no free address left".into(),
+            addresses: BTreeMap::new(),
+            pid: None,
+            restarts: 0,
+        };
+        let out = render(&[t]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("ID   NAME    NODE   DESIRED STATE"), "{out}");
+        assert!(lines[1].starts_with("t1   web.1   -      running         pending         -           network small"), "{out}");
+    }
+}
