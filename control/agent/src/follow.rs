@@ -7,10 +7,11 @@
 //! - the stream lagged (changes were lost): every network the node is on is resynced;
 //! - the node joined a network (or repaired its sandbox): that network is resynced;
 //! - the node left a network: every sink forgets it;
-//! - until `warmup` has passed since start, resyncs are [`Resync::Partial`] (a restarted
-//!   agent's table is still filling, and removing what it has not heard of yet would cut
-//!   live traffic); when it ends, and every `periodic` against drift, everything is
-//!   resynced completely;
+//! - for `warmup` after the node joins a network, that network's resyncs are
+//!   [`Resync::Partial`] (its table is still filling: after a restart the adopted sandbox
+//!   has entries the table has not heard of yet, and removing them would cut live traffic);
+//!   when it ends the network is resynced completely, and so is every network every
+//!   `periodic`, against drift;
 //! - the table cannot be read (the gossip loop stopped): nothing is resynced, and no sink is
 //!   ever told a network is empty; if the stream itself closed, the loop ends with an error
 //!   in the log and the kernel keeps the state it has.
@@ -73,7 +74,8 @@ struct Follower<S> {
     sinks: Vec<Box<dyn Sink>>,
     /// Networks the node is on, as membership announced them.
     joined: BTreeSet<NetworkId>,
-    warm: bool,
+    /// Networks still in their warm-up, and when it ends.
+    warming: BTreeMap<NetworkId, Instant>,
     /// Per sink index: networks to resync at `retry_at`.
     retry: BTreeMap<usize, BTreeSet<NetworkId>>,
     retry_at: Option<Instant>,
@@ -84,15 +86,14 @@ struct Follower<S> {
 /// is not lost: every network is resynced when membership announces it.
 pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices: mpsc::UnboundedReceiver<Notice>, cfg: FollowConfig) -> Ended {
     let mut events = source.subscribe();
-    let warm_at = Instant::now() + cfg.warmup;
     let mut periodic = tokio::time::interval_at(Instant::now() + cfg.periodic, cfg.periodic);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut f = Follower { source, sinks, joined: BTreeSet::new(), warm: cfg.warmup.is_zero(), retry: BTreeMap::new(), retry_at: None, cfg };
+    let mut f = Follower { source, sinks, joined: BTreeSet::new(), warming: BTreeMap::new(), retry: BTreeMap::new(), retry_at: None, cfg };
     let mut notices_open = true;
     loop {
         let retry_at = f.retry_at;
+        let warm_at = f.warming.values().min().copied();
         tokio::select! {
-            biased;
             e = events.recv() => match e {
                 Ok(first) => {
                     let mut batch: Vec<Change> = Vec::new();
@@ -129,19 +130,26 @@ pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices
             },
             n = notices.recv(), if notices_open => match n {
                 Some(Notice::Joined(net)) => {
-                    f.joined.insert(net.clone());
+                    if f.joined.insert(net.clone()) && !f.cfg.warmup.is_zero() {
+                        f.warming.insert(net.clone(), Instant::now() + f.cfg.warmup);
+                    }
                     f.resync(&net, None).await;
                 }
                 Some(Notice::Left(net)) => {
                     f.joined.remove(&net);
+                    f.warming.remove(&net);
                     f.forget(&net).await;
                 }
                 None => notices_open = false,
             },
-            _ = tokio::time::sleep_until(warm_at), if !f.warm => {
-                f.warm = true;
-                debug!("warm-up over: complete resync of every network");
-                f.resync_all().await;
+            _ = tokio::time::sleep_until(warm_at.unwrap_or_else(Instant::now)), if warm_at.is_some() => {
+                let now = Instant::now();
+                let due: Vec<NetworkId> = f.warming.iter().filter(|(_, t)| **t <= now).map(|(n, _)| n.clone()).collect();
+                for net in due {
+                    f.warming.remove(&net);
+                    debug!(network = %net, "warm-up over: complete resync");
+                    f.resync(&net, None).await;
+                }
             }
             _ = periodic.tick() => f.resync_all().await,
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => f.retry_now().await,
@@ -161,11 +169,11 @@ fn collect(e: Event, batch: &mut Vec<Change>) {
 }
 
 impl<S: Source> Follower<S> {
-    fn how(&self) -> Resync {
-        if self.warm {
-            Resync::Complete
-        } else {
+    fn how(&self, net: &NetworkId) -> Resync {
+        if self.warming.contains_key(net) {
             Resync::Partial
+        } else {
+            Resync::Complete
         }
     }
 
@@ -199,7 +207,7 @@ impl<S: Source> Follower<S> {
                 return;
             }
         };
-        let how = self.how();
+        let how = self.how(net);
         for i in 0..self.sinks.len() {
             if only.is_some_and(|o| o != i) {
                 continue;
@@ -391,22 +399,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn joins_resync_partially_until_warm_then_completely_and_leaves_forget() {
+    async fn each_network_resyncs_partially_until_warm_then_completely_and_leaves_forget() {
         let h = start(64, cfg());
         h.src.set("n", vec![ep("n", "a")]);
         h.notices.send(Notice::Joined("n".into())).expect("send");
         settle().await;
         assert_eq!(take(&h.log), vec!["overlay resync n Partial [a]"]);
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        settle().await;
-        assert_eq!(take(&h.log), vec!["overlay resync n Complete [a]"], "the end of the warm-up resyncs completely");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // A repair of n (a task starting on it) does not restart its warm-up; m just joined.
+        h.notices.send(Notice::Joined("n".into())).expect("send");
         h.notices.send(Notice::Joined("m".into())).expect("send");
+        settle().await;
+        assert_eq!(take(&h.log), vec!["overlay resync n Partial [a]", "overlay resync m Partial []"]);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        settle().await;
+        assert_eq!(take(&h.log), vec!["overlay resync n Complete [a]"], "the end of n's warm-up resyncs it completely");
+        h.notices.send(Notice::Joined("n".into())).expect("send");
+        settle().await;
+        assert_eq!(take(&h.log), vec!["overlay resync n Complete [a]"]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
         settle().await;
         assert_eq!(take(&h.log), vec!["overlay resync m Complete []"]);
         h.notices.send(Notice::Left("m".into())).expect("send");
         settle().await;
         assert_eq!(take(&h.log), vec!["overlay forget m"]);
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(25)).await;
         settle().await;
         assert_eq!(take(&h.log), vec!["overlay resync n Complete [a]"], "the periodic resync covers the networks the node is on");
     }
