@@ -153,15 +153,13 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
 
 /// Adds the network's table as this node's gossip holds it, and this node's DNS counters.
 async fn with_local_view(mut d: NetworkDetail, agent: &Agent) -> NetworkDetail {
-    match agent.gossip.endpoints(&d.network.id).await {
-        Ok(eps) => {
-            d.local_endpoints = eps
-                .into_iter()
-                .map(|e| LocalEndpoint { name: e.task_name, task_id: e.id, service: e.service_name, ip: e.ip, mac: format_mac(e.mac), vtep: e.vtep, state: e.state })
-                .collect();
+    d.local_endpoints = match agent.gossip.endpoints(&d.network.id).await {
+        Ok(eps) => Some(eps.into_iter().map(|e| LocalEndpoint { name: e.task_name, task_id: e.id, service: e.service_name, ip: e.ip, mac: format_mac(e.mac), vtep: e.vtep, state: e.state }).collect()),
+        Err(e) => {
+            warn!(network = %d.network.name, error = %e, "network inspect: this node's table cannot be read");
+            None
         }
-        Err(e) => warn!(network = %d.network.name, error = %e, "network inspect: this node's table cannot be read"),
-    }
+    };
     let c = &agent.runtime.dns().shared.counters;
     let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     d.local_dns = DnsCounters { answered_locally: n(&c.local), forwarded: n(&c.forwarded), upstream_failures: n(&c.upstream_failures), refused_or_malformed: n(&c.refused) };

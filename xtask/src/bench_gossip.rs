@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::pct;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use swarmnet_gossip::server::{self, Cmd, GossipHandle};
 use swarmnet_gossip::{Config, Event, Ident};
 use swarmnet_types::{Endpoint, EndpointState};
@@ -85,13 +85,15 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
     Ok(hs)
 }
 
-async fn bytes(hs: &[GossipHandle]) -> u64 {
+/// Bytes sent by every instance so far; an instance that stopped answering is an error, not
+/// a zero.
+async fn bytes(hs: &[GossipHandle]) -> Result<u64> {
     let mut total = 0;
     for h in hs {
-        let s = h.stats().await.unwrap_or_default();
+        let s = h.stats().await.with_context(|| format!("gossip instance {} stopped answering", h.me.node))?;
         total += s.udp_bytes + s.stream_bytes;
     }
-    total
+    Ok(total)
 }
 
 async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Result<()> {
@@ -102,10 +104,10 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
         h.send(Cmd::Join("bench".into()))?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let b0 = bytes(&hs).await;
+    let b0 = bytes(&hs).await?;
     tokio::time::sleep(idle).await;
-    let idle_bps = (bytes(&hs).await - b0) as f64 / n as f64 / idle.as_secs_f64();
-    let b1 = bytes(&hs).await;
+    let idle_bps = (bytes(&hs).await? - b0) as f64 / n as f64 / idle.as_secs_f64();
+    let b1 = bytes(&hs).await?;
     let t_start = Instant::now();
     let (mut times, mut incomplete) = (Vec::new(), 0);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -137,7 +139,7 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
         // About one broadcast a second, as memberlist-bench paces its trials.
         tokio::time::sleep(Duration::from_secs(1).saturating_sub(t0.elapsed())).await;
     }
-    let busy_bps = (bytes(&hs).await - b1) as f64 / n as f64 / t_start.elapsed().as_secs_f64();
+    let busy_bps = (bytes(&hs).await? - b1) as f64 / n as f64 / t_start.elapsed().as_secs_f64();
     let per_broadcast = (busy_bps - idle_bps) * t_start.elapsed().as_secs_f64() / trials as f64;
     println!(
         "RESULT swarmnet N={n} trials={trials} reached-all={}/{trials} p50={:.1} ms p99={:.1} ms max={:.1} ms payload bytes/node/s: broadcasting {:.0}, idle {:.0}; per broadcast above idle {:.0} B/node",

@@ -37,11 +37,20 @@ struct Wanted {
     holders: BTreeSet<String>,
 }
 
+/// How the node is on a network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Presence {
+    /// A sandbox an earlier daemon left: it exists, but this daemon has not joined the
+    /// network's gossip nor checked the sandbox yet.
+    Adopted,
+    /// Joined by this daemon: sandbox made or checked, gossip taken.
+    Joined,
+}
+
 pub struct Membership {
     wanted: Mutex<BTreeMap<NetworkId, Wanted>>,
-    /// Networks the node is on now (a sandbox exists; adopted ones count). The async lock
-    /// serialises every join and leave.
-    present: tokio::sync::Mutex<BTreeSet<NetworkId>>,
+    /// Networks the node is on now. The async lock serialises every join and leave.
+    present: tokio::sync::Mutex<BTreeMap<NetworkId, Presence>>,
     fabric: Arc<dyn Fabric>,
     notices: mpsc::UnboundedSender<Notice>,
 }
@@ -49,7 +58,8 @@ pub struct Membership {
 impl Membership {
     /// `present`: the networks the node already has a sandbox for (adopted after a restart).
     pub fn new(fabric: Arc<dyn Fabric>, present: impl IntoIterator<Item = NetworkId>, notices: mpsc::UnboundedSender<Notice>) -> Membership {
-        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present.into_iter().collect()), fabric, notices }
+        let present = present.into_iter().map(|n| (n, Presence::Adopted)).collect();
+        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present), fabric, notices }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<NetworkId, Wanted>> {
@@ -80,40 +90,45 @@ impl Membership {
         self.lock().keys().cloned().collect()
     }
 
-    /// Makes the node's presence on `net` match whether it is wanted; with `repair`, an
-    /// existing presence is checked and completed too (a task about to plug into it).
+    /// Makes the node's presence on `net` match whether it is wanted; with `repair`, a
+    /// network the node is on already is checked and completed too (a task about to plug
+    /// into it). Every join, first or repair, is announced: the follow loop resyncs the
+    /// network into its (possibly new) sandbox.
     pub async fn settle(&self, net: &NetworkId, repair: bool) -> Result<(), SinkError> {
         let mut present = self.present.lock().await;
         let want = self.lock().get(net).map(|w| w.network.clone());
-        let here = present.contains(net);
-        match want {
-            Some(n) if !here || repair => {
-                self.fabric.join(&n).await.map_err(|e| format!("network {} vni {}: join: {e}", n.name, n.vni))?;
-                if present.insert(net.clone()) {
+        let cur = present.get(net).copied();
+        match (want, cur) {
+            (Some(_), Some(Presence::Joined)) if !repair => {}
+            (Some(n), cur) => {
+                if let Err(e) = self.fabric.join(&n).await {
+                    if cur.is_none() {
+                        // Undo what a first join made half-way (a sandbox whose set-up
+                        // failed, or whose gossip could not be joined).
+                        self.fabric.leave(net).await;
+                    }
+                    return Err(e);
+                }
+                if cur != Some(Presence::Joined) {
                     info!(network = %n.name, vni = n.vni, "this node is on the network");
                 }
-                // A repaired or adopted network is announced too: the follow loop resyncs
-                // it into its (possibly new) sandbox.
-                if !here || repair {
-                    let _ = self.notices.send(Notice::Joined(net.clone()));
-                }
+                present.insert(net.clone(), Presence::Joined);
+                let _ = self.notices.send(Notice::Joined(net.clone()));
             }
-            Some(_) => {}
-            None if here => {
+            (None, Some(_)) => {
                 self.fabric.leave(net).await;
                 present.remove(net);
                 info!(network = %net, "nothing on this node needs the network any more: left it");
                 let _ = self.notices.send(Notice::Left(net.clone()));
             }
-            None => {}
+            (None, None) => {}
         }
         Ok(())
     }
 
-    /// Settles every network that is wanted and absent, or present and not wanted.
-    pub async fn settle_all(&self) {
-        let mut nets: BTreeSet<NetworkId> = self.present.lock().await.clone();
-        nets.extend(self.wanted());
+    /// Leaves every network the node is on (adopted ones included) that nothing holds.
+    pub async fn prune(&self) {
+        let nets: Vec<NetworkId> = self.present.lock().await.keys().cloned().collect();
         for n in nets {
             if let Err(e) = self.settle(&n, false).await {
                 warn!(network = %n, error = %e, "could not settle the node's presence on the network");
@@ -136,7 +151,7 @@ mod tests {
     impl Fabric for Recorder {
         async fn join(&self, net: &Network) -> Result<(), SinkError> {
             if *self.fail_join.lock().expect("lock") {
-                return Err("cannot create vxlan: address in use".into());
+                return Err(format!("network {} vni {}: create vxlan: address in use", net.name, net.vni).into());
             }
             self.log.lock().expect("lock").push(format!("join {}", net.id));
             Ok(())
@@ -183,9 +198,20 @@ mod tests {
     async fn a_network_can_be_held_without_any_task() {
         let (rec, m, _rx) = setup(&[]);
         m.hold(&net("ingress"), "ingress");
-        m.settle_all().await;
+        m.settle(&"ingress".into(), false).await.expect("settle");
         assert_eq!(log(&rec), vec!["join ingress"]);
         assert_eq!(m.wanted(), vec!["ingress".to_string()]);
+        m.prune().await;
+        assert!(log(&rec).is_empty(), "a held network is not pruned");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_sandbox_is_joined_on_its_first_want_even_without_repair() {
+        let (rec, m, mut rx) = setup(&["a"]);
+        m.hold(&net("a"), "ingress");
+        m.settle(&"a".into(), false).await.expect("settle");
+        assert_eq!(log(&rec), vec!["join a"], "its gossip is taken and its sandbox checked");
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Joined("a".into())));
     }
 
     #[tokio::test]
@@ -204,20 +230,25 @@ mod tests {
     #[tokio::test]
     async fn an_adopted_sandbox_nobody_wants_is_removed() {
         let (rec, m, _rx) = setup(&["old"]);
-        m.settle_all().await;
+        m.prune().await;
         assert_eq!(log(&rec), vec!["leave old"]);
     }
 
     #[tokio::test]
-    async fn a_failed_join_is_an_error_that_names_the_network_and_can_be_retried() {
+    async fn a_failed_first_join_is_undone_and_can_be_retried() {
         let (rec, m, _rx) = setup(&[]);
         m.hold(&net("a"), "t1");
         *rec.fail_join.lock().expect("lock") = true;
         let e = m.settle(&"a".into(), false).await.expect_err("join fails");
-        assert!(e.to_string().contains("network a-name vni 4096"), "{e}");
+        assert!(e.to_string().contains("address in use"), "{e}");
+        assert_eq!(log(&rec), vec!["leave a"], "what the failed first join made is undone");
         *rec.fail_join.lock().expect("lock") = false;
         m.settle(&"a".into(), false).await.expect("retry");
         assert_eq!(log(&rec), vec!["join a"]);
+        // A failed repair leaves the network the node is on alone.
+        *rec.fail_join.lock().expect("lock") = true;
+        m.settle(&"a".into(), true).await.expect_err("repair fails");
+        assert!(log(&rec).is_empty());
     }
 
     #[tokio::test]

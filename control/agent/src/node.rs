@@ -67,7 +67,7 @@ struct NodeFabric {
 impl Fabric for NodeFabric {
     async fn join(&self, net: &Network) -> Result<(), SinkError> {
         self.sandboxes.ensure(net).await?;
-        self.gossip.send(Cmd::Join(net.id.clone()))?;
+        self.gossip.send(Cmd::Join(net.id.clone())).map_err(|e| format!("network {} vni {}: join its gossip: {e}", net.name, net.vni))?;
         Ok(())
     }
 
@@ -96,6 +96,6 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)), Box::new(DnsSink::new(dns.shared.records.clone()))];
     tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
     let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns };
-    let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, base.mtu)?;
+    let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
     Ok(Node { runtime, reports, gossip })
 }

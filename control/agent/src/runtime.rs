@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::Sandboxes;
-use swarmnet_dataplane::state::{self, StateError};
+use swarmnet_dataplane::state::{self, StateFile};
 use swarmnet_dataplane::task::{self as dp, TaskNet};
 use swarmnet_gossip::server::{Cmd, GossipHandle};
 use swarmnet_types::{mac_for, Endpoint, EndpointState, Id};
@@ -44,6 +44,7 @@ pub struct Runtime {
     pub(crate) ns: NsWorker,
     pub(crate) deps: Deps,
     pub(crate) dir: PathBuf,
+    state: StateFile,
     pub(crate) mtu: u32,
     /// Environment every task gets besides the daemon's own.
     pub(crate) env: Vec<(String, String)>,
@@ -63,26 +64,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runtime {
-    pub fn open(ns: NsWorker, deps: Deps, data_dir: &std::path::Path, underlay_mtu: u32) -> anyhow::Result<(Arc<Runtime>, mpsc::UnboundedReceiver<TaskReport>)> {
+    pub fn open(ns: NsWorker, deps: Deps, data_dir: &std::path::Path, task_mtu: u32) -> anyhow::Result<(Arc<Runtime>, mpsc::UnboundedReceiver<TaskReport>)> {
         let dir = data_dir.join("tasks");
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display()))?;
         let path = dir.join("state.json");
-        let persisted: BTreeMap<Id, Persisted> = match state::read_json(&path) {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e @ StateError::Corrupt { .. }) => {
-                let aside = state::set_aside(&path)?;
-                error!(error = %e, kept_as = %aside.display(), "task state is corrupt: tasks of the earlier daemon are not adopted (their processes keep running)");
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let (persisted, aside): (BTreeMap<Id, Persisted>, _) = state::read_or_set_aside(&path)?;
+        if let Some(aside) = aside {
+            error!(path = %path.display(), kept_as = %aside.display(), "task state is corrupt: tasks of the earlier daemon are not adopted (their processes keep running)");
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let env = vec![("SWARMNET_NODE_DATA_DIR".to_string(), data_dir.display().to_string())];
         let rt = Runtime {
             ns,
             deps,
             dir,
-            mtu: underlay_mtu.saturating_sub(50),
+            state: StateFile::new(path, 0o644),
+            mtu: task_mtu,
             env,
             locals: Mutex::new(HashMap::new()),
             adoptable: Mutex::new(persisted.clone()),
@@ -93,23 +90,35 @@ impl Runtime {
         Ok((Arc::new(rt), rx))
     }
 
-    fn save(&self, p: &BTreeMap<Id, Persisted>) {
-        if let Err(e) = state::write_json(&self.dir.join("state.json"), p, 0o644) {
+    /// Changes what survives a restart; returns once it is on disk. The snapshot is taken
+    /// under the lock (so saves keep the order of changes), the write happens off the async
+    /// workers.
+    async fn persist(&self, f: impl FnOnce(&mut BTreeMap<Id, Persisted>) -> bool) {
+        let pending = {
+            let mut g = lock(&self.persisted);
+            if !f(&mut g) {
+                return;
+            }
+            self.state.prepare(&*g)
+        };
+        if let Err(e) = match pending {
+            Ok(p) => p.write().await,
+            Err(e) => Err(e),
+        } {
             error!(error = %e, "could not save task state");
         }
     }
 
-    pub(crate) fn remember(&self, id: &Id, p: Persisted) {
-        let mut g = lock(&self.persisted);
-        g.insert(id.clone(), p);
-        self.save(&g);
+    pub(crate) async fn remember(&self, id: &Id, p: Persisted) {
+        self.persist(|g| {
+            g.insert(id.clone(), p);
+            true
+        })
+        .await
     }
 
-    fn forget(&self, id: &Id) {
-        let mut g = lock(&self.persisted);
-        if g.remove(id).is_some() {
-            self.save(&g);
-        }
+    async fn forget(&self, id: &Id) {
+        self.persist(|g| g.remove(id).is_some()).await
     }
 
     pub fn sandboxes(&self) -> &Sandboxes {
@@ -165,10 +174,15 @@ impl Runtime {
 
     /// Makes the local tasks match `desired` (all the node's assignments).
     pub fn reconcile(self: &Arc<Self>, desired: &BTreeMap<Id, Assignment>) {
-        // Every wanted task holds its networks before anything is stopped, so no stop can
-        // take a sandbox that a task still being adopted needs.
-        for (id, a) in desired {
-            self.hold_networks(id, a);
+        // Every task new to this daemon (adopted ones among them) holds its networks before
+        // anything is stopped, so no stop can take a sandbox that a task still being adopted
+        // needs. Tasks already here hold theirs from their supervisor (and a finished
+        // run-once task no longer does).
+        {
+            let locals = lock(&self.locals);
+            for (id, a) in desired.iter().filter(|(id, _)| !locals.contains_key(*id)) {
+                self.hold_networks(id, a);
+            }
         }
         let stale: Vec<(Id, Persisted)> = {
             let mut adoptable = lock(&self.adoptable);
@@ -209,9 +223,10 @@ impl Runtime {
             tokio::spawn(supervisor::supervise(self.clone(), a.clone(), adopt, report, stop_rx));
         }
         drop(locals);
-        // Sandboxes nothing holds any more (adopted ones included) go; new ones are made.
+        // Sandboxes nothing holds any more (adopted ones included) go. New ones are made by
+        // the tasks that need them.
         let m = self.deps.membership.clone();
-        tokio::spawn(async move { m.settle_all().await });
+        tokio::spawn(async move { m.prune().await });
     }
 
     pub(crate) fn send(&self, r: TaskReport) {
@@ -272,6 +287,9 @@ impl Runtime {
         for at in &a.attachments {
             info!(task = %a.task_id, network = %at.network.name, ip = %at.address, "endpoint published");
         }
+        // Let the gossip loop send it before this task goes on to slow synchronous work
+        // (starting the process): woken from here, it waits in this worker's queue.
+        tokio::task::yield_now().await;
         Ok(())
     }
 
@@ -305,7 +323,7 @@ impl Runtime {
             warn!(task = %id, error = %e, "could not remove the task's links");
         }
         NodeDns::remove_task_files(&self.dir, id);
-        self.forget(id);
+        self.forget(id).await;
         for at in &a.attachments {
             self.deps.membership.release(&at.network.id, id);
             if let Err(e) = self.deps.membership.settle(&at.network.id, false).await {

@@ -97,7 +97,7 @@ pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &
     let mut tls = connect(manager, cfg).await.context("join")?;
     write_msg(&mut tls, &Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay }).await?;
     let reply: Reply = read_reply(&mut tls, manager).await.context("join")?;
-    let j: Joined = reply.into_data().context("join")?;
+    let j: Joined = reply.into_data().map_err(|e| anyhow!("{e}"))?;
     let id = Identity { node_id: j.node_id, cluster_id: j.cluster_id, ca_pem: j.ca_pem, cert: j.cert, manager: manager.to_string() };
     id.save(data_dir)?;
     info!(node = %id.node_id, cluster = %id.cluster_id, manager, "joined the cluster");
@@ -232,7 +232,10 @@ impl Agent {
                     bail!("task {task_id} did not run: {why}");
                 }
                 let log = self.runtime.log_path(&task_id);
-                let output = std::fs::read_to_string(&log).with_context(|| format!("task {task_id}: read its output {}", log.display()))?;
+                let output = std::fs::read_to_string(&log).unwrap_or_else(|e| {
+                    warn!(task = %task_id, path = %log.display(), error = %e, "run: the task's output cannot be read");
+                    String::new()
+                });
                 let _ = std::fs::remove_file(&log);
                 return Ok(RunResult::Finished { id: task_id, exit_code: code, output, task });
             }

@@ -92,7 +92,7 @@ pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Per
         }
         step = match step {
             Step::Network => s.network().await,
-            Step::Start => s.start(),
+            Step::Start => s.start().await,
             Step::Running(p) => s.run(p).await,
             Step::Backoff { then } => s.backoff(*then).await,
             Step::Stopping(p) => {
@@ -181,7 +181,7 @@ impl Supervisor {
         }
     }
 
-    fn start(&mut self) -> Step {
+    async fn start(&mut self) -> Step {
         let Some(ns) = self.netns.as_ref() else { return Step::Network };
         let id = self.a.task_id.clone();
         let mut env = self.rt.env.clone();
@@ -198,7 +198,7 @@ impl Supervisor {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);
                 let start = dp::proc_start_time(pid).unwrap_or(0);
-                self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start });
+                self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start }).await;
                 info!(task = %id, name = %self.a.name, pid, "task started");
                 if lock(&self.report).restarts > 0 {
                     // Back from draining.

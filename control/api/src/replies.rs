@@ -89,9 +89,9 @@ pub struct NetworkDetail {
     pub network: NetworkInfo,
     pub endpoints: Vec<AssignedEndpoint>,
     /// The network's table as this node's gossip holds it (empty on a node that is not on
-    /// the network).
+    /// the network; null if this node's gossip is not answering).
     #[serde(default)]
-    pub local_endpoints: Vec<LocalEndpoint>,
+    pub local_endpoints: Option<Vec<LocalEndpoint>>,
     #[serde(default)]
     pub local_dns: DnsCounters,
 }

@@ -2,7 +2,7 @@
 //! replicated endpoint table. A caller feeds it packets and the time, and sends what it
 //! asks to send; `memnet` runs many of them over an in-memory network for tests.
 //!
-//! Wire: every packet starts `S N 1 <kind>`; kind 1 is a foca packet, kind 2 one of our
+//! Wire: every packet starts `S N <version> <kind>` (version 2); kind 1 is a foca packet, kind 2 one of our
 //! `Wire` messages (postcard). UDP packets are at most `max_packet` bytes; bulk messages
 //! (digests and owner sets) go over a reliable stream (TCP). Room is left in the header for
 //! an encrypted kind later.
@@ -27,7 +27,8 @@ pub use table::{Item, NodeId, OwnerSet, Summary, Table};
 use swarmnet_types::{Change, Endpoint};
 use table::Applied;
 
-const MAGIC: [u8; 3] = [b'S', b'N', 1];
+/// The last byte is the wire version: 2 since ports carry a protocol enum (issue 8).
+const MAGIC: [u8; 3] = [b'S', b'N', 2];
 const KIND_FOCA: u8 = 1;
 const KIND_WIRE: u8 = 2;
 /// Largest reliable message accepted.

@@ -153,9 +153,9 @@ fn garbage_is_dropped_and_counted_and_the_cluster_keeps_working() {
     let before = net.nodes[1].stats.clone();
     net.inject(0, 1, b"", false);
     net.inject(0, 1, b"hello world", false);
-    net.inject(0, 1, &[b'S', b'N', 1, 1, 0xff, 0xff, 0xff], false);
-    net.inject(0, 1, &[b'S', b'N', 1, 2, 0xff, 0xff, 0xff], true);
-    net.inject(0, 1, &[b'S', b'N', 1, 9], false);
+    net.inject(0, 1, &[b'S', b'N', 2, 1, 0xff, 0xff, 0xff], false);
+    net.inject(0, 1, &[b'S', b'N', 2, 2, 0xff, 0xff, 0xff], true);
+    net.inject(0, 1, &[b'S', b'N', 2, 9], false);
     net.inject(0, 1, &vec![b'S'; 5000], false);
     let s = &net.nodes[1].stats;
     assert_eq!(s.malformed - before.malformed, 5);

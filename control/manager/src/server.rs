@@ -466,7 +466,7 @@ impl Manager {
                         })
                     })
                     .collect();
-                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: Vec::new(), local_dns: DnsCounters::default() })?
+                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: None, local_dns: DnsCounters::default() })?
             }
             ApiRequest::NetworkRm { name } => {
                 let n = self.mutate(|st, _| ops::remove_network(st, &name))?;

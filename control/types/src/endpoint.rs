@@ -54,15 +54,6 @@ pub enum EndpointState {
     Draining,
 }
 
-impl EndpointState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndpointState::Active => "active",
-            EndpointState::Draining => "draining",
-        }
-    }
-}
-
 /// What every consumer (overlay, load balancer, DNS) needs to know of one endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use super::sink::OverlayKernel;
 use super::{Op, Remote, SandboxSpec, Scope};
 use crate::netns::{NsError, NsWorker};
-use crate::state::{self, StateError};
+use crate::state::{self, StateError, StateFile};
 use crate::task as dp;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,7 @@ struct Sandbox {
 pub struct Sandboxes {
     ns: NsWorker,
     dir: PathBuf,
+    state: StateFile,
     /// argv of the holder process.
     holder_cmd: Vec<String>,
     local: Ipv4Addr,
@@ -82,15 +83,10 @@ impl Sandboxes {
         let dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir { path: dir.clone(), source })?;
         let path = dir.join("state.json");
-        let saved: BTreeMap<NetworkId, Holder> = match state::read_json(&path) {
-            Ok(s) => s.unwrap_or_default(),
-            Err(e @ StateError::Corrupt { .. }) => {
-                let aside = state::set_aside(&path)?;
-                error!(error = %e, kept_as = %aside.display(), "sandbox state is corrupt: sandboxes of the earlier daemon are not adopted (their holders keep running)");
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let (saved, aside): (BTreeMap<NetworkId, Holder>, _) = state::read_or_set_aside(&path)?;
+        if let Some(aside) = aside {
+            error!(path = %path.display(), kept_as = %aside.display(), "sandbox state is corrupt: sandboxes of the earlier daemon are not adopted (their holders keep running)");
+        }
         let mut map = HashMap::new();
         for (net, h) in saved {
             if dp::proc_start_time(h.pid) != Some(h.start_time) {
@@ -105,13 +101,14 @@ impl Sandboxes {
                 Err(e) => warn!(network = %net, vni = h.vni, pid = h.pid, error = %e, "could not adopt sandbox"),
             }
         }
-        let s = Sandboxes { ns, dir, holder_cmd, local, port: AtomicU16::new(4789), mtu: task_mtu, map: Mutex::new(map) };
-        Ok(s)
+        let state = StateFile::new(path, 0o644);
+        Ok(Sandboxes { ns, dir, state, holder_cmd, local, port: AtomicU16::new(4789), mtu: task_mtu, map: Mutex::new(map) })
     }
 
-    fn save(&self, map: &HashMap<NetworkId, Sandbox>) {
+    /// Called with the map locked, so saves happen in the order of the changes.
+    async fn save(&self, map: &HashMap<NetworkId, Sandbox>) {
         let m: BTreeMap<&NetworkId, &Holder> = map.iter().map(|(k, v)| (k, &v.holder)).collect();
-        if let Err(e) = state::write_json(&self.dir.join("state.json"), &m, 0o644) {
+        if let Err(e) = self.state.save(&m).await {
             error!(error = %e, "could not save sandbox state");
         }
     }
@@ -142,7 +139,7 @@ impl Sandboxes {
             let holder = Holder { pid, start_time: dp::proc_start_time(pid).unwrap_or(0), vni: net.vni };
             info!(network = %net.name, vni = net.vni, holder = pid, "sandbox created");
             map.insert(net.id.clone(), Sandbox { ns, holder, name: net.name.clone() });
-            self.save(&map);
+            self.save(&map).await;
         }
         let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
         sb.name = net.name.clone();
@@ -163,7 +160,7 @@ impl Sandboxes {
         }
         let _ = dp::signal_group(sb.holder.pid, nix::sys::signal::Signal::SIGKILL);
         info!(network = %sb.name, vni = sb.holder.vni, "sandbox removed");
-        self.save(&map);
+        self.save(&map).await;
         true
     }
 
