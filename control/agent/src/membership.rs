@@ -19,8 +19,9 @@ use tracing::{info, warn};
 /// What joining and leaving a network does on this node: its sandbox and its gossip.
 #[async_trait::async_trait]
 pub trait Fabric: Send + Sync {
-    /// Makes (or repairs) the network's sandbox, then takes its gossip. Idempotent.
-    async fn join(&self, net: &Network) -> Result<(), SinkError>;
+    /// Makes (or repairs) the network's sandbox, then takes its gossip. Idempotent. True if
+    /// the sandbox was made or repaired now (its entries must be programmed again).
+    async fn join(&self, net: &Network) -> Result<bool, SinkError>;
     /// Stops taking the network's gossip, then removes its sandbox.
     async fn leave(&self, net: &NetworkId);
 }
@@ -92,8 +93,8 @@ impl Membership {
 
     /// Makes the node's presence on `net` match whether it is wanted; with `repair`, a
     /// network the node is on already is checked and completed too (a task about to plug
-    /// into it). Every join, first or repair, is announced: the follow loop resyncs the
-    /// network into its (possibly new) sandbox.
+    /// into it). A first join, and a repair that had to make something, are announced: the
+    /// follow loop resyncs the network into its new sandbox.
     pub async fn settle(&self, net: &NetworkId, repair: bool) -> Result<(), SinkError> {
         let mut present = self.present.lock().await;
         let want = self.lock().get(net).map(|w| w.network.clone());
@@ -101,19 +102,25 @@ impl Membership {
         match (want, cur) {
             (Some(_), Some(Presence::Joined)) if !repair => {}
             (Some(n), cur) => {
-                if let Err(e) = self.fabric.join(&n).await {
-                    if cur.is_none() {
-                        // Undo what a first join made half-way (a sandbox whose set-up
-                        // failed, or whose gossip could not be joined).
-                        self.fabric.leave(net).await;
+                let made = match self.fabric.join(&n).await {
+                    Ok(made) => made,
+                    Err(e) => {
+                        if cur.is_none() {
+                            // Undo what a first join made half-way (a sandbox whose set-up
+                            // failed, or whose gossip could not be joined).
+                            self.fabric.leave(net).await;
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-                if cur != Some(Presence::Joined) {
+                };
+                let first = cur != Some(Presence::Joined);
+                if first {
                     info!(network = %n.name, vni = n.vni, "this node is on the network");
                 }
                 present.insert(net.clone(), Presence::Joined);
-                let _ = self.notices.send(Notice::Joined(net.clone()));
+                if first || made {
+                    let _ = self.notices.send(Notice::Joined(net.clone()));
+                }
             }
             (None, Some(_)) => {
                 self.fabric.leave(net).await;
@@ -145,16 +152,18 @@ mod tests {
     struct Recorder {
         log: Mutex<Vec<String>>,
         fail_join: Mutex<bool>,
+        /// What the next join says it made.
+        made: Mutex<bool>,
     }
 
     #[async_trait::async_trait]
     impl Fabric for Recorder {
-        async fn join(&self, net: &Network) -> Result<(), SinkError> {
+        async fn join(&self, net: &Network) -> Result<bool, SinkError> {
             if *self.fail_join.lock().expect("lock") {
                 return Err(format!("network {} vni {}: create vxlan: address in use", net.name, net.vni).into());
             }
             self.log.lock().expect("lock").push(format!("join {}", net.id));
-            Ok(())
+            Ok(*self.made.lock().expect("lock"))
         }
         async fn leave(&self, net: &NetworkId) {
             self.log.lock().expect("lock").push(format!("leave {net}"));
@@ -252,11 +261,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn repair_joins_again_and_announces_it() {
-        let (rec, m, mut rx) = setup(&["a"]);
+    async fn a_repair_is_announced_only_when_it_had_to_make_something() {
+        let (rec, m, mut rx) = setup(&[]);
         m.hold(&net("a"), "t1");
-        m.settle(&"a".into(), true).await.expect("repair");
-        assert_eq!(log(&rec), vec!["join a"]);
+        m.settle(&"a".into(), false).await.expect("join");
         assert_eq!(rx.try_recv().ok(), Some(Notice::Joined("a".into())));
+        m.settle(&"a".into(), true).await.expect("repair");
+        assert_eq!(log(&rec), vec!["join a", "join a"], "a repair checks the sandbox");
+        assert!(rx.try_recv().is_err(), "nothing was missing: no resync");
+        *rec.made.lock().expect("lock") = true;
+        m.settle(&"a".into(), true).await.expect("repair");
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Joined("a".into())), "a remade vxlan device is resynced");
     }
 }

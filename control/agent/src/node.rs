@@ -65,10 +65,10 @@ struct NodeFabric {
 
 #[async_trait::async_trait]
 impl Fabric for NodeFabric {
-    async fn join(&self, net: &Network) -> Result<(), SinkError> {
-        self.sandboxes.ensure(net).await?;
+    async fn join(&self, net: &Network) -> Result<bool, SinkError> {
+        let made = self.sandboxes.ensure(net).await?;
         self.gossip.send(Cmd::Join(net.id.clone())).map_err(|e| format!("network {} vni {}: join its gossip: {e}", net.name, net.vni))?;
-        Ok(())
+        Ok(made)
     }
 
     async fn leave(&self, net: &NetworkId) {

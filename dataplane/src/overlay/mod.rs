@@ -115,28 +115,32 @@ pub struct SandboxSpec {
 }
 
 /// Makes (or completes) the sandbox's bridge and VXLAN device. Idempotent: what exists is
-/// kept, so a restarted agent reconciles instead of tearing down.
-pub async fn setup_sandbox(ns: &NsWorker, sandbox: &File, spec: SandboxSpec) -> Result<(), NsError> {
+/// kept, so a restarted agent reconciles instead of tearing down. True if it made anything
+/// (a new VXLAN device has no entries yet).
+pub async fn setup_sandbox(ns: &NsWorker, sandbox: &File, spec: SandboxSpec) -> Result<bool, NsError> {
     let sb = sandbox.try_clone()?;
-    ns.run(move |ctx| -> Result<(), NsError> {
+    ns.run(move |ctx| -> Result<bool, NsError> {
         let nl = ctx.netlink_in(&sb)?;
         let vx = vxlan_name(spec.vni);
-        ctx.block_on(async {
+        let made = ctx.block_on(async {
+            let mut made = false;
             nl.configure_link("lo", None, None, None).await?;
             if nl.link(BRIDGE).await?.is_none() {
                 nl.create_bridge(BRIDGE).await?;
                 nl.configure_link(BRIDGE, None, None, Some(spec.mtu)).await?;
                 nl.add_address(BRIDGE, spec.gateway.into(), spec.prefix).await?;
+                made = true;
             }
             if nl.link(&vx).await?.is_none() {
                 ctx.home().delete_link(&vx).await?;
                 ctx.home().create_vxlan(&vx, spec.vni, spec.local, spec.port, spec.mtu).await?;
                 ctx.home().move_to_netns(&vx, raw(&sb)).await?;
+                made = true;
             }
             nl.set_master(&vx, BRIDGE).await?;
-            Ok::<(), crate::netlink::Error>(())
+            Ok::<bool, crate::netlink::Error>(made)
         })?;
-        Ok(())
+        Ok(made)
     })
     .await?
 }

@@ -124,7 +124,8 @@ impl Sandboxes {
     }
 
     /// Makes the network's sandbox, or completes an existing (adopted) one: idempotent.
-    /// Returns true if it was made now.
+    /// Returns true if anything was made now (a new sandbox, or a missing bridge or VXLAN
+    /// device: either way the network's entries must be programmed again).
     pub async fn ensure(&self, net: &Network) -> Result<bool, SandboxError> {
         let mut map = self.map.lock().await;
         let created = !map.contains_key(&net.id);
@@ -144,10 +145,13 @@ impl Sandboxes {
         let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
         sb.name = net.name.clone();
         let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu };
-        super::setup_sandbox(&self.ns, &sb.ns, spec)
+        let made = super::setup_sandbox(&self.ns, &sb.ns, spec)
             .await
             .map_err(|source| SandboxError::Kernel { network: net.name.clone(), vni: net.vni, what: "set up bridge and vxlan", source: Box::new(source) })?;
-        Ok(created)
+        if made && !created {
+            info!(network = %net.name, vni = net.vni, "sandbox repaired (bridge or vxlan device was missing)");
+        }
+        Ok(created || made)
     }
 
     /// Removes the network's sandbox (its VXLAN device now, its namespace with its holder).
