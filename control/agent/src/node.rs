@@ -93,7 +93,9 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let fabric = Arc::new(NodeFabric { sandboxes: sandboxes.clone(), gossip: gossip.clone() });
     let membership = Arc::new(Membership::new(fabric, sandboxes.networks().await, notices_tx));
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)), Box::new(DnsSink::new(dns.shared.records.clone()))];
+    // In the order a batch reaches them: the in-memory record store first (a DNS answer
+    // then never waits for netlink), then the kernel's entries.
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(DnsSink::new(dns.shared.records.clone())), Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise))];
     tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
     let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
