@@ -23,7 +23,7 @@ fn hostname() -> String {
 }
 
 /// Name of the node: the lab sets SWARMNET_HOSTNAME because its nodes share one UTS name.
-fn node_name() -> String {
+pub fn node_name() -> String {
     std::env::var("SWARMNET_HOSTNAME").unwrap_or_else(|_| hostname())
 }
 
@@ -130,6 +130,7 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
     let me = Some(&agent.id.node_id);
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
+        (ApiRequest::LbLs, _) => agent.lb_table().await,
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.
         (req @ ApiRequest::NetworkInspect { .. }, m) => {

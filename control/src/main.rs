@@ -61,6 +61,10 @@ struct DaemonArgs {
     /// The node's resolv.conf, read for upstreams, search domains and options.
     #[arg(long, default_value = "/etc/resolv.conf", hide = true)]
     resolv_conf: PathBuf,
+    /// A bpffs mount to pin the load balancer's maps and links in, so they outlive the
+    /// daemon (default: the first bpffs mounted, or /sys/fs/bpf mounted now).
+    #[arg(long, value_name = "PATH")]
+    bpffs: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -77,6 +81,8 @@ impl DaemonArgs {
             advertise: self.advertise_addr,
             gossip_port: self.gossip_port,
             holder_cmd: daemon::holder_cmd()?,
+            node_name: daemon::node_name(),
+            bpffs: self.bpffs,
             dns: DnsOpts {
                 upstreams,
                 search: self.dns_search,
@@ -161,6 +167,9 @@ enum Cmd {
     },
     #[command(subcommand)]
     Node(NodeCmd),
+    /// This node's load balancer.
+    #[command(subcommand)]
+    Lb(LbCmd),
     #[command(subcommand)]
     Network(NetworkCmd),
     #[command(subcommand)]
@@ -195,6 +204,16 @@ impl Format {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand)]
+enum LbCmd {
+    /// VIPs, their backends and the connections handed to each, read back from this node's
+    /// kernel.
+    Ls {
+        #[command(flatten)]
+        f: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -330,6 +349,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Ls { f }) => {
             let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
             f.print(&nodes)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Lb(LbCmd::Ls { f }) => {
+            let t: LbTable = call(&host, ApiRequest::LbLs)?;
+            if f.format == "json" {
+                print_json(&t)?;
+            } else {
+                if let Some(w) = &t.warning {
+                    println!("warning: {w}");
+                }
+                println!("backend: {}", t.backend.as_deref().unwrap_or("none"));
+                print!("{}", table::render(&table::lb_rows(&t)));
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Network(NetworkCmd::Ls { f }) => {

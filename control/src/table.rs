@@ -1,7 +1,7 @@
 //! The CLI's tables: each reply type says its columns; an empty cell prints as `-`, so no
 //! column is ever silently blank.
 
-use swarmnet_api::replies::{format_port, GossipView, NetworkInfo, NodeInfo, ServiceInfo, TaskInfo};
+use swarmnet_api::replies::{format_port, GossipView, LbTable, NetworkInfo, NodeInfo, ServiceInfo, TaskInfo};
 
 pub trait Row {
     const HEADERS: &'static [&'static str];
@@ -44,6 +44,36 @@ impl Row for TaskInfo {
     fn cells(&self) -> Vec<String> {
         let addrs: Vec<String> = self.addresses.iter().map(|(n, a)| format!("{n}={a}")).collect();
         vec![self.id.clone(), self.name.clone(), self.node.clone(), lower(&self.desired_state), lower(&self.state), addrs.join(","), self.error.clone()]
+    }
+}
+
+/// One line per backend of each VIP (a VIP without backends gets a line of its own).
+pub struct LbRow {
+    service: String,
+    vip: String,
+    task: String,
+    ip: String,
+    state: String,
+    connections: String,
+}
+
+pub fn lb_rows(t: &LbTable) -> Vec<LbRow> {
+    let mut out = Vec::new();
+    for s in &t.services {
+        if s.backends.is_empty() {
+            out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: String::new(), ip: String::new(), state: "no task: refuses".into(), connections: String::new() });
+        }
+        for b in &s.backends {
+            out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: b.task.clone(), ip: b.ip.to_string(), state: b.state.clone(), connections: b.connections.to_string() });
+        }
+    }
+    out
+}
+
+impl Row for LbRow {
+    const HEADERS: &'static [&'static str] = &["SERVICE", "VIP", "TASK", "BACKEND", "STATE", "CONNECTIONS"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.service.clone(), self.vip.clone(), self.task.clone(), self.ip.clone(), self.state.clone(), self.connections.clone()]
     }
 }
 

@@ -83,6 +83,27 @@ impl NsCtx {
         Ok(made?)
     }
 
+    /// The cookie of network namespace `ns` (what `bpf_get_netns_cookie` answers for its
+    /// sockets), read with `SO_NETNS_COOKIE` on a socket made inside it.
+    pub fn netns_cookie(&mut self, ns: &File) -> Result<u64, NsError> {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
+        let got = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).and_then(|s| {
+            const SO_NETNS_COOKIE: libc::c_int = 71;
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64 on
+            // this stack frame, and stores the written length in `len`; the fd is open for
+            // the duration of the call (owned by `s`).
+            let rc = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(cookie)
+        });
+        self.back_home()?;
+        Ok(got?)
+    }
+
     /// Opens a netlink socket inside `ns`. The socket stays in `ns` after the thread leaves.
     pub fn netlink_in(&mut self, ns: &File) -> Result<Netlink, NsError> {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;

@@ -107,8 +107,10 @@ pub async fn resolver_sockets(ns: &NsWorker, netns: &File, addr: std::net::Socke
 /// Starts `argv` inside the namespace `netns`, in a mount namespace of its own and a new
 /// session (so it outlives the daemon and a signal to its group reaches its children), with
 /// stdout and stderr appended to `log`. Each `(file, target)` of `binds` is bind-mounted
-/// over `target` in the task's mount namespace only (its resolv.conf and hosts).
-pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)], binds: &[(std::path::PathBuf, std::path::PathBuf)]) -> std::io::Result<tokio::process::Child> {
+/// over `target` in the task's mount namespace only (its resolv.conf and hosts). With
+/// `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing), the process joins that
+/// cgroup before it runs anything.
+pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)], binds: &[(std::path::PathBuf, std::path::PathBuf)], cgroup_procs: Option<&File>) -> std::io::Result<tokio::process::Child> {
     let Some((prog, args)) = argv.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
@@ -123,6 +125,7 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let fd = netns.as_raw_fd();
+    let cg = cgroup_procs.map(|f| f.as_raw_fd());
     let mut cmd = std::process::Command::new(prog);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
@@ -130,12 +133,18 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
         .stderr(err)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     // SAFETY: the closure runs in the child between fork and exec and only makes raw
-    // system calls (setns, unshare, mount, setsid) that are async-signal-safe; it
+    // system calls (write, setns, unshare, mount, setsid) that are async-signal-safe; it
     // allocates nothing and touches no lock (the C strings of `binds` were made before
     // the fork and are only read). `fd` stays open until exec (it is not closed by the
-    // parent before spawn returns).
+    // parent before spawn returns), and so does the cgroup.procs fd `cg`.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(cg) = cg {
+                // "0": the writing process itself.
+                if libc::write(cg, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }

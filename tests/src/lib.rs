@@ -39,7 +39,7 @@ pub fn binary() -> Result<PathBuf> {
         let root = workspace_root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let st = Command::new(cargo)
-            .args(["build", "-q", "-j2", "--workspace"])
+            .args(["build", "-q", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"])
             .current_dir(&root)
             .status()
             .map_err(|e| format!("run cargo build: {e}"))?;
@@ -51,6 +51,14 @@ pub fn binary() -> Result<PathBuf> {
     })
     .clone()
     .map_err(|e| anyhow!(e))
+}
+
+/// The bpffs every lab's daemons pin in, mounted in the machine's mount namespace (the
+/// daemons' namespaces, made by `ip netns exec`, receive it).
+pub fn lab_bpffs() -> Result<PathBuf> {
+    let p = Path::new(LAB_ROOT).join("bpffs");
+    swarmnet_dataplane::lb::host::ensure_bpffs(&p).with_context(|| format!("mount bpffs at {}", p.display()))?;
+    Ok(p)
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {
@@ -89,6 +97,8 @@ pub fn cleanup(name: &str) -> Result<()> {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
+    // The nodes' cgroups and pinned load-balancer maps and links (named after the nodes).
+    swarmnet_dataplane::lb::host::remove_leftovers(&format!("{name}-")).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
     let dir = Path::new(LAB_ROOT).join(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
@@ -233,7 +243,9 @@ impl Lab {
                 cmd.args(["--token", token]);
             }
         }
-        cmd.arg("--data-dir").arg(&node.data_dir).args(&self.node_args);
+        // `ip netns exec` gives the daemon a mount namespace of its own: its pins must live in
+        // a bpffs of the machine's, or they would die with it.
+        cmd.arg("--data-dir").arg(&node.data_dir).arg("--bpffs").arg(lab_bpffs()?).args(&self.node_args);
         cmd.env("SWARMNET_LAB", &self.name)
             .env("SWARMNET_HOSTNAME", &node.ns)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))

@@ -86,7 +86,7 @@ fn need(cmd: &str, package: &str) -> Result<()> {
 
 fn build() -> Result<()> {
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-j2", "--workspace"])
+        .args(["build", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"])
         .status()?;
     if !st.success() {
         bail!("cargo build failed");
@@ -112,7 +112,7 @@ fn real_main() -> Result<()> {
         Cmd::Test { args } => {
             build()?;
             let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["test", "-j2", "--workspace", "--"])
+                .args(["test", "-j2", "--workspace", "--exclude", "swarmnet-ebpf", "--"])
                 .arg("--test-threads=1")
                 .args(&args)
                 .status()?;

@@ -86,6 +86,11 @@ impl Membership {
         }
     }
 
+    /// The VNI of a network something holds.
+    pub fn vni_of(&self, net: &NetworkId) -> Option<u32> {
+        self.lock().get(net).map(|w| w.network.vni)
+    }
+
     /// Networks something holds.
     pub fn wanted(&self) -> Vec<NetworkId> {
         self.lock().keys().cloned().collect()

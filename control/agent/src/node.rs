@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use swarmnet_api::TaskReport;
+use swarmnet_dataplane::lb::{EbpfLb, Host, LbBackend, LbSink};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
 use swarmnet_dataplane::task::underlay_facts;
@@ -19,7 +20,7 @@ use tracing::error;
 use crate::dns::{DnsOpts, NodeDns};
 use crate::follow::{self, FollowConfig};
 use crate::membership::{Fabric, Membership};
-use crate::runtime::{Deps, Runtime};
+use crate::runtime::{Deps, Lb, Runtime};
 
 pub struct NodeConfig {
     pub data_dir: PathBuf,
@@ -29,6 +30,10 @@ pub struct NodeConfig {
     pub dns: DnsOpts,
     /// argv of the process that holds a sandbox namespace open.
     pub holder_cmd: Vec<String>,
+    /// The node's name (its cgroup and bpffs folders are named after it).
+    pub node_name: String,
+    /// The bpffs to pin the load balancer in (None: the mounted one, or /sys/fs/bpf).
+    pub bpffs: Option<PathBuf>,
 }
 
 /// What the node is made of before it has an identity: the namespace thread and the
@@ -79,6 +84,25 @@ impl Fabric for NodeFabric {
     }
 }
 
+/// The load balancer: the eBPF programs attached to the node's cgroup. Without them the node
+/// runs on (overlay, DNS) and says so: VIPs resolve but are not answered.
+fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> Option<Lb> {
+    let started = (|| -> anyhow::Result<Lb> {
+        let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
+        let backend: Arc<dyn LbBackend> = Arc::new(EbpfLb::open(&host, ns.clone(), &cfg.data_dir.join("lb.lock"))?);
+        let m = membership.clone();
+        let sink = LbSink::new(backend.clone(), Arc::new(move |n: &NetworkId| m.vni_of(n)));
+        Ok(Lb { sink, backend, host })
+    })();
+    match started {
+        Ok(lb) => Some(lb),
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "the load balancer cannot start on this node: service VIPs will not answer");
+            None
+        }
+    }
+}
+
 /// Starts the node's parts; the session with the manager is started by the caller.
 pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::Result<Node> {
     let IpAddr::V4(local) = cfg.advertise else {
@@ -93,11 +117,16 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let fabric = Arc::new(NodeFabric { sandboxes: sandboxes.clone(), gossip: gossip.clone() });
     let membership = Arc::new(Membership::new(fabric, sandboxes.networks().await, notices_tx));
+    let lb = start_lb(cfg, &base.ns, &membership);
     // In the order a batch reaches them: the in-memory record store first (a DNS answer
-    // then never waits for netlink), then the kernel's entries.
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(DnsSink::new(dns.shared.records.clone())), Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise))];
+    // then never waits), the load balancer's maps, then the overlay's netlink work.
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(DnsSink::new(dns.shared.records.clone()))];
+    if let Some(lb) = &lb {
+        sinks.push(Box::new(lb.sink.clone()));
+    }
+    sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)));
     tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
-    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns };
+    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
     Ok(Node { runtime, reports, gossip })
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
 use swarmnet_dataplane::netns::NsWorker;
+use swarmnet_dataplane::lb::{Host, LbBackend, LbSink};
 use swarmnet_dataplane::overlay::Sandboxes;
 use swarmnet_dataplane::state::{self, StateFile};
 use swarmnet_dataplane::task::{self as dp, TaskNet};
@@ -38,6 +39,16 @@ pub struct Deps {
     /// This node's VTEP (its underlay address), published with each endpoint.
     pub vtep: IpAddr,
     pub dns: Arc<NodeDns>,
+    /// The load balancer (None: it could not start on this node; VIPs are not answered).
+    pub lb: Option<Lb>,
+}
+
+/// The load balancer as the runtime and the session use it.
+#[derive(Clone)]
+pub struct Lb {
+    pub sink: LbSink,
+    pub backend: Arc<dyn LbBackend>,
+    pub host: Host,
 }
 
 pub struct Runtime {
@@ -129,6 +140,37 @@ impl Runtime {
         &self.deps.dns
     }
 
+    pub fn lb(&self) -> Option<&Lb> {
+        self.deps.lb.as_ref()
+    }
+
+    /// The task's namespace is on its networks: the load balancer translates their VIPs for
+    /// its sockets.
+    pub(crate) async fn add_to_lb(&self, a: &Assignment, netns: &std::fs::File) -> anyhow::Result<()> {
+        if let Some(lb) = &self.deps.lb {
+            let vnis: Vec<u32> = a.attachments.iter().map(|at| at.network.vni).collect();
+            lb.backend.add_task(&a.task_id, netns, &vnis).await.map_err(|e| anyhow::anyhow!("load balancer: add the task's namespace: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn remove_from_lb(&self, a: &Assignment, netns: Option<&std::fs::File>) {
+        if let Some(lb) = &self.deps.lb {
+            let vnis: Vec<u32> = a.attachments.iter().map(|at| at.network.vni).collect();
+            if let Err(e) = lb.backend.remove_task(&a.task_id, netns, &vnis).await {
+                warn!(task = %a.task_id, error = %e, "load balancer: could not remove the task's namespace");
+            }
+        }
+    }
+
+    /// `cgroup.procs` of the node's cgroup, for a task to join (None without a load balancer).
+    pub(crate) fn cgroup_procs(&self) -> anyhow::Result<Option<std::fs::File>> {
+        match &self.deps.lb {
+            Some(lb) => Ok(Some(lb.host.cgroup_procs()?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn log_path(&self, task: &Id) -> PathBuf {
         self.dir.join(format!("{task}.log"))
     }
@@ -206,6 +248,8 @@ impl Runtime {
             let rt = self.clone();
             tokio::spawn(async move {
                 if dp::proc_start_time(p.pid) == Some(p.start_time) {
+                    let netns = dp::netns_of(p.pid).ok();
+                    rt.remove_from_lb(&p.assignment, netns.as_ref()).await;
                     supervisor::stop_adopted(p.pid, p.start_time).await;
                 }
                 rt.teardown(&id, &p.assignment).await;
@@ -313,6 +357,7 @@ impl Runtime {
     /// files, its holds on networks (the node leaves a network nothing holds any more).
     pub(crate) async fn teardown(&self, id: &Id, a: &Assignment) {
         self.withdraw(a);
+        self.remove_from_lb(a, None).await;
         for (i, at) in a.attachments.iter().enumerate() {
             if let Err(e) = self.deps.sandboxes.unplug(&at.network.id, &dp::host_if_name(id, i)).await {
                 warn!(task = %id, network = %at.network.name, error = %e, "could not unplug");

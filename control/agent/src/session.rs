@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use swarmnet_api::replies::{RunResult, TaskInfo};
+use swarmnet_api::replies::{LbBackendInfo, LbServiceInfo, LbTable, RunResult, TaskInfo};
+use swarmnet_dataplane::lb::BackendState;
 use swarmnet_api::tls::{self, CertKey};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::*;
@@ -21,6 +22,7 @@ use tokio::sync::{mpsc, Mutex};
 use tracing::{info, warn};
 
 use crate::runtime::Runtime;
+use swarmnet_dataplane::lb::VipInfo;
 
 /// A node's identity in the cluster, in `<data-dir>/node/identity.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -196,6 +198,14 @@ impl Agent {
                             warn!("gossip is not running: the new node list is not used");
                         }
                     }
+                    Some(Ok(Some(FromManager::Vips { vips }))) => {
+                        if let Some(lb) = self.runtime.lb() {
+                            let vips = vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect();
+                            if let Err(e) = lb.sink.set_vips(vips).await {
+                                warn!(error = %e, "load balancer: could not program the cluster's VIPs");
+                            }
+                        }
+                    }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),
                 },
@@ -211,6 +221,40 @@ impl Agent {
         };
         reader.abort();
         result
+    }
+
+    /// `lb ls`: this node's load balancer, read back from the kernel.
+    pub async fn lb_table(&self) -> Reply {
+        let Some(lb) = self.runtime.lb() else {
+            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![] });
+        };
+        let rows = match lb.backend.read().await {
+            Ok(r) => r,
+            Err(e) => return Reply::err(format!("load balancer: read the kernel's table: {e}")),
+        };
+        let (services, tasks) = lb.sink.names().await;
+        let services = rows
+            .into_iter()
+            .map(|r| LbServiceInfo {
+                service: services.get(&r.vip).cloned().unwrap_or_default(),
+                vip: r.vip,
+                vni: r.vni,
+                backends: r
+                    .backends
+                    .into_iter()
+                    .map(|b| LbBackendInfo {
+                        task: tasks.get(&b.ip).cloned().unwrap_or_default(),
+                        ip: b.ip,
+                        state: match b.state {
+                            BackendState::Active => "active".into(),
+                            BackendState::Draining => "draining".into(),
+                        },
+                        connections: b.connections,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning: None, services })
     }
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to

@@ -107,6 +107,7 @@ pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Per
         };
     };
     let id = s.a.task_id.clone();
+    s.rt.remove_from_lb(&s.a, s.netns.as_ref()).await;
     drop(s.dns.take());
     drop(s.netns.take());
     s.rt.teardown(&id, &s.a).await;
@@ -137,6 +138,9 @@ impl Supervisor {
             }
         };
         info!(task = %self.id(), pid = p.pid, "adopted a task that kept running while the daemon was away");
+        if let Err(e) = self.rt.add_to_lb(&self.a, &f).await {
+            warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task");
+        }
         if let Err(e) = self.rt.connect(&self.a).await {
             warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task: overlay");
         }
@@ -161,6 +165,7 @@ impl Supervisor {
         let made = async {
             let f = dp::setup_task_net(&self.rt.ns, self.rt.nets(&self.a)).await?;
             let l = self.rt.dns().serve_task(&self.rt.ns, &f, &self.a.task_id, self.scope()).await?;
+            self.rt.add_to_lb(&self.a, &f).await?;
             self.rt.connect(&self.a).await?;
             Ok::<_, anyhow::Error>((f, l))
         }
@@ -192,8 +197,9 @@ impl Supervisor {
             .rt
             .dns()
             .task_files(&self.rt.dir, &id, &self.a.name, &addrs)
+            .and_then(|binds| Ok((binds, self.rt.cgroup_procs()?)))
             .map_err(|e| std::io::Error::other(format!("{e:#}")))
-            .and_then(|binds| dp::spawn_in_netns(ns, &self.a.command, &self.rt.log_path(&id), &env, &binds));
+            .and_then(|(binds, cg)| dp::spawn_in_netns(ns, &self.a.command, &self.rt.log_path(&id), &env, &binds, cg.as_ref()));
         match spawned {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);

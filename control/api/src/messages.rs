@@ -57,6 +57,17 @@ pub enum FromManager {
     },
     /// The ready nodes (id, underlay address): where to find gossip peers.
     Nodes { nodes: Vec<(Id, IpAddr)> },
+    /// Every service VIP of the cluster (sent whole when it changes): a VIP with no task
+    /// still refuses connections at once.
+    Vips { vips: Vec<ServiceVip> },
+}
+
+/// One VIP of a service on one network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceVip {
+    pub network: Id,
+    pub vip: Ipv4Addr,
+    pub service: String,
 }
 
 /// Agent to manager, on a session.
@@ -128,6 +139,9 @@ pub enum ApiRequest {
     Run { spec: StandaloneCreate },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`
     RunLocal { spec: StandaloneCreate, detach: bool },
+    /// From the CLI to its local daemon: this node's load-balancer table as read back from
+    /// the kernel. `LbTable`
+    LbLs,
 }
 
 /// Every reply: `ok` and `data`, or an error message.

@@ -163,6 +163,36 @@ pub enum RunResult {
     Detached(TaskInfo),
 }
 
+/// One backend of a VIP, as the kernel holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbBackendInfo {
+    /// The task's name, if this node knows it.
+    pub task: String,
+    pub ip: Ipv4Addr,
+    /// `active` or `draining`.
+    pub state: String,
+    /// New connections and UDP flows handed to it since it was programmed.
+    pub connections: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbServiceInfo {
+    pub service: String,
+    pub vip: Ipv4Addr,
+    pub vni: u32,
+    pub backends: Vec<LbBackendInfo>,
+}
+
+/// `lb ls`: this node's load balancer, read back from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbTable {
+    /// `ebpf` or `nftables`; none if the load balancer could not start on this node.
+    pub backend: Option<String>,
+    /// Why there is no load balancer, or what is wrong with it.
+    pub warning: Option<String>,
+    pub services: Vec<LbServiceInfo>,
+}
+
 /// `*:8080->80/tcp`, as `service ls` shows a published port.
 pub fn format_port(p: &Port) -> String {
     format!("*:{}->{}/{}", p.published, p.target, p.protocol)

@@ -346,6 +346,19 @@ impl Manager {
         self.lock().state.ready_nodes().map(|n| (n.id.clone(), n.addr)).collect()
     }
 
+    /// Every service VIP, sorted.
+    fn vips(&self) -> Vec<ServiceVip> {
+        let inner = self.lock();
+        let mut v: Vec<ServiceVip> = inner
+            .state
+            .services
+            .values()
+            .flat_map(|s| s.vips.iter().map(|(n, vip)| ServiceVip { network: n.clone(), vip: *vip, service: s.name.clone() }))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Tasks of `node` that should stop and have not been reported stopped.
     fn shutting_down(&self, node: &Id) -> std::collections::BTreeSet<Id> {
         self.lock()
@@ -379,6 +392,8 @@ impl Manager {
         write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: told_to_stop.iter().cloned().collect() }).await?;
         let mut nodes_sent = self.ready_nodes();
         write_msg(&mut w, &FromManager::Nodes { nodes: nodes_sent.clone() }).await?;
+        let mut vips_sent = self.vips();
+        write_msg(&mut w, &FromManager::Vips { vips: vips_sent.clone() }).await?;
         let me = self.clone();
         let n2 = node.clone();
         let reader = async move {
@@ -410,6 +425,11 @@ impl Manager {
                     write_msg(&mut w, &FromManager::Assign { full: false, upsert, remove }).await?;
                 }
                 sent = now;
+                let vips = self.vips();
+                if vips != vips_sent {
+                    write_msg(&mut w, &FromManager::Vips { vips: vips.clone() }).await?;
+                    vips_sent = vips;
+                }
                 let nodes = self.ready_nodes();
                 if nodes != nodes_sent {
                     write_msg(&mut w, &FromManager::Nodes { nodes: nodes.clone() }).await?;
@@ -506,8 +526,8 @@ impl Manager {
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
             }
-            ApiRequest::RunLocal { .. } => {
-                return Err(OpError::Invalid("run is handled by the local daemon".into()).into());
+            ApiRequest::RunLocal { .. } | ApiRequest::LbLs => {
+                return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
         };
         Ok(v)

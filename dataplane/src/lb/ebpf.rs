@@ -1,0 +1,403 @@
+//! The eBPF backend: loads the programs of `ebpf/programs` (embedded in this binary),
+//! attaches them to the node's cgroup, and writes the maps. Maps and links are pinned in the
+//! node's bpffs folder, so translation goes on while the agent is down, and a restarted
+//! agent adopts them: the links found pinned are never attached again, and the bookkeeping
+//! (ids, generations) is read back from the maps.
+//!
+//! A service change is made visible in one step: the new backend set is written into the
+//! service's unused generation of slots, then the service's entry is replaced (count and
+//! generation together); readers see the whole old or the whole new set. The cost is the
+//! service's own backends, whatever the number of services.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use swarmnet_ebpf_common::*;
+use swarmnet_types::{SinkError, TaskId};
+use tracing::info;
+
+use super::host::Host;
+use super::{BackendRow, BackendState, Kind, LbBackend, ServiceLb, ServiceRow};
+use crate::netns::NsWorker;
+
+/// The programs, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swarmnet-lb"));
+
+const MAPS: [&str; 8] = [MAP_SERVICES, MAP_SLOTS, MAP_BACKENDS, MAP_NETNS, MAP_RR, MAP_HANDED, MAP_REVNAT, MAP_UDP_AFFINITY];
+const PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_SENDMSG4, PROG_RECVMSG4, PROG_GETPEERNAME4];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this binary was built without the eBPF programs (AYA_BUILD_SKIP)")]
+    NotBuilt,
+    #[error("another swarmnet agent holds the load balancer of this node ({0})")]
+    Locked(PathBuf),
+    #[error("load balancer lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the eBPF object (maps pinned in {pins}): {source}")]
+    Load {
+        pins: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {prog}: {what}: {source}")]
+    Program {
+        prog: &'static str,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {map}: {what}: {source}")]
+    Map {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("map {0} is missing from the object")]
+    NoMap(&'static str),
+    #[error("{what}: all {max} ids are in use")]
+    Full { what: &'static str, max: u32 },
+    #[error(transparent)]
+    Host(#[from] super::host::HostError),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> EbpfError {
+    let what = what.into();
+    move |source| EbpfError::Map { map, what, source: Box::new(source) }
+}
+
+fn prog_err<E: std::error::Error + Send + Sync + 'static>(prog: &'static str, what: &'static str) -> impl FnOnce(E) -> EbpfError {
+    move |e| EbpfError::Program { prog, what, source: Box::new(e) }
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn ip_of(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// Ids in 0..max, the lowest free one after a cursor (amortised O(1)).
+#[derive(Default)]
+struct Ids {
+    used: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Ids {
+    fn alloc(&mut self, what: &'static str, max: u32) -> Result<u32, EbpfError> {
+        for k in 0..max {
+            let id = (self.next + k) % max;
+            if self.used.insert(id) {
+                self.next = (id + 1) % max;
+                return Ok(id);
+            }
+        }
+        Err(EbpfError::Full { what, max })
+    }
+
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// What the agent knows of one VIP's entries (read back from the maps at start).
+#[derive(Clone, Debug, Default)]
+struct Svc {
+    id: u32,
+    gen: u32,
+    /// Slots written, per generation.
+    written: [u32; 2],
+    /// Backend address → backend id.
+    backends: BTreeMap<u32, u32>,
+}
+
+struct Inner {
+    services: HashMap<MapData, u32, Service>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    backends: HashMap<MapData, u32, Backend>,
+    netns: HashMap<MapData, NetnsKey, u32>,
+    handed: PerCpuArray<MapData, u64>,
+    svc: BTreeMap<u32, Svc>,
+    svc_ids: Ids,
+    backend_ids: Ids,
+    /// Task → (its namespace's cookie, its networks' VNIs), as added by this agent.
+    tasks: BTreeMap<TaskId, (u64, Vec<u32>)>,
+    zeros: usize,
+}
+
+pub struct EbpfLb {
+    inner: Arc<Mutex<Inner>>,
+    ns: NsWorker,
+    /// Held for the agent's life: one agent per node programs its load balancer.
+    _lock: File,
+    /// Loaded programs; their links are pinned.
+    _ebpf: Mutex<Ebpf>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let m = ebpf.take_map(name).ok_or(EbpfError::NoMap(name))?;
+    HashMap::try_from(m).map_err(map_err(name, "open"))
+}
+
+fn lock_file(path: &Path) -> Result<File, EbpfError> {
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(|source| EbpfError::Lock { path: path.into(), source })?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(EbpfError::Locked(path.into()));
+        }
+        return Err(EbpfError::Lock { path: path.into(), source: e });
+    }
+    Ok(f)
+}
+
+impl EbpfLb {
+    /// Loads (or adopts) the programs and maps of this node. `lock` is a file of the node's
+    /// data dir held for the agent's life.
+    pub fn open(host: &Host, ns: NsWorker, lock: &Path) -> Result<EbpfLb, EbpfError> {
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        let lock = lock_file(lock)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, host.pins.join(m))).collect();
+        for (m, p) in &paths {
+            loader.map_pin_path(m, p.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|source| EbpfError::Load { pins: host.pins.clone(), source: Box::new(source) })?;
+        let cgroup = host.cgroup_dir()?;
+        let mut adopted = 0;
+        for prog in PROGRAMS {
+            let pin = host.pins.join(format!("link_{prog}"));
+            if PinnedLink::from_pin(&pin).is_ok() {
+                // Attached by an earlier agent and still pinned: attaching again would stack
+                // a second copy.
+                adopted += 1;
+                continue;
+            }
+            let p: &mut CgroupSockAddr = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?
+                .try_into()
+                .map_err(prog_err(prog, "type"))?;
+            p.load().map_err(prog_err(prog, "load (verifier)"))?;
+            let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(prog, "attach"))?;
+            let link: FdLink = p.take_link(id).map_err(prog_err(prog, "take link"))?.try_into().map_err(prog_err(prog, "link"))?;
+            link.pin(&pin).map_err(prog_err(prog, "pin link"))?;
+        }
+        let services = take::<u32, Service>(&mut ebpf, MAP_SERVICES)?;
+        let slots = take::<SlotKey, Slot>(&mut ebpf, MAP_SLOTS)?;
+        let backends = take::<u32, Backend>(&mut ebpf, MAP_BACKENDS)?;
+        let netns = take::<NetnsKey, u32>(&mut ebpf, MAP_NETNS)?;
+        let handed_map: Map = ebpf.take_map(MAP_HANDED).ok_or(EbpfError::NoMap(MAP_HANDED))?;
+        let handed = PerCpuArray::try_from(handed_map).map_err(map_err(MAP_HANDED, "open"))?;
+        let zeros = aya::util::nr_cpus().map_err(|(what, e)| EbpfError::Other(format!("{what}: {e}")))?;
+        let mut inner = Inner { services, slots, backends, netns, handed, svc: BTreeMap::new(), svc_ids: Ids::default(), backend_ids: Ids::default(), tasks: BTreeMap::new(), zeros };
+        inner.recover()?;
+        info!(cgroup = %host.cgroup.display(), pins = %host.pins.display(), programs_adopted = adopted, vips = inner.svc.len(), "load balancer: eBPF programs attached");
+        Ok(EbpfLb { inner: Arc::new(Mutex::new(inner)), ns, _lock: lock, _ebpf: Mutex::new(ebpf) })
+    }
+
+    async fn blocking<R: Send + 'static>(&self, f: impl FnOnce(&mut Inner) -> Result<R, EbpfError> + Send + 'static) -> Result<R, SinkError> {
+        let inner = self.inner.clone();
+        let r = tokio::task::spawn_blocking(move || f(&mut lock(&inner))).await.map_err(|e| format!("load balancer worker: {e}"))?;
+        Ok(r?)
+    }
+}
+
+impl Inner {
+    /// Rebuilds the bookkeeping from what the maps hold (an earlier agent's work).
+    fn recover(&mut self) -> Result<(), EbpfError> {
+        let mut by_id: BTreeMap<u32, u32> = BTreeMap::new();
+        for r in self.services.iter() {
+            let (vip, s) = r.map_err(map_err(MAP_SERVICES, "read"))?;
+            self.svc_ids.used.insert(s.id);
+            by_id.insert(s.id, vip);
+            self.svc.insert(vip, Svc { id: s.id, gen: s.gen, ..Default::default() });
+        }
+        for r in self.slots.keys() {
+            let k = r.map_err(map_err(MAP_SLOTS, "read"))?;
+            if let Some(s) = by_id.get(&k.svc).and_then(|vip| self.svc.get_mut(vip)) {
+                let g = (k.gen & 1) as usize;
+                s.written[g] = s.written[g].max(k.slot + 1);
+            }
+        }
+        for r in self.backends.iter() {
+            let (id, b) = r.map_err(map_err(MAP_BACKENDS, "read"))?;
+            self.backend_ids.used.insert(id);
+            if let Some(s) = by_id.get(&b.svc).and_then(|vip| self.svc.get_mut(vip)) {
+                s.backends.insert(b.ip, id);
+            }
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, svc: &ServiceLb) -> Result<(), EbpfError> {
+        let vip = be(svc.vip);
+        let mut st = match self.svc.get(&vip) {
+            Some(s) => s.clone(),
+            None => Svc { id: self.svc_ids.alloc("services", MAX_SERVICES)?, gen: 1, ..Default::default() },
+        };
+        // Backend ids: kept for addresses that stay, new for new ones (their counters from 0).
+        let mut ids: BTreeMap<u32, u32> = BTreeMap::new();
+        for b in &svc.backends {
+            let ip = be(b.ip);
+            let id = match st.backends.get(&ip) {
+                Some(id) => *id,
+                None => {
+                    let id = self.backend_ids.alloc("backends", MAX_BACKENDS)?;
+                    let zero = PerCpuValues::try_from(vec![0u64; self.zeros]).map_err(|e| EbpfError::Other(format!("per-CPU values: {e}")))?;
+                    self.handed.set(id, zero, 0).map_err(map_err(MAP_HANDED, format!("reset backend {id}")))?;
+                    id
+                }
+            };
+            ids.insert(ip, id);
+            let state = match b.state {
+                BackendState::Active => BACKEND_ACTIVE,
+                BackendState::Draining => BACKEND_DRAINING,
+            };
+            self.backends.insert(id, Backend { ip, state, svc: st.id }, 0).map_err(map_err(MAP_BACKENDS, format!("write backend {}", b.ip)))?;
+        }
+        let active: Vec<(u32, u32)> = svc.backends.iter().filter(|b| b.state == BackendState::Active).map(|b| (be(b.ip), ids[&be(b.ip)])).collect();
+        let gen = st.gen ^ 1;
+        let count = u32::try_from(active.len()).map_err(|_| EbpfError::Full { what: "slots of one service", max: u32::MAX })?;
+        for (i, (ip, id)) in (0u32..).zip(&active) {
+            self.slots.insert(SlotKey { svc: st.id, gen, slot: i }, Slot { ip: *ip, backend: *id }, 0).map_err(map_err(MAP_SLOTS, format!("write slot {i} of {}", svc.vip)))?;
+        }
+        // The one step: the new set becomes visible.
+        self.services.insert(vip, Service { id: st.id, vni: svc.vni, count, gen }, 0).map_err(map_err(MAP_SERVICES, format!("write {}", svc.vip)))?;
+        for i in count..st.written[gen as usize] {
+            let _ = self.slots.remove(&SlotKey { svc: st.id, gen, slot: i });
+        }
+        st.written[gen as usize] = count;
+        st.gen = gen;
+        for (ip, id) in std::mem::take(&mut st.backends) {
+            if !ids.contains_key(&ip) {
+                let _ = self.backends.remove(&id);
+                self.backend_ids.free(id);
+            }
+        }
+        st.backends = ids;
+        self.svc.insert(vip, st);
+        Ok(())
+    }
+
+    fn remove(&mut self, vip: Ipv4Addr) -> Result<(), EbpfError> {
+        let key = be(vip);
+        match self.services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(MAP_SERVICES, format!("remove {vip}"))(e)),
+        }
+        if let Some(st) = self.svc.remove(&key) {
+            for gen in 0..2u32 {
+                for i in 0..st.written[gen as usize] {
+                    let _ = self.slots.remove(&SlotKey { svc: st.id, gen, slot: i });
+                }
+            }
+            for id in st.backends.values() {
+                let _ = self.backends.remove(id);
+                self.backend_ids.free(*id);
+            }
+            self.svc_ids.free(st.id);
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> Result<Vec<ServiceRow>, EbpfError> {
+        let mut rows: BTreeMap<u32, ServiceRow> = BTreeMap::new();
+        let mut by_id: BTreeMap<u32, u32> = BTreeMap::new();
+        for r in self.services.iter() {
+            let (vip, s) = r.map_err(map_err(MAP_SERVICES, "read"))?;
+            by_id.insert(s.id, vip);
+            rows.insert(vip, ServiceRow { vip: ip_of(vip), vni: s.vni, backends: Vec::new() });
+        }
+        for r in self.backends.iter() {
+            let (id, b) = r.map_err(map_err(MAP_BACKENDS, "read"))?;
+            let Some(row) = by_id.get(&b.svc).and_then(|vip| rows.get_mut(vip)) else { continue };
+            let connections = self.handed.get(&id, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            let state = if b.state == BACKEND_ACTIVE { BackendState::Active } else { BackendState::Draining };
+            row.backends.push(BackendRow { ip: ip_of(b.ip), state, connections });
+        }
+        let mut out: Vec<ServiceRow> = rows.into_values().collect();
+        for r in &mut out {
+            r.backends.sort_by_key(|b| b.ip);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl LbBackend for EbpfLb {
+    fn kind(&self) -> Kind {
+        Kind::Ebpf
+    }
+
+    async fn set(&self, svc: &ServiceLb) -> Result<(), SinkError> {
+        let svc = svc.clone();
+        self.blocking(move |i| i.set(&svc)).await
+    }
+
+    async fn remove(&self, vip: Ipv4Addr) -> Result<(), SinkError> {
+        self.blocking(move |i| i.remove(vip)).await
+    }
+
+    async fn read(&self) -> Result<Vec<ServiceRow>, SinkError> {
+        self.blocking(|i| i.read()).await
+    }
+
+    async fn add_task(&self, task: &TaskId, netns: &File, vnis: &[u32]) -> Result<(), SinkError> {
+        let f = netns.try_clone()?;
+        let cookie = self.ns.run(move |ctx| ctx.netns_cookie(&f)).await??;
+        let (task, vnis) = (task.clone(), vnis.to_vec());
+        self.blocking(move |i| {
+            for vni in &vnis {
+                i.netns.insert(NetnsKey { cookie, vni: *vni, _pad: 0 }, 1, 0).map_err(map_err(MAP_NETNS, format!("add task {task} on vni {vni}")))?;
+            }
+            i.tasks.insert(task, (cookie, vnis));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_task(&self, task: &TaskId, netns: Option<&File>, vnis: &[u32]) -> Result<(), SinkError> {
+        let known = lock(&self.inner).tasks.remove(task);
+        let (cookie, vnis) = match (known, netns) {
+            (Some(k), _) => k,
+            (None, Some(f)) => {
+                let f = f.try_clone()?;
+                (self.ns.run(move |ctx| ctx.netns_cookie(&f)).await??, vnis.to_vec())
+            }
+            (None, None) => return Ok(()),
+        };
+        self.blocking(move |i| {
+            for vni in vnis {
+                let _ = i.netns.remove(&NetnsKey { cookie, vni, _pad: 0 });
+            }
+            Ok(())
+        })
+        .await
+    }
+}

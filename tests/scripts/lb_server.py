@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""A service task for the load-balancer tests: on TCP and UDP PORT it answers with its task
+name, so a client knows which task it reached. TCP: the name on connect, then
+"<name> <line>" for every line received. UDP: "<name> <datagram>". On SIGTERM it stops
+accepting but serves its established connections for 8 more seconds (the agent withdraws
+the endpoint before it signals, and gives 10 s)."""
+import os, signal, socket, sys, threading, time
+
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 7000
+name = os.environ.get("SWARMNET_TASK_NAME", "?").encode()
+tcp = socket.socket()
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", port))
+tcp.listen(512)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", port))
+stopping = threading.Event()
+
+
+def on_term(*_):
+    stopping.set()
+    try:
+        tcp.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+signal.signal(signal.SIGTERM, on_term)
+
+
+def serve_udp():
+    while True:
+        data, peer = udp.recvfrom(2048)
+        udp.sendto(name + b" " + data, peer)
+
+
+def serve(conn):
+    try:
+        conn.sendall(name + b"\n")
+        for line in conn.makefile("rb"):
+            conn.sendall(name + b" " + line)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+threading.Thread(target=serve_udp, daemon=True).start()
+while not stopping.is_set():
+    try:
+        conn, _ = tcp.accept()
+    except OSError:
+        break
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+time.sleep(8)

@@ -1,0 +1,207 @@
+//! The service-VIP load balancer on the lab (issue 9), checked with real sockets from
+//! inside tasks (`swarmnet run`: their sockets are the ones the load balancer translates):
+//! round robin over TCP and UDP, the VIP as the peer, refusal without tasks, scoping to the
+//! service's networks, drain, and an agent killed and restarted under a looping client.
+//! Needs root and python3.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use swarmnet_lab::{in_ns, wait_for, Lab};
+
+const T: Duration = Duration::from_secs(30);
+const PORT: &str = "7000";
+
+fn script(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
+}
+
+fn vip(lab: &Lab, svc: &str, net: &str) -> Result<String> {
+    let v: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", svc])?)?;
+    v["vips"][net].as_str().map(str::to_string).with_context(|| format!("service {svc} has no VIP on {net}: {v}"))
+}
+
+/// A lab with an attachable `appnet` and `web`: `replicas` tasks of the test server.
+fn lab_with_web(name: &str, nodes: usize, replicas: usize) -> Result<(Lab, String)> {
+    let lab = Lab::up(name, nodes, nodes, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    let server = script("lb_server.py");
+    let r = replicas.to_string();
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", &r, "--network", "appnet", "--", "python3", &server, PORT])?;
+    lab.wait_service("web", replicas, T)?;
+    let v = vip(&lab, "web", "appnet")?;
+    Ok((lab, v))
+}
+
+/// Runs the test client as a task on node `i` (on `net`) and parses what it prints.
+fn client(lab: &Lab, i: usize, name: &str, net: &str, args: &[&str]) -> Result<Value> {
+    let c = script("lb_client.py");
+    let mut a = vec!["run", "--name", name, "--network", net, "--", "python3", &c];
+    a.extend_from_slice(args);
+    let out = lab.cli_ok(i, &a)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("client output: {out}"))
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v["counts"].as_object().map(|m| m.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
+}
+
+/// Each of `names` got `total / names.len()` within ±10 %, and nobody else got any.
+fn assert_even(what: &str, got: &BTreeMap<String, u64>, names: &[&str], total: u64) {
+    let share = total / names.len() as u64;
+    let keys: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(keys, names, "{what}: exactly these tasks answered: {got:?}");
+    for (k, n) in got {
+        assert!(n.abs_diff(share) <= share / 10, "{what}: {k} got {n} of {total}, not {share} ± 10 %: {got:?}");
+    }
+}
+
+fn wait_until_ready(lab: &Lab, node: usize, vip: &str, backends: usize) -> Result<()> {
+    wait_for(&format!("node {} programs {backends} active backends for {vip}", node + 1), T, || {
+        let t = lab.cli_json(node, &["lb", "ls"]).ok()?;
+        let s = t["services"].as_array()?.iter().find(|s| s["vip"] == vip)?.clone();
+        let active = s["backends"].as_array()?.iter().filter(|b| b["state"] == "active").count();
+        (active == backends).then_some(())
+    })
+}
+
+#[test]
+fn a_vip_spreads_connections_and_flows_round_robin_and_is_the_peer_the_client_sees() -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lb", 3, 3)?;
+    wait_until_ready(&lab, 1, &vip, 3)?;
+    let names = ["web.1", "web.2", "web.3"];
+
+    let r = client(&lab, 1, "tcp600", "appnet", &["tcp", &vip, PORT, "600"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["bad_peer"], serde_json::json!([]), "getpeername() shows the VIP: {r}");
+    assert_even("600 TCP connections", &counts(&r), &names, 600);
+
+    let r = client(&lab, 1, "udp300", "appnet", &["udp", &vip, PORT, "300"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "every flow stays on its task: {r}");
+    assert_eq!(r["bad_source"], serde_json::json!([]), "every reply comes from the VIP: {r}");
+    assert_even("300 UDP flows", &counts(&r), &names, 300);
+
+    let r = client(&lab, 1, "udpconn", "appnet", &["udp-connected", &vip, PORT])?;
+    assert!(r["reply"].as_str().is_some_and(|s| s.starts_with("web.")), "{r}");
+    assert_eq!(r["peer"], serde_json::json!([vip, 7000]), "{r}");
+
+    // `lb ls` reads the kernel: the VIP, its three active backends, what each was handed.
+    let t = lab.cli_json(1, &["lb", "ls"])?;
+    assert_eq!(t["backend"], "ebpf", "{t}");
+    let s = t["services"].as_array().and_then(|a| a.iter().find(|s| s["vip"] == vip.as_str())).context("the VIP in lb ls")?;
+    assert_eq!(s["service"], "web", "{t}");
+    let handed: u64 = s["backends"].as_array().context("backends")?.iter().filter_map(|b| b["connections"].as_u64()).sum();
+    assert!(handed >= 900, "600 connections and 300 flows were handed out: {t}");
+    let table = lab.cli_ok(1, &["lb", "ls"])?;
+    assert!(table.contains("backend: ebpf") && table.contains(&vip) && table.contains("web.2"), "{table}");
+    Ok(())
+}
+
+#[test]
+fn a_vip_without_tasks_refuses_at_once_and_only_its_networks_translate_it() -> Result<()> {
+    let (lab, web_vip) = lab_with_web("snx-lbref", 2, 2)?;
+    // A service created with no replica, and one scaled to 0: both refuse at once.
+    lab.cli_ok(0, &["service", "create", "--name", "empty", "--replicas", "0", "--network", "appnet", "--", "sleep", "3600"])?;
+    let empty = vip(&lab, "empty", "appnet")?;
+    let r = wait_for("a service with no replica refuses", T, || {
+        let r = client(&lab, 1, "refused", "appnet", &["refused", &empty, PORT]).ok()?;
+        (r["tcp"] == "ECONNREFUSED").then_some(r)
+    })?;
+    assert_eq!(r["udp"], "ECONNREFUSED", "{r}");
+    assert!(r["tcp_ms"].as_f64().unwrap_or(1e9) < 1000.0, "refused at once, not after a SYN timeout: {r}");
+    lab.cli_ok(0, &["service", "scale", "web=0"])?;
+    let r = wait_for("a service scaled to 0 refuses", T, || {
+        let r = client(&lab, 1, "refused0", "appnet", &["refused", &web_vip, PORT]).ok()?;
+        (r["tcp"] == "ECONNREFUSED").then_some(r)
+    })?;
+    assert_eq!(r["udp"], "ECONNREFUSED", "{r}");
+    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    lab.wait_service("web", 2, T)?;
+    wait_until_ready(&lab, 1, &web_vip, 2)?;
+    // (The new tasks' servers take a moment to listen: until then they refuse themselves.)
+    wait_for("the VIP answering again with tasks", T, || {
+        let r = client(&lab, 1, "reach", "appnet", &["reach", &web_vip, PORT]).ok()?;
+        r["reached"].as_str().is_some_and(|s| s.starts_with("web.")).then_some(())
+    })?;
+
+    // A task on another network gets no translation: the VIP means nothing there.
+    lab.cli_ok(0, &["network", "create", "--attachable", "othernet"])?;
+    let r = client(&lab, 1, "stranger", "othernet", &["reach", &web_vip, PORT])?;
+    assert!(r.get("reached").is_none(), "a task of another network must not reach the VIP: {r}");
+    // Nor does the node itself (its own namespace is not a task's).
+    let c = script("lb_client.py");
+    let out = in_ns(&lab.nodes[1].ns, &["python3", &c, "reach", &web_vip, PORT])?;
+    let r: Value = serde_json::from_str(out.trim())?;
+    assert!(r.get("reached").is_none(), "the node's own namespace must not reach the VIP: {r}");
+    Ok(())
+}
+
+#[test]
+fn a_withdrawn_task_gets_no_new_connection_and_keeps_its_established_ones() -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbdrain", 3, 3)?;
+    wait_until_ready(&lab, 1, &vip, 3)?;
+    let dir = tempdir("snx-lbdrain")?;
+    let d = dir.display().to_string();
+    let c = script("lb_client.py");
+    lab.cli_ok(1, &["run", "--detach", "--name", "holder", "--network", "appnet", "--", "python3", &c, "hold", &vip, PORT, "web.3", &d])?;
+    wait_for("a connection held to web.3", T, || dir.join("held").exists().then_some(()))?;
+    // Scaling down stops web.3: its endpoint is withdrawn before it is signalled, and the
+    // server serves established connections for 8 s after SIGTERM.
+    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    wait_until_ready(&lab, 1, &vip, 2)?;
+    std::fs::write(dir.join("go"), b"")?;
+    let result = wait_for("the holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
+    let r: Value = serde_json::from_str(&result)?;
+    assert_eq!(r["held_reply"], "web.3 still", "the established connection still works: {r}");
+    let new = counts(&r["new"]);
+    assert!(!new.contains_key("web.3"), "no new connection reaches the withdrawn task: {r}");
+    assert_eq!(new.values().sum::<u64>(), 60, "every new connection was answered: {r}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn killing_and_restarting_the_agent_breaks_no_connection_and_attaches_nothing_twice() -> Result<()> {
+    let (mut lab, vip) = lab_with_web("snx-lbkill", 3, 3)?;
+    wait_until_ready(&lab, 1, &vip, 3)?;
+    let dir = tempdir("snx-lbkill")?;
+    let counter = dir.join("count").display().to_string();
+    let c = script("lb_client.py");
+    lab.cli_ok(1, &["run", "--detach", "--name", "looper", "--network", "appnet", "--", "python3", &c, "loop", &vip, PORT, &counter])?;
+    let read = |p: &str| -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string(p).ok()?;
+        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some((it.next()??, it.next()??))
+    };
+    wait_for("the looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
+    lab.stop_node(1, libc::SIGKILL)?;
+    lab.start_node(1)?;
+    let log = wait_for("the restarted agent adopting the programs", T, || {
+        let l = lab.log(1);
+        l.contains("programs_adopted=4").then_some(l)
+    })?;
+    assert_eq!(log.matches("programs_adopted=0").count(), 1, "the programs were attached once, by the first agent only");
+    let (ok_at_restart, _) = read(&counter).context("counter")?;
+    wait_for("more connections after the restart", T, || read(&counter).filter(|(ok, _)| *ok > ok_at_restart + 100))?;
+    std::fs::write(format!("{counter}.stop"), b"")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = read(&counter).context("counter")?;
+    assert_eq!(failed, 0, "{ok} connections succeeded, {failed} failed through the agent's kill and restart");
+    // The restarted agent's view of the kernel: the same three backends.
+    wait_until_ready(&lab, 1, &vip, 3)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir(name: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    if !d.is_dir() {
+        bail!("cannot make {}", d.display());
+    }
+    Ok(d)
+}
