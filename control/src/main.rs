@@ -153,6 +153,9 @@ enum Cmd {
         network: String,
         #[arg(long)]
         count: usize,
+        /// Give each endpoint a VIP of its own (a service each: load-balancer benchmarks).
+        #[arg(long)]
+        vips: bool,
     },
     /// Internal: holds an overlay sandbox namespace open (started by the daemon).
     #[command(hide = true)]
@@ -321,9 +324,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::SimEndpoints { gossip_addr, seed, network, count } => {
+        Cmd::SimEndpoints { gossip_addr, seed, network, count, vips } => {
             init_logging();
-            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count))?;
+            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count, vips))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::SandboxHold => {

@@ -92,7 +92,7 @@ async fn session(id: &Identity) -> anyhow::Result<()> {
 
 /// A gossip peer that publishes `count` endpoints on `network` (for the agent-memory
 /// benchmark): the agents take them as remote endpoints and program their kernels.
-pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize) -> anyhow::Result<()> {
+pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize, vips: bool) -> anyhow::Result<()> {
     use swarmnet_gossip::server::{self, Cmd};
     use swarmnet_gossip::{Config, Ident};
     use swarmnet_types::{Endpoint, EndpointState};
@@ -104,18 +104,20 @@ pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, n
     for k in 0..count {
         // 10.0.100.0 and up inside the network's subnet is left to the test to choose.
         let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 100, 1)) + k as u32);
+        // With `vips`: service sim-<k>, VIP 10.0.160.0 + k.
+        let vip = vips.then(|| std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 160, 0)) + k as u32));
         let o = ip.octets();
         h.send(Cmd::Set(Box::new(Endpoint {
             network: network.clone(),
             id: format!("sim-{k}"),
             task_name: format!("sim.{k}"),
-            service_name: "sim".into(),
-            service_id: "sim".into(),
+            service_name: if vips { format!("sim-{k}") } else { "sim".into() },
+            service_id: if vips { format!("sim-{k}") } else { "sim".into() },
             aliases: vec![],
             ip,
             mac: [2, 0x42, o[0], o[1], o[2], o[3]],
             vtep: addr.ip(),
-            vip: None,
+            vip,
             ports: vec![],
             state: EndpointState::Active,
         })))?;

@@ -340,3 +340,88 @@ impl Netlink {
         Ok(out)
     }
 }
+
+/// sock_diag (NETLINK_SOCK_DIAG): closes every UDP socket of the calling thread's network
+/// namespace that is connected to `dst` (what a connected UDP socket to a VIP points at after
+/// the load balancer translated it). The application sees ECONNABORTED on its next call
+/// instead of sending into a task that is gone. Returns how many were closed.
+pub fn destroy_udp_connected_to(dst: Ipv4Addr) -> Result<usize, Error> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const SOCK_DESTROY: u16 = 21;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_ACK: u16 = 0x4;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    /// inet_diag_sockid: sport, dport, src[4], dst[4], if, cookie[2].
+    const SOCKID: usize = 48;
+    let open = |e: std::io::Error| Error::Open(e);
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map_err(open)?;
+    sock.bind_auto().map_err(open)?;
+    let kernel = netlink_sys::SocketAddr::new(0, 0);
+    // nlmsghdr (16) + inet_diag_req_v2 (family, protocol, ext, pad, states: 8) + sockid (48).
+    let request = |kind: u16, flags: u16, seq: u32, sockid: &[u8]| -> Vec<u8> {
+        let mut m = Vec::with_capacity(16 + 8 + SOCKID);
+        m.extend_from_slice(&((16 + 8 + SOCKID) as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+        m.extend_from_slice(&u32::MAX.to_ne_bytes());
+        m.extend_from_slice(sockid);
+        m
+    };
+    let sockid_of = |msg: &[u8]| -> Option<[u8; SOCKID]> {
+        // inet_diag_msg: family, state, timer, retrans, then the sockid.
+        msg.get(4..4 + SOCKID)?.try_into().ok()
+    };
+    let ctx = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| Error::Open(std::io::Error::new(e.kind(), format!("sock_diag {what}: {e}")))
+    };
+    sock.send_to(&request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, &[0u8; SOCKID]), &kernel, 0).map_err(ctx("dump"))?;
+    let mut victims = Vec::new();
+    'dump: loop {
+        let (buf, _) = sock.recv_from_full().map_err(ctx("read"))?;
+        let mut at = 0;
+        while at + 16 <= buf.len() {
+            let len = u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            if len < 16 || at + len > buf.len() {
+                break;
+            }
+            match kind {
+                NLMSG_DONE => break 'dump,
+                NLMSG_ERROR => return Err(Error::Open(std::io::Error::other("sock_diag dump refused by the kernel"))),
+                SOCK_DIAG_BY_FAMILY => {
+                    if let Some(id) = sockid_of(&buf[at + 16..at + len]) {
+                        // sockid: sport(2) dport(2) src(16) dst(16): dst's first word.
+                        if id[20..24] == dst.octets() {
+                            victims.push(id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            at += (len + 3) & !3;
+        }
+        if buf.is_empty() {
+            break;
+        }
+    }
+    let mut closed = 0;
+    for (i, id) in victims.iter().enumerate() {
+        let seq = 2 + i as u32;
+        sock.send_to(&request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, id), &kernel, 0).map_err(ctx("destroy"))?;
+        let (ack, _) = sock.recv_from_full().map_err(ctx("read the ack"))?;
+        // nlmsgerr: error code 0 is success; ENOENT: it closed meanwhile.
+        let code = ack.get(16..20).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
+        if code == 0 {
+            closed += 1;
+        } else if code != -libc::ENOENT {
+            return Err(Error::Open(std::io::Error::from_raw_os_error(-code)));
+        }
+    }
+    Ok(closed)
+}

@@ -104,6 +104,15 @@ impl NsCtx {
         Ok(got?)
     }
 
+    /// Closes the UDP sockets of namespace `ns` connected to `dst` (see
+    /// [`netlink::destroy_udp_connected_to`]).
+    pub fn destroy_udp_to(&mut self, ns: &File, dst: std::net::Ipv4Addr) -> Result<usize, NsError> {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
+        let r = netlink::destroy_udp_connected_to(dst);
+        self.back_home()?;
+        Ok(r?)
+    }
+
     /// Opens a netlink socket inside `ns`. The socket stays in `ns` after the thread leaves.
     pub fn netlink_in(&mut self, ns: &File) -> Result<Netlink, NsError> {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;

@@ -11,6 +11,8 @@ the ones the load balancer translates. Prints one JSON object.
                         long connect() took
   reach ADDR PORT       one TCP connect with a 2 s timeout: reached (and whom) or the error
   loop VIP PORT FILE    new connections until FILE.stop exists; counts in FILE (ok, failed)
+  udp-hold VIP PORT WANT DIR  the same with a connected UDP socket; after DIR/go, the
+                        reply or the error its next send/recv gives
   hold VIP PORT WANT DIR  connects until task WANT answers and keeps that connection;
                         writes DIR/held, waits for DIR/go, then checks the held connection
                         still answers and makes 60 new connections; result in DIR/result
@@ -145,11 +147,41 @@ def hold(vip, port, want, d):
         return {"error": "never reached " + want}
     open(os.path.join(d, "held"), "w").close()
     while not os.path.exists(os.path.join(d, "go")):
-        time.sleep(0.05)
-    s.sendall(b"still\n")
-    held = name_of(s)
+        time.sleep(0.02)
+    t = time.monotonic()
+    try:
+        s.sendall(b"still\n")
+        held = name_of(s)
+    except OSError as e:
+        held = "error: " + str(e)
     new = tcp(vip, port, 60)
-    result = {"held_reply": held, "new": new}
+    result = {"held_reply": held, "new": new, "held_checked_after_ms": (time.monotonic() - t) * 1000}
+    with open(os.path.join(d, "result.tmp"), "w") as f:
+        json.dump(result, f)
+    os.replace(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
+    return result
+
+
+def udp_hold(vip, port, want, d):
+    """A connected UDP socket that reached task WANT; after DIR/go, what using it gives."""
+    for _ in range(200):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(3)
+        s.connect((vip, port))
+        s.send(b"who")
+        if s.recv(2048).decode().split()[0] == want:
+            break
+        s.close()
+    else:
+        return {"error": "never reached " + want}
+    open(os.path.join(d, "held"), "w").close()
+    while not os.path.exists(os.path.join(d, "go")):
+        time.sleep(0.02)
+    try:
+        s.send(b"still")
+        result = {"reply": s.recv(2048).decode()}
+    except OSError as e:
+        result = {"error": errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)}
     with open(os.path.join(d, "result.tmp"), "w") as f:
         json.dump(result, f)
     os.replace(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
@@ -172,6 +204,8 @@ def main():
         r = loop(a[0], int(a[1]), a[2])
     elif mode == "hold":
         r = hold(a[0], int(a[1]), a[2], a[3])
+    elif mode == "udp-hold":
+        r = udp_hold(a[0], int(a[1]), a[2], a[3])
     else:
         raise SystemExit("unknown mode " + mode)
     print(json.dumps(r))

@@ -140,7 +140,7 @@ fn a_vip_without_tasks_refuses_at_once_and_only_its_networks_translate_it() -> R
 }
 
 #[test]
-fn a_withdrawn_task_gets_no_new_connection_and_keeps_its_established_ones() -> Result<()> {
+fn a_stopping_task_drains_no_new_connection_and_its_established_ones_go_on() -> Result<()> {
     let (lab, vip) = lab_with_web("snx-lbdrain", 3, 3)?;
     wait_until_ready(&lab, 1, &vip, 3)?;
     let dir = tempdir("snx-lbdrain")?;
@@ -148,17 +148,53 @@ fn a_withdrawn_task_gets_no_new_connection_and_keeps_its_established_ones() -> R
     let c = script("lb_client.py");
     lab.cli_ok(1, &["run", "--detach", "--name", "holder", "--network", "appnet", "--", "python3", &c, "hold", &vip, PORT, "web.3", &d])?;
     wait_for("a connection held to web.3", T, || dir.join("held").exists().then_some(()))?;
-    // Scaling down stops web.3: its endpoint is withdrawn before it is signalled, and the
-    // server serves established connections for 8 s after SIGTERM.
+    // Scaling down stops web.3: its endpoint turns draining before it is signalled (the
+    // server serves established connections for 8 s after SIGTERM), and is withdrawn when
+    // its process is gone.
     lab.cli_ok(0, &["service", "scale", "web=2"])?;
-    wait_until_ready(&lab, 1, &vip, 2)?;
+    wait_for("web.3 draining in node 2's load balancer", T, || {
+        let t = lab.cli_json(1, &["lb", "ls"]).ok()?;
+        let s = t["services"].as_array()?.iter().find(|s| s["vip"] == vip.as_str())?.clone();
+        let b = s["backends"].as_array()?;
+        let active = b.iter().filter(|b| b["state"] == "active").count();
+        let draining = b.iter().any(|b| b["task"] == "web.3" && b["state"] == "draining");
+        (active == 2 && draining).then_some(())
+    })?;
     std::fs::write(dir.join("go"), b"")?;
     let result = wait_for("the holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
     let r: Value = serde_json::from_str(&result)?;
     assert_eq!(r["held_reply"], "web.3 still", "the established connection still works: {r}");
     let new = counts(&r["new"]);
-    assert!(!new.contains_key("web.3"), "no new connection reaches the withdrawn task: {r}");
+    assert!(!new.contains_key("web.3"), "no new connection reaches the draining task: {r}");
     assert_eq!(new.values().sum::<u64>(), 60, "every new connection was answered: {r}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn a_connected_udp_socket_to_a_task_that_left_gets_an_error_not_silence() -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbudp", 3, 3)?;
+    wait_until_ready(&lab, 1, &vip, 3)?;
+    let dir = tempdir("snx-lbudp")?;
+    let d = dir.display().to_string();
+    let c = script("lb_client.py");
+    lab.cli_ok(1, &["run", "--detach", "--name", "udpholder", "--network", "appnet", "--", "python3", &c, "udp-hold", &vip, PORT, "web.3", &d])?;
+    wait_for("a connected UDP socket to web.3", T, || dir.join("held").exists().then_some(()))?;
+    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    wait_for("web.3 gone from node 2's load balancer", T, || {
+        let t = lab.cli_json(1, &["lb", "ls"]).ok()?;
+        let s = t["services"].as_array()?.iter().find(|s| s["vip"] == vip.as_str())?.clone();
+        let b = s["backends"].as_array()?;
+        (b.len() == 2 && !b.iter().any(|b| b["task"] == "web.3")).then_some(())
+    })?;
+    std::fs::write(dir.join("go"), b"")?;
+    let result = wait_for("the UDP holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
+    let r: Value = serde_json::from_str(&result)?;
+    // The load balancer aborted the socket: a recv() reports ECONNABORTED; a send() on the
+    // now unconnected socket fails with EDESTADDRREQ. Either way the application is told,
+    // instead of sending into nothing.
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e == "ECONNABORTED" || e == "EDESTADDRREQ", "{r}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

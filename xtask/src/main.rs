@@ -10,6 +10,7 @@ use swarmnet_lab::{cleanup, Lab};
 mod bench_convergence;
 mod bench_dns;
 mod bench_gossip;
+mod bench_lb;
 mod bench_overlay;
 mod walls;
 
@@ -38,7 +39,7 @@ enum Cmd {
     },
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns
+        /// control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -136,25 +137,35 @@ fn real_main() -> Result<()> {
                 build()?;
                 bench_convergence::bench_convergence(runs.max(50))?
             }
+            "lb" => {
+                need("wrk", "wrk")?;
+                need("nginx", "nginx-light")?;
+                release_binary()?;
+                bench_lb::bench_lb()?
+            }
             "dns" => {
                 need("dnsperf", "dnsperf")?;
                 need("/usr/sbin/dnsmasq", "dnsmasq-base")?;
-                build()?;
                 // dnsmasq is optimised C: compare it with an optimised build.
-                let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .args(["build", "--release", "-j2", "-p", "swarmnet-control"])
-                    .status()?;
-                if !st.success() {
-                    bail!("cargo build --release failed");
-                }
-                let bin = std::env::current_dir()?.join("target/release/swarmnet");
-                println!("using {}", bin.display());
-                std::env::set_var("SWARMNET_BIN", bin);
+                release_binary()?;
                 bench_dns::bench_dns(runs.max(50))?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns)"),
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb)"),
         },
     }
+    Ok(())
+}
+
+/// Builds the release binary and makes the lab use it.
+fn release_binary() -> Result<()> {
+    build()?;
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["build", "--release", "-j2", "-p", "swarmnet-control"]).status()?;
+    if !st.success() {
+        bail!("cargo build --release failed");
+    }
+    let bin = std::env::current_dir()?.join("target/release/swarmnet");
+    println!("using {}", bin.display());
+    std::env::set_var("SWARMNET_BIN", bin);
     Ok(())
 }
 

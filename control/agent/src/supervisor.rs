@@ -9,7 +9,8 @@
 //!                ▼              ▼                 ▼
 //!              fail(state, error): report it; a run-once task ends here (exit code kept);
 //!                                  else Backoff(delay doubling to 5 s) → Network or Start
-//!   stop (at any point): withdraw the endpoints, stop the process → Stopped
+//!   stop (at any point): the endpoints turn draining, the process is stopped (SIGTERM, then
+//!   SIGKILL after 10 s), then they are withdrawn → Stopped
 //! ```
 //!
 //! Every failure goes through the one `fail` path; every wait goes through the one
@@ -96,9 +97,12 @@ pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Per
             Step::Running(p) => s.run(p).await,
             Step::Backoff { then } => s.backoff(*then).await,
             Step::Stopping(p) => {
-                // Out of every table before the process goes.
-                s.rt.withdraw(&s.a);
+                // Drain first, as Swarm does (weight 0, then removal): out of every DNS
+                // answer and every load balancer's rotation before the process is signalled,
+                // while its connections keep their path (the overlay keeps a draining
+                // endpoint). The teardown withdraws it once the process is gone.
                 if let Some(mut p) = p {
+                    s.rt.publish(&s.a, EndpointState::Draining);
                     p.stop().await;
                 }
                 Step::Done { stopped: true }

@@ -22,7 +22,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use swarmnet_ebpf_common::*;
 use swarmnet_types::{SinkError, TaskId};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::host::Host;
 use super::{BackendRow, BackendState, Kind, LbBackend, ServiceLb, ServiceRow};
@@ -128,6 +128,12 @@ struct Svc {
     backends: BTreeMap<u32, u32>,
 }
 
+struct TaskNs {
+    cookie: u64,
+    netns: File,
+    vnis: Vec<u32>,
+}
+
 struct Inner {
     services: HashMap<MapData, u32, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
@@ -137,8 +143,9 @@ struct Inner {
     svc: BTreeMap<u32, Svc>,
     svc_ids: Ids,
     backend_ids: Ids,
-    /// Task → (its namespace's cookie, its networks' VNIs), as added by this agent.
-    tasks: BTreeMap<TaskId, (u64, Vec<u32>)>,
+    /// Task → its namespace (cookie, a handle on it) and its networks' VNIs, as added by
+    /// this agent.
+    tasks: BTreeMap<TaskId, TaskNs>,
     zeros: usize,
 }
 
@@ -221,6 +228,29 @@ impl EbpfLb {
         Ok(EbpfLb { inner: Arc::new(Mutex::new(inner)), ns, _lock: lock, _ebpf: Mutex::new(ebpf) })
     }
 
+    /// A connected UDP socket still points at a task that left the VIP: close it, so the
+    /// application sees an error instead of sending into nothing (a new socket is steered to
+    /// a task that is there).
+    async fn close_udp(&self, vip: Ipv4Addr, vni: u32, gone: Vec<Ipv4Addr>) -> Result<(), SinkError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let spaces = lock(&self.inner).netns_on(vni);
+        for ns in spaces {
+            for ip in &gone {
+                let ip = *ip;
+                let f = ns.try_clone()?;
+                match self.ns.run(move |ctx| ctx.destroy_udp_to(&f, ip)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(vip = %vip, backend = %ip, sockets = n, "load balancer: closed UDP sockets connected to a task that left"),
+                    Ok(Err(e)) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer: could not close UDP sockets connected to a task that left"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn blocking<R: Send + 'static>(&self, f: impl FnOnce(&mut Inner) -> Result<R, EbpfError> + Send + 'static) -> Result<R, SinkError> {
         let inner = self.inner.clone();
         let r = tokio::task::spawn_blocking(move || f(&mut lock(&inner))).await.map_err(|e| format!("load balancer worker: {e}"))?;
@@ -255,7 +285,8 @@ impl Inner {
         Ok(())
     }
 
-    fn set(&mut self, svc: &ServiceLb) -> Result<(), EbpfError> {
+    /// Programs `svc`; returns the backend addresses it no longer has.
+    fn set(&mut self, svc: &ServiceLb) -> Result<Vec<Ipv4Addr>, EbpfError> {
         let vip = be(svc.vip);
         let mut st = match self.svc.get(&vip) {
             Some(s) => s.clone(),
@@ -294,19 +325,28 @@ impl Inner {
         }
         st.written[gen as usize] = count;
         st.gen = gen;
+        let mut gone = Vec::new();
         for (ip, id) in std::mem::take(&mut st.backends) {
             if !ids.contains_key(&ip) {
                 let _ = self.backends.remove(&id);
                 self.backend_ids.free(id);
+                gone.push(ip_of(ip));
             }
         }
         st.backends = ids;
         self.svc.insert(vip, st);
-        Ok(())
+        Ok(gone)
     }
 
-    fn remove(&mut self, vip: Ipv4Addr) -> Result<(), EbpfError> {
+    /// Handles on the namespaces of this node's tasks on network `vni`.
+    fn netns_on(&self, vni: u32) -> Vec<File> {
+        self.tasks.values().filter(|t| t.vnis.contains(&vni)).filter_map(|t| t.netns.try_clone().ok()).collect()
+    }
+
+    /// Removes the VIP; returns its network's VNI and the backend addresses it had.
+    fn remove(&mut self, vip: Ipv4Addr) -> Result<(u32, Vec<Ipv4Addr>), EbpfError> {
         let key = be(vip);
+        let vni = self.services.get(&key, 0).map(|s| s.vni).unwrap_or(0);
         match self.services.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(MAP_SERVICES, format!("remove {vip}"))(e)),
@@ -322,8 +362,9 @@ impl Inner {
                 self.backend_ids.free(*id);
             }
             self.svc_ids.free(st.id);
+            return Ok((vni, st.backends.keys().map(|ip| ip_of(*ip)).collect()));
         }
-        Ok(())
+        Ok((vni, Vec::new()))
     }
 
     fn read(&self) -> Result<Vec<ServiceRow>, EbpfError> {
@@ -356,12 +397,14 @@ impl LbBackend for EbpfLb {
     }
 
     async fn set(&self, svc: &ServiceLb) -> Result<(), SinkError> {
-        let svc = svc.clone();
-        self.blocking(move |i| i.set(&svc)).await
+        let s = svc.clone();
+        let gone = self.blocking(move |i| i.set(&s)).await?;
+        self.close_udp(svc.vip, svc.vni, gone).await
     }
 
     async fn remove(&self, vip: Ipv4Addr) -> Result<(), SinkError> {
-        self.blocking(move |i| i.remove(vip)).await
+        let (vni, gone) = self.blocking(move |i| i.remove(vip)).await?;
+        self.close_udp(vip, vni, gone).await
     }
 
     async fn read(&self) -> Result<Vec<ServiceRow>, SinkError> {
@@ -370,13 +413,14 @@ impl LbBackend for EbpfLb {
 
     async fn add_task(&self, task: &TaskId, netns: &File, vnis: &[u32]) -> Result<(), SinkError> {
         let f = netns.try_clone()?;
+        let handle = netns.try_clone()?;
         let cookie = self.ns.run(move |ctx| ctx.netns_cookie(&f)).await??;
         let (task, vnis) = (task.clone(), vnis.to_vec());
         self.blocking(move |i| {
             for vni in &vnis {
                 i.netns.insert(NetnsKey { cookie, vni: *vni, _pad: 0 }, 1, 0).map_err(map_err(MAP_NETNS, format!("add task {task} on vni {vni}")))?;
             }
-            i.tasks.insert(task, (cookie, vnis));
+            i.tasks.insert(task, TaskNs { cookie, netns: handle, vnis });
             Ok(())
         })
         .await
@@ -385,7 +429,7 @@ impl LbBackend for EbpfLb {
     async fn remove_task(&self, task: &TaskId, netns: Option<&File>, vnis: &[u32]) -> Result<(), SinkError> {
         let known = lock(&self.inner).tasks.remove(task);
         let (cookie, vnis) = match (known, netns) {
-            (Some(k), _) => k,
+            (Some(k), _) => (k.cookie, k.vnis),
             (None, Some(f)) => {
                 let f = f.try_clone()?;
                 (self.ns.run(move |ctx| ctx.netns_cookie(&f)).await??, vnis.to_vec())
