@@ -60,6 +60,9 @@ pub struct LbRow {
 pub fn lb_rows(t: &LbTable) -> Vec<LbRow> {
     let mut out = Vec::new();
     for s in &t.services {
+        if let Some(e) = &s.error {
+            out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: String::new(), ip: String::new(), state: format!("error: {e}"), connections: String::new() });
+        }
         if s.backends.is_empty() {
             out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: String::new(), ip: String::new(), state: "no task: refuses".into(), connections: String::new() });
         }

@@ -241,7 +241,11 @@ fn wrong_tokens_and_missing_certificates_are_refused() -> Result<()> {
         .args(["manager", "--advertise-addr", &lab.nodes[2].addr])
         .arg("--data-dir")
         .arg(&other_dir)
+        .arg("--bpffs")
+        .arg(swarmnet_lab::lab_bpffs()?)
         .env("SWARMNET_LAB", &lab.name)
+        // Named after the lab, so that the lab's clean-up finds its cgroup and pins.
+        .env("SWARMNET_HOSTNAME", format!("{}-other", lab.name))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;

@@ -198,6 +198,11 @@ fn demo() -> Result<()> {
         })?;
         println!("$ curl {url}    # task {} on snlab-n1 -> task {name} on snlab-n3 over VXLAN, by name\nHTTP {code}\n", a["name"]);
     }
+    // The service's VIP, from a task (its connect() is what the load balancer translates).
+    let vip_demo = "for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{remote_ip} -> HTTP %{http_code}\\n' http://web/; done";
+    println!("$ swarmnet run --name vipdemo --network appnet -- sh -c \"{vip_demo}\"    # on snlab-n2: six requests to the VIP of web");
+    println!("{}", lab.cli_ok(1, &["run", "--name", "vipdemo", "--network", "appnet", "--", "sh", "-c", vip_demo])?);
+    println!("$ swarmnet lb ls    # on snlab-n2: read back from its eBPF maps\n{}", lab.cli_ok(1, &["lb", "ls"])?);
     println!(
         "The lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down\n(The routing mesh on published ports is a later issue.)",
         lab.control(0)

@@ -232,13 +232,15 @@ impl Agent {
             Ok(r) => r,
             Err(e) => return Reply::err(format!("load balancer: read the kernel's table: {e}")),
         };
-        let (services, tasks) = lb.sink.names().await;
-        let services = rows
+        let names = lb.sink.names().await;
+        let (services, tasks) = (&names.services, &names.tasks);
+        let mut services: Vec<LbServiceInfo> = rows
             .into_iter()
             .map(|r| LbServiceInfo {
                 service: services.get(&r.vip).cloned().unwrap_or_default(),
                 vip: r.vip,
                 vni: r.vni,
+                error: names.failed.get(&r.vip).cloned(),
                 backends: r
                     .backends
                     .into_iter()
@@ -254,7 +256,14 @@ impl Agent {
                     .collect(),
             })
             .collect();
-        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning: None, services })
+        // A VIP that could not be programmed at all is not in the kernel: say so.
+        for (vip, why) in &names.failed {
+            if !services.iter().any(|s| &s.vip == vip) {
+                services.push(LbServiceInfo { service: names.services.get(vip).cloned().unwrap_or_default(), vip: *vip, vni: 0, error: Some(why.clone()), backends: vec![] });
+            }
+        }
+        let warning = (!names.failed.is_empty()).then(|| format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
+        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services })
     }
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to

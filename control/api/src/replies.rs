@@ -180,6 +180,10 @@ pub struct LbServiceInfo {
     pub service: String,
     pub vip: Ipv4Addr,
     pub vni: u32,
+    /// Why the last change of this VIP could not be programmed (the kernel still holds
+    /// the set before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub backends: Vec<LbBackendInfo>,
 }
 

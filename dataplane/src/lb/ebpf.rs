@@ -298,12 +298,8 @@ impl Inner {
             let ip = be(b.ip);
             let id = match st.backends.get(&ip) {
                 Some(id) => *id,
-                None => {
-                    let id = self.backend_ids.alloc("backends", MAX_BACKENDS)?;
-                    let zero = PerCpuValues::try_from(vec![0u64; self.zeros]).map_err(|e| EbpfError::Other(format!("per-CPU values: {e}")))?;
-                    self.handed.set(id, zero, 0).map_err(map_err(MAP_HANDED, format!("reset backend {id}")))?;
-                    id
-                }
+                // A free id's counter is 0 (reset when it was freed).
+                None => self.backend_ids.alloc("backends", MAX_BACKENDS)?,
             };
             ids.insert(ip, id);
             let state = match b.state {
@@ -328,14 +324,22 @@ impl Inner {
         let mut gone = Vec::new();
         for (ip, id) in std::mem::take(&mut st.backends) {
             if !ids.contains_key(&ip) {
-                let _ = self.backends.remove(&id);
-                self.backend_ids.free(id);
+                self.free_backend(id);
                 gone.push(ip_of(ip));
             }
         }
         st.backends = ids;
         self.svc.insert(vip, st);
         Ok(gone)
+    }
+
+    /// Forgets a backend; its counter goes back to 0 for whoever gets the id next.
+    fn free_backend(&mut self, id: u32) {
+        let _ = self.backends.remove(&id);
+        if let Ok(zero) = PerCpuValues::try_from(vec![0u64; self.zeros]) {
+            let _ = self.handed.set(id, zero, 0);
+        }
+        self.backend_ids.free(id);
     }
 
     /// Handles on the namespaces of this node's tasks on network `vni`.
@@ -358,8 +362,7 @@ impl Inner {
                 }
             }
             for id in st.backends.values() {
-                let _ = self.backends.remove(id);
-                self.backend_ids.free(*id);
+                self.free_backend(*id);
             }
             self.svc_ids.free(st.id);
             return Ok((vni, st.backends.keys().map(|ip| ip_of(*ip)).collect()));
@@ -396,15 +399,38 @@ impl LbBackend for EbpfLb {
         Kind::Ebpf
     }
 
-    async fn set(&self, svc: &ServiceLb) -> Result<(), SinkError> {
-        let s = svc.clone();
-        let gone = self.blocking(move |i| i.set(&s)).await?;
-        self.close_udp(svc.vip, svc.vni, gone).await
+    async fn set(&self, svcs: &[ServiceLb]) -> Vec<Result<(), SinkError>> {
+        let batch = svcs.to_vec();
+        let n = batch.len();
+        let done = match self.blocking(move |i| Ok(batch.iter().map(|s| i.set(s)).collect::<Vec<_>>())).await {
+            Ok(d) => d,
+            Err(e) => return (0..n).map(|_| Err(e.to_string().into())).collect(),
+        };
+        let mut out = Vec::with_capacity(n);
+        for (svc, r) in svcs.iter().zip(done) {
+            out.push(match r {
+                Ok(gone) => self.close_udp(svc.vip, svc.vni, gone).await,
+                Err(e) => Err(e.into()),
+            });
+        }
+        out
     }
 
-    async fn remove(&self, vip: Ipv4Addr) -> Result<(), SinkError> {
-        let (vni, gone) = self.blocking(move |i| i.remove(vip)).await?;
-        self.close_udp(vip, vni, gone).await
+    async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>> {
+        let batch = vips.to_vec();
+        let n = batch.len();
+        let done = match self.blocking(move |i| Ok(batch.iter().map(|v| i.remove(*v)).collect::<Vec<_>>())).await {
+            Ok(d) => d,
+            Err(e) => return (0..n).map(|_| Err(e.to_string().into())).collect(),
+        };
+        let mut out = Vec::with_capacity(n);
+        for (vip, r) in vips.iter().zip(done) {
+            out.push(match r {
+                Ok((vni, gone)) => self.close_udp(*vip, vni, gone).await,
+                Err(e) => Err(e.into()),
+            });
+        }
+        out
     }
 
     async fn read(&self) -> Result<Vec<ServiceRow>, SinkError> {

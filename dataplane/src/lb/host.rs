@@ -130,13 +130,29 @@ pub fn remove_leftovers(prefix: &str) -> Result<(), HostError> {
                 continue;
             }
             let p = e.path();
-            // A cgroup folder is removed with rmdir (its files are not real files); a bpffs
-            // folder by unlinking its pins.
-            let r = if cgroup { std::fs::remove_dir(&p) } else { std::fs::remove_dir_all(&p) };
+            // A cgroup folder is removed with rmdir (its files are not real files), once
+            // every process in it is gone: a task that cleared its environment (nginx does)
+            // escapes a clean-up that looks for its marker, not this one. A bpffs folder goes
+            // by unlinking its pins.
+            let r = if cgroup { kill_and_remove_cgroup(&p) } else { std::fs::remove_dir_all(&p) };
             r.map_err(|source| HostError::Io { what: "remove", path: p.clone(), source })?;
         }
     }
     Ok(())
+}
+
+/// Kills every process in cgroup `p` (`cgroup.kill`), waits for them to go, removes it.
+fn kill_and_remove_cgroup(p: &Path) -> std::io::Result<()> {
+    let procs = p.join("cgroup.procs");
+    let busy = || std::fs::read_to_string(&procs).map(|s| !s.trim().is_empty()).unwrap_or(false);
+    if busy() {
+        std::fs::write(p.join("cgroup.kill"), b"1")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    std::fs::remove_dir(p)
 }
 
 #[cfg(test)]

@@ -91,11 +91,13 @@ pub struct ServiceRow {
 pub trait LbBackend: Send + Sync {
     fn kind(&self) -> Kind;
 
-    /// Makes `svc` the VIP's backend set, in one step visible to new connections.
-    async fn set(&self, svc: &ServiceLb) -> Result<(), SinkError>;
+    /// Makes each of `svcs` its VIP's backend set, each in one step visible to new
+    /// connections; one result per service, in order (a batch costs one hand-off).
+    async fn set(&self, svcs: &[ServiceLb]) -> Vec<Result<(), SinkError>>;
 
-    /// Removes the VIP: new connections to it are no longer translated.
-    async fn remove(&self, vip: Ipv4Addr) -> Result<(), SinkError>;
+    /// Removes the VIPs: new connections to them are no longer translated. One result per
+    /// VIP, in order.
+    async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>>;
 
     /// The VIPs of network `vni` the kernel holds now, with their backends (after a restart,
     /// what an earlier agent left).
@@ -112,4 +114,4 @@ pub trait LbBackend: Send + Sync {
 
 pub use ebpf::EbpfLb;
 pub use host::Host;
-pub use sink::{VipInfo, VniOf};
+pub use sink::{Names, VipInfo, VniOf};

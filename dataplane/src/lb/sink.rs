@@ -24,6 +24,13 @@ pub struct VipInfo {
     pub service: String,
 }
 
+/// What `lb ls` adds to the kernel's table.
+pub struct Names {
+    pub services: BTreeMap<Ipv4Addr, String>,
+    pub tasks: BTreeMap<Ipv4Addr, String>,
+    pub failed: BTreeMap<Ipv4Addr, String>,
+}
+
 /// The VNI of a network the node is on (the gate of its VIPs), None if it is not on it.
 pub type VniOf = Arc<dyn Fn(&NetworkId) -> Option<u32> + Send + Sync>;
 
@@ -41,6 +48,9 @@ struct Core {
     /// What an earlier agent left in the kernel (read once), per VIP; dropped per network at
     /// its complete resync, per backend when the table says it went away.
     adopted: Option<BTreeMap<Ipv4Addr, ServiceRow>>,
+    /// VIPs whose last programming failed, and why (`lb ls` shows it; the follow loop
+    /// retries).
+    failed: BTreeMap<Ipv4Addr, String>,
 }
 
 /// The load balancer's state, shared by its sink (in the follow loop) and its handle (the
@@ -118,39 +128,55 @@ impl Core {
         Some(ServiceLb { vip, network, vni, service, backends })
     }
 
-    /// Makes the kernel hold what is desired for each of `vips` (of `network`, if known).
+    /// Makes the kernel hold what is desired for each of `vips` (of `network`, if known):
+    /// one batch of services to set and one of VIPs to remove.
     async fn program(&mut self, vips: BTreeSet<Ipv4Addr>, network: Option<&NetworkId>) -> Result<(), SinkError> {
-        let mut failed = Vec::new();
+        let mut sets = Vec::new();
+        let mut removes = Vec::new();
         for vip in vips {
             let want = self.desired(vip, network).await;
             if want.as_ref() == self.programmed.get(&vip) {
                 continue;
             }
-            let r = match &want {
-                Some(s) => self.backend.set(s).await,
-                None => self.backend.remove(vip).await,
-            };
-            match r {
-                Ok(()) => {
-                    match want {
-                        Some(s) => {
-                            debug!(vip = %vip, service = %s.service, backends = s.backends.len(), "load balancer: VIP programmed");
-                            self.programmed.insert(vip, s);
-                        }
-                        None => {
-                            debug!(vip = %vip, "load balancer: VIP removed");
-                            self.programmed.remove(&vip);
-                        }
+            match want {
+                Some(s) => sets.push(s),
+                None => removes.push(vip),
+            }
+        }
+        let mut failed = Vec::new();
+        if !sets.is_empty() {
+            let results = self.backend.set(&sets).await;
+            for (s, r) in sets.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        debug!(vip = %s.vip, service = %s.service, backends = s.backends.len(), "load balancer: VIP programmed");
+                        self.failed.remove(&s.vip);
+                        self.programmed.insert(s.vip, s);
                     }
-                    if let Some(a) = self.adopted.as_mut() {
-                        // Programmed from the table now: what an earlier agent left of it
-                        // that is still kept is in `programmed`.
-                        if !self.programmed.contains_key(&vip) {
+                    Err(e) => {
+                        failed.push(format!("vip {}: {e}", s.vip));
+                        self.failed.insert(s.vip, e.to_string());
+                    }
+                }
+            }
+        }
+        if !removes.is_empty() {
+            let results = self.backend.remove(&removes).await;
+            for (vip, r) in removes.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        debug!(vip = %vip, "load balancer: VIP removed");
+                        self.failed.remove(&vip);
+                        self.programmed.remove(&vip);
+                        if let Some(a) = self.adopted.as_mut() {
                             a.remove(&vip);
                         }
                     }
+                    Err(e) => {
+                        failed.push(format!("vip {vip}: {e}"));
+                        self.failed.insert(vip, e.to_string());
+                    }
                 }
-                Err(e) => failed.push(format!("vip {vip}: {e}")),
             }
         }
         if failed.is_empty() {
@@ -175,7 +201,7 @@ impl Core {
 
 impl LbSink {
     pub fn new(backend: Arc<dyn LbBackend>, vni_of: VniOf) -> LbSink {
-        let core = Core { backend, vni_of, eps: BTreeMap::new(), vips: BTreeMap::new(), programmed: BTreeMap::new(), complete: BTreeSet::new(), adopted: None };
+        let core = Core { backend, vni_of, eps: BTreeMap::new(), vips: BTreeMap::new(), programmed: BTreeMap::new(), complete: BTreeSet::new(), adopted: None, failed: BTreeMap::new() };
         LbSink { core: Arc::new(Mutex::new(core)) }
     }
 
@@ -192,12 +218,14 @@ impl LbSink {
         c.program(touched, None).await
     }
 
-    /// The service name and the task of each backend address, for `lb ls`.
-    pub async fn names(&self) -> (BTreeMap<Ipv4Addr, String>, BTreeMap<Ipv4Addr, String>) {
+    /// For `lb ls`: the service name of each VIP, the task of each backend address, and the
+    /// VIPs whose programming failed (with why).
+    pub async fn names(&self) -> Names {
         let c = self.core.lock().await;
-        let services = c.programmed.values().map(|s| (s.vip, s.service.clone())).collect();
+        let mut services: BTreeMap<Ipv4Addr, String> = c.vips.values().map(|v| (v.vip, v.service.clone())).collect();
+        services.extend(c.programmed.values().map(|s| (s.vip, s.service.clone())));
         let tasks = c.eps.values().flat_map(|m| m.values()).map(|e| (e.ip, e.task_name.clone())).collect();
-        (services, tasks)
+        Names { services, tasks, failed: c.failed.clone() }
     }
 
     pub async fn backend(&self) -> Arc<dyn LbBackend> {
@@ -263,8 +291,9 @@ impl Sink for LbSink {
         c.complete.remove(network);
         let mine: Vec<Ipv4Addr> = c.programmed.values().filter(|s| &s.network == network).map(|s| s.vip).collect();
         let mut failed = Vec::new();
-        for vip in mine {
-            match c.backend.remove(vip).await {
+        let results = c.backend.remove(&mine).await;
+        for (vip, r) in mine.into_iter().zip(results) {
+            match r {
                 Ok(()) => {
                     c.programmed.remove(&vip);
                 }
@@ -294,6 +323,7 @@ mod tests {
         table: StdMutex<BTreeMap<Ipv4Addr, ServiceLb>>,
         left: StdMutex<Vec<ServiceRow>>,
         calls: StdMutex<Vec<String>>,
+        full: StdMutex<bool>,
     }
 
     #[async_trait::async_trait]
@@ -301,16 +331,27 @@ mod tests {
         fn kind(&self) -> Kind {
             Kind::Ebpf
         }
-        async fn set(&self, svc: &ServiceLb) -> Result<(), SinkError> {
-            let b: Vec<String> = svc.backends.iter().map(|b| format!("{}{}", b.ip, if b.state == BackendState::Draining { "(d)" } else { "" })).collect();
-            self.calls.lock().expect("lock").push(format!("set {} [{}]", svc.vip, b.join(" ")));
-            self.table.lock().expect("lock").insert(svc.vip, svc.clone());
-            Ok(())
+        async fn set(&self, svcs: &[ServiceLb]) -> Vec<Result<(), SinkError>> {
+            svcs.iter()
+                .map(|svc| {
+                    let b: Vec<String> = svc.backends.iter().map(|b| format!("{}{}", b.ip, if b.state == BackendState::Draining { "(d)" } else { "" })).collect();
+                    self.calls.lock().expect("lock").push(format!("set {} [{}]", svc.vip, b.join(" ")));
+                    if *self.full.lock().expect("lock") {
+                        return Err(format!("vip {}: map SN_SLOTS: write slot 0: no space left", svc.vip).into());
+                    }
+                    self.table.lock().expect("lock").insert(svc.vip, svc.clone());
+                    Ok(())
+                })
+                .collect()
         }
-        async fn remove(&self, vip: Ipv4Addr) -> Result<(), SinkError> {
-            self.calls.lock().expect("lock").push(format!("remove {vip}"));
-            self.table.lock().expect("lock").remove(&vip);
-            Ok(())
+        async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>> {
+            vips.iter()
+                .map(|vip| {
+                    self.calls.lock().expect("lock").push(format!("remove {vip}"));
+                    self.table.lock().expect("lock").remove(vip);
+                    Ok(())
+                })
+                .collect()
         }
         async fn read(&self) -> Result<Vec<ServiceRow>, SinkError> {
             Ok(self.left.lock().expect("lock").clone())
@@ -427,6 +468,22 @@ mod tests {
         assert!(!fake.take().iter().any(|c| c.starts_with("remove")), "nothing is removed while the table fills");
         sink.resync(&"n".into(), &[], Resync::Complete).await.expect("complete");
         assert_eq!(fake.take(), vec!["remove 10.0.0.9"], "only the network resynced is swept");
+    }
+
+    #[tokio::test]
+    async fn a_full_map_is_an_error_lb_ls_shows_and_the_old_set_stays() {
+        let (fake, mut sink) = setup();
+        sink.apply(&[add(&ep("a", 3, EndpointState::Active))]).await.expect("apply");
+        *fake.full.lock().expect("lock") = true;
+        let e = sink.apply(&[add(&ep("b", 4, EndpointState::Active))]).await.expect_err("full");
+        assert!(e.to_string().contains("no space left"), "{e}");
+        let names = sink.names().await;
+        assert!(names.failed.get(&VIP).is_some_and(|w| w.contains("no space left")), "lb ls shows why");
+        assert_eq!(fake.table.lock().expect("lock")[&VIP].backends.len(), 1, "the old set stays live");
+        *fake.full.lock().expect("lock") = false;
+        sink.resync(&"n".into(), &[ep("a", 3, EndpointState::Active), ep("b", 4, EndpointState::Active)], Resync::Complete).await.expect("retry");
+        assert!(sink.names().await.failed.is_empty());
+        assert_eq!(fake.table.lock().expect("lock")[&VIP].backends.len(), 2);
     }
 
     #[tokio::test]
