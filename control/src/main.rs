@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use swarmnet_agent::dns::DnsOpts;
-use swarmnet_agent::node::NodeConfig;
+use swarmnet_agent::node::{LbMode, NodeConfig};
 use swarmnet_api::replies::*;
 use swarmnet_api::{ApiRequest, EndpointMode, NetworkCreate, Reply, ServiceCreate, StandaloneCreate};
 
@@ -65,6 +65,10 @@ struct DaemonArgs {
     /// daemon (default: the first bpffs mounted, or /sys/fs/bpf mounted now).
     #[arg(long, value_name = "PATH")]
     bpffs: Option<PathBuf>,
+    /// The service-VIP load balancer: eBPF at connect() (`ebpf`), nftables DNAT in each
+    /// task's namespace (`nftables`), or eBPF if it loads, else nftables (`auto`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "nftables"])]
+    lb: String,
 }
 
 impl DaemonArgs {
@@ -83,6 +87,11 @@ impl DaemonArgs {
             holder_cmd: daemon::holder_cmd()?,
             node_name: daemon::node_name(),
             bpffs: self.bpffs,
+            lb: match self.lb.as_str() {
+                "ebpf" => LbMode::Ebpf,
+                "nftables" => LbMode::Nftables,
+                _ => LbMode::Auto,
+            },
             dns: DnsOpts {
                 upstreams,
                 search: self.dns_search,

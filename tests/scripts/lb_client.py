@@ -100,6 +100,16 @@ def refused(vip, port):
         out["udp"] = "sent"
     except OSError as e:
         out["udp"] = errno.errorcode.get(e.errno, str(e))
+    # A connected socket also hears an ICMP refusal: the first error of connect/send/recv.
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    try:
+        c.connect((vip, port))
+        c.send(b"x")
+        c.recv(2048)
+        out["udp_connected"] = "answered"
+    except OSError as e:
+        out["udp_connected"] = errno.errorcode.get(e.errno, str(e)) if e.errno else str(e)
     return out
 
 

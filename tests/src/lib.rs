@@ -244,8 +244,12 @@ impl Lab {
             }
         }
         // `ip netns exec` gives the daemon a mount namespace of its own: its pins must live in
-        // a bpffs of the machine's, or they would die with it.
-        cmd.arg("--data-dir").arg(&node.data_dir).arg("--bpffs").arg(lab_bpffs()?).args(&self.node_args);
+        // a bpffs of the machine's, or they would die with it (unless the test names one).
+        cmd.arg("--data-dir").arg(&node.data_dir);
+        if !self.node_args.iter().any(|a| a == "--bpffs") {
+            cmd.arg("--bpffs").arg(lab_bpffs()?);
+        }
+        cmd.args(&self.node_args);
         cmd.env("SWARMNET_LAB", &self.name)
             .env("SWARMNET_HOSTNAME", &node.ns)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))

@@ -1,8 +1,9 @@
-//! The service-VIP load balancer on the lab (issue 9), checked with real sockets from
-//! inside tasks (`swarmnet run`: their sockets are the ones the load balancer translates):
-//! round robin over TCP and UDP, the VIP as the peer, refusal without tasks, scoping to the
-//! service's networks, drain, and an agent killed and restarted under a looping client.
-//! Needs root and python3.
+//! The service-VIP load balancer on the lab (issue 9): one conformance suite, run against
+//! both backends (`--lb ebpf` and `--lb nftables`), checked with real sockets from inside
+//! tasks (`swarmnet run`: their sockets are the ones the load balancer translates): round
+//! robin over TCP and UDP, the VIP as the peer, refusal without tasks, scoping to the
+//! service's networks, drain, a connected UDP socket whose task left, and an agent killed
+//! and restarted under a looping client. Needs root, python3, nft and conntrack.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,9 +25,10 @@ fn vip(lab: &Lab, svc: &str, net: &str) -> Result<String> {
     v["vips"][net].as_str().map(str::to_string).with_context(|| format!("service {svc} has no VIP on {net}: {v}"))
 }
 
-/// A lab with an attachable `appnet` and `web`: `replicas` tasks of the test server.
-fn lab_with_web(name: &str, nodes: usize, replicas: usize) -> Result<(Lab, String)> {
-    let lab = Lab::up(name, nodes, nodes, 1.0)?;
+/// A lab whose daemons use load-balancer backend `lb`, with an attachable `appnet` and
+/// `web`: `replicas` tasks of the test server.
+fn lab_with_web(name: &str, lb: &str, nodes: usize, replicas: usize) -> Result<(Lab, String)> {
+    let lab = Lab::up_full(&format!("{name}-{}", &lb[..1]), nodes, nodes, 1.0, &[], &["--lb", lb])?;
     lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
     let server = script("lb_server.py");
     let r = replicas.to_string();
@@ -68,9 +70,29 @@ fn wait_until_ready(lab: &Lab, node: usize, vip: &str, backends: usize) -> Resul
     })
 }
 
-#[test]
-fn a_vip_spreads_connections_and_flows_round_robin_and_is_the_peer_the_client_sees() -> Result<()> {
-    let (lab, vip) = lab_with_web("snx-lb", 3, 3)?;
+/// One test per scenario and backend.
+macro_rules! both {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test]
+            fn $scenario() -> anyhow::Result<()> {
+                super::$scenario("ebpf")
+            })*
+        }
+        mod nftables {
+            $(#[test]
+            fn $scenario() -> anyhow::Result<()> {
+                super::$scenario("nftables")
+            })*
+        }
+    };
+}
+
+both!(round_robin_and_the_vip_as_peer, refusal_and_scoping, drain, connected_udp_to_a_task_that_left, agent_kill_and_restart);
+
+/// A VIP spreads new connections and flows round robin and is the peer the client sees.
+fn round_robin_and_the_vip_as_peer(lb: &str) -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lb", lb, 3, 3)?;
     wait_until_ready(&lab, 1, &vip, 3)?;
     let names = ["web.1", "web.2", "web.3"];
 
@@ -90,19 +112,19 @@ fn a_vip_spreads_connections_and_flows_round_robin_and_is_the_peer_the_client_se
 
     // `lb ls` reads the kernel: the VIP, its three active backends, what each was handed.
     let t = lab.cli_json(1, &["lb", "ls"])?;
-    assert_eq!(t["backend"], "ebpf", "{t}");
+    assert_eq!(t["backend"], lb, "{t}");
     let s = t["services"].as_array().and_then(|a| a.iter().find(|s| s["vip"] == vip.as_str())).context("the VIP in lb ls")?;
     assert_eq!(s["service"], "web", "{t}");
     let handed: u64 = s["backends"].as_array().context("backends")?.iter().filter_map(|b| b["connections"].as_u64()).sum();
     assert!(handed >= 900, "600 connections and 300 flows were handed out: {t}");
     let table = lab.cli_ok(1, &["lb", "ls"])?;
-    assert!(table.contains("backend: ebpf") && table.contains(&vip) && table.contains("web.2"), "{table}");
+    assert!(table.contains(&format!("backend: {lb}")) && table.contains(&vip) && table.contains("web.2"), "{table}");
     Ok(())
 }
 
-#[test]
-fn a_vip_without_tasks_refuses_at_once_and_only_its_networks_translate_it() -> Result<()> {
-    let (lab, web_vip) = lab_with_web("snx-lbref", 2, 2)?;
+/// A VIP without tasks refuses at once, and only its networks translate it.
+fn refusal_and_scoping(lb: &str) -> Result<()> {
+    let (lab, web_vip) = lab_with_web("snx-lbref", lb, 2, 2)?;
     // A service created with no replica, and one scaled to 0: both refuse at once.
     lab.cli_ok(0, &["service", "create", "--name", "empty", "--replicas", "0", "--network", "appnet", "--", "sleep", "3600"])?;
     let empty = vip(&lab, "empty", "appnet")?;
@@ -110,14 +132,14 @@ fn a_vip_without_tasks_refuses_at_once_and_only_its_networks_translate_it() -> R
         let r = client(&lab, 1, "refused", "appnet", &["refused", &empty, PORT]).ok()?;
         (r["tcp"] == "ECONNREFUSED").then_some(r)
     })?;
-    assert_eq!(r["udp"], "ECONNREFUSED", "{r}");
+    assert_udp_refused(lb, &r);
     assert!(r["tcp_ms"].as_f64().unwrap_or(1e9) < 1000.0, "refused at once, not after a SYN timeout: {r}");
     lab.cli_ok(0, &["service", "scale", "web=0"])?;
     let r = wait_for("a service scaled to 0 refuses", T, || {
         let r = client(&lab, 1, "refused0", "appnet", &["refused", &web_vip, PORT]).ok()?;
         (r["tcp"] == "ECONNREFUSED").then_some(r)
     })?;
-    assert_eq!(r["udp"], "ECONNREFUSED", "{r}");
+    assert_udp_refused(lb, &r);
     lab.cli_ok(0, &["service", "scale", "web=2"])?;
     lab.wait_service("web", 2, T)?;
     wait_until_ready(&lab, 1, &web_vip, 2)?;
@@ -139,9 +161,9 @@ fn a_vip_without_tasks_refuses_at_once_and_only_its_networks_translate_it() -> R
     Ok(())
 }
 
-#[test]
-fn a_stopping_task_drains_no_new_connection_and_its_established_ones_go_on() -> Result<()> {
-    let (lab, vip) = lab_with_web("snx-lbdrain", 3, 3)?;
+/// A stopping task drains: no new connection, and its established ones go on.
+fn drain(lb: &str) -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbdrain", lb, 3, 3)?;
     wait_until_ready(&lab, 1, &vip, 3)?;
     let dir = tempdir("snx-lbdrain")?;
     let d = dir.display().to_string();
@@ -171,9 +193,10 @@ fn a_stopping_task_drains_no_new_connection_and_its_established_ones_go_on() -> 
     Ok(())
 }
 
-#[test]
-fn a_connected_udp_socket_to_a_task_that_left_gets_an_error_not_silence() -> Result<()> {
-    let (lab, vip) = lab_with_web("snx-lbudp", 3, 3)?;
+/// A connected UDP socket whose task left gets an error, or is steered to a task that is
+/// there: never silence.
+fn connected_udp_to_a_task_that_left(lb: &str) -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbudp", lb, 3, 3)?;
     wait_until_ready(&lab, 1, &vip, 3)?;
     let dir = tempdir("snx-lbudp")?;
     let d = dir.display().to_string();
@@ -190,18 +213,23 @@ fn a_connected_udp_socket_to_a_task_that_left_gets_an_error_not_silence() -> Res
     std::fs::write(dir.join("go"), b"")?;
     let result = wait_for("the UDP holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
     let r: Value = serde_json::from_str(&result)?;
-    // The load balancer aborted the socket: a recv() reports ECONNABORTED; a send() on the
-    // now unconnected socket fails with EDESTADDRREQ. Either way the application is told,
-    // instead of sending into nothing.
-    let e = r["error"].as_str().unwrap_or_default();
-    assert!(e == "ECONNABORTED" || e == "EDESTADDRREQ", "{r}");
+    if lb == "ebpf" {
+        // The socket was aborted: a recv() reports ECONNABORTED; a send() on the now
+        // unconnected socket fails with EDESTADDRREQ. The application is told.
+        let e = r["error"].as_str().unwrap_or_default();
+        assert!(e == "ECONNABORTED" || e == "EDESTADDRREQ", "{r}");
+    } else {
+        // Its conntrack flow was cleared: the next datagram is steered again.
+        let reply = r["reply"].as_str().unwrap_or_default();
+        assert!(reply.starts_with("web.1 ") || reply.starts_with("web.2 "), "re-steered to a task that is there: {r}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-#[test]
-fn killing_and_restarting_the_agent_breaks_no_connection_and_attaches_nothing_twice() -> Result<()> {
-    let (mut lab, vip) = lab_with_web("snx-lbkill", 3, 3)?;
+/// Killing and restarting the agent breaks no connection and attaches nothing twice.
+fn agent_kill_and_restart(lb: &str) -> Result<()> {
+    let (mut lab, vip) = lab_with_web("snx-lbkill", lb, 3, 3)?;
     wait_until_ready(&lab, 1, &vip, 3)?;
     let dir = tempdir("snx-lbkill")?;
     let counter = dir.join("count").display().to_string();
@@ -215,11 +243,13 @@ fn killing_and_restarting_the_agent_breaks_no_connection_and_attaches_nothing_tw
     wait_for("the looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
     lab.stop_node(1, libc::SIGKILL)?;
     lab.start_node(1)?;
-    let log = wait_for("the restarted agent adopting the programs", T, || {
-        let l = lab.log(1);
-        l.contains("programs_adopted=4").then_some(l)
-    })?;
-    assert_eq!(log.matches("programs_adopted=0").count(), 1, "the programs were attached once, by the first agent only");
+    if lb == "ebpf" {
+        let log = wait_for("the restarted agent adopting the programs", T, || {
+            let l = lab.log(1);
+            l.contains("programs_adopted=4").then_some(l)
+        })?;
+        assert_eq!(log.matches("programs_adopted=0").count(), 1, "the programs were attached once, by the first agent only");
+    }
     let (ok_at_restart, _) = read(&counter).context("counter")?;
     wait_for("more connections after the restart", T, || read(&counter).filter(|(ok, _)| *ok > ok_at_restart + 100))?;
     std::fs::write(format!("{counter}.stop"), b"")?;
@@ -230,6 +260,40 @@ fn killing_and_restarting_the_agent_breaks_no_connection_and_attaches_nothing_tw
     wait_until_ready(&lab, 1, &vip, 3)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `--lb auto` on a node where the eBPF programs cannot be pinned (its bpffs is an ordinary
+/// folder) falls back to nftables, and says so in `lb ls`; the VIP answers.
+#[test]
+fn auto_falls_back_to_nftables_with_a_warning() -> Result<()> {
+    let not_bpffs = std::env::temp_dir().join(format!("snx-lbauto-not-bpffs-{}", std::process::id()));
+    std::fs::create_dir_all(&not_bpffs)?;
+    let nb = not_bpffs.display().to_string();
+    let lab = Lab::up_full("snx-lbauto", 2, 2, 1.0, &[], &["--lb", "auto", "--bpffs", &nb])?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--", "python3", &script("lb_server.py"), PORT])?;
+    lab.wait_service("web", 2, T)?;
+    let vip = vip(&lab, "web", "appnet")?;
+    let t = lab.cli_json(1, &["lb", "ls"])?;
+    assert_eq!(t["backend"], "nftables", "{t}");
+    assert!(t["warning"].as_str().is_some_and(|w| w.contains("eBPF load balancer cannot start")), "{t}");
+    assert!(lab.log(1).contains("using nftables"), "the log says it too");
+    wait_for("the VIP answering through nftables", T, || {
+        let r = client(&lab, 1, "reach", "appnet", &["reach", &vip, PORT]).ok()?;
+        r["reached"].as_str().is_some_and(|s| s.starts_with("web.")).then_some(())
+    })?;
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&not_bpffs);
+    Ok(())
+}
+
+/// UDP to a VIP without tasks is refused at once, an error the application sees:
+/// ECONNREFUSED at `sendto()`/`connect()` (eBPF); EPERM at `sendto()`/`send()` (nftables:
+/// the output hook rejects the datagram).
+fn assert_udp_refused(lb: &str, r: &Value) {
+    let want = if lb == "ebpf" { "ECONNREFUSED" } else { "EPERM" };
+    assert_eq!(r["udp"], want, "{r}");
+    assert_eq!(r["udp_connected"], want, "{r}");
 }
 
 fn tempdir(name: &str) -> Result<PathBuf> {

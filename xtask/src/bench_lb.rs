@@ -77,13 +77,14 @@ fn wrk(lab: &Lab, n: usize, url: &str) -> Result<Wrk> {
 }
 
 pub fn bench_lb() -> Result<()> {
-    connections()?;
+    connections("ebpf")?;
+    connections("nftables")?;
     programming()?;
     agent_rss()
 }
 
-fn connections() -> Result<()> {
-    let lab = Lab::up(LAB, 3, 3, 5.0)?;
+fn connections(lb: &str) -> Result<()> {
+    let lab = Lab::up_full(LAB, 3, 3, 5.0, &[], &["--lb", lb])?;
     lab.cli_ok(0, &["network", "create", "--attachable", "bench"])?;
     // Two sleepers on node 1 make it the busiest, so the two nginx tasks go to nodes 2 and 3:
     // every backend is on another node than the client.
@@ -124,11 +125,11 @@ fn connections() -> Result<()> {
             let ratio = v.rps / d.rps;
             worst = worst.min(ratio);
             println!(
-                "{label}, round {round}: direct {:.0} conn/s (p50 {:.2} ms, p99 {:.2} ms, errors {}); VIP (eBPF) {:.0} conn/s (p50 {:.2} ms, p99 {:.2} ms, errors {}) = {ratio:.3}x direct",
+                "[{lb}] {label}, round {round}: direct {:.0} conn/s (p50 {:.2} ms, p99 {:.2} ms, errors {}); VIP {:.0} conn/s (p50 {:.2} ms, p99 {:.2} ms, errors {}) = {ratio:.3}x direct",
                 d.rps, d.p50_ms, d.p99_ms, d.errors, v.rps, v.p50_ms, v.p99_ms, v.errors
             );
         }
-        println!("{label}: worst VIP/direct ratio over the 3 rounds: {worst:.3}");
+        println!("[{lb}] {label}: worst VIP/direct ratio over the 3 rounds: {worst:.3}");
     }
     println!("{}", lab.cli_ok(0, &["lb", "ls"])?);
     Ok(())

@@ -3,7 +3,8 @@
 //! [`Sink`] trait, with one policy for everything that is not a plain change:
 //!
 //! - a change batch goes to every sink in order; a sink that fails gets the batch's
-//!   networks resynced after `retry` (the others are not held back);
+//!   networks resynced after `retry` (the others are not held back), then after twice as
+//!   long while it keeps failing, up to 30 s (a full map does not fill the log every second);
 //! - the stream lagged (changes were lost): every network the node is on is resynced;
 //! - the node joined a network (or repaired its sandbox): that network is resynced;
 //! - the node left a network: every sink forgets it;
@@ -49,6 +50,9 @@ impl Source for GossipHandle {
     }
 }
 
+/// The longest wait between two retries of a failing sink.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Clone, Debug)]
 pub struct FollowConfig {
     pub warmup: Duration,
@@ -79,6 +83,8 @@ struct Follower<S> {
     /// Per sink index: networks to resync at `retry_at`.
     retry: BTreeMap<usize, BTreeSet<NetworkId>>,
     retry_at: Option<Instant>,
+    /// The wait before the next retry: `cfg.retry`, doubled while retries fail.
+    retry_delay: Duration,
     cfg: FollowConfig,
 }
 
@@ -88,7 +94,7 @@ pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices
     let mut events = source.subscribe();
     let mut periodic = tokio::time::interval_at(Instant::now() + cfg.periodic, cfg.periodic);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut f = Follower { source, sinks, joined: BTreeSet::new(), warming: BTreeMap::new(), retry: BTreeMap::new(), retry_at: None, cfg };
+    let mut f = Follower { source, sinks, joined: BTreeSet::new(), warming: BTreeMap::new(), retry: BTreeMap::new(), retry_at: None, retry_delay: cfg.retry, cfg };
     let mut notices_open = true;
     loop {
         let retry_at = f.retry_at;
@@ -152,7 +158,10 @@ pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices
                 }
             }
             _ = periodic.tick() => f.resync_all().await,
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => f.retry_now().await,
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                f.retry_now().await;
+                f.retries_done();
+            }
         }
     }
 }
@@ -180,7 +189,7 @@ impl<S: Source> Follower<S> {
     fn schedule_retry(&mut self, sink: usize, nets: impl IntoIterator<Item = NetworkId>) {
         self.retry.entry(sink).or_default().extend(nets);
         if self.retry_at.is_none() {
-            self.retry_at = Some(Instant::now() + self.cfg.retry);
+            self.retry_at = Some(Instant::now() + self.retry_delay);
         }
     }
 
@@ -227,6 +236,8 @@ impl<S: Source> Follower<S> {
 
     async fn retry_now(&mut self) {
         self.retry_at = None;
+        // If this round fails again, the next one waits twice as long.
+        self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
         for (i, nets) in std::mem::take(&mut self.retry) {
             for net in nets {
                 // A network left meanwhile needs nothing more.
@@ -234,6 +245,13 @@ impl<S: Source> Follower<S> {
                     self.resync(&net, Some(i)).await;
                 }
             }
+        }
+    }
+
+    /// After a round of retries, if none failed again, the next failure waits `cfg.retry`.
+    fn retries_done(&mut self) {
+        if self.retry.is_empty() {
+            self.retry_delay = self.cfg.retry;
         }
     }
 
@@ -482,5 +500,28 @@ mod tests {
         settle().await;
         assert_eq!(take(&h.log), vec!["overlay resync n Complete [a]"]);
         assert!(take(&h.dns_log).is_empty(), "only the sink that failed is resynced");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_that_keeps_failing_is_retried_less_and_less_often() {
+        let h = start(64, FollowConfig { warmup: Duration::ZERO, ..cfg() });
+        h.notices.send(Notice::Joined("n".into())).expect("send");
+        settle().await;
+        take(&h.log);
+        *h.log.fail.lock().expect("lock") = true;
+        h.src.emit(add("n", "a"));
+        settle().await;
+        take(&h.log);
+        // Retries at +1 s, then +2 s, then +4 s.
+        let mut at = Vec::new();
+        for s in 1..=7u64 {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            settle().await;
+            if !take(&h.log).is_empty() {
+                at.push(s);
+            }
+        }
+        assert_eq!(at, vec![1, 3, 7], "retried after 1, 2 and 4 s");
+        *h.log.fail.lock().expect("lock") = false;
     }
 }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
-use swarmnet_dataplane::lb::{EbpfLb, Host, LbBackend, LbSink};
+use swarmnet_dataplane::lb::{EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
 use swarmnet_dataplane::task::underlay_facts;
@@ -15,7 +16,6 @@ use swarmnet_dns::sink::DnsSink;
 use swarmnet_gossip::server::{self as gossip_server, Cmd, GossipHandle};
 use swarmnet_types::{Network, NetworkId, Sink, SinkError};
 use tokio::sync::mpsc;
-use tracing::error;
 
 use crate::dns::{DnsOpts, NodeDns};
 use crate::follow::{self, FollowConfig};
@@ -34,6 +34,17 @@ pub struct NodeConfig {
     pub node_name: String,
     /// The bpffs to pin the load balancer in (None: the mounted one, or /sys/fs/bpf).
     pub bpffs: Option<PathBuf>,
+    /// Which load-balancer backend to use.
+    pub lb: LbMode,
+}
+
+/// `--lb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbMode {
+    /// eBPF if the programs load, else nftables (with a warning).
+    Auto,
+    Ebpf,
+    Nftables,
 }
 
 /// What the node is made of before it has an identity: the namespace thread and the
@@ -84,23 +95,43 @@ impl Fabric for NodeFabric {
     }
 }
 
-/// The load balancer: the eBPF programs attached to the node's cgroup. Without them the node
-/// runs on (overlay, DNS) and says so: VIPs resolve but are not answered.
-fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> Option<Lb> {
-    let started = (|| -> anyhow::Result<Lb> {
+/// The load balancer, as `--lb` says: the eBPF programs attached to the node's cgroup, or
+/// nftables in each task's namespace. A backend asked for by name that cannot start stops
+/// the daemon; with `auto`, eBPF falls back to nftables with a warning, and if neither
+/// starts the node runs on without VIPs (overlay, DNS) and says so in its log and `lb ls`.
+fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> anyhow::Result<Option<Lb>> {
+    let ebpf = || -> anyhow::Result<(Arc<dyn LbBackend>, Option<Host>)> {
         let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
-        let backend: Arc<dyn LbBackend> = Arc::new(EbpfLb::open(&host, ns.clone(), &cfg.data_dir.join("lb.lock"))?);
-        let m = membership.clone();
-        let sink = LbSink::new(backend.clone(), Arc::new(move |n: &NetworkId| m.vni_of(n)));
-        Ok(Lb { sink, backend, host })
-    })();
-    match started {
-        Ok(lb) => Some(lb),
-        Err(e) => {
-            error!(error = %format!("{e:#}"), "the load balancer cannot start on this node: service VIPs will not answer");
-            None
-        }
-    }
+        let b: Arc<dyn LbBackend> = Arc::new(EbpfLb::open(&host, ns.clone(), &cfg.data_dir.join("lb.lock"))?);
+        Ok((b, Some(host)))
+    };
+    let nft = || -> anyhow::Result<(Arc<dyn LbBackend>, Option<Host>)> {
+        let b: Arc<dyn LbBackend> = Arc::new(NftLb::open(ns.clone()).map_err(anyhow::Error::msg)?);
+        Ok((b, None))
+    };
+    let (chosen, warning) = match cfg.lb {
+        LbMode::Ebpf => (ebpf().context("--lb ebpf")?, None),
+        LbMode::Nftables => (nft().context("--lb nftables")?, None),
+        LbMode::Auto => match ebpf() {
+            Ok(b) => (b, None),
+            Err(e) => {
+                let why = format!("the eBPF load balancer cannot start here ({e:#}): using nftables");
+                warn!("{why}");
+                match nft() {
+                    Ok(b) => (b, Some(why)),
+                    Err(e2) => {
+                        error!(ebpf = %format!("{e:#}"), nftables = %format!("{e2:#}"), "no load balancer can start on this node: service VIPs will not answer");
+                        return Ok(None);
+                    }
+                }
+            }
+        },
+    };
+    let (backend, host) = chosen;
+    let m = membership.clone();
+    let sink = LbSink::new(backend.clone(), Arc::new(move |n: &NetworkId| m.vni_of(n)));
+    info!(backend = %backend.kind(), "load balancer ready");
+    Ok(Some(Lb { sink, backend, host, warning }))
 }
 
 /// Starts the node's parts; the session with the manager is started by the caller.
@@ -117,7 +148,7 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let fabric = Arc::new(NodeFabric { sandboxes: sandboxes.clone(), gossip: gossip.clone() });
     let membership = Arc::new(Membership::new(fabric, sandboxes.networks().await, notices_tx));
-    let lb = start_lb(cfg, &base.ns, &membership);
+    let lb = start_lb(cfg, &base.ns, &membership)?;
     // In the order a batch reaches them: the in-memory record store first (a DNS answer
     // then never waits), the load balancer's maps, then the overlay's netlink work.
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(DnsSink::new(dns.shared.records.clone()))];

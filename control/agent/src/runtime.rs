@@ -48,7 +48,10 @@ pub struct Deps {
 pub struct Lb {
     pub sink: LbSink,
     pub backend: Arc<dyn LbBackend>,
-    pub host: Host,
+    /// The node's cgroup and bpffs folders (eBPF only).
+    pub host: Option<Host>,
+    /// Why this is not the backend asked for (`lb ls` shows it).
+    pub warning: Option<String>,
 }
 
 pub struct Runtime {
@@ -165,8 +168,8 @@ impl Runtime {
 
     /// `cgroup.procs` of the node's cgroup, for a task to join (None without a load balancer).
     pub(crate) fn cgroup_procs(&self) -> anyhow::Result<Option<std::fs::File>> {
-        match &self.deps.lb {
-            Some(lb) => Ok(Some(lb.host.cgroup_procs()?)),
+        match self.deps.lb.as_ref().and_then(|lb| lb.host.as_ref()) {
+            Some(host) => Ok(Some(host.cgroup_procs()?)),
             None => Ok(None),
         }
     }

@@ -262,7 +262,11 @@ impl Agent {
                 services.push(LbServiceInfo { service: names.services.get(vip).cloned().unwrap_or_default(), vip: *vip, vni: 0, error: Some(why.clone()), backends: vec![] });
             }
         }
-        let warning = (!names.failed.is_empty()).then(|| format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
+        let mut warnings: Vec<String> = lb.warning.iter().cloned().collect();
+        if !names.failed.is_empty() {
+            warnings.push(format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
+        }
+        let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
         Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services })
     }
 

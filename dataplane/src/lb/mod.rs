@@ -12,6 +12,7 @@
 
 pub mod ebpf;
 pub mod host;
+pub mod nft;
 pub mod sink;
 
 use std::fmt;
@@ -113,5 +114,6 @@ pub trait LbBackend: Send + Sync {
 }
 
 pub use ebpf::EbpfLb;
+pub use nft::NftLb;
 pub use host::Host;
 pub use sink::{Names, VipInfo, VniOf};
