@@ -262,6 +262,51 @@ fn agent_kill_and_restart(lb: &str) -> Result<()> {
     Ok(())
 }
 
+/// The eBPF backend itself, on a cgroup and bpffs folder of its own: a VIP with thousands of
+/// backends, and a change that cannot fit (the backend map is full) which is refused whole,
+/// leaving the set before it live.
+#[test]
+fn the_ebpf_maps_take_thousands_of_backends_and_a_full_map_changes_nothing() -> Result<()> {
+    use swarmnet_dataplane::lb::{host, BackendLb, BackendState, EbpfLb, Host, LbBackend, ServiceLb};
+    swarmnet_lab::require_root()?;
+    let node = "snx-lblimits";
+    host::remove_leftovers(node)?;
+    let h = Host::prepare(node, Some(&swarmnet_lab::lab_bpffs()?))?;
+    let dir = tempdir(node)?;
+    let svc = |n: u32| ServiceLb {
+        vip: std::net::Ipv4Addr::new(10, 99, 0, 1),
+        network: "n".into(),
+        vni: 4096,
+        service: "big".into(),
+        backends: (0..n).map(|i| BackendLb { task: format!("t{i}"), ip: std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 100, 0, 0)) + i), state: BackendState::Active }).collect(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let ns = swarmnet_dataplane::netns::NsWorker::start()?;
+    let result = rt.block_on(async {
+        let lb = EbpfLb::open(&h, ns, &dir.join("lb.lock"))?;
+        let one = |r: Vec<Result<(), swarmnet_types::SinkError>>| r.into_iter().next().context("one result")?.map_err(|e| anyhow::anyhow!("{e}"));
+        one(lb.set(&[svc(5000)]).await)?;
+        let rows = lb.read().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].backends.iter().filter(|b| b.state == BackendState::Active).count(), 5000, "5,000 backends read back");
+        one(lb.set(&[svc(3)]).await)?;
+        assert_eq!(lb.read().await.map_err(|e| anyhow::anyhow!("{e}"))?[0].backends.len(), 3, "the old generation's backends are gone");
+        // More backends than the map can hold: refused with a reason, nothing changed.
+        let e = one(lb.set(&[svc(300_000)]).await).expect_err("the backend map cannot hold 300,000");
+        assert!(e.to_string().contains("backends: all 262144 ids are in use"), "{e}");
+        let rows = lb.read().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(rows[0].backends.len(), 3, "the set before the failed change is still live");
+        // And the ids it took are given back: a normal change still fits.
+        one(lb.set(&[svc(10)]).await)?;
+        assert_eq!(lb.read().await.map_err(|e| anyhow::anyhow!("{e}"))?[0].backends.len(), 10);
+        Ok::<(), anyhow::Error>(())
+    });
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    host::remove_leftovers(node)?;
+    result
+}
+
 /// `--lb auto` on a node where the eBPF programs cannot be pinned (its bpffs is an ordinary
 /// folder) falls back to nftables, and says so in `lb ls`; the VIP answers.
 #[test]

@@ -285,37 +285,75 @@ impl Inner {
         Ok(())
     }
 
-    /// Programs `svc`; returns the backend addresses it no longer has.
+    /// Programs `svc`; returns the backend addresses it no longer has. Ids are taken first,
+    /// all or nothing: a service that cannot get them (a full map) changes nothing, and its
+    /// old set stays live.
     fn set(&mut self, svc: &ServiceLb) -> Result<Vec<Ipv4Addr>, EbpfError> {
         let vip = be(svc.vip);
-        let mut st = match self.svc.get(&vip) {
-            Some(s) => s.clone(),
-            None => Svc { id: self.svc_ids.alloc("services", MAX_SERVICES)?, gen: 1, ..Default::default() },
+        let (st, new_service) = match self.svc.get(&vip) {
+            Some(s) => (s.clone(), false),
+            None => (Svc { id: self.svc_ids.alloc("services", MAX_SERVICES)?, gen: 1, ..Default::default() }, true),
         };
-        // Backend ids: kept for addresses that stay, new for new ones (their counters from 0).
+        let mut fresh = Vec::new();
         let mut ids: BTreeMap<u32, u32> = BTreeMap::new();
         for b in &svc.backends {
             let ip = be(b.ip);
             let id = match st.backends.get(&ip) {
                 Some(id) => *id,
                 // A free id's counter is 0 (reset when it was freed).
-                None => self.backend_ids.alloc("backends", MAX_BACKENDS)?,
+                None => match self.backend_ids.alloc("backends", MAX_BACKENDS) {
+                    Ok(id) => {
+                        fresh.push(id);
+                        id
+                    }
+                    Err(e) => {
+                        self.undo(new_service.then_some(st.id), &fresh);
+                        return Err(e);
+                    }
+                },
             };
             ids.insert(ip, id);
+        }
+        match self.write(svc, st, ids) {
+            Ok(gone) => Ok(gone),
+            Err((st_id, e)) => {
+                self.undo(new_service.then_some(st_id), &fresh);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives back what a failed `set` took.
+    fn undo(&mut self, service: Option<u32>, backends: &[u32]) {
+        for id in backends {
+            self.free_backend(*id);
+        }
+        if let Some(id) = service {
+            self.svc_ids.free(id);
+        }
+    }
+
+    /// Writes a service whose ids are taken: backends, the new generation's slots, then the
+    /// service entry (the one step), then what is left over.
+    fn write(&mut self, svc: &ServiceLb, mut st: Svc, ids: BTreeMap<u32, u32>) -> Result<Vec<Ipv4Addr>, (u32, EbpfError)> {
+        let vip = be(svc.vip);
+        let fail = |e: EbpfError| (st.id, e);
+        for b in &svc.backends {
+            let ip = be(b.ip);
             let state = match b.state {
                 BackendState::Active => BACKEND_ACTIVE,
                 BackendState::Draining => BACKEND_DRAINING,
             };
-            self.backends.insert(id, Backend { ip, state, svc: st.id }, 0).map_err(map_err(MAP_BACKENDS, format!("write backend {}", b.ip)))?;
+            self.backends.insert(ids[&ip], Backend { ip, state, svc: st.id }, 0).map_err(map_err(MAP_BACKENDS, format!("write backend {}", b.ip))).map_err(fail)?;
         }
         let active: Vec<(u32, u32)> = svc.backends.iter().filter(|b| b.state == BackendState::Active).map(|b| (be(b.ip), ids[&be(b.ip)])).collect();
         let gen = st.gen ^ 1;
-        let count = u32::try_from(active.len()).map_err(|_| EbpfError::Full { what: "slots of one service", max: u32::MAX })?;
+        let count = u32::try_from(active.len()).map_err(|_| fail(EbpfError::Full { what: "slots of one service", max: u32::MAX }))?;
         for (i, (ip, id)) in (0u32..).zip(&active) {
-            self.slots.insert(SlotKey { svc: st.id, gen, slot: i }, Slot { ip: *ip, backend: *id }, 0).map_err(map_err(MAP_SLOTS, format!("write slot {i} of {}", svc.vip)))?;
+            self.slots.insert(SlotKey { svc: st.id, gen, slot: i }, Slot { ip: *ip, backend: *id }, 0).map_err(map_err(MAP_SLOTS, format!("write slot {i} of {}", svc.vip))).map_err(fail)?;
         }
         // The one step: the new set becomes visible.
-        self.services.insert(vip, Service { id: st.id, vni: svc.vni, count, gen }, 0).map_err(map_err(MAP_SERVICES, format!("write {}", svc.vip)))?;
+        self.services.insert(vip, Service { id: st.id, vni: svc.vni, count, gen }, 0).map_err(map_err(MAP_SERVICES, format!("write {}", svc.vip))).map_err(fail)?;
         for i in count..st.written[gen as usize] {
             let _ = self.slots.remove(&SlotKey { svc: st.id, gen, slot: i });
         }
