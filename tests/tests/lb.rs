@@ -140,6 +140,14 @@ fn refusal_and_scoping(lb: &str) -> Result<()> {
         (r["tcp"] == "ECONNREFUSED").then_some(r)
     })?;
     assert_udp_refused(lb, &r);
+    // Every task down (a process that keeps exiting): refused at once as well.
+    lab.cli_ok(0, &["service", "create", "--name", "crashing", "--network", "appnet", "--", "sh", "-c", "exit 1"])?;
+    let crashing = vip(&lab, "crashing", "appnet")?;
+    let r = wait_for("a service whose task keeps exiting refuses", T, || {
+        let r = client(&lab, 1, "refused1", "appnet", &["refused", &crashing, PORT]).ok()?;
+        (r["tcp"] == "ECONNREFUSED").then_some(r)
+    })?;
+    assert!(r["tcp_ms"].as_f64().unwrap_or(1e9) < 1000.0, "refused at once: {r}");
     lab.cli_ok(0, &["service", "scale", "web=2"])?;
     lab.wait_service("web", 2, T)?;
     wait_until_ready(&lab, 1, &web_vip, 2)?;
@@ -258,6 +266,18 @@ fn agent_kill_and_restart(lb: &str) -> Result<()> {
     assert_eq!(failed, 0, "{ok} connections succeeded, {failed} failed through the agent's kill and restart");
     // The restarted agent's view of the kernel: the same three backends.
     wait_until_ready(&lab, 1, &vip, 3)?;
+    // What changes while the agent is down is caught up when it is back.
+    lab.stop_node(1, libc::SIGKILL)?;
+    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    lab.start_node(1)?;
+    wait_for("node 2's load balancer without web.3 after its restart", T, || {
+        let t = lab.cli_json(1, &["lb", "ls"]).ok()?;
+        let s = t["services"].as_array()?.iter().find(|s| s["vip"] == vip.as_str())?.clone();
+        let b = s["backends"].as_array()?;
+        let active: Vec<&str> = b.iter().filter(|b| b["state"] == "active").filter_map(|b| b["task"].as_str()).collect();
+        (active.len() == 2 && !b.iter().any(|b| b["task"] == "web.3")).then_some(())
+    })?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
