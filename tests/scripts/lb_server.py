@@ -2,8 +2,8 @@
 """A service task for the load-balancer tests: on TCP and UDP PORT it answers with its task
 name, so a client knows which task it reached. TCP: the name on connect, then
 "<name> <line>" for every line received. UDP: "<name> <datagram>". On SIGTERM it stops
-accepting but serves its established connections for 8 more seconds (the agent withdraws
-the endpoint before it signals, and gives 10 s)."""
+accepting but serves its established connections for 8 more seconds (the agent turns the
+endpoint draining before it signals, and gives 10 s before SIGKILL)."""
 import os, signal, socket, sys, threading, time
 
 port = int(sys.argv[1]) if len(sys.argv) > 1 else 7000

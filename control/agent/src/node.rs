@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
-use swarmnet_dataplane::lb::{EbpfLb, Host, LbBackend, LbSink, NftLb};
+use swarmnet_dataplane::lb::{EbpfError, EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
 use swarmnet_dataplane::task::underlay_facts;
@@ -107,6 +107,15 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
     };
     let nft = || -> anyhow::Result<(Arc<dyn LbBackend>, Option<Host>)> {
         let b: Arc<dyn LbBackend> = Arc::new(NftLb::open(ns.clone()).map_err(anyhow::Error::msg)?);
+        // Programs an earlier eBPF agent of this node left attached would translate VIPs
+        // before nftables ever sees them, from maps nothing updates any more.
+        if let Ok(host) = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref()) {
+            match swarmnet_dataplane::lb::ebpf::detach_pinned(&host) {
+                Ok(0) => {}
+                Ok(n) => info!(links = n, "detached the eBPF programs an earlier agent left (this one uses nftables)"),
+                Err(e) => bail!("the eBPF programs an earlier agent left cannot be detached, and they would shadow nftables: {e}"),
+            }
+        }
         Ok((b, None))
     };
     let (chosen, warning) = match cfg.lb {
@@ -114,6 +123,8 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
         LbMode::Nftables => (nft().context("--lb nftables")?, None),
         LbMode::Auto => match ebpf() {
             Ok(b) => (b, None),
+            // Another agent runs this node's load balancer: falling back would fight it.
+            Err(e) if e.downcast_ref::<EbpfError>().is_some_and(|e| matches!(e, EbpfError::Locked(_))) => return Err(e),
             Err(e) => {
                 let why = format!("the eBPF load balancer cannot start here ({e:#}): using nftables");
                 warn!("{why}");

@@ -114,12 +114,28 @@ pub struct Agent {
     pub runtime: Arc<Runtime>,
     reports: Mutex<mpsc::UnboundedReceiver<TaskReport>>,
     assigned: Mutex<BTreeMap<Id, Assignment>>,
+    /// The cluster's VIP list, handed to the load balancer by a task of its own: programming
+    /// may wait for a long resync, and the session must go on meanwhile (heartbeats).
+    vips: tokio::sync::watch::Sender<Option<Vec<VipInfo>>>,
 }
 
 impl Agent {
+    /// Must be called inside the runtime (it starts the load balancer's VIP feeder).
     pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
         let tls = tls::client_config(&id.ca_pem, &id.cert)?;
-        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()) }))
+        let (vips, mut rx) = tokio::sync::watch::channel(None::<Vec<VipInfo>>);
+        if let Some(lb) = runtime.lb() {
+            let sink = lb.sink.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let Some(list) = rx.borrow_and_update().clone() else { continue };
+                    if let Err(e) = sink.set_vips(list).await {
+                        warn!(error = %e, "load balancer: could not program the cluster's VIPs");
+                    }
+                }
+            });
+        }
+        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -199,12 +215,8 @@ impl Agent {
                         }
                     }
                     Some(Ok(Some(FromManager::Vips { vips }))) => {
-                        if let Some(lb) = self.runtime.lb() {
-                            let vips = vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect();
-                            if let Err(e) = lb.sink.set_vips(vips).await {
-                                warn!(error = %e, "load balancer: could not program the cluster's VIPs");
-                            }
-                        }
+                        // Only the newest list matters; the feeder takes it when it can.
+                        let _ = self.vips.send(Some(vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect()));
                     }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),

@@ -181,6 +181,25 @@ fn lock_file(path: &Path) -> Result<File, EbpfError> {
     Ok(f)
 }
 
+/// Detaches the programs an earlier agent attached and pinned for this node (it used eBPF;
+/// this one does not: stale programs would translate before nftables sees the VIP). Returns
+/// how many links went.
+pub fn detach_pinned(host: &Host) -> Result<usize, EbpfError> {
+    let mut n = 0;
+    for prog in PROGRAMS {
+        let pin = host.pins.join(format!("link_{prog}"));
+        if !pin.exists() {
+            continue;
+        }
+        let link = PinnedLink::from_pin(&pin).map_err(prog_err(prog, "open pinned link"))?;
+        // Unpinned, the link goes when its last descriptor (this one) closes.
+        let fd = link.unpin().map_err(prog_err(prog, "unpin link"))?;
+        drop(fd);
+        n += 1;
+    }
+    Ok(n)
+}
+
 impl EbpfLb {
     /// Loads (or adopts) the programs and maps of this node. `lock` is a file of the node's
     /// data dir held for the agent's life.
@@ -235,7 +254,7 @@ impl EbpfLb {
         if gone.is_empty() {
             return Ok(());
         }
-        let spaces = lock(&self.inner).netns_on(vni);
+        let spaces = self.blocking(move |i| Ok(i.netns_on(vni))).await?;
         for ns in spaces {
             for ip in &gone {
                 let ip = *ip;
@@ -268,19 +287,36 @@ impl Inner {
             by_id.insert(s.id, vip);
             self.svc.insert(vip, Svc { id: s.id, gen: s.gen, ..Default::default() });
         }
+        // Slots and backends of a service that never got its entry (an agent killed while it
+        // programmed a new VIP) are deleted: their ids would otherwise stay taken, and come
+        // back under an unrelated VIP once its service id is reused.
+        let mut orphan_slots = Vec::new();
         for r in self.slots.keys() {
             let k = r.map_err(map_err(MAP_SLOTS, "read"))?;
-            if let Some(s) = by_id.get(&k.svc).and_then(|vip| self.svc.get_mut(vip)) {
-                let g = (k.gen & 1) as usize;
-                s.written[g] = s.written[g].max(k.slot + 1);
+            match by_id.get(&k.svc).and_then(|vip| self.svc.get_mut(vip)) {
+                Some(s) => {
+                    let g = (k.gen & 1) as usize;
+                    s.written[g] = s.written[g].max(k.slot + 1);
+                }
+                None => orphan_slots.push(k),
             }
         }
+        let mut orphan_backends = Vec::new();
         for r in self.backends.iter() {
             let (id, b) = r.map_err(map_err(MAP_BACKENDS, "read"))?;
-            self.backend_ids.used.insert(id);
-            if let Some(s) = by_id.get(&b.svc).and_then(|vip| self.svc.get_mut(vip)) {
-                s.backends.insert(b.ip, id);
+            match by_id.get(&b.svc).and_then(|vip| self.svc.get_mut(vip)) {
+                Some(s) => {
+                    self.backend_ids.used.insert(id);
+                    s.backends.insert(b.ip, id);
+                }
+                None => orphan_backends.push(id),
             }
+        }
+        for k in &orphan_slots {
+            let _ = self.slots.remove(k);
+        }
+        for id in orphan_backends {
+            self.free_backend(id);
         }
         Ok(())
     }
@@ -307,7 +343,13 @@ impl Inner {
                         id
                     }
                     Err(e) => {
-                        self.undo(new_service.then_some(st.id), &fresh);
+                        // Nothing was written for them: only the ids go back.
+                        for id in &fresh {
+                            self.backend_ids.free(*id);
+                        }
+                        if new_service {
+                            self.svc_ids.free(st.id);
+                        }
                         return Err(e);
                     }
                 },
@@ -323,7 +365,7 @@ impl Inner {
         }
     }
 
-    /// Gives back what a failed `set` took.
+    /// Gives back what a failed write took.
     fn undo(&mut self, service: Option<u32>, backends: &[u32]) {
         for id in backends {
             self.free_backend(*id);
@@ -338,22 +380,33 @@ impl Inner {
     fn write(&mut self, svc: &ServiceLb, mut st: Svc, ids: BTreeMap<u32, u32>) -> Result<Vec<Ipv4Addr>, (u32, EbpfError)> {
         let vip = be(svc.vip);
         let fail = |e: EbpfError| (st.id, e);
-        for b in &svc.backends {
+        let state_of = |b: &super::BackendLb| match b.state {
+            BackendState::Active => BACKEND_ACTIVE,
+            BackendState::Draining => BACKEND_DRAINING,
+        };
+        // New backends' entries first (nothing reads them before the flip); existing ones
+        // change state only after it, so a failure leaves them as the live set has them.
+        for b in svc.backends.iter().filter(|b| !st.backends.contains_key(&be(b.ip))) {
             let ip = be(b.ip);
-            let state = match b.state {
-                BackendState::Active => BACKEND_ACTIVE,
-                BackendState::Draining => BACKEND_DRAINING,
-            };
-            self.backends.insert(ids[&ip], Backend { ip, state, svc: st.id }, 0).map_err(map_err(MAP_BACKENDS, format!("write backend {}", b.ip))).map_err(fail)?;
+            self.backends.insert(ids[&ip], Backend { ip, state: state_of(b), svc: st.id }, 0).map_err(map_err(MAP_BACKENDS, format!("write backend {}", b.ip))).map_err(fail)?;
         }
         let active: Vec<(u32, u32)> = svc.backends.iter().filter(|b| b.state == BackendState::Active).map(|b| (be(b.ip), ids[&be(b.ip)])).collect();
         let gen = st.gen ^ 1;
         let count = u32::try_from(active.len()).map_err(|_| fail(EbpfError::Full { what: "slots of one service", max: u32::MAX }))?;
         for (i, (ip, id)) in (0u32..).zip(&active) {
-            self.slots.insert(SlotKey { svc: st.id, gen, slot: i }, Slot { ip: *ip, backend: *id }, 0).map_err(map_err(MAP_SLOTS, format!("write slot {i} of {}", svc.vip))).map_err(fail)?;
+            if let Err(e) = self.slots.insert(SlotKey { svc: st.id, gen, slot: i }, Slot { ip: *ip, backend: *id }, 0) {
+                // What was written of this generation is deleted by the next change.
+                st.written[gen as usize] = st.written[gen as usize].max(i);
+                self.svc.entry(vip).and_modify(|s| s.written = st.written);
+                return Err(fail(map_err(MAP_SLOTS, format!("write slot {i} of {}", svc.vip))(e)));
+            }
         }
         // The one step: the new set becomes visible.
         self.services.insert(vip, Service { id: st.id, vni: svc.vni, count, gen }, 0).map_err(map_err(MAP_SERVICES, format!("write {}", svc.vip))).map_err(fail)?;
+        for b in svc.backends.iter().filter(|b| st.backends.contains_key(&be(b.ip))) {
+            let ip = be(b.ip);
+            let _ = self.backends.insert(ids[&ip], Backend { ip, state: state_of(b), svc: st.id }, 0);
+        }
         for i in count..st.written[gen as usize] {
             let _ = self.slots.remove(&SlotKey { svc: st.id, gen, slot: i });
         }
@@ -491,7 +544,8 @@ impl LbBackend for EbpfLb {
     }
 
     async fn remove_task(&self, task: &TaskId, netns: Option<&File>, vnis: &[u32]) -> Result<(), SinkError> {
-        let known = lock(&self.inner).tasks.remove(task);
+        let t = task.clone();
+        let known = self.blocking(move |i| Ok(i.tasks.remove(&t))).await?;
         let (cookie, vnis) = match (known, netns) {
             (Some(k), _) => (k.cookie, k.vnis),
             (None, Some(f)) => {

@@ -113,6 +113,11 @@ impl Host {
     }
 }
 
+/// The cgroup folder of node `node`, as this process sees cgroup2 (for tools and tests).
+pub fn node_cgroup(node: &str) -> Option<PathBuf> {
+    Some(find_mount("cgroup2")?.join(TOP).join(dir_name(node)))
+}
+
 /// Removes what nodes named `<prefix>*` left in cgroup2 and bpffs (the lab's clean-up, also
 /// after a crash). Their processes must be gone first (a cgroup with processes cannot go).
 pub fn remove_leftovers(prefix: &str) -> Result<(), HostError> {

@@ -100,8 +100,8 @@ pub trait LbBackend: Send + Sync {
     /// VIP, in order.
     async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>>;
 
-    /// The VIPs of network `vni` the kernel holds now, with their backends (after a restart,
-    /// what an earlier agent left).
+    /// Every VIP the kernel holds now, with its backends (after a restart, what an earlier
+    /// agent left).
     async fn read(&self) -> Result<Vec<ServiceRow>, SinkError>;
 
     /// The task's network namespace is on these networks (their VNIs): VIPs of those
@@ -113,7 +113,7 @@ pub trait LbBackend: Send + Sync {
     async fn remove_task(&self, task: &TaskId, netns: Option<&File>, vnis: &[u32]) -> Result<(), SinkError>;
 }
 
-pub use ebpf::EbpfLb;
+pub use ebpf::{EbpfError, EbpfLb};
 pub use nft::NftLb;
 pub use host::Host;
 pub use sink::{Names, VipInfo, VniOf};

@@ -305,41 +305,64 @@ impl NftLb {
     async fn clear_udp(&self, netns: &File, vip: Ipv4Addr, ip: Ipv4Addr) {
         let Ok(f) = netns.try_clone() else { return };
         let argv: Vec<String> = ["conntrack", "-D", "-p", "udp", "--orig-dst", &vip.to_string(), "--reply-src", &ip.to_string()].iter().map(|s| s.to_string()).collect();
-        match self.ns.run(move |ctx| ctx.command_in(&f, &argv, b"")).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows"),
-            Err(e) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows"),
+        let r = match self.ns.run(move |ctx| ctx.command_in(&f, &argv, b"")).await {
+            Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows");
         }
     }
 
-    /// Brings every namespace on `vip`'s network to hold `s` (None: not hold `vip`).
-    async fn apply(&self, st: &mut State, vip: Ipv4Addr, vni: u32, s: Option<&ServiceLb>) -> Result<(), SinkError> {
-        let mut failed = Vec::new();
-        let ids: Vec<TaskId> = st.tasks.iter().filter(|(_, t)| t.vnis.contains(&vni)).map(|(k, _)| k.clone()).collect();
+    /// Brings every task namespace to hold each of `changes` (VIP → the service, or None:
+    /// not hold it), one transaction per namespace. Returns, per VIP, why it failed where
+    /// it did.
+    async fn apply(&self, st: &mut State, changes: &[(Ipv4Addr, Option<&ServiceLb>)]) -> BTreeMap<Ipv4Addr, Vec<String>> {
+        let mut failed: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+        let ids: Vec<TaskId> = st.tasks.keys().cloned().collect();
         for id in ids {
             let Some(t) = st.tasks.get(&id) else { continue };
-            let (script, now, gone) = change(vip, s, t.made.get(&vip));
-            let netns = t.netns.try_clone()?;
+            let mut script = String::new();
+            let mut after = Vec::new();
+            for (vip, s) in changes {
+                // A VIP is on a namespace's networks, or held by it already (a removal).
+                let concerned = match s {
+                    Some(s) => t.vnis.contains(&s.vni),
+                    None => t.made.contains_key(vip),
+                };
+                if !concerned {
+                    continue;
+                }
+                let (text, now, gone) = change(*vip, *s, t.made.get(vip));
+                script.push_str(&text);
+                after.push((*vip, now, gone));
+            }
+            if after.is_empty() {
+                continue;
+            }
+            let Ok(netns) = t.netns.try_clone() else { continue };
             match self.nft(&netns, script).await {
                 Ok(()) => {
-                    if let Some(t) = st.tasks.get_mut(&id) {
-                        match now {
-                            Some(n) => t.made.insert(vip, n),
-                            None => t.made.remove(&vip),
-                        };
-                    }
-                    for ip in gone {
-                        self.clear_udp(&netns, vip, ip).await;
+                    for (vip, now, gone) in after {
+                        if let Some(t) = st.tasks.get_mut(&id) {
+                            match now {
+                                Some(n) => t.made.insert(vip, n),
+                                None => t.made.remove(&vip),
+                            };
+                        }
+                        for ip in gone {
+                            self.clear_udp(&netns, vip, ip).await;
+                        }
                     }
                 }
-                Err(e) => failed.push(format!("task {id}: {e}")),
+                Err(e) => {
+                    for (vip, _, _) in after {
+                        failed.entry(vip).or_default().push(format!("task {id}: {e}"));
+                    }
+                }
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(failed.join("; ").into())
-        }
+        failed
     }
 }
 
@@ -351,32 +374,34 @@ impl LbBackend for NftLb {
 
     async fn set(&self, svcs: &[ServiceLb]) -> Vec<Result<(), SinkError>> {
         let mut st = self.state.lock().await;
-        let mut out = Vec::with_capacity(svcs.len());
-        for s in svcs {
-            let r = self.apply(&mut st, s.vip, s.vni, Some(s)).await;
-            if r.is_ok() {
-                st.services.insert(s.vip, s.clone());
-            }
-            out.push(r);
-        }
-        out
+        let changes: Vec<(Ipv4Addr, Option<&ServiceLb>)> = svcs.iter().map(|s| (s.vip, Some(s))).collect();
+        let failed = self.apply(&mut st, &changes).await;
+        svcs.iter()
+            .map(|s| match failed.get(&s.vip) {
+                Some(why) => Err(why.join("; ").into()),
+                None => {
+                    st.services.insert(s.vip, s.clone());
+                    Ok(())
+                }
+            })
+            .collect()
     }
 
     async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>> {
         let mut st = self.state.lock().await;
-        let mut out = Vec::with_capacity(vips.len());
-        for vip in vips {
-            let Some(vni) = st.services.get(vip).map(|s| s.vni) else {
-                out.push(Ok(()));
-                continue;
-            };
-            let r = self.apply(&mut st, *vip, vni, None).await;
-            if r.is_ok() {
-                st.services.remove(vip);
-            }
-            out.push(r);
-        }
-        out
+        // Also VIPs this agent never programmed (an earlier agent's, left in an adopted
+        // task's table): every namespace that holds one loses it.
+        let changes: Vec<(Ipv4Addr, Option<&ServiceLb>)> = vips.iter().map(|v| (*v, None)).collect();
+        let failed = self.apply(&mut st, &changes).await;
+        vips.iter()
+            .map(|v| match failed.get(v) {
+                Some(why) => Err(why.join("; ").into()),
+                None => {
+                    st.services.remove(v);
+                    Ok(())
+                }
+            })
+            .collect()
     }
 
     /// Every VIP the tasks' tables hold, read back from the kernel: its backends (in the
@@ -416,16 +441,33 @@ impl LbBackend for NftLb {
 
     async fn add_task(&self, task: &TaskId, netns: &File, vnis: &[u32]) -> Result<(), SinkError> {
         let mut st = self.state.lock().await;
+        let mine: Vec<&ServiceLb> = st.services.values().filter(|s| vnis.contains(&s.vni)).collect();
         let made = match self.read_ns(netns).await? {
-            // A task adopted after a restart: its table goes on as it is, and changes start
-            // from what it holds.
-            Some(table) => table
-                .vips
-                .into_iter()
-                .map(|(vip, v)| (vip, NsVip { backends: v.backends.keys().copied().collect(), active: v.in_map, vni: Some(v.vni) }))
-                .collect(),
+            // A task adopted after a restart: its table goes on as it is; what this agent
+            // already programmed since is brought into it (one transaction), and the rest
+            // changes from what it holds.
+            Some(table) => {
+                let mut made: BTreeMap<Ipv4Addr, NsVip> = table
+                    .vips
+                    .into_iter()
+                    .map(|(vip, v)| (vip, NsVip { backends: v.backends.keys().copied().collect(), active: v.in_map, vni: Some(v.vni) }))
+                    .collect();
+                let mut script = String::new();
+                let mut after = Vec::new();
+                for s in &mine {
+                    let (text, now, _) = change(s.vip, Some(s), made.get(&s.vip));
+                    script.push_str(&text);
+                    after.push((s.vip, now));
+                }
+                self.nft(netns, script).await.map_err(|e| format!("task {task}: {e}"))?;
+                for (vip, now) in after {
+                    if let Some(n) = now {
+                        made.insert(vip, n);
+                    }
+                }
+                made
+            }
             None => {
-                let mine: Vec<&ServiceLb> = st.services.values().filter(|s| vnis.contains(&s.vni)).collect();
                 let (script, made) = full_table(&mine);
                 self.nft(netns, script).await.map_err(|e| format!("task {task}: {e}"))?;
                 made

@@ -85,6 +85,18 @@ impl Core {
         self.adopted.get_or_insert_with(BTreeMap::new)
     }
 
+    /// Adds what the backend holds now for `network` (its VNI) to what an earlier agent left,
+    /// for VIPs not known yet.
+    async fn refresh_adopted(&mut self, network: &NetworkId) {
+        let Some(vni) = (self.vni_of)(network) else { return };
+        let Ok(rows) = self.backend.read().await else { return };
+        let programmed: BTreeSet<Ipv4Addr> = self.programmed.keys().copied().collect();
+        let a = self.adopted().await;
+        for r in rows.into_iter().filter(|r| r.vni == vni && !programmed.contains(&r.vip)) {
+            a.entry(r.vip).or_insert(r);
+        }
+    }
+
     /// The network a VIP belongs to: the manager's word, else its endpoints'.
     fn network_of(&self, vip: Ipv4Addr) -> Option<NetworkId> {
         if let Some(i) = self.vips.get(&vip) {
@@ -275,11 +287,19 @@ impl Sink for LbSink {
             }
             Resync::Partial => c.eps.entry(network.clone()).or_default().extend(eps),
         }
+        if how == Resync::Partial {
+            // What an earlier agent left may have become readable since the first look (the
+            // nftables backend reads it from task namespaces, added one by one as tasks are
+            // adopted): look again while the network's table is still filling.
+            c.refresh_adopted(network).await;
+        }
         let touched = c.vips_of(network).await;
         let r = c.program(touched, Some(network)).await;
         if how == Resync::Complete {
+            let failed: BTreeSet<Ipv4Addr> = c.failed.keys().copied().collect();
             if let (Some(vni), Some(a)) = ((c.vni_of)(network), c.adopted.as_mut()) {
-                a.retain(|_, row| row.vni != vni);
+                // What could not be removed stays known, for the retry.
+                a.retain(|vip, row| row.vni != vni || failed.contains(vip));
             }
         }
         r

@@ -126,27 +126,42 @@ fn forward(ctx: &SockAddrContext, unconnected_udp: bool) -> i32 {
                 *rr = n.wrapping_add(1);
                 n
             };
-            let Some(i) = n.checked_rem(svc.count) else { return refuse() };
-            // SAFETY: value copied at once.
-            match unsafe { SLOTS.get(SlotKey { svc: svc.id, gen: svc.gen, slot: i }) }.copied() {
+            match pick(&svc, n).or_else(|| {
+                // A reader held across two changes can hold a generation whose slots the
+                // second change already trimmed: look once more at the live entry.
+                // SAFETY: value copied at once.
+                let again = unsafe { SERVICES.get(vip) }.copied()?;
+                pick(&again, n)
+            }) {
                 Some(s) => s,
-                // A service whose slots are not all written is never published (the loader
-                // writes the slots first); refuse rather than send a SYN to nowhere.
+                // No slot for a published service: refuse rather than send a SYN to nowhere.
                 None => return refuse(),
             }
         }
     };
     // SAFETY: writable fields of the context, written whole.
     unsafe { (*sa).user_ip4 = slot.ip };
-    let _ = REVNAT.insert(SockKey { cookie, ip: slot.ip, port }, VipPort { vip, port }, 0);
-    if unconnected_udp && chosen.is_none() {
-        let _ = UDP_AFF.insert(flow, slot, 0);
-    }
-    if let Some(h) = HANDED.get_ptr_mut(slot.backend) {
-        // SAFETY: this CPU's slot of an existing element.
-        unsafe { *h = (*h).wrapping_add(1) };
+    if chosen.is_none() {
+        // A new connection or UDP flow (later datagrams of a flow found it above): its
+        // reverse entry, its affinity, and one more for the backend's count.
+        let _ = REVNAT.insert(SockKey { cookie, ip: slot.ip, port }, VipPort { vip, port }, 0);
+        if unconnected_udp {
+            let _ = UDP_AFF.insert(flow, slot, 0);
+        }
+        if let Some(h) = HANDED.get_ptr_mut(slot.backend) {
+            // SAFETY: this CPU's slot of an existing element.
+            unsafe { *h = (*h).wrapping_add(1) };
+        }
     }
     PROCEED
+}
+
+/// The `n`th pick of `svc`'s live generation.
+#[inline(always)]
+fn pick(svc: &Service, n: u32) -> Option<Slot> {
+    let i = n.checked_rem(svc.count)?;
+    // SAFETY: value copied at once.
+    unsafe { SLOTS.get(SlotKey { svc: svc.id, gen: svc.gen, slot: i }) }.copied()
 }
 
 /// `recvmsg4` and `getpeername4`: a task's address:port → the VIP:port the socket asked for.
