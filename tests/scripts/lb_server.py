@@ -12,6 +12,11 @@ tcp = socket.socket()
 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 tcp.bind(("0.0.0.0", port))
 tcp.listen(512)
+# A second TCP port (PORT + 1), answering the same way: a VIP forwards every port.
+other = socket.socket()
+other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+other.bind(("0.0.0.0", port + 1))
+other.listen(64)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind(("0.0.0.0", port))
 stopping = threading.Event()
@@ -45,7 +50,14 @@ def serve(conn):
         conn.close()
 
 
+def serve_other():
+    while True:
+        conn, _ = other.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
 threading.Thread(target=serve_udp, daemon=True).start()
+threading.Thread(target=serve_other, daemon=True).start()
 while not stopping.is_set():
     try:
         conn, _ = tcp.accept()

@@ -106,6 +106,10 @@ fn round_robin_and_the_vip_as_peer(lb: &str) -> Result<()> {
     assert_eq!(r["bad_source"], serde_json::json!([]), "every reply comes from the VIP: {r}");
     assert_even("300 UDP flows", &counts(&r), &names, 300);
 
+    // Any port: the VIP forwards the port asked for to the same port of a task.
+    let r = client(&lab, 1, "port7001", "appnet", &["reach", &vip, "7001"])?;
+    assert!(r["reached"].as_str().is_some_and(|s| s.starts_with("web.")), "VIP:7001: {r}");
+
     let r = client(&lab, 1, "udpconn", "appnet", &["udp-connected", &vip, PORT])?;
     assert!(r["reply"].as_str().is_some_and(|s| s.starts_with("web.")), "{r}");
     assert_eq!(r["peer"], serde_json::json!([vip, 7000]), "{r}");
@@ -117,10 +121,10 @@ fn round_robin_and_the_vip_as_peer(lb: &str) -> Result<()> {
     assert_eq!(s["service"], "web", "{t}");
     let handed: u64 = s["backends"].as_array().context("backends")?.iter().filter_map(|b| b["connections"].as_u64()).sum();
     if lb == "ebpf" {
-        assert_eq!(handed, 901, "600 connections, 300 UDP flows (two datagrams each) and one connected UDP socket were handed out: {t}");
+        assert_eq!(handed, 902, "600 connections, 300 UDP flows (two datagrams each), one connection to another port and one connected UDP socket were handed out: {t}");
     } else {
         // nftables counts in each client's namespace, read when the client task goes.
-        assert!((890..=901).contains(&handed), "about 901 connections and flows: {t}");
+        assert!((890..=902).contains(&handed), "about 902 connections and flows: {t}");
     }
     let table = lab.cli_ok(1, &["lb", "ls"])?;
     assert!(table.contains(&format!("backend: {lb}")) && table.contains(&vip) && table.contains("web.2"), "{table}");
