@@ -137,6 +137,9 @@ fn connections(lb: &str) -> Result<()> {
         println!("[{lb}] {label}: worst VIP/direct ratio over the 3 rounds: {worst:.3}");
     }
     println!("{}", lab.cli_ok(0, &["lb", "ls"])?);
+    drop(lab);
+    // The nginx tasks' files.
+    let _ = std::fs::remove_dir_all("/tmp/snbench-nginx");
     Ok(())
 }
 

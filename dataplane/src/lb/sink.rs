@@ -51,6 +51,11 @@ struct Core {
     /// VIPs whose last programming failed, and why (`lb ls` shows it; the follow loop
     /// retries).
     failed: BTreeMap<Ipv4Addr, String>,
+    /// Networks resynced at least once (partially or completely) since this agent started.
+    /// VIPs of a network not resynced yet are left as they are: before it, this agent knows
+    /// neither the network's endpoints nor what an earlier agent left for it (the nftables
+    /// backend reads that from the namespaces of tasks as they are adopted).
+    seen: BTreeSet<NetworkId>,
 }
 
 /// The load balancer's state, shared by its sink (in the follow loop) and its handle (the
@@ -146,6 +151,9 @@ impl Core {
         let mut sets = Vec::new();
         let mut removes = Vec::new();
         for vip in vips {
+            if self.network_of(vip).or_else(|| network.cloned()).is_some_and(|n| !self.seen.contains(&n)) {
+                continue;
+            }
             let want = self.desired(vip, network).await;
             if want.as_ref() == self.programmed.get(&vip) {
                 continue;
@@ -213,7 +221,7 @@ impl Core {
 
 impl LbSink {
     pub fn new(backend: Arc<dyn LbBackend>, vni_of: VniOf) -> LbSink {
-        let core = Core { backend, vni_of, eps: BTreeMap::new(), vips: BTreeMap::new(), programmed: BTreeMap::new(), complete: BTreeSet::new(), adopted: None, failed: BTreeMap::new() };
+        let core = Core { backend, vni_of, eps: BTreeMap::new(), vips: BTreeMap::new(), programmed: BTreeMap::new(), complete: BTreeSet::new(), adopted: None, failed: BTreeMap::new(), seen: BTreeSet::new() };
         LbSink { core: Arc::new(Mutex::new(core)) }
     }
 
@@ -280,6 +288,7 @@ impl Sink for LbSink {
     async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
         let mut c = self.core.lock().await;
         let eps: BTreeMap<TaskId, Endpoint> = endpoints.iter().map(|e| (e.id.clone(), e.clone())).collect();
+        c.seen.insert(network.clone());
         match how {
             Resync::Complete => {
                 c.eps.insert(network.clone(), eps);
@@ -309,6 +318,7 @@ impl Sink for LbSink {
         let mut c = self.core.lock().await;
         c.eps.remove(network);
         c.complete.remove(network);
+        c.seen.remove(network);
         let mine: Vec<Ipv4Addr> = c.programmed.values().filter(|s| &s.network == network).map(|s| s.vip).collect();
         let mut failed = Vec::new();
         let results = c.backend.remove(&mine).await;
@@ -423,6 +433,11 @@ mod tests {
         (fake, sink)
     }
 
+    /// The node joined network n (the follow loop's first resync of it).
+    async fn joined(sink: &mut LbSink) {
+        sink.resync(&"n".into(), &[], Resync::Partial).await.expect("join");
+    }
+
     fn vip_info() -> VipInfo {
         VipInfo { network: "n".into(), vip: VIP, service: "web".into() }
     }
@@ -430,6 +445,7 @@ mod tests {
     #[tokio::test]
     async fn endpoints_become_one_backend_set_per_vip_with_their_state() {
         let (fake, mut sink) = setup();
+        joined(&mut sink).await;
         let (a, b) = (ep("a", 3, EndpointState::Active), ep("b", 4, EndpointState::Active));
         sink.apply(&[add(&a), add(&b)]).await.expect("apply");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3 10.0.0.4]"], "one step for the whole batch");
@@ -449,6 +465,7 @@ mod tests {
     #[tokio::test]
     async fn an_allocated_vip_without_tasks_stays_programmed_empty_so_it_refuses() {
         let (fake, mut sink) = setup();
+        joined(&mut sink).await;
         sink.set_vips(vec![vip_info()]).await.expect("vips");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 []"]);
         let a = ep("a", 3, EndpointState::Active);
@@ -493,6 +510,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_map_is_an_error_lb_ls_shows_and_the_old_set_stays() {
         let (fake, mut sink) = setup();
+        joined(&mut sink).await;
         sink.apply(&[add(&ep("a", 3, EndpointState::Active))]).await.expect("apply");
         *fake.full.lock().expect("lock") = true;
         let e = sink.apply(&[add(&ep("b", 4, EndpointState::Active))]).await.expect_err("full");
@@ -507,8 +525,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nothing_is_programmed_for_a_network_before_its_first_resync() {
+        let (fake, mut sink) = setup();
+        sink.set_vips(vec![vip_info()]).await.expect("vips");
+        sink.apply(&[add(&ep("a", 3, EndpointState::Active))]).await.expect("apply");
+        assert!(fake.take().is_empty(), "what an earlier agent left may not be readable yet");
+        joined(&mut sink).await;
+        assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3]"]);
+    }
+
+    #[tokio::test]
     async fn leaving_a_network_removes_its_vips() {
         let (fake, mut sink) = setup();
+        joined(&mut sink).await;
         sink.apply(&[add(&ep("a", 3, EndpointState::Active))]).await.expect("apply");
         fake.take();
         sink.forget(&"n".into()).await.expect("forget");
