@@ -40,9 +40,9 @@ async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::
     Ok(agent)
 }
 
-pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16) -> anyhow::Result<()> {
+pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
-    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port };
+    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet };
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");

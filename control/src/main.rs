@@ -123,6 +123,10 @@ enum Cmd {
         /// created, like `docker swarm init --data-path-port`).
         #[arg(long, default_value_t = 4789)]
         data_path_port: u16,
+        /// Subnet of the ingress network (the routing mesh's overlay), used when the cluster is
+        /// created (default: the last /24 of --default-addr-pool, never handed to another network).
+        #[arg(long)]
+        ingress_subnet: Option<ipnetwork::Ipv4Network>,
     },
     /// Run an agent that joins a manager.
     Agent {
@@ -245,6 +249,9 @@ enum NetworkCmd {
         attachable: bool,
         #[arg(long)]
         subnet: Option<String>,
+        /// Make this the cluster's ingress network (the routing mesh's), in place of a removed one.
+        #[arg(long)]
+        ingress: bool,
         name: String,
     },
     Ls {
@@ -270,7 +277,8 @@ enum ServiceCmd {
         /// vip or dnsrr
         #[arg(long, default_value = "vip")]
         endpoint_mode: String,
-        /// PUBLISHED:TARGET[/tcp|/udp]
+        /// PUBLISHED:TARGET[/tcp|/udp], TARGET (published port from 30000-32767), or
+        /// published=P,target=T,protocol=tcp|udp,mode=ingress|host
         #[arg(short, long)]
         publish: Vec<String>,
         #[arg(last = true, required = true)]
@@ -288,6 +296,16 @@ enum ServiceCmd {
     Inspect { name: String },
     /// SERVICE=REPLICAS
     Scale { spec: String },
+    /// Change a running service's published ports; its tasks keep running.
+    Update {
+        name: String,
+        /// A port to publish, as `service create --publish`.
+        #[arg(long)]
+        publish_add: Vec<String>,
+        /// A published port to withdraw: PUBLISHED[/tcp|/udp].
+        #[arg(long)]
+        publish_rm: Vec<String>,
+    },
     Rm { name: String },
 }
 
@@ -315,7 +333,7 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     match cli.cmd {
-        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port } => {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
@@ -324,7 +342,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
             let c = d.node_config()?;
-            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port))?;
+            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
@@ -404,8 +422,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             });
         }
-        Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, name }) => {
-            let n: NetworkInfo = call(&host, ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet } })?;
+        Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, ingress, name }) => {
+            let n: NetworkInfo = call(&host, ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet, ingress } })?;
             println!("{}", n.id);
         }
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
@@ -424,6 +442,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let (name, n) = spec.split_once('=').ok_or_else(|| anyhow!("invalid scale {spec:?}: expected SERVICE=REPLICAS"))?;
             let replicas: i64 = n.parse().map_err(|_| anyhow!("invalid scale {spec:?}: {n:?} is not a number"))?;
             println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name: name.to_string(), replicas })?.name);
+        }
+        Cmd::Service(ServiceCmd::Update { name, publish_add, publish_rm }) => {
+            if publish_add.is_empty() && publish_rm.is_empty() {
+                bail!("service update {name}: nothing to change (give --publish-add or --publish-rm)");
+            }
+            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, publish_add, publish_rm })?.name);
         }
         Cmd::Service(ServiceCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::ServiceRm { name })?.name),
     }

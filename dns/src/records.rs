@@ -292,10 +292,10 @@ mod tests {
     fn srv_from_published_ports() {
         let mut r = Records::default();
         let mut e = ep("n", "t1", "web", "web.1", 3, Some(2));
-        e.ports = vec![Port { published: 8080, target: 80, protocol: Protocol::Tcp }, Port { published: 5353, target: 53, protocol: Protocol::Udp }];
+        e.ports = vec![Port { published: 8080, target: 80, protocol: Protocol::Tcp, mode: Default::default() }, Port { published: 5353, target: 53, protocol: Protocol::Udp, mode: Default::default() }];
         add(&mut r, e);
         let mut d1 = ep("n", "d1", "db", "db.1", 5, None);
-        d1.ports = vec![Port { published: 5432, target: 5432, protocol: Protocol::Tcp }];
+        d1.ports = vec![Port { published: 5432, target: 5432, protocol: Protocol::Tcp, mode: Default::default() }];
         let mut d2 = d1.clone();
         d2.id = "d2".into();
         d2.task_name = "db.2".into();

@@ -69,7 +69,7 @@ fn three_nodes_run_replicas_in_their_own_namespaces() -> Result<()> {
     let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
     assert_eq!(net["subnet"], "10.0.0.0/24");
     assert_eq!(net["gateway"], "10.0.0.1");
-    assert_eq!(net["vni"], 4096);
+    assert_eq!(net["vni"], 4097, "4096 is the ingress network's, made with the cluster");
     lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "python3", "-m", "http.server", "80"])?;
     let tasks = lab.wait_service("web", 3, T)?;
     assert_eq!(nodes_of(&tasks), vec!["snx-basic-n1", "snx-basic-n2", "snx-basic-n3"], "one task per node");
@@ -338,7 +338,14 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() -> Result<()> {
         (&["service", "create", "--name", "x", "--network", "nope", "--", "true"], "network nope not found"),
         (&["service", "create", "--name", "x", "--replicas", "-1", "--network", "appnet", "--", "true"], "must be 0 or more"),
         (&["service", "create", "--name", "x", "--replicas", "1", "--network", "tiny", "--", "true"], "no free address left"),
-        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "80", "--", "true"], "invalid --publish"),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "70000:80", "--", "true"], "published port \"70000\" is not 1 to 65535"),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "0:80", "--", "true"], "published port \"0\" is not 1 to 65535"),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "8080:80/sctp", "--", "true"], "protocol \"sctp\" is not tcp or udp"),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "published=8080,target=80,mode=bridge", "--", "true"], "mode \"bridge\" is not ingress or host"),
+        (&["service", "create", "--name", "x", "--network", "ingress", "--", "true"], "the ingress network is the cluster's own"),
+        (&["service", "update", "nope", "--publish-add", "9000:80"], "service nope not found"),
+        (&["service", "update", "web", "--publish-rm", "9999"], "does not publish port 9999"),
+        (&["service", "update", "web"], "nothing to change"),
         (&["service", "scale", "web=-3"], "must be 0 or more"),
         (&["service", "scale", "nope=2"], "service nope not found"),
         (&["service", "ps", "nope"], "service nope not found"),

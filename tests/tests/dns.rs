@@ -146,6 +146,26 @@ fn names_vips_tasks_dnsrr_aliases_ptr_srv_and_scoping() -> Result<()> {
     // A cluster-only name that does not exist is answered here.
     assert_eq!(status(&dig(asker, &["tasks.nothing"])?), "NXDOMAIN");
 
+    // `service update` changes the published ports of running tasks: SRV follows, no task is
+    // replaced or restarted; a port published with none given comes from 30000-32767.
+    let before: BTreeSet<(String, u32)> = webs.iter().map(|t| (t["id"].as_str().unwrap_or("?").to_string(), pid(t))).collect();
+    lab.cli_ok(0, &["service", "update", "web", "--publish-add", "published=9000,target=81", "--publish-add", "82", "--publish-rm", "8080"])?;
+    let mut last = BTreeSet::new();
+    wait_for("SRV _http._tcp.web after the update", T, || {
+        last = short(asker, &["SRV", "_http._tcp.web"]).ok()?;
+        (last == set(&["0 1 81 web.", "0 1 82 web."])).then_some(())
+    })
+    .with_context(|| format!("last SRV answer {last:?}"))?;
+    let inspect: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "web"])?)?;
+    let ports: BTreeSet<(u64, u64)> = inspect["ports"].as_array().context("ports")?.iter().filter_map(|p| Some((p["published"].as_u64()?, p["target"].as_u64()?))).collect();
+    assert_eq!(ports, BTreeSet::from([(9000, 81), (30000, 82)]), "{inspect}");
+    let ls = lab.cli_ok(0, &["service", "ls"])?;
+    assert!(ls.contains("*:9000->81/tcp") && ls.contains("*:30000->82/tcp") && !ls.contains("8080"), "{ls}");
+    let after: BTreeSet<(String, u32)> = lab.wait_service("web", 3, T)?.iter().map(|t| (t["id"].as_str().unwrap_or("?").to_string(), pid(t))).collect();
+    assert_eq!(after, before, "the same tasks with the same processes");
+    let err = lab.cli_err(0, &["service", "create", "--name", "thief", "--publish", "9000:80", "--", "true"])?;
+    assert!(err.contains("port 9000/tcp is already published by service web"), "{err}");
+
     // Scoping: othernet's names are not visible from appnet, and back.
     assert!(short(asker, &["hidden"])?.is_empty(), "hidden lives on othernet only");
     assert_eq!(status(&dig(asker, &["tasks.hidden"])?), "NXDOMAIN");

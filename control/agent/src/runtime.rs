@@ -17,7 +17,7 @@ use swarmnet_dataplane::overlay::Sandboxes;
 use swarmnet_dataplane::state::{self, StateFile};
 use swarmnet_dataplane::task::{self as dp, TaskNet};
 use swarmnet_gossip::server::{Cmd, GossipHandle};
-use swarmnet_types::{mac_for, Endpoint, EndpointState, Id};
+use swarmnet_types::{mac_for, Endpoint, EndpointState, Id, Port};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -29,6 +29,9 @@ pub(crate) struct Local {
     assignment: Assignment,
     report: Arc<Mutex<TaskReport>>,
     stop: watch::Sender<bool>,
+    /// The service's published ports: `service update` changes them under a running task,
+    /// whose supervisor publishes its endpoints again.
+    ports: watch::Sender<Vec<Port>>,
 }
 
 /// What the runtime plugs tasks into.
@@ -236,7 +239,15 @@ impl Runtime {
         };
         let mut locals = lock(&self.locals);
         locals.retain(|id, l| {
-            if desired.contains_key(id) {
+            if let Some(a) = desired.get(id) {
+                l.ports.send_if_modified(|p| {
+                    let changed = *p != a.ports;
+                    if changed {
+                        info!(task = %id, name = %a.name, "published ports changed: endpoints published again");
+                        p.clone_from(&a.ports);
+                    }
+                    changed
+                });
                 return true;
             }
             info!(task = %id, name = %l.assignment.name, "task no longer assigned: stopping");
@@ -266,8 +277,9 @@ impl Runtime {
             let adopt = lock(&self.adoptable).remove(id);
             let report = Arc::new(Mutex::new(TaskReport { task_id: id.clone(), state: TaskState::Assigned, error: String::new(), pid: None, restarts: 0 }));
             let (stop_tx, stop_rx) = watch::channel(false);
-            locals.insert(id.clone(), Local { assignment: a.clone(), report: report.clone(), stop: stop_tx });
-            tokio::spawn(supervisor::supervise(self.clone(), a.clone(), adopt, report, stop_rx));
+            let (ports_tx, ports_rx) = watch::channel(a.ports.clone());
+            locals.insert(id.clone(), Local { assignment: a.clone(), report: report.clone(), stop: stop_tx, ports: ports_tx });
+            tokio::spawn(supervisor::supervise(self.clone(), a.clone(), adopt, report, stop_rx, ports_rx));
         }
         drop(locals);
         // Sandboxes nothing holds any more (adopted ones included) go. New ones are made by

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use swarmnet_api::{Assignment, TaskReport, TaskState};
 use swarmnet_dataplane::task as dp;
-use swarmnet_types::EndpointState;
+use swarmnet_types::{EndpointState, Port};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -73,18 +73,30 @@ struct Supervisor {
     a: Assignment,
     report: Arc<Mutex<TaskReport>>,
     stop: watch::Receiver<bool>,
+    ports: watch::Receiver<Vec<Port>>,
+    /// The ports changed since the endpoints were last published as active.
+    ports_stale: bool,
     netns: Option<File>,
     dns: Option<swarmnet_dns::server::Listener>,
     delay: Duration,
 }
 
-pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Persisted>, report: Arc<Mutex<TaskReport>>, stop: watch::Receiver<bool>) {
-    let mut s = Supervisor { rt, a, report, stop, netns: None, dns: None, delay: RESTART_MIN };
+pub(crate) async fn supervise(rt: Arc<Runtime>, a: Assignment, adopt: Option<Persisted>, report: Arc<Mutex<TaskReport>>, stop: watch::Receiver<bool>, ports: watch::Receiver<Vec<Port>>) {
+    let mut s = Supervisor { rt, a, report, stop, ports, ports_stale: false, netns: None, dns: None, delay: RESTART_MIN };
     let mut step = match adopt {
         Some(p) => s.adopt(p).await.map_or(Step::Network, Step::Running),
         None => Step::Network,
     };
     let stopped = loop {
+        if s.ports.has_changed().unwrap_or(false) {
+            // `service update --publish-add/--publish-rm`: the task goes on running; its
+            // endpoints are published again now if it runs, else when it starts.
+            s.a.ports = s.ports.borrow_and_update().clone();
+            match step {
+                Step::Running(_) => s.rt.publish(&s.a, EndpointState::Active),
+                _ => s.ports_stale = true,
+            }
+        }
         if *s.stop.borrow() && !matches!(step, Step::Stopping(_) | Step::Done { .. }) {
             step = Step::Stopping(match step {
                 Step::Running(p) => Some(p),
@@ -210,8 +222,8 @@ impl Supervisor {
                 let start = dp::proc_start_time(pid).unwrap_or(0);
                 self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start }).await;
                 info!(task = %id, name = %self.a.name, pid, "task started");
-                if lock(&self.report).restarts > 0 {
-                    // Back from draining.
+                if lock(&self.report).restarts > 0 || std::mem::take(&mut self.ports_stale) {
+                    // Back from draining, or with the ports changed since connected.
                     self.rt.publish(&self.a, EndpointState::Active);
                 }
                 self.rt.update(&self.report, |r| {
@@ -246,6 +258,12 @@ impl Supervisor {
                 self.fail(state, error, Outcome::Exited(code.unwrap_or(-1)), Step::Start)
             }
             _ = self.stop.changed() => Step::Stopping(Some(p)),
+            Ok(()) = self.ports.changed() => {
+                // `changed` marked it seen: published again here, not by the loop.
+                self.a.ports = self.ports.borrow_and_update().clone();
+                self.rt.publish(&self.a, EndpointState::Active);
+                Step::Running(p)
+            }
         }
     }
 

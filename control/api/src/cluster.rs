@@ -70,6 +70,9 @@ pub struct NetworkCreate {
     pub driver: String,
     pub attachable: bool,
     pub subnet: Option<String>,
+    /// The cluster's ingress network (there is one at most; the manager makes it).
+    #[serde(default)]
+    pub ingress: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

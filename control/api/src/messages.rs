@@ -133,6 +133,9 @@ pub enum ApiRequest {
     ServiceInspect { name: String },
     /// `ServiceInfo`
     ServiceScale { name: String, replicas: i64 },
+    /// `ServiceInfo`: ports added (`--publish-add` specs) and removed (`PUBLISHED[/PROTOCOL]`)
+    /// without restarting the service's tasks.
+    ServiceUpdate { name: String, publish_add: Vec<String>, publish_rm: Vec<String> },
     /// `Removed`
     ServiceRm { name: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`

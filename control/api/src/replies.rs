@@ -48,6 +48,9 @@ pub struct NetworkInfo {
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
     pub vni: u32,
+    /// The cluster's ingress network (the routing mesh's).
+    #[serde(default)]
+    pub ingress: bool,
 }
 
 /// An endpoint of a network as the manager assigned it.
@@ -197,9 +200,13 @@ pub struct LbTable {
     pub services: Vec<LbServiceInfo>,
 }
 
-/// `*:8080->80/tcp`, as `service ls` shows a published port.
+/// `*:8080->80/tcp` (ingress: every node), `:8080->80/tcp (host)`, as `service ls` shows a
+/// published port.
 pub fn format_port(p: &Port) -> String {
-    format!("*:{}->{}/{}", p.published, p.target, p.protocol)
+    match p.mode {
+        swarmnet_types::PublishMode::Ingress => format!("*:{}->{}/{}", p.published, p.target, p.protocol),
+        swarmnet_types::PublishMode::Host => format!(":{}->{}/{} (host)", p.published, p.target, p.protocol),
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +238,7 @@ mod tests {
 
     #[test]
     fn ports_print_like_docker() {
-        assert_eq!(format_port(&Port { published: 8080, target: 80, protocol: Protocol::Udp }), "*:8080->80/udp");
+        assert_eq!(format_port(&Port { published: 8080, target: 80, protocol: Protocol::Udp, mode: Default::default() }), "*:8080->80/udp");
+        assert_eq!(format_port(&Port { published: 8080, target: 80, protocol: Protocol::Tcp, mode: swarmnet_types::PublishMode::Host }), ":8080->80/tcp (host)");
     }
 }

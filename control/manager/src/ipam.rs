@@ -181,6 +181,7 @@ mod tests {
             subnet,
             gateway: gateway(subnet),
             vni: 4096,
+            ingress: false,
         }
     }
 

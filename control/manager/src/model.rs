@@ -9,7 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 pub use swarmnet_api::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
-pub use swarmnet_types::{format_mac, mac_for, Id, Network, Port, Protocol};
+pub use swarmnet_types::{format_mac, mac_for, Id, Network, Port, Protocol, PublishMode};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

@@ -48,21 +48,109 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
     }
 }
 
-pub fn parse_publish(s: &str) -> Result<Port, OpError> {
-    let bad = || invalid(format!("invalid --publish {s:?}: expected PUBLISHED:TARGET[/tcp|/udp]"));
+/// Ports a published port is taken from when none is given (as Swarm).
+pub const AUTO_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// One `--publish` as given: the published port may be left to the manager.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishSpec {
+    pub published: Option<u16>,
+    pub target: u16,
+    pub protocol: Protocol,
+    pub mode: PublishMode,
+}
+
+/// `PUBLISHED:TARGET[/tcp|/udp]`, `TARGET[/tcp|/udp]` (a published port is taken from
+/// 30000–32767), or the long form `published=P,target=T,protocol=tcp|udp,mode=ingress|host`.
+pub fn parse_publish(s: &str) -> Result<PublishSpec, OpError> {
+    let bad = |why: &str| invalid(format!("invalid --publish {s:?}: {why} (expected PUBLISHED:TARGET[/tcp|/udp], TARGET, or published=P,target=T,protocol=tcp|udp,mode=ingress|host)"));
+    let port = |v: &str, what: &str| -> Result<u16, OpError> {
+        match v.parse::<u32>() {
+            Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            _ => Err(bad(&format!("{what} port {v:?} is not 1 to 65535"))),
+        }
+    };
+    let protocol = |v: &str| match v {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        other => Err(bad(&format!("protocol {other:?} is not tcp or udp"))),
+    };
+    if s.contains('=') {
+        let (mut published, mut target, mut proto, mut mode) = (None, None, Protocol::Tcp, PublishMode::Ingress);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("published", v)) => published = Some(port(v, "published")?),
+                Some(("target", v)) => target = Some(port(v, "target")?),
+                Some(("protocol", v)) => proto = protocol(v)?,
+                Some(("mode", "ingress")) => mode = PublishMode::Ingress,
+                Some(("mode", "host")) => mode = PublishMode::Host,
+                Some(("mode", v)) => return Err(bad(&format!("mode {v:?} is not ingress or host"))),
+                _ => return Err(bad(&format!("unknown part {part:?}"))),
+            }
+        }
+        let target = target.ok_or_else(|| bad("no target=PORT"))?;
+        return Ok(PublishSpec { published, target, protocol: proto, mode });
+    }
     let (ports, proto) = match s.split_once('/') {
-        Some((p, "tcp")) => (p, Protocol::Tcp),
-        Some((p, "udp")) => (p, Protocol::Udp),
-        Some(_) => return Err(bad()),
+        Some((p, v)) => (p, protocol(v)?),
         None => (s, Protocol::Tcp),
     };
-    let (p, t) = ports.split_once(':').ok_or_else(bad)?;
-    let published: u16 = p.parse().map_err(|_| bad())?;
-    let target: u16 = t.parse().map_err(|_| bad())?;
-    if published == 0 || target == 0 {
-        return Err(bad());
+    let (published, target) = match ports.split_once(':') {
+        Some((p, t)) => (Some(port(p, "published")?), port(t, "target")?),
+        None => (None, port(ports, "target")?),
+    };
+    Ok(PublishSpec { published, target, protocol: proto, mode: PublishMode::Ingress })
+}
+
+/// Ingress-mode ports cross nodes over the ingress network: it must exist.
+fn check_ingress_exists(st: &ClusterState, service: &str, ports: &[Port]) -> Result<(), OpError> {
+    if ports.iter().any(|p| p.mode == PublishMode::Ingress) && !st.networks.values().any(|n| n.ingress) {
+        return Err(OpError::Conflict(format!(
+            "service {service}: no ingress network to publish ports through (it was removed; make one with `network create --ingress NAME`, or publish with mode=host)"
+        )));
     }
-    Ok(Port { published, target, protocol: proto })
+    Ok(())
+}
+
+/// The service (other than `except`) that publishes `port`/`protocol`, if any.
+/// The service (other than `except`) whose published port `port`/`protocol` clashes with
+/// one in `mode`: an ingress port is taken on every node, so it clashes with any other
+/// use; two host-mode ports share the number, the scheduler keeps their tasks apart (as
+/// in Swarm). With `mode` None any use counts (picking a free port).
+fn publisher<'a>(st: &'a ClusterState, port: u16, protocol: Protocol, mode: Option<PublishMode>, except: Option<&Id>) -> Option<&'a Service> {
+    st.services.values().find(|s| {
+        Some(&s.id) != except
+            && s.ports.iter().any(|q| {
+                q.published == port
+                    && q.protocol == protocol
+                    && !(mode == Some(PublishMode::Host) && q.mode == PublishMode::Host)
+            })
+    })
+}
+
+/// Turns specs into ports: a given published port must be free (the error names the
+/// service that has it), a missing one is the lowest free of 30000–32767.
+fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>, service: Option<&Id>) -> Result<Vec<Port>, OpError> {
+    for spec in specs {
+        let taken = |p: u16, ports: &[Port]| ports.iter().any(|q| q.published == p && q.protocol == spec.protocol);
+        let published = match spec.published {
+            Some(p) => {
+                if let Some(other) = publisher(st, p, spec.protocol, Some(spec.mode), service) {
+                    return Err(OpError::Conflict(format!("port {p}/{} is already published by service {}", spec.protocol, other.name)));
+                }
+                if taken(p, &ports) {
+                    return Err(invalid(format!("port {p}/{} is published twice", spec.protocol)));
+                }
+                p
+            }
+            None => AUTO_PORTS
+                .clone()
+                .find(|p| publisher(st, *p, spec.protocol, None, service).is_none() && !taken(*p, &ports))
+                .ok_or_else(|| OpError::Conflict(format!("no free port left in {}-{} for {}", AUTO_PORTS.start(), AUTO_PORTS.end(), spec.protocol)))?,
+        };
+        ports.push(Port { published, target: spec.target, protocol: spec.protocol, mode: spec.mode });
+    }
+    Ok(ports)
 }
 
 pub fn create_network(
@@ -80,6 +168,14 @@ pub fn create_network(
             "network {}: driver {:?} is not supported (only \"overlay\")",
             req.name, req.driver
         )));
+    }
+    if req.ingress {
+        if let Some(n) = st.networks.values().find(|n| n.ingress) {
+            return Err(OpError::Conflict(format!("network {}: the cluster has an ingress network already ({})", req.name, n.name)));
+        }
+        if req.attachable {
+            return Err(invalid(format!("network {}: an ingress network cannot be attachable", req.name)));
+        }
     }
     let taken = ipam::taken_ranges(st);
     let subnet = match &req.subnet {
@@ -104,6 +200,7 @@ pub fn create_network(
         subnet,
         gateway: ipam::gateway(subnet),
         vni,
+        ingress: req.ingress,
     };
     st.networks.insert(net.id.clone(), net.clone());
     Ok(net)
@@ -119,6 +216,11 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
             "network {} is in use by service {}",
             net.name, s.name
         )));
+    }
+    if net.ingress {
+        if let Some(s) = st.services.values().find(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress)) {
+            return Err(OpError::Conflict(format!("network {} is in use by service {}: it publishes ports through the routing mesh", net.name, s.name)));
+        }
     }
     if let Some(t) = st.tasks.values().find(|t| t.networks.contains(&net.id)) {
         return Err(OpError::Conflict(format!(
@@ -233,24 +335,12 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen)
         return Err(invalid(format!("service {}: no command given (put it after --)", req.name)));
     }
     let (networks, aliases) = resolve_networks(st, &req.networks)?;
-    let mut ports = Vec::new();
-    for p in &req.publish {
-        let spec = parse_publish(p)?;
-        if let Some(other) = st.services.values().find(|s| {
-            s.ports
-                .iter()
-                .any(|q| q.published == spec.published && q.protocol == spec.protocol)
-        }) {
-            return Err(OpError::Conflict(format!(
-                "port {}/{:?} is already published by service {}",
-                spec.published, spec.protocol, other.name
-            )));
-        }
-        if ports.iter().any(|q: &Port| q.published == spec.published && q.protocol == spec.protocol) {
-            return Err(invalid(format!("port {} is published twice", spec.published)));
-        }
-        ports.push(spec);
+    if networks.iter().any(|n| st.networks.get(n).is_some_and(|n| n.ingress)) {
+        return Err(invalid("the ingress network is the cluster's own: publish a port (--publish) instead of attaching to it"));
     }
+    let specs = req.publish.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
+    let ports = resolve_ports(st, &specs, Vec::new(), None)?;
+    check_ingress_exists(st, &req.name, &ports)?;
     let mut svc = Service {
         id: new_id(),
         name: req.name.clone(),
@@ -296,6 +386,53 @@ pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: I
     st.services.insert(svc.id.clone(), svc.clone());
     reconcile(st, new_id);
     Ok(svc)
+}
+
+/// `service update --publish-add SPEC --publish-rm PORT[/PROTOCOL]`: the service's tasks go
+/// on running (their endpoints are published again with the new ports).
+pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], rm: &[String], new_id: IdGen) -> Result<Service, OpError> {
+    let mut svc = st
+        .service_by_name(name)
+        .cloned()
+        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let mut ports = svc.ports.clone();
+    for r in rm {
+        let (p, proto) = match r.split_once('/') {
+            Some((p, "tcp")) => (p, Some(Protocol::Tcp)),
+            Some((p, "udp")) => (p, Some(Protocol::Udp)),
+            Some(_) => return Err(invalid(format!("invalid --publish-rm {r:?}: expected PUBLISHED[/tcp|/udp]"))),
+            None => (r.as_str(), None),
+        };
+        let p: u16 = p.parse().map_err(|_| invalid(format!("invalid --publish-rm {r:?}: expected PUBLISHED[/tcp|/udp]")))?;
+        let before = ports.len();
+        ports.retain(|q| !(q.published == p && proto.is_none_or(|x| x == q.protocol)));
+        if ports.len() == before {
+            return Err(OpError::NotFound(format!("service {name} does not publish port {r}")));
+        }
+    }
+    let specs = add.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
+    svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id))?;
+    check_ingress_exists(st, name, &svc.ports)?;
+    st.services.insert(svc.id.clone(), svc.clone());
+    // A host-mode port removed may let a pending task start.
+    reconcile(st, new_id);
+    Ok(svc)
+}
+
+/// The cluster's ingress network, made with the cluster: `subnet`, or the last /24 of the
+/// pool (networks are given /24s from the start of the pool, so it is the last one reached).
+pub fn make_ingress(st: &mut ClusterState, pool: Ipv4Network, subnet: Option<Ipv4Network>, new_id: IdGen) -> Result<Network, OpError> {
+    let subnet = match subnet {
+        Some(s) => s,
+        None => {
+            let taken = ipam::taken_ranges(st);
+            let last = Ipv4Network::new(std::net::Ipv4Addr::from(u32::from(pool.broadcast()) & !0xff), 24.max(pool.prefix()))
+                .map_err(|e| invalid(format!("ingress subnet from pool {pool}: {e}")))?;
+            if ipam::check_subnet(last, &taken).is_ok() { last } else { ipam::pick_subnet(pool, 24, &taken)? }
+        }
+    };
+    let req = NetworkCreate { name: "ingress".into(), driver: "overlay".into(), attachable: false, subnet: Some(subnet.to_string()), ingress: true };
+    create_network(st, &req, pool, new_id)
 }
 
 pub fn remove_service(st: &mut ClusterState, name: &str, new_id: IdGen) -> Result<Service, OpError> {
@@ -526,8 +663,32 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
             }
         }
     }
+    // Host-mode ports: one task per node may hold each.
+    let host_ports: Vec<(u16, Protocol)> = task
+        .service_id
+        .as_ref()
+        .and_then(|s| st.services.get(s))
+        .map(|s| s.ports.iter().filter(|p| p.mode == PublishMode::Host).map(|p| (p.published, p.protocol)).collect())
+        .unwrap_or_default();
+    let holder = |node: &Id| -> Option<(u16, Protocol, String)> {
+        st.tasks.values().filter(|t| t.id != task.id && t.node_id.as_ref() == Some(node) && t.state != TaskState::Pending && !t.state.is_terminal()).find_map(|t| {
+            let svc = st.services.get(t.service_id.as_ref()?)?;
+            svc.ports
+                .iter()
+                .find(|p| p.mode == PublishMode::Host && host_ports.contains(&(p.published, p.protocol)))
+                .map(|p| (p.published, p.protocol, t.name.clone()))
+        })
+    };
     let node = match &task.node_id {
-        Some(n) => Some(n.clone()),
+        Some(n) => match holder(n) {
+            Some((port, proto, other)) => {
+                if let Some(t) = st.tasks.get_mut(id) {
+                    t.error = format!("no suitable node: host-mode port {port}/{proto} on node {n} is held by task {other}");
+                }
+                return;
+            }
+            None => Some(n.clone()),
+        },
         None => {
             let count = |node: &Id, svc_only: bool| {
                 st.tasks
@@ -539,10 +700,15 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
                     })
                     .count()
             };
-            ready
-                .iter()
-                .min_by_key(|n| (count(n, true), count(n, false), (*n).clone()))
-                .cloned()
+            let free: Vec<&Id> = ready.iter().filter(|n| host_ports.is_empty() || holder(n).is_none()).collect();
+            if free.is_empty() && !ready.is_empty() {
+                let (port, proto) = host_ports.first().copied().unwrap_or((0, Protocol::Tcp));
+                if let Some(t) = st.tasks.get_mut(id) {
+                    t.error = format!("no suitable node: host-mode port {port}/{proto} is taken on all {} ready nodes (one task per node)", ready.len());
+                }
+                return;
+            }
+            free.into_iter().min_by_key(|n| (count(n, true), count(n, false), (*n).clone())).cloned()
         }
     };
     let Some(t) = st.tasks.get_mut(id) else { return };
@@ -606,7 +772,7 @@ mod tests {
         let mut g = ids();
         create_network(
             &mut st,
-            &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None },
+            &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None, ingress: false },
             "10.0.0.0/8".parse().expect("pool"),
             &mut g,
         )
@@ -702,7 +868,7 @@ mod tests {
         let (mut st, mut g) = cluster(&["a"]);
         create_network(
             &mut st,
-            &NetworkCreate { name: "tiny".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.9.9.0/29".into()) },
+            &NetworkCreate { name: "tiny".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.9.9.0/29".into()), ingress: false },
             "10.0.0.0/8".parse().expect("pool"),
             &mut g,
         )
@@ -733,11 +899,11 @@ mod tests {
         assert!(matches!(create_service(&mut st, &svc("neg", -2), &mut g), Err(OpError::Invalid(_))));
         assert!(matches!(create_service(&mut st, &svc("-bad", 1), &mut g), Err(OpError::Invalid(_))));
         let mut r = svc("p", 1);
-        r.publish = vec!["80".into()];
+        r.publish = vec!["70000:80".into()];
         assert!(matches!(create_service(&mut st, &r, &mut g), Err(OpError::Invalid(_))));
-        let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None };
+        let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false };
         assert!(matches!(create_network(&mut st, &dup, "10.0.0.0/8".parse().expect("p"), &mut g), Err(OpError::Conflict(_))));
-        let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()) };
+        let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()), ingress: false };
         let e = create_network(&mut st, &overlap, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("overlap");
         assert!(e.to_string().contains("overlaps network appnet"), "{e}");
         let e = remove_network(&mut st, "appnet").expect_err("in use");
@@ -749,7 +915,7 @@ mod tests {
         let (mut st, mut g) = cluster(&["a"]);
         let n2 = create_network(
             &mut st,
-            &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None },
+            &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false },
             "10.0.0.0/8".parse().expect("pool"),
             &mut g,
         )
@@ -764,7 +930,7 @@ mod tests {
         let (mut st, mut g) = cluster(&["a"]);
         create_network(
             &mut st,
-            &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None },
+            &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false },
             "10.0.0.0/8".parse().expect("pool"),
             &mut g,
         )
@@ -784,5 +950,131 @@ mod tests {
             &mut g,
         );
         assert!(!st.tasks.contains_key(&t.id));
+    }
+
+    fn with_ingress(nodes: &[&str]) -> (ClusterState, impl FnMut() -> Id) {
+        let (mut st, mut g) = cluster(nodes);
+        make_ingress(&mut st, "10.0.0.0/8".parse().expect("pool"), None, &mut g).expect("ingress");
+        (st, g)
+    }
+
+    fn publishing(name: &str, replicas: i64, publish: &[&str]) -> ServiceCreate {
+        let mut r = svc(name, replicas);
+        r.publish = publish.iter().map(|p| (*p).to_string()).collect();
+        r
+    }
+
+    #[test]
+    fn publish_forms() {
+        let p = |s: &str| parse_publish(s).expect(s);
+        let spec = |published, target, protocol, mode| PublishSpec { published, target, protocol, mode };
+        assert_eq!(p("8080:80"), spec(Some(8080), 80, Protocol::Tcp, PublishMode::Ingress));
+        assert_eq!(p("8080:80/udp"), spec(Some(8080), 80, Protocol::Udp, PublishMode::Ingress));
+        assert_eq!(p("80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
+        assert_eq!(p("53/udp"), spec(None, 53, Protocol::Udp, PublishMode::Ingress));
+        assert_eq!(p("published=9000,target=80,protocol=udp,mode=host"), spec(Some(9000), 80, Protocol::Udp, PublishMode::Host));
+        assert_eq!(p("target=80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
+        for (bad, why) in [
+            ("0:80", "published port \"0\" is not 1 to 65535"),
+            ("8080:0", "target port \"0\" is not 1 to 65535"),
+            ("65536:80", "published port \"65536\" is not 1 to 65535"),
+            ("8080:80/sctp", "protocol \"sctp\" is not tcp or udp"),
+            ("8080:", "target port \"\" is not 1 to 65535"),
+            ("published=80", "no target=PORT"),
+            ("target=80,mode=bridge", "mode \"bridge\" is not ingress or host"),
+            ("target=80,colour=red", "unknown part \"colour=red\""),
+        ] {
+            let e = parse_publish(bad).expect_err(bad).to_string();
+            assert!(e.contains(why) && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ingress_network_is_made_with_the_cluster_and_kept_while_used() {
+        let (mut st, mut g) = with_ingress(&["a"]);
+        let ing = st.networks.values().find(|n| n.ingress).expect("ingress").clone();
+        assert_eq!((ing.name.as_str(), ing.subnet.to_string().as_str()), ("ingress", "10.255.255.0/24"));
+        // Networks are handed out from the start of the pool and never get its subnet.
+        let over = NetworkCreate { name: "over".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.255.0.0/16".into()), ingress: false };
+        let e = create_network(&mut st, &over, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("overlap");
+        assert!(e.to_string().contains("overlaps network ingress"), "{e}");
+        let again = NetworkCreate { name: "ing2".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: true };
+        let e = create_network(&mut st, &again, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("second ingress");
+        assert!(e.to_string().contains("has an ingress network already (ingress)"), "{e}");
+        let mut r = svc("x", 1);
+        r.networks = vec!["ingress".into()];
+        assert!(create_service(&mut st, &r, &mut g).expect_err("attach").to_string().contains("the cluster's own"));
+        create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect("web");
+        let e = remove_network(&mut st, "ingress").expect_err("in use");
+        assert!(e.to_string().contains("in use by service web"), "{e}");
+        remove_service(&mut st, "web", &mut g).expect("rm web");
+        remove_network(&mut st, "ingress").expect("unused: removable");
+        let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect_err("no ingress");
+        assert!(e.to_string().contains("no ingress network"), "{e}");
+        create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &mut g).expect("host mode needs no ingress");
+        let given: Ipv4Network = "192.168.77.0/24".parse().expect("net");
+        let n = make_ingress(&mut st, "10.0.0.0/8".parse().expect("p"), Some(given), &mut g).expect("given subnet");
+        assert_eq!(n.subnet, given);
+    }
+
+    #[test]
+    fn ports_auto_conflicts_and_updates() {
+        let (mut st, mut g) = with_ingress(&["a", "b"]);
+        let web = create_service(&mut st, &publishing("web", 2, &["8080:80", "80", "53/udp"]), &mut g).expect("web");
+        let got: Vec<(u16, u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.target, p.protocol)).collect();
+        assert_eq!(got, vec![(8080, 80, Protocol::Tcp), (30000, 80, Protocol::Tcp), (30000, 53, Protocol::Udp)]);
+        let e = create_service(&mut st, &publishing("api", 1, &["8080:9000"]), &mut g).expect_err("taken");
+        assert_eq!(e.to_string(), "port 8080/tcp is already published by service web");
+        let e = create_service(&mut st, &publishing("api", 1, &["9000:1", "9000:2"]), &mut g).expect_err("twice");
+        assert!(e.to_string().contains("published twice"), "{e}");
+        let api = create_service(&mut st, &publishing("api", 1, &["8080:80/udp", "443"]), &mut g).expect("udp 8080 is free");
+        assert_eq!(api.ports[1].published, 30001);
+
+        let tasks_before: BTreeSet<Id> = st.tasks.keys().cloned().collect();
+        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &mut g).expect("update");
+        let got: Vec<(u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.protocol)).collect();
+        assert_eq!(got, vec![(30000, Protocol::Tcp), (9000, Protocol::Tcp)]);
+        assert_eq!(st.tasks.keys().cloned().collect::<BTreeSet<_>>(), tasks_before, "no task replaced");
+        // What was freed can be taken, what is held cannot.
+        create_service(&mut st, &publishing("other", 1, &["8080:80"]), &mut g).expect("8080 freed");
+        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &mut g).expect_err("held");
+        assert_eq!(e.to_string(), "port 9000/tcp is already published by service web");
+        assert_eq!(st.service_by_name("api").expect("api").ports.len(), 2, "a refused update changes nothing");
+        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &mut g).expect_err("not published");
+        assert!(e.to_string().contains("does not publish port 1234"), "{e}");
+        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &mut g), Err(OpError::NotFound(_))));
+    }
+
+    #[test]
+    fn auto_ports_run_out() {
+        let (mut st, mut g) = with_ingress(&["a"]);
+        let all: Vec<String> = AUTO_PORTS.map(|p| format!("{p}:80")).collect();
+        let mut r = svc("all", 0);
+        r.publish = all;
+        create_service(&mut st, &r, &mut g).expect("all auto ports by hand");
+        let e = create_service(&mut st, &publishing("one", 0, &["80"]), &mut g).expect_err("none left");
+        assert!(e.to_string().contains("no free port left in 30000-32767"), "{e}");
+    }
+
+    #[test]
+    fn host_mode_port_one_task_per_node() {
+        let (mut st, mut g) = with_ingress(&["a", "b"]);
+        create_service(&mut st, &publishing("web", 3, &["published=8080,target=80,mode=host"]), &mut g).expect("web");
+        assert_eq!(per_node(&st).get("a"), Some(&1));
+        assert_eq!(per_node(&st).get("b"), Some(&1));
+        let stuck: Vec<&Task> = running(&st).into_iter().filter(|t| t.node_id.is_none()).collect();
+        assert_eq!(stuck.len(), 1);
+        assert_eq!(stuck[0].state, TaskState::Pending);
+        assert!(stuck[0].error.contains("host-mode port 8080/tcp is taken on all 2 ready nodes"), "{}", stuck[0].error);
+        // Another service with the same host port has no node left either; with another port it runs.
+        create_service(&mut st, &publishing("copy", 1, &["published=8080,target=81,mode=host"]), &mut g).expect("copy");
+        let copy = st.service_by_name("copy").expect("copy").id.clone();
+        assert!(running(&st).iter().any(|t| t.service_id.as_ref() == Some(&copy) && t.node_id.is_none()));
+        // An ingress port takes the number on every node: it clashes with a host-mode one.
+        let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &mut g).expect_err("ingress over host");
+        assert!(e.to_string().contains("already published by service"), "{e}");
+        // Withdrawing the host port lets the pending task start.
+        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &mut g).expect("update");
+        assert_eq!(running(&st).iter().filter(|t| t.node_id.is_none()).count(), 0, "{:?}", running(&st));
     }
 }

@@ -43,6 +43,8 @@ pub struct ManagerConfig {
     pub underlay: Vec<IpNetwork>,
     /// Used when the cluster is created; later starts keep the stored one.
     pub data_path_port: u16,
+    /// The ingress network's subnet, used when it is created (default: the last /24 of the pool).
+    pub ingress_subnet: Option<Ipv4Network>,
 }
 
 struct Inner {
@@ -80,6 +82,7 @@ impl Manager {
     pub fn open(data_dir: &Path, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
         let store = RedbStore::open(&data_dir.join("manager.redb"))?;
         let (meta, mut state) = store.load()?;
+        let created = meta.is_none();
         let meta = match meta {
             Some(m) => {
                 info!(cluster = %m.cluster_id, nodes = state.nodes.len(), services = state.services.len(), "loaded cluster state");
@@ -121,6 +124,16 @@ impl Manager {
             cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
         };
         state.nodes.insert(me.id.clone(), me);
+        if created {
+            // The ingress network is made with the cluster (as `docker swarm init`); a user who
+            // removes it later makes another with `network create --ingress`.
+            let mut ids = gen_id;
+            let n = ops::make_ingress(&mut state, cfg.pool, cfg.ingress_subnet, &mut ids)
+                .map_err(|e| OpError::Invalid(format!("cannot create the ingress network: {e}")))?;
+            info!(network = %n.name, subnet = %n.subnet, vni = n.vni, "created the ingress network");
+        } else if cfg.ingress_subnet.is_some() {
+            warn!("--ingress-subnet is used when the cluster is created; keeping the stored ingress network");
+        }
         store.commit(&store::diff(&old, &state)?)?;
         let (changed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Manager {
@@ -517,6 +530,10 @@ impl Manager {
                 let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
                 to_value(service_info(&s, &self.state()))?
             }
+            ApiRequest::ServiceUpdate { name, publish_add, publish_rm } => {
+                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, g))?;
+                to_value(service_info(&s, &self.state()))?
+            }
             ApiRequest::ServiceRm { name } => {
                 let s = self.mutate(|st, g| ops::remove_service(st, &name, g))?;
                 to_value(Removed { id: s.id, name: s.name })?
@@ -561,6 +578,7 @@ fn network_info(n: &Network) -> NetworkInfo {
         subnet: n.subnet,
         gateway: n.gateway,
         vni: n.vni,
+        ingress: n.ingress,
     }
 }
 

@@ -193,7 +193,7 @@ mod tests {
         let subnet: ipnetwork::Ipv4Network = "10.0.0.0/24".parse().expect("net");
         st.networks.insert(
             "n1".into(),
-            Network { id: "n1".into(), name: "a".into(), driver: "overlay".into(), attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096 },
+            Network { id: "n1".into(), name: "a".into(), driver: "overlay".into(), attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096, ingress: false },
         );
         let mut st2 = st.clone();
         st2.networks.get_mut("n1").expect("n1").name = "b".into();

@@ -38,12 +38,35 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A published port of a service: `published` on every node (ingress), `target` in the task.
+/// Where a published port answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every node, spread over all the service's tasks (the routing mesh).
+    #[default]
+    Ingress,
+    /// Only on nodes that run a task, straight to that node's task.
+    Host,
+}
+
+impl fmt::Display for PublishMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        })
+    }
+}
+
+/// A published port of a service: `published` on every node (ingress) or on the task's node
+/// (host), `target` in the task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Port {
     pub published: u16,
     pub target: u16,
     pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: PublishMode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,4 +16,7 @@ pub struct Network {
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
     pub vni: u32,
+    /// The cluster's own ingress network (the routing mesh crosses nodes over it).
+    #[serde(default)]
+    pub ingress: bool,
 }
