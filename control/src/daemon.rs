@@ -35,7 +35,7 @@ pub fn holder_cmd() -> anyhow::Result<Vec<String>> {
 
 async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::Result<Arc<Agent>> {
     let n = node::start(cfg, base, &id.node_id).await?;
-    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, cfg.gossip_port)?;
+    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, cfg.gossip_port, n.ingress)?;
     tokio::spawn(agent.clone().run());
     Ok(agent)
 }

@@ -391,6 +391,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("backend: {}", t.backend.as_deref().unwrap_or("none"));
                 print!("{}", table::render(&table::lb_rows(&t)));
+                if let Some(w) = &t.ports_warning {
+                    println!("\nwarning: {w}");
+                }
+                println!("\npublished ports (routing mesh):");
+                print!("{}", table::render(&table::port_rows(&t)));
             }
             return Ok(ExitCode::SUCCESS);
         }

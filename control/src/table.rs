@@ -73,6 +73,38 @@ pub fn lb_rows(t: &LbTable) -> Vec<LbRow> {
     out
 }
 
+/// One line per backend of each published port (a port without backends gets one too).
+pub struct PortRow {
+    port: String,
+    mode: String,
+    service: String,
+    task: String,
+    backend: String,
+    state: String,
+    connections: String,
+}
+
+pub fn port_rows(t: &LbTable) -> Vec<PortRow> {
+    let mut out = Vec::new();
+    for p in &t.ports {
+        let port = format!("{}/{}", p.published, p.protocol);
+        if p.backends.is_empty() {
+            out.push(PortRow { port: port.clone(), mode: p.mode.to_string(), service: p.service.clone(), task: String::new(), backend: String::new(), state: "no task: refuses".into(), connections: String::new() });
+        }
+        for b in &p.backends {
+            out.push(PortRow { port: port.clone(), mode: p.mode.to_string(), service: p.service.clone(), task: b.task.clone(), backend: format!("{}:{}", b.ip, b.target), state: b.state.clone(), connections: b.connections.to_string() });
+        }
+    }
+    out
+}
+
+impl Row for PortRow {
+    const HEADERS: &'static [&'static str] = &["PUBLISHED", "MODE", "SERVICE", "TASK", "BACKEND", "STATE", "CONNECTIONS"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.port.clone(), self.mode.clone(), self.service.clone(), self.task.clone(), self.backend.clone(), self.state.clone(), self.connections.clone()]
+    }
+}
+
 impl Row for LbRow {
     const HEADERS: &'static [&'static str] = &["SERVICE", "VIP", "TASK", "BACKEND", "STATE", "CONNECTIONS"];
     fn cells(&self) -> Vec<String> {

@@ -20,6 +20,9 @@ pub struct TaskNet {
     pub gateway: Ipv4Addr,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// This network's gateway is the task's default route (the ingress network's, if the
+    /// task is on it: its gateway is the node's own port; else the first network's).
+    pub default_route: bool,
 }
 
 /// Node-end name for a task's `index`-th network: `snt` + 10 characters of the id + index.
@@ -28,8 +31,8 @@ pub fn host_if_name(task_id: &str, index: usize) -> String {
     format!("snt{short}{}", index % 10)
 }
 
-/// Makes the task's namespace and plugs one veth per network into it; the first network
-/// gets the default route. On failure, removes what it made.
+/// Makes the task's namespace and plugs one veth per network into it; the network marked
+/// `default_route` (else the first) gets the default route. On failure, removes what it made.
 pub async fn setup_task_net(ns: &NsWorker, nets: Vec<TaskNet>) -> Result<File, NsError> {
     ns.run(move |ctx| -> Result<File, NsError> {
         let netns = ctx.new_netns()?;
@@ -47,7 +50,7 @@ pub async fn setup_task_net(ns: &NsWorker, nets: Vec<TaskNet>) -> Result<File, N
                 tnl.configure_link(&peer, Some(&n.ifname), Some(n.mac), Some(n.mtu)).await?;
                 tnl.add_address(&n.ifname, n.address.into(), n.prefix).await?;
             }
-            if let Some(first) = nets.first() {
+            if let Some(first) = nets.iter().find(|n| n.default_route).or(nets.first()) {
                 tnl.add_default_route_v4(&first.ifname, first.gateway).await?;
             }
             Ok::<(), crate::netlink::Error>(())

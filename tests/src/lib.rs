@@ -212,6 +212,24 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A host on the lab's underlay that is not part of the cluster (namespace
+    /// `<lab>-cl`, address `<underlay>.250`): the outside client of published ports.
+    /// Made once; returns its namespace.
+    pub fn outside_client(&self) -> Result<String> {
+        let ns = format!("{}-cl", self.name);
+        if sh(&["ip", "netns", "list"])?.lines().any(|l| l.split_whitespace().next() == Some(ns.as_str())) {
+            return Ok(ns);
+        }
+        let ul = format!("{}-ul", self.name);
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&["ip", "-n", &ul, "link", "add", "sncl", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(&["ip", "-n", &ul, "link", "set", "sncl", "master", "snbr0", "up"])?;
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{UNDERLAY_PREFIX}.250/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Leaves everything in place when dropped (for `xtask lab up`).
     pub fn keep(mut self) {
         self.keep = true;

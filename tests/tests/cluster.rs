@@ -54,7 +54,8 @@ fn check_task_kernel_state(lab: &Lab, task: &Value, gateway: &str) -> Result<()>
     // The node end of the veth is on the bridge of the network's sandbox on that node.
     let short: String = task["id"].as_str().unwrap_or("").chars().take(10).collect();
     let holders: Value = serde_json::from_slice(&std::fs::read(lab.nodes[i].data_dir.join("sandboxes").join("state.json"))?)?;
-    let holder = holders.as_object().and_then(|m| m.values().next()).and_then(|h| h["pid"].as_u64()).context("sandbox holder")?;
+    // The node has two sandboxes: appnet's (VNI 4097) and the ingress network's.
+    let holder = holders.as_object().and_then(|m| m.values().find(|h| h["vni"] == 4097)).and_then(|h| h["pid"].as_u64()).context("appnet's sandbox holder")?;
     let links = in_netns_of(u32::try_from(holder)?, &["ip", "-br", "link", "show", "master", "br0"])?;
     assert!(links.contains(&format!("snt{short}0")), "node end of the veth on br0 in the sandbox on {node}: {links}");
     Ok(())

@@ -24,7 +24,7 @@ const LAB: &str = "snbench";
 const T: Duration = Duration::from_secs(60);
 
 /// nginx answering 200 to everything on port 80, one worker, files of its own per task.
-const NGINX: &str = r#"d=/tmp/snbench-nginx/$SWARMNET_TASK_ID; mkdir -p $d && cat > $d/nginx.conf <<NGINXCONF
+pub(crate) const NGINX: &str = r#"d=/tmp/snbench-nginx/$SWARMNET_TASK_ID; mkdir -p $d && cat > $d/nginx.conf <<NGINXCONF
 worker_processes 1;
 pid $d/nginx.pid;
 error_log $d/error.log;
@@ -37,11 +37,11 @@ http {
 NGINXCONF
 exec nginx -c $d/nginx.conf -g 'daemon off;'"#;
 
-struct Wrk {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(crate) struct Wrk {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
 }
 
 /// "1.23ms", "456.00us", "1.02s" -> milliseconds.
@@ -56,7 +56,7 @@ fn ms(s: &str) -> Option<f64> {
     })
 }
 
-fn parse_wrk(out: &str) -> Result<Wrk> {
+pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
     let field = |label: &str| out.lines().find_map(|l| l.trim().strip_prefix(label).map(|r| r.trim().to_string()));
     let rps: f64 = field("Requests/sec:").context("wrk printed no Requests/sec")?.parse()?;
     let p50 = field("50%").and_then(|v| ms(&v)).context("wrk printed no 50% latency")?;

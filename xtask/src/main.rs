@@ -9,6 +9,7 @@ use swarmnet_lab::{cleanup, Lab};
 
 mod bench_convergence;
 mod bench_dns;
+mod bench_ingress;
 mod bench_gossip;
 mod bench_lb;
 mod bench_overlay;
@@ -143,6 +144,12 @@ fn real_main() -> Result<()> {
                 release_binary()?;
                 bench_lb::bench_lb()?
             }
+            "ingress" => {
+                need("wrk", "wrk")?;
+                need("nginx", "nginx-light")?;
+                release_binary()?;
+                bench_ingress::bench_ingress()?
+            }
             "dns" => {
                 need("dnsperf", "dnsperf")?;
                 need("/usr/sbin/dnsmasq", "dnsmasq-base")?;
@@ -150,7 +157,7 @@ fn real_main() -> Result<()> {
                 release_binary()?;
                 bench_dns::bench_dns(runs.max(50))?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb)"),
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb, ingress)"),
         },
     }
     Ok(())
@@ -203,10 +210,29 @@ fn demo() -> Result<()> {
     println!("$ swarmnet run --name vipdemo --network appnet -- sh -c \"{vip_demo}\"    # on snlab-n2: six requests to the VIP of web");
     println!("{}", lab.cli_ok(1, &["run", "--name", "vipdemo", "--network", "appnet", "--", "sh", "-c", vip_demo])?);
     println!("$ swarmnet lb ls    # on snlab-n2: read back from its eBPF maps\n{}", lab.cli_ok(1, &["lb", "ls"])?);
-    println!(
-        "The lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down\n(The routing mesh on published ports is a later issue.)",
-        lab.control(0)
-    );
+    // The routing mesh: *:8080 from a host outside the cluster, through every node.
+    let cl = lab.outside_client()?;
+    println!("$ ip netns exec {cl} curl http://<each node>:8080/    # {cl} = 10.210.0.250, a host on the underlay, not in the cluster");
+    for n in &lab.nodes {
+        let url = format!("http://{}:8080/", n.addr);
+        let code = swarmnet_lab::wait_for(&format!("{url} from outside"), Duration::from_secs(30), || {
+            let c = swarmnet_lab::in_ns(&cl, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
+            (c.trim() == "200").then_some(c)
+        })?;
+        println!("{url} -> HTTP {}", code.trim());
+    }
+    println!("$ swarmnet lb ls    # on snlab-n2: its published ports, read back from its nftables table\n{}", lab.cli_ok(1, &["lb", "ls"])?);
+    // The tasks saw the outside client's own address (python's http.server logs it).
+    for t in &tasks {
+        let id = t["id"].as_str().unwrap_or_default();
+        let node = t["node"].as_str().unwrap_or_default();
+        let Some(n) = lab.nodes.iter().find(|n| n.ns == node) else { continue };
+        let log = std::fs::read_to_string(n.data_dir.join("tasks").join(format!("{id}.log"))).unwrap_or_default();
+        if let Some(line) = log.lines().rev().find(|l| l.contains("GET / ")) {
+            println!("task {} on {node} logged: {line}", t["name"]);
+        }
+    }
+    println!("\nThe lab stays up: swarmnet --host {} service ps web\nRemove it with: cargo xtask lab down", lab.control(0));
     lab.keep();
     Ok(())
 }

@@ -7,10 +7,12 @@
 //! - [`membership`]: which networks the node is on, and why;
 //! - [`follow`]: the one loop that feeds the endpoint stream to every sink (ADR 0008);
 //! - [`dns`]: the node's resolver set-up per task;
+//! - [`ingress`]: the node's place on the ingress network (the routing mesh);
 //! - [`node`]: all of it wired together.
 
 pub mod dns;
 pub mod follow;
+pub mod ingress;
 pub mod membership;
 pub mod node;
 pub mod runtime;

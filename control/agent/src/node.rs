@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
+use swarmnet_dataplane::ingress::IngressSink;
 use swarmnet_dataplane::lb::{EbpfError, EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
@@ -71,6 +72,8 @@ pub struct Node {
     pub runtime: Arc<Runtime>,
     pub reports: mpsc::UnboundedReceiver<TaskReport>,
     pub gossip: GossipHandle,
+    /// The manager's word on the node's place on the ingress network goes here.
+    pub ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
 }
 
 /// The sandbox and the gossip of a network, as membership joins and leaves them.
@@ -167,8 +170,23 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
         sinks.push(Box::new(lb.sink.clone()));
     }
     sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)));
+    // After the overlay: a published port is programmed once its tasks are reachable.
+    let ingress = IngressSink::new(base.ns.clone(), cfg.advertise);
+    sinks.push(Box::new(ingress.clone()));
     tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
-    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb };
+    let (ingress_tx, ingress_rx) = tokio::sync::watch::channel(None);
+    let ingress_deps = crate::ingress::NodeIngressDeps {
+        ns: base.ns.clone(),
+        sandboxes: sandboxes.clone(),
+        membership: membership.clone(),
+        gossip: gossip.clone(),
+        sink: ingress.clone(),
+        node_id: node_id.to_string(),
+        vtep: cfg.advertise,
+        mtu: task_mtu,
+    };
+    tokio::spawn(crate::ingress::run(ingress_deps, ingress_rx));
+    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
-    Ok(Node { runtime, reports, gossip })
+    Ok(Node { runtime, reports, gossip, ingress: ingress_tx })
 }

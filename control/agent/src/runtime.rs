@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
 use swarmnet_dataplane::netns::NsWorker;
+use swarmnet_dataplane::ingress::IngressSink;
 use swarmnet_dataplane::lb::{Host, LbBackend, LbSink};
 use swarmnet_dataplane::overlay::Sandboxes;
 use swarmnet_dataplane::state::{self, StateFile};
@@ -44,6 +45,8 @@ pub struct Deps {
     pub dns: Arc<NodeDns>,
     /// The load balancer (None: it could not start on this node; VIPs are not answered).
     pub lb: Option<Lb>,
+    /// The routing mesh: a publishing task's replies go back through their entry node.
+    pub ingress: IngressSink,
 }
 
 /// The load balancer as the runtime and the session use it.
@@ -146,6 +149,10 @@ impl Runtime {
         &self.deps.dns
     }
 
+    pub fn ingress(&self) -> &IngressSink {
+        &self.deps.ingress
+    }
+
     pub fn lb(&self) -> Option<&Lb> {
         self.deps.lb.as_ref()
     }
@@ -157,10 +164,14 @@ impl Runtime {
             let vnis: Vec<u32> = a.attachments.iter().map(|at| at.network.vni).collect();
             lb.backend.add_task(&a.task_id, netns, &vnis).await.map_err(|e| anyhow::anyhow!("load balancer: add the task's namespace: {e}"))?;
         }
+        if let Some(i) = a.attachments.iter().position(|at| at.network.ingress) {
+            self.deps.ingress.add_task(&a.task_id, netns, &format!("eth{i}")).await.map_err(|e| anyhow::anyhow!("routing mesh: the task's reply tables: {e}"))?;
+        }
         Ok(())
     }
 
     pub(crate) async fn remove_from_lb(&self, a: &Assignment, netns: Option<&std::fs::File>) {
+        self.deps.ingress.remove_task(&a.task_id).await;
         if let Some(lb) = &self.deps.lb {
             let vnis: Vec<u32> = a.attachments.iter().map(|at| at.network.vni).collect();
             if let Err(e) = lb.backend.remove_task(&a.task_id, netns, &vnis).await {
@@ -313,6 +324,7 @@ impl Runtime {
                 gateway: at.network.gateway,
                 mac: mac_for(at.address),
                 mtu: self.mtu,
+                default_route: at.network.ingress,
             })
             .collect()
     }

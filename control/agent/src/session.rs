@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use swarmnet_api::replies::{LbBackendInfo, LbServiceInfo, LbTable, RunResult, TaskInfo};
+use swarmnet_api::replies::{LbBackendInfo, LbPortBackend, LbPortInfo, LbServiceInfo, LbTable, RunResult, TaskInfo};
 use swarmnet_dataplane::lb::BackendState;
 use swarmnet_api::tls::{self, CertKey};
 use swarmnet_api::token::JoinToken;
@@ -117,11 +117,13 @@ pub struct Agent {
     /// The cluster's VIP list, handed to the load balancer by a task of its own: programming
     /// may wait for a long resync, and the session must go on meanwhile (heartbeats).
     vips: tokio::sync::watch::Sender<Option<Vec<VipInfo>>>,
+    /// The node's place on the ingress network, followed by `ingress::run`.
+    ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
 }
 
 impl Agent {
     /// Must be called inside the runtime (it starts the load balancer's VIP feeder).
-    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16) -> anyhow::Result<Arc<Agent>> {
+    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16, ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>) -> anyhow::Result<Arc<Agent>> {
         let tls = tls::client_config(&id.ca_pem, &id.cert)?;
         let (vips, mut rx) = tokio::sync::watch::channel(None::<Vec<VipInfo>>);
         if let Some(lb) = runtime.lb() {
@@ -135,7 +137,7 @@ impl Agent {
                 }
             });
         }
-        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips }))
+        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -218,6 +220,13 @@ impl Agent {
                         // Only the newest list matters; the feeder takes it when it can.
                         let _ = self.vips.send(Some(vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect()));
                     }
+                    Some(Ok(Some(FromManager::Ingress { ingress }))) => {
+                        self.ingress.send_if_modified(|cur| {
+                            let changed = *cur != ingress;
+                            cur.clone_from(&ingress);
+                            changed
+                        });
+                    }
                     Some(Ok(None)) | None => break Ok(()),
                     Some(Err(e)) => break Err(e),
                 },
@@ -237,8 +246,27 @@ impl Agent {
 
     /// `lb ls`: this node's load balancer, read back from the kernel.
     pub async fn lb_table(&self) -> Reply {
+        let (ports, ports_warning) = match self.runtime.ingress().read().await {
+            Ok((rows, failed)) => (
+                rows.into_iter()
+                    .map(|r| LbPortInfo {
+                        service: r.service,
+                        published: r.port,
+                        protocol: r.protocol,
+                        mode: r.mode,
+                        backends: r
+                            .backends
+                            .into_iter()
+                            .map(|(task, ip, target, active, connections)| LbPortBackend { task, ip, target, state: if active { "active" } else { "draining" }.into(), connections })
+                            .collect(),
+                    })
+                    .collect(),
+                failed,
+            ),
+            Err(e) => (vec![], Some(format!("routing mesh: read the kernel's table: {e}"))),
+        };
         let Some(lb) = self.runtime.lb() else {
-            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![] });
+            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![], ports, ports_warning });
         };
         let rows = match lb.backend.read().await {
             Ok(r) => r,
@@ -279,7 +307,7 @@ impl Agent {
             warnings.push(format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
         }
         let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
-        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services })
+        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services, ports, ports_warning })
     }
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to

@@ -174,7 +174,8 @@ impl Supervisor {
     }
 
     fn scope(&self) -> Vec<String> {
-        self.a.attachments.iter().map(|at| at.network.id.clone()).collect()
+        // The ingress network carries published-port traffic only: no names there.
+        self.a.attachments.iter().filter(|at| !at.network.ingress).map(|at| at.network.id.clone()).collect()
     }
 
     async fn network(&mut self) -> Step {
@@ -208,7 +209,7 @@ impl Supervisor {
         let mut env = self.rt.env.clone();
         env.push(("SWARMNET_TASK_ID".into(), id.clone()));
         env.push(("SWARMNET_TASK_NAME".into(), self.a.name.clone()));
-        let addrs: Vec<std::net::Ipv4Addr> = self.a.attachments.iter().map(|at| at.address).collect();
+        let addrs: Vec<std::net::Ipv4Addr> = self.a.attachments.iter().filter(|at| !at.network.ingress).map(|at| at.address).collect();
         let spawned = self
             .rt
             .dns()

@@ -60,6 +60,17 @@ pub enum FromManager {
     /// Every service VIP of the cluster (sent whole when it changes): a VIP with no task
     /// still refuses connections at once.
     Vips { vips: Vec<ServiceVip> },
+    /// The cluster's ingress network and this node's own address on it (sent when either
+    /// changes): published ports enter the routing mesh there. None: there is no ingress
+    /// network (or no address was left for this node).
+    Ingress { ingress: Option<NodeIngress> },
+}
+
+/// A node's place on the ingress network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIngress {
+    pub network: Network,
+    pub address: Ipv4Addr,
 }
 
 /// One VIP of a service on one network.

@@ -198,6 +198,34 @@ pub struct LbTable {
     /// Why there is no load balancer, or what is wrong with it.
     pub warning: Option<String>,
     pub services: Vec<LbServiceInfo>,
+    /// This node's published ports (the routing mesh), read back from the kernel.
+    #[serde(default)]
+    pub ports: Vec<LbPortInfo>,
+    /// Why the routing mesh is not (fully) working on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports_warning: Option<String>,
+}
+
+/// One published port as this node answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbPortInfo {
+    pub service: String,
+    pub published: u16,
+    pub protocol: swarmnet_types::Protocol,
+    /// `ingress` (every task of the service) or `host` (this node's tasks only).
+    pub mode: swarmnet_types::PublishMode,
+    pub backends: Vec<LbPortBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbPortBackend {
+    pub task: String,
+    pub ip: Ipv4Addr,
+    pub target: u16,
+    /// `active` (in the kernel's rotation) or `draining` (takes no new connections).
+    pub state: String,
+    /// New connections and UDP flows handed to it since it was programmed.
+    pub connections: u64,
 }
 
 /// `*:8080->80/tcp` (ingress: every node), `:8080->80/tcp (host)`, as `service ls` shows a

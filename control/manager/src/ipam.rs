@@ -134,6 +134,9 @@ pub fn used_addresses(state: &ClusterState, network: &Id) -> BTreeSet<Ipv4Addr> 
             used.insert(*a);
         }
     }
+    if state.networks.get(network).is_some_and(|n| n.ingress) {
+        used.extend(state.nodes.values().filter_map(|n| n.ingress_ip));
+    }
     used
 }
 

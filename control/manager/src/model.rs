@@ -24,6 +24,10 @@ pub struct Node {
     /// SHA-256 of the node certificate's DER, hex. A client certificate that is not
     /// recorded here is refused even if the CA signed it.
     pub cert_sha256: String,
+    /// The node's own address on the ingress network (where published ports enter the
+    /// mesh and replies return); None while there is no ingress network.
+    #[serde(default)]
+    pub ingress_ip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

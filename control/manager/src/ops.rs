@@ -104,15 +104,38 @@ pub fn parse_publish(s: &str) -> Result<PublishSpec, OpError> {
 
 /// Ingress-mode ports cross nodes over the ingress network: it must exist.
 fn check_ingress_exists(st: &ClusterState, service: &str, ports: &[Port]) -> Result<(), OpError> {
-    if ports.iter().any(|p| p.mode == PublishMode::Ingress) && !st.networks.values().any(|n| n.ingress) {
+    if !ports.is_empty() && ingress_id(st).is_none() {
         return Err(OpError::Conflict(format!(
-            "service {service}: no ingress network to publish ports through (it was removed; make one with `network create --ingress NAME`, or publish with mode=host)"
+            "service {service}: no ingress network to publish ports through (it was removed; make one with `network create --ingress NAME`)"
         )));
     }
     Ok(())
 }
 
-/// The service (other than `except`) that publishes `port`/`protocol`, if any.
+/// The cluster's ingress network, if it has one.
+pub fn ingress_id(st: &ClusterState) -> Option<Id> {
+    st.networks.values().find(|n| n.ingress).map(|n| n.id.clone())
+}
+
+/// The networks a service's tasks are on: the service's, then the ingress network if it
+/// publishes a port (in either mode: the node reaches its tasks there).
+pub fn task_networks(st: &ClusterState, svc: &Service) -> Vec<Id> {
+    let mut nets = svc.networks.clone();
+    if !svc.ports.is_empty() {
+        nets.extend(ingress_id(st));
+    }
+    nets
+}
+
+/// Ports the cluster itself uses on every node: publishing them would take the cluster's
+/// own traffic.
+const RESERVED: [(u16, Protocol, &str); 4] = [
+    (2377, Protocol::Tcp, "the manager's port"),
+    (7946, Protocol::Tcp, "gossip"),
+    (7946, Protocol::Udp, "gossip"),
+    (4789, Protocol::Udp, "VXLAN"),
+];
+
 /// The service (other than `except`) whose published port `port`/`protocol` clashes with
 /// one in `mode`: an ingress port is taken on every node, so it clashes with any other
 /// use; two host-mode ports share the number, the scheduler keeps their tasks apart (as
@@ -135,6 +158,9 @@ fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>,
         let taken = |p: u16, ports: &[Port]| ports.iter().any(|q| q.published == p && q.protocol == spec.protocol);
         let published = match spec.published {
             Some(p) => {
+                if let Some((_, _, what)) = RESERVED.iter().find(|(q, proto, _)| *q == p && *proto == spec.protocol) {
+                    return Err(invalid(format!("port {p}/{} is the cluster's own ({what}): publish another", spec.protocol)));
+                }
                 if let Some(other) = publisher(st, p, spec.protocol, Some(spec.mode), service) {
                     return Err(OpError::Conflict(format!("port {p}/{} is already published by service {}", spec.protocol, other.name)));
                 }
@@ -203,6 +229,9 @@ pub fn create_network(
         ingress: req.ingress,
     };
     st.networks.insert(net.id.clone(), net.clone());
+    if net.ingress {
+        reconcile(st, new_id); // every node gets its address on it
+    }
     Ok(net)
 }
 
@@ -218,7 +247,7 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
         )));
     }
     if net.ingress {
-        if let Some(s) = st.services.values().find(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress)) {
+        if let Some(s) = st.services.values().find(|s| !s.ports.is_empty()) {
             return Err(OpError::Conflict(format!("network {} is in use by service {}: it publishes ports through the routing mesh", net.name, s.name)));
         }
     }
@@ -229,6 +258,9 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
         )));
     }
     st.networks.remove(&net.id);
+    if net.ingress {
+        st.nodes.values_mut().for_each(|n| n.ingress_ip = None);
+    }
     Ok(net)
 }
 
@@ -294,8 +326,9 @@ fn name_in_use(st: &ClusterState, name: &str) -> Option<String> {
 
 /// Addresses a service will need on each of its networks beyond what it holds already.
 fn check_capacity(st: &ClusterState, svc: &Service, extra_tasks: u64, need_vip: bool) -> Result<(), OpError> {
-    for net_id in &svc.networks {
-        let need = extra_tasks + u64::from(need_vip && svc.endpoint_mode == EndpointMode::Vip);
+    for net_id in &task_networks(st, svc) {
+        let vip = need_vip && svc.endpoint_mode == EndpointMode::Vip && svc.networks.contains(net_id);
+        let need = extra_tasks + u64::from(vip);
         let free = ipam::free_count(st, net_id);
         if need > free {
             let net = &st.networks[net_id];
@@ -411,8 +444,26 @@ pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], r
         }
     }
     let specs = add.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
+    let had_ports = !svc.ports.is_empty();
     svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id))?;
     check_ingress_exists(st, name, &svc.ports)?;
+    if had_ports == svc.ports.is_empty() {
+        // Its tasks join (or leave) the ingress network: they are replaced (the only case
+        // of a port change that restarts them).
+        let replicas = live_tasks_of(st, &svc.id).count() as u64;
+        if !had_ports {
+            let mut with = svc.clone();
+            with.networks.clear();
+            check_capacity(st, &with, replicas, false)?;
+        }
+        let why = if had_ports { "replaced: it publishes no port any more" } else { "replaced: its published ports need the ingress network" };
+        for t in st.tasks.values_mut().filter(|t| t.service_id.as_ref() == Some(&svc.id) && t.desired_state == DesiredState::Running) {
+            t.desired_state = DesiredState::Shutdown;
+            if !t.state.is_terminal() {
+                t.error = why.to_string();
+            }
+        }
+    }
     st.services.insert(svc.id.clone(), svc.clone());
     // A host-mode port removed may let a pending task start.
     reconcile(st, new_id);
@@ -544,6 +595,23 @@ pub fn set_node_status(st: &mut ClusterState, node: &Id, status: NodeStatus, new
 pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
     let ready: BTreeSet<Id> = st.ready_nodes().map(|n| n.id.clone()).collect();
 
+    // 0. Every node has an address on the ingress network while there is one.
+    match ingress_id(st) {
+        None => st.nodes.values_mut().for_each(|n| n.ingress_ip = None),
+        Some(ing) => {
+            let ids: Vec<Id> = st.nodes.values().filter(|n| n.ingress_ip.is_none()).map(|n| n.id.clone()).collect();
+            for id in ids {
+                // A full ingress network leaves the node without one: its published ports
+                // do not answer (the agent says so).
+                if let Ok(a) = ipam::allocate(st, &ing) {
+                    if let Some(n) = st.nodes.get_mut(&id) {
+                        n.ingress_ip = Some(a);
+                    }
+                }
+            }
+        }
+    }
+
     // 1. Tasks that should no longer run.
     for t in st.tasks.values_mut() {
         if t.desired_state != DesiredState::Running {
@@ -583,6 +651,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
     // 3. Missing tasks.
     let services: Vec<Service> = st.services.values().cloned().collect();
     for svc in &services {
+        let networks = task_networks(st, svc);
         let live: Vec<Task> = live_tasks_of(st, &svc.id).cloned().collect();
         let mut wanted: Vec<(String, Option<u64>, Option<Id>)> = Vec::new();
         match svc.mode {
@@ -612,7 +681,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
                 state: TaskState::Pending,
                 error: String::new(),
                 addresses: BTreeMap::new(),
-                networks: svc.networks.clone(),
+                networks: networks.clone(),
                 command: svc.command.clone(),
                 restart: true,
                 restarts: 0,
@@ -761,6 +830,7 @@ mod tests {
             status: NodeStatus::Ready,
             underlay: vec!["10.210.0.0/24".parse().expect("net")],
             cert_sha256: String::new(),
+            ingress_ip: None,
         }
     }
 
@@ -1007,11 +1077,23 @@ mod tests {
         create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect("web");
         let e = remove_network(&mut st, "ingress").expect_err("in use");
         assert!(e.to_string().contains("in use by service web"), "{e}");
+        assert!(st.nodes.values().all(|n| n.ingress_ip.is_some()), "every node has an ingress address");
+        let e = create_service(&mut st, &publishing("own", 1, &["7946:80/udp"]), &mut g).expect_err("gossip port");
+        assert!(e.to_string().contains("port 7946/udp is the cluster's own (gossip)"), "{e}");
+        let web = st.service_by_name("web").expect("web").id.clone();
+        let t = running(&st).into_iter().find(|t| t.service_id.as_ref() == Some(&web)).expect("task").clone();
+        assert_eq!(t.networks.last(), Some(&ing.id), "a publishing service's tasks are on the ingress network, last");
+        assert_eq!(t.addresses.len(), t.networks.len());
         remove_service(&mut st, "web", &mut g).expect("rm web");
+        let e = remove_network(&mut st, "ingress").expect_err("task still stopping");
+        assert!(e.to_string().contains("still stopping"), "{e}");
+        apply_reports(&mut st, &"a".to_string(), &[], true, &mut g);
         remove_network(&mut st, "ingress").expect("unused: removable");
+        assert!(st.nodes.values().all(|n| n.ingress_ip.is_none()), "ingress addresses go with the network");
         let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect_err("no ingress");
         assert!(e.to_string().contains("no ingress network"), "{e}");
-        create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &mut g).expect("host mode needs no ingress");
+        let e = create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &mut g).expect_err("host mode needs it too");
+        assert!(e.to_string().contains("no ingress network"), "{e}");
         let given: Ipv4Network = "192.168.77.0/24".parse().expect("net");
         let n = make_ingress(&mut st, "10.0.0.0/8".parse().expect("p"), Some(given), &mut g).expect("given subnet");
         assert_eq!(n.subnet, given);
@@ -1076,5 +1158,23 @@ mod tests {
         // Withdrawing the host port lets the pending task start.
         update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &mut g).expect("update");
         assert_eq!(running(&st).iter().filter(|t| t.node_id.is_none()).count(), 0, "{:?}", running(&st));
+    }
+
+    #[test]
+    fn the_first_port_moves_tasks_onto_ingress_later_ones_do_not() {
+        let (mut st, mut g) = with_ingress(&["a"]);
+        let ing = ingress_id(&st).expect("ingress");
+        create_service(&mut st, &publishing("web", 2, &[]), &mut g).expect("web");
+        let ids = |st: &ClusterState| -> BTreeSet<Id> { running(st).iter().map(|t| t.id.clone()).collect() };
+        let before = ids(&st);
+        assert!(running(&st).iter().all(|t| !t.networks.contains(&ing)));
+        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &mut g).expect("first port");
+        let after = ids(&st);
+        assert_eq!(after.len(), 2);
+        assert!(after.is_disjoint(&before), "replaced");
+        assert!(running(&st).iter().all(|t| t.networks.contains(&ing) && t.addresses.contains_key(&ing)));
+        assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
+        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &mut g).expect("another port");
+        assert_eq!(ids(&st), after, "not restarted");
     }
 }

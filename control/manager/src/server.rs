@@ -122,6 +122,7 @@ impl Manager {
                 .map_or(NodeStatus::Ready, |n| n.status),
             underlay: cfg.underlay.clone(),
             cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
+            ingress_ip: None,
         };
         state.nodes.insert(me.id.clone(), me);
         if created {
@@ -306,6 +307,7 @@ impl Manager {
                 status: NodeStatus::Ready,
                 underlay,
                 cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()),
+                ingress_ip: None,
             };
             self.mutate(|st, g| {
                 st.nodes.insert(node.id.clone(), node.clone());
@@ -353,6 +355,14 @@ impl Manager {
                 ))
             })
             .collect()
+    }
+
+    fn node_ingress(&self, node: &Id) -> Option<NodeIngress> {
+        let inner = self.lock();
+        let st = &inner.state;
+        let address = st.nodes.get(node)?.ingress_ip?;
+        let network = st.networks.values().find(|n| n.ingress)?.clone();
+        Some(NodeIngress { network, address })
     }
 
     fn ready_nodes(&self) -> Vec<(Id, IpAddr)> {
@@ -407,6 +417,8 @@ impl Manager {
         write_msg(&mut w, &FromManager::Nodes { nodes: nodes_sent.clone() }).await?;
         let mut vips_sent = self.vips();
         write_msg(&mut w, &FromManager::Vips { vips: vips_sent.clone() }).await?;
+        let mut ingress_sent = self.node_ingress(&node);
+        write_msg(&mut w, &FromManager::Ingress { ingress: ingress_sent.clone() }).await?;
         let me = self.clone();
         let n2 = node.clone();
         let reader = async move {
@@ -442,6 +454,11 @@ impl Manager {
                 if vips != vips_sent {
                     write_msg(&mut w, &FromManager::Vips { vips: vips.clone() }).await?;
                     vips_sent = vips;
+                }
+                let ingress = self.node_ingress(&node);
+                if ingress != ingress_sent {
+                    write_msg(&mut w, &FromManager::Ingress { ingress: ingress.clone() }).await?;
+                    ingress_sent = ingress;
                 }
                 let nodes = self.ready_nodes();
                 if nodes != nodes_sent {

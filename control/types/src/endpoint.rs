@@ -111,6 +111,16 @@ pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
+/// Id of a node's own endpoint on the ingress network: its port into the routing mesh
+/// (published ports enter there, and replies go back to it).
+pub fn ingress_node_endpoint_id(node: &str) -> TaskId {
+    format!("ingress-node-{node}")
+}
+
+pub fn is_ingress_node_endpoint(id: &str) -> bool {
+    id.starts_with("ingress-node-")
+}
+
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -7,7 +7,7 @@ pub mod endpoint;
 pub mod network;
 pub mod sink;
 
-pub use endpoint::{format_mac, mac_for, Change, Endpoint, EndpointState, Port, Protocol, PublishMode};
+pub use endpoint::{format_mac, ingress_node_endpoint_id, is_ingress_node_endpoint, mac_for, Change, Endpoint, EndpointState, Port, Protocol, PublishMode};
 pub use network::Network;
 pub use sink::{Resync, Sink, SinkError};
 

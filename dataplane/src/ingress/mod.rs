@@ -1,4 +1,356 @@
-//! Home of the ingress routing mesh (issue 10, not built yet): a sink of the endpoint stream
-//! that makes every published port answer on every node and spread connections over the
-//! service's tasks on all nodes, over the ingress network. Nothing here yet: a published
-//! port is accepted by the manager but nothing listens on it.
+//! The ingress routing mesh (issue 10, ADR 0011): a published port answers on every node
+//! and spreads new connections over the service's tasks on all nodes, over the ingress
+//! network, keeping the client's address.
+//!
+//! - [`rules`]: the node's and the tasks' nftables tables as text, from the ingress
+//!   network's endpoints (pure);
+//! - this module: the node's port into the ingress network (`sning0`, holding the
+//!   network's gateway and the node's own ingress address), and [`IngressSink`], the mesh's
+//!   sink of the endpoint stream, which programs the node's table and the reply tables of
+//!   the node's tasks.
+
+pub mod rules;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use ipnetwork::Ipv4Network;
+use swarmnet_types::{is_ingress_node_endpoint, Change, Endpoint, NetworkId, Protocol, PublishMode, Resync, Sink, SinkError, TaskId};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::netns::{NsError, NsWorker};
+use crate::overlay::Sandboxes;
+use rules::{NODE_IF, NODE_PEER_IF, TABLE};
+
+/// This node's place on the ingress network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Me {
+    pub network: NetworkId,
+    pub name: String,
+    pub vni: u32,
+    pub address: Ipv4Addr,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NsError> {
+    std::fs::write(path, value).map_err(|e| NsError::Io(std::io::Error::new(e.kind(), format!("write {value} to {path}: {e}"))))
+}
+
+/// Makes the node's port into the ingress network: a veth whose node end `sning0` holds the
+/// network's gateway (the default route of the node's publishing tasks) and the node's own
+/// ingress address (/32), and whose other end is on the ingress sandbox's bridge. Also
+/// turns on forwarding, and `route_localnet` on `sning0` (a connection to
+/// `localhost:PORT` is DNATed out of it). Idempotent: a port an earlier agent made is kept.
+pub async fn plug_node_port(ns: &NsWorker, sandboxes: &Sandboxes, me: &Me, mtu: u32) -> Result<(), SinkError> {
+    let m = me.clone();
+    let exists = ns
+        .run(move |ctx| ctx.block_on(ctx.home().link(NODE_IF)).map(|l| l.is_some()))
+        .await
+        .map_err(|e| format!("ingress network {} vni {}: look for {NODE_IF}: {e}", m.name, m.vni))??;
+    let replug = exists && sandboxes.plug(&me.network, NODE_PEER_IF).await.is_ok();
+    if !replug {
+        ns.run(move |ctx| {
+            ctx.block_on(async {
+                ctx.home().delete_link(NODE_IF).await?;
+                ctx.home().create_veth(NODE_IF, NODE_PEER_IF).await?;
+                ctx.home().configure_link(NODE_PEER_IF, None, None, Some(mtu)).await
+            })
+        })
+        .await
+        .map_err(|e| format!("ingress network {} vni {}: make {NODE_IF}: {e}", me.name, me.vni))?
+        .map_err(|e| format!("ingress network {} vni {}: make {NODE_IF}: {e}", me.name, me.vni))?;
+        sandboxes.plug(&me.network, NODE_PEER_IF).await.map_err(|e| format!("ingress network {}: plug {NODE_PEER_IF}: {e}", me.name))?;
+    }
+    let m = me.clone();
+    ns.run(move |ctx| {
+        ctx.block_on(async {
+            let mac = swarmnet_types::mac_for(m.address);
+            ctx.home().configure_link(NODE_IF, None, Some(mac), Some(mtu)).await?;
+            ctx.home().add_address(NODE_IF, m.gateway.into(), m.subnet.prefix()).await?;
+            ctx.home().add_address(NODE_IF, m.address.into(), 32).await
+        })
+    })
+    .await
+    .map_err(|e| format!("ingress network {} vni {}: configure {NODE_IF}: {e}", me.name, me.vni))?
+    .map_err(|e| format!("ingress network {} vni {}: configure {NODE_IF} ({}): {e}", me.name, me.vni, me.address))?;
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_forward".to_string(), "1"),
+        (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/route_localnet"), "1"),
+        (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/send_redirects"), "0"),
+        (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/rp_filter"), "0"),
+    ] {
+        write_sysctl(&path, value).map_err(|e| format!("ingress network {}: {e}", me.name))?;
+    }
+    Ok(())
+}
+
+/// Removes the node's port into the ingress network (its peer goes with it).
+pub async fn unplug_node_port(ns: &NsWorker) -> Result<(), SinkError> {
+    ns.run(|ctx| ctx.block_on(ctx.home().delete_link(NODE_IF))).await??;
+    Ok(())
+}
+
+/// Runs `nft -f -` with `script` in the daemon's own namespace (the node's).
+async fn nft_home(script: String) -> Result<(), SinkError> {
+    tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("run nft: {e} (install nftables)"))?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(script.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("nft: {e}"))?
+}
+
+/// One row of `lb ls` for a published port: read back from the node's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRow {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: PublishMode,
+    pub service: String,
+    /// (task name, address, target port, state, connections handed to it)
+    pub backends: Vec<(String, Ipv4Addr, u16, bool, u64)>,
+}
+
+struct TaskNs {
+    netns: File,
+    ifname: String,
+    applied: Option<String>,
+}
+
+struct State {
+    me: Option<Me>,
+    /// Endpoints with published ports, and nodes' ingress endpoints, of every network
+    /// (the ingress network may be known only after its endpoints arrived).
+    endpoints: BTreeMap<NetworkId, BTreeMap<TaskId, Endpoint>>,
+    /// Networks completely resynced since this agent started: before that, the node's
+    /// table an earlier agent left stays as it is.
+    complete: BTreeSet<NetworkId>,
+    node_applied: Option<String>,
+    tasks: BTreeMap<TaskId, TaskNs>,
+    /// Why the node's table could not be programmed last time.
+    failed: Option<String>,
+}
+
+/// The routing mesh's sink (cheap to clone: one state behind it).
+#[derive(Clone)]
+pub struct IngressSink {
+    ns: NsWorker,
+    local_vtep: IpAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl IngressSink {
+    pub fn new(ns: NsWorker, local_vtep: IpAddr) -> Self {
+        let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None };
+        IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)) }
+    }
+
+    /// The node is on the ingress network at `me` (None: it is not, its table goes).
+    pub async fn set_me(&self, me: Option<Me>) -> Result<(), SinkError> {
+        let mut st = self.state.lock().await;
+        if st.me == me {
+            return Ok(());
+        }
+        st.me = me;
+        if st.me.is_none() {
+            st.node_applied = None;
+            nft_home(rules::node_table_delete()).await?;
+            info!("routing mesh: no ingress network, published ports removed");
+            return Ok(());
+        }
+        self.program(&mut st).await
+    }
+
+    /// A task's namespace with its interface on the ingress network: replies of the
+    /// connections that reach it there go back through their entry node.
+    pub async fn add_task(&self, task: &TaskId, netns: &File, ifname: &str) -> Result<(), SinkError> {
+        let mut st = self.state.lock().await;
+        st.tasks.insert(task.clone(), TaskNs { netns: netns.try_clone()?, ifname: ifname.to_string(), applied: None });
+        let entries = Self::entries(&st);
+        self.program_task(&mut st, task, &entries).await
+    }
+
+    pub async fn remove_task(&self, task: &TaskId) {
+        self.state.lock().await.tasks.remove(task);
+    }
+
+    fn ingress_endpoints(st: &State) -> Vec<Endpoint> {
+        st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    fn entries(st: &State) -> Vec<Ipv4Addr> {
+        let mut e = rules::entry_nodes(&Self::ingress_endpoints(st));
+        // This node is an entry point before its own endpoint comes back from gossip.
+        if let Some(me) = &st.me {
+            if !e.contains(&me.address) {
+                e.push(me.address);
+                e.sort();
+            }
+        }
+        e
+    }
+
+    async fn program_task(&self, st: &mut State, task: &TaskId, entries: &[Ipv4Addr]) -> Result<(), SinkError> {
+        let Some(t) = st.tasks.get_mut(task) else { return Ok(()) };
+        let text = rules::task_tables(&t.ifname, entries);
+        if t.applied.as_ref() == Some(&text) {
+            return Ok(());
+        }
+        let f = t.netns.try_clone()?;
+        let argv = vec!["nft".to_string(), "-f".into(), "-".into()];
+        let input = text.clone().into_bytes();
+        let out = self.ns.run(move |ctx| ctx.command_in(&f, &argv, &input)).await??;
+        if !out.status.success() {
+            return Err(format!("task {task}: nft: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
+        }
+        t.applied = Some(text);
+        Ok(())
+    }
+
+    /// Brings the node's table and every task's reply tables in step with what is known.
+    async fn program(&self, st: &mut State) -> Result<(), SinkError> {
+        let Some(me) = st.me.clone() else { return Ok(()) };
+        let mut errors = Vec::new();
+        if st.complete.contains(&me.network) {
+            let published = rules::plan(&Self::ingress_endpoints(st), self.local_vtep);
+            let text = rules::node_table(&published, me.address, me.subnet);
+            if st.node_applied.as_ref() != Some(&text) {
+                match nft_home(text.clone()).await {
+                    Ok(()) => {
+                        info!(ports = published.len(), "routing mesh: published ports programmed");
+                        st.node_applied = Some(text);
+                        st.failed = None;
+                    }
+                    Err(e) => {
+                        let e = format!("ingress network {} vni {}: program the node's table: {e}", me.name, me.vni);
+                        st.failed = Some(e.clone());
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        let entries = Self::entries(st);
+        let ids: Vec<TaskId> = st.tasks.keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.program_task(st, &id, &entries).await {
+                // A task that is going away loses its namespace first: not this sink's fault.
+                warn!(task = %id, error = %e, "routing mesh: a task's reply tables could not be programmed");
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ").into()) }
+    }
+
+    /// This node's published ports as the kernel holds them (`lb ls`), with the service
+    /// and mode the sink knows them by. An error if the table cannot be read.
+    pub async fn read(&self) -> Result<(Vec<PortRow>, Option<String>), SinkError> {
+        let st = self.state.lock().await;
+        let published = match &st.me {
+            Some(_) => rules::plan(&Self::ingress_endpoints(&st), self.local_vtep),
+            None => Vec::new(),
+        };
+        let failed = st.failed.clone();
+        drop(st);
+        let out = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output())
+            .await
+            .map_err(|e| format!("nft: {e}"))?
+            .map_err(|e| format!("run nft: {e}"))?;
+        if !out.status.success() {
+            // No table: no published port answers on this node.
+            return Ok((Vec::new(), failed));
+        }
+        let counts = rules::parse_counts(&out.stdout)?;
+        let mut rows: Vec<PortRow> = Vec::new();
+        for p in &published {
+            let backends = p
+                .backends
+                .iter()
+                .map(|b| {
+                    let c = counts.iter().find(|c| c.protocol == p.protocol && c.port == p.port && c.ip == b.ip && c.target == b.port).map(|c| c.connections);
+                    (b.task.clone(), b.ip, b.port, b.active && c.is_some(), c.unwrap_or(0))
+                })
+                .collect();
+            rows.push(PortRow { port: p.port, protocol: p.protocol, mode: p.mode, service: p.service.clone(), backends });
+        }
+        // What the kernel holds that the sink does not know (an earlier agent's): listed too.
+        for c in &counts {
+            if !rows.iter().any(|r| r.protocol == c.protocol && r.port == c.port) {
+                rows.push(PortRow { port: c.port, protocol: c.protocol, mode: PublishMode::Ingress, service: String::new(), backends: vec![] });
+            }
+            if let Some(r) = rows.iter_mut().find(|r| r.protocol == c.protocol && r.port == c.port) {
+                if !r.backends.iter().any(|b| b.1 == c.ip && b.2 == c.target) {
+                    r.backends.push((String::new(), c.ip, c.target, true, c.connections));
+                }
+            }
+        }
+        Ok((rows, failed))
+    }
+
+    fn keep(e: &Endpoint) -> bool {
+        !e.ports.is_empty() || is_ingress_node_endpoint(&e.id)
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for IngressSink {
+    fn name(&self) -> &'static str {
+        "ingress"
+    }
+
+    async fn apply(&mut self, changes: &[Change]) -> Result<(), SinkError> {
+        let mut st = self.state.lock().await;
+        let mut touched = false;
+        for c in changes {
+            let net = st.endpoints.entry(c.network.clone()).or_default();
+            let had = net.remove(&c.id).is_some();
+            let kept = match &c.new {
+                Some(e) if Self::keep(e) => {
+                    net.insert(c.id.clone(), e.clone());
+                    true
+                }
+                _ => false,
+            };
+            touched |= (had || kept) && st.me.as_ref().is_none_or(|m| m.network == c.network);
+        }
+        if touched { self.program(&mut st).await } else { Ok(()) }
+    }
+
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+        let mut st = self.state.lock().await;
+        let net = st.endpoints.entry(network.clone()).or_default();
+        if how == Resync::Complete {
+            net.clear();
+        }
+        for e in endpoints.iter().filter(|e| Self::keep(e)) {
+            net.insert(e.id.clone(), e.clone());
+        }
+        if how == Resync::Complete {
+            st.complete.insert(network.clone());
+        }
+        if st.me.as_ref().is_some_and(|m| &m.network == network) { self.program(&mut st).await } else { Ok(()) }
+    }
+
+    async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError> {
+        let mut st = self.state.lock().await;
+        st.endpoints.remove(network);
+        st.complete.remove(network);
+        Ok(())
+    }
+}

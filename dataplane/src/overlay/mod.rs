@@ -112,6 +112,9 @@ pub struct SandboxSpec {
     pub local: Ipv4Addr,
     pub port: u16,
     pub mtu: u32,
+    /// The bridge holds the gateway address (every network but the ingress one, whose
+    /// gateway is the node's own port into it: see `ingress`).
+    pub bridge_address: bool,
 }
 
 /// Makes (or completes) the sandbox's bridge and VXLAN device. Idempotent: what exists is
@@ -128,7 +131,9 @@ pub async fn setup_sandbox(ns: &NsWorker, sandbox: &File, spec: SandboxSpec) -> 
             if nl.link(BRIDGE).await?.is_none() {
                 nl.create_bridge(BRIDGE).await?;
                 nl.configure_link(BRIDGE, None, None, Some(spec.mtu)).await?;
-                nl.add_address(BRIDGE, spec.gateway.into(), spec.prefix).await?;
+                if spec.bridge_address {
+                    nl.add_address(BRIDGE, spec.gateway.into(), spec.prefix).await?;
+                }
                 made = true;
             }
             if nl.link(&vx).await?.is_none() {

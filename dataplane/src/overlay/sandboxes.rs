@@ -144,7 +144,7 @@ impl Sandboxes {
         }
         let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
         sb.name = net.name.clone();
-        let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu };
+        let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu, bridge_address: !net.ingress };
         let made = super::setup_sandbox(&self.ns, &sb.ns, spec)
             .await
             .map_err(|source| SandboxError::Kernel { network: net.name.clone(), vni: net.vni, what: "set up bridge and vxlan", source: Box::new(source) })?;

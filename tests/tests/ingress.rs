@@ -1,0 +1,272 @@
+//! The ingress routing mesh on the lab (issue 10): published ports answer on every node from
+//! a client outside the cluster (a namespace on the lab's underlay), round robin over the
+//! service's tasks on all nodes, with the client's own address seen by the task; from the
+//! node itself and from a task too; host mode; port changes of a running service; drain;
+//! a node that dies; removal frees the port. Real sockets (`ingress_client.py`) against the
+//! test server (`ingress_server.py`). Needs root, python3 and nft.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use swarmnet_lab::{in_netns_of, in_ns, wait_for, Lab, UNDERLAY_PREFIX};
+
+const T: Duration = Duration::from_secs(30);
+const TARGET: &str = "8000";
+const SIGKILL: i32 = 9;
+
+fn script(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
+}
+
+fn client_ip() -> String {
+    format!("{UNDERLAY_PREFIX}.250")
+}
+
+/// Runs the client in namespace `ns` and parses what it prints.
+fn client(ns: &str, args: &[&str]) -> Result<Value> {
+    let c = script("ingress_client.py");
+    let mut a = vec!["python3", c.as_str()];
+    a.extend_from_slice(args);
+    let out = in_ns(ns, &a)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("client output: {out}"))
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v.as_object().map(|m| m.iter().map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
+}
+
+/// Each of `names` got `total / names.len()` within ±10 %, and nobody else got any.
+fn assert_even(what: &str, got: &BTreeMap<String, u64>, names: &[String], total: u64) {
+    let share = total / names.len() as u64;
+    let keys: Vec<&String> = got.keys().collect();
+    assert_eq!(keys, names.iter().collect::<Vec<_>>(), "{what}: exactly these tasks answered: {got:?}");
+    for (k, n) in got {
+        assert!(n.abs_diff(share) <= share / 10, "{what}: {k} got {n} of {total}, not {share} ± 10 %: {got:?}");
+    }
+}
+
+/// The node index (0-based) a task runs on.
+fn node_of(lab: &Lab, task: &Value) -> Result<usize> {
+    let host = task["node"].as_str().context("task node")?;
+    lab.nodes.iter().position(|n| n.ns == host).with_context(|| format!("task on unknown node {host}"))
+}
+
+/// Waits until node `i` lists `port/proto` in `lb ls` with `n` active backends.
+fn wait_port(lab: &Lab, i: usize, port: u16, proto: &str, n: usize) -> Result<Value> {
+    wait_for(&format!("node {} answering {port}/{proto} with {n} active tasks", i + 1), T, || {
+        let t = lab.cli_json(i, &["lb", "ls"]).ok()?;
+        let p = t["ports"].as_array()?.iter().find(|p| p["published"] == port && p["protocol"] == proto)?.clone();
+        let active = p["backends"].as_array()?.iter().filter(|b| b["state"] == "active").count();
+        (active == n).then_some(p)
+    })
+}
+
+/// Waits until every node answers `port` (TCP) from the outside with a task of `svc`.
+fn wait_reachable(lab: &Lab, cl: &str, port: &str, svc: &str) -> Result<()> {
+    for n in &lab.nodes {
+        wait_for(&format!("{}:{port} answering from outside", n.addr), T, || {
+            let r = client(cl, &["reach", &n.addr, port]).ok()?;
+            r["reached"].as_str().is_some_and(|s| s.starts_with(&format!("{svc}."))).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+fn web_lab(name: &str, nodes: usize, replicas: usize, publish: &[&str]) -> Result<(Lab, String)> {
+    let lab = Lab::up(name, nodes, nodes, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    let server = script("ingress_server.py");
+    let r = replicas.to_string();
+    let mut a = vec!["service", "create", "--name", "web", "--replicas", &r, "--network", "appnet"];
+    for p in publish {
+        a.push("--publish");
+        a.push(p);
+    }
+    a.extend_from_slice(&["--", "python3", &server, TARGET]);
+    lab.cli_ok(0, &a)?;
+    lab.wait_service("web", replicas, T)?;
+    let cl = lab.outside_client()?;
+    Ok((lab, cl))
+}
+
+/// Every node answers a published port from outside, spread over all tasks, with the
+/// client's own address seen by the task: TCP and UDP, through a node without a task too;
+/// from the node itself and from a task; `lb ls` reads it back.
+#[test]
+fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
+    let (lab, cl) = web_lab("snx-ing", 3, 2, &["8080:8000", "8080:8000/udp"])?;
+    let tasks = lab.running_tasks("web")?;
+    let with: Vec<usize> = tasks.iter().map(|t| node_of(&lab, t)).collect::<Result<_>>()?;
+    let empty = (0..3).find(|i| !with.contains(i)).context("a node without a task")?;
+    let names = vec!["web.1".to_string(), "web.2".to_string()];
+    wait_port(&lab, empty, 8080, "tcp", 2)?;
+    wait_reachable(&lab, &cl, "8080", "web")?;
+    let me = client_ip();
+
+    // Through the node that runs no task: the mesh.
+    let addr = lab.nodes[empty].addr.clone();
+    let r = client(&cl, &["tcp", &addr, "8080", "600"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_even("600 connections through a node without a task", &counts(&r["counts"]), &names, 600);
+    assert_eq!(counts(&r["peers"]), BTreeMap::from([(me.clone(), 600)]), "every task saw the client's own address: {r}");
+    let r = client(&cl, &["udp", &addr, "8080", "200"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_eq!(r["bad_source"], serde_json::json!([]), "replies come from the address asked: {r}");
+    assert_even("200 UDP flows through a node without a task", &counts(&r["counts"]), &names, 200);
+    assert_eq!(counts(&r["peers"]), BTreeMap::from([(me.clone(), 200)]), "{r}");
+
+    // Through the nodes that run one.
+    for &i in &with {
+        let r = client(&cl, &["tcp", &lab.nodes[i].addr, "8080", "100"])?;
+        assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+        assert_even(&format!("through node {}", i + 1), &counts(&r["counts"]), &names, 100);
+        assert_eq!(counts(&r["peers"]), BTreeMap::from([(me.clone(), 100)]), "{r}");
+    }
+
+    // From a node itself: localhost and its own address, and another node's address.
+    let ns = &lab.nodes[empty].ns;
+    for target in ["127.0.0.1", addr.as_str(), lab.nodes[with[0]].addr.as_str()] {
+        let r = client(ns, &["reach", target, "8080"])?;
+        assert!(r["reached"].as_str().is_some_and(|s| s.starts_with("web.")), "from node {}: {target}:8080: {r}", empty + 1);
+    }
+    // From a task to a node's address (its own node's, and another's).
+    let pid = tasks[0]["pid"].as_u64().context("pid")? as u32;
+    let c = script("ingress_client.py");
+    for node in [&lab.nodes[with[0]].addr, &addr] {
+        let out = in_netns_of(pid, &["python3", &c, "reach", node, "8080"])?;
+        let r: Value = serde_json::from_str(out.trim())?;
+        assert!(r["reached"].as_str().is_some_and(|s| s.starts_with("web.")), "from task web: {node}:8080: {r}");
+    }
+
+    // `lb ls` reads the kernel's table: the port, its mode, both tasks, what each got.
+    let p = wait_port(&lab, empty, 8080, "tcp", 2)?;
+    assert_eq!(p["mode"], "ingress", "{p}");
+    assert_eq!(p["service"], "web", "{p}");
+    let handed: u64 = p["backends"].as_array().context("backends")?.iter().filter_map(|b| b["connections"].as_u64()).sum();
+    assert!(handed >= 600, "600 connections or more were handed out through node {}: {p}", empty + 1);
+    let table = lab.cli_ok(empty, &["lb", "ls"])?;
+    assert!(table.contains("8080/tcp") && table.contains("ingress") && table.contains("web.1"), "{table}");
+
+    // A running service's ports change without restarting its tasks.
+    let before: Vec<Value> = tasks.iter().map(|t| t["id"].clone()).collect();
+    lab.cli_ok(0, &["service", "update", "web", "--publish-add", "9090:8000", "--publish-rm", "8080/tcp"])?;
+    wait_reachable(&lab, &cl, "9090", "web")?;
+    for n in &lab.nodes {
+        wait_for(&format!("{}:8080/tcp no longer answering", n.addr), T, || {
+            let r = client(&cl, &["reach", &n.addr, "8080"]).ok()?;
+            r.get("error").is_some().then_some(())
+        })?;
+    }
+    let r = client(&cl, &["udp", &addr, "8080", "10"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "8080/udp stays: {r}");
+    let after: Vec<Value> = lab.running_tasks("web")?.iter().map(|t| t["id"].clone()).collect();
+    assert_eq!(before, after, "the same tasks go on");
+
+    // Removing the service frees the port on every node.
+    lab.cli_ok(0, &["service", "rm", "web"])?;
+    for n in &lab.nodes {
+        wait_for(&format!("{}:9090 freed", n.addr), T, || {
+            let r = client(&cl, &["reach", &n.addr, "9090"]).ok()?;
+            r["error"].as_str().is_some_and(|e| e.contains("refused")).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Host mode: the port answers only where a task runs, straight to that node's task; a
+/// second task for the port on a node is not started, and `service ps` says why.
+#[test]
+fn host_mode_answers_only_where_a_task_runs() -> Result<()> {
+    let (lab, cl) = web_lab("snx-inghost", 3, 2, &["published=8081,target=8000,mode=host"])?;
+    let tasks = lab.running_tasks("web")?;
+    let me = client_ip();
+    let mut with = Vec::new();
+    for t in &tasks {
+        let i = node_of(&lab, t)?;
+        with.push(i);
+        let name = t["name"].as_str().context("name")?;
+        wait_port(&lab, i, 8081, "tcp", 1)?;
+        let addr = &lab.nodes[i].addr;
+        let r = wait_for(&format!("{addr}:8081 answering"), T, || client(&cl, &["tcp", addr, "8081", "20"]).ok().filter(|r| r["errors"] == serde_json::json!([])))?;
+        assert_eq!(counts(&r["counts"]), BTreeMap::from([(name.to_string(), 20)]), "straight to the node's own task: {r}");
+        assert_eq!(counts(&r["peers"]), BTreeMap::from([(me.clone(), 20)]), "{r}");
+    }
+    let empty = (0..3).find(|i| !with.contains(i)).context("a node without a task")?;
+    let r = client(&cl, &["reach", &lab.nodes[empty].addr, "8081"])?;
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "no task, no port on node {}: {r}", empty + 1);
+
+    lab.cli_ok(0, &["service", "scale", "web=4"])?;
+    wait_for("the fourth task pending with the reason", T, || {
+        let ps = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
+        let stuck: Vec<Value> = ps.as_array()?.iter().filter(|t| t["state"] == "pending").cloned().collect();
+        (stuck.len() == 1 && stuck[0]["error"].as_str()?.contains("host-mode port 8081/tcp is taken on all 3 ready nodes")).then_some(())
+    })?;
+    wait_for("three tasks running, one per node", T, || (lab.running_tasks("web").ok()?.len() == 3).then_some(()))?;
+    let ps = lab.cli_ok(0, &["service", "ps", "web"])?;
+    assert!(ps.contains("host-mode port 8081/tcp"), "{ps}");
+    Ok(())
+}
+
+/// A task leaving drains (established connections go on, new ones go elsewhere), and a
+/// node that dies stops receiving mesh traffic while the other nodes keep answering.
+#[test]
+fn drain_and_a_node_that_dies() -> Result<()> {
+    let (mut lab, cl) = web_lab("snx-ingdrain", 3, 3, &["8082:8000"])?;
+    // Node 1 is the manager: the entry point here. Kill another node later.
+    let entry = lab.nodes[0].addr.clone();
+    wait_port(&lab, 0, 8082, "tcp", 3)?;
+    wait_reachable(&lab, &cl, "8082", "web")?;
+    let dir = std::env::temp_dir().join(format!("snx-ingdrain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display().to_string();
+    let c = script("ingress_client.py");
+    let holder = std::process::Command::new("ip").args(["netns", "exec", &cl, "python3", &c, "hold", &entry, "8082", "web.3", &d]).stdout(std::process::Stdio::null()).spawn()?;
+    let result = (|| -> Result<()> {
+        wait_for("a connection held to web.3", T, || dir.join("held").exists().then_some(()))?;
+        lab.cli_ok(0, &["service", "scale", "web=2"])?;
+        wait_for("web.3 out of node 1's rotation", T, || {
+            let t = lab.cli_json(0, &["lb", "ls"]).ok()?;
+            let p = t["ports"].as_array()?.iter().find(|p| p["published"] == 8082)?.clone();
+            let b = p["backends"].as_array()?;
+            let active: Vec<&Value> = b.iter().filter(|b| b["state"] == "active").collect();
+            (active.len() == 2 && !active.iter().any(|b| b["task"] == "web.3")).then_some(())
+        })?;
+        let r = client(&cl, &["tcp", &entry, "8082", "60"])?;
+        assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+        assert!(!counts(&r["counts"]).contains_key("web.3"), "no new connection reaches the leaving task: {r}");
+        std::fs::write(dir.join("go"), b"")?;
+        let res = wait_for("the holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
+        let res: Value = serde_json::from_str(&res)?;
+        assert_eq!(res["ok"], true, "the established connection goes on: {res}");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut holder = holder;
+    let _ = holder.wait();
+    result?;
+
+    // A node that dies (its daemon killed, its underlay cut): the others stop sending to
+    // its task (the manager starts a replacement elsewhere, under the same name) and keep
+    // answering.
+    let tasks = lab.running_tasks("web")?;
+    let victim_task = tasks.iter().find(|t| node_of(&lab, t).is_ok_and(|i| i != 0)).context("a task off node 1")?.clone();
+    let victim = node_of(&lab, &victim_task)?;
+    let dead_ip = victim_task["addresses"]["ingress"].as_str().context("the task's ingress address")?.to_string();
+    lab.stop_node(victim, SIGKILL)?;
+    in_ns(&lab.nodes[victim].ns, &["ip", "link", "set", "eth0", "down"])?;
+    for i in (0..3).filter(|&i| i != victim) {
+        wait_for(&format!("node {} no longer sending to {dead_ip} (node {} is dead)", i + 1, victim + 1), Duration::from_secs(45), || {
+            let t = lab.cli_json(i, &["lb", "ls"]).ok()?;
+            let p = t["ports"].as_array()?.iter().find(|p| p["published"] == 8082)?.clone();
+            (!p["backends"].as_array()?.iter().any(|b| b["ip"] == dead_ip.as_str())).then_some(())
+        })?;
+        let addr = lab.nodes[i].addr.clone();
+        let r = wait_for(&format!("{addr}:8082 answering every connection"), T, || client(&cl, &["tcp", &addr, "8082", "20"]).ok().filter(|r| r["errors"] == serde_json::json!([])))?;
+        assert_eq!(counts(&r["counts"]).values().sum::<u64>(), 20, "{r}");
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! `cargo xtask bench ingress` (release build): requests per second and latency from a
+//! client outside the cluster (the lab's outside namespace, wrk) to one nginx task:
+//! - through the routing mesh on a node that runs no task (`*:8080`, ingress mode),
+//! - against the same task published in host mode on its own node (`:8081`, the baseline),
+//! - through the mesh on the task's own node (`*:8080` there: the local path).
+//!
+//! With HTTP keep-alive and with `Connection: close`, three back-to-back rounds each. One
+//! service publishes both ports, so every figure is the same nginx process.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use swarmnet_lab::{wait_for, Lab};
+
+use crate::bench_lb::{parse_wrk, Wrk, NGINX};
+
+const LAB: &str = "snbench";
+const T: Duration = Duration::from_secs(60);
+
+fn wrk(ns: &str, url: &str, close: bool) -> Result<Wrk> {
+    let mut a = vec!["netns", "exec", ns, "wrk", "-t1", "-c32", "-d8s", "--latency"];
+    if close {
+        a.extend_from_slice(&["-H", "Connection: close"]);
+    }
+    a.push(url);
+    let out = Command::new("ip").args(&a).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("wrk {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("wrk output:\n{text}"))
+}
+
+pub fn bench_ingress() -> Result<()> {
+    let lab = Lab::up(LAB, 3, 3, 5.0)?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "1", "--publish", "8080:80", "--publish", "published=8081,target=80,mode=host", "--", "sh", "-c", NGINX])?;
+    let tasks = lab.wait_service("web", 1, T)?;
+    let host = tasks[0]["node"].as_str().context("task node")?.to_string();
+    let on = lab.nodes.iter().position(|n| n.ns == host).context("the task's node")?;
+    let off = (0..3).find(|&i| i != on).context("a node without the task")?;
+    let cl = lab.outside_client()?;
+    let mesh = format!("http://{}:8080/", lab.nodes[off].addr);
+    let hostmode = format!("http://{}:8081/", lab.nodes[on].addr);
+    let local = format!("http://{}:8080/", lab.nodes[on].addr);
+    for url in [&mesh, &hostmode, &local] {
+        wait_for(&format!("nginx answering on {url}"), T, || {
+            let out = Command::new("ip").args(["netns", "exec", &cl, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]).output().ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == "200").then_some(())
+        })?;
+    }
+    println!("task on node {} ({host}); mesh entry: node {}; client: {cl} (outside the cluster)", on + 1, off + 1);
+    for close in [false, true] {
+        let mode = if close { "Connection: close" } else { "keep-alive" };
+        // Uncounted warm-up of each path.
+        for url in [&hostmode, &mesh, &local] {
+            wrk(&cl, url, close)?;
+        }
+        let mut worst = f64::INFINITY;
+        let mut worst_local = f64::INFINITY;
+        for round in 1..=3 {
+            let h = wrk(&cl, &hostmode, close)?;
+            let m = wrk(&cl, &mesh, close)?;
+            let l = wrk(&cl, &local, close)?;
+            let (rm, rl) = (m.rps / h.rps, l.rps / h.rps);
+            worst = worst.min(rm);
+            worst_local = worst_local.min(rl);
+            println!(
+                "[{mode}] round {round}: host mode {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, errors {}); mesh via a node without the task {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, errors {}) = {rm:.3}x; mesh via the task's node {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms, errors {}) = {rl:.3}x",
+                h.rps, h.p50_ms, h.p99_ms, h.errors, m.rps, m.p50_ms, m.p99_ms, m.errors, l.rps, l.p50_ms, l.p99_ms, l.errors
+            );
+        }
+        println!("[{mode}] worst mesh/host-mode ratio over the 3 rounds: {worst:.3} (via the task's node: {worst_local:.3})");
+    }
+    println!("{}", lab.cli_ok(off, &["lb", "ls"])?);
+    drop(lab);
+    let _ = std::fs::remove_dir_all("/tmp/snbench-nginx");
+    Ok(())
+}
