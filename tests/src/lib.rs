@@ -216,15 +216,25 @@ impl Lab {
     /// `<lab>-cl`, address `<underlay>.250`): the outside client of published ports.
     /// Made once; returns its namespace.
     pub fn outside_client(&self) -> Result<String> {
-        let ns = format!("{}-cl", self.name);
+        self.outside_client_at(0)
+    }
+
+    /// Outside client number `i` (0–4): namespace `<lab>-cl` (0) or `<lab>-cl<i>`, address
+    /// `<underlay>.<250 + i>`.
+    pub fn outside_client_at(&self, i: u8) -> Result<String> {
+        if i > 4 {
+            bail!("lab {}: outside client {i} is out of range (0-4)", self.name);
+        }
+        let ns = if i == 0 { format!("{}-cl", self.name) } else { format!("{}-cl{i}", self.name) };
         if sh(&["ip", "netns", "list"])?.lines().any(|l| l.split_whitespace().next() == Some(ns.as_str())) {
             return Ok(ns);
         }
         let ul = format!("{}-ul", self.name);
+        let port = format!("sncl{i}");
         sh(&["ip", "netns", "add", &ns])?;
-        sh(&["ip", "-n", &ul, "link", "add", "sncl", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        sh(&["ip", "-n", &ul, "link", "set", "sncl", "master", "snbr0", "up"])?;
-        sh(&["ip", "-n", &ns, "addr", "add", &format!("{UNDERLAY_PREFIX}.250/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(&["ip", "-n", &ul, "link", "set", &port, "master", "snbr0", "up"])?;
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{UNDERLAY_PREFIX}.{}/24", 250 + u16::from(i)), "dev", "eth0"])?;
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         Ok(ns)

@@ -34,6 +34,8 @@ pub struct Me {
     pub address: Ipv4Addr,
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
+    /// The cluster's VXLAN port: encapsulated packets skip connection tracking.
+    pub vxlan_port: u16,
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), NsError> {
@@ -231,7 +233,7 @@ impl IngressSink {
         let mut errors = Vec::new();
         if st.complete.contains(&me.network) {
             let published = rules::plan(&Self::ingress_endpoints(st), self.local_vtep);
-            let text = rules::node_table(&published, me.address, me.subnet);
+            let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port);
             if st.node_applied.as_ref() != Some(&text) {
                 match nft_home(text.clone()).await {
                     Ok(()) => {

@@ -118,7 +118,7 @@ pub fn parse_backend_chain(name: &str) -> Option<(Protocol, u16, Ipv4Addr, u16)>
 
 /// The node's table, whole, as one `nft -f` transaction (made or replaced atomically).
 /// `me` is the node's ingress address, `subnet` the ingress network's.
-pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network) -> String {
+pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vxlan_port: u16) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
     let answered: Vec<&Published> = published.iter().collect();
@@ -132,6 +132,11 @@ pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network) ->
         let _ = writeln!(s, "    elements = {{ {} }}", elems(&|p| format!("{} . {} : goto {}", p.protocol, p.port, chain_name(p))));
     }
     let _ = writeln!(s, "  }}");
+    // VXLAN packets (of every overlay) need no connection tracking, which this table's
+    // rules would otherwise turn on for them: the inner packets are tracked where it counts.
+    for (name, hook) in [("vxlan_in", "prerouting"), ("vxlan_out", "output")] {
+        let _ = writeln!(s, "  chain {name} {{\n    type filter hook {hook} priority raw; policy accept;\n    udp dport {vxlan_port} notrack\n  }}");
+    }
     // Packets conntrack calls invalid (out of window, stray) never reach the node's own
     // stack, whose reset would kill a good connection (k8s #74839); nor are they forwarded.
     let _ = writeln!(
@@ -196,7 +201,9 @@ pub fn task_tables(ifname: &str, entries: &[Ipv4Addr]) -> String {
         s,
         "  chain pre {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{ifname}\" ct state new ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32\n  }}"
     );
-    let _ = writeln!(s, "  chain out {{\n    type route hook output priority mangle; policy accept;\n    ct mark != 0 meta mark set ct mark\n  }}\n}}");
+    // A filter chain, not a route one: the mark only picks the MAC at egress, and a route
+    // chain would look the route up again for every packet whose mark it sets.
+    let _ = writeln!(s, "  chain out {{\n    type filter hook output priority mangle; policy accept;\n    ct mark != 0 meta mark set ct mark\n  }}\n}}");
     let _ = writeln!(s, "table netdev {TABLE} {{}}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{");
     let _ = writeln!(s, "  map entry {{\n    type mark : ether_addr");
     if !entries.is_empty() {
@@ -281,8 +288,9 @@ mod tests {
         assert_eq!(keys, vec![(Protocol::Tcp, 8080, 2), (Protocol::Tcp, 9100, 1), (Protocol::Udp, 53, 2)]);
         assert!(p[0].backends.iter().any(|b| !b.active), "the draining task is listed");
         assert_eq!(entry_nodes(&eps), vec!["10.255.255.2".parse::<Ipv4Addr>().expect("ip")]);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"));
+        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789);
         assert!(text.contains("elements = { tcp . 8080, tcp . 9100, udp . 53 }"), "{text}");
+        assert!(text.contains("udp dport 4789 notrack"), "{text}");
         // The draining task takes no new connection; the active one takes them all.
         assert!(text.contains("chain p_tcp_8080 {\n    numgen inc mod 1 vmap { 0 : goto b_tcp_8080_10_255_255_3_80 }"), "{text}");
         assert!(!text.contains("b_tcp_8080_10_255_255_4_80"), "{text}");
@@ -304,7 +312,7 @@ mod tests {
         let p = plan(&eps, me.parse().expect("me"));
         assert_eq!(p[0].service, "api");
         assert_eq!(p[0].backends.len(), 1);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"));
+        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789);
         assert!(text.contains("chain p_tcp_8080 {\n    reject with tcp reset"), "{text}");
         assert!(text.contains("chain p_udp_5000 {\n    reject\n"), "{text}");
     }

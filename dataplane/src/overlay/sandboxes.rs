@@ -118,6 +118,10 @@ impl Sandboxes {
         self.port.store(port, Ordering::Relaxed);
     }
 
+    pub fn port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+
     /// Networks with a sandbox on this node.
     pub async fn networks(&self) -> Vec<NetworkId> {
         self.map.lock().await.keys().cloned().collect()
