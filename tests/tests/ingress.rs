@@ -150,6 +150,27 @@ fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
     let table = lab.cli_ok(empty, &["lb", "ls"])?;
     assert!(table.contains("8080/tcp") && table.contains("ingress") && table.contains("web.1"), "{table}");
 
+    // A process on a node bound to a published port gets nothing of it, and is named.
+    let listener = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(8)\ntime.sleep(120)"])
+        .spawn()?;
+    let shadow = (|| -> Result<()> {
+        wait_for("the local listener bound", T, || in_ns(ns, &["ss", "-Hltn", "sport = :8080"]).ok().filter(|o| o.contains("8080")))?;
+        lab.cli_ok(0, &["service", "update", "web", "--publish-add", "9191:8000"])?;
+        let t = wait_for("lb ls naming the shadowed port", T, || {
+            let t = lab.cli_json(empty, &["lb", "ls"]).ok()?;
+            t["ports_warning"].as_str().is_some_and(|w| w.contains("bound to published port 8080/tcp")).then_some(t)
+        })?;
+        let r = client(&cl, &["reach", &addr, "8080"])?;
+        assert!(r["reached"].as_str().is_some_and(|s| s.starts_with("web.")), "the mesh keeps the port: {r} {t}");
+        assert!(lab.log(empty).contains("bound to a published port"), "the daemon's log says so");
+        Ok(())
+    })();
+    let mut listener = listener;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    shadow?;
+
     // A running service's ports change without restarting its tasks.
     let before: Vec<Value> = tasks.iter().map(|t| t["id"].clone()).collect();
     lab.cli_ok(0, &["service", "update", "web", "--publish-add", "9090:8000", "--publish-rm", "8080/tcp"])?;

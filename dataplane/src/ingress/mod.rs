@@ -149,6 +149,8 @@ struct State {
     tasks: BTreeMap<TaskId, TaskNs>,
     /// Why the node's table could not be programmed last time.
     failed: Option<String>,
+    /// Published ports a local process was found bound to (warned about once).
+    shadowed: BTreeSet<(Protocol, u16)>,
 }
 
 /// The routing mesh's sink (cheap to clone: one state behind it).
@@ -161,7 +163,7 @@ pub struct IngressSink {
 
 impl IngressSink {
     pub fn new(ns: NsWorker, local_vtep: IpAddr) -> Self {
-        let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None };
+        let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None, shadowed: BTreeSet::new() };
         IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)) }
     }
 
@@ -234,12 +236,15 @@ impl IngressSink {
         if st.complete.contains(&me.network) {
             let published = rules::plan(&Self::ingress_endpoints(st), self.local_vtep);
             let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port);
-            if st.node_applied.as_ref() != Some(&text) {
+            if st.node_applied.as_ref() == Some(&text) {
+                Self::warn_shadowed(st, &published);
+            } else {
                 match nft_home(text.clone()).await {
                     Ok(()) => {
                         info!(ports = published.len(), "routing mesh: published ports programmed");
                         st.node_applied = Some(text);
                         st.failed = None;
+                        Self::warn_shadowed(st, &published);
                     }
                     Err(e) => {
                         let e = format!("ingress network {} vni {}: program the node's table: {e}", me.name, me.vni);
@@ -260,6 +265,21 @@ impl IngressSink {
         if errors.is_empty() { Ok(()) } else { Err(errors.join("; ").into()) }
     }
 
+    /// A process on the node bound to a published port gets none of its traffic (the mesh's
+    /// DNAT comes first): say so, once per port, instead of letting it wonder.
+    fn warn_shadowed(st: &mut State, published: &[rules::Published]) {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let tcp = read("/proc/net/tcp") + &read("/proc/net/tcp6").lines().skip(1).map(|l| format!("{l}\n")).collect::<String>();
+        let udp = read("/proc/net/udp") + &read("/proc/net/udp6").lines().skip(1).map(|l| format!("{l}\n")).collect::<String>();
+        let bound: BTreeSet<(Protocol, u16)> = rules::bound_ports(&tcp, &udp).into_iter().collect();
+        let now: BTreeSet<(Protocol, u16)> = published.iter().map(|p| (p.protocol, p.port)).filter(|k| bound.contains(k)).collect();
+        for (proto, port) in now.difference(&st.shadowed) {
+            let svc = published.iter().find(|p| p.protocol == *proto && p.port == *port).map(|p| p.service.as_str()).unwrap_or_default();
+            warn!(port = *port, protocol = %proto, service = svc, "a process on this node is bound to a published port: the routing mesh takes the port first, that process gets none of its connections");
+        }
+        st.shadowed = now;
+    }
+
     /// This node's published ports as the kernel holds them (`lb ls`), with the service
     /// and mode the sink knows them by. An error if the table cannot be read.
     pub async fn read(&self) -> Result<(Vec<PortRow>, Option<String>), SinkError> {
@@ -268,7 +288,11 @@ impl IngressSink {
             Some(_) => rules::plan(&Self::ingress_endpoints(&st), self.local_vtep),
             None => Vec::new(),
         };
-        let failed = st.failed.clone();
+        let mut warnings: Vec<String> = st.failed.iter().cloned().collect();
+        for (proto, port) in &st.shadowed {
+            warnings.push(format!("a process on this node is bound to published port {port}/{proto}: the routing mesh takes the port first, it gets none of its connections"));
+        }
+        let failed = (!warnings.is_empty()).then(|| warnings.join("; "));
         drop(st);
         let out = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output())
             .await

@@ -218,6 +218,27 @@ pub fn task_tables(ifname: &str, entries: &[Ipv4Addr]) -> String {
     s
 }
 
+/// Ports bound on the node, from `/proc/net/tcp` (listening sockets) and `/proc/net/udp`
+/// (bound ones) as text; IPv6 files parse the same way.
+pub fn bound_ports(tcp: &str, udp: &str) -> Vec<(Protocol, u16)> {
+    let mut out = Vec::new();
+    for (proto, text, state) in [(Protocol::Tcp, tcp, "0A"), (Protocol::Udp, udp, "07")] {
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(st)) = (f.get(1), f.get(3)) else { continue };
+            if *st != state {
+                continue;
+            }
+            if let Some(port) = local.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) {
+                out.push((proto, port));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// One backend as read back from the node's table: connections handed to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendCount {
@@ -325,6 +346,14 @@ mod tests {
         assert!(t.contains(&format!("elements = {{ 0x{a:08x} : 02:42:0a:ff:ff:02, 0x{b:08x} : 02:42:0a:ff:ff:0a }}")), "{t}");
         assert!(t.contains("type filter hook egress device \"eth1\""), "{t}");
         assert!(!task_tables("eth1", &[]).contains("elements"));
+    }
+
+    #[test]
+    fn bound_ports_are_read_from_proc() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1\n   1: 0100007F:0050 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2\n";
+        let udp = "   sl  local_address rem_address   st\n  1: 00000000:0035 00000000:0000 07 00000000:00000000\n";
+        assert_eq!(bound_ports(tcp, udp), vec![(Protocol::Tcp, 8080), (Protocol::Udp, 53)]);
+        assert!(bound_ports("", "").is_empty());
     }
 
     #[test]
