@@ -221,6 +221,13 @@ fn demo() -> Result<()> {
         })?;
         println!("{url} -> HTTP {}", code.trim());
     }
+    // Round robin is per node: six more through node 2 go to each task twice.
+    let url = format!("http://{}:8080/", lab.nodes[1].addr);
+    println!("$ ip netns exec {cl} curl {url}    # six times");
+    for _ in 0..6 {
+        let c = swarmnet_lab::in_ns(&cl, &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &url])?;
+        println!("{url} -> HTTP {}", c.trim());
+    }
     println!("$ swarmnet lb ls    # on snlab-n2: its published ports, read back from its nftables table\n{}", lab.cli_ok(1, &["lb", "ls"])?);
     // The tasks saw the outside client's own address (python's http.server logs it).
     for t in &tasks {
@@ -228,7 +235,7 @@ fn demo() -> Result<()> {
         let node = t["node"].as_str().unwrap_or_default();
         let Some(n) = lab.nodes.iter().find(|n| n.ns == node) else { continue };
         let log = std::fs::read_to_string(n.data_dir.join("tasks").join(format!("{id}.log"))).unwrap_or_default();
-        if let Some(line) = log.lines().rev().find(|l| l.contains("GET / ")) {
+        if let Some(line) = log.lines().rev().find(|l| l.starts_with("10.210.0.250 ")) {
             println!("task {} on {node} logged: {line}", t["name"]);
         }
     }
