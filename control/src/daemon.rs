@@ -35,7 +35,7 @@ pub fn holder_cmd() -> anyhow::Result<Vec<String>> {
 
 async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::Result<Arc<Agent>> {
     let n = node::start(cfg, base, &id.node_id).await?;
-    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, cfg.gossip_port, n.ingress)?;
+    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, cfg.gossip_port, n.ingress, cfg.data_dir.clone())?;
     tokio::spawn(agent.clone().run());
     Ok(agent)
 }
@@ -163,6 +163,7 @@ async fn with_local_view(mut d: NetworkDetail, agent: &Agent) -> NetworkDetail {
     };
     let c = &agent.runtime.dns().shared.counters;
     let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    d.local_gossip = agent.gossip.stats().await.ok().map(|s| swarmnet_api::replies::GossipCounters { unauthenticated: s.unauthenticated, malformed: s.malformed, udp_sent: s.udp_sent });
     d.local_dns = DnsCounters { answered_locally: n(&c.local), forwarded: n(&c.forwarded), upstream_failures: n(&c.upstream_failures), refused_or_malformed: n(&c.refused) };
     d
 }

@@ -169,6 +169,9 @@ enum Cmd {
         /// Give each endpoint a VIP of its own (a service each: load-balancer benchmarks).
         #[arg(long)]
         vips: bool,
+        /// The data dir of a node of the cluster: its gossip keys are used (gossip is sealed).
+        #[arg(long)]
+        keys_from: PathBuf,
     },
     /// Internal: holds an overlay sandbox namespace open (started by the daemon).
     #[command(hide = true)]
@@ -351,9 +354,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::SimEndpoints { gossip_addr, seed, network, count, vips } => {
+        Cmd::SimEndpoints { gossip_addr, seed, network, count, vips, keys_from } => {
             init_logging();
-            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count, vips))?;
+            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count, vips, &keys_from))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::SandboxHold => {

@@ -92,11 +92,13 @@ async fn session(id: &Identity) -> anyhow::Result<()> {
 
 /// A gossip peer that publishes `count` endpoints on `network` (for the agent-memory
 /// benchmark): the agents take them as remote endpoints and program their kernels.
-pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize, vips: bool) -> anyhow::Result<()> {
+pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, network: String, count: usize, vips: bool, keys_from: &Path) -> anyhow::Result<()> {
     use swarmnet_gossip::server::{self, Cmd};
     use swarmnet_gossip::{Config, Ident};
     use swarmnet_types::{Endpoint, EndpointState};
     let h = server::start(Ident { node: "sim-endpoints".into(), addr, gen: 1 }, Config::default()).await?;
+    let keys = swarmnet_agent::gossip_keys::load(keys_from).map_err(|e| anyhow!(e))?;
+    swarmnet_agent::gossip_keys::install(&h, &keys).map_err(|e| anyhow!(e))?;
     h.send(Cmd::Seeds(vec![seed]))?;
     while h.members().await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -37,9 +37,12 @@ type Seen = Arc<Mutex<HashMap<(usize, String), Instant>>>;
 
 async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashMap<(usize, String), Instant>>>) -> Result<Vec<GossipHandle>> {
     let mut hs = Vec::new();
+    // Gossip is sealed (issue 11): one cluster key, as the manager would hand out.
+    let key = swarmnet_gossip::seal::new_key().map_err(anyhow::Error::msg)?;
     for i in 0..n {
         let addr = SocketAddr::from(([127, 0, 0, 1], base + i as u16));
         let h = server::start(Ident { node: format!("b{i}"), addr, gen: 1 }, Config::default()).await?;
+        h.send(Cmd::Keys(Box::new(swarmnet_gossip::seal::Keyring::new(&[(1, key)]).map_err(anyhow::Error::msg)?)))?;
         let mut rx = h.subscribe();
         let seen = seen.clone();
         let downs = downs.clone();

@@ -12,6 +12,7 @@
 
 pub mod dns;
 pub mod follow;
+pub mod gossip_keys;
 pub mod ingress;
 pub mod membership;
 pub mod node;

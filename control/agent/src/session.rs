@@ -119,11 +119,14 @@ pub struct Agent {
     vips: tokio::sync::watch::Sender<Option<Vec<VipInfo>>>,
     /// The node's place on the ingress network, followed by `ingress::run`.
     ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
+    /// Where the gossip keys are kept.
+    data_dir: std::path::PathBuf,
+    gossip_keys: Mutex<Vec<swarmnet_api::GossipKey>>,
 }
 
 impl Agent {
     /// Must be called inside the runtime (it starts the load balancer's VIP feeder).
-    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16, ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>) -> anyhow::Result<Arc<Agent>> {
+    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16, ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>, data_dir: std::path::PathBuf) -> anyhow::Result<Arc<Agent>> {
         let tls = tls::client_config(&id.ca_pem, &id.cert)?;
         let (vips, mut rx) = tokio::sync::watch::channel(None::<Vec<VipInfo>>);
         if let Some(lb) = runtime.lb() {
@@ -137,7 +140,7 @@ impl Agent {
                 }
             });
         }
-        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress }))
+        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress, data_dir, gossip_keys: Mutex::new(Vec::new()) }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -219,6 +222,13 @@ impl Agent {
                     Some(Ok(Some(FromManager::Vips { vips }))) => {
                         // Only the newest list matters; the feeder takes it when it can.
                         let _ = self.vips.send(Some(vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect()));
+                    }
+                    Some(Ok(Some(FromManager::GossipKeys { keys }))) => {
+                        let mut have = self.gossip_keys.lock().await;
+                        if *have != keys {
+                            crate::gossip_keys::update(&self.gossip, &self.data_dir, &keys).await;
+                            *have = keys;
+                        }
                     }
                     Some(Ok(Some(FromManager::Ingress { ingress }))) => {
                         self.ingress.send_if_modified(|cur| {

@@ -64,6 +64,38 @@ pub enum FromManager {
     /// changes): published ports enter the routing mesh there. None: there is no ingress
     /// network (or no address was left for this node).
     Ingress { ingress: Option<NodeIngress> },
+    /// The keys gossip is sealed with (issue 11), sent first in every session and whenever
+    /// they change; the highest id is the one to send with.
+    GossipKeys { keys: Vec<GossipKey> },
+}
+
+/// One gossip key: only the manager makes them, and only admitted nodes get them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKey {
+    pub id: u32,
+    /// 32 bytes, hex.
+    pub key: String,
+}
+
+impl std::fmt::Debug for GossipKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GossipKey({}, <secret>)", self.id)
+    }
+}
+
+impl GossipKey {
+    pub fn bytes(&self) -> Result<[u8; 32], String> {
+        let v: Vec<u8> = (0..self.key.len())
+            .step_by(2)
+            .map(|i| self.key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| format!("gossip key {}: not hex", self.id))?;
+        v.try_into().map_err(|_| format!("gossip key {}: not 32 bytes", self.id))
+    }
+
+    pub fn from_bytes(id: u32, k: &[u8; 32]) -> GossipKey {
+        GossipKey { id, key: k.iter().map(|b| format!("{b:02x}")).collect() }
+    }
 }
 
 /// A node's place on the ingress network.

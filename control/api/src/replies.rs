@@ -85,6 +85,16 @@ pub struct DnsCounters {
     pub refused_or_malformed: u64,
 }
 
+/// This node's gossip (all networks) since its daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipCounters {
+    /// Messages dropped unparsed: not sealed with a key this node holds, or too old.
+    pub unauthenticated: u64,
+    /// Authenticated but not understood.
+    pub malformed: u64,
+    pub udp_sent: u64,
+}
+
 /// `network inspect`: the manager's record, and what the asked node itself knows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkDetail {
@@ -97,6 +107,9 @@ pub struct NetworkDetail {
     pub local_endpoints: Option<Vec<LocalEndpoint>>,
     #[serde(default)]
     pub local_dns: DnsCounters,
+    /// This node's gossip since its daemon started (None if its loop is not answering).
+    #[serde(default)]
+    pub local_gossip: Option<GossipCounters>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 //! an encrypted kind later.
 
 pub mod memnet;
+pub mod seal;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod table;
@@ -150,6 +151,9 @@ pub enum Event {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Packets and stream messages that did not open with this node's gossip keys (or came
+    /// before it had any): dropped unparsed.
+    pub unauthenticated: u64,
     pub malformed: u64,
     pub oversized: u64,
     pub stale: u64,
@@ -307,6 +311,12 @@ impl Gossip {
             },
             _ => self.stats.malformed += 1,
         }
+    }
+
+    /// `items` as a plaintext packet of this wire version, as a node pushes its changes
+    /// before sealing (tests and tools: what a forger would send).
+    pub fn plaintext_items(items: Vec<Item>) -> Option<Vec<u8>> {
+        postcard::to_allocvec(&Wire::Items { items }).ok().map(|body| frame(KIND_WIRE, &body))
     }
 
     fn send_udp(&mut self, to: SocketAddr, w: &Wire) {

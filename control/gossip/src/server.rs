@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::seal::{Keyring, OpenError, OVERHEAD};
 use crate::{Config, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
 use swarmnet_types::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +25,9 @@ pub enum Cmd {
     Stats { reply: oneshot::Sender<Stats> },
     /// The networks this node takes entries of.
     Networks { reply: oneshot::Sender<Vec<String>> },
+    /// The keys to seal and open with (from the manager). Until the first, nothing is sent
+    /// and everything received is dropped.
+    Keys(Box<Keyring>),
     /// Stops the loop and closes the sockets (benchmarks: a node that dies).
     Stop,
 }
@@ -104,7 +108,7 @@ async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<(SocketAddr, Vec<u8>)
                     return;
                 }
                 let n = u32::from_be_bytes(len) as usize;
-                if n > MAX_STREAM_MESSAGE {
+                if n > MAX_STREAM_MESSAGE + OVERHEAD {
                     debug!(%peer, n, "gossip stream message too large: closing");
                     return;
                 }
@@ -134,16 +138,43 @@ async fn send_stream(to: SocketAddr, data: Vec<u8>) {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Opens a received message with the keyring and hands the plaintext to the protocol;
+/// anything that does not open is counted and dropped unparsed (and logged, at most once a
+/// minute, with the sender and why).
+fn receive(g: &mut Gossip, keys: Option<&Keyring>, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
+    let opened = match keys {
+        Some(k) => k.open(data, now_ms()),
+        None => Err(OpenError::NotSealed),
+    };
+    match opened {
+        Ok(plain) => g.handle(from, &plain, stream, Instant::now()),
+        Err(e) => {
+            g.stats.unauthenticated += 1;
+            if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                *last_warn = Some(Instant::now());
+                let why = if keys.is_none() { "this node has no gossip key yet".to_string() } else { e.to_string() };
+                warn!(%from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
+            }
+        }
+    }
+}
+
 async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
     let mut buf = vec![0u8; 65536];
+    let mut keys: Option<Keyring> = None;
+    let mut last_warn: Option<Instant> = None;
     loop {
         let deadline = tokio::time::Instant::from_std(g.next_deadline());
         tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => g.handle(from, &buf[..n], false, Instant::now()),
+                Ok((n, from)) => receive(&mut g, keys.as_ref(), from, &buf[..n], false, &mut last_warn),
                 Err(e) => warn!(error = %e, "gossip udp receive"),
             },
-            Some((from, data)) = streams.recv() => g.handle(from, &data, true, Instant::now()),
+            Some((from, data)) = streams.recv() => receive(&mut g, keys.as_ref(), from, &data, true, &mut last_warn),
             c = cmds.recv() => {
                 let Some(c) = c else { return };
                 let now = Instant::now();
@@ -157,6 +188,10 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                         let _ = reply.send(g.stats.clone());
                     }
                     Cmd::Stop => return,
+                    Cmd::Keys(k) => {
+                        info!(keys = ?k.ids(), "gossip: keys set (sealing with the newest)");
+                        keys = Some(*k);
+                    }
                     Cmd::Members { reply } => {
                         let _ = reply.send(g.members().cloned().collect());
                     }
@@ -170,8 +205,30 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
             }
             _ = tokio::time::sleep_until(deadline) => g.tick(Instant::now()),
         }
-        for o in g.take_out() {
-            match o {
+        let out = g.take_out();
+        // Without a key nothing leaves: a node the manager has not admitted says nothing.
+        let Some(k) = keys.as_ref() else {
+            if !out.is_empty() {
+                debug!(messages = out.len(), "gossip: no key yet, not sending");
+            }
+            for e in g.take_events() {
+                let _ = events.send(e);
+            }
+            continue;
+        };
+        for o in out {
+            let (to, data, stream) = match o {
+                Out::Udp { to, data } => (to, data, false),
+                Out::Stream { to, data } => (to, data, true),
+            };
+            let data = match k.seal(&data, now_ms()) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(%to, error = %e, "gossip: cannot seal a message");
+                    continue;
+                }
+            };
+            match if stream { Out::Stream { to, data } } else { Out::Udp { to, data } } {
                 Out::Udp { to, data } => {
                     if let Err(e) = udp.try_send_to(&data, to) {
                         debug!(%to, error = %e, "gossip udp send");

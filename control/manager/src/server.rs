@@ -103,12 +103,19 @@ impl Manager {
                     manager_node_id: node_id,
                     manager_cert: cert,
                     data_path_port: cfg.data_path_port,
+                    gossip_keys: vec![new_gossip_key(1)?],
                 };
                 store.commit(&[store::meta_write(&meta)?])?;
                 info!(cluster = %cluster_id, "created a new cluster");
                 meta
             }
         };
+        let mut meta = meta;
+        if meta.gossip_keys.is_empty() {
+            meta.gossip_keys.push(new_gossip_key(1)?);
+            store.commit(&[store::meta_write(&meta)?])?;
+            info!("made the cluster's first gossip key");
+        }
         // The manager's own node, kept in step with how it was started this time.
         let old = state.clone();
         let me = Node {
@@ -122,7 +129,8 @@ impl Manager {
                 .map_or(NodeStatus::Ready, |n| n.status),
             underlay: cfg.underlay.clone(),
             cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
-            ingress_ip: None,
+            // Its address on the ingress network stays what it was.
+            ingress_ip: state.nodes.get(&meta.manager_node_id).and_then(|n| n.ingress_ip),
         };
         state.nodes.insert(me.id.clone(), me);
         if created {
@@ -407,6 +415,8 @@ impl Manager {
         info!(node = %node, tasks = reports.len(), "node session opened");
         let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
         write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port })).await?;
+        // Gossip keys first: the node's gossip says nothing until it has them.
+        write_msg(&mut w, &FromManager::GossipKeys { keys: self.meta.gossip_keys.clone() }).await?;
         let mut rx = self.changed.subscribe();
         let mut sent = self.assignments(&node);
         // Removals are also sent for tasks the node may never have seen (made and removed
@@ -516,7 +526,7 @@ impl Manager {
                         })
                     })
                     .collect();
-                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: None, local_dns: DnsCounters::default() })?
+                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: None, local_dns: DnsCounters::default(), local_gossip: None })?
             }
             ApiRequest::NetworkRm { name } => {
                 let n = self.mutate(|st, _| ops::remove_network(st, &name))?;
@@ -642,4 +652,11 @@ fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
         pid: t.pid,
         restarts: t.restarts,
     }
+}
+
+/// A gossip key of 32 random bytes.
+fn new_gossip_key(id: u32) -> Result<GossipKey, ManagerError> {
+    let mut k = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k).map_err(|_| OpError::Invalid("no randomness for a gossip key".into()))?;
+    Ok(GossipKey::from_bytes(id, &k))
 }

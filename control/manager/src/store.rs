@@ -39,6 +39,10 @@ pub struct ClusterMeta {
     /// UDP port of the VXLAN data path, cluster-wide (set when the cluster is created).
     #[serde(default = "default_data_path_port")]
     pub data_path_port: u16,
+    /// The keys gossip is sealed with (made with the cluster, or at the first start of a
+    /// manager whose cluster predates them).
+    #[serde(default)]
+    pub gossip_keys: Vec<swarmnet_api::GossipKey>,
 }
 
 fn default_data_path_port() -> u16 {

@@ -1,0 +1,67 @@
+//! The gossip keys the manager handed this node (issue 11), kept in
+//! `<data-dir>/node/gossip-keys.json` (mode 0600) so that a restarted agent speaks gossip
+//! before its session with the manager is back.
+
+use std::path::{Path, PathBuf};
+
+use swarmnet_api::GossipKey;
+use swarmnet_gossip::seal::Keyring;
+use swarmnet_gossip::server::{Cmd, GossipHandle};
+use tracing::{error, info, warn};
+
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("node").join("gossip-keys.json")
+}
+
+pub fn keyring(keys: &[GossipKey]) -> Result<Keyring, String> {
+    let raw = keys.iter().map(|k| Ok((k.id, k.bytes()?))).collect::<Result<Vec<_>, String>>()?;
+    Keyring::new(&raw)
+}
+
+/// The keys saved in a node's data dir.
+pub fn load(data_dir: &Path) -> Result<Vec<GossipKey>, String> {
+    let p = path(data_dir);
+    swarmnet_dataplane::state::read_json::<Vec<GossipKey>>(&p).map_err(|e| format!("{}: {e}", p.display()))?.ok_or_else(|| format!("no gossip keys in {}", p.display()))
+}
+
+/// Hands the keys to the gossip loop.
+pub fn install(gossip: &GossipHandle, keys: &[GossipKey]) -> Result<(), String> {
+    let ring = keyring(keys)?;
+    gossip.send(Cmd::Keys(Box::new(ring))).map_err(|e| format!("gossip: {e}"))
+}
+
+/// The keys an earlier run saved, handed to the gossip loop; false if there were none.
+pub fn restore(gossip: &GossipHandle, data_dir: &Path) -> bool {
+    let p = path(data_dir);
+    match swarmnet_dataplane::state::read_json::<Vec<GossipKey>>(&p) {
+        Ok(Some(keys)) if !keys.is_empty() => match install(gossip, &keys) {
+            Ok(()) => {
+                info!(keys = keys.len(), "gossip keys restored from the last run");
+                true
+            }
+            Err(e) => {
+                error!(path = %p.display(), error = %e, "saved gossip keys are unusable: gossip waits for the manager's");
+                false
+            }
+        },
+        Ok(_) => false,
+        Err(e) => {
+            warn!(path = %p.display(), error = %e, "saved gossip keys cannot be read: gossip waits for the manager's");
+            false
+        }
+    }
+}
+
+/// New keys from the manager: used at once, then saved.
+pub async fn update(gossip: &GossipHandle, data_dir: &Path, keys: &[GossipKey]) {
+    if let Err(e) = install(gossip, keys) {
+        error!(error = %e, "the manager's gossip keys are unusable: this node cannot speak gossip");
+        return;
+    }
+    let p = path(data_dir);
+    let keys = keys.to_vec();
+    let saved = tokio::task::spawn_blocking(move || swarmnet_dataplane::state::write_json(&p, &keys, 0o600)).await;
+    if !matches!(saved, Ok(Ok(()))) {
+        warn!("the gossip keys could not be saved: a restart waits for the manager before gossip speaks");
+    }
+}

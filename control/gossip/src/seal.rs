@@ -1,0 +1,162 @@
+//! Sealed gossip (issue 11): every UDP packet and every stream message on 7946 is
+//! AES-256-GCM with a key only the manager hands out (over the mutual-TLS session, to the
+//! nodes it admitted). A message that does not open with one of the keys a node holds is
+//! dropped before anything parses it.
+//!
+//! Layout: `S E 1` (magic, version) · key id (u32, big endian) · send time (ms since the
+//! epoch, u64) · nonce (12 random bytes) · ciphertext · tag (16). The first 15 bytes are
+//! the additional data: the key id and the time cannot be changed without the tag failing.
+//! A message older than [`MAX_AGE`] (or that far in the future) is refused: a captured
+//! packet replayed later changes nothing. Within that window a replay only repeats state the
+//! receiver already has (the table and memberships keep the newest version).
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub const MAGIC: [u8; 3] = *b"SE\x01";
+const HEADER: usize = 3 + 4 + 8;
+/// Bytes a sealed message adds to its plaintext.
+pub const OVERHEAD: usize = HEADER + NONCE_LEN + 16;
+/// How far a message's send time may be from the receiver's clock.
+pub const MAX_AGE_MS: u64 = 60_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("not a sealed gossip message")]
+    NotSealed,
+    #[error("sealed with key {0}, which this node does not hold")]
+    UnknownKey(u32),
+    #[error("does not authenticate")]
+    Forged,
+    #[error("sent {0} ms away from this node's clock (replayed, or clocks apart)")]
+    Stale(u64),
+}
+
+/// The keys a node accepts (newest first) and the one it sends with (the newest).
+pub struct Keyring {
+    keys: Vec<(u32, LessSafeKey)>,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring").field("ids", &self.ids()).finish()
+    }
+}
+
+impl Keyring {
+    /// `keys`: (id, 32 key bytes); the highest id is the one messages are sealed with.
+    pub fn new(keys: &[(u32, [u8; 32])]) -> Result<Keyring, String> {
+        if keys.is_empty() {
+            return Err("a gossip keyring needs at least one key".into());
+        }
+        let mut v = Vec::new();
+        for (id, k) in keys {
+            let unbound = UnboundKey::new(&AES_256_GCM, k).map_err(|_| format!("gossip key {id}: not an AES-256 key"))?;
+            v.push((*id, LessSafeKey::new(unbound)));
+        }
+        v.sort_by_key(|k| std::cmp::Reverse(k.0));
+        v.dedup_by(|a, b| a.0 == b.0);
+        Ok(Keyring { keys: v, rng: SystemRandom::new() })
+    }
+
+    /// Key ids, newest first.
+    pub fn ids(&self) -> Vec<u32> {
+        self.keys.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Seals `plain` with the newest key, stamped `now_ms`.
+    pub fn seal(&self, plain: &[u8], now_ms: u64) -> Result<Vec<u8>, String> {
+        let (id, key) = self.keys.first().ok_or("no gossip key")?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| "no randomness for a gossip nonce")?;
+        let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&now_ms.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&out[..HEADER]), &mut body)
+            .map_err(|_| "gossip seal failed")?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Opens a sealed message: its plaintext, or why it is refused.
+    pub fn open(&self, data: &[u8], now_ms: u64) -> Result<Vec<u8>, OpenError> {
+        if data.len() < OVERHEAD || data[..3] != MAGIC {
+            return Err(OpenError::NotSealed);
+        }
+        let id = u32::from_be_bytes([data[3], data[4], data[5], data[6]]);
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&data[7..HEADER]);
+        let sent = u64::from_be_bytes(ts);
+        let key = self.keys.iter().find(|(k, _)| *k == id).map(|(_, k)| k).ok_or(OpenError::UnknownKey(id))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&data[HEADER..HEADER + NONCE_LEN]);
+        let mut body = data[HEADER + NONCE_LEN..].to_vec();
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&data[..HEADER]), &mut body)
+            .map_err(|_| OpenError::Forged)?;
+        let plain = plain.to_vec();
+        // The time is checked only once it is known to be the sender's.
+        let apart = sent.abs_diff(now_ms);
+        if apart > MAX_AGE_MS {
+            return Err(OpenError::Stale(apart));
+        }
+        Ok(plain)
+    }
+}
+
+/// A new random key.
+pub fn new_key() -> Result<[u8; 32], String> {
+    let mut k = [0u8; 32];
+    SystemRandom::new().fill(&mut k).map_err(|_| "no randomness for a gossip key")?;
+    Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn sealed_messages_open_with_the_key_and_only_with_it() {
+        let k1 = new_key().expect("key");
+        let k2 = new_key().expect("key");
+        let a = Keyring::new(&[(1, k1)]).expect("ring");
+        let sealed = a.seal(b"endpoint 10.0.0.3", NOW).expect("seal");
+        assert_eq!(sealed.len(), 17 + OVERHEAD);
+        assert!(!sealed.windows(8).any(|w| w == b"10.0.0.3"), "nothing in clear");
+        assert_eq!(a.open(&sealed, NOW + 5).expect("open"), b"endpoint 10.0.0.3");
+        // Another cluster's key, or one this node does not hold.
+        let b = Keyring::new(&[(1, k2)]).expect("ring");
+        assert_eq!(b.open(&sealed, NOW), Err(OpenError::Forged));
+        let c = Keyring::new(&[(2, k2)]).expect("ring");
+        assert_eq!(c.open(&sealed, NOW), Err(OpenError::UnknownKey(1)));
+        // Any flipped bit, in the header or the body, and plaintext.
+        for i in [0, 4, 10, 20, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(a.open(&bad, NOW).is_err(), "byte {i}");
+        }
+        assert_eq!(a.open(b"SN\x02\x02plain", NOW), Err(OpenError::NotSealed));
+        assert_eq!(a.open(b"", NOW), Err(OpenError::NotSealed));
+    }
+
+    #[test]
+    fn old_and_new_keys_open_the_newest_seals_and_old_messages_are_refused() {
+        let (k1, k2) = (new_key().expect("key"), new_key().expect("key"));
+        let old = Keyring::new(&[(1, k1)]).expect("ring");
+        let both = Keyring::new(&[(1, k1), (2, k2)]).expect("ring");
+        assert_eq!(both.ids(), vec![2, 1]);
+        let from_old = old.seal(b"x", NOW).expect("seal");
+        assert_eq!(both.open(&from_old, NOW).expect("previous key still accepted"), b"x");
+        let from_new = both.seal(b"y", NOW).expect("seal");
+        assert_eq!(from_new[3..7], 2u32.to_be_bytes(), "sealed with the newest");
+        assert_eq!(old.open(&from_new, NOW), Err(OpenError::UnknownKey(2)));
+        assert_eq!(both.open(&from_new, NOW + MAX_AGE_MS + 1), Err(OpenError::Stale(MAX_AGE_MS + 1)));
+        assert!(Keyring::new(&[]).is_err());
+    }
+}

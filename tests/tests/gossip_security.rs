@@ -1,0 +1,122 @@
+//! Sealed gossip on the lab (issue 11): what crosses 7946 is unreadable, and packets from a
+//! host that is not a node (the plaintext format, or sealed with a key the manager never
+//! handed out) change no table, no kernel entry and no DNS answer. Needs root and python3.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use swarmnet_gossip::seal::{new_key, Keyring};
+use swarmnet_gossip::{Gossip, Item};
+use swarmnet_lab::{in_netns_of, in_ns, wait_for, Lab};
+use swarmnet_types::{mac_for, Endpoint, EndpointState};
+
+const T: Duration = Duration::from_secs(30);
+
+fn script(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[test]
+fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
+    let lab = Lab::up("snx-gsec", 2, 2, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
+    let net_id = net["id"].as_str().context("network id")?.to_string();
+    let dir = std::env::temp_dir().join(format!("snx-gsec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<()> {
+        // A capture on node 1's underlay link while a service is made and scaled.
+        let cap = dir.join("cap.bin");
+        let sniff = script("sniff.py");
+        let ul = format!("{}-ul", lab.name);
+        let sniffer = std::process::Command::new("ip")
+            .args(["netns", "exec", &ul, "python3", &sniff, "snv1", "7946", "8", &cap.display().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        lab.cli_ok(0, &["service", "create", "--name", "zebrafish", "--replicas", "2", "--network", "appnet", "--", "sleep", "3600"])?;
+        let tasks = lab.wait_service("zebrafish", 2, T)?;
+        lab.cli_ok(0, &["service", "scale", "zebrafish=3"])?;
+        let tasks3 = lab.wait_service("zebrafish", 3, T)?;
+        let out = sniffer.wait_with_output()?;
+        let kept: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().context("sniffer output")?;
+        let bytes = std::fs::read(&cap)?;
+        assert!(kept > 10 && bytes.len() > 1000, "the capture saw gossip: {kept} packets, {} bytes", bytes.len());
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(b"zebrafish"), "the service name crossed 7946 in clear");
+        for t in &tasks3 {
+            let ip: std::net::Ipv4Addr = t["addresses"]["appnet"].as_str().context("address")?.parse()?;
+            assert!(!has(&ip.octets()), "task address {ip} crossed 7946 in clear");
+            assert!(!has(&mac_for(ip)), "task MAC of {ip} crossed 7946 in clear");
+            assert!(!has(t["id"].as_str().unwrap_or("-").as_bytes()), "a task id crossed 7946 in clear");
+        }
+
+        // Forged endpoints from a host that is not a node: plaintext, and sealed with a key
+        // of its own, under the id of the cluster's key.
+        let cl = lab.outside_client()?;
+        let node2 = lab.cli_json(0, &["node", "ls"])?.as_array().context("nodes")?.iter().find(|n| n["hostname"] == lab.nodes[1].ns.as_str()).and_then(|n| n["id"].as_str().map(str::to_string)).context("node 2 id")?;
+        let forged_ip = std::net::Ipv4Addr::new(10, 0, 0, 200);
+        let ep = Endpoint {
+            network: net_id.clone(),
+            id: "forged1".into(),
+            task_name: "zebrafish.9".into(),
+            service_name: "zebrafish".into(),
+            service_id: "forged".into(),
+            aliases: vec![],
+            ip: forged_ip,
+            mac: mac_for(forged_ip),
+            vtep: "10.210.0.250".parse()?,
+            vip: None,
+            ports: vec![],
+            state: EndpointState::Active,
+        };
+        // It claims to be node 2's, with a version far ahead.
+        let item = Item { owner: node2, gen: u64::MAX / 2, version: 1 << 40, network: net_id.clone(), id: ep.id.clone(), value: Some(ep) };
+        let plain = Gossip::plaintext_items(vec![item]).context("encode")?;
+        let sealed_other = Keyring::new(&[(1, new_key().map_err(anyhow::Error::msg)?)]).map_err(anyhow::Error::msg)?.seal(&plain, now_ms()).map_err(anyhow::Error::msg)?;
+        let send = script("send_udp.py");
+        for (i, pkt) in [plain, sealed_other].iter().enumerate() {
+            let f = dir.join(format!("pkt{i}"));
+            std::fs::write(&f, pkt)?;
+            for n in &lab.nodes {
+                in_ns(&cl, &["python3", &send, &n.addr, "7946", &f.display().to_string()])?;
+            }
+        }
+        // Each node counts them, and nothing changed.
+        for i in 0..2 {
+            wait_for(&format!("node {} counting the forged packets", i + 1), T, || {
+                let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"]).ok()?).ok()?;
+                (v["local_gossip"]["unauthenticated"].as_u64()? >= 2).then_some(())
+            })?;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        for i in 0..2 {
+            let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"])?)?;
+            let eps = v["local_endpoints"].as_array().context("local endpoints")?;
+            assert!(!eps.iter().any(|e| e["task_id"] == "forged1"), "node {}: the forged endpoint is in the table: {v}", i + 1);
+            assert_eq!(eps.len(), 3, "node {}: exactly the three tasks: {v}", i + 1);
+        }
+        // No kernel entry for it, and DNS answers only the real tasks.
+        let pid = tasks[0]["pid"].as_u64().context("pid")? as u32;
+        let neigh = in_netns_of(pid, &["ip", "neigh", "show", &forged_ip.to_string()])?;
+        assert!(!neigh.contains("lladdr"), "{neigh}");
+        let holders: Value = serde_json::from_slice(&std::fs::read(lab.nodes[0].data_dir.join("sandboxes").join("state.json"))?)?;
+        for h in holders.as_object().context("sandboxes")?.values() {
+            let hp = h["pid"].as_u64().context("holder")? as u32;
+            let n = in_netns_of(hp, &["ip", "neigh", "show"])?;
+            assert!(!n.contains(&forged_ip.to_string()), "a sandbox of node 1 has a neighbour entry for the forged address: {n}");
+        }
+        let answer = swarmnet_lab::in_task(pid, &["dig", "+short", "tasks.zebrafish"])?;
+        assert!(!answer.contains(&forged_ip.to_string()), "DNS serves the forged address: {answer}");
+        assert_eq!(answer.lines().count(), 3, "{answer}");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
