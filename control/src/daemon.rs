@@ -40,9 +40,9 @@ async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::
     Ok(agent)
 }
 
-pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>) -> anyhow::Result<()> {
+pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>, gossip_key_rotation: Duration) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
-    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet };
+    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet, gossip_key_rotation };
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");
@@ -61,6 +61,7 @@ pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network,
     }
     tokio::spawn(manager.clone().serve(listener));
     tokio::spawn(manager.clone().watch_heartbeats());
+    tokio::spawn(manager.clone().rotate_gossip_keys_periodically());
     let agent = start_agent(&cfg, base, id).await?;
     serve_control(&cfg.data_dir, Some(manager), agent).await
 }
@@ -131,6 +132,10 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
         (ApiRequest::LbLs, _) => agent.lb_table().await,
+        (ApiRequest::RotateGossipKey, Some(m)) => match m.rotate_gossip_key(m.key_switch_delay()).await {
+            Ok(key) => Reply::ok(&swarmnet_api::replies::GossipKeyRotated { key }),
+            Err(e) => Reply::err(format!("gossip key rotation: {e}")),
+        },
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.
         (req @ ApiRequest::NetworkInspect { .. }, m) => {

@@ -127,6 +127,9 @@ enum Cmd {
         /// created (default: the last /24 of --default-addr-pool, never handed to another network).
         #[arg(long)]
         ingress_subnet: Option<ipnetwork::Ipv4Network>,
+        /// How often the manager replaces the gossip key: 12h, 30m, 90s (at least 10s).
+        #[arg(long, default_value = "12h", value_parser = parse_duration)]
+        gossip_key_rotation: Duration,
     },
     /// Run an agent that joins a manager.
     Agent {
@@ -189,6 +192,9 @@ enum Cmd {
     /// This node's load balancer.
     #[command(subcommand)]
     Lb(LbCmd),
+    /// The cluster itself (manager).
+    #[command(subcommand)]
+    Swarm(SwarmCmd),
     #[command(subcommand)]
     Network(NetworkCmd),
     #[command(subcommand)]
@@ -223,6 +229,13 @@ impl Format {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand)]
+enum SwarmCmd {
+    /// Replace the gossip key now: every node gets the new one, then seals with it; the one
+    /// before stays accepted until the next rotation.
+    RotateGossipKey,
 }
 
 #[derive(Subcommand)]
@@ -336,7 +349,7 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     match cli.cmd {
-        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet } => {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet, gossip_key_rotation } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
@@ -345,7 +358,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
             let c = d.node_config()?;
-            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet))?;
+            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet, gossip_key_rotation))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
@@ -382,6 +395,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Ls { f }) => {
             let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
             f.print(&nodes)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Swarm(SwarmCmd::RotateGossipKey) => {
+            let r: GossipKeyRotated = call(&host, ApiRequest::RotateGossipKey)?;
+            println!("gossip key {} is in use", r.key);
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Lb(LbCmd::Ls { f }) => {
@@ -490,4 +508,39 @@ fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> anyhow::
         swarmnet_api::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
     })?;
     Ok(reply.into_data()?)
+}
+
+/// "12h", "30m", "90s" or plain seconds; at least 10 s.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = n.trim().parse().map_err(|_| format!("{s:?}: expected a number with s, m or h (e.g. 12h)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        u => return Err(format!("{s:?}: unknown unit {u:?} (s, m or h)")),
+    };
+    if secs < 10 {
+        return Err(format!("{s:?}: at least 10s"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_a_floor() {
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("5s").is_err_and(|e| e.contains("at least 10s")));
+        assert!(parse_duration("3d").is_err_and(|e| e.contains("unknown unit")));
+        assert!(parse_duration("h").is_err());
+    }
 }

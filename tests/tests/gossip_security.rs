@@ -120,3 +120,72 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+/// Two key rotations while a service is scaled every 100 ms: every change reaches every
+/// node, no member is declared dead, no message is refused for its key.
+#[test]
+fn rotation_under_load_loses_nothing() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = Lab::up("snx-grot", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    // Every node on appnet for the whole test (a standalone task each).
+    for i in 0..3 {
+        lab.cli_ok(i, &["run", "--detach", "--name", &format!("keeper{i}"), "--network", "appnet", "--", "sleep", "3600"])?;
+    }
+    lab.cli_ok(0, &["service", "create", "--name", "churn", "--replicas", "1", "--network", "appnet", "--", "sleep", "3600"])?;
+    lab.wait_service("churn", 1, T)?;
+    let refused = |i: usize| -> Result<u64> {
+        let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"])?)?;
+        v["local_gossip"]["unauthenticated"].as_u64().context("local_gossip")
+    };
+    let before: Vec<u64> = (0..3).map(refused).collect::<Result<_>>()?;
+    let stop = AtomicBool::new(false);
+    let (rotations, scales) = std::thread::scope(|s| {
+        let scaler = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let replicas = format!("churn={}", 1 + n % 4);
+                if lab.cli_ok(0, &["service", "scale", &replicas]).is_ok() {
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            n
+        });
+        let r = (|| -> Result<Vec<String>> {
+            std::thread::sleep(Duration::from_secs(1));
+            let a = lab.cli_ok(0, &["swarm", "rotate-gossip-key"])?;
+            std::thread::sleep(Duration::from_secs(1));
+            let b = lab.cli_ok(0, &["swarm", "rotate-gossip-key"])?;
+            std::thread::sleep(Duration::from_secs(1));
+            Ok(vec![a, b])
+        })();
+        stop.store(true, Ordering::Relaxed);
+        (r, scaler.join().unwrap_or(0))
+    });
+    let rotations = rotations?;
+    assert_eq!(rotations, vec!["gossip key 2 is in use\n".to_string(), "gossip key 3 is in use\n".to_string()]);
+    assert!(scales >= 20, "the service was scaled {scales} times during the rotations");
+    lab.cli_ok(0, &["service", "scale", "churn=3"])?;
+    let tasks = lab.wait_service("churn", 3, T)?;
+    let mut want: Vec<String> = tasks.iter().filter_map(|t| t["id"].as_str().map(str::to_string)).collect();
+    want.sort();
+    for i in 0..3 {
+        wait_for(&format!("node {} holding exactly the three churn tasks", i + 1), T, || {
+            let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"]).ok()?).ok()?;
+            let mut got: Vec<String> = v["local_endpoints"].as_array()?.iter().filter(|e| e["service"] == "churn").filter_map(|e| e["task_id"].as_str().map(str::to_string)).collect();
+            got.sort();
+            (got == want).then_some(())
+        })?;
+    }
+    for (i, was) in before.iter().enumerate() {
+        assert_eq!(refused(i)?, *was, "node {}: messages refused for their key during the rotations", i + 1);
+        let log = lab.log(i);
+        assert!(!log.contains("gossip: node down"), "node {}: a member was declared dead", i + 1);
+        assert!(log.contains("send=3"), "node {} seals with key 3", i + 1);
+        let keys: Value = serde_json::from_slice(&std::fs::read(lab.nodes[i].data_dir.join("node").join("gossip-keys.json"))?)?;
+        let ids: Vec<u64> = keys["keys"].as_array().context("keys")?.iter().filter_map(|k| k["id"].as_u64()).collect();
+        assert_eq!((ids, keys["send"].as_u64()), (vec![2, 3], Some(3)), "node {}: the previous key and the current one are kept", i + 1);
+    }
+    Ok(())
+}

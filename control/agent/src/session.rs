@@ -121,7 +121,7 @@ pub struct Agent {
     ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
     /// Where the gossip keys are kept.
     data_dir: std::path::PathBuf,
-    gossip_keys: Mutex<Vec<swarmnet_api::GossipKey>>,
+    gossip_keys: Mutex<swarmnet_api::GossipKeySet>,
 }
 
 impl Agent {
@@ -140,7 +140,7 @@ impl Agent {
                 }
             });
         }
-        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress, data_dir, gossip_keys: Mutex::new(Vec::new()) }))
+        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress, data_dir, gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()) }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -223,7 +223,8 @@ impl Agent {
                         // Only the newest list matters; the feeder takes it when it can.
                         let _ = self.vips.send(Some(vips.into_iter().map(|v| VipInfo { network: v.network, vip: v.vip, service: v.service }).collect()));
                     }
-                    Some(Ok(Some(FromManager::GossipKeys { keys }))) => {
+                    Some(Ok(Some(FromManager::GossipKeys { keys, send }))) => {
+                        let keys = swarmnet_api::GossipKeySet { keys, send };
                         let mut have = self.gossip_keys.lock().await;
                         if *have != keys {
                             crate::gossip_keys::update(&self.gossip, &self.data_dir, &keys).await;

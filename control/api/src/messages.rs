@@ -66,7 +66,21 @@ pub enum FromManager {
     Ingress { ingress: Option<NodeIngress> },
     /// The keys gossip is sealed with (issue 11), sent first in every session and whenever
     /// they change; the highest id is the one to send with.
-    GossipKeys { keys: Vec<GossipKey> },
+    GossipKeys {
+        keys: Vec<GossipKey>,
+        /// The key to seal with (0: the highest). A new key is first handed out to be
+        /// accepted only, and sealed with once every node had time to get it.
+        #[serde(default)]
+        send: u32,
+    },
+}
+
+/// A node's gossip keys: all of them open, `send` seals (0: the highest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKeySet {
+    pub keys: Vec<GossipKey>,
+    #[serde(default)]
+    pub send: u32,
 }
 
 /// One gossip key: only the manager makes them, and only admitted nodes get them.
@@ -181,6 +195,8 @@ pub enum ApiRequest {
     ServiceUpdate { name: String, publish_add: Vec<String>, publish_rm: Vec<String> },
     /// `Removed`
     ServiceRm { name: String },
+    /// A new gossip key, handed out now and sealed with shortly after. `GossipKeyRotated`
+    RotateGossipKey,
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`

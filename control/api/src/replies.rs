@@ -164,6 +164,12 @@ pub struct JoinTokenInfo {
     pub manager: Id,
 }
 
+/// `swarm rotate-gossip-key`: the new key's id (nodes seal with it from now on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipKeyRotated {
+    pub key: u32,
+}
+
 /// The answer to an `rm`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removed {

@@ -32,21 +32,28 @@ pub enum OpenError {
     Stale(u64),
 }
 
-/// The keys a node accepts (newest first) and the one it sends with (the newest).
+/// The keys a node accepts (newest first) and the one it seals with.
 pub struct Keyring {
     keys: Vec<(u32, LessSafeKey)>,
+    /// Index into `keys` of the one that seals.
+    send: usize,
     rng: SystemRandom,
 }
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyring").field("ids", &self.ids()).finish()
+        f.debug_struct("Keyring").field("ids", &self.ids()).field("send", &self.send_id()).finish()
     }
 }
 
 impl Keyring {
     /// `keys`: (id, 32 key bytes); the highest id is the one messages are sealed with.
     pub fn new(keys: &[(u32, [u8; 32])]) -> Result<Keyring, String> {
+        Self::with_send(keys, 0)
+    }
+
+    /// `keys`, sealing with key `send` (0, or an id not among them: the highest).
+    pub fn with_send(keys: &[(u32, [u8; 32])], send: u32) -> Result<Keyring, String> {
         if keys.is_empty() {
             return Err("a gossip keyring needs at least one key".into());
         }
@@ -57,7 +64,13 @@ impl Keyring {
         }
         v.sort_by_key(|k| std::cmp::Reverse(k.0));
         v.dedup_by(|a, b| a.0 == b.0);
-        Ok(Keyring { keys: v, rng: SystemRandom::new() })
+        let send = v.iter().position(|(id, _)| *id == send).unwrap_or(0);
+        Ok(Keyring { keys: v, send, rng: SystemRandom::new() })
+    }
+
+    /// The id of the key that seals.
+    pub fn send_id(&self) -> u32 {
+        self.keys.get(self.send).map_or(0, |k| k.0)
     }
 
     /// Key ids, newest first.
@@ -67,7 +80,7 @@ impl Keyring {
 
     /// Seals `plain` with the newest key, stamped `now_ms`.
     pub fn seal(&self, plain: &[u8], now_ms: u64) -> Result<Vec<u8>, String> {
-        let (id, key) = self.keys.first().ok_or("no gossip key")?;
+        let (id, key) = self.keys.get(self.send).ok_or("no gossip key")?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| "no randomness for a gossip nonce")?;
         let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
@@ -158,5 +171,9 @@ mod tests {
         assert_eq!(old.open(&from_new, NOW), Err(OpenError::UnknownKey(2)));
         assert_eq!(both.open(&from_new, NOW + MAX_AGE_MS + 1), Err(OpenError::Stale(MAX_AGE_MS + 1)));
         assert!(Keyring::new(&[]).is_err());
+        // Handed out first to be accepted only: still sealing with the old one.
+        let staged = Keyring::with_send(&[(1, k1), (2, k2)], 1).expect("ring");
+        assert_eq!(staged.send_id(), 1);
+        assert_eq!(old.open(&staged.seal(b"z", NOW).expect("seal"), NOW).expect("old nodes read it"), b"z");
     }
 }

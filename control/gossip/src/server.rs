@@ -189,7 +189,7 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     }
                     Cmd::Stop => return,
                     Cmd::Keys(k) => {
-                        info!(keys = ?k.ids(), "gossip: keys set (sealing with the newest)");
+                        info!(keys = ?k.ids(), send = k.send_id(), "gossip: keys set");
                         keys = Some(*k);
                     }
                     Cmd::Members { reply } => {

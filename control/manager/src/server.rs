@@ -45,6 +45,8 @@ pub struct ManagerConfig {
     pub data_path_port: u16,
     /// The ingress network's subnet, used when it is created (default: the last /24 of the pool).
     pub ingress_subnet: Option<Ipv4Network>,
+    /// How often the gossip key is replaced (as Swarm's 12 h).
+    pub gossip_key_rotation: Duration,
 }
 
 struct Inner {
@@ -57,6 +59,9 @@ pub struct Manager {
     inner: Mutex<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
     pub meta: ClusterMeta,
+    /// The gossip keys as they stand (they change with rotations; `meta` has the first).
+    gossip: Mutex<GossipKeySet>,
+    gossip_key_rotation: Duration,
     pool: Ipv4Network,
     heartbeat: Duration,
     started: Instant,
@@ -104,6 +109,7 @@ impl Manager {
                     manager_cert: cert,
                     data_path_port: cfg.data_path_port,
                     gossip_keys: vec![new_gossip_key(1)?],
+                    gossip_send: 1,
                 };
                 store.commit(&[store::meta_write(&meta)?])?;
                 info!(cluster = %cluster_id, "created a new cluster");
@@ -113,6 +119,7 @@ impl Manager {
         let mut meta = meta;
         if meta.gossip_keys.is_empty() {
             meta.gossip_keys.push(new_gossip_key(1)?);
+            meta.gossip_send = 1;
             store.commit(&[store::meta_write(&meta)?])?;
             info!("made the cluster's first gossip key");
         }
@@ -149,6 +156,8 @@ impl Manager {
             store: Box::new(store),
             inner: Mutex::new(Inner { state, last_seen: HashMap::new() }),
             changed,
+            gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
+            gossip_key_rotation: cfg.gossip_key_rotation,
             meta,
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
@@ -365,6 +374,62 @@ impl Manager {
             .collect()
     }
 
+    pub fn gossip_keys(&self) -> GossipKeySet {
+        self.gossip.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stores a new key set and tells every session.
+    fn set_gossip_keys(&self, set: GossipKeySet) -> Result<(), ManagerError> {
+        let mut meta = self.meta.clone();
+        meta.gossip_keys = set.keys.clone();
+        meta.gossip_send = set.send;
+        self.store.commit(&[store::meta_write(&meta)?])?;
+        *self.gossip.lock().unwrap_or_else(|p| p.into_inner()) = set;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Replaces the gossip key, in two steps so that no message is lost: the new key is
+    /// handed out to be accepted, and after `switch_after` (every node has had it: a session
+    /// gets it within milliseconds) it becomes the one to seal with; the key before it stays
+    /// accepted until the next rotation, older ones go. Returns the new key's id.
+    pub async fn rotate_gossip_key(&self, switch_after: Duration) -> Result<u32, ManagerError> {
+        let mut set = self.gossip_keys();
+        let id = set.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+        let sending = if set.send == 0 { id - 1 } else { set.send };
+        set.keys.retain(|k| k.id >= sending);
+        set.keys.push(new_gossip_key(id)?);
+        set.send = sending;
+        self.set_gossip_keys(set)?;
+        info!(key = id, "gossip key rotation: new key handed out");
+        tokio::time::sleep(switch_after).await;
+        let mut set = self.gossip_keys();
+        if set.keys.iter().any(|k| k.id == id) && set.send < id {
+            set.send = id;
+            set.keys.retain(|k| k.id >= sending);
+            self.set_gossip_keys(set)?;
+            info!(key = id, "gossip key rotation: nodes seal with the new key");
+        }
+        Ok(id)
+    }
+
+    /// Rotates the gossip key every `--gossip-key-rotation`.
+    pub async fn rotate_gossip_keys_periodically(self: Arc<Self>) {
+        let every = self.gossip_key_rotation;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.rotate_gossip_key(self.key_switch_delay()).await {
+                warn!(error = %e, "gossip key rotation failed; the current key stays");
+            }
+        }
+    }
+
+    /// How long a new gossip key is only accepted before it seals: a few heartbeats, at
+    /// least 2 s.
+    pub fn key_switch_delay(&self) -> Duration {
+        (self.heartbeat * 2).max(Duration::from_secs(2))
+    }
+
     fn node_ingress(&self, node: &Id) -> Option<NodeIngress> {
         let inner = self.lock();
         let st = &inner.state;
@@ -416,7 +481,8 @@ impl Manager {
         let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
         write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port })).await?;
         // Gossip keys first: the node's gossip says nothing until it has them.
-        write_msg(&mut w, &FromManager::GossipKeys { keys: self.meta.gossip_keys.clone() }).await?;
+        let mut keys_sent = self.gossip_keys();
+        write_msg(&mut w, &FromManager::GossipKeys { keys: keys_sent.keys.clone(), send: keys_sent.send }).await?;
         let mut rx = self.changed.subscribe();
         let mut sent = self.assignments(&node);
         // Removals are also sent for tasks the node may never have seen (made and removed
@@ -464,6 +530,11 @@ impl Manager {
                 if vips != vips_sent {
                     write_msg(&mut w, &FromManager::Vips { vips: vips.clone() }).await?;
                     vips_sent = vips;
+                }
+                let keys = self.gossip_keys();
+                if keys != keys_sent {
+                    write_msg(&mut w, &FromManager::GossipKeys { keys: keys.keys.clone(), send: keys.send }).await?;
+                    keys_sent = keys;
                 }
                 let ingress = self.node_ingress(&node);
                 if ingress != ingress_sent {
@@ -570,7 +641,7 @@ impl Manager {
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
             }
-            ApiRequest::RunLocal { .. } | ApiRequest::LbLs => {
+            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
         };

@@ -43,6 +43,9 @@ pub struct ClusterMeta {
     /// manager whose cluster predates them).
     #[serde(default)]
     pub gossip_keys: Vec<swarmnet_api::GossipKey>,
+    /// The key gossip is sealed with (0: the highest).
+    #[serde(default)]
+    pub gossip_send: u32,
 }
 
 fn default_data_path_port() -> u16 {
