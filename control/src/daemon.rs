@@ -132,6 +132,10 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
         (ApiRequest::LbLs, _) => agent.lb_table().await,
+        (ApiRequest::NodeRm { node, force }, Some(m)) => match m.remove_node(&node, force).await {
+            Ok(r) => Reply::ok(&r),
+            Err(e) => Reply::err(e),
+        },
         (ApiRequest::RotateGossipKey, Some(m)) => match m.rotate_gossip_key(m.key_switch_delay()).await {
             Ok(key) => Reply::ok(&swarmnet_api::replies::GossipKeyRotated { key }),
             Err(e) => Reply::err(format!("gossip key rotation: {e}")),

@@ -254,6 +254,13 @@ enum NodeCmd {
         #[command(flatten)]
         f: Format,
     },
+    /// Remove a node from the cluster: its certificate is refused from now on and the
+    /// gossip key is replaced without it. Refused for a node that is up, unless --force.
+    Rm {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -395,6 +402,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Ls { f }) => {
             let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
             f.print(&nodes)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Node(NodeCmd::Rm { node, force }) => {
+            let r: Removed = call(&host, ApiRequest::NodeRm { node, force })?;
+            println!("{}", r.name);
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Swarm(SwarmCmd::RotateGossipKey) => {

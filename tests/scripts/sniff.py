@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Captures, on interface IFACE (run inside the namespace that has it), the payload of every
 IPv4 UDP and TCP packet to or from PORT for SECONDS, and writes them to OUT one after the
-other; prints how many packets it kept."""
+other, and the first UDP payload of 60 bytes or more to OUT.first (to be replayed); prints
+how many packets it kept."""
 import socket, struct, sys, time
 
 iface, port, seconds, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
@@ -10,6 +11,7 @@ s.bind((iface, 0))
 s.settimeout(0.2)
 end = time.time() + seconds
 kept = 0
+first = None
 with open(out, "wb") as f:
     while time.time() < end:
         try:
@@ -32,4 +34,9 @@ with open(out, "wb") as f:
         if port in (sport, dport) and payload:
             f.write(payload)
             kept += 1
+            if first is None and proto == 17 and len(payload) >= 60:
+                first = payload
+if first is not None:
+    with open(out + ".first", "wb") as f:
+        f.write(first)
 print(kept)

@@ -238,8 +238,19 @@ fn a_killed_agent_disappears_from_every_kernel_and_comes_back_and_a_blip_removes
         std::thread::sleep(Duration::from_millis(50));
     }
     in_ns(&format!("{}-ul", lab.name), &["ip", "link", "set", "snv3", "up"])?;
+    // The cut as it really was: `ip link` waits for the kernel's lock, which the teardown of
+    // earlier labs' namespaces can hold for a while.
+    let cut = start.elapsed();
     std::thread::sleep(Duration::from_secs(3));
-    assert!(present(&lab, 0) && present(&lab, 1), "still there after the blip");
+    assert!(
+        present(&lab, 0) && present(&lab, 1),
+        "still there after a blip of {cut:?}: n1 {:?} n2 {:?}; logs:\n{}\n---\n{}\n---\n{}",
+        kernel_entries(&lab, 0, &net),
+        kernel_entries(&lab, 1, &net),
+        lab.log(0).lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n"),
+        lab.log(1).lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n"),
+        lab.log(2).lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
+    );
     for i in 0..2 {
         assert!(!lab.log(i).contains("gossip: node down"), "no node declared down after a blip:\n{}", lab.log(i));
     }

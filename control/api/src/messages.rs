@@ -197,6 +197,8 @@ pub enum ApiRequest {
     ServiceRm { name: String },
     /// A new gossip key, handed out now and sealed with shortly after. `GossipKeyRotated`
     RotateGossipKey,
+    /// Removes a node (refused for one that is up, unless `force`). `Removed`
+    NodeRm { node: String, force: bool },
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`

@@ -6,9 +6,9 @@
 //! Layout: `S E 1` (magic, version) · key id (u32, big endian) · send time (ms since the
 //! epoch, u64) · nonce (12 random bytes) · ciphertext · tag (16). The first 15 bytes are
 //! the additional data: the key id and the time cannot be changed without the tag failing.
-//! A message older than [`MAX_AGE`] (or that far in the future) is refused: a captured
-//! packet replayed later changes nothing. Within that window a replay only repeats state the
-//! receiver already has (the table and memberships keep the newest version).
+//! A message sent more than [`MAX_AGE_MS`] away from the receiver's clock is refused, and
+//! [`ReplayGuard`] refuses a message whose nonce it has seen: a captured packet sent again,
+//! later or at once, from any address, changes nothing.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -121,6 +121,43 @@ impl Keyring {
     }
 }
 
+/// Refuses a sealed message seen before: the nonces of the messages opened (and sealed) in
+/// the last 2 × [`MAX_AGE_MS`] (older ones are refused by their send time anyway). With the time window
+/// this makes a replay change nothing, also within the minute.
+#[derive(Default)]
+pub struct ReplayGuard {
+    seen: std::collections::HashSet<[u8; NONCE_LEN]>,
+    order: std::collections::VecDeque<(u64, [u8; NONCE_LEN])>,
+}
+
+impl ReplayGuard {
+    /// True if `data` (a message that opened) is new; remembers it. `now_ms`: this node's
+    /// clock, which also ages out what it remembers.
+    pub fn fresh(&mut self, data: &[u8], now_ms: u64) -> bool {
+        while self.order.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > 2 * MAX_AGE_MS) {
+            if let Some((_, n)) = self.order.pop_front() {
+                self.seen.remove(&n);
+            }
+        }
+        let Some(n) = data.get(HEADER..HEADER + NONCE_LEN) else { return false };
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(n);
+        if !self.seen.insert(nonce) {
+            return false;
+        }
+        self.order.push_back((now_ms, nonce));
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// A new random key.
 pub fn new_key() -> Result<[u8; 32], String> {
     let mut k = [0u8; 32];
@@ -175,5 +212,21 @@ mod tests {
         let staged = Keyring::with_send(&[(1, k1), (2, k2)], 1).expect("ring");
         assert_eq!(staged.send_id(), 1);
         assert_eq!(old.open(&staged.seal(b"z", NOW).expect("seal"), NOW).expect("old nodes read it"), b"z");
+    }
+
+    #[test]
+    fn a_replayed_message_is_refused_and_memory_ages_out() {
+        let k = Keyring::new(&[(1, new_key().expect("key"))]).expect("ring");
+        let mut g = ReplayGuard::default();
+        let a = k.seal(b"a", NOW).expect("seal");
+        let b = k.seal(b"b", NOW).expect("seal");
+        assert!(g.fresh(&a, NOW));
+        assert!(g.fresh(&b, NOW + 1));
+        assert!(!g.fresh(&a, NOW + 2), "the same message again");
+        assert_eq!(g.len(), 2);
+        let c = k.seal(b"c", NOW + 3 * MAX_AGE_MS).expect("seal");
+        assert!(g.fresh(&c, NOW + 3 * MAX_AGE_MS));
+        assert_eq!(g.len(), 1, "what is older than the window is forgotten");
+        assert!(!g.fresh(b"short", NOW));
     }
 }

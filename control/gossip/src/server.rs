@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::seal::{Keyring, OpenError, OVERHEAD};
+use crate::seal::{Keyring, ReplayGuard, OVERHEAD};
 use crate::{Config, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
 use swarmnet_types::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,18 +145,19 @@ fn now_ms() -> u64 {
 /// Opens a received message with the keyring and hands the plaintext to the protocol;
 /// anything that does not open is counted and dropped unparsed (and logged, at most once a
 /// minute, with the sender and why).
-fn receive(g: &mut Gossip, keys: Option<&Keyring>, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
+fn receive(g: &mut Gossip, keys: Option<&Keyring>, replays: &mut ReplayGuard, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
+    let now = now_ms();
     let opened = match keys {
-        Some(k) => k.open(data, now_ms()),
-        None => Err(OpenError::NotSealed),
+        Some(k) => k.open(data, now).map_err(|e| e.to_string()),
+        None => Err("this node has no gossip key yet".to_string()),
     };
+    let opened = opened.and_then(|p| if replays.fresh(data, now) { Ok(p) } else { Err("a message seen before (replayed)".to_string()) });
     match opened {
         Ok(plain) => g.handle(from, &plain, stream, Instant::now()),
-        Err(e) => {
+        Err(why) => {
             g.stats.unauthenticated += 1;
             if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                 *last_warn = Some(Instant::now());
-                let why = if keys.is_none() { "this node has no gossip key yet".to_string() } else { e.to_string() };
                 warn!(%from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
             }
         }
@@ -167,14 +168,15 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
     let mut buf = vec![0u8; 65536];
     let mut keys: Option<Keyring> = None;
     let mut last_warn: Option<Instant> = None;
+    let mut replays = ReplayGuard::default();
     loop {
         let deadline = tokio::time::Instant::from_std(g.next_deadline());
         tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => receive(&mut g, keys.as_ref(), from, &buf[..n], false, &mut last_warn),
+                Ok((n, from)) => receive(&mut g, keys.as_ref(), &mut replays, from, &buf[..n], false, &mut last_warn),
                 Err(e) => warn!(error = %e, "gossip udp receive"),
             },
-            Some((from, data)) = streams.recv() => receive(&mut g, keys.as_ref(), from, &data, true, &mut last_warn),
+            Some((from, data)) = streams.recv() => receive(&mut g, keys.as_ref(), &mut replays, from, &data, true, &mut last_warn),
             c = cmds.recv() => {
                 let Some(c) = c else { return };
                 let now = Instant::now();
@@ -222,7 +224,11 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                 Out::Stream { to, data } => (to, data, true),
             };
             let data = match k.seal(&data, now_ms()) {
-                Ok(d) => d,
+                // Its own messages, sent back to it, are replays too.
+                Ok(d) => {
+                    replays.fresh(&d, now_ms());
+                    d
+                }
                 Err(e) => {
                     warn!(%to, error = %e, "gossip: cannot seal a message");
                     continue;

@@ -581,6 +581,28 @@ pub fn apply_reports(st: &mut ClusterState, node: &Id, reports: &[TaskReport], f
     reconcile(st, new_id);
 }
 
+/// `node rm NODE` (id or hostname): refused for the manager's own node, and for a node
+/// that is up unless `force`. Its tasks leave the state (replicas are started elsewhere;
+/// processes still running on a forced-out node are that node's business).
+pub fn remove_node(st: &mut ClusterState, name: &str, force: bool, manager: &Id, new_id: IdGen) -> Result<Node, OpError> {
+    let node = st
+        .nodes
+        .values()
+        .find(|n| n.id == name || n.hostname == name)
+        .cloned()
+        .ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    if &node.id == manager {
+        return Err(invalid(format!("node {name} is the manager: it cannot be removed")));
+    }
+    if node.status == NodeStatus::Ready && !force {
+        return Err(OpError::Conflict(format!("node {name} is up: stop it first, or remove it with --force")));
+    }
+    st.nodes.remove(&node.id);
+    st.tasks.retain(|_, t| t.node_id.as_ref() != Some(&node.id));
+    reconcile(st, new_id);
+    Ok(node)
+}
+
 pub fn set_node_status(st: &mut ClusterState, node: &Id, status: NodeStatus, new_id: IdGen) -> bool {
     let Some(n) = st.nodes.get_mut(node) else { return false };
     if n.status == status {
@@ -1176,5 +1198,21 @@ mod tests {
         assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
         update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &mut g).expect("another port");
         assert_eq!(ids(&st), after, "not restarted");
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_down_or_forced_and_its_tasks_move() {
+        let (mut st, mut g) = cluster(&["a", "b"]);
+        create_service(&mut st, &svc("web", 2), &mut g).expect("web");
+        let e = remove_node(&mut st, "b", false, &"a".to_string(), &mut g).expect_err("up");
+        assert!(e.to_string().contains("node b is up: stop it first, or remove it with --force"), "{e}");
+        assert!(remove_node(&mut st, "a", true, &"a".to_string(), &mut g).expect_err("manager").to_string().contains("is the manager"));
+        assert!(matches!(remove_node(&mut st, "zz", true, &"a".to_string(), &mut g), Err(OpError::NotFound(_))));
+        set_node_status(&mut st, &"b".to_string(), NodeStatus::Down, &mut g);
+        let n = remove_node(&mut st, "b", false, &"a".to_string(), &mut g).expect("down: removable");
+        assert_eq!(n.id, "b");
+        assert!(!st.nodes.contains_key("b"));
+        assert!(st.tasks.values().all(|t| t.node_id.as_deref() != Some("b")));
+        assert_eq!(per_node(&st).get("a"), Some(&2), "both replicas on the node that is left");
     }
 }

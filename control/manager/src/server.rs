@@ -59,8 +59,10 @@ pub struct Manager {
     inner: Mutex<Inner>,
     changed: tokio::sync::watch::Sender<u64>,
     pub meta: ClusterMeta,
-    /// The gossip keys as they stand (they change with rotations; `meta` has the first).
+    /// What changes in the metadata after the start: the gossip keys (rotations) and the
+    /// removed nodes' certificates. `meta` has them as they were at the start.
     gossip: Mutex<GossipKeySet>,
+    removed: Mutex<std::collections::BTreeMap<String, String>>,
     gossip_key_rotation: Duration,
     pool: Ipv4Network,
     heartbeat: Duration,
@@ -110,6 +112,7 @@ impl Manager {
                     data_path_port: cfg.data_path_port,
                     gossip_keys: vec![new_gossip_key(1)?],
                     gossip_send: 1,
+                    removed_nodes: Default::default(),
                 };
                 store.commit(&[store::meta_write(&meta)?])?;
                 info!(cluster = %cluster_id, "created a new cluster");
@@ -157,6 +160,7 @@ impl Manager {
             inner: Mutex::new(Inner { state, last_seen: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
+            removed: Mutex::new(meta.removed_nodes.clone()),
             gossip_key_rotation: cfg.gossip_key_rotation,
             meta,
             pool: cfg.pool,
@@ -276,6 +280,12 @@ impl Manager {
             None => None,
             Some(fp) => {
                 let found = self.lock().state.nodes.values().find(|n| &n.cert_sha256 == fp).map(|n| n.id.clone());
+                let removed = self.removed.lock().unwrap_or_else(|p| p.into_inner()).get(fp).cloned();
+                if let Some(who) = removed {
+                    warn!(peer = %peer, node = %who, "refused a removed node");
+                    write_msg(&mut w, &Reply::err(format!("refused: node {who} was removed from this cluster (swarmnet node rm); to come back it must join again with a new data dir and a join token"))).await?;
+                    return Ok(());
+                }
                 if found.is_none() && !matches!(hello, Hello::Join { .. }) {
                     write_msg(&mut w, &Reply::err("refused: this node's certificate is not known to this cluster (was the node removed, or did it join another cluster?)")).await?;
                     return Ok(());
@@ -378,9 +388,19 @@ impl Manager {
         self.gossip.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The metadata as it stands now.
+    fn current_meta(&self) -> ClusterMeta {
+        let mut meta = self.meta.clone();
+        let set = self.gossip_keys();
+        meta.gossip_keys = set.keys;
+        meta.gossip_send = set.send;
+        meta.removed_nodes = self.removed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        meta
+    }
+
     /// Stores a new key set and tells every session.
     fn set_gossip_keys(&self, set: GossipKeySet) -> Result<(), ManagerError> {
-        let mut meta = self.meta.clone();
+        let mut meta = self.current_meta();
         meta.gossip_keys = set.keys.clone();
         meta.gossip_send = set.send;
         self.store.commit(&[store::meta_write(&meta)?])?;
@@ -389,11 +409,34 @@ impl Manager {
         Ok(())
     }
 
+    /// `node rm`: the node leaves the state (its tasks are replaced elsewhere), its
+    /// certificate is refused from now on with the reason, and the gossip key is replaced
+    /// with no key before it left accepted: the node can neither read nor write gossip.
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<Removed, ManagerError> {
+        let manager_id = self.meta.manager_node_id.clone();
+        let node = self.mutate(|st, g| ops::remove_node(st, name, force, &manager_id, g))?;
+        {
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            removed.insert(node.cert_sha256.clone(), format!("{} ({})", node.id, node.hostname));
+        }
+        self.store.commit(&[store::meta_write(&self.current_meta())?])?;
+        self.lock().last_seen.remove(&node.id);
+        info!(node = %node.id, hostname = %node.hostname, "node removed; replacing the gossip key");
+        self.rotate_gossip_key_inner(self.key_switch_delay(), true).await?;
+        Ok(Removed { id: node.id, name: node.hostname })
+    }
+
     /// Replaces the gossip key, in two steps so that no message is lost: the new key is
     /// handed out to be accepted, and after `switch_after` (every node has had it: a session
     /// gets it within milliseconds) it becomes the one to seal with; the key before it stays
     /// accepted until the next rotation, older ones go. Returns the new key's id.
     pub async fn rotate_gossip_key(&self, switch_after: Duration) -> Result<u32, ManagerError> {
+        self.rotate_gossip_key_inner(switch_after, false).await
+    }
+
+    /// With `retire`, the keys before the new one stop being accepted once it seals (a node
+    /// was removed: what it holds must open nothing and be refused).
+    async fn rotate_gossip_key_inner(&self, switch_after: Duration, retire: bool) -> Result<u32, ManagerError> {
         let mut set = self.gossip_keys();
         let id = set.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
         let sending = if set.send == 0 { id - 1 } else { set.send };
@@ -406,7 +449,7 @@ impl Manager {
         let mut set = self.gossip_keys();
         if set.keys.iter().any(|k| k.id == id) && set.send < id {
             set.send = id;
-            set.keys.retain(|k| k.id >= sending);
+            set.keys.retain(|k| k.id >= if retire { id } else { sending });
             self.set_gossip_keys(set)?;
             info!(key = id, "gossip key rotation: nodes seal with the new key");
         }
@@ -641,7 +684,7 @@ impl Manager {
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
             }
-            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey => {
+            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
         };

@@ -46,6 +46,10 @@ pub struct ClusterMeta {
     /// The key gossip is sealed with (0: the highest).
     #[serde(default)]
     pub gossip_send: u32,
+    /// Certificates of removed nodes (SHA-256 of the DER) → "node id (hostname)": refused on
+    /// 2377 with that reason.
+    #[serde(default)]
+    pub removed_nodes: std::collections::BTreeMap<String, String>,
 }
 
 fn default_data_path_port() -> u16 {

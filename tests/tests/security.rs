@@ -88,11 +88,17 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
                 in_ns(&cl, &["python3", &send, &n.addr, "7946", &f.display().to_string()])?;
             }
         }
+        // A sealed packet captured above, sent again from the outside host: refused too.
+        let replay = PathBuf::from(format!("{}.first", cap.display()));
+        assert!(replay.exists(), "the capture kept a sealed UDP packet to replay");
+        for n in &lab.nodes {
+            in_ns(&cl, &["python3", &send, &n.addr, "7946", &replay.display().to_string()])?;
+        }
         // Each node counts them, and nothing changed.
         for i in 0..2 {
-            wait_for(&format!("node {} counting the forged packets", i + 1), T, || {
+            wait_for(&format!("node {} counting the forged and replayed packets", i + 1), T, || {
                 let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"]).ok()?).ok()?;
-                (v["local_gossip"]["unauthenticated"].as_u64()? >= 2).then_some(())
+                (v["local_gossip"]["unauthenticated"].as_u64()? >= 3).then_some(())
             })?;
         }
         std::thread::sleep(Duration::from_secs(2));
@@ -187,5 +193,87 @@ fn rotation_under_load_loses_nothing() -> Result<()> {
         let ids: Vec<u64> = keys["keys"].as_array().context("keys")?.iter().filter_map(|k| k["id"].as_u64()).collect();
         assert_eq!((ids, keys["send"].as_u64()), (vec![2, 3], Some(3)), "node {}: the previous key and the current one are kept", i + 1);
     }
+    Ok(())
+}
+
+/// `node rm` of a stopped node: started again with its old data dir, it is refused on 2377
+/// with the reason, and its gossip (sealed with the keys it kept) is refused by the others.
+#[test]
+fn a_removed_node_cannot_come_back() -> Result<()> {
+    let mut lab = Lab::up("snx-grm", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    for i in 0..3 {
+        lab.cli_ok(i, &["run", "--detach", "--name", &format!("keeper{i}"), "--network", "appnet", "--", "sleep", "3600"])?;
+    }
+    let n3 = lab.nodes[2].ns.clone();
+    let e = lab.cli_err(0, &["node", "rm", &n3])?;
+    assert!(e.contains("is up: stop it first, or remove it with --force"), "{e}");
+    lab.stop_node(2, 9)?;
+    wait_for("node 3 down", T, || {
+        let nodes = lab.cli_json(0, &["node", "ls"]).ok()?;
+        nodes.as_array()?.iter().any(|n| n["hostname"] == n3.as_str() && n["status"] == "down").then_some(())
+    })?;
+    let before: u64 = {
+        let v: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
+        v["local_gossip"]["unauthenticated"].as_u64().context("local_gossip")?
+    };
+    assert_eq!(lab.cli_ok(0, &["node", "rm", &n3])?.trim(), n3);
+    let nodes = lab.cli_json(0, &["node", "ls"])?;
+    assert!(!nodes.as_array().context("nodes")?.iter().any(|n| n["hostname"] == n3.as_str()), "{nodes}");
+    // Back with its old data dir: its session is refused with the reason.
+    lab.start_node(2)?;
+    wait_for("node 3's daemon told it was removed", T, || lab.log(2).contains("was removed from this cluster").then_some(()))?;
+    lab.stop_node(2, 9)?;
+    // Its gossip, sealed with the keys it kept, is refused: endpoint packets sealed with
+    // node 3's saved keys, sent from node 3's address.
+    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
+    let net_id = net["id"].as_str().context("network id")?.to_string();
+    let saved: Value = serde_json::from_slice(&std::fs::read(lab.nodes[2].data_dir.join("node").join("gossip-keys.json"))?)?;
+    let keys: Vec<(u32, [u8; 32])> = saved["keys"]
+        .as_array()
+        .context("saved keys")?
+        .iter()
+        .map(|k| {
+            let hex = k["key"].as_str().context("key")?;
+            let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect::<Result<_, _>>()?;
+            Ok((u32::try_from(k["id"].as_u64().context("id")?)?, <[u8; 32]>::try_from(bytes.as_slice())?))
+        })
+        .collect::<Result<_>>()?;
+    let ring = Keyring::with_send(&keys, u32::try_from(saved["send"].as_u64().unwrap_or(0))?).map_err(anyhow::Error::msg)?;
+    let ip = std::net::Ipv4Addr::new(10, 0, 0, 201);
+    let ep = Endpoint {
+        network: net_id.clone(),
+        id: "ghost".into(),
+        task_name: "ghost".into(),
+        service_name: "ghost".into(),
+        service_id: "ghost".into(),
+        aliases: vec![],
+        ip,
+        mac: mac_for(ip),
+        vtep: "10.210.0.3".parse()?,
+        vip: None,
+        ports: vec![],
+        state: EndpointState::Active,
+    };
+    let item = Item { owner: "removed".into(), gen: 1, version: 1, network: net_id, id: ep.id.clone(), value: Some(ep) };
+    let pkt = ring.seal(&Gossip::plaintext_items(vec![item]).context("encode")?, now_ms()).map_err(anyhow::Error::msg)?;
+    let f = lab.nodes[2].data_dir.join("ghost.pkt");
+    std::fs::write(&f, &pkt)?;
+    let send = script("send_udp.py");
+    for _ in 0..3 {
+        in_ns(&n3, &["python3", &send, "10.210.0.1", "7946", &f.display().to_string()])?;
+    }
+    wait_for("node 1 refusing the removed node's gossip", T, || {
+        let v: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"]).ok()?).ok()?;
+        (v["local_gossip"]["unauthenticated"].as_u64()? >= before + 3).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..2 {
+        let v: Value = serde_json::from_str(&lab.cli_ok(i, &["network", "inspect", "appnet"])?)?;
+        let eps = v["local_endpoints"].as_array().context("local endpoints")?;
+        assert!(!eps.iter().any(|e| e["task_id"] == "ghost" || e["vtep"] == "10.210.0.3"), "node {}: an endpoint of the removed node: {v}", i + 1);
+    }
+    let nodes = lab.cli_json(0, &["node", "ls"])?;
+    assert_eq!(nodes.as_array().map(|a| a.len()), Some(2), "{nodes}");
     Ok(())
 }
