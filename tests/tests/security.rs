@@ -18,6 +18,24 @@ fn script(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
 }
 
+/// An endpoint as a forger would publish it: named `name` everywhere, at `ip`, on `vtep`.
+fn forged(network: &str, name: &str, ip: std::net::Ipv4Addr, vtep: &str) -> Result<Endpoint> {
+    Ok(Endpoint {
+        network: network.into(),
+        id: name.into(),
+        task_name: name.into(),
+        service_name: name.into(),
+        service_id: name.into(),
+        aliases: vec![],
+        ip,
+        mac: mac_for(ip),
+        vtep: vtep.parse()?,
+        vip: None,
+        ports: vec![],
+        state: EndpointState::Active,
+    })
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -62,20 +80,10 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
         let cl = lab.outside_client()?;
         let node2 = lab.cli_json(0, &["node", "ls"])?.as_array().context("nodes")?.iter().find(|n| n["hostname"] == lab.nodes[1].ns.as_str()).and_then(|n| n["id"].as_str().map(str::to_string)).context("node 2 id")?;
         let forged_ip = std::net::Ipv4Addr::new(10, 0, 0, 200);
-        let ep = Endpoint {
-            network: net_id.clone(),
-            id: "forged1".into(),
-            task_name: "zebrafish.9".into(),
-            service_name: "zebrafish".into(),
-            service_id: "forged".into(),
-            aliases: vec![],
-            ip: forged_ip,
-            mac: mac_for(forged_ip),
-            vtep: "10.210.0.250".parse()?,
-            vip: None,
-            ports: vec![],
-            state: EndpointState::Active,
-        };
+        // Named as the service, so it would show in `tasks.zebrafish`.
+        let mut ep = forged(&net_id, "forged1", forged_ip, "10.210.0.250")?;
+        ep.service_name = "zebrafish".into();
+        ep.task_name = "zebrafish.9".into();
         // It claims to be node 2's, with a version far ahead.
         let item = Item { owner: node2, gen: u64::MAX / 2, version: 1 << 40, network: net_id.clone(), id: ep.id.clone(), value: Some(ep) };
         let plain = Gossip::plaintext_items(vec![item]).context("encode")?;
@@ -241,20 +249,7 @@ fn a_removed_node_cannot_come_back() -> Result<()> {
         .collect::<Result<_>>()?;
     let ring = Keyring::with_send(&keys, u32::try_from(saved["send"].as_u64().unwrap_or(0))?).map_err(anyhow::Error::msg)?;
     let ip = std::net::Ipv4Addr::new(10, 0, 0, 201);
-    let ep = Endpoint {
-        network: net_id.clone(),
-        id: "ghost".into(),
-        task_name: "ghost".into(),
-        service_name: "ghost".into(),
-        service_id: "ghost".into(),
-        aliases: vec![],
-        ip,
-        mac: mac_for(ip),
-        vtep: "10.210.0.3".parse()?,
-        vip: None,
-        ports: vec![],
-        state: EndpointState::Active,
-    };
+    let ep = forged(&net_id, "ghost", ip, "10.210.0.3")?;
     let item = Item { owner: "removed".into(), gen: 1, version: 1, network: net_id, id: ep.id.clone(), value: Some(ep) };
     let pkt = ring.seal(&Gossip::plaintext_items(vec![item]).context("encode")?, now_ms()).map_err(anyhow::Error::msg)?;
     let f = lab.nodes[2].data_dir.join("ghost.pkt");

@@ -164,6 +164,29 @@ fn receive(g: &mut Gossip, keys: Option<&Keyring>, replays: &mut ReplayGuard, fr
     }
 }
 
+/// Seals one message and sends it. Its own messages, sent back to it, are replays too: the
+/// guard remembers what it seals.
+fn send_sealed(k: &Keyring, replays: &mut ReplayGuard, udp: &UdpSocket, o: Out) {
+    let now = now_ms();
+    let (to, plain, stream) = match o {
+        Out::Udp { to, data } => (to, data, false),
+        Out::Stream { to, data } => (to, data, true),
+    };
+    let data = match k.seal(&plain, now) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(%to, error = %e, "gossip: cannot seal a message");
+            return;
+        }
+    };
+    replays.fresh(&data, now);
+    if stream {
+        tokio::spawn(send_stream(to, data));
+    } else if let Err(e) = udp.try_send_to(&data, to) {
+        debug!(%to, error = %e, "gossip udp send");
+    }
+}
+
 async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
     let mut buf = vec![0u8; 65536];
     let mut keys: Option<Keyring> = None;
@@ -208,42 +231,15 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
             _ = tokio::time::sleep_until(deadline) => g.tick(Instant::now()),
         }
         let out = g.take_out();
-        // Without a key nothing leaves: a node the manager has not admitted says nothing.
-        let Some(k) = keys.as_ref() else {
-            if !out.is_empty() {
-                debug!(messages = out.len(), "gossip: no key yet, not sending");
-            }
-            for e in g.take_events() {
-                let _ = events.send(e);
-            }
-            continue;
-        };
-        for o in out {
-            let (to, data, stream) = match o {
-                Out::Udp { to, data } => (to, data, false),
-                Out::Stream { to, data } => (to, data, true),
-            };
-            let data = match k.seal(&data, now_ms()) {
-                // Its own messages, sent back to it, are replays too.
-                Ok(d) => {
-                    replays.fresh(&d, now_ms());
-                    d
-                }
-                Err(e) => {
-                    warn!(%to, error = %e, "gossip: cannot seal a message");
-                    continue;
-                }
-            };
-            match if stream { Out::Stream { to, data } } else { Out::Udp { to, data } } {
-                Out::Udp { to, data } => {
-                    if let Err(e) = udp.try_send_to(&data, to) {
-                        debug!(%to, error = %e, "gossip udp send");
-                    }
-                }
-                Out::Stream { to, data } => {
-                    tokio::spawn(send_stream(to, data));
+        match keys.as_ref() {
+            Some(k) => {
+                for o in out {
+                    send_sealed(k, &mut replays, &udp, o);
                 }
             }
+            // Without a key nothing leaves: a node the manager has not admitted says nothing.
+            None if !out.is_empty() => debug!(messages = out.len(), "gossip: no key yet, not sending"),
+            None => {}
         }
         for e in g.take_events() {
             match &e {

@@ -180,7 +180,7 @@ impl IngressSink {
             info!("routing mesh: no ingress network, published ports removed");
             return Ok(());
         }
-        self.program(&mut st).await
+        self.program(&mut st, true).await
     }
 
     /// A task's namespace with its interface on the ingress network: replies of the
@@ -230,14 +230,19 @@ impl IngressSink {
     }
 
     /// Brings the node's table and every task's reply tables in step with what is known.
-    async fn program(&self, st: &mut State) -> Result<(), SinkError> {
+    /// Local processes bound to published ports are looked for when the table is written,
+    /// and with `check_bound` (complete resyncs) also when it is unchanged: not on every
+    /// batch of changes, since it reads the node's whole socket tables.
+    async fn program(&self, st: &mut State, check_bound: bool) -> Result<(), SinkError> {
         let Some(me) = st.me.clone() else { return Ok(()) };
         let mut errors = Vec::new();
         if st.complete.contains(&me.network) {
             let published = rules::plan(&Self::ingress_endpoints(st), self.local_vtep);
             let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port);
             if st.node_applied.as_ref() == Some(&text) {
-                Self::warn_shadowed(st, &published);
+                if check_bound {
+                    Self::warn_shadowed(st, &published);
+                }
             } else {
                 match nft_home(text.clone()).await {
                     Ok(()) => {
@@ -355,7 +360,7 @@ impl Sink for IngressSink {
             };
             touched |= (had || kept) && st.me.as_ref().is_none_or(|m| m.network == c.network);
         }
-        if touched { self.program(&mut st).await } else { Ok(()) }
+        if touched { self.program(&mut st, false).await } else { Ok(()) }
     }
 
     async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
@@ -370,7 +375,7 @@ impl Sink for IngressSink {
         if how == Resync::Complete {
             st.complete.insert(network.clone());
         }
-        if st.me.as_ref().is_some_and(|m| &m.network == network) { self.program(&mut st).await } else { Ok(()) }
+        if st.me.as_ref().is_some_and(|m| &m.network == network) { self.program(&mut st, how == Resync::Complete).await } else { Ok(()) }
     }
 
     async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError> {
