@@ -374,6 +374,11 @@ impl Gossip {
                     self.send_digest(id.addr, false);
                 }
             }
+            // Our own earlier identity declared down (we were, and came back under a new
+            // generation): our entries are ours to keep, `Rejoin` re-stamps them. Dropping
+            // them here left `restamp` nothing to re-publish but what the agent sets again.
+            OwnedNotification::MemberDown(id) if id.node == self.me.node => {}
+            OwnedNotification::Rename(_, new) if new.node == self.me.node => {}
             OwnedNotification::MemberDown(id) => {
                 if self.alive.get(&id.node).is_some_and(|a| a.gen <= id.gen) {
                     self.alive.remove(&id.node);
