@@ -13,14 +13,19 @@ fn lower<T: serde::Serialize>(v: &T) -> String {
 }
 
 impl Row for NodeInfo {
-    const HEADERS: &'static [&'static str] = &["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY", "MANAGER STATUS", "GOSSIP"];
+    const HEADERS: &'static [&'static str] = &["ID", "HOSTNAME", "ADDRESS", "STATUS", "AVAILABILITY", "MANAGER STATUS", "GOSSIP", "GOSSIP KEY"];
     fn cells(&self) -> Vec<String> {
         let gossip = match self.gossip {
             Some(GossipView::Alive) => "alive",
             Some(GossipView::Unreachable) => "unreachable",
             Some(GossipView::Unknown) | None => "unknown",
         };
-        vec![self.id.clone(), self.hostname.clone(), self.address.to_string(), lower(&self.status), self.availability.clone(), self.manager_status.clone(), gossip.into()]
+        let key = match &self.gossip_key {
+            Some(k) if k.holds_current() => format!("current ({})", k.current),
+            Some(k) => format!("stale (holds {:?}, current {})", k.held, k.current),
+            None => String::new(),
+        };
+        vec![self.id.clone(), self.hostname.clone(), self.address.to_string(), lower(&self.status), self.availability.clone(), self.manager_status.clone(), gossip.into(), key]
     }
 }
 

@@ -153,6 +153,13 @@ fn rotation_under_load_loses_nothing() -> Result<()> {
         v["local_gossip"]["unauthenticated"].as_u64().context("local_gossip")
     };
     let before: Vec<u64> = (0..3).map(refused).collect::<Result<_>>()?;
+    // `node ls` (from the manager): which key each node holds.
+    let holders = |current: u64| -> Option<()> {
+        let nodes = lab.cli_json(0, &["node", "ls"]).ok()?;
+        let nodes = nodes.as_array()?;
+        (nodes.len() == 3 && nodes.iter().all(|n| n["gossip_key"]["current"] == current && n["gossip_key"]["held"].as_array().is_some_and(|h| h.contains(&Value::from(current))))).then_some(())
+    };
+    wait_for("node ls: every node holding key 1", T, || holders(1))?;
     let stop = AtomicBool::new(false);
     let (rotations, scales) = std::thread::scope(|s| {
         let scaler = s.spawn(|| {
@@ -179,6 +186,9 @@ fn rotation_under_load_loses_nothing() -> Result<()> {
     });
     let rotations = rotations?;
     assert_eq!(rotations, vec!["gossip key 2 is in use\n".to_string(), "gossip key 3 is in use\n".to_string()]);
+    wait_for("node ls: every node holding key 3", T, || holders(3))?;
+    let table = lab.cli_ok(0, &["node", "ls"])?;
+    assert!(table.contains("GOSSIP KEY") && table.matches("current (3)").count() == 3, "node ls shows every node holding key 3:\n{table}");
     assert!(scales >= 20, "the service was scaled {scales} times during the rotations");
     lab.cli_ok(0, &["service", "scale", "churn=3"])?;
     let tasks = lab.wait_service("churn", 3, T)?;

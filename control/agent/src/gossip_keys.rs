@@ -52,11 +52,11 @@ pub fn restore(gossip: &GossipHandle, data_dir: &Path) -> bool {
     }
 }
 
-/// New keys from the manager: used at once, then saved.
-pub async fn update(gossip: &GossipHandle, data_dir: &Path, keys: &GossipKeySet) {
+/// New keys from the manager: used at once, then saved. False if they could not be used.
+pub async fn update(gossip: &GossipHandle, data_dir: &Path, keys: &GossipKeySet) -> bool {
     if let Err(e) = install(gossip, keys) {
         error!(error = %e, "the manager's gossip keys are unusable: this node cannot speak gossip");
-        return;
+        return false;
     }
     let p = path(data_dir);
     let keys = keys.clone();
@@ -64,4 +64,5 @@ pub async fn update(gossip: &GossipHandle, data_dir: &Path, keys: &GossipKeySet)
     if !matches!(saved, Ok(Ok(()))) {
         warn!("the gossip keys could not be saved: a restart waits for the manager before gossip speaks");
     }
+    true
 }

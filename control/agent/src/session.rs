@@ -226,10 +226,13 @@ impl Agent {
                     Some(Ok(Some(FromManager::GossipKeys { keys, send }))) => {
                         let keys = swarmnet_api::GossipKeySet { keys, send };
                         let mut have = self.gossip_keys.lock().await;
-                        if *have != keys {
-                            crate::gossip_keys::update(&self.gossip, &self.data_dir, &keys).await;
+                        if *have != keys && crate::gossip_keys::update(&self.gossip, &self.data_dir, &keys).await {
                             *have = keys;
                         }
+                        // Tell the manager what gossip holds now (`node ls`).
+                        let ids = have.keys.iter().map(|k| k.id).collect();
+                        drop(have);
+                        if let Err(e) = write_msg(&mut w, &FromAgent::GossipKeysHeld { ids }).await { break Err(e.into()); }
                     }
                     Some(Ok(Some(FromManager::Ingress { ingress }))) => {
                         self.ingress.send_if_modified(|cur| {

@@ -133,6 +133,9 @@ pub struct ServiceVip {
 pub enum FromAgent {
     Heartbeat,
     Reports { reports: Vec<TaskReport> },
+    /// The gossip keys this node's gossip loop holds now (ids), sent after every
+    /// `FromManager::GossipKeys`: `node ls` shows who holds the current key.
+    GossipKeysHeld { ids: Vec<u32> },
 }
 
 /// What a node needs to run one task.

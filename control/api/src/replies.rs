@@ -35,6 +35,24 @@ pub struct NodeInfo {
     /// Filled in by the manager node's daemon from its own gossip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gossip: Option<GossipView>,
+    /// The gossip keys the node said it holds (issue 11); None: it has not said since the
+    /// manager started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_key: Option<KeyHolding>,
+}
+
+/// Which gossip keys a node holds, against the cluster's newest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyHolding {
+    pub held: Vec<u32>,
+    /// The cluster's newest key.
+    pub current: u32,
+}
+
+impl KeyHolding {
+    pub fn holds_current(&self) -> bool {
+        self.held.contains(&self.current)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

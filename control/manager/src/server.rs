@@ -52,6 +52,9 @@ pub struct ManagerConfig {
 struct Inner {
     state: ClusterState,
     last_seen: HashMap<Id, Instant>,
+    /// The gossip key ids each node last said it holds (not stored: nodes say it again in
+    /// every session).
+    keys_held: HashMap<Id, Vec<u32>>,
 }
 
 pub struct Manager {
@@ -157,7 +160,7 @@ impl Manager {
         let (changed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Manager {
             store: Box::new(store),
-            inner: Mutex::new(Inner { state, last_seen: HashMap::new() }),
+            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
             removed: Mutex::new(meta.removed_nodes.clone()),
@@ -545,6 +548,10 @@ impl Manager {
                 match read_msg::<_, FromAgent>(&mut r).await? {
                     None => return Ok::<(), anyhow::Error>(()),
                     Some(FromAgent::Heartbeat) => me.touch(&n2),
+                    Some(FromAgent::GossipKeysHeld { ids }) => {
+                        me.touch(&n2);
+                        me.lock().keys_held.insert(n2.clone(), ids);
+                    }
                     Some(FromAgent::Reports { reports }) => {
                         me.touch(&n2);
                         me.mutate(|st, g| {
@@ -611,7 +618,18 @@ impl Manager {
         let v = match req {
             ApiRequest::NodeLs => {
                 let st = self.state();
-                to_value(st.nodes.values().map(|n| node_info(n, &self.meta)).collect::<Vec<_>>())?
+                let current = self.gossip_keys().keys.iter().map(|k| k.id).max().unwrap_or(0);
+                let held = self.lock().keys_held.clone();
+                to_value(
+                    st.nodes
+                        .values()
+                        .map(|n| {
+                            let mut i = node_info(n, &self.meta);
+                            i.gossip_key = held.get(&n.id).map(|h| KeyHolding { held: h.clone(), current });
+                            i
+                        })
+                        .collect::<Vec<_>>(),
+                )?
             }
             ApiRequest::JoinToken { role } => match role.as_str() {
                 "worker" => to_value(JoinTokenInfo { role: "worker".into(), token: self.join_token()?, manager: self.meta.manager_node_id.clone() })?,
@@ -706,6 +724,7 @@ fn node_info(n: &Node, meta: &ClusterMeta) -> NodeInfo {
         manager_status: if n.id == meta.manager_node_id { "Leader".into() } else { String::new() },
         role: n.role,
         gossip: None,
+        gossip_key: None,
     }
 }
 
