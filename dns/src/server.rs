@@ -154,31 +154,10 @@ async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
             }
         };
         for g in &got {
-            let raw = batch.data(g);
-            if g.from.port() == 0 {
-                continue;
-            }
-            let request = match Request::from_bytes(raw.to_vec(), g.from, hickory_server::net::xfer::Protocol::Udp) {
-                Ok(r) => r,
-                Err(_) => {
-                    resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    if let Some(reply) = formerr(raw) {
-                        outbox.push(reply, g.from);
-                    }
-                    continue;
-                }
-            };
-            if request.metadata.message_type != MessageType::Query {
-                continue;
-            }
-            let plan = resolver.plan(&request);
-            if plan == Plan::Forward {
+            if let Some(request) = datagram(&resolver, batch.data(g), g.from, &outbox).await {
                 let r = resolver.clone();
                 let responder = UdpResponder { sink: Sink::Socket(sock.clone()), dst: g.from };
-                tokio::spawn(async move { r.respond(&request, plan, responder).await });
-            } else {
-                // Completes at once: the outbox only stores the encoded answer.
-                resolver.respond(&request, plan, outbox.to(g.from)).await;
+                tokio::spawn(async move { r.respond(&request, Plan::Forward, responder).await });
             }
         }
         let out = outbox.take();
@@ -196,6 +175,44 @@ async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
             }
         }
     }
+}
+
+/// One UDP datagram from `from`: answered into `outbox` from the records (or FORMERR, or
+/// dropped), or returned when it must be forwarded upstream.
+async fn datagram(resolver: &TaskResolver, raw: &[u8], from: std::net::SocketAddr, outbox: &Outbox) -> Option<Request> {
+    if from.port() == 0 {
+        return None;
+    }
+    let request = match Request::from_bytes(raw.to_vec(), from, hickory_server::net::xfer::Protocol::Udp) {
+        Ok(r) => r,
+        Err(_) => {
+            resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(reply) = formerr(raw) {
+                outbox.push(reply, from);
+            }
+            return None;
+        }
+    };
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let plan = resolver.plan(&request);
+    if plan == Plan::Forward {
+        return Some(request);
+    }
+    // Completes at once: the outbox only stores the encoded answer.
+    resolver.respond(&request, plan, outbox.to(from)).await;
+    None
+}
+
+/// The UDP path without a socket, for the fuzz targets (`fuzz/`): the datagram as a task on
+/// `scope`'s networks would send it, and the answers the resolver would send back (none for
+/// a query it forwards upstream or drops).
+pub async fn answer_datagram(shared: Arc<Shared>, scope: Vec<String>, raw: &[u8], from: std::net::SocketAddr) -> Vec<Vec<u8>> {
+    let resolver = TaskResolver { shared, scope: scope.into() };
+    let outbox = Outbox::default();
+    let _forwarded = datagram(&resolver, raw, from, &outbox).await;
+    outbox.take().into_iter().map(|(b, _)| b).collect()
 }
 
 /// An encoded answer and where it goes.
@@ -543,6 +560,18 @@ mod tests {
         let mut buf = vec![0u8; u16::from_be_bytes(lb) as usize];
         s.read_exact(&mut buf).await.expect("body");
         Message::from_vec(&buf).expect("parse")
+    }
+
+    #[tokio::test]
+    async fn the_socketless_udp_path_answers_like_the_socket() {
+        let (shared, _l, _addr) = start(vec![]).await;
+        let from: SocketAddr = "10.0.1.9:5353".parse().expect("addr");
+        let out = answer_datagram(shared.clone(), vec!["n".into()], &query("web.", RecordType::A, DNSClass::IN, None), from).await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(Message::from_vec(&out[0]).expect("parse").answers.len(), 1);
+        // Not a query header: dropped; a forwarded name: nothing here.
+        assert!(answer_datagram(shared.clone(), vec!["n".into()], &[0u8; 3], from).await.is_empty());
+        assert!(answer_datagram(shared, vec!["n".into()], &query("example.org.", RecordType::A, DNSClass::IN, None), from).await.is_empty());
     }
 
     #[tokio::test]

@@ -35,14 +35,19 @@ fn ep(k: usize) -> Endpoint {
 
 type Seen = Arc<Mutex<HashMap<(usize, String), Instant>>>;
 
-async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashMap<(usize, String), Instant>>>) -> Result<Vec<GossipHandle>> {
+/// `sealed`: one cluster key, as the manager hands out (issue 11); otherwise plaintext, to
+/// measure what sealing costs.
+async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashMap<(usize, String), Instant>>>, sealed: bool) -> Result<Vec<GossipHandle>> {
     let mut hs = Vec::new();
-    // Gossip is sealed (issue 11): one cluster key, as the manager would hand out.
     let key = swarmnet_gossip::seal::new_key().map_err(anyhow::Error::msg)?;
     for i in 0..n {
         let addr = SocketAddr::from(([127, 0, 0, 1], base + i as u16));
         let h = server::start(Ident { node: format!("b{i}"), addr, gen: 1 }, Config::default()).await?;
-        h.send(Cmd::Keys(Box::new(swarmnet_gossip::seal::Keyring::new(&[(1, key)]).map_err(anyhow::Error::msg)?)))?;
+        if sealed {
+            h.send(Cmd::Keys(Box::new(swarmnet_gossip::seal::Keyring::new(&[(1, key)]).map_err(anyhow::Error::msg)?)))?;
+        } else {
+            h.send(Cmd::Unsealed)?;
+        }
         let mut rx = h.subscribe();
         let seen = seen.clone();
         let downs = downs.clone();
@@ -84,7 +89,7 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("N={n}: membership converged in {:.1} s", t.elapsed().as_secs_f64());
+    println!("N={n} {}: membership converged in {:.1} s", label(sealed), t.elapsed().as_secs_f64());
     Ok(hs)
 }
 
@@ -99,10 +104,18 @@ async fn bytes(hs: &[GossipHandle]) -> Result<u64> {
     Ok(total)
 }
 
-async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Result<()> {
+fn label(sealed: bool) -> &'static str {
+    if sealed {
+        "sealed"
+    } else {
+        "unsealed"
+    }
+}
+
+async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, sealed: bool) -> Result<()> {
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let downs = Arc::new(Mutex::new(HashMap::new()));
-    let hs = start_cluster(n, base, &seen, &downs).await?;
+    let hs = start_cluster(n, base, &seen, &downs, sealed).await?;
     for h in &hs {
         h.send(Cmd::Join("bench".into()))?;
     }
@@ -145,7 +158,8 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
     let busy_bps = (bytes(&hs).await? - b1) as f64 / n as f64 / t_start.elapsed().as_secs_f64();
     let per_broadcast = (busy_bps - idle_bps) * t_start.elapsed().as_secs_f64() / trials as f64;
     println!(
-        "RESULT swarmnet N={n} trials={trials} reached-all={}/{trials} p50={:.1} ms p99={:.1} ms max={:.1} ms payload bytes/node/s: broadcasting {:.0}, idle {:.0}; per broadcast above idle {:.0} B/node",
+        "RESULT swarmnet {} N={n} trials={trials} reached-all={}/{trials} p50={:.1} ms p99={:.1} ms max={:.1} ms payload bytes/node/s: broadcasting {:.0}, idle {:.0}; per broadcast above idle {:.0} B/node",
+        label(sealed),
         trials - incomplete,
         pct(&mut times.clone(), 50.0),
         pct(&mut times.clone(), 99.0),
@@ -161,10 +175,10 @@ async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration) -> Re
     Ok(())
 }
 
-async fn failure_detection(n: usize, trials: usize, base: u16) -> Result<()> {
+async fn failure_detection(n: usize, trials: usize, base: u16, sealed: bool) -> Result<()> {
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let downs = Arc::new(Mutex::new(HashMap::new()));
-    let hs = start_cluster(n, base, &seen, &downs).await?;
+    let hs = start_cluster(n, base, &seen, &downs, sealed).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut alive: Vec<usize> = (0..n).collect();
     let mut times = Vec::new();
@@ -193,7 +207,8 @@ async fn failure_detection(n: usize, trials: usize, base: u16) -> Result<()> {
     // False positives: a live node seen dead by anyone.
     let false_dead = downs.lock().unwrap_or_else(|p| p.into_inner()).keys().filter(|(_, node)| alive.iter().any(|i| format!("b{i}") == *node)).count();
     println!(
-        "RESULT swarmnet failure detection N={n} trials={trials} everyone-sees-dead p50={:.0} ms p99={:.0} ms max={:.0} ms; live nodes wrongly declared dead: {false_dead}",
+        "RESULT swarmnet {} failure detection N={n} trials={trials} everyone-sees-dead p50={:.0} ms p99={:.0} ms max={:.0} ms; live nodes wrongly declared dead: {false_dead}",
+        label(sealed),
         pct(&mut times.clone(), 50.0),
         pct(&mut times.clone(), 99.0),
         pct(&mut times, 100.0)
@@ -201,6 +216,8 @@ async fn failure_detection(n: usize, trials: usize, base: u16) -> Result<()> {
     for h in &hs {
         h.send(Cmd::Stop)?;
     }
+    // The next run binds the same ports.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
 
@@ -224,7 +241,7 @@ pub fn bench_soak(n: usize, dur: Duration) -> Result<()> {
     let r = rt.block_on(async {
         let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
         let downs = Arc::new(Mutex::new(HashMap::new()));
-        let hs = start_cluster(n, 27000, &seen, &downs).await?;
+        let hs = start_cluster(n, 27000, &seen, &downs, true).await?;
         let t = Instant::now();
         tokio::time::sleep(dur).await;
         let false_dead = downs.lock().unwrap_or_else(|p| p.into_inner()).len();
@@ -253,15 +270,22 @@ pub fn bench_soak(n: usize, dur: Duration) -> Result<()> {
 /// Failure detection alone.
 pub fn bench_failure(n: usize, trials: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(failure_detection(n, trials, 26000))
+    rt.block_on(async {
+        failure_detection(n, trials, 26000, false).await?;
+        failure_detection(n, trials, 26000, true).await
+    })
 }
 
 pub fn bench_gossip(sizes: &[usize], trials: usize, idle: Duration, fail_n: usize, fail_trials: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
+        // Without and with sealing, one after the other at each size (issue 11).
         for (k, n) in sizes.iter().enumerate() {
-            dissemination(*n, trials, 21000 + 1000 * k as u16, idle).await?;
+            for sealed in [false, true] {
+                dissemination(*n, trials, 21000 + 1000 * k as u16, idle, sealed).await?;
+            }
         }
-        failure_detection(fail_n, fail_trials, 26000).await
+        failure_detection(fail_n, fail_trials, 26000, false).await?;
+        failure_detection(fail_n, fail_trials, 26000, true).await
     })
 }

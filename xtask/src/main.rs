@@ -13,6 +13,7 @@ mod bench_ingress;
 mod bench_gossip;
 mod bench_lb;
 mod bench_overlay;
+mod fuzz;
 mod walls;
 
 const LAB: &str = "snlab";
@@ -38,12 +39,32 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The libFuzzer targets in fuzz/ (needs cargo-fuzz and the nightly toolchain).
+    #[command(subcommand)]
+    Fuzz(FuzzCmd),
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
         /// control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum FuzzCmd {
+    /// Writes the seed inputs (real messages of each decoder) into fuzz/seeds/.
+    Seeds,
+    /// Fuzzes TARGETS (default: all) for --runs inputs each, or --seconds.
+    Run {
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 10_000_000)]
+        runs: u64,
+        #[arg(long, default_value_t = 7200)]
+        seconds: u64,
+        /// Keep the new finds in fuzz/corpus/ (minimised).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -121,6 +142,14 @@ fn real_main() -> Result<()> {
             if !st.success() {
                 bail!("tests failed");
             }
+            // A short run of every fuzz target on its seeds and kept corpus (issue 11).
+            let all: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+            fuzz::run(&all, 30_000, 120, false)?;
+        }
+        Cmd::Fuzz(FuzzCmd::Seeds) => fuzz::seeds()?,
+        Cmd::Fuzz(FuzzCmd::Run { targets, runs, seconds, keep }) => {
+            let targets = if targets.is_empty() { fuzz::TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
+            fuzz::run(&targets, runs, seconds, keep)?;
         }
         Cmd::Bench { what, runs } => match what.as_str() {
             "control" => bench_control(runs)?,

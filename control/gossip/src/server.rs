@@ -28,6 +28,9 @@ pub enum Cmd {
     /// The keys to seal and open with (from the manager). Until the first, nothing is sent
     /// and everything received is dropped.
     Keys(Box<Keyring>),
+    /// Benchmarks only (`cargo xtask bench gossip`, what sealing costs): send and take
+    /// plaintext, as before issue 11. No daemon sends this.
+    Unsealed,
     /// Stops the loop and closes the sockets (benchmarks: a node that dies).
     Stop,
 }
@@ -145,11 +148,12 @@ fn now_ms() -> u64 {
 /// Opens a received message with the keyring and hands the plaintext to the protocol;
 /// anything that does not open is counted and dropped unparsed (and logged, at most once a
 /// minute, with the sender and why).
-fn receive(g: &mut Gossip, keys: Option<&Keyring>, replays: &mut ReplayGuard, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
+fn receive(g: &mut Gossip, keys: &Sealing, replays: &mut ReplayGuard, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
     let now = now_ms();
     let opened = match keys {
-        Some(k) => k.open(data, now).map_err(|e| e.to_string()),
-        None => Err("this node has no gossip key yet".to_string()),
+        Sealing::Keys(k) => k.open(data, now).map_err(|e| e.to_string()),
+        Sealing::NoKey => Err("this node has no gossip key yet".to_string()),
+        Sealing::Unsealed => return g.handle(from, data, stream, Instant::now()),
     };
     let opened = opened.and_then(|p| if replays.fresh(data, now) { Ok(p) } else { Err("a message seen before (replayed)".to_string()) });
     match opened {
@@ -164,22 +168,33 @@ fn receive(g: &mut Gossip, keys: Option<&Keyring>, replays: &mut ReplayGuard, fr
     }
 }
 
+/// How the loop seals: not at all before it has keys (it sends nothing), with its keyring,
+/// or (benchmarks) in plaintext.
+enum Sealing {
+    NoKey,
+    Keys(Keyring),
+    Unsealed,
+}
+
 /// Seals one message and sends it. Its own messages, sent back to it, are replays too: the
 /// guard remembers what it seals.
-fn send_sealed(k: &Keyring, replays: &mut ReplayGuard, udp: &UdpSocket, o: Out) {
+fn send_sealed(k: Option<&Keyring>, replays: &mut ReplayGuard, udp: &UdpSocket, o: Out) {
     let now = now_ms();
     let (to, plain, stream) = match o {
         Out::Udp { to, data } => (to, data, false),
         Out::Stream { to, data } => (to, data, true),
     };
-    let data = match k.seal(&plain, now) {
-        Ok(d) => d,
-        Err(e) => {
+    let data = match k.map(|k| k.seal(&plain, now)) {
+        Some(Ok(d)) => {
+            replays.fresh(&d, now);
+            d
+        }
+        Some(Err(e)) => {
             warn!(%to, error = %e, "gossip: cannot seal a message");
             return;
         }
+        None => plain,
     };
-    replays.fresh(&data, now);
     if stream {
         tokio::spawn(send_stream(to, data));
     } else if let Err(e) = udp.try_send_to(&data, to) {
@@ -189,17 +204,17 @@ fn send_sealed(k: &Keyring, replays: &mut ReplayGuard, udp: &UdpSocket, o: Out) 
 
 async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
     let mut buf = vec![0u8; 65536];
-    let mut keys: Option<Keyring> = None;
+    let mut keys = Sealing::NoKey;
     let mut last_warn: Option<Instant> = None;
     let mut replays = ReplayGuard::default();
     loop {
         let deadline = tokio::time::Instant::from_std(g.next_deadline());
         tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => receive(&mut g, keys.as_ref(), &mut replays, from, &buf[..n], false, &mut last_warn),
+                Ok((n, from)) => receive(&mut g, &keys, &mut replays, from, &buf[..n], false, &mut last_warn),
                 Err(e) => warn!(error = %e, "gossip udp receive"),
             },
-            Some((from, data)) = streams.recv() => receive(&mut g, keys.as_ref(), &mut replays, from, &data, true, &mut last_warn),
+            Some((from, data)) = streams.recv() => receive(&mut g, &keys, &mut replays, from, &data, true, &mut last_warn),
             c = cmds.recv() => {
                 let Some(c) = c else { return };
                 let now = Instant::now();
@@ -215,7 +230,11 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                     Cmd::Stop => return,
                     Cmd::Keys(k) => {
                         info!(keys = ?k.ids(), send = k.send_id(), "gossip: keys set");
-                        keys = Some(*k);
+                        keys = Sealing::Keys(*k);
+                    }
+                    Cmd::Unsealed => {
+                        warn!("gossip: unsealed (a benchmark's setting: anyone can read and write this node's gossip)");
+                        keys = Sealing::Unsealed;
                     }
                     Cmd::Members { reply } => {
                         let _ = reply.send(g.members().cloned().collect());
@@ -231,15 +250,20 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
             _ = tokio::time::sleep_until(deadline) => g.tick(Instant::now()),
         }
         let out = g.take_out();
-        match keys.as_ref() {
-            Some(k) => {
+        match &keys {
+            Sealing::Keys(k) => {
                 for o in out {
-                    send_sealed(k, &mut replays, &udp, o);
+                    send_sealed(Some(k), &mut replays, &udp, o);
+                }
+            }
+            Sealing::Unsealed => {
+                for o in out {
+                    send_sealed(None, &mut replays, &udp, o);
                 }
             }
             // Without a key nothing leaves: a node the manager has not admitted says nothing.
-            None if !out.is_empty() => debug!(messages = out.len(), "gossip: no key yet, not sending"),
-            None => {}
+            Sealing::NoKey if !out.is_empty() => debug!(messages = out.len(), "gossip: no key yet, not sending"),
+            Sealing::NoKey => {}
         }
         for e in g.take_events() {
             match &e {
