@@ -12,7 +12,8 @@ use swarmnet_agent::node::{self, NodeBase, NodeConfig};
 use swarmnet_agent::{Agent, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
-use swarmnet_api::{read_msg, write_msg, ApiRequest, Reply};
+use swarmnet_api::{read_msg_within, write_msg, ApiRequest, Reply, MAX_FIRST_FRAME};
+use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
 use swarmnet_manager::{Manager, ManagerConfig};
 use swarmnet_types::format_mac;
 use tokio::net::UnixListener;
@@ -40,9 +41,11 @@ async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::
     Ok(agent)
 }
 
-pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>, gossip_key_rotation: Duration) -> anyhow::Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>, gossip_key_rotation: Duration, force_new_cluster: bool) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
-    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet, gossip_key_rotation };
+    let expect_cluster = Identity::load(&cfg.data_dir)?.map(|i| i.cluster_id);
+    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet, gossip_key_rotation, expect_cluster, force_new_cluster };
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");
@@ -97,20 +100,46 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
     }
     info!(socket = %path.display(), node = %agent.id.node_id, "ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Bounded (issue 12): at most 256 requests at once, 10 s to send one; accept failures
+    // back off and are logged once per burst.
+    let admission = Admission::new(Limits { total: 256, per_peer: 256 });
+    let mut errors = AcceptErrors::default();
+    let mut refusals = RefusalLog::default();
     loop {
         tokio::select! {
             acc = listener.accept() => {
                 let (mut conn, _) = match acc {
-                    Ok(c) => c,
-                    Err(e) => { warn!(error = %e, "control socket accept"); continue; }
+                    Ok(c) => {
+                        if let AcceptNote::Recovered { failed, lasted } = errors.accepted(std::time::Instant::now()) {
+                            info!(failed, lasted_ms = lasted.as_millis() as u64, "control socket: accepting again");
+                        }
+                        c
+                    }
+                    Err(e) => {
+                        if errors.failed(std::time::Instant::now()) == AcceptNote::Failing {
+                            warn!(error = %e, "control socket: cannot accept (backing off; logged once per burst)");
+                        }
+                        tokio::time::sleep(AcceptErrors::BACKOFF).await;
+                        continue;
+                    }
+                };
+                let slot = match admission.admit(None) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        if let Some(n) = refusals.note() {
+                            warn!(refused = n, why = %why, "control socket: request refused");
+                        }
+                        continue;
+                    }
                 };
                 let manager = manager.clone();
                 let agent = agent.clone();
                 tokio::spawn(async move {
-                    let req: ApiRequest = match read_msg(&mut conn).await {
-                        Ok(Some(r)) => r,
-                        Ok(None) => return,
-                        Err(e) => { let _ = write_msg(&mut conn, &Reply::err(format!("bad request: {e}"))).await; return; }
+                    let _slot = slot;
+                    let req: ApiRequest = match tokio::time::timeout(std::time::Duration::from_secs(10), read_msg_within(&mut conn, MAX_FIRST_FRAME)).await {
+                        Ok(Ok(Some(r))) => r,
+                        Ok(Ok(None)) | Err(_) => return,
+                        Ok(Err(e)) => { let _ = write_msg(&mut conn, &Reply::err(format!("bad request: {e}"))).await; return; }
                     };
                     let reply = answer(req, manager.as_deref(), &agent).await;
                     let _ = write_msg(&mut conn, &reply).await;

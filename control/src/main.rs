@@ -130,6 +130,11 @@ enum Cmd {
         /// How often the manager replaces the gossip key: 12h, 30m, 90s (at least 10s).
         #[arg(long, default_value = "12h", value_parser = parse_duration)]
         gossip_key_rotation: Duration,
+        /// Start over when the manager's store is damaged, empty or lost: set it aside and
+        /// make a new cluster (every other node must join again). Without it such a store
+        /// stops the manager with an error.
+        #[arg(long)]
+        force_new_cluster: bool,
     },
     /// Run an agent that joins a manager.
     Agent {
@@ -349,14 +354,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// A daemon holds many sockets (sessions, streams, one resolver per task): it raises its
+/// soft open-file limit to the hard one at start (issue 12).
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    raise_nofile_limit();
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     match cli.cmd {
-        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet, gossip_key_rotation } => {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet, gossip_key_rotation, force_new_cluster } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
@@ -365,7 +385,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
             let c = d.node_config()?;
-            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet, gossip_key_rotation))?;
+            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet, gossip_key_rotation, force_new_cluster))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {

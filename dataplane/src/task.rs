@@ -192,6 +192,41 @@ pub fn proc_start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// The task processes of the node whose data dir is `data_dir` that are running now, found
+/// without any state file: session leaders whose environment carries
+/// `SWARMNET_NODE_DATA_DIR=<data_dir>` and `SWARMNET_TASK_ID=<id>` (every task gets both).
+/// (task id, pid, start time). Used when `tasks/state.json` is corrupt, so that live tasks
+/// are adopted instead of orphaned and started twice (issue 12).
+pub fn find_task_processes(data_dir: &std::path::Path) -> Vec<(String, u32, u64)> {
+    let want = format!("SWARMNET_NODE_DATA_DIR={}", data_dir.display());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        if !vars.iter().any(|v| *v == want.as_bytes()) {
+            continue;
+        }
+        let Some(id) = vars.iter().find_map(|v| v.strip_prefix(b"SWARMNET_TASK_ID=")).and_then(|v| std::str::from_utf8(v).ok()) else { continue };
+        // The task itself, not a child that inherited its environment.
+        if session_of(pid) != Some(pid) {
+            continue;
+        }
+        if let Some(start) = proc_start_time(pid) {
+            out.push((id.to_string(), pid, start));
+        }
+    }
+    out
+}
+
+/// The session id of a process (field 6 of /proc/PID/stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// Signals the process group led by `pid`.
 pub fn signal_group(pid: u32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
     let pgid = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(|_| nix::Error::EINVAL)?);

@@ -305,6 +305,16 @@ impl Lab {
         Ok(())
     }
 
+    /// The manager's extra arguments from the next start of node 0 on.
+    pub fn set_manager_args(&mut self, args: &[&str]) {
+        self.manager_args = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The pid of node `i`'s daemon, if it runs.
+    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].pid
+    }
+
     /// Sends `sig` to node `i`'s daemon and waits for it to exit.
     pub fn stop_node(&mut self, i: usize, sig: i32) -> Result<()> {
         let Some(pid) = self.nodes[i].pid.take() else { return Ok(()) };

@@ -312,8 +312,9 @@ fn a_killed_agents_tasks_leave_tasks_answers_on_the_other_nodes() -> Result<()> 
     let victim_ip = victim["addresses"]["appnet"].as_str().context("address")?.to_string();
     wait_tasks(asker, "web", &addrs(&tasks, "appnet"))?;
     lab.stop_node(2, 9)?;
-    // Once gossip confirms node 3 dead, its task leaves the answers (its process may still
-    // run: tasks outlive their daemon, but nothing can reach it through a dead agent).
+    // Gossip declares node 3 down but its host still answers, so its entries stay until the
+    // manager declares the node down (3 heartbeats): then its task leaves the answers (its
+    // process may still run, but the manager replaces it elsewhere).
     wait_for("the killed node's task to leave tasks.web", T, || {
         let now = short(asker, &["tasks.web"]).ok()?;
         (!now.contains(&victim_ip) && !now.is_empty()).then_some(())

@@ -216,7 +216,7 @@ fn neighbour_and_fdb_entries_match_the_endpoints_exactly_through_scaling() -> Re
 }
 
 #[test]
-fn a_killed_agent_disappears_from_every_kernel_and_comes_back_and_a_blip_removes_nothing() -> Result<()> {
+fn a_killed_agent_keeps_its_entries_and_comes_back_and_a_blip_removes_nothing() -> Result<()> {
     // Heartbeat 5 s: the manager does not reschedule within this test, gossip decides.
     let mut lab = Lab::up("snx-ovlfail", 3, 3, 5.0)?;
     lab.cli_ok(0, &["network", "create", "appnet"])?;
@@ -255,14 +255,19 @@ fn a_killed_agent_disappears_from_every_kernel_and_comes_back_and_a_blip_removes
         assert!(!lab.log(i).contains("gossip: node down"), "no node declared down after a blip:\n{}", lab.log(i));
     }
 
-    // Kill -9 the agent of n3: once the failure detector confirms, its entry goes everywhere.
+    // Kill -9 the agent of n3: gossip declares it down, but its host answers (its task
+    // still runs): its entries stay everywhere (issue 12: a dead agent is not a dead host).
     lab.stop_node(2, libc::SIGKILL)?;
-    let t = std::time::Instant::now();
-    wait_for("n3's entries gone from n1 and n2", T, || (!present(&lab, 0) && !present(&lab, 1)).then_some(()))?;
-    eprintln!("removed {:?} after kill", t.elapsed());
-    let nodes = lab.cli_json(0, &["node", "ls"])?;
-    let n3 = nodes.as_array().and_then(|a| a.iter().find(|n| n["hostname"] == "snx-ovlfail-n3")).context("n3")?;
-    assert_eq!(n3["gossip"], "unreachable", "node ls shows the gossip view: {n3}");
+    wait_for("n3 unreachable in node ls", T, || {
+        let nodes = lab.cli_json(0, &["node", "ls"]).ok()?;
+        let n3 = nodes.as_array()?.iter().find(|n| n["hostname"] == "snx-ovlfail-n3")?.clone();
+        (n3["gossip"] == "unreachable").then_some(())
+    })?;
+    for _ in 0..20 {
+        assert!(present(&lab, 0) && present(&lab, 1), "n3's task stays reachable while its host is up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lab.log(0).contains("its entries stay while its host answers"), "the log says why the entries stay");
     // Start it again: it adopts its task and its sandbox, and publishes the task under a
     // new generation. The sandbox is the same one (not torn down and made again), and the
     // entries it held for the other nodes' tasks stay in place throughout.

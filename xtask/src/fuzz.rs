@@ -129,6 +129,7 @@ fn gossip_seeds(dir: &Path) -> Result<()> {
                 let (stream, data) = match o {
                     Out::Udp { data, .. } => (false, data),
                     Out::Stream { data, .. } => (true, data),
+                    Out::Probe { .. } => continue,
                 };
                 other.handle(from, &data, stream, now);
                 packets.push((stream, data));

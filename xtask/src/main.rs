@@ -39,6 +39,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The fault suite (issue 12: partitions, agent kills, hostile connections, descriptor
+    /// limits, corrupt state) on the lab, printing each case's figures.
+    Chaos,
     /// The libFuzzer targets in fuzz/ (needs cargo-fuzz and the nightly toolchain).
     #[command(subcommand)]
     Fuzz(FuzzCmd),
@@ -145,6 +148,22 @@ fn real_main() -> Result<()> {
             // A short run of every fuzz target on its seeds and kept corpus (issue 11).
             let all: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
             fuzz::run(&all, 30_000, 120, false)?;
+        }
+        Cmd::Chaos => {
+            build()?;
+            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["test", "-j2", "-p", "swarmnet-lab", "--test", "chaos", "--", "--test-threads=1", "--nocapture"])
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            print!("{text}");
+            println!("\nfigures (for docs/benchmarks.md):");
+            for l in text.lines().filter(|l| l.starts_with("CHAOS ")) {
+                println!("  {l}");
+            }
+            if !out.status.success() {
+                bail!("the fault suite failed");
+            }
         }
         Cmd::Fuzz(FuzzCmd::Seeds) => fuzz::seeds()?,
         Cmd::Fuzz(FuzzCmd::Run { targets, runs, seconds, keep }) => {

@@ -74,6 +74,9 @@ pub struct Runtime {
     persisted: Mutex<BTreeMap<Id, Persisted>>,
     /// Entries of `persisted` not yet claimed by an assignment since this daemon started.
     adoptable: Mutex<BTreeMap<Id, Persisted>>,
+    /// Live task processes found in /proc when `tasks/state.json` was corrupt (id → pid,
+    /// start time): adopted when their assignment comes, stopped if none does.
+    found: Mutex<BTreeMap<Id, (u32, u64)>>,
     /// Exit code of finished run-once tasks, and why, if they never ran.
     exits: Mutex<HashMap<Id, (i32, String)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
@@ -89,9 +92,16 @@ impl Runtime {
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display()))?;
         let path = dir.join("state.json");
         let (persisted, aside): (BTreeMap<Id, Persisted>, _) = state::read_or_set_aside(&path)?;
-        if let Some(aside) = aside {
-            error!(path = %path.display(), kept_as = %aside.display(), "task state is corrupt: tasks of the earlier daemon are not adopted (their processes keep running)");
-        }
+        // A corrupt state file must not orphan live tasks (and start them twice): find them
+        // by their environment before anything touches the kernel.
+        let found: BTreeMap<Id, (u32, u64)> = match aside {
+            Some(aside) => {
+                let found: BTreeMap<Id, (u32, u64)> = dp::find_task_processes(data_dir).into_iter().map(|(id, pid, start)| (id, (pid, start))).collect();
+                error!(path = %path.display(), kept_as = %aside.display(), found = found.len(), "task state is corrupt: set aside; the task processes still running were found in /proc and are adopted (or stopped) once the manager's assignments arrive");
+                found
+            }
+            None => BTreeMap::new(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let env = vec![("SWARMNET_NODE_DATA_DIR".to_string(), data_dir.display().to_string())];
         let rt = Runtime {
@@ -103,6 +113,7 @@ impl Runtime {
             env,
             locals: Mutex::new(HashMap::new()),
             adoptable: Mutex::new(persisted.clone()),
+            found: Mutex::new(found),
             persisted: Mutex::new(persisted),
             exits: Mutex::new(HashMap::new()),
             reports: tx,
@@ -200,13 +211,18 @@ impl Runtime {
                 out.push(TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(p.pid), restarts: 0 });
             }
         }
+        for (id, (pid, start)) in lock(&self.found).iter() {
+            if dp::proc_start_time(*pid) == Some(*start) {
+                out.push(TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(*pid), restarts: 0 });
+            }
+        }
         out
     }
 
     /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.
     pub fn confirm_unknown(&self, removed: &[Id]) {
         for id in removed {
-            let known = lock(&self.locals).contains_key(id) || lock(&self.adoptable).contains_key(id);
+            let known = lock(&self.locals).contains_key(id) || lock(&self.adoptable).contains_key(id) || lock(&self.found).contains_key(id);
             if !known {
                 self.send(TaskReport { task_id: id.clone(), state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
             }
@@ -281,11 +297,24 @@ impl Runtime {
                 rt.send(TaskReport { task_id: id, state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
             });
         }
+        // Processes found in /proc (the state file was corrupt) that nothing assigns: their
+        // links go with their namespace.
+        let unwanted: Vec<(Id, (u32, u64))> = {
+            let mut found = lock(&self.found);
+            let ids: Vec<Id> = found.keys().filter(|id| !desired.contains_key(*id)).cloned().collect();
+            ids.into_iter().filter_map(|id| found.remove(&id).map(|f| (id, f))).collect()
+        };
+        for (id, (pid, start)) in unwanted {
+            info!(task = %id, pid, "task process found after a corrupt state file is not assigned: stopping");
+            tokio::spawn(async move { supervisor::stop_adopted(pid, start).await });
+        }
         for (id, a) in desired {
             if locals.contains_key(id) {
                 continue;
             }
-            let adopt = lock(&self.adoptable).remove(id);
+            let adopt = lock(&self.adoptable)
+                .remove(id)
+                .or_else(|| lock(&self.found).remove(id).map(|(pid, start_time)| Persisted { assignment: a.clone(), pid, start_time }));
             let report = Arc::new(Mutex::new(TaskReport { task_id: id.clone(), state: TaskState::Assigned, error: String::new(), pid: None, restarts: 0 }));
             let (stop_tx, stop_rx) = watch::channel(false);
             let (ports_tx, ports_rx) = watch::channel(a.ports.clone());

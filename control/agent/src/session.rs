@@ -215,7 +215,7 @@ impl Agent {
                             .filter(|(id, _)| *id != self.id.node_id)
                             .map(|(_, ip)| std::net::SocketAddr::new(ip, self.gossip_port))
                             .collect();
-                        if self.gossip.send(swarmnet_gossip::server::Cmd::Seeds(seeds)).is_err() {
+                        if self.gossip.send(swarmnet_gossip::server::Cmd::Nodes(seeds)).is_err() {
                             warn!("gossip is not running: the new node list is not used");
                         }
                     }

@@ -158,7 +158,13 @@ impl Supervisor {
             warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task");
         }
         if let Err(e) = self.rt.connect(&self.a).await {
-            warn!(task = %self.id(), error = %format!("{e:#}"), "adopted task: overlay");
+            // Its links are gone (their sandbox was removed while the daemon was away): a
+            // task that runs without its network is worse than one started again.
+            warn!(task = %self.id(), pid = p.pid, error = %format!("{e:#}"), "adopted task cannot be put back on its networks: stopping it to start it again with new links");
+            self.rt.remove_from_lb(&self.a, Some(&f)).await;
+            stop_adopted(p.pid, p.start_time).await;
+            self.rt.teardown(&self.a.task_id, &self.a).await;
+            return None;
         }
         match self.rt.dns().serve_task(&self.rt.ns, &f, &self.a.task_id, self.scope()).await {
             Ok(l) => self.dns = Some(l),
@@ -170,7 +176,10 @@ impl Supervisor {
             r.pid = Some(p.pid);
             r.error.clear();
         });
-        Some(Proc::Adopted { pid: p.pid, start: p.start_time })
+        // Known again to the state file (it may have been found in /proc after a corrupt one).
+        let (pid, start) = (p.pid, p.start_time);
+        self.rt.remember(&self.a.task_id, p).await;
+        Some(Proc::Adopted { pid, start })
     }
 
     fn scope(&self) -> Vec<String> {

@@ -12,4 +12,4 @@ pub mod wire;
 
 pub use cluster::*;
 pub use messages::*;
-pub use wire::{read_msg, write_msg, FrameError, MAX_FRAME};
+pub use wire::{read_msg, read_msg_within, write_msg, FrameError, MAX_FIRST_FRAME, MAX_FRAME};

@@ -30,8 +30,18 @@ pub async fn write_msg<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) 
     Ok(())
 }
 
+/// Largest first frame of a connection (before the peer is known to be a node or the CLI:
+/// a join, a session's task list, one request).
+pub const MAX_FIRST_FRAME: usize = 4 << 20;
+
 /// Reads one message; `Ok(None)` on a clean end of stream before a frame starts.
 pub async fn read_msg<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameError> {
+    read_msg_within(r, MAX_FRAME).await
+}
+
+/// [`read_msg`] with a smaller size limit. The body is read as it arrives: a length prefix
+/// alone never allocates its length (a peer that announces 16 MiB and stalls costs nothing).
+pub async fn read_msg_within<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, max: usize) -> Result<Option<T>, FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -39,11 +49,14 @@ pub async fn read_msg<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> R
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max.min(MAX_FRAME) {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let got = r.take(len as u64).read_to_end(&mut body).await?;
+    if got < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(Some(serde_json::from_slice(&body)?))
 }
 
@@ -65,6 +78,15 @@ mod tests {
         let huge = (u32::try_from(MAX_FRAME).expect("fits") + 1).to_be_bytes();
         let mut r = &huge[..];
         assert!(matches!(read_msg::<_, FromAgent>(&mut r).await, Err(FrameError::TooLarge(_))));
+
+        // A prefix larger than the first-frame limit, then nothing: refused unread.
+        let mut r = &(u32::try_from(MAX_FIRST_FRAME).expect("fits") + 1).to_be_bytes()[..];
+        assert!(matches!(read_msg_within::<_, FromAgent>(&mut r, MAX_FIRST_FRAME).await, Err(FrameError::TooLarge(_))));
+        // A frame cut short is an error, not a message.
+        let mut short = 100u32.to_be_bytes().to_vec();
+        short.extend_from_slice(b"{}");
+        let mut r = short.as_slice();
+        assert!(matches!(read_msg::<_, FromAgent>(&mut r).await, Err(FrameError::Io(_))));
 
         let mut garbage = 5u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"{{{{{");

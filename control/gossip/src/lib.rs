@@ -67,6 +67,22 @@ pub struct Config {
     pub anti_entropy: Duration,
     pub tombstone_ttl: Duration,
     pub max_packet: usize,
+    /// A member declared down whose host does not answer a probe within this time is dead:
+    /// its entries go (issue 12: a dead host still leaves every kernel quickly).
+    pub host_probe_wait: Duration,
+    /// A member declared down whose host still answers (its agent died, the host did not)
+    /// keeps its entries, and so the data path of its live tasks, for at most this long;
+    /// its leaving the manager's node list ends it sooner.
+    pub dead_agent_hold: Duration,
+    /// After an owner comes back with a newer generation, its older entries that it did not
+    /// publish again within this time are dropped.
+    pub handover: Duration,
+    /// A node with no live member announces itself to the known nodes this often (after
+    /// a partition, under a new generation: the others declared the old one dead).
+    pub rejoin_every: Duration,
+    /// Streams (7946 TCP) open at once, in total and from one address (server only).
+    pub max_streams: usize,
+    pub max_streams_per_peer: usize,
 }
 
 impl Default for Config {
@@ -79,6 +95,12 @@ impl Default for Config {
             anti_entropy: Duration::from_secs(10),
             tombstone_ttl: Duration::from_secs(60),
             max_packet: 1400,
+            host_probe_wait: Duration::from_secs(1),
+            dead_agent_hold: Duration::from_secs(60),
+            handover: Duration::from_secs(5),
+            rejoin_every: Duration::from_secs(1),
+            max_streams: 512,
+            max_streams_per_peer: 32,
         }
     }
 }
@@ -98,6 +120,11 @@ impl Config {
         // sends nothing when it has no update, so this costs bytes only when news exists.
         c.periodic_gossip = Some(foca::PeriodicParams { frequency: Duration::from_millis(100), num_members: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN) });
         c.periodic_announce = Some(foca::PeriodicParams { frequency: Duration::from_secs(30), num_members: NonZeroUsize::MIN });
+        // After a partial partition (this node lost some members, not all), tell the ones
+        // declared down that we are here, and tell a member we hold for dead that it is
+        // (it renews its identity and rejoins): heals in seconds, not foca's 65 s default.
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams { frequency: Duration::from_secs(2), num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN) });
+        c.notify_down_members = true;
         c
     }
 }
@@ -138,6 +165,9 @@ enum Wire {
 pub enum Out {
     Udp { to: SocketAddr, data: Vec<u8> },
     Stream { to: SocketAddr, data: Vec<u8> },
+    /// Is `node`'s host up? (A TCP connect to its gossip address: accepted or refused, the
+    /// host answers.) The answer comes back as [`Gossip::host_alive`].
+    Probe { node: Ident },
 }
 
 // Events are short-lived and handed on at once; boxing the common variant buys nothing.
@@ -147,6 +177,8 @@ pub enum Event {
     Endpoint(Change),
     NodeUp(Ident),
     NodeDown(Ident),
+    /// This node lost every member and rejoins under a new generation.
+    Renewed(Ident),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -181,6 +213,27 @@ pub struct Gossip {
     out: Vec<Out>,
     events: Vec<Event>,
     pub stats: Stats,
+    /// The manager's list of ready nodes (None: never given; then probes alone decide).
+    known: Option<BTreeSet<SocketAddr>>,
+    /// Where to announce ourselves: the known nodes, or the last seeds.
+    seeds: Vec<SocketAddr>,
+    /// Members declared down whose entries are kept while their host is probed.
+    suspects: BTreeMap<NodeId, Suspect>,
+    /// Handovers to finish: (when, owner, its new generation).
+    handovers: Vec<(Instant, NodeId, u64)>,
+    /// We had members and lost them all: renew our identity before announcing again.
+    lost_all: bool,
+    next_rejoin: Instant,
+}
+
+/// A member declared down, its host under probe.
+#[derive(Clone, Debug)]
+struct Suspect {
+    id: Ident,
+    since: Instant,
+    /// Its entries go at this time unless its host answers before.
+    deadline: Instant,
+    next_probe: Instant,
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -212,6 +265,12 @@ impl Gossip {
             out: Vec::new(),
             events: Vec::new(),
             stats: Stats::default(),
+            known: None,
+            seeds: Vec::new(),
+            suspects: BTreeMap::new(),
+            handovers: Vec::new(),
+            lost_all: false,
+            next_rejoin: now,
             me,
             cfg,
         };
@@ -244,8 +303,39 @@ impl Gossip {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Joins the cluster through known addresses (the manager's node list).
+    /// The manager's list of ready nodes: joins through them, and a member declared down
+    /// that is not on it is dead at once (no host probe, no hold).
+    pub fn set_nodes(&mut self, nodes: &[SocketAddr], now: Instant) {
+        let known: BTreeSet<SocketAddr> = nodes.iter().copied().collect();
+        let gone: Vec<NodeId> = self.suspects.iter().filter(|(_, s)| !known.contains(&s.id.addr)).map(|(n, _)| n.clone()).collect();
+        self.known = Some(known);
+        for n in gone {
+            self.suspect_dead(&n);
+        }
+        self.join_via(nodes, now);
+    }
+
+    /// A member's host answered a probe: keep its entries a while longer (bounded by
+    /// `dead_agent_hold` from when it was declared down).
+    pub fn host_alive(&mut self, id: &Ident, now: Instant) {
+        let hold = self.cfg.dead_agent_hold;
+        let wait = self.cfg.host_probe_wait;
+        if let Some(s) = self.suspects.get_mut(&id.node).filter(|s| s.id == *id) {
+            s.deadline = (now + 3 * wait).min(s.since + hold).max(s.deadline);
+        }
+    }
+
+    /// Its host did not answer in time (or the manager dropped it): its entries go.
+    fn suspect_dead(&mut self, node: &str) {
+        if let Some(s) = self.suspects.remove(node) {
+            let ch = self.table.owner_dead(&s.id.node, s.id.gen);
+            self.emit(ch);
+        }
+    }
+
+    /// Joins the cluster through known addresses.
     pub fn join_via(&mut self, seeds: &[SocketAddr], now: Instant) {
+        self.seeds = seeds.iter().copied().filter(|s| *s != self.me.addr).collect();
         for s in seeds {
             if *s == self.me.addr {
                 continue;
@@ -259,7 +349,10 @@ impl Gossip {
     /// When `tick` next has work to do.
     pub fn next_deadline(&self) -> Instant {
         let t = self.timers.peek().map(|Reverse((t, _))| *t);
-        [Some(self.next_ae), Some(self.next_reap), t].into_iter().flatten().min().unwrap_or(self.next_ae)
+        let suspects = self.suspects.values().map(|s| s.deadline.min(s.next_probe)).min();
+        let handover = self.handovers.iter().map(|(t, _, _)| *t).min();
+        let rejoin = self.isolated().then_some(self.next_rejoin);
+        [Some(self.next_ae), Some(self.next_reap), t, suspects, handover, rejoin].into_iter().flatten().min().unwrap_or(self.next_ae)
     }
 
     /// Runs what is due at `now`.
@@ -278,11 +371,71 @@ impl Gossip {
             self.next_ae = now + self.cfg.anti_entropy;
             self.anti_entropy();
         }
+        let due: Vec<NodeId> = self.suspects.iter().filter(|(_, s)| now >= s.deadline).map(|(n, _)| n.clone()).collect();
+        for n in due {
+            self.suspect_dead(&n);
+        }
+        let mut probes = Vec::new();
+        for s in self.suspects.values_mut().filter(|s| now >= s.next_probe) {
+            s.next_probe = now + self.cfg.host_probe_wait / 2;
+            probes.push(Out::Probe { node: s.id.clone() });
+        }
+        self.out.extend(probes);
+        let (done, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.handovers).into_iter().partition(|(t, _, _)| now >= *t);
+        self.handovers = pending;
+        for (_, owner, gen) in done {
+            let ch = self.table.drop_older(&owner, gen);
+            self.emit(ch);
+        }
+        if self.isolated() && now >= self.next_rejoin {
+            self.next_rejoin = now + self.cfg.rejoin_every;
+            self.rejoin(now);
+        }
         if now >= self.next_reap {
             self.next_reap = now + Duration::from_secs(1);
             let ttl = u64::try_from(self.cfg.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
             let now_ms = self.ms(now);
             self.table.reap(now_ms, ttl);
+        }
+    }
+
+    /// How long a host probe may take.
+    pub fn probe_timeout(&self) -> Duration {
+        self.cfg.host_probe_wait / 2
+    }
+
+    /// No live member, and somewhere to announce ourselves.
+    fn isolated(&self) -> bool {
+        self.alive.is_empty() && !self.seeds.is_empty()
+    }
+
+    /// Announces this node to the known nodes. If it had members and lost them all (its
+    /// link was cut, or everyone else restarted), the others have declared this identity
+    /// dead, and it holds them for dead: start over with a fresh member list under a new
+    /// generation, re-stamping what it owns, so that both sides take each other at once.
+    fn rejoin(&mut self, now: Instant) {
+        if self.lost_all {
+            self.lost_all = false;
+            let new = Ident { gen: self.me.gen + 1, ..self.me.clone() };
+            self.foca = Foca::new(new.clone(), self.cfg.foca(8), StdRng::seed_from_u64(new.gen ^ self.rng.random::<u64>()), PostcardCodec);
+            self.timers.clear();
+            self.timer_events.clear();
+            self.me = new;
+            self.restamp(now);
+            self.events.push(Event::Renewed(self.me.clone()));
+        }
+        let seeds = self.seeds.clone();
+        for s in seeds {
+            let placeholder = Ident { node: String::new(), addr: s, gen: 0 };
+            let _ = self.foca.announce(placeholder, &mut self.rt);
+        }
+        self.pump(now);
+    }
+
+    /// Newer generations the table saw: their older entries go after the handover time.
+    fn schedule_handovers(&mut self, now: Instant) {
+        for (owner, gen) in self.table.take_new_generations() {
+            self.handovers.push((now + self.cfg.handover, owner, gen));
         }
     }
 
@@ -361,8 +514,11 @@ impl Gossip {
     fn notified(&mut self, n: OwnedNotification<Ident>, now: Instant) {
         match n {
             OwnedNotification::MemberUp(id) => {
-                let ch = self.table.owner_generation(&id.node, id.gen);
-                self.emit(ch);
+                self.table.owner_generation(&id.node, id.gen);
+                self.table.revive(&id.node, id.gen);
+                if self.suspects.get(&id.node).is_some_and(|s| s.id.gen <= id.gen) {
+                    self.suspects.remove(&id.node);
+                }
                 self.alive.insert(id.node.clone(), id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
                 // A full exchange at once rather than at the next round: with our first few
@@ -382,17 +538,32 @@ impl Gossip {
             OwnedNotification::MemberDown(id) => {
                 if self.alive.get(&id.node).is_some_and(|a| a.gen <= id.gen) {
                     self.alive.remove(&id.node);
+                    if self.alive.is_empty() {
+                        self.lost_all = true;
+                        self.next_rejoin = now + self.cfg.rejoin_every;
+                    }
                 }
-                let ch = self.table.owner_dead(&id.node, id.gen);
-                self.emit(ch);
                 if self.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
                     self.memberships.remove(&id.node);
+                }
+                // A dead agent is not a dead host: its entries stay while its host answers
+                // a probe (its tasks may well be running), unless the manager no longer
+                // lists the node.
+                if self.known.as_ref().is_some_and(|k| !k.contains(&id.addr)) {
+                    let ch = self.table.owner_dead(&id.node, id.gen);
+                    self.emit(ch);
+                } else {
+                    let s = Suspect { id: id.clone(), since: now, deadline: now + self.cfg.host_probe_wait, next_probe: now + self.cfg.host_probe_wait / 2 };
+                    self.out.push(Out::Probe { node: id.clone() });
+                    self.suspects.insert(id.node.clone(), s);
                 }
                 self.events.push(Event::NodeDown(id));
             }
             OwnedNotification::Rename(_, new) => {
-                let ch = self.table.owner_generation(&new.node, new.gen);
-                self.emit(ch);
+                self.table.owner_generation(&new.node, new.gen);
+                if self.suspects.get(&new.node).is_some_and(|s| s.id.gen <= new.gen) {
+                    self.suspects.remove(&new.node);
+                }
                 if self.alive.contains_key(&new.node) {
                     self.alive.insert(new.node.clone(), new);
                 }
@@ -405,6 +576,7 @@ impl Gossip {
             }
             _ => {}
         }
+        self.schedule_handovers(now);
     }
 
     fn emit(&mut self, changes: Vec<Change>) {
@@ -635,5 +807,6 @@ impl Gossip {
                 }
             }
         }
+        self.schedule_handovers(now);
     }
 }

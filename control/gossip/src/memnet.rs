@@ -14,12 +14,16 @@ struct Packet {
     to: usize,
     data: Vec<u8>,
     stream: bool,
+    /// An answer to a host probe of this node (not a packet of the protocol).
+    probe_answer: Option<Ident>,
 }
 
 pub struct MemNet {
     pub nodes: Vec<Gossip>,
     addrs: Vec<SocketAddr>,
     crashed: Vec<bool>,
+    /// The host of a crashed node still answers probes (its agent died, not the host).
+    host_up: Vec<bool>,
     cfg: Config,
     pub now: Instant,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -48,6 +52,7 @@ impl MemNet {
             nodes,
             addrs,
             crashed: vec![false; n],
+            host_up: vec![true; n],
             cfg,
             now,
             queue: BinaryHeap::new(),
@@ -81,6 +86,15 @@ impl MemNet {
             let (to, data, stream) = match o {
                 Out::Udp { to, data } => (to, data, false),
                 Out::Stream { to, data } => (to, data, true),
+                Out::Probe { node } => {
+                    let Some(j) = self.index(node.addr) else { continue };
+                    if !self.cut.contains(&(i, j)) && (!self.crashed[j] || self.host_up[j]) {
+                        self.seq += 1;
+                        self.queue.push(Reverse((self.now + 2 * self.latency, self.seq)));
+                        self.packets.insert(self.seq, Packet { from: j, to: i, data: Vec::new(), stream: false, probe_answer: Some(node) });
+                    }
+                    continue;
+                }
             };
             let Some(j) = self.index(to) else { continue };
             if self.cut.contains(&(i, j)) || self.crashed[j] || self.crashed[i] {
@@ -92,7 +106,7 @@ impl MemNet {
             }
             self.seq += 1;
             self.queue.push(Reverse((self.now + self.latency, self.seq)));
-            self.packets.insert(self.seq, Packet { from: i, to: j, data, stream });
+            self.packets.insert(self.seq, Packet { from: i, to: j, data, stream, probe_answer: None });
         }
         for e in self.nodes[i].take_events() {
             self.events.push((i, e));
@@ -114,7 +128,12 @@ impl MemNet {
             if next_packet == Some(t) {
                 if let Some(Reverse((_, seq))) = self.queue.pop() {
                     if let Some(p) = self.packets.remove(&seq) {
-                        if !self.crashed[p.to] && !self.cut.contains(&(p.from, p.to)) {
+                        if let Some(id) = p.probe_answer {
+                            if !self.crashed[p.to] {
+                                self.nodes[p.to].host_alive(&id, self.now);
+                                self.collect(p.to);
+                            }
+                        } else if !self.crashed[p.to] && !self.cut.contains(&(p.from, p.to)) {
                             if self.record {
                                 self.recorded.push((p.from, p.to, p.data.clone(), p.stream));
                             }
@@ -180,9 +199,16 @@ impl MemNet {
         }
     }
 
-    /// Stops node `i` dead (no goodbye).
+    /// Stops node `i` dead (no goodbye), its host with it: probes of it go unanswered.
     pub fn crash(&mut self, i: usize) {
         self.crashed[i] = true;
+        self.host_up[i] = false;
+    }
+
+    /// Stops node `i`'s agent (no goodbye); its host still answers probes.
+    pub fn kill_agent(&mut self, i: usize) {
+        self.crashed[i] = true;
+        self.host_up[i] = true;
     }
 
     /// Starts node `i` again, with a new generation and an empty table, joining via node 0
@@ -192,6 +218,7 @@ impl MemNet {
         let id = Ident { node: format!("n{i}"), addr: self.addrs[i], gen };
         self.nodes[i] = Gossip::new(id, self.cfg.clone(), gen * 1000 + i as u64, self.now);
         self.crashed[i] = false;
+        self.host_up[i] = true;
         let seed = [self.addrs[if i == 0 { 1 } else { 0 }]];
         self.nodes[i].join_via(&seed, self.now);
         self.collect(i);

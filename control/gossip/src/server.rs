@@ -4,18 +4,24 @@
 //! loop reads for every sink).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::seal::{Keyring, ReplayGuard, OVERHEAD};
 use crate::{Config, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
+use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog, Slot};
 use swarmnet_types::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 pub enum Cmd {
+    /// Addresses to join through.
     Seeds(Vec<SocketAddr>),
+    /// The manager's list of ready nodes: joins through them, and a member declared down
+    /// that is not on it loses its entries at once (`Gossip::set_nodes`).
+    Nodes(Vec<SocketAddr>),
     Leave(String),
     Set(Box<Endpoint>),
     Remove { network: String, id: String },
@@ -92,38 +98,109 @@ pub async fn start(me: Ident, cfg: Config) -> std::io::Result<GossipHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, template) = broadcast::channel(1024);
     let h = GossipHandle { tx, events: std::sync::Arc::new(template), me: me.clone() };
-    let (stream_tx, stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
-    tokio::spawn(accept_streams(tcp, stream_tx));
+    let (stream_tx, stream_rx) = mpsc::channel::<Received>(256);
+    let limits = Limits { total: cfg.max_streams, per_peer: cfg.max_streams_per_peer };
+    tokio::spawn(accept_streams(tcp, stream_tx, limits));
     let seed = me.gen ^ u64::from(me.addr.port());
     info!(node = %me.node, addr = %me.addr, gen = me.gen, "gossip listening");
     tokio::spawn(run(Gossip::new(me, cfg, seed, Instant::now()), udp, stream_rx, rx, events));
     Ok(h)
 }
 
-async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
+/// A stream message read whole, with its share of the memory budget (released when the
+/// loop has handled it).
+type Received = (SocketAddr, Vec<u8>, OwnedSemaphorePermit);
+
+/// How long a stream may take to send its length prefix (it is closed otherwise), and its
+/// body.
+const STREAM_FIRST_BYTES: Duration = Duration::from_secs(5);
+const STREAM_BODY: Duration = Duration::from_secs(10);
+/// Bytes of stream messages read but not yet handled, across all streams: a message that
+/// does not fit is refused (the sender's anti-entropy tries again later).
+const STREAM_BUDGET: usize = 64 << 20;
+
+/// Accepts streams on 7946 (issue 12: bounded): at most `limits.total` open at once and
+/// `limits.per_peer` from one address (more are closed at once), a deadline for the length
+/// prefix and for the body, a body read as it arrives (never allocated from the prefix
+/// alone) within a shared memory budget. Accept errors (EMFILE, ENFILE, ...) back off and
+/// are logged once per burst. Ends, closing the listener, when the loop has stopped.
+async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<Received>, limits: Limits) {
+    let admission = Admission::new(limits);
+    let budget = Arc::new(Semaphore::new(STREAM_BUDGET));
+    let mut errors = AcceptErrors::default();
+    let mut refusals = RefusalLog::default();
     loop {
-        let Ok((mut s, peer)) = tcp.accept().await else { continue };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut len = [0u8; 4];
-                if s.read_exact(&mut len).await.is_err() {
-                    return;
+        let accepted = tokio::select! {
+            r = tcp.accept() => r,
+            _ = tx.closed() => return,
+        };
+        let (s, peer) = match accepted {
+            Ok(a) => {
+                if let AcceptNote::Recovered { failed, lasted } = errors.accepted(Instant::now()) {
+                    info!(failed, lasted_ms = lasted.as_millis() as u64, "gossip: accepting streams again");
                 }
-                let n = u32::from_be_bytes(len) as usize;
-                if n > MAX_STREAM_MESSAGE + OVERHEAD {
-                    debug!(%peer, n, "gossip stream message too large: closing");
-                    return;
+                a
+            }
+            Err(e) => {
+                if errors.failed(Instant::now()) == AcceptNote::Failing {
+                    warn!(error = %e, "gossip: cannot accept streams (backing off; logged once per burst)");
                 }
-                let mut buf = vec![0u8; n];
-                if tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.map_or(true, |r| r.is_err()) {
-                    return;
-                }
-                if tx.send((peer, buf)).await.is_err() {
-                    return;
+                tokio::time::sleep(AcceptErrors::BACKOFF).await;
+                continue;
+            }
+        };
+        match admission.admit(Some(peer.ip())) {
+            Ok(slot) => {
+                tokio::spawn(read_stream(s, peer, tx.clone(), budget.clone(), slot));
+            }
+            Err(why) => {
+                if let Some(n) = refusals.note() {
+                    warn!(%peer, refused = n, why = %why, "gossip: stream refused");
                 }
             }
-        });
+        }
+    }
+}
+
+async fn read_stream(mut s: TcpStream, peer: SocketAddr, tx: mpsc::Sender<Received>, budget: Arc<Semaphore>, _slot: Slot) {
+    loop {
+        let mut len = [0u8; 4];
+        match tokio::time::timeout(STREAM_FIRST_BYTES, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                debug!(%peer, "gossip stream: nothing within the deadline: closing");
+                return;
+            }
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        if n > MAX_STREAM_MESSAGE + OVERHEAD {
+            debug!(%peer, n, "gossip stream message too large: closing");
+            return;
+        }
+        let Ok(permit) = budget.clone().try_acquire_many_owned(u32::try_from(n.max(1)).unwrap_or(u32::MAX)) else {
+            debug!(%peer, n, "gossip stream: memory budget spent: closing");
+            return;
+        };
+        // Grows as bytes arrive: a length prefix alone allocates nothing.
+        let mut buf = Vec::with_capacity(n.min(64 << 10));
+        let read = tokio::time::timeout(STREAM_BODY, (&mut s).take(n as u64).read_to_end(&mut buf)).await;
+        if !matches!(read, Ok(Ok(m)) if m == n) {
+            return;
+        }
+        if tx.send((peer, buf, permit)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Is the host at `addr` up? A TCP connect: accepted, or refused (nothing listens: the
+/// agent is gone, the host is not), says yes; a timeout or an unreachable host says no.
+async fn probe_host(addr: SocketAddr, within: Duration) -> bool {
+    match tokio::time::timeout(within, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
     }
 }
 
@@ -183,6 +260,7 @@ fn send_sealed(k: Option<&Keyring>, replays: &mut ReplayGuard, udp: &UdpSocket, 
     let (to, plain, stream) = match o {
         Out::Udp { to, data } => (to, data, false),
         Out::Stream { to, data } => (to, data, true),
+        Out::Probe { .. } => return,
     };
     let data = match k.map(|k| k.seal(&plain, now)) {
         Some(Ok(d)) => {
@@ -202,8 +280,9 @@ fn send_sealed(k: Option<&Keyring>, replays: &mut ReplayGuard, udp: &UdpSocket, 
     }
 }
 
-async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketAddr, Vec<u8>)>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
+async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<Received>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
     let mut buf = vec![0u8; 65536];
+    let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<Ident>();
     let mut keys = Sealing::NoKey;
     let mut last_warn: Option<Instant> = None;
     let mut replays = ReplayGuard::default();
@@ -214,12 +293,14 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
                 Ok((n, from)) => receive(&mut g, &keys, &mut replays, from, &buf[..n], false, &mut last_warn),
                 Err(e) => warn!(error = %e, "gossip udp receive"),
             },
-            Some((from, data)) = streams.recv() => receive(&mut g, &keys, &mut replays, from, &data, true, &mut last_warn),
+            Some((from, data, _budget)) = streams.recv() => receive(&mut g, &keys, &mut replays, from, &data, true, &mut last_warn),
+            Some(alive) = probe_rx.recv() => g.host_alive(&alive, Instant::now()),
             c = cmds.recv() => {
                 let Some(c) = c else { return };
                 let now = Instant::now();
                 match c {
                     Cmd::Seeds(s) => g.join_via(&s, now),
+                    Cmd::Nodes(s) => g.set_nodes(&s, now),
                     Cmd::Leave(n) => g.leave_network(&n),
                     Cmd::Set(e) => g.set_endpoint(*e, now),
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
@@ -249,7 +330,19 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
             }
             _ = tokio::time::sleep_until(deadline) => g.tick(Instant::now()),
         }
-        let out = g.take_out();
+        let mut out = g.take_out();
+        out.retain(|o| match o {
+            Out::Probe { node } => {
+                let (node, tx, within) = (node.clone(), probe_tx.clone(), g.probe_timeout());
+                tokio::spawn(async move {
+                    if probe_host(node.addr, within).await {
+                        let _ = tx.send(node);
+                    }
+                });
+                false
+            }
+            _ => true,
+        });
         match &keys {
             Sealing::Keys(k) => {
                 for o in out {
@@ -268,7 +361,8 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<(SocketA
         for e in g.take_events() {
             match &e {
                 Event::NodeUp(id) => info!(node = %id.node, addr = %id.addr, gen = id.gen, "gossip: node up"),
-                Event::NodeDown(id) => info!(node = %id.node, addr = %id.addr, gen = id.gen, "gossip: node down"),
+                Event::NodeDown(id) => info!(node = %id.node, addr = %id.addr, gen = id.gen, "gossip: node down (its entries stay while its host answers)"),
+                Event::Renewed(id) => warn!(gen = id.gen, "gossip: this node lost every member; rejoining under a new generation"),
                 Event::Endpoint(c) => debug!(network = %c.network, endpoint = %c.id, present = c.new.is_some(), "gossip: endpoint"),
             }
             let _ = events.send(e);

@@ -73,6 +73,8 @@ pub struct Table {
     gens: BTreeMap<NodeId, u64>,
     /// Owners declared dead, at the generation they died with.
     dead: BTreeMap<NodeId, u64>,
+    /// Newer generations seen, for the caller's handover (`take_new_generations`).
+    new_gens: Vec<(NodeId, u64)>,
 }
 
 fn change(network: &str, id: &str, old: Option<Endpoint>, new: Option<Endpoint>) -> Option<Change> {
@@ -120,16 +122,41 @@ impl Table {
         self.entries.is_empty()
     }
 
-    /// A newer generation of `owner` exists: its older entries are gone.
-    pub fn owner_generation(&mut self, owner: &str, gen: u64) -> Vec<Change> {
+    /// A newer generation of `owner` exists (it restarted, or rejoined after being declared
+    /// down). Its older entries are not dropped here: the new generation re-publishes what
+    /// it still has, entry by entry, and the caller drops what was not re-published a
+    /// handover time later ([`Table::drop_older`]; [`Table::take_new_generations`] says
+    /// when). Dropping at once would cut the data path of a restarted agent's live tasks.
+    pub fn owner_generation(&mut self, owner: &str, gen: u64) {
         let known = self.gens.get(owner).copied().unwrap_or(0);
         if gen <= known {
-            return Vec::new();
+            return;
         }
         self.gens.insert(owner.to_string(), gen);
         if self.dead.get(owner).is_some_and(|d| *d < gen) {
             self.dead.remove(owner);
         }
+        if known > 0 {
+            // A first generation replaces nothing.
+            self.new_gens.push((owner.to_string(), gen));
+        }
+    }
+
+    /// `owner` is alive at generation `gen` (after this node started over from a partition,
+    /// its verdicts of death were its own isolation): its entries are taken again.
+    pub fn revive(&mut self, owner: &str, gen: u64) {
+        if self.dead.get(owner).is_some_and(|d| *d <= gen) {
+            self.dead.remove(owner);
+        }
+    }
+
+    /// The owners seen with a newer generation since the last call.
+    pub fn take_new_generations(&mut self) -> Vec<(NodeId, u64)> {
+        std::mem::take(&mut self.new_gens)
+    }
+
+    /// Drops `owner`'s entries older than generation `gen` (the handover is over).
+    pub fn drop_older(&mut self, owner: &str, gen: u64) -> Vec<Change> {
         self.drop_owner_where(owner, |i| i.gen < gen)
     }
 
@@ -164,7 +191,8 @@ impl Table {
         if self.dead.get(&item.owner).is_some_and(|g| item.gen <= *g) {
             return (Applied::DeadOwner, Vec::new());
         }
-        let mut changes = self.owner_generation(&item.owner, item.gen);
+        let mut changes = Vec::new();
+        self.owner_generation(&item.owner, item.gen);
         if self.gens.get(&item.owner).is_some_and(|g| item.gen < *g) {
             return (Applied::Stale, changes);
         }
@@ -300,10 +328,17 @@ mod tests {
         t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0);
         t.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
         let (_, ch) = t.apply(item("a", 2, 1, "e3", Some(ep("n", "e3", 5))), 0);
-        assert_eq!(ch.len(), 3, "e1 and e2 removed, e3 added: {ch:?}");
-        assert_eq!(t.endpoints("n").len(), 1);
+        assert_eq!(ch.len(), 1, "e3 added; e1 and e2 stay until the handover ends: {ch:?}");
+        assert_eq!(t.endpoints("n").len(), 3);
+        assert_eq!(t.take_new_generations(), vec![("a".to_string(), 2)]);
+        assert_eq!(t.apply(item("a", 1, 9, "e4", Some(ep("n", "e4", 6))), 0).0, Applied::Stale, "nothing new from the old generation");
+        // e2 re-published by the new generation survives the handover; e1 does not.
+        t.apply(item("a", 2, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        let ch = t.drop_older("a", 2);
+        assert_eq!(ch.len(), 1, "{ch:?}");
+        assert_eq!(t.endpoints("n").len(), 2);
         let ch = t.owner_dead("a", 2);
-        assert_eq!(ch.len(), 1);
+        assert_eq!(ch.len(), 2);
         assert_eq!(t.apply(item("a", 2, 9, "e3", Some(ep("n", "e3", 5))), 0).0, Applied::DeadOwner);
         assert!(matches!(t.apply(item("a", 3, 1, "e3", Some(ep("n", "e3", 5))), 0).0, Applied::Changed));
     }

@@ -13,6 +13,7 @@ use swarmnet_api::replies::*;
 use swarmnet_api::tls;
 use swarmnet_api::token::{self, JoinToken};
 use swarmnet_api::*;
+use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
@@ -47,7 +48,16 @@ pub struct ManagerConfig {
     pub ingress_subnet: Option<Ipv4Network>,
     /// How often the gossip key is replaced (as Swarm's 12 h).
     pub gossip_key_rotation: Duration,
+    /// The cluster this node belongs to (from its identity), if it has joined one: a store
+    /// without it is damaged or lost, never a reason to make a new cluster.
+    pub expect_cluster: Option<String>,
+    /// Start over: a damaged, empty or missing store is set aside and a new cluster made
+    /// (as `docker swarm init --force-new-cluster`; every other node must join again).
+    pub force_new_cluster: bool,
 }
+
+/// How to recover, for the errors that refuse to open the store.
+const RECOVER: &str = "restore it from a backup, or start the manager with --force-new-cluster to set it aside and make a new cluster (every other node must then join again)";
 
 struct Inner {
     state: ClusterState,
@@ -87,10 +97,37 @@ fn gen_id() -> Id {
 }
 
 impl Manager {
+    /// Opens `path` and checks it holds the cluster this node belongs to: an empty file, a
+    /// store without a cluster while the node has joined one, or another cluster's store is
+    /// an error that names the file and how to recover, never a silent new cluster.
+    fn open_store(path: &Path, cfg: &ManagerConfig) -> Result<RedbStore, ManagerError> {
+        let shown = path.display();
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(OpError::Invalid(format!("the manager's store {shown} is empty (damaged?): {RECOVER}")).into());
+        }
+        let store = RedbStore::open(path).map_err(|e| OpError::Invalid(format!("the manager's store {shown} cannot be opened ({e}): {RECOVER}")))?;
+        let (meta, _) = store.load().map_err(|e| OpError::Invalid(format!("the manager's store {shown} cannot be read ({e}): {RECOVER}")))?;
+        match (&meta, &cfg.expect_cluster) {
+            (None, Some(want)) => Err(OpError::Invalid(format!("this node belongs to cluster {want}, but the manager's store {shown} holds no cluster (lost or replaced?): {RECOVER}")).into()),
+            (Some(m), Some(want)) if m.cluster_id != *want => Err(OpError::Invalid(format!("this node belongs to cluster {want}, but the manager's store {shown} holds cluster {}: {RECOVER}", m.cluster_id)).into()),
+            _ => Ok(store),
+        }
+    }
+
     /// Opens the store in `data_dir`; on first start creates the cluster (id, root CA, join
     /// secret, the manager's own node).
     pub fn open(data_dir: &Path, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
-        let store = RedbStore::open(&data_dir.join("manager.redb"))?;
+        let path = data_dir.join("manager.redb");
+        let store = match Self::open_store(&path, cfg) {
+            Ok(s) => s,
+            Err(e) if cfg.force_new_cluster => {
+                let aside = path.with_extension(format!("redb.damaged-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+                warn!(path = %path.display(), error = %e, aside = %aside.display(), "--force-new-cluster: setting the store aside and making a new cluster");
+                std::fs::rename(&path, &aside).map_err(|e| OpError::Invalid(format!("cannot set {} aside: {e}", path.display())))?;
+                RedbStore::open(&path)?
+            }
+            Err(e) => return Err(e),
+        };
         let (meta, mut state) = store.load()?;
         let created = meta.is_none();
         let meta = match meta {
@@ -249,11 +286,40 @@ impl Manager {
         let me = self.meta.manager_cert.clone();
         let cfg = tls::server_config(&self.meta.ca.cert_pem, &me)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        // Bounded (issue 12): a connection holds a slot until it closes; accept failures
+        // (EMFILE, ENFILE) back off and never end the listener.
+        let admission = Admission::new(Limits { total: 1024, per_peer: 32 });
+        let mut errors = AcceptErrors::default();
+        let mut refusals = RefusalLog::default();
         loop {
-            let (tcp, peer) = listener.accept().await?;
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => {
+                    if let AcceptNote::Recovered { failed, lasted } = errors.accepted(Instant::now()) {
+                        info!(failed, lasted_ms = lasted.as_millis() as u64, "2377: accepting connections again");
+                    }
+                    a
+                }
+                Err(e) => {
+                    if errors.failed(Instant::now()) == AcceptNote::Failing {
+                        warn!(error = %e, "2377: cannot accept connections (backing off; logged once per burst)");
+                    }
+                    tokio::time::sleep(AcceptErrors::BACKOFF).await;
+                    continue;
+                }
+            };
+            let slot = match admission.admit(Some(peer.ip())) {
+                Ok(s) => s,
+                Err(why) => {
+                    if let Some(n) = refusals.note() {
+                        warn!(peer = %peer, refused = n, why = %why, "2377: connection refused");
+                    }
+                    continue;
+                }
+            };
             let m = self.clone();
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = m.handle(acceptor, tcp, peer).await {
                     info!(peer = %peer, error = %e, "connection on 2377 closed");
                 }
@@ -273,7 +339,7 @@ impl Manager {
             .and_then(|c| c.first())
             .map(|c| tls::sha256_hex(c.as_ref()));
         let (mut r, mut w) = tokio::io::split(tls);
-        let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg::<_, Hello>(&mut r))
+        let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg_within::<_, Hello>(&mut r, MAX_FIRST_FRAME))
             .await
             .map_err(|_| anyhow::anyhow!("no request within 10 s"))??
         else {
@@ -543,9 +609,15 @@ impl Manager {
         write_msg(&mut w, &FromManager::Ingress { ingress: ingress_sent.clone() }).await?;
         let me = self.clone();
         let n2 = node.clone();
+        // A session that says nothing for this long is dead (its node sends a heartbeat
+        // every interval): closing it frees its connection.
+        let silence = self.heartbeat * 4 + Duration::from_secs(5);
         let reader = async move {
             loop {
-                match read_msg::<_, FromAgent>(&mut r).await? {
+                let next = tokio::time::timeout(silence, read_msg::<_, FromAgent>(&mut r))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("nothing from the node for {} s", silence.as_secs()))?;
+                match next? {
                     None => return Ok::<(), anyhow::Error>(()),
                     Some(FromAgent::Heartbeat) => me.touch(&n2),
                     Some(FromAgent::GossipKeysHeld { ids }) => {

@@ -3,6 +3,7 @@
 //! the endpoint table, and the [`Sink`] trait through which the agent's one follow loop
 //! feeds every consumer of that table (overlay, DNS, later the load balancer and ingress).
 
+pub mod admission;
 pub mod endpoint;
 pub mod network;
 pub mod sink;

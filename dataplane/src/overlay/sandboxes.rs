@@ -76,6 +76,25 @@ pub struct Sandboxes {
     map: Mutex<HashMap<NetworkId, Sandbox>>,
 }
 
+/// Sandbox holders still running whose output goes to `<dir>/<net-id>.log` (their VNI is
+/// learnt when the network is next ensured).
+fn find_holders(dir: &std::path::Path) -> BTreeMap<NetworkId, Holder> {
+    let mut out = BTreeMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(target) = std::fs::read_link(format!("/proc/{pid}/fd/1")) else { continue };
+        if target.parent() != Some(dir) || target.extension().is_none_or(|x| x != "log") {
+            continue;
+        }
+        let Some(net) = target.file_stem().and_then(|s| s.to_str()) else { continue };
+        if let Some(start_time) = dp::proc_start_time(pid) {
+            out.insert(net.to_string(), Holder { pid, start_time, vni: 0 });
+        }
+    }
+    out
+}
+
 impl Sandboxes {
     /// Adopts the sandboxes an earlier daemon left (their holders still running). A state
     /// file that does not parse is reported and set aside, never read as "no sandboxes".
@@ -83,9 +102,12 @@ impl Sandboxes {
         let dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Dir { path: dir.clone(), source })?;
         let path = dir.join("state.json");
-        let (saved, aside): (BTreeMap<NetworkId, Holder>, _) = state::read_or_set_aside(&path)?;
+        let (mut saved, aside): (BTreeMap<NetworkId, Holder>, _) = state::read_or_set_aside(&path)?;
         if let Some(aside) = aside {
-            error!(path = %path.display(), kept_as = %aside.display(), "sandbox state is corrupt: sandboxes of the earlier daemon are not adopted (their holders keep running)");
+            // The holders still run: find them by their output file (`<net-id>.log` in
+            // this directory), so their sandboxes are adopted, not built a second time.
+            saved = find_holders(&dir);
+            error!(path = %path.display(), kept_as = %aside.display(), found = saved.len(), "sandbox state is corrupt: set aside; the sandbox holders still running were found in /proc and are adopted");
         }
         let mut map = HashMap::new();
         for (net, h) in saved {
@@ -148,6 +170,12 @@ impl Sandboxes {
         }
         let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
         sb.name = net.name.clone();
+        if sb.holder.vni != net.vni {
+            // Found in /proc after a corrupt state file: the VNI is known now.
+            sb.holder.vni = net.vni;
+            self.save(&map).await;
+        }
+        let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
         let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu, bridge_address: !net.ingress };
         let made = super::setup_sandbox(&self.ns, &sb.ns, spec)
             .await

@@ -1,0 +1,182 @@
+//! Bounded listeners (issue 12): how many connections a listener holds at once, in total
+//! and from one address, and how it reports a burst of accept failures. Pure counting, no
+//! I/O: every listener (2377, 7946 TCP, the control socket) uses the same rules.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A listener's caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub total: usize,
+    pub per_peer: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// Admits connections within [`Limits`]; each admitted one holds a [`Slot`] that frees its
+/// place when dropped.
+#[derive(Clone)]
+pub struct Admission {
+    limits: Limits,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Total(usize),
+    PerPeer(usize),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Total(n) => write!(f, "{n} connections open (the limit)"),
+            Refused::PerPeer(n) => write!(f, "{n} connections open from this address (the limit)"),
+        }
+    }
+}
+
+pub struct Slot {
+    peer: Option<IpAddr>,
+    counts: Arc<Mutex<Counts>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(ip) = self.peer {
+            if let Some(n) = c.per_peer.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.per_peer.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(limits: Limits) -> Admission {
+        Admission { limits, counts: Arc::default() }
+    }
+
+    /// A slot for a connection from `peer` (None: a local socket, counted in the total
+    /// only), or why not.
+    pub fn admit(&self, peer: Option<IpAddr>) -> Result<Slot, Refused> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.total >= self.limits.total {
+            return Err(Refused::Total(self.limits.total));
+        }
+        if let Some(ip) = peer {
+            let n = c.per_peer.entry(ip).or_insert(0);
+            if *n >= self.limits.per_peer {
+                return Err(Refused::PerPeer(self.limits.per_peer));
+            }
+            *n += 1;
+        }
+        c.total += 1;
+        Ok(Slot { peer, counts: self.counts.clone() })
+    }
+
+    /// Connections held now.
+    pub fn open(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// Accept failures (EMFILE, ENFILE, ...) come in bursts: the listener waits
+/// [`AcceptErrors::BACKOFF`] after each, and says so once per burst and once when it
+/// accepts again.
+#[derive(Default)]
+pub struct AcceptErrors {
+    burst: Option<(Instant, u64)>,
+}
+
+/// What to log after an accept.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AcceptNote {
+    Nothing,
+    /// The first failure of a burst.
+    Failing,
+    /// Accepting again after `failed` failures over `lasted`.
+    Recovered { failed: u64, lasted: Duration },
+}
+
+impl AcceptErrors {
+    pub const BACKOFF: Duration = Duration::from_millis(100);
+
+    pub fn failed(&mut self, now: Instant) -> AcceptNote {
+        match &mut self.burst {
+            Some((_, n)) => {
+                *n += 1;
+                AcceptNote::Nothing
+            }
+            None => {
+                self.burst = Some((now, 1));
+                AcceptNote::Failing
+            }
+        }
+    }
+
+    pub fn accepted(&mut self, now: Instant) -> AcceptNote {
+        match self.burst.take() {
+            Some((since, failed)) => AcceptNote::Recovered { failed, lasted: now.saturating_duration_since(since) },
+            None => AcceptNote::Nothing,
+        }
+    }
+}
+
+/// Counts refusals and says when one is worth a log line (the 1st, 2nd, 4th, 8th, ...).
+#[derive(Default)]
+pub struct RefusalLog(u64);
+
+impl RefusalLog {
+    pub fn note(&mut self) -> Option<u64> {
+        self.0 += 1;
+        self.0.is_power_of_two().then_some(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_in_total_and_per_peer_and_slots_free_their_place() {
+        let a = Admission::new(Limits { total: 3, per_peer: 2 });
+        let p1: IpAddr = "10.0.0.1".parse().expect("ip");
+        let p2: IpAddr = "10.0.0.2".parse().expect("ip");
+        let s1 = a.admit(Some(p1)).expect("1");
+        let _s2 = a.admit(Some(p1)).expect("2");
+        assert_eq!(a.admit(Some(p1)).err(), Some(Refused::PerPeer(2)));
+        let _s3 = a.admit(Some(p2)).expect("3");
+        assert_eq!(a.admit(Some(p2)).err(), Some(Refused::Total(3)));
+        assert_eq!(a.open(), 3);
+        drop(s1);
+        assert_eq!(a.open(), 2);
+        let _s4 = a.admit(Some(p1)).expect("p1 has room again");
+        assert!(a.admit(None).is_err(), "local sockets count in the total");
+    }
+
+    #[test]
+    fn accept_errors_are_noted_once_per_burst() {
+        let mut e = AcceptErrors::default();
+        let t = Instant::now();
+        assert_eq!(e.accepted(t), AcceptNote::Nothing);
+        assert_eq!(e.failed(t), AcceptNote::Failing);
+        assert_eq!(e.failed(t), AcceptNote::Nothing);
+        assert_eq!(e.accepted(t + Duration::from_secs(1)), AcceptNote::Recovered { failed: 2, lasted: Duration::from_secs(1) });
+        let mut r = RefusalLog::default();
+        let logged: Vec<u64> = (0..10).filter_map(|_| r.note()).collect();
+        assert_eq!(logged, vec![1, 2, 4, 8]);
+    }
+}
