@@ -205,7 +205,7 @@ pub fn find_task_processes(data_dir: &std::path::Path) -> Vec<(String, u32, u64)
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
         let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
-        if !vars.iter().any(|v| *v == want.as_bytes()) {
+        if !vars.contains(&want.as_bytes()) {
             continue;
         }
         let Some(id) = vars.iter().find_map(|v| v.strip_prefix(b"SWARMNET_TASK_ID=")).and_then(|v| std::str::from_utf8(v).ok()) else { continue };

@@ -210,7 +210,7 @@ fn all_plugged(lab: &Lab, i: usize) -> Result<Vec<String>> {
     Ok(unplugged)
 }
 
-/// 1. A 3-second cut of one node's underlay heals within seconds of the link coming back.
+/// Case 1: A 3-second cut of one node's underlay heals within seconds of the link coming back.
 #[test]
 fn c1_a_partition_heals_within_seconds() -> Result<()> {
     let lab = lab_with_servers("snc-part", 5.0)?;
@@ -238,7 +238,7 @@ fn c1_a_partition_heals_within_seconds() -> Result<()> {
     Ok(())
 }
 
-/// 2. `kill -9` of an agent, restarted 5 s later: its tasks stay reachable from the others.
+/// Case 2: `kill -9` of an agent, restarted 5 s later: its tasks stay reachable from the others.
 #[test]
 fn c2_a_killed_agent_keeps_its_tasks_reachable() -> Result<()> {
     let mut lab = lab_with_servers("snc-kill", 5.0)?;
@@ -265,7 +265,7 @@ fn c2_a_killed_agent_keeps_its_tasks_reachable() -> Result<()> {
     Ok(())
 }
 
-/// 3. Port 7946 over TCP: stalled 16 MiB prefixes and idle connections cost little memory,
+/// Case 3: Port 7946 over TCP: stalled 16 MiB prefixes and idle connections cost little memory,
 /// are closed by deadlines, and a descriptor limit makes the listener back off, not spin.
 #[test]
 fn c3_gossip_streams_are_bounded() -> Result<()> {
@@ -308,7 +308,7 @@ fn c3_gossip_streams_are_bounded() -> Result<()> {
     Ok(())
 }
 
-/// 4. The manager under a descriptor limit keeps its 2377 listener and takes its agents back.
+/// Case 4: The manager under a descriptor limit keeps its 2377 listener and takes its agents back.
 #[test]
 fn c4_the_manager_listener_survives_emfile() -> Result<()> {
     let mut lab = Lab::up("snc-m2377", 2, 2, 1.0)?;
@@ -334,7 +334,7 @@ fn c4_the_manager_listener_survives_emfile() -> Result<()> {
     Ok(())
 }
 
-/// 5. A restart while a removed task is still stopping: every adopted task keeps (or gets
+/// Case 5: A restart while a removed task is still stopping: every adopted task keeps (or gets
 /// back) its network.
 #[test]
 fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
@@ -364,7 +364,7 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
     Ok(())
 }
 
-/// 6. A truncated tasks/state.json: the running tasks are found and adopted, none started
+/// Case 6: A truncated tasks/state.json: the running tasks are found and adopted, none started
 /// twice, none invisible.
 #[test]
 fn c6_a_truncated_task_state_orphans_nothing() -> Result<()> {
@@ -393,7 +393,7 @@ fn c6_a_truncated_task_state_orphans_nothing() -> Result<()> {
     Ok(())
 }
 
-/// 7. A corrupted sandboxes/state.json: the running sandbox is found and adopted (not built
+/// Case 7: A corrupted sandboxes/state.json: the running sandbox is found and adopted (not built
 /// a second time), the other nodes keep reaching its tasks.
 #[test]
 fn c7_a_corrupt_sandbox_state_is_recovered() -> Result<()> {
@@ -421,7 +421,7 @@ fn c7_a_corrupt_sandbox_state_is_recovered() -> Result<()> {
     Ok(())
 }
 
-/// 8. An empty manager.redb stops the manager with an error naming the file and the way out;
+/// Case 8: An empty manager.redb stops the manager with an error naming the file and the way out;
 /// `--force-new-cluster` is the explicit way to start over.
 #[test]
 fn c8_an_empty_store_is_an_error_not_a_new_cluster() -> Result<()> {
@@ -446,7 +446,7 @@ fn c8_an_empty_store_is_an_error_not_a_new_cluster() -> Result<()> {
     Ok(())
 }
 
-/// 9. Concurrent saves of tasks/state.json never share a temporary file: after a burst of
+/// Case 9: Concurrent saves of tasks/state.json never share a temporary file: after a burst of
 /// scaling, the file lists exactly the node's running tasks.
 #[test]
 fn c9_task_state_saves_do_not_collide() -> Result<()> {
