@@ -210,31 +210,35 @@ fn all_plugged(lab: &Lab, i: usize) -> Result<Vec<String>> {
     Ok(unplugged)
 }
 
-/// Case 1: A 3-second cut of one node's underlay heals within seconds of the link coming back.
+/// Case 1: A cut of one node's underlay (3 s, then 15 s) heals within seconds of the link
+/// coming back.
 #[test]
 fn c1_a_partition_heals_within_seconds() -> Result<()> {
     let lab = lab_with_servers("snc-part", 5.0)?;
     let target = addr(&task_on(&lab, "srv", 2)?)?;
-    let mut prober = start_probe(&lab, 0, "prober", &target, 25)?;
-    probe_running(&lab, "prober", &mut prober)?;
-    std::thread::sleep(Duration::from_secs(2));
-    underlay_link(&lab, 2, false)?;
-    std::thread::sleep(Duration::from_secs(3));
-    underlay_link(&lab, 2, true)?;
-    let link_up = epoch();
-    let alive = wait_for("node 3 alive again in the manager node's gossip", T, || (gossip_view(&lab, 2).as_deref() == Some("alive")).then_some(()));
-    let alive_after = epoch() - link_up;
-    let probed = finish(prober)?;
-    let heal = if probed.last_fail > 0.0 { (probed.last_fail - link_up).max(0.0) } else { 0.0 };
-    println!(
-        "CHAOS 1 partition: 3 s underlay cut of node 3: failed probes {} of {}, longest gap {} ms, last failure {heal:.2} s after the link came back, gossip alive again after {alive_after:.2} s",
-        probed.fail,
-        probed.ok + probed.fail,
-        probed.gap_ms
-    );
-    alive?;
-    assert!(probed.fail > 0, "the cut did cut (no failed probe: the test proves nothing)");
-    assert!(heal < 5.0, "traffic to the cut node's task came back {heal:.2} s after the link (goal 3 s)");
+    for (k, cut) in [3u64, 15].into_iter().enumerate() {
+        let name = format!("prober{k}");
+        let mut prober = start_probe(&lab, 0, &name, &target, cut + 15)?;
+        probe_running(&lab, &name, &mut prober)?;
+        std::thread::sleep(Duration::from_secs(2));
+        underlay_link(&lab, 2, false)?;
+        std::thread::sleep(Duration::from_secs(cut));
+        underlay_link(&lab, 2, true)?;
+        let link_up = epoch();
+        let alive = wait_for("node 3 alive again in the manager node's gossip", T, || (gossip_view(&lab, 2).as_deref() == Some("alive")).then_some(()));
+        let alive_after = epoch() - link_up;
+        let probed = finish(prober)?;
+        let heal = if probed.last_fail > 0.0 { (probed.last_fail - link_up).max(0.0) } else { 0.0 };
+        println!(
+            "CHAOS 1 partition: {cut} s underlay cut of node 3: failed probes {} of {}, longest gap {} ms, last failure {heal:.2} s after the link came back, gossip alive again after {alive_after:.2} s",
+            probed.fail,
+            probed.ok + probed.fail,
+            probed.gap_ms
+        );
+        alive?;
+        assert!(probed.fail > 0, "the cut did cut (no failed probe: the test proves nothing)");
+        assert!(heal < 5.0, "traffic to the cut node's task came back {heal:.2} s after the link (goal 3 s)");
+    }
     Ok(())
 }
 
@@ -314,6 +318,19 @@ fn c4_the_manager_listener_survives_emfile() -> Result<()> {
     let mut lab = Lab::up("snc-m2377", 2, 2, 1.0)?;
     let pid = lab.daemon_pid(0).context("manager")?;
     let host = lab.nodes[0].addr.clone();
+    // 1,000 idle connections (and 20 stalled frames) first: memory stays flat.
+    let before = rss_kb(pid)?;
+    let clients: Vec<_> = (0..5u8).map(|c| hostile(&lab, c, &host, 2377, 200, 4, 4.0)).collect::<Result<_>>()?;
+    let mut peak = before;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        peak = peak.max(rss_kb(pid)?);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for c in clients {
+        hostile_result(c)?;
+    }
+    let growth_mb = peak.saturating_sub(before) as f64 / 1024.0;
     let fds = open_fds(pid)?;
     let old = prlimit_nofile(pid, &format!("{}:", fds + 8))?;
     let clients: Vec<_> = (0..5u8).map(|c| hostile(&lab, c, &host, 2377, 30, 0, 3.0)).collect::<Result<_>>()?;
@@ -327,7 +344,12 @@ fn c4_the_manager_listener_survives_emfile() -> Result<()> {
     lab.start_node(1)?;
     let t = Instant::now();
     let ready = lab.wait_ready(2, T);
-    println!("CHAOS 4 manager EMFILE: 150 idle connections to 2377 under a descriptor limit: listener {}; the agent's session back after {:.1} s", if listening.trim().is_empty() { "gone" } else { "kept" }, t.elapsed().as_secs_f64());
+    println!(
+        "CHAOS 4 manager 2377: 5 clients x (4 stalled frames + 200 idle): RSS +{growth_mb:.1} MB; then 150 idle connections under a descriptor limit: listener {}; the agent's session back after {:.1} s",
+        if listening.trim().is_empty() { "gone" } else { "kept" },
+        t.elapsed().as_secs_f64()
+    );
+    assert!(growth_mb < 32.0, "the manager's RSS grew by {growth_mb:.1} MB under hostile connections");
     assert!(!listening.trim().is_empty(), "nothing listens on 2377 any more");
     ready?;
     assert!(lab.log(0).contains("2377: cannot accept connections (backing off"), "the manager logged the accept failures:\n{}", lab.log(0));
