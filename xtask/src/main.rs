@@ -158,7 +158,7 @@ fn real_main() -> Result<()> {
             let text = String::from_utf8_lossy(&out.stdout);
             print!("{text}");
             println!("\nfigures (for docs/benchmarks.md):");
-            for l in text.lines().filter(|l| l.starts_with("CHAOS ")) {
+            for l in text.lines().filter_map(|l| l.find("CHAOS ").map(|i| &l[i..])) {
                 println!("  {l}");
             }
             if !out.status.success() {
