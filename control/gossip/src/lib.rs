@@ -192,6 +192,8 @@ pub struct Stats {
     pub udp_sent: u64,
     pub udp_bytes: u64,
     pub stream_bytes: u64,
+    /// Bytes the sealing added on top of `udp_bytes` and `stream_bytes` (the server's).
+    pub sealing_bytes: u64,
 }
 
 pub struct Gossip {

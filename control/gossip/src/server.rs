@@ -345,6 +345,7 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<Received
         });
         match &keys {
             Sealing::Keys(k) => {
+                g.stats.sealing_bytes += (OVERHEAD * out.len()) as u64;
                 for o in out {
                     send_sealed(Some(k), &mut replays, &udp, o);
                 }
