@@ -181,6 +181,7 @@ fn real_main() -> Result<()> {
             }
             "gossip" => bench_gossip::bench_gossip(&[10, 50, 100, 200], runs.max(50), Duration::from_secs(10), 50, 10)?,
             "failure" => bench_gossip::bench_failure(50, runs.max(10))?,
+            "gossip-seal" => bench_gossip::bench_gossip_seal(200, runs.max(50), 3)?,
             "soak" => bench_gossip::bench_soak(50, Duration::from_secs(600))?,
             "convergence" => {
                 build()?;
@@ -205,7 +206,7 @@ fn real_main() -> Result<()> {
                 release_binary()?;
                 bench_dns::bench_dns(runs.max(50))?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb, ingress)"),
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress)"),
         },
     }
     Ok(())
