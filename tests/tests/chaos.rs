@@ -422,11 +422,10 @@ fn c6_a_truncated_task_state_orphans_nothing() -> Result<()> {
 fn c7_a_corrupt_sandbox_state_is_recovered() -> Result<()> {
     let mut lab = lab_with_servers("snc-sstate", 1.0)?;
     let state = lab.nodes[2].data_dir.join("sandboxes").join("state.json");
-    let holders = |p: &std::path::Path| -> Vec<u64> {
+    // Network id → holder pid.
+    let holders = |p: &std::path::Path| -> std::collections::BTreeMap<String, u64> {
         let v: Value = std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
-        let mut pids: Vec<u64> = v.as_object().map(|o| o.values().filter_map(|h| h["pid"].as_u64()).collect()).unwrap_or_default();
-        pids.sort();
-        pids
+        v.as_object().map(|o| o.iter().filter_map(|(k, h)| Some((k.clone(), h["pid"].as_u64()?))).collect()).unwrap_or_default()
     };
     let before = holders(&state);
     assert!(!before.is_empty(), "node 3 has a sandbox");

@@ -80,7 +80,11 @@ pub struct Runtime {
     /// Exit code of finished run-once tasks, and why, if they never ran.
     exits: Mutex<HashMap<Id, (i32, String)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
+    started: std::time::Instant,
 }
+
+/// How long after a daemon starts sandboxes wait before being pruned.
+const STARTUP_PRUNE_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -117,6 +121,7 @@ impl Runtime {
             persisted: Mutex::new(persisted),
             exits: Mutex::new(HashMap::new()),
             reports: tx,
+            started: std::time::Instant::now(),
         };
         Ok((Arc::new(rt), rx))
     }
@@ -323,9 +328,16 @@ impl Runtime {
         }
         drop(locals);
         // Sandboxes nothing holds any more (adopted ones included) go. New ones are made by
-        // the tasks that need them.
+        // the tasks that need them. Not in the first seconds of a daemon: the node's own
+        // hold on the ingress network comes with the session's `Ingress` message, just after
+        // the first assignments, and its adopted sandbox must not be pruned and rebuilt
+        // in between (issue 12).
         let m = self.deps.membership.clone();
-        tokio::spawn(async move { m.prune().await });
+        let wait = STARTUP_PRUNE_DELAY.saturating_sub(self.started.elapsed());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            m.prune().await
+        });
     }
 
     pub(crate) fn send(&self, r: TaskReport) {
