@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         std::fs::write(out.join("swarmnet-lb"), b"")?;
+        std::fs::write(out.join("swarmnet-ingress"), b"")?;
         return Ok(());
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/programs");

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use swarmnet_agent::dns::DnsOpts;
-use swarmnet_agent::node::{LbMode, NodeConfig};
+use swarmnet_agent::node::{LbMode, MeshEntry, NodeConfig};
 use swarmnet_api::replies::*;
 use swarmnet_api::{ApiRequest, EndpointMode, NetworkCreate, Reply, ServiceCreate, StandaloneCreate};
 
@@ -69,6 +69,12 @@ struct DaemonArgs {
     /// task's namespace (`nftables`), or eBPF if it loads, else nftables (`auto`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "ebpf", "nftables"])]
     lb: String,
+    /// How clients from outside enter the routing mesh: an eBPF program on the underlay
+    /// interface, replies straight from the task's node (`auto`: if it loads, else
+    /// nftables), or the node's nftables table with replies back through the entry node
+    /// (`nftables`: for an underlay that drops packets whose source is another host's).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nftables"])]
+    mesh_entry: String,
 }
 
 impl DaemonArgs {
@@ -92,6 +98,7 @@ impl DaemonArgs {
                 "nftables" => LbMode::Nftables,
                 _ => LbMode::Auto,
             },
+            mesh_entry: if self.mesh_entry == "nftables" { MeshEntry::Nftables } else { MeshEntry::Auto },
             dns: DnsOpts {
                 upstreams,
                 search: self.dns_search,

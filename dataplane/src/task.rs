@@ -82,9 +82,9 @@ pub async fn teardown_task_net(ns: &NsWorker, host_ifs: Vec<String>) -> Result<(
     .await?
 }
 
-/// The MTU of the link holding `addr` in the node namespace, and every prefix on the node's
+/// The MTU and name of the link holding `addr` in the node namespace, and every prefix on the node's
 /// links (loopback excluded).
-pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Option<u32>, Vec<ipnetwork::IpNetwork>), NsError> {
+pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Option<(u32, String)>, Vec<ipnetwork::IpNetwork>), NsError> {
     ns.run(move |ctx| -> Result<_, NsError> {
         ctx.block_on(async {
             let addrs = ctx.home().addresses().await?;
@@ -93,7 +93,7 @@ pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Op
                 .iter()
                 .find(|(_, n)| n.ip() == addr)
                 .and_then(|(idx, _)| links.iter().find(|l| l.index == *idx))
-                .map(|l| l.mtu);
+                .map(|l| (l.mtu, l.name.clone()));
             Ok::<_, crate::netlink::Error>((mtu, addrs.into_iter().map(|(_, n)| n).collect()))
         })
         .map_err(NsError::from)

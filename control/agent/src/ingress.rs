@@ -52,7 +52,7 @@ async fn join(d: &NodeIngressDeps, want: &NodeIngress) -> anyhow::Result<()> {
     let net = &want.network;
     d.membership.hold(net, HOLDER);
     d.membership.settle(&net.id, true).await.map_err(|e| anyhow::anyhow!("join ingress network {} vni {}: {e}", net.name, net.vni))?;
-    let me = Me { network: net.id.clone(), name: net.name.clone(), vni: net.vni, address: want.address, subnet: net.subnet, gateway: net.gateway, vxlan_port: d.sandboxes.port() };
+    let me = Me { network: net.id.clone(), name: net.name.clone(), vni: net.vni, address: want.address, subnet: net.subnet, gateway: net.gateway, vxlan_port: d.sandboxes.port(), mtu: d.mtu };
     dp::plug_node_port(&d.ns, &d.sandboxes, &me, d.mtu).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if d.gossip.send(Cmd::Set(Box::new(endpoint(d, want)))).is_err() {
         anyhow::bail!("gossip is not running: the node's ingress endpoint is not published");

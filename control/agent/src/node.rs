@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
+use swarmnet_dataplane::ingress::entry::Entry;
 use swarmnet_dataplane::ingress::IngressSink;
 use swarmnet_dataplane::lb::{EbpfError, EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
@@ -37,6 +38,17 @@ pub struct NodeConfig {
     pub bpffs: Option<PathBuf>,
     /// Which load-balancer backend to use.
     pub lb: LbMode,
+    /// How clients from outside enter the routing mesh.
+    pub mesh_entry: MeshEntry,
+}
+
+/// `--mesh-entry`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshEntry {
+    /// The eBPF entry with direct return if it loads, else nftables (with a warning).
+    Auto,
+    /// The node's nftables table only; replies go back through the entry node.
+    Nftables,
 }
 
 /// `--lb`.
@@ -54,6 +66,8 @@ pub struct NodeBase {
     pub ns: NsWorker,
     pub mtu: u32,
     pub underlay: Vec<ipnetwork::IpNetwork>,
+    /// The interface holding the advertise address.
+    pub iface: String,
 }
 
 impl NodeBase {
@@ -61,10 +75,10 @@ impl NodeBase {
         std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
         let ns = NsWorker::start().context("start the namespace thread")?;
         let (mtu, underlay) = underlay_facts(&ns, cfg.advertise).await.context("read the node's addresses")?;
-        let Some(mtu) = mtu else {
+        let Some((mtu, iface)) = mtu else {
             bail!("--advertise-addr {}: no interface of this node has that address", cfg.advertise);
         };
-        Ok(NodeBase { ns, mtu, underlay })
+        Ok(NodeBase { ns, mtu, underlay, iface })
     }
 }
 
@@ -148,6 +162,26 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
     Ok(Some(Lb { sink, backend, host, warning }))
 }
 
+/// The routing mesh's eBPF entry on the underlay interface (ADR 0015), as `--mesh-entry`
+/// says; None: clients from outside enter by the node's nftables table (ADR 0011).
+fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Option<Entry> {
+    if cfg.mesh_entry == MeshEntry::Nftables {
+        info!("routing mesh: clients enter by nftables (--mesh-entry nftables), replies go back through the entry node");
+        return None;
+    }
+    let open = || -> anyhow::Result<Entry> {
+        let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
+        Ok(Entry::open(&host.pins, iface)?)
+    };
+    match open() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            warn!(iface, error = %format!("{e:#}"), "routing mesh: the eBPF entry cannot start here: clients enter by nftables, replies go back through the entry node");
+            None
+        }
+    }
+}
+
 /// Starts the node's parts; the session with the manager is started by the caller.
 pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::Result<Node> {
     let IpAddr::V4(local) = cfg.advertise else {
@@ -173,7 +207,7 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     }
     sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)));
     // After the overlay: a published port is programmed once its tasks are reachable.
-    let ingress = IngressSink::new(base.ns.clone(), cfg.advertise);
+    let ingress = IngressSink::new(base.ns.clone(), cfg.advertise, start_mesh_entry(cfg, &base.iface));
     sinks.push(Box::new(ingress.clone()));
     tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
     let (ingress_tx, ingress_rx) = tokio::sync::watch::channel(None);

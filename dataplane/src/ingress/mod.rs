@@ -9,6 +9,7 @@
 //!   sink of the endpoint stream, which programs the node's table and the reply tables of
 //!   the node's tasks.
 
+pub mod entry;
 pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,6 +37,8 @@ pub struct Me {
     pub gateway: Ipv4Addr,
     /// The cluster's VXLAN port: encapsulated packets skip connection tracking.
     pub vxlan_port: u16,
+    /// The ingress network's MTU (of the node's port into it).
+    pub mtu: u32,
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), NsError> {
@@ -84,6 +87,9 @@ pub async fn plug_node_port(ns: &NsWorker, sandboxes: &Sandboxes, me: &Me, mtu: 
         (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/route_localnet"), "1"),
         (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/send_redirects"), "0"),
         (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/rp_filter"), "0"),
+        // A task's reply to a client that entered by this node's eBPF entry has this node's
+        // own address as its source (ADR 0015).
+        (format!("/proc/sys/net/ipv4/conf/{NODE_IF}/accept_local"), "1"),
     ] {
         write_sysctl(&path, value).map_err(|e| format!("ingress network {}: {e}", me.name))?;
     }
@@ -159,12 +165,59 @@ pub struct IngressSink {
     ns: NsWorker,
     local_vtep: IpAddr,
     state: Arc<Mutex<State>>,
+    /// The eBPF entry program (ADR 0015); None: every published port goes by the node's
+    /// nftables table, replies back through the entry node (ADR 0011).
+    entry: Option<Arc<std::sync::Mutex<entry::Entry>>>,
 }
 
 impl IngressSink {
-    pub fn new(ns: NsWorker, local_vtep: IpAddr) -> Self {
+    pub fn new(ns: NsWorker, local_vtep: IpAddr, entry: Option<entry::Entry>) -> Self {
         let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None, shadowed: BTreeSet::new() };
-        IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)) }
+        IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)), entry: entry.map(|e| Arc::new(std::sync::Mutex::new(e))) }
+    }
+
+    /// Which way a client from outside enters this node (`lb ls`, the log).
+    pub fn entry_kind(&self) -> &'static str {
+        if self.entry.is_some() { "ebpf (direct return)" } else { "nftables (return through the entry node)" }
+    }
+
+    /// Runs `f` on the entry program, off the async threads; Ok(None) without one.
+    async fn with_entry<R: Send + 'static>(&self, f: impl FnOnce(&mut entry::Entry) -> Result<R, entry::EntryError> + Send + 'static) -> Result<Option<R>, SinkError> {
+        let Some(e) = self.entry.clone() else { return Ok(None) };
+        let r = tokio::task::spawn_blocking(move || f(&mut e.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| format!("routing mesh: eBPF entry worker: {e}"))?;
+        Ok(Some(r.map_err(|e| format!("routing mesh: eBPF entry: {e}"))?))
+    }
+
+    /// Points the entry program at the node's port into the ingress network (or at nothing).
+    async fn configure_entry(&self, me: Option<&Me>) -> Result<(), SinkError> {
+        if self.entry.is_none() {
+            return Ok(());
+        }
+        let to = match (me, self.local_vtep) {
+            (Some(m), IpAddr::V4(vtep)) => {
+                let index = self
+                    .ns
+                    .run(|ctx| ctx.block_on(ctx.home().link(NODE_IF)))
+                    .await
+                    .map_err(|e| format!("ingress network {}: look for {NODE_IF}: {e}", m.name))??
+                    .map(|l| l.index)
+                    .ok_or_else(|| format!("ingress network {}: {NODE_IF} is missing", m.name))?;
+                Some((vtep, index, swarmnet_types::mac_for(m.address), m.mtu))
+            }
+            _ => None,
+        };
+        let clear = to.is_none();
+        self.with_entry(move |e| {
+            e.configure(to)?;
+            if clear {
+                e.set(&BTreeMap::new())?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// The node is on the ingress network at `me` (None: it is not, its table goes).
@@ -174,6 +227,7 @@ impl IngressSink {
             return Ok(());
         }
         st.me = me;
+        self.configure_entry(st.me.as_ref()).await?;
         if st.me.is_none() {
             st.node_applied = None;
             nft_home(rules::node_table_delete()).await?;
@@ -213,8 +267,9 @@ impl IngressSink {
     }
 
     async fn program_task(&self, st: &mut State, task: &TaskId, entries: &[Ipv4Addr]) -> Result<(), SinkError> {
+        let own = st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).and_then(|eps| eps.get(task)).map(rules::direct_return).unwrap_or_default();
         let Some(t) = st.tasks.get_mut(task) else { return Ok(()) };
-        let text = rules::task_tables(&t.ifname, entries);
+        let text = rules::task_tables(&t.ifname, entries, &own);
         if t.applied.as_ref() == Some(&text) {
             return Ok(());
         }
@@ -237,8 +292,9 @@ impl IngressSink {
         let Some(me) = st.me.clone() else { return Ok(()) };
         let mut errors = Vec::new();
         if st.complete.contains(&me.network) {
-            let published = rules::plan(&Self::ingress_endpoints(st), self.local_vtep);
-            let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port);
+            let eps = Self::ingress_endpoints(st);
+            let published = rules::plan(&eps, self.local_vtep);
+            let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port, &rules::node_vteps(&eps));
             if st.node_applied.as_ref() == Some(&text) {
                 if check_bound {
                     Self::warn_shadowed(st, &published);
@@ -257,6 +313,10 @@ impl IngressSink {
                         errors.push(e);
                     }
                 }
+            }
+            let want = rules::entry_ports(&published);
+            if let Err(e) = self.with_entry(move |e| e.set(&want)).await {
+                errors.push(format!("ingress network {} vni {}: {e}", me.name, me.vni));
             }
         }
         let entries = Self::entries(st);
@@ -307,7 +367,11 @@ impl IngressSink {
             // No table: no published port answers on this node.
             return Ok((Vec::new(), failed));
         }
-        let counts = rules::parse_counts(&out.stdout)?;
+        let mut counts = rules::parse_counts(&out.stdout)?;
+        // Flows the eBPF entry handed out never met the table's counters.
+        if let Some(handed) = self.with_entry(|e| e.handed()).await? {
+            rules::add_entry_counts(&mut counts, &published, &handed);
+        }
         let mut rows: Vec<PortRow> = Vec::new();
         for p in &published {
             let backends = p

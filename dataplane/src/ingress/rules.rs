@@ -118,7 +118,9 @@ pub fn parse_backend_chain(name: &str) -> Option<(Protocol, u16, Ipv4Addr, u16)>
 
 /// The node's table, whole, as one `nft -f` transaction (made or replaced atomically).
 /// `me` is the node's ingress address, `subnet` the ingress network's.
-pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vxlan_port: u16) -> String {
+/// `vteps`: every node's underlay address (a task's direct reply to a client that entered by
+/// a node's eBPF entry has one as its source, ADR 0015).
+pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vxlan_port: u16, vteps: &[Ipv4Addr]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
     let answered: Vec<&Published> = published.iter().collect();
@@ -131,7 +133,19 @@ pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vx
     if !answered.is_empty() {
         let _ = writeln!(s, "    elements = {{ {} }}", elems(&|p| format!("{} . {} : goto {}", p.protocol, p.port, chain_name(p))));
     }
+    let _ = writeln!(s, "  }}\n  set vteps {{\n    type ipv4_addr");
+    if !vteps.is_empty() {
+        let _ = writeln!(s, "    elements = {{ {} }}", vteps.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "));
+    }
     let _ = writeln!(s, "  }}");
+    // A task's direct reply (ADR 0015) starts its connection's life here in the reply
+    // direction: connection tracking would call it invalid. It is routed to the client as
+    // it is. (A reply to this node itself is one to a connection it tracks: a task's
+    // connection to another node's published port, masqueraded on its way out.)
+    let _ = writeln!(
+        s,
+        "  chain direct {{\n    type filter hook prerouting priority raw; policy accept;\n    iifname \"{NODE_IF}\" ip saddr @vteps meta l4proto . th sport @ports fib daddr type != local notrack\n  }}"
+    );
     // VXLAN packets (of every overlay) need no connection tracking, which this table's
     // rules would otherwise turn on for them: the inner packets are tracked where it counts.
     for (name, hook) in [("vxlan_in", "prerouting"), ("vxlan_out", "output")] {
@@ -191,16 +205,90 @@ pub fn entry_mark(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// What a task DNATs to itself: the client's packets that a node's eBPF entry sent it
+/// unchanged (still to that node's address and published port, ADR 0015).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectReturn {
+    /// The task's ingress address.
+    pub ip: Option<Ipv4Addr>,
+    /// (protocol, published port, target port) of its ingress-mode ports.
+    pub ports: Vec<(Protocol, u16, u16)>,
+}
+
+/// A task's direct-return rules, from its own endpoint on the ingress network.
+pub fn direct_return(e: &Endpoint) -> DirectReturn {
+    let mut ports: Vec<(Protocol, u16, u16)> = e.ports.iter().filter(|p| p.mode == PublishMode::Ingress).map(|p| (p.protocol, p.published, p.target)).collect();
+    ports.sort();
+    ports.dedup();
+    DirectReturn { ip: Some(e.ip), ports }
+}
+
+/// Every node's underlay address (IPv4), from the nodes' ingress endpoints.
+pub fn node_vteps(endpoints: &[Endpoint]) -> Vec<Ipv4Addr> {
+    let mut v: Vec<Ipv4Addr> = endpoints
+        .iter()
+        .filter(|e| is_ingress_node_endpoint(&e.id))
+        .filter_map(|e| match e.vtep {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// What the eBPF entry takes: each ingress-mode port → its active tasks, in order. A port
+/// with none stays (its established flows go on; new ones go to the table, which refuses).
+pub fn entry_ports(published: &[Published]) -> BTreeMap<swarmnet_ebpf_common::IngPortKey, Vec<Ipv4Addr>> {
+    published
+        .iter()
+        .filter(|p| p.mode == PublishMode::Ingress)
+        .map(|p| {
+            let proto = match p.protocol {
+                Protocol::Tcp => 6,
+                Protocol::Udp => 17,
+            };
+            (swarmnet_ebpf_common::IngPortKey { proto, port: u32::from(p.port) }, p.backends.iter().filter(|b| b.active).map(|b| b.ip).collect())
+        })
+        .collect()
+}
+
+/// Adds the flows the eBPF entry handed out (per protocol, port, task address) to the
+/// table's counts.
+pub fn add_entry_counts(counts: &mut Vec<BackendCount>, published: &[Published], handed: &BTreeMap<swarmnet_ebpf_common::IngHandKey, u64>) {
+    for (k, n) in handed {
+        let protocol = if k.proto == 6 { Protocol::Tcp } else { Protocol::Udp };
+        let ip = Ipv4Addr::from(k.ip.to_ne_bytes());
+        let Ok(port) = u16::try_from(k.port) else { continue };
+        let Some(target) = published.iter().find(|p| p.protocol == protocol && p.port == port).and_then(|p| p.backends.iter().find(|b| b.ip == ip)).map(|b| b.port) else { continue };
+        match counts.iter_mut().find(|c| c.protocol == protocol && c.port == port && c.ip == ip && c.target == target) {
+            Some(c) => c.connections += n,
+            None => counts.push(BackendCount { protocol, port, ip, target, connections: *n }),
+        }
+    }
+}
+
 /// A task's tables: the entry node of each incoming connection is remembered (conntrack
 /// mark = its ingress address, from the `02:42:<address>` source MAC), and replies leave
-/// `ifname` towards that node's MAC. `entries` are the nodes' ingress addresses.
-pub fn task_tables(ifname: &str, entries: &[Ipv4Addr]) -> String {
+/// `ifname` towards that node's MAC. `entries` are the nodes' ingress addresses. A client's
+/// packet sent unchanged by a node's eBPF entry (to that node's address, not the task's) is
+/// DNATed to the task by `own`, not marked: its reply leaves by the task's own node, with
+/// the address the client asked for as its source.
+pub fn task_tables(ifname: &str, entries: &[Ipv4Addr], own: &DirectReturn) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
     let _ = writeln!(
         s,
-        "  chain pre {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{ifname}\" ct state new ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32\n  }}"
+        "  chain pre {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{ifname}\" ct state new fib daddr type local ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32\n  }}"
     );
+    if let (Some(ip), false) = (own.ip, own.ports.is_empty()) {
+        let _ = writeln!(s, "  chain direct {{\n    type nat hook prerouting priority dstnat; policy accept;");
+        for (proto, published, target) in &own.ports {
+            let _ = writeln!(s, "    iifname \"{ifname}\" fib daddr type != local {proto} dport {published} dnat to {ip}:{target}");
+        }
+        let _ = writeln!(s, "  }}");
+    }
     // A filter chain, not a route one: the mark only picks the MAC at egress, and a route
     // chain would look the route up again for every packet whose mark it sets.
     let _ = writeln!(s, "  chain out {{\n    type filter hook output priority mangle; policy accept;\n    ct mark != 0 meta mark set ct mark\n  }}\n}}");
@@ -309,8 +397,14 @@ mod tests {
         assert_eq!(keys, vec![(Protocol::Tcp, 8080, 2), (Protocol::Tcp, 9100, 1), (Protocol::Udp, 53, 2)]);
         assert!(p[0].backends.iter().any(|b| !b.active), "the draining task is listed");
         assert_eq!(entry_nodes(&eps), vec!["10.255.255.2".parse::<Ipv4Addr>().expect("ip")]);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789);
+        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &node_vteps(&eps));
         assert!(text.contains("elements = { tcp . 8080, tcp . 9100, udp . 53 }"), "{text}");
+        assert!(text.contains("elements = { 10.210.0.2 }"), "{text}");
+        assert!(text.contains("iifname \"sning0\" ip saddr @vteps meta l4proto . th sport @ports fib daddr type != local notrack"), "{text}");
+        let want = entry_ports(&p);
+        let keys: Vec<(u32, u32, usize)> = want.iter().map(|(k, v)| (k.proto, k.port, v.len())).collect();
+        // Host mode is not the entry's; the draining task takes no new flow.
+        assert_eq!(keys, vec![(6, 8080, 1), (17, 53, 1)]);
         assert!(text.contains("udp dport 4789 notrack"), "{text}");
         // The draining task takes no new connection; the active one takes them all.
         assert!(text.contains("chain p_tcp_8080 {\n    numgen inc mod 1 vmap { 0 : goto b_tcp_8080_10_255_255_3_80 }"), "{text}");
@@ -333,19 +427,27 @@ mod tests {
         let p = plan(&eps, me.parse().expect("me"));
         assert_eq!(p[0].service, "api");
         assert_eq!(p[0].backends.len(), 1);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789);
+        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &[]);
         assert!(text.contains("chain p_tcp_8080 {\n    reject with tcp reset"), "{text}");
+        // A port without an active task stays with the entry, with none to pick.
+        assert_eq!(entry_ports(&p).values().map(|v| v.len()).collect::<Vec<_>>(), vec![0, 0]);
         assert!(text.contains("chain p_udp_5000 {\n    reject\n"), "{text}");
     }
 
     #[test]
     fn task_tables_mark_the_entry_and_send_replies_back_to_it() {
-        let t = task_tables("eth1", &["10.255.255.2".parse().expect("ip"), "10.255.255.10".parse().expect("ip")]);
-        assert!(t.contains("iifname \"eth1\" ct state new ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32"), "{t}");
+        let me = ep("a", "web", "10.255.255.3", "10.210.0.1", &[(8080, 80, Protocol::Tcp, ING), (53, 5353, Protocol::Udp, ING), (9000, 90, Protocol::Tcp, HOST)], EndpointState::Active);
+        let own = direct_return(&me);
+        let t = task_tables("eth1", &["10.255.255.2".parse().expect("ip"), "10.255.255.10".parse().expect("ip")], &own);
+        assert!(t.contains("iifname \"eth1\" fib daddr type != local tcp dport 8080 dnat to 10.255.255.3:80"), "{t}");
+        assert!(t.contains("iifname \"eth1\" fib daddr type != local udp dport 53 dnat to 10.255.255.3:5353"), "{t}");
+        assert!(!t.contains("dport 9000"), "host mode has no direct return: {t}");
+        assert!(t.contains("iifname \"eth1\" ct state new fib daddr type local ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32"), "{t}");
         let (a, b) = (entry_mark("10.255.255.2".parse().expect("ip")), entry_mark("10.255.255.10".parse().expect("ip")));
         assert!(t.contains(&format!("elements = {{ 0x{a:08x} : 02:42:0a:ff:ff:02, 0x{b:08x} : 02:42:0a:ff:ff:0a }}")), "{t}");
         assert!(t.contains("type filter hook egress device \"eth1\""), "{t}");
-        assert!(!task_tables("eth1", &[]).contains("elements"));
+        assert!(!task_tables("eth1", &[], &DirectReturn::default()).contains("elements"));
+        assert!(!task_tables("eth1", &[], &DirectReturn::default()).contains("chain direct"));
     }
 
     #[test]
@@ -362,5 +464,13 @@ mod tests {
         let c = parse_counts(json).expect("parse");
         assert_eq!(c, vec![BackendCount { protocol: Protocol::Tcp, port: 8080, ip: "10.255.255.3".parse().expect("ip"), target: 80, connections: 7 }]);
         assert!(parse_counts(b"garbage").is_err());
+        let me = "10.210.0.1";
+        let p = plan(&[ep("a", "web", "10.255.255.3", me, &[(8080, 80, Protocol::Tcp, ING)], EndpointState::Active)], me.parse().expect("me"));
+        let mut counts = c.clone();
+        let ip = u32::from_ne_bytes([10, 255, 255, 3]);
+        let handed = BTreeMap::from([(swarmnet_ebpf_common::IngHandKey { proto: 6, port: 8080, ip }, 5u64), (swarmnet_ebpf_common::IngHandKey { proto: 6, port: 9999, ip }, 1u64)]);
+        add_entry_counts(&mut counts, &p, &handed);
+        assert_eq!(counts[0].connections, 12);
+        assert_eq!(counts.len(), 1, "a port not published is not counted");
     }
 }

@@ -108,6 +108,85 @@ pub struct VipPort {
     pub port: u32,
 }
 
+/// The routing mesh's entry program (issue 10, ADR 0015): its maps and program name.
+pub const MAP_ING_CFG: &str = "SN_ING_CFG";
+pub const MAP_ING_PORTS: &str = "SN_ING_PORTS";
+pub const MAP_ING_SLOTS: &str = "SN_ING_SLOTS";
+pub const MAP_ING_RR: &str = "SN_ING_RR";
+pub const MAP_ING_FLOWS: &str = "SN_ING_FLOWS";
+pub const MAP_ING_HANDED: &str = "SN_ING_HANDED";
+pub const PROG_INGRESS: &str = "sn_ingress";
+
+pub const MAX_ING_PORTS: u32 = 4_096;
+pub const MAX_ING_SLOTS: u32 = 2 * 65_536;
+pub const MAX_ING_FLOWS: u32 = 1 << 18;
+pub const MAX_ING_HANDED: u32 = 65_536;
+
+/// `SN_ING_CFG[0]`: where the node's entry program sends what it takes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngCfg {
+    /// The node's underlay address (network order): only packets to it are taken.
+    pub vtep: u32,
+    /// Index of the node's port into the ingress network (`sning0`); 0: take nothing.
+    pub ifindex: u32,
+    /// Its MAC, the source of the frames put on the ingress network (bytes 0..4, 4..6).
+    pub mac_hi: u32,
+    pub mac_lo: u32,
+    /// The ingress network's MTU: a bigger packet is left to the kernel's path.
+    pub mtu: u32,
+    pub _pad: u32,
+}
+
+/// `SN_ING_PORTS` key: protocol (6, 17) and published port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IngPortKey {
+    pub proto: u32,
+    pub port: u32,
+}
+
+/// `SN_ING_PORTS` value, replaced whole (count and generation together).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngPort {
+    /// Index in `SN_ING_RR` and `svc` of its slots.
+    pub id: u32,
+    /// Active tasks in generation `gen`; 0: left to the kernel's path (which refuses).
+    pub count: u32,
+    pub gen: u32,
+    pub _pad: u32,
+}
+
+/// `SN_ING_FLOWS` key: a client's flow to a published port of the node's underlay address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngFlowKey {
+    pub saddr: u32,
+    /// Source port << 16 | destination port (host order).
+    pub ports: u32,
+    pub proto: u32,
+}
+
+/// `SN_ING_FLOWS` value: the task the flow was given (its ingress address) and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngFlow {
+    pub ip: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the pick (TCP: of the SYN; UDP: of the last datagram).
+    pub ts: u64,
+}
+
+/// `SN_ING_HANDED` key: flows handed to task `ip` on published port `proto`/`port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IngHandKey {
+    pub proto: u32,
+    pub port: u32,
+    pub ip: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -126,4 +205,16 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VipPort {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngCfg {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngPort {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngFlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngHandKey {}
 }

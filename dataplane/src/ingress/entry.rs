@@ -1,0 +1,266 @@
+//! The routing mesh's entry program (ADR 0015): loads `sn_ingress` (embedded in this
+//! binary), attaches it at tc ingress of the node's underlay interface (TCX), and writes
+//! its maps. Maps and the link are pinned in the node's bpffs folder (`ingress-v1`, beside
+//! the load balancer's), so flows keep going while the agent is down; a restarted agent
+//! replaces the program in the pinned link (never a second copy) and reads its bookkeeping
+//! back from the maps.
+//!
+//! A port's change is made visible in one step, as in the load balancer: its new task list
+//! goes into the port's unused generation of slots, then the port's entry is replaced.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use swarmnet_ebpf_common::*;
+use tracing::info;
+
+/// The program, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swarmnet-ingress"));
+
+const MAPS: [&str; 6] = [MAP_ING_CFG, MAP_ING_PORTS, MAP_ING_SLOTS, MAP_ING_RR, MAP_ING_FLOWS, MAP_ING_HANDED];
+/// The layout of the pinned maps; a new layout gets a new folder.
+pub const PIN_VERSION: &str = "ingress-v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("this binary was built without the eBPF programs (AYA_BUILD_SKIP)")]
+    NotBuilt,
+    #[error("bpffs folder {path}: {source}")]
+    Pins {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the routing mesh's eBPF object (maps pinned in {pins}): {source}")]
+    Load {
+        pins: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {PROG_INGRESS} on {iface}: {what}: {source}")]
+    Program {
+        iface: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {map}: {what}: {source}")]
+    Map {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("map {0} is missing from the object")]
+    NoMap(&'static str),
+    #[error("published ports: all {0} ids are in use")]
+    Full(u32),
+}
+
+fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> EntryError {
+    let what = what.into();
+    move |source| EntryError::Map { map, what, source: Box::new(source) }
+}
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// What the agent knows of one port's entries.
+#[derive(Clone, Debug, Default)]
+struct PortSt {
+    id: u32,
+    gen: u32,
+    /// Slots written, per generation.
+    written: [u32; 2],
+    /// The task list of the live generation (None: unknown, read back at start).
+    live: Option<Vec<u32>>,
+}
+
+/// The entry program of this node and its maps.
+pub struct Entry {
+    cfg: Array<MapData, IngCfg>,
+    ports: HashMap<MapData, IngPortKey, IngPort>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    handed: PerCpuHashMap<MapData, IngHandKey, u64>,
+    known: BTreeMap<IngPortKey, PortSt>,
+    ids: BTreeSet<u32>,
+    /// The interface it is attached to.
+    pub iface: String,
+    _ebpf: Ebpf,
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, EntryError> {
+    let m = ebpf.take_map(name).ok_or(EntryError::NoMap(name))?;
+    HashMap::try_from(m).map_err(map_err(name, "open"))
+}
+
+impl Entry {
+    /// Loads (or adopts) the program and its maps, pinned under `pins` (a node's folder of
+    /// the load balancer's bpffs tree: its sibling `ingress-v1` is used), and attaches it at
+    /// tc ingress of `iface`. It takes nothing until [`Entry::configure`].
+    pub fn open(lb_pins: &Path, iface: &str) -> Result<Entry, EntryError> {
+        if OBJECT.is_empty() {
+            return Err(EntryError::NotBuilt);
+        }
+        let pins = lb_pins.with_file_name(PIN_VERSION);
+        std::fs::create_dir_all(&pins).map_err(|source| EntryError::Pins { path: pins.clone(), source })?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.join(m))).collect();
+        for (m, p) in &paths {
+            loader.map_pin_path(m, p.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|source| EntryError::Load { pins: pins.clone(), source: Box::new(source) })?;
+        let perr = |what: &'static str| {
+            let iface = iface.to_string();
+            move |e: Box<dyn std::error::Error + Send + Sync>| EntryError::Program { iface, what, source: e }
+        };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_INGRESS)
+            .ok_or(EntryError::NoMap(PROG_INGRESS))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| perr("type")(Box::new(e)))?;
+        prog.load().map_err(|e| perr("load (verifier)")(Box::new(e)))?;
+        let pin = pins.join(format!("link_{PROG_INGRESS}"));
+        let adopted = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                // An earlier agent's link: this program replaces the one in it, atomically
+                // (attaching again would stack a second copy).
+                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| perr("adopt the pinned link")(Box::new(e)))?;
+                let id = prog.attach_to_link(link).map_err(|e| perr("replace the program in the pinned link")(Box::new(e)))?;
+                // The pin holds the link; this descriptor may go.
+                drop(prog.take_link(id).map_err(|e| perr("take link")(Box::new(e)))?);
+                true
+            }
+            Err(_) => {
+                let id = prog.attach(iface, TcAttachType::Ingress).map_err(|e| perr("attach (tcx ingress)")(Box::new(e)))?;
+                let link: FdLink = prog.take_link(id).map_err(|e| perr("take link")(Box::new(e)))?.try_into().map_err(|e: aya::programs::links::LinkError| perr("link")(Box::new(e)))?;
+                link.pin(&pin).map_err(|e| perr("pin link")(Box::new(e)))?;
+                false
+            }
+        };
+        let cfg_map = ebpf.take_map(MAP_ING_CFG).ok_or(EntryError::NoMap(MAP_ING_CFG))?;
+        let cfg = Array::try_from(cfg_map).map_err(map_err(MAP_ING_CFG, "open"))?;
+        let ports = take::<IngPortKey, IngPort>(&mut ebpf, MAP_ING_PORTS)?;
+        let slots = take::<SlotKey, u32>(&mut ebpf, MAP_ING_SLOTS)?;
+        let handed_map = ebpf.take_map(MAP_ING_HANDED).ok_or(EntryError::NoMap(MAP_ING_HANDED))?;
+        let handed = PerCpuHashMap::try_from(handed_map).map_err(map_err(MAP_ING_HANDED, "open"))?;
+        let mut e = Entry { cfg, ports, slots, handed, known: BTreeMap::new(), ids: BTreeSet::new(), iface: iface.to_string(), _ebpf: ebpf };
+        e.recover()?;
+        info!(iface, pins = %pins.display(), adopted, ports = e.known.len(), "routing mesh: eBPF entry program attached");
+        Ok(e)
+    }
+
+    /// Rebuilds the bookkeeping from the maps (an earlier agent's work).
+    fn recover(&mut self) -> Result<(), EntryError> {
+        let mut by_id: BTreeMap<u32, IngPortKey> = BTreeMap::new();
+        for r in self.ports.iter() {
+            let (k, p) = r.map_err(map_err(MAP_ING_PORTS, "read"))?;
+            self.ids.insert(p.id);
+            by_id.insert(p.id, k);
+            self.known.insert(k, PortSt { id: p.id, gen: p.gen, written: [0, 0], live: None });
+        }
+        let mut orphans = Vec::new();
+        for r in self.slots.keys() {
+            let k = r.map_err(map_err(MAP_ING_SLOTS, "read"))?;
+            match by_id.get(&k.svc).and_then(|pk| self.known.get_mut(pk)) {
+                Some(s) => {
+                    let g = (k.gen & 1) as usize;
+                    s.written[g] = s.written[g].max(k.slot + 1);
+                }
+                None => orphans.push(k),
+            }
+        }
+        for k in orphans {
+            let _ = self.slots.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Where what the program takes goes: `vtep` (the node's underlay address: only packets
+    /// to it are taken), the node's port into the ingress network (index, MAC) and that
+    /// network's MTU. `None`: the node is not on the ingress network; nothing is taken.
+    pub fn configure(&mut self, to: Option<(Ipv4Addr, u32, [u8; 6], u32)>) -> Result<(), EntryError> {
+        let c = match to {
+            Some((vtep, ifindex, mac, mtu)) => IngCfg {
+                vtep: be(vtep),
+                ifindex,
+                mac_hi: u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
+                mac_lo: u32::from_ne_bytes([mac[4], mac[5], 0, 0]),
+                mtu,
+                _pad: 0,
+            },
+            None => IngCfg::default(),
+        };
+        self.cfg.set(0, c, 0).map_err(map_err(MAP_ING_CFG, "write"))
+    }
+
+    /// Makes the maps hold exactly `want`: published port (ingress mode) → its active tasks'
+    /// ingress addresses, in order. A port not in `want` is left to the kernel's path.
+    pub fn set(&mut self, want: &BTreeMap<IngPortKey, Vec<Ipv4Addr>>) -> Result<(), EntryError> {
+        let gone: Vec<IngPortKey> = self.known.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for k in gone {
+            self.remove(&k)?;
+        }
+        for (k, tasks) in want {
+            let ips: Vec<u32> = tasks.iter().map(|ip| be(*ip)).collect();
+            let st = match self.known.get(k) {
+                Some(s) => s.clone(),
+                None => {
+                    let id = (0..MAX_ING_PORTS).find(|i| !self.ids.contains(i)).ok_or(EntryError::Full(MAX_ING_PORTS))?;
+                    PortSt { id, gen: 1, written: [0, 0], live: None }
+                }
+            };
+            if st.live.as_ref() == Some(&ips) {
+                continue;
+            }
+            let gen = 1 - (st.gen & 1);
+            let g = gen as usize;
+            let what = || format!("port {}/{}", k.port, if k.proto == 6 { "tcp" } else { "udp" });
+            for (i, ip) in ips.iter().enumerate() {
+                self.slots.insert(SlotKey { svc: st.id, gen, slot: i as u32 }, *ip, 0).map_err(map_err(MAP_ING_SLOTS, what()))?;
+            }
+            self.ports.insert(*k, IngPort { id: st.id, count: ips.len() as u32, gen, _pad: 0 }, 0).map_err(map_err(MAP_ING_PORTS, what()))?;
+            // Slots past the new count in this generation belonged to an older list.
+            for i in ips.len() as u32..st.written[g] {
+                let _ = self.slots.remove(&SlotKey { svc: st.id, gen, slot: i });
+            }
+            let mut written = st.written;
+            written[g] = ips.len() as u32;
+            self.ids.insert(st.id);
+            self.known.insert(*k, PortSt { id: st.id, gen, written, live: Some(ips) });
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, k: &IngPortKey) -> Result<(), EntryError> {
+        let Some(st) = self.known.remove(k) else { return Ok(()) };
+        match self.ports.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(MAP_ING_PORTS, "remove")(e)),
+        }
+        for g in 0..2u32 {
+            for i in 0..st.written[g as usize] {
+                let _ = self.slots.remove(&SlotKey { svc: st.id, gen: g, slot: i });
+            }
+        }
+        self.ids.remove(&st.id);
+        Ok(())
+    }
+
+    /// Flows handed to each task by this program, summed over CPUs.
+    pub fn handed(&self) -> Result<BTreeMap<IngHandKey, u64>, EntryError> {
+        let mut out = BTreeMap::new();
+        for r in self.handed.iter() {
+            let (k, v) = r.map_err(map_err(MAP_ING_HANDED, "read"))?;
+            out.insert(k, v.iter().sum());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,167 @@
+//! The routing mesh's entry program (issue 10, ADR 0015): tc ingress on the node's underlay
+//! interface. A client's packet to a published port (ingress mode) of the node's underlay
+//! address is given a task (round robin, once per flow) and put, unchanged but for its
+//! Ethernet header, on the ingress network towards that task: out of the node's port
+//! `sning0`, whose bridge sends it to the task (this node) or into VXLAN (another node).
+//! The task's namespace DNATs it to itself and its reply, whose source is then the address
+//! and port the client asked for, leaves through the task's own node straight to the client
+//! (direct server return): the entry node sees one direction only, and keeps no connection
+//! tracking for it.
+//!
+//! What this program does not take goes on to the kernel's path (the node's nftables
+//! table, ADR 0011), which answers the same port: a TCP segment of a flow it never saw the
+//! SYN of, a port with no active task (refused there), a fragment, a datagram bigger than
+//! the ingress network's MTU, traffic from the node itself or from its tasks.
+//!
+//! Kernel code never panics: every failure is a verdict (pass to the kernel's path).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::macros::{classifier, map};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::programs::TcContext;
+use swarmnet_ebpf_common::*;
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+/// A SYN within this long of its flow's pick is a retransmission: it keeps its task.
+const SYN_RETRY_NS: u64 = 3_000_000_000;
+/// A UDP flow idle for this long is new again (the kernel's UDP conntrack timeout).
+const UDP_IDLE_NS: u64 = 30_000_000_000;
+
+#[map(name = "SN_ING_CFG")]
+static CFG: Array<IngCfg> = Array::with_max_entries(1, 0);
+#[map(name = "SN_ING_PORTS")]
+static PORTS: HashMap<IngPortKey, IngPort> = HashMap::with_max_entries(MAX_ING_PORTS, BPF_F_NO_PREALLOC);
+#[map(name = "SN_ING_SLOTS")]
+static SLOTS: HashMap<SlotKey, u32> = HashMap::with_max_entries(MAX_ING_SLOTS, BPF_F_NO_PREALLOC);
+#[map(name = "SN_ING_RR")]
+static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_ING_PORTS, 0);
+#[map(name = "SN_ING_FLOWS")]
+static FLOWS: LruHashMap<IngFlowKey, IngFlow> = LruHashMap::with_max_entries(MAX_ING_FLOWS, 0);
+#[map(name = "SN_ING_HANDED")]
+static HANDED: PerCpuHashMap<IngHandKey, u64> = PerCpuHashMap::with_max_entries(MAX_ING_HANDED, BPF_F_NO_PREALLOC);
+
+#[classifier]
+pub fn sn_ingress(ctx: TcContext) -> i32 {
+    match take(&ctx) {
+        Some(verdict) => verdict,
+        None => TC_ACT_OK as i32,
+    }
+}
+
+/// The verdict for a packet this program takes; None: the kernel's path has it.
+#[inline(always)]
+fn take(ctx: &TcContext) -> Option<i32> {
+    let cfg = *CFG.get(0)?;
+    if cfg.ifindex == 0 {
+        return None;
+    }
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_LEN).ok()?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    // A fragment (more follow, or not the first) carries no ports to go by.
+    if u16::from_be(ctx.load::<u16>(ETH_LEN + 6).ok()?) & 0x3fff != 0 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ETH_LEN + 9).ok()?;
+    if proto != TCP && proto != UDP {
+        return None;
+    }
+    let daddr: u32 = ctx.load(ETH_LEN + 16).ok()?;
+    if daddr != cfg.vtep {
+        return None;
+    }
+    let saddr: u32 = ctx.load(ETH_LEN + 12).ok()?;
+    let l4 = ETH_LEN + ihl;
+    let ports = u32::from_be(ctx.load::<u32>(l4).ok()?);
+    let dport = ports & 0xffff;
+    // SAFETY: the value is copied at once; entries are replaced whole.
+    let port = unsafe { PORTS.get(IngPortKey { proto: proto as u32, port: dport }) }.copied()?;
+    let key = IngFlowKey { saddr, ports, proto: proto as u32 };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: value copied at once.
+    let known = unsafe { FLOWS.get(key) }.copied();
+    let ip = if proto == TCP {
+        let flags: u8 = ctx.load(l4 + 13).ok()?;
+        let syn = flags & (SYN | ACK | RST) == SYN;
+        match known {
+            Some(f) if !syn || now.wrapping_sub(f.ts) < SYN_RETRY_NS => f.ip,
+            // A segment of a flow this program did not start: the kernel's connection
+            // tracking knows it (or calls it invalid and drops it).
+            _ if !syn => return None,
+            _ => pick(&port, &key, dport, proto, now)?,
+        }
+    } else {
+        // A datagram bigger than the ingress network carries is left to the kernel's path,
+        // which fragments it (the program does not).
+        // SAFETY: the context pointer the kernel passed; a plain field read.
+        let gso = unsafe { (*ctx.skb.skb).gso_size };
+        if gso == 0 && ctx.len() > cfg.mtu + ETH_LEN as u32 {
+            return None;
+        }
+        match known {
+            Some(f) if now.wrapping_sub(f.ts) < UDP_IDLE_NS => {
+                let _ = FLOWS.insert(key, IngFlow { ip: f.ip, _pad: 0, ts: now }, 0);
+                f.ip
+            }
+            _ => pick(&port, &key, dport, proto, now)?,
+        }
+    };
+    // The frame goes to the task's MAC (02:42 + its address) from the node's port.
+    let o = ip.to_ne_bytes();
+    let hi = cfg.mac_hi.to_ne_bytes();
+    let lo = cfg.mac_lo.to_ne_bytes();
+    let macs: [u8; 12] = [0x02, 0x42, o[0], o[1], o[2], o[3], hi[0], hi[1], hi[2], hi[3], lo[0], lo[1]];
+    ctx.store(0, &macs, 0).ok()?;
+    // SAFETY: a helper with plain integers; the verdict it returns is TC_ACT_REDIRECT.
+    Some(unsafe { bpf_redirect(cfg.ifindex, 0) } as i32)
+}
+
+/// A new flow: the next active task of the port, round robin (exact on each CPU).
+#[inline(always)]
+fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Option<u32> {
+    let i = {
+        let rr = RR.get_ptr_mut(port.id)?;
+        // SAFETY: this CPU's slot of an existing element; the program runs with migration
+        // disabled.
+        let n = unsafe {
+            let n = *rr;
+            *rr = n.wrapping_add(1);
+            n
+        };
+        // None when the port has no active task: the kernel's path refuses it.
+        n.checked_rem(port.count)?
+    };
+    // SAFETY: value copied at once.
+    let ip = unsafe { SLOTS.get(SlotKey { svc: port.id, gen: port.gen, slot: i }) }.copied()?;
+    FLOWS.insert(key, IngFlow { ip, _pad: 0, ts: now }, 0).ok()?;
+    let hk = IngHandKey { proto: proto as u32, port: dport, ip };
+    match HANDED.get_ptr_mut(hk) {
+        // SAFETY: this CPU's copy of an existing element.
+        Some(h) => unsafe { *h = (*h).wrapping_add(1) },
+        None => {
+            let _ = HANDED.insert(hk, 1u64, 0);
+        }
+    }
+    Some(ip)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
