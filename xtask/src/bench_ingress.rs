@@ -79,6 +79,13 @@ pub fn bench_ingress() -> Result<()> {
         println!("[{mode}] worst mesh/host-mode ratio over the 3 rounds: {worst:.3} (via the task's node: {worst_local:.3})");
     }
     println!("{}", lab.cli_ok(off, &["lb", "ls"])?);
+    // Which path carried the mesh's flows at the entry node: the kernel's table counts only
+    // what the eBPF entry left to it.
+    let out = Command::new("ip").args(["netns", "exec", &lab.nodes[off].ns, "nft", "list", "table", "ip", "swarmnet-ingress"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines().filter(|l| l.contains("counter")) {
+        println!("node {} table (flows the eBPF entry left to nftables): {}", off + 1, l.trim());
+    }
     drop(lab);
     let _ = std::fs::remove_dir_all("/tmp/snbench-nginx");
     Ok(())

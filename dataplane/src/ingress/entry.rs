@@ -72,6 +72,23 @@ fn be(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
+/// Where the entry program sends what it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryConfig {
+    /// The node's underlay address: only packets to it are taken; the source of the VXLAN
+    /// packets the program makes.
+    pub vtep: Ipv4Addr,
+    /// The underlay interface's index (the program's own).
+    pub uplink_index: u32,
+    /// The node's port into the ingress network (`sning0`): its index and MAC.
+    pub port_index: u32,
+    pub port_mac: [u8; 6],
+    /// The ingress network's MTU, VNI, and the cluster's VXLAN port.
+    pub mtu: u32,
+    pub vni: u32,
+    pub vxlan_port: u16,
+}
+
 /// What the agent knows of one port's entries.
 #[derive(Clone, Debug, Default)]
 struct PortSt {
@@ -80,14 +97,14 @@ struct PortSt {
     /// Slots written, per generation.
     written: [u32; 2],
     /// The task list of the live generation (None: unknown, read back at start).
-    live: Option<Vec<u32>>,
+    live: Option<Vec<IngTask>>,
 }
 
 /// The entry program of this node and its maps.
 pub struct Entry {
     cfg: Array<MapData, IngCfg>,
     ports: HashMap<MapData, IngPortKey, IngPort>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: HashMap<MapData, SlotKey, IngTask>,
     handed: PerCpuHashMap<MapData, IngHandKey, u64>,
     known: BTreeMap<IngPortKey, PortSt>,
     ids: BTreeSet<u32>,
@@ -148,7 +165,7 @@ impl Entry {
         let cfg_map = ebpf.take_map(MAP_ING_CFG).ok_or(EntryError::NoMap(MAP_ING_CFG))?;
         let cfg = Array::try_from(cfg_map).map_err(map_err(MAP_ING_CFG, "open"))?;
         let ports = take::<IngPortKey, IngPort>(&mut ebpf, MAP_ING_PORTS)?;
-        let slots = take::<SlotKey, u32>(&mut ebpf, MAP_ING_SLOTS)?;
+        let slots = take::<SlotKey, IngTask>(&mut ebpf, MAP_ING_SLOTS)?;
         let handed_map = ebpf.take_map(MAP_ING_HANDED).ok_or(EntryError::NoMap(MAP_ING_HANDED))?;
         let handed = PerCpuHashMap::try_from(handed_map).map_err(map_err(MAP_ING_HANDED, "open"))?;
         let mut e = Entry { cfg, ports, slots, handed, known: BTreeMap::new(), ids: BTreeSet::new(), iface: iface.to_string(), _ebpf: ebpf };
@@ -183,33 +200,35 @@ impl Entry {
         Ok(())
     }
 
-    /// Where what the program takes goes: `vtep` (the node's underlay address: only packets
-    /// to it are taken), the node's port into the ingress network (index, MAC) and that
-    /// network's MTU. `None`: the node is not on the ingress network; nothing is taken.
-    pub fn configure(&mut self, to: Option<(Ipv4Addr, u32, [u8; 6], u32)>) -> Result<(), EntryError> {
+    /// Where what the program takes goes (`None`: the node is not on the ingress network;
+    /// nothing is taken).
+    pub fn configure(&mut self, to: Option<&EntryConfig>) -> Result<(), EntryError> {
         let c = match to {
-            Some((vtep, ifindex, mac, mtu)) => IngCfg {
-                vtep: be(vtep),
-                ifindex,
-                mac_hi: u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]),
-                mac_lo: u32::from_ne_bytes([mac[4], mac[5], 0, 0]),
-                mtu,
-                _pad: 0,
+            Some(t) => IngCfg {
+                vtep: be(t.vtep),
+                ifindex: t.port_index,
+                mac_hi: u32::from_ne_bytes([t.port_mac[0], t.port_mac[1], t.port_mac[2], t.port_mac[3]]),
+                mac_lo: u32::from_ne_bytes([t.port_mac[4], t.port_mac[5], 0, 0]),
+                mtu: t.mtu,
+                vni: t.vni,
+                vxlan_port: u32::from(t.vxlan_port),
+                uplink: t.uplink_index,
             },
             None => IngCfg::default(),
         };
         self.cfg.set(0, c, 0).map_err(map_err(MAP_ING_CFG, "write"))
     }
 
-    /// Makes the maps hold exactly `want`: published port (ingress mode) → its active tasks'
-    /// ingress addresses, in order. A port not in `want` is left to the kernel's path.
-    pub fn set(&mut self, want: &BTreeMap<IngPortKey, Vec<Ipv4Addr>>) -> Result<(), EntryError> {
+    /// Makes the maps hold exactly `want`: published port (ingress mode) → its active tasks
+    /// (ingress address, node's underlay address), in order. A port not in `want` is left
+    /// to the kernel's path.
+    pub fn set(&mut self, want: &BTreeMap<IngPortKey, Vec<(Ipv4Addr, Ipv4Addr)>>) -> Result<(), EntryError> {
         let gone: Vec<IngPortKey> = self.known.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for k in gone {
             self.remove(&k)?;
         }
         for (k, tasks) in want {
-            let ips: Vec<u32> = tasks.iter().map(|ip| be(*ip)).collect();
+            let ips: Vec<IngTask> = tasks.iter().map(|(ip, vtep)| IngTask { ip: be(*ip), vtep: be(*vtep) }).collect();
             let st = match self.known.get(k) {
                 Some(s) => s.clone(),
                 None => {

@@ -197,20 +197,29 @@ impl IngressSink {
         }
         let to = match (me, self.local_vtep) {
             (Some(m), IpAddr::V4(vtep)) => {
-                let index = self
+                let uplink = self.entry.as_ref().map(|e| e.lock().unwrap_or_else(|p| p.into_inner()).iface.clone()).unwrap_or_default();
+                let (port, up) = self
                     .ns
-                    .run(|ctx| ctx.block_on(ctx.home().link(NODE_IF)))
+                    .run(move |ctx| ctx.block_on(async { Ok::<_, crate::netlink::Error>((ctx.home().link(NODE_IF).await?, ctx.home().link(&uplink).await?)) }))
                     .await
-                    .map_err(|e| format!("ingress network {}: look for {NODE_IF}: {e}", m.name))??
-                    .map(|l| l.index)
-                    .ok_or_else(|| format!("ingress network {}: {NODE_IF} is missing", m.name))?;
-                Some((vtep, index, swarmnet_types::mac_for(m.address), m.mtu))
+                    .map_err(|e| format!("ingress network {}: look for {NODE_IF}: {e}", m.name))??;
+                let port = port.ok_or_else(|| format!("ingress network {}: {NODE_IF} is missing", m.name))?;
+                let up = up.ok_or_else(|| format!("ingress network {}: the underlay interface is missing", m.name))?;
+                Some(entry::EntryConfig {
+                    vtep,
+                    uplink_index: up.index,
+                    port_index: port.index,
+                    port_mac: swarmnet_types::mac_for(m.address),
+                    mtu: m.mtu,
+                    vni: m.vni,
+                    vxlan_port: m.vxlan_port,
+                })
             }
             _ => None,
         };
         let clear = to.is_none();
         self.with_entry(move |e| {
-            e.configure(to)?;
+            e.configure(to.as_ref())?;
             if clear {
                 e.set(&BTreeMap::new())?;
             }

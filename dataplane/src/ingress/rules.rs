@@ -36,6 +36,8 @@ pub struct Backend {
     pub task: String,
     pub local: bool,
     pub active: bool,
+    /// Its node's underlay address.
+    pub vtep: IpAddr,
 }
 
 /// One published port as this node answers it.
@@ -73,7 +75,7 @@ pub fn plan(endpoints: &[Endpoint], local_vtep: IpAddr) -> Vec<Published> {
             if entry.service != e.service_name {
                 continue;
             }
-            entry.backends.push(Backend { ip: e.ip, port: p.target, task: e.task_name.clone(), local, active: e.state == EndpointState::Active });
+            entry.backends.push(Backend { ip: e.ip, port: p.target, task: e.task_name.clone(), local, active: e.state == EndpointState::Active, vtep: e.vtep });
         }
     }
     let mut v: Vec<Published> = out.into_values().collect();
@@ -238,9 +240,10 @@ pub fn node_vteps(endpoints: &[Endpoint]) -> Vec<Ipv4Addr> {
     v
 }
 
-/// What the eBPF entry takes: each ingress-mode port → its active tasks, in order. A port
-/// with none stays (its established flows go on; new ones go to the table, which refuses).
-pub fn entry_ports(published: &[Published]) -> BTreeMap<swarmnet_ebpf_common::IngPortKey, Vec<Ipv4Addr>> {
+/// What the eBPF entry takes: each ingress-mode port → its active tasks (address, node's
+/// underlay address), in order. A port with none stays (its established flows go on; new
+/// ones go to the table, which refuses). A task on an IPv6 underlay is not the entry's.
+pub fn entry_ports(published: &[Published]) -> BTreeMap<swarmnet_ebpf_common::IngPortKey, Vec<(Ipv4Addr, Ipv4Addr)>> {
     published
         .iter()
         .filter(|p| p.mode == PublishMode::Ingress)
@@ -249,7 +252,17 @@ pub fn entry_ports(published: &[Published]) -> BTreeMap<swarmnet_ebpf_common::In
                 Protocol::Tcp => 6,
                 Protocol::Udp => 17,
             };
-            (swarmnet_ebpf_common::IngPortKey { proto, port: u32::from(p.port) }, p.backends.iter().filter(|b| b.active).map(|b| b.ip).collect())
+            (
+                swarmnet_ebpf_common::IngPortKey { proto, port: u32::from(p.port) },
+                p.backends
+                    .iter()
+                    .filter(|b| b.active)
+                    .filter_map(|b| match b.vtep {
+                        IpAddr::V4(v) => Some((b.ip, v)),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect(),
+            )
         })
         .collect()
 }

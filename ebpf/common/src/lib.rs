@@ -126,16 +126,22 @@ pub const MAX_ING_HANDED: u32 = 65_536;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IngCfg {
-    /// The node's underlay address (network order): only packets to it are taken.
+    /// The node's underlay address (network order): only packets to it are taken, and it is
+    /// the source of the VXLAN packets the program makes.
     pub vtep: u32,
-    /// Index of the node's port into the ingress network (`sning0`); 0: take nothing.
+    /// Index of the node's port into the ingress network (`sning0`): the way to a task on
+    /// this node; 0: take nothing.
     pub ifindex: u32,
-    /// Its MAC, the source of the frames put on the ingress network (bytes 0..4, 4..6).
+    /// Its MAC, the inner source of the frames put on the ingress network (bytes 0..4, 4..6).
     pub mac_hi: u32,
     pub mac_lo: u32,
-    /// The ingress network's MTU: a bigger packet is left to the kernel's path.
+    /// The ingress network's MTU: a bigger datagram is left to the kernel's path.
     pub mtu: u32,
-    pub _pad: u32,
+    /// The ingress network's VNI and the cluster's VXLAN port (host order).
+    pub vni: u32,
+    pub vxlan_port: u32,
+    /// Index of the underlay interface (the program's own): the way to another node's task.
+    pub uplink: u32,
 }
 
 /// `SN_ING_PORTS` key: protocol (6, 17) and published port (host order).
@@ -168,12 +174,20 @@ pub struct IngFlowKey {
     pub proto: u32,
 }
 
-/// `SN_ING_FLOWS` value: the task the flow was given (its ingress address) and when.
+/// `SN_ING_SLOTS` value and the task of a flow: its ingress address and its node's
+/// underlay address (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngTask {
+    pub ip: u32,
+    pub vtep: u32,
+}
+
+/// `SN_ING_FLOWS` value: the task the flow was given and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IngFlow {
-    pub ip: u32,
-    pub _pad: u32,
+    pub task: IngTask,
     /// `bpf_ktime_get_ns` of the pick (TCP: of the SYN; UDP: of the last datagram).
     pub ts: u64,
 }
@@ -215,6 +229,8 @@ mod pod {
     unsafe impl aya::Pod for IngFlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IngFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IngTask {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IngHandKey {}
 }

@@ -1,8 +1,10 @@
 //! The routing mesh's entry program (issue 10, ADR 0015): tc ingress on the node's underlay
 //! interface. A client's packet to a published port (ingress mode) of the node's underlay
 //! address is given a task (round robin, once per flow) and put, unchanged but for its
-//! Ethernet header, on the ingress network towards that task: out of the node's port
-//! `sning0`, whose bridge sends it to the task (this node) or into VXLAN (another node).
+//! Ethernet header, on the ingress network towards that task: a task on another node gets
+//! it in a VXLAN packet the program makes and sends back out of the underlay interface
+//! (the kernel fills in the next hop's MAC); a task on this node gets it out of the node's
+//! port `sning0`, whose bridge sends it to the task.
 //! The task's namespace DNATs it to itself and its reply, whose source is then the address
 //! and port the client asked for, leaves through the task's own node straight to the client
 //! (direct server return): the entry node sees one direction only, and keeps no connection
@@ -17,8 +19,8 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK};
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect};
+use aya_ebpf::bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::TcContext;
@@ -35,13 +37,15 @@ const ACK: u8 = 0x10;
 const SYN_RETRY_NS: u64 = 3_000_000_000;
 /// A UDP flow idle for this long is new again (the kernel's UDP conntrack timeout).
 const UDP_IDLE_NS: u64 = 30_000_000_000;
+/// Outer IPv4 + UDP + VXLAN + inner Ethernet.
+const ENCAP_LEN: usize = 20 + 8 + 8 + 14;
 
 #[map(name = "SN_ING_CFG")]
 static CFG: Array<IngCfg> = Array::with_max_entries(1, 0);
 #[map(name = "SN_ING_PORTS")]
 static PORTS: HashMap<IngPortKey, IngPort> = HashMap::with_max_entries(MAX_ING_PORTS, BPF_F_NO_PREALLOC);
 #[map(name = "SN_ING_SLOTS")]
-static SLOTS: HashMap<SlotKey, u32> = HashMap::with_max_entries(MAX_ING_SLOTS, BPF_F_NO_PREALLOC);
+static SLOTS: HashMap<SlotKey, IngTask> = HashMap::with_max_entries(MAX_ING_SLOTS, BPF_F_NO_PREALLOC);
 #[map(name = "SN_ING_RR")]
 static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_ING_PORTS, 0);
 #[map(name = "SN_ING_FLOWS")]
@@ -95,11 +99,11 @@ fn take(ctx: &TcContext) -> Option<i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: value copied at once.
     let known = unsafe { FLOWS.get(key) }.copied();
-    let ip = if proto == TCP {
+    let task = if proto == TCP {
         let flags: u8 = ctx.load(l4 + 13).ok()?;
         let syn = flags & (SYN | ACK | RST) == SYN;
         match known {
-            Some(f) if !syn || now.wrapping_sub(f.ts) < SYN_RETRY_NS => f.ip,
+            Some(f) if !syn || now.wrapping_sub(f.ts) < SYN_RETRY_NS => f.task,
             // A segment of a flow this program did not start: the kernel's connection
             // tracking knows it (or calls it invalid and drops it).
             _ if !syn => return None,
@@ -115,25 +119,106 @@ fn take(ctx: &TcContext) -> Option<i32> {
         }
         match known {
             Some(f) if now.wrapping_sub(f.ts) < UDP_IDLE_NS => {
-                let _ = FLOWS.insert(key, IngFlow { ip: f.ip, _pad: 0, ts: now }, 0);
-                f.ip
+                let _ = FLOWS.insert(key, IngFlow { task: f.task, ts: now }, 0);
+                f.task
             }
             _ => pick(&port, &key, dport, proto, now)?,
         }
     };
-    // The frame goes to the task's MAC (02:42 + its address) from the node's port.
-    let o = ip.to_ne_bytes();
+    let o = task.ip.to_ne_bytes();
     let hi = cfg.mac_hi.to_ne_bytes();
     let lo = cfg.mac_lo.to_ne_bytes();
-    let macs: [u8; 12] = [0x02, 0x42, o[0], o[1], o[2], o[3], hi[0], hi[1], hi[2], hi[3], lo[0], lo[1]];
-    ctx.store(0, &macs, 0).ok()?;
-    // SAFETY: a helper with plain integers; the verdict it returns is TC_ACT_REDIRECT.
-    Some(unsafe { bpf_redirect(cfg.ifindex, 0) } as i32)
+    // The frame on the ingress network: to the task's MAC (02:42 + its address), from the
+    // node's port.
+    let inner: [u8; 12] = [0x02, 0x42, o[0], o[1], o[2], o[3], hi[0], hi[1], hi[2], hi[3], lo[0], lo[1]];
+    let len = ctx.len() as usize;
+    if task.vtep == cfg.vtep || len + ENCAP_LEN > 65_535 + ETH_LEN {
+        // A task of this node (or a packet too big to wrap): through the node's port.
+        ctx.store(0, &inner, 0).ok()?;
+        // SAFETY: a helper with plain integers; it returns TC_ACT_REDIRECT.
+        return Some(unsafe { bpf_redirect(cfg.ifindex, 0) } as i32);
+    }
+    Some(encap(ctx, &cfg, &task, &inner, saddr ^ ports, len - ETH_LEN))
+}
+
+/// Wraps the packet (`ip_len` bytes of IP) in VXLAN to the task's node and sends it out of
+/// the underlay interface; the kernel's neighbour table gives the next hop's MAC.
+#[inline(always)]
+fn encap(ctx: &TcContext, cfg: &IngCfg, task: &IngTask, inner: &[u8; 12], entropy: u32, ip_len: usize) -> i32 {
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64 | ((ETH_LEN as u64 & 0xff) << 56);
+    if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        // Nothing changed: the kernel's path has it.
+        return TC_ACT_OK as i32;
+    }
+    let total = (ip_len + ENCAP_LEN) as u16;
+    let udp_len = (ip_len + ENCAP_LEN - 20) as u16;
+    let s = cfg.vtep.to_ne_bytes();
+    let d = task.vtep.to_ne_bytes();
+    let t = total.to_be_bytes();
+    let mut h: [u8; ENCAP_LEN] = [0; ENCAP_LEN];
+    // IPv4: no options, no DF (as the kernel's VXLAN), TTL 64, UDP.
+    h[0] = 0x45;
+    h[2] = t[0];
+    h[3] = t[1];
+    h[8] = 64;
+    h[9] = UDP;
+    h[12] = s[0];
+    h[13] = s[1];
+    h[14] = s[2];
+    h[15] = s[3];
+    h[16] = d[0];
+    h[17] = d[1];
+    h[18] = d[2];
+    h[19] = d[3];
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += ((h[i] as u32) << 8) | h[i + 1] as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let c = (!(sum as u16)).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    // UDP: a source port from the flow (spreads flows over the receiver's queues), no
+    // checksum (allowed for IPv4, as the kernel's VXLAN does by default).
+    let e = entropy ^ (entropy >> 16);
+    let sport = (49_152 + (e & 0x3fff)) as u16;
+    let sp = sport.to_be_bytes();
+    let dp = (cfg.vxlan_port as u16).to_be_bytes();
+    let ul = udp_len.to_be_bytes();
+    h[20] = sp[0];
+    h[21] = sp[1];
+    h[22] = dp[0];
+    h[23] = dp[1];
+    h[24] = ul[0];
+    h[25] = ul[1];
+    // VXLAN: the I flag and the VNI.
+    h[28] = 0x08;
+    h[32] = (cfg.vni >> 16) as u8;
+    h[33] = (cfg.vni >> 8) as u8;
+    h[34] = cfg.vni as u8;
+    // The inner Ethernet header.
+    let mut k = 0;
+    while k < 12 {
+        h[36 + k] = inner[k];
+        k += 1;
+    }
+    h[48] = 0x08;
+    h[49] = 0x00;
+    if ctx.store(ETH_LEN, &h, 0).is_err() {
+        // Half made: drop it rather than send garbage (the client retransmits).
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: a helper with plain integers and no parameters block (the kernel looks up
+    // the next hop of the outer destination); it returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect_neigh(cfg.uplink, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 /// A new flow: the next active task of the port, round robin (exact on each CPU).
 #[inline(always)]
-fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Option<u32> {
+fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Option<IngTask> {
     let i = {
         let rr = RR.get_ptr_mut(port.id)?;
         // SAFETY: this CPU's slot of an existing element; the program runs with migration
@@ -147,9 +232,9 @@ fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Op
         n.checked_rem(port.count)?
     };
     // SAFETY: value copied at once.
-    let ip = unsafe { SLOTS.get(SlotKey { svc: port.id, gen: port.gen, slot: i }) }.copied()?;
-    FLOWS.insert(key, IngFlow { ip, _pad: 0, ts: now }, 0).ok()?;
-    let hk = IngHandKey { proto: proto as u32, port: dport, ip };
+    let task = unsafe { SLOTS.get(SlotKey { svc: port.id, gen: port.gen, slot: i }) }.copied()?;
+    FLOWS.insert(key, IngFlow { task, ts: now }, 0).ok()?;
+    let hk = IngHandKey { proto: proto as u32, port: dport, ip: task.ip };
     match HANDED.get_ptr_mut(hk) {
         // SAFETY: this CPU's copy of an existing element.
         Some(h) => unsafe { *h = (*h).wrapping_add(1) },
@@ -157,7 +242,7 @@ fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Op
             let _ = HANDED.insert(hk, 1u64, 0);
         }
     }
-    Some(ip)
+    Some(task)
 }
 
 #[cfg(not(test))]
