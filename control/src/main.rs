@@ -454,7 +454,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(w) = &t.ports_warning {
                     println!("\nwarning: {w}");
                 }
-                println!("\npublished ports (routing mesh):");
+                println!("\npublished ports (routing mesh; clients from outside enter by {}):", t.mesh_entry);
                 print!("{}", table::render(&table::port_rows(&t)));
             }
             return Ok(ExitCode::SUCCESS);

@@ -48,6 +48,24 @@ fn assert_even(what: &str, got: &BTreeMap<String, u64>, names: &[String], total:
     }
 }
 
+/// Connections the node's nftables table handed out on `proto`/`port` (its backend chains'
+/// counters): what the eBPF entry left to the kernel's path.
+fn table_count(ns: &str, proto: &str, port: u16) -> Result<u64> {
+    let text = in_ns(ns, &["nft", "list", "table", "ip", "swarmnet-ingress"])?;
+    let mut chain = "";
+    let mut n = 0;
+    for l in text.lines().map(str::trim) {
+        if let Some(c) = l.strip_prefix("chain ") {
+            chain = c.trim_end_matches(" {");
+        } else if chain.starts_with(&format!("b_{proto}_{port}_")) {
+            if let Some(p) = l.split("counter packets ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()) {
+                n += p;
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// The node index (0-based) a task runs on.
 fn node_of(lab: &Lab, task: &Value) -> Result<usize> {
     let host = task["node"].as_str().context("task node")?;
@@ -106,8 +124,11 @@ fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
     wait_reachable(&lab, &cl, "8080", "web")?;
     let me = client_ip();
 
-    // Through the node that runs no task: the mesh.
+    // Through the node that runs no task: the mesh, by the node's eBPF entry (ADR 0015).
     let addr = lab.nodes[empty].addr.clone();
+    let entry = lab.cli_json(empty, &["lb", "ls"])?;
+    assert_eq!(entry["mesh_entry"], "ebpf (direct return)", "clients from outside enter by the eBPF entry: {entry}");
+    let (tcp0, udp0) = (table_count(&lab.nodes[empty].ns, "tcp", 8080)?, table_count(&lab.nodes[empty].ns, "udp", 8080)?);
     let r = client(&cl, &["tcp", &addr, "8080", "600"])?;
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     assert_even("600 connections through a node without a task", &counts(&r["counts"]), &names, 600);
@@ -117,6 +138,9 @@ fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
     assert_eq!(r["bad_source"], serde_json::json!([]), "replies come from the address asked: {r}");
     assert_even("200 UDP flows through a node without a task", &counts(&r["counts"]), &names, 200);
     assert_eq!(counts(&r["peers"]), BTreeMap::from([(me.clone(), 200)]), "{r}");
+    // None of them went by the node's nftables table.
+    let (tcp1, udp1) = (table_count(&lab.nodes[empty].ns, "tcp", 8080)?, table_count(&lab.nodes[empty].ns, "udp", 8080)?);
+    assert_eq!((tcp1 - tcp0, udp1 - udp0), (0, 0), "the eBPF entry took every flow from outside (the table counted the rest)");
 
     // Through the nodes that run one.
     for &i in &with {
@@ -289,5 +313,51 @@ fn drain_and_a_node_that_dies() -> Result<()> {
         let r = wait_for(&format!("{addr}:8082 answering every connection"), T, || client(&cl, &["tcp", &addr, "8082", "20"]).ok().filter(|r| r["errors"] == serde_json::json!([])))?;
         assert_eq!(counts(&r["counts"]).values().sum::<u64>(), 20, "{r}");
     }
+    Ok(())
+}
+
+/// An agent killed and restarted: its eBPF entry stays attached while it is down (pinned),
+/// a connection that entered by it goes on, and the restarted agent adopts the program
+/// (replaced in its pinned link, not attached twice) and its maps.
+#[test]
+fn an_agent_restart_keeps_the_entry_and_its_flows() -> Result<()> {
+    let (mut lab, cl) = web_lab("snx-ingrst", 3, 2, &["8083:8000"])?;
+    let tasks = lab.running_tasks("web")?;
+    let with: Vec<usize> = tasks.iter().map(|t| node_of(&lab, t)).collect::<Result<_>>()?;
+    // An agent (not the manager), preferably one without a task.
+    let i = (1..3).find(|i| !with.contains(i)).unwrap_or(1);
+    let addr = lab.nodes[i].addr.clone();
+    wait_port(&lab, i, 8083, "tcp", 2)?;
+    wait_reachable(&lab, &cl, "8083", "web")?;
+    let dir = std::env::temp_dir().join(format!("snx-ingrst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display().to_string();
+    let c = script("ingress_client.py");
+    let holder = std::process::Command::new("ip").args(["netns", "exec", &cl, "python3", &c, "hold", &addr, "8083", "web.1", &d]).stdout(std::process::Stdio::null()).spawn()?;
+    let result = (|| -> Result<()> {
+        wait_for("a connection held to web.1", T, || dir.join("held").exists().then_some(()))?;
+        lab.stop_node(i, SIGKILL)?;
+        // While the agent is down the entry keeps answering from its pinned maps.
+        let r = client(&cl, &["tcp", &addr, "8083", "20"])?;
+        assert_eq!(r["errors"], serde_json::json!([]), "node {} answers with its agent down: {r}", i + 1);
+        lab.start_node(i)?;
+        wait_for(&format!("node {}'s agent adopting its eBPF entry", i + 1), T, || lab.log(i).contains("adopted=true").then_some(()))?;
+        wait_port(&lab, i, 8083, "tcp", 2)?;
+        std::fs::write(dir.join("go"), b"")?;
+        let res = wait_for("the holder's result", T, || std::fs::read_to_string(dir.join("result")).ok())?;
+        let res: Value = serde_json::from_str(&res)?;
+        assert_eq!(res["ok"], true, "the connection that entered before the restart goes on: {res}");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut holder = holder;
+    let _ = holder.wait();
+    result?;
+    let before = table_count(&lab.nodes[i].ns, "tcp", 8083)?;
+    let r = client(&cl, &["tcp", &addr, "8083", "100"])?;
+    assert_eq!(r["errors"], serde_json::json!([]), "{r}");
+    assert_even("100 connections after the restart", &counts(&r["counts"]), &["web.1".to_string(), "web.2".to_string()], 100);
+    assert_eq!(table_count(&lab.nodes[i].ns, "tcp", 8083)? - before, 0, "the adopted entry took them all");
     Ok(())
 }

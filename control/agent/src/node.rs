@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
-use swarmnet_dataplane::ingress::entry::Entry;
+use swarmnet_dataplane::ingress::entry::{self, Entry};
 use swarmnet_dataplane::ingress::IngressSink;
 use swarmnet_dataplane::lb::{EbpfError, EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
@@ -165,7 +165,13 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
 /// The routing mesh's eBPF entry on the underlay interface (ADR 0015), as `--mesh-entry`
 /// says; None: clients from outside enter by the node's nftables table (ADR 0011).
 fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Option<Entry> {
+    let detach = || match Host::prepare(&cfg.node_name, cfg.bpffs.as_deref()).map_err(anyhow::Error::from).and_then(|h| Ok(entry::detach_pinned(&h.pins)?)) {
+        Ok(true) => info!("routing mesh: detached the eBPF entry an earlier agent left"),
+        Ok(false) => {}
+        Err(e) => error!(error = %format!("{e:#}"), "routing mesh: the eBPF entry an earlier agent left cannot be detached: it keeps handing flows out from maps nothing updates"),
+    };
     if cfg.mesh_entry == MeshEntry::Nftables {
+        detach();
         info!("routing mesh: clients enter by nftables (--mesh-entry nftables), replies go back through the entry node");
         return None;
     }
@@ -177,6 +183,7 @@ fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Option<Entry> {
         Ok(e) => Some(e),
         Err(e) => {
             warn!(iface, error = %format!("{e:#}"), "routing mesh: the eBPF entry cannot start here: clients enter by nftables, replies go back through the entry node");
+            detach();
             None
         }
     }

@@ -260,6 +260,7 @@ impl Agent {
 
     /// `lb ls`: this node's load balancer, read back from the kernel.
     pub async fn lb_table(&self) -> Reply {
+        let mesh_entry = self.runtime.ingress().entry_kind().to_string();
         let (ports, ports_warning) = match self.runtime.ingress().read().await {
             Ok((rows, failed)) => (
                 rows.into_iter()
@@ -280,7 +281,7 @@ impl Agent {
             Err(e) => (vec![], Some(format!("routing mesh: read the kernel's table: {e}"))),
         };
         let Some(lb) = self.runtime.lb() else {
-            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![], ports, ports_warning });
+            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![], ports, ports_warning, mesh_entry });
         };
         let rows = match lb.backend.read().await {
             Ok(r) => r,
@@ -321,7 +322,7 @@ impl Agent {
             warnings.push(format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
         }
         let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
-        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services, ports, ports_warning })
+        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services, ports, ports_warning, mesh_entry })
     }
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to

@@ -241,6 +241,10 @@ pub struct LbTable {
     /// Why the routing mesh is not (fully) working on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports_warning: Option<String>,
+    /// How clients from outside enter the mesh here: `ebpf (direct return)` or
+    /// `nftables (return through the entry node)`.
+    #[serde(default)]
+    pub mesh_entry: String,
 }
 
 /// One published port as this node answers it.

@@ -100,6 +100,20 @@ struct PortSt {
     live: Option<Vec<IngTask>>,
 }
 
+/// Detaches the entry program an earlier agent of this node pinned (this one does not use
+/// it: it would keep handing flows out from maps nothing updates). True if there was one.
+pub fn detach_pinned(lb_pins: &Path) -> Result<bool, EntryError> {
+    let pin = lb_pins.with_file_name(PIN_VERSION).join(format!("link_{PROG_INGRESS}"));
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let err = |what: &'static str, e: Box<dyn std::error::Error + Send + Sync>| EntryError::Program { iface: String::new(), what, source: e };
+    let link = PinnedLink::from_pin(&pin).map_err(|e| err("open pinned link", Box::new(e)))?;
+    // Unpinned, the link goes when its last descriptor (this one) closes.
+    drop(link.unpin().map_err(|e| err("unpin link", Box::new(e)))?);
+    Ok(true)
+}
+
 /// The entry program of this node and its maps.
 pub struct Entry {
     cfg: Array<MapData, IngCfg>,
