@@ -470,8 +470,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Service(ServiceCmd::Ps { name, f }) => {
-            let tasks: Vec<TaskInfo> = call(&host, ApiRequest::ServicePs { name })?;
-            f.print(&tasks)?;
+            let r: ServicePsReply = call(&host, ApiRequest::ServicePs { name })?;
+            f.print(&r.tasks)?;
+            // After the table (on stderr: `--format json` prints the tasks alone).
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Run { name, network, detach, command } => {

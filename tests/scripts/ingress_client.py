@@ -8,8 +8,8 @@ Prints one JSON object.
                       reply came from ADDR:PORT
   reach ADDR PORT     one TCP connection with a 2 s timeout: who answered, or the error
   hold ADDR PORT WANT DIR  connects until task WANT answers and keeps that connection:
-                      writes DIR/held, waits for DIR/go, then sends a line on it; DIR/result
-                      says whether the same task still answers on it
+                      writes DIR/held ("<task> <local port>"), waits for DIR/go, then sends
+                      a line on it; DIR/result says whether the same task still answers on it
 """
 import json, os, socket, sys, time
 
@@ -85,8 +85,9 @@ def hold(addr, port, want, d):
         s.close()
     else:
         raise SystemExit("task %s never answered" % want)
-    with open(os.path.join(d, "held"), "w") as f:
-        f.write(who)
+    with open(os.path.join(d, "held.tmp"), "w") as f:
+        f.write("%s %d" % (who, s.getsockname()[1]))
+    os.rename(os.path.join(d, "held.tmp"), os.path.join(d, "held"))
     while not os.path.exists(os.path.join(d, "go")):
         time.sleep(0.05)
     try:

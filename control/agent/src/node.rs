@@ -163,8 +163,9 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
 }
 
 /// The routing mesh's eBPF entry on the underlay interface (ADR 0015), as `--mesh-entry`
-/// says; None: clients from outside enter by the node's nftables table (ADR 0011).
-fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Option<Entry> {
+/// says; None: clients from outside enter by the node's nftables table (ADR 0011); Err: why
+/// the entry could not start.
+fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Result<Option<Entry>, String> {
     let detach = || match Host::prepare(&cfg.node_name, cfg.bpffs.as_deref()).map_err(anyhow::Error::from).and_then(|h| Ok(entry::detach_pinned(&h.pins)?)) {
         Ok(true) => info!("routing mesh: detached the eBPF entry an earlier agent left"),
         Ok(false) => {}
@@ -173,18 +174,18 @@ fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Option<Entry> {
     if cfg.mesh_entry == MeshEntry::Nftables {
         detach();
         info!("routing mesh: clients enter by nftables (--mesh-entry nftables), replies go back through the entry node");
-        return None;
+        return Ok(None);
     }
     let open = || -> anyhow::Result<Entry> {
         let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
         Ok(Entry::open(&host.pins, iface)?)
     };
     match open() {
-        Ok(e) => Some(e),
+        Ok(e) => Ok(Some(e)),
         Err(e) => {
             warn!(iface, error = %format!("{e:#}"), "routing mesh: the eBPF entry cannot start here: clients enter by nftables, replies go back through the entry node");
             detach();
-            None
+            Err(format!("{e:#}"))
         }
     }
 }

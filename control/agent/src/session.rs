@@ -189,10 +189,22 @@ impl Agent {
             }
         });
         let mut hb = tokio::time::interval(Duration::from_millis(hb_ms));
+        // The node's routing-mesh problems: now, then as they change (`service ps`).
+        let mut mesh = self.runtime.ingress().warnings();
+        mesh.mark_changed();
+        let mut mesh_open = true;
         let result = loop {
             tokio::select! {
                 _ = hb.tick() => {
                     if let Err(e) = write_msg(&mut w, &FromAgent::Heartbeat).await { break Err(e.into()); }
+                }
+                r = mesh.changed(), if mesh_open => {
+                    if r.is_err() {
+                        mesh_open = false;
+                        continue;
+                    }
+                    let warnings = mesh.borrow_and_update().iter().map(|(port, message)| MeshWarning { port: *port, message: message.clone() }).collect();
+                    if let Err(e) = write_msg(&mut w, &FromAgent::MeshWarnings { warnings }).await { break Err(e.into()); }
                 }
                 m = msg_rx.recv() => match m {
                     Some(Ok(Some(FromManager::Assign { full, upsert, remove }))) => {

@@ -136,6 +136,18 @@ pub enum FromAgent {
     /// The gossip keys this node's gossip loop holds now (ids), sent after every
     /// `FromManager::GossipKeys`: `node ls` shows who holds the current key.
     GossipKeysHeld { ids: Vec<u32> },
+    /// What keeps the routing mesh from working fully on this node now (a local process
+    /// bound to a published port, a table that cannot be written, no eBPF entry), sent when
+    /// it changes and at the start of a session: `service ps` shows it.
+    MeshWarnings { warnings: Vec<MeshWarning> },
+}
+
+/// One routing-mesh problem of a node: about one published port, or all of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshWarning {
+    /// `(protocol, published port)`; None: every published port of the node.
+    pub port: Option<(swarmnet_types::Protocol, u16)>,
+    pub message: String,
 }
 
 /// What a node needs to run one task.

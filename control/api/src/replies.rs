@@ -174,6 +174,15 @@ pub struct TaskInfo {
     pub restarts: u32,
 }
 
+/// `service ps`: the service's tasks, and what keeps its published ports from answering
+/// fully on some node ("node <hostname>: …").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePsReply {
+    pub tasks: Vec<TaskInfo>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenInfo {
     pub role: String,

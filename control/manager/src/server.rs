@@ -65,6 +65,9 @@ struct Inner {
     /// The gossip key ids each node last said it holds (not stored: nodes say it again in
     /// every session).
     keys_held: HashMap<Id, Vec<u32>>,
+    /// What each node last said keeps its routing mesh from working fully (not stored:
+    /// nodes say it again in every session).
+    mesh_warnings: HashMap<Id, Vec<MeshWarning>>,
 }
 
 pub struct Manager {
@@ -197,7 +200,7 @@ impl Manager {
         let (changed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Manager {
             store: Box::new(store),
-            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new() }),
+            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
             removed: Mutex::new(meta.removed_nodes.clone()),
@@ -624,6 +627,10 @@ impl Manager {
                         me.touch(&n2);
                         me.lock().keys_held.insert(n2.clone(), ids);
                     }
+                    Some(FromAgent::MeshWarnings { warnings }) => {
+                        me.touch(&n2);
+                        me.lock().mesh_warnings.insert(n2.clone(), warnings);
+                    }
                     Some(FromAgent::Reports { reports }) => {
                         me.touch(&n2);
                         me.mutate(|st, g| {
@@ -750,7 +757,9 @@ impl Manager {
                 let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
                 let mut tasks: Vec<&Task> = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id)).collect();
                 tasks.sort_by_key(|t| (t.slot, t.name.clone(), t.desired_state != DesiredState::Running));
-                to_value(tasks.iter().map(|t| task_info(t, &st)).collect::<Vec<_>>())?
+                let tasks = tasks.iter().map(|t| task_info(t, &st)).collect::<Vec<_>>();
+                let warnings = mesh_warnings(s, &st, &self.lock().mesh_warnings);
+                to_value(ServicePsReply { tasks, warnings })?
             }
             ApiRequest::ServiceInspect { name } => {
                 let st = self.state();
@@ -842,6 +851,29 @@ fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
         ports: s.ports.clone(),
         command: s.command.clone(),
     }
+}
+
+/// The routing-mesh problems of ready nodes that touch `svc`'s published ports, as
+/// "node <hostname>: <what>" (sorted).
+fn mesh_warnings(svc: &Service, st: &ClusterState, all: &HashMap<Id, Vec<MeshWarning>>) -> Vec<String> {
+    if svc.ports.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (node, ws) in all {
+        let Some(n) = st.nodes.get(node).filter(|n| n.status == NodeStatus::Ready) else { continue };
+        for w in ws {
+            let touches = match w.port {
+                None => true,
+                Some((proto, port)) => svc.ports.iter().any(|p| p.protocol == proto && p.published == port),
+            };
+            if touches {
+                out.push(format!("node {}: {}", n.hostname, w.message));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {

@@ -168,12 +168,46 @@ pub struct IngressSink {
     /// The eBPF entry program (ADR 0015); None: every published port goes by the node's
     /// nftables table, replies back through the entry node (ADR 0011).
     entry: Option<Arc<std::sync::Mutex<entry::Entry>>>,
+    /// Why the eBPF entry did not start, if it was wanted.
+    entry_warning: Option<String>,
+    /// What keeps the mesh from working fully here now (the session tells the manager).
+    warnings: Arc<tokio::sync::watch::Sender<Vec<MeshProblem>>>,
 }
 
+/// One routing-mesh problem of this node: about one published port, or all of them.
+pub type MeshProblem = (Option<(Protocol, u16)>, String);
+
 impl IngressSink {
-    pub fn new(ns: NsWorker, local_vtep: IpAddr, entry: Option<entry::Entry>) -> Self {
+    /// `entry`: the eBPF entry, or why it did not start (None: not wanted).
+    pub fn new(ns: NsWorker, local_vtep: IpAddr, entry: Result<Option<entry::Entry>, String>) -> Self {
         let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None, shadowed: BTreeSet::new() };
-        IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)), entry: entry.map(|e| Arc::new(std::sync::Mutex::new(e))) }
+        let (entry, entry_warning) = match entry {
+            Ok(e) => (e, None),
+            Err(why) => (None, Some(format!("the eBPF entry could not start ({why}): clients from outside enter by nftables, replies go back through the entry node"))),
+        };
+        let (warnings, _) = tokio::sync::watch::channel(Vec::new());
+        let sink = IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)), entry: entry.map(|e| Arc::new(std::sync::Mutex::new(e))), entry_warning, warnings: Arc::new(warnings) };
+        sink.publish_warnings(None, &BTreeSet::new());
+        sink
+    }
+
+    /// The node's mesh problems as they change.
+    pub fn warnings(&self) -> tokio::sync::watch::Receiver<Vec<MeshProblem>> {
+        self.warnings.subscribe()
+    }
+
+    fn publish_warnings(&self, failed: Option<&String>, shadowed: &BTreeSet<(Protocol, u16)>) {
+        let mut now: Vec<MeshProblem> = self.entry_warning.iter().chain(failed).map(|w| (None, w.clone())).collect();
+        for (proto, port) in shadowed {
+            now.push((Some((*proto, *port)), format!("a process on this node is bound to published port {port}/{proto}: the routing mesh takes the port first, it gets none of its connections")));
+        }
+        self.warnings.send_if_modified(|cur| {
+            let changed = *cur != now;
+            if changed {
+                *cur = now;
+            }
+            changed
+        });
     }
 
     /// Which way a client from outside enters this node (`lb ls`, the log).
@@ -336,6 +370,7 @@ impl IngressSink {
                 warn!(task = %id, error = %e, "routing mesh: a task's reply tables could not be programmed");
             }
         }
+        self.publish_warnings(st.failed.as_ref(), &st.shadowed);
         if errors.is_empty() { Ok(()) } else { Err(errors.join("; ").into()) }
     }
 
