@@ -188,7 +188,13 @@ pub struct IngTask {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IngFlow {
     pub task: IngTask,
-    /// `bpf_ktime_get_ns` of the pick (TCP: of the SYN; UDP: of the last datagram).
+    /// TCP: the sequence number of the SYN that started the flow (a SYN with the same one is
+    /// a retransmission).
+    pub syn_seq: u32,
+    /// TCP: 1 once the client sent a FIN or a RST on it: a new SYN from the same port may
+    /// then start a new connection (with another task).
+    pub closing: u32,
+    /// `bpf_ktime_get_ns` of the pick (UDP: of the last datagram).
     pub ts: u64,
 }
 

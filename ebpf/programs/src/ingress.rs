@@ -30,11 +30,10 @@ const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
-/// A SYN within this long of its flow's pick is a retransmission: it keeps its task.
-const SYN_RETRY_NS: u64 = 3_000_000_000;
 /// A UDP flow idle for this long is new again (the kernel's UDP conntrack timeout).
 const UDP_IDLE_NS: u64 = 30_000_000_000;
 /// Outer IPv4 + UDP + VXLAN + inner Ethernet.
@@ -101,13 +100,24 @@ fn take(ctx: &TcContext) -> Option<i32> {
     let known = unsafe { FLOWS.get(key) }.copied();
     let task = if proto == TCP {
         let flags: u8 = ctx.load(l4 + 13).ok()?;
-        let syn = flags & (SYN | ACK | RST) == SYN;
+        let syn = flags & (SYN | ACK | RST | FIN) == SYN;
+        let seq: u32 = if syn { ctx.load(l4 + 4).ok()? } else { 0 };
         match known {
-            Some(f) if !syn || now.wrapping_sub(f.ts) < SYN_RETRY_NS => f.task,
+            // A segment of a known flow; the client closing it lets its port start anew.
+            Some(f) if !syn => {
+                if flags & (FIN | RST) != 0 && f.closing == 0 {
+                    let _ = FLOWS.insert(key, IngFlow { closing: 1, ..f }, 0);
+                }
+                f.task
+            }
+            // Its SYN again (a retransmission: the same sequence number), or a SYN on a flow
+            // the client has not closed (not a new connection: the task's stack answers it
+            // as TCP says; never another task, which would break the open one).
+            Some(f) if f.syn_seq == seq || f.closing == 0 => f.task,
             // A segment of a flow this program did not start: the kernel's connection
             // tracking knows it (or calls it invalid and drops it).
             _ if !syn => return None,
-            _ => pick(&port, &key, dport, proto, now)?,
+            _ => pick(&port, &key, dport, proto, seq, now)?,
         }
     } else {
         // A datagram bigger than the ingress network carries is left to the kernel's path,
@@ -119,10 +129,10 @@ fn take(ctx: &TcContext) -> Option<i32> {
         }
         match known {
             Some(f) if now.wrapping_sub(f.ts) < UDP_IDLE_NS => {
-                let _ = FLOWS.insert(key, IngFlow { task: f.task, ts: now }, 0);
+                let _ = FLOWS.insert(key, IngFlow { ts: now, ..f }, 0);
                 f.task
             }
-            _ => pick(&port, &key, dport, proto, now)?,
+            _ => pick(&port, &key, dport, proto, 0, now)?,
         }
     };
     let o = task.ip.to_ne_bytes();
@@ -218,7 +228,7 @@ fn encap(ctx: &TcContext, cfg: &IngCfg, task: &IngTask, inner: &[u8; 12], entrop
 
 /// A new flow: the next active task of the port, round robin (exact on each CPU).
 #[inline(always)]
-fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Option<IngTask> {
+fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, syn_seq: u32, now: u64) -> Option<IngTask> {
     let i = {
         let rr = RR.get_ptr_mut(port.id)?;
         // SAFETY: this CPU's slot of an existing element; the program runs with migration
@@ -233,7 +243,7 @@ fn pick(port: &IngPort, key: &IngFlowKey, dport: u32, proto: u8, now: u64) -> Op
     };
     // SAFETY: value copied at once.
     let task = unsafe { SLOTS.get(SlotKey { svc: port.id, gen: port.gen, slot: i }) }.copied()?;
-    FLOWS.insert(key, IngFlow { task, ts: now }, 0).ok()?;
+    FLOWS.insert(key, IngFlow { task, syn_seq, closing: 0, ts: now }, 0).ok()?;
     let hk = IngHandKey { proto: proto as u32, port: dport, ip: task.ip };
     match HANDED.get_ptr_mut(hk) {
         // SAFETY: this CPU's copy of an existing element.
