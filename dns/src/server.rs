@@ -1,6 +1,8 @@
 //! The embedded resolver: a hickory-server request handler over the record store, one per
 //! task (it carries the task's networks: a task sees only names on them), served on a UDP
-//! socket and a TCP listener that were opened inside the task's network namespace.
+//! socket and a TCP listener that were opened inside the task's network namespace. Both
+//! have loops of their own: UDP batched (ADR 0007), TCP bounded (issue 12: connections in
+//! total and per address, a deadline for every frame, accept errors backed off).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,15 +17,20 @@ use hickory_server::proto::rr::rdata::{A, PTR, SRV};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
-use hickory_server::Server;
-use tracing::debug;
+use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog, Slot};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
 
 use crate::forward::Forwarder;
 use crate::records::{Answer, Records};
 use crate::sink::{self, RecordStore};
 
-/// How long an idle TCP connection to the resolver stays open.
+/// How long an idle TCP connection to the resolver stays open, and how long a frame's
+/// length prefix, its body and an answer's write may take.
 const TCP_IDLE: Duration = Duration::from_secs(5);
+/// TCP connections to one task's resolver: in all, and from one address (only the task
+/// itself can reach 127.0.0.11). Frames are at most 64 KiB by the protocol.
+const TCP_LIMITS: Limits = Limits { total: 64, per_peer: 32 };
 /// The largest UDP answer we send, whatever the client's EDNS size says.
 const MAX_UDP: u16 = 4096;
 
@@ -99,15 +106,15 @@ pub struct TaskResolver {
     scope: Arc<[String]>,
 }
 
-/// A task's resolver at work; dropping it closes its sockets.
+/// A task's resolver at work; dropping it closes its sockets (and TCP connections).
 pub struct Listener {
-    tcp: Server<TaskResolver>,
+    tcp: tokio::task::JoinHandle<()>,
     udp: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.tcp.shutdown_token().cancel();
+        self.tcp.abort();
         self.udp.abort();
     }
 }
@@ -115,21 +122,127 @@ impl Drop for Listener {
 /// Serves a task's resolver on sockets opened in its namespace. Must be called inside the
 /// tokio runtime that will serve them.
 ///
-/// TCP goes through hickory-server's `Server`. UDP has a loop of its own (see ADR 0007):
-/// it answers the cluster's names inline, without a task and two channel hops per query,
-/// and spawns only for queries that are forwarded upstream.
+/// UDP has a loop of its own (see ADR 0007): it answers the cluster's names inline, without
+/// a task and two channel hops per query, and spawns only for queries that are forwarded
+/// upstream. TCP too ([`serve_tcp`]): bounded, one query at a time per connection.
 pub fn serve(shared: Arc<Shared>, scope: Vec<String>, udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Listener> {
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
     let rt = shared.udp_rt.clone();
     let resolver = TaskResolver { shared, scope: scope.into() };
-    let mut server = Server::new(resolver.clone());
-    server.register_listener(tokio::net::TcpListener::from_std(tcp)?, TCP_IDLE, 65535);
+    let tcp = tokio::spawn(serve_tcp(tokio::net::TcpListener::from_std(tcp)?, resolver.clone(), TCP_LIMITS));
     let udp = {
         let _in_dns_thread = rt.enter();
         Arc::new(tokio::net::UdpSocket::from_std(udp)?)
     };
-    Ok(Listener { tcp: server, udp: rt.spawn(serve_udp(udp, resolver)) })
+    Ok(Listener { tcp, udp: rt.spawn(serve_udp(udp, resolver)) })
+}
+
+/// Accepts TCP connections (issue 12): at most `limits.total` open and `limits.per_peer`
+/// from one address (more are closed at once, the refusals logged 1, 2, 4, 8… times);
+/// accept errors (EMFILE, ENFILE, …) back off and are logged once per burst. Its
+/// connections end with it.
+async fn serve_tcp(listener: tokio::net::TcpListener, resolver: TaskResolver, limits: Limits) {
+    let admission = Admission::new(limits);
+    let mut errors = AcceptErrors::default();
+    let mut refusals = RefusalLog::default();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (s, peer) = match listener.accept().await {
+            Ok(a) => {
+                if let AcceptNote::Recovered { failed, lasted } = errors.accepted(std::time::Instant::now()) {
+                    info!(failed, lasted_ms = lasted.as_millis() as u64, "resolver: accepting TCP again");
+                }
+                a
+            }
+            Err(e) => {
+                if errors.failed(std::time::Instant::now()) == AcceptNote::Failing {
+                    warn!(error = %e, "resolver: cannot accept TCP (backing off; logged once per burst)");
+                }
+                tokio::time::sleep(AcceptErrors::BACKOFF).await;
+                continue;
+            }
+        };
+        match admission.admit(Some(peer.ip())) {
+            Ok(slot) => {
+                conns.spawn(tcp_connection(s, peer, resolver.clone(), slot));
+            }
+            Err(why) => {
+                if let Some(n) = refusals.note() {
+                    warn!(%peer, refused = n, why = %why, "resolver: TCP connection refused");
+                }
+            }
+        }
+    }
+}
+
+/// One TCP connection: length-prefixed queries, each within [`TCP_IDLE`] (prefix, then
+/// body), answered in turn.
+async fn tcp_connection(mut s: tokio::net::TcpStream, peer: std::net::SocketAddr, resolver: TaskResolver, _slot: Slot) {
+    loop {
+        let mut len = [0u8; 2];
+        if !matches!(tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await, Ok(Ok(_))) {
+            return;
+        }
+        // At most 64 KiB: the prefix is 16 bits.
+        let mut raw = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if !matches!(tokio::time::timeout(TCP_IDLE, s.read_exact(&mut raw)).await, Ok(Ok(_))) {
+            debug!(%peer, "resolver: TCP query not complete within the deadline: closing");
+            return;
+        }
+        let Some(answer) = stream_message(&resolver, raw, peer).await else { continue };
+        let Ok(n) = u16::try_from(answer.len()) else { continue };
+        let mut out = Vec::with_capacity(2 + answer.len());
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&answer);
+        if !matches!(tokio::time::timeout(TCP_IDLE, s.write_all(&out)).await, Ok(Ok(_))) {
+            return;
+        }
+    }
+}
+
+/// One query over TCP: its whole answer (up to 65,535 bytes, never truncated), FORMERR for a
+/// readable header with an unreadable body, None for anything else (dropped).
+async fn stream_message(resolver: &TaskResolver, raw: Vec<u8>, from: std::net::SocketAddr) -> Option<Vec<u8>> {
+    let request = match Request::from_bytes(raw.clone(), from, hickory_server::net::xfer::Protocol::Tcp) {
+        Ok(r) => r,
+        Err(_) => {
+            resolver.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return formerr(&raw);
+        }
+    };
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let slot = TcpResponder::default();
+    let plan = resolver.plan(&request);
+    resolver.respond(&request, plan, slot.clone()).await;
+    let answer = slot.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    answer
+}
+
+/// Keeps a TCP answer for its connection to write.
+#[derive(Clone, Default)]
+struct TcpResponder(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for TcpResponder {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode(response, u16::MAX)?;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(info)
+    }
 }
 
 async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
@@ -263,6 +376,22 @@ fn encode_udp<'a>(
     >,
 ) -> Result<(ResponseInfo, Vec<u8>), NetError> {
     let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+    encode(response, max)
+}
+
+/// Encodes an answer within `max` bytes (records that do not fit are left out and TC is
+/// set); SERVFAIL if it cannot be encoded at all.
+fn encode<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+    max: u16,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
     let id = response.metadata().id;
     let mut bytes = Vec::with_capacity(512);
     let mut enc = BinEncoder::new(&mut bytes);
@@ -560,6 +689,60 @@ mod tests {
         let mut buf = vec![0u8; u16::from_be_bytes(lb) as usize];
         s.read_exact(&mut buf).await.expect("body");
         Message::from_vec(&buf).expect("parse")
+    }
+
+    /// Reads until EOF or `within`: true if the server closed the connection.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut b = [0u8; 64];
+        matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    #[tokio::test]
+    async fn tcp_is_bounded_per_address_and_by_deadlines() {
+        let (_shared, _l, addr) = start(vec![]).await;
+        // 32 connections from one address are the cap: the 33rd is closed at once.
+        let mut held = Vec::new();
+        for _ in 0..TCP_LIMITS.per_peer {
+            held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("the kernel accepts it");
+        assert!(closed_within(&mut extra, Duration::from_secs(2)).await, "over the per-address cap: closed");
+        // The held ones still answer.
+        let q = query("web.", RecordType::A, DNSClass::IN, None);
+        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&q);
+        held[0].write_all(&msg).await.expect("write");
+        let mut lb = [0u8; 2];
+        held[0].read_exact(&mut lb).await.expect("an answer on a held connection");
+        // Closing them frees their places.
+        held.clear();
+        let m = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                if s.write_all(&msg).await.is_ok() && s.read_exact(&mut lb).await.is_ok() {
+                    let mut buf = vec![0u8; u16::from_be_bytes(lb) as usize];
+                    s.read_exact(&mut buf).await.expect("body");
+                    return Message::from_vec(&buf).expect("parse");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("a place again once the held connections closed");
+        assert_eq!(m.answers.len(), 1);
+        // Half a length prefix, or a prefix without its body: closed after the deadline.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(&[0]).await.expect("write");
+        let mut body_less = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        body_less.write_all(&[0xff, 0xff, 1, 2, 3]).await.expect("write");
+        assert!(!closed_within(&mut slow, Duration::from_secs(2)).await, "not before the deadline");
+        assert!(closed_within(&mut slow, TCP_IDLE + Duration::from_secs(3)).await, "half a prefix: closed at the deadline");
+        assert!(closed_within(&mut body_less, Duration::from_secs(3)).await, "a body that never comes: closed at the deadline");
+        // Garbage with a query header over TCP: FORMERR, not a crash.
+        let mut g = query("web.", RecordType::A, DNSClass::IN, None);
+        g[12] = 63;
+        let m = tcp_ask(addr, &g).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     }
 
     #[tokio::test]
