@@ -143,8 +143,12 @@ fn take(ctx: &TcContext) -> Option<i32> {
     let inner: [u8; 12] = [0x02, 0x42, o[0], o[1], o[2], o[3], hi[0], hi[1], hi[2], hi[3], lo[0], lo[1]];
     let len = ctx.len() as usize;
     if task.vtep == cfg.vtep || len + ENCAP_LEN > 65_535 + ETH_LEN {
-        // A task of this node (or a packet too big to wrap): through the node's port.
-        ctx.store(0, &inner, 0).ok()?;
+        // A task of this node (or a packet too big to wrap): through the node's port. From
+        // here on the flow is this program's: a packet it cannot send is dropped (the client
+        // sends it again), never left to the table, which would pick a task of its own.
+        if ctx.store(0, &inner, 0).is_err() {
+            return Some(TC_ACT_SHOT as i32);
+        }
         // SAFETY: a helper with plain integers; it returns TC_ACT_REDIRECT.
         return Some(unsafe { bpf_redirect(cfg.ifindex, 0) } as i32);
     }
@@ -157,8 +161,9 @@ fn take(ctx: &TcContext) -> Option<i32> {
 fn encap(ctx: &TcContext, cfg: &IngCfg, task: &IngTask, inner: &[u8; 12], entropy: u32, ip_len: usize) -> i32 {
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64 | ((ETH_LEN as u64 & 0xff) << 56);
     if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
-        // Nothing changed: the kernel's path has it.
-        return TC_ACT_OK as i32;
+        // The flow is this program's: dropped (the client sends it again), not left to the
+        // table, which would pick a task of its own.
+        return TC_ACT_SHOT as i32;
     }
     let total = (ip_len + ENCAP_LEN) as u16;
     let udp_len = (ip_len + ENCAP_LEN - 20) as u16;
