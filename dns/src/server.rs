@@ -215,35 +215,13 @@ async fn stream_message(resolver: &TaskResolver, raw: Vec<u8>, from: std::net::S
     if request.metadata.message_type != MessageType::Query {
         return None;
     }
-    let slot = TcpResponder::default();
+    let slot = Arc::new(std::sync::Mutex::new(None));
     let plan = resolver.plan(&request);
-    resolver.respond(&request, plan, slot.clone()).await;
-    let answer = slot.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    resolver.respond(&request, plan, Responder { sink: Sink::Stream(slot.clone()), dst: from }).await;
+    let answer = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     answer
 }
 
-/// Keeps a TCP answer for its connection to write.
-#[derive(Clone, Default)]
-struct TcpResponder(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
-
-#[async_trait::async_trait]
-impl ResponseHandler for TcpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode(response, u16::MAX)?;
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
-        Ok(info)
-    }
-}
 
 async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
     use std::os::fd::AsRawFd;
@@ -269,7 +247,7 @@ async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
         for g in &got {
             if let Some(request) = datagram(&resolver, batch.data(g), g.from, &outbox).await {
                 let r = resolver.clone();
-                let responder = UdpResponder { sink: Sink::Socket(sock.clone()), dst: g.from };
+                let responder = Responder { sink: Sink::Socket(sock.clone()), dst: g.from };
                 tokio::spawn(async move { r.respond(&request, Plan::Forward, responder).await });
             }
         }
@@ -344,8 +322,8 @@ impl Outbox {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    fn to(&self, dst: std::net::SocketAddr) -> UdpResponder {
-        UdpResponder { sink: Sink::Outbox(self.clone()), dst }
+    fn to(&self, dst: std::net::SocketAddr) -> Responder {
+        Responder { sink: Sink::Outbox(self.clone()), dst }
     }
 }
 
@@ -412,24 +390,26 @@ fn encode<'a>(
     Ok((info, bytes))
 }
 
-/// Where a UDP answer goes: into the loop's next `sendmmsg` batch, or (for a forwarded
-/// query, answered later from its own task) straight onto the socket.
+/// Where an answer goes: into the UDP loop's next `sendmmsg` batch, (for a forwarded
+/// query, answered later from its own task) straight onto the UDP socket, or to a TCP
+/// connection, which writes it.
 #[derive(Clone)]
 enum Sink {
     Outbox(Outbox),
     Socket(Arc<tokio::net::UdpSocket>),
+    Stream(Arc<std::sync::Mutex<Option<Vec<u8>>>>),
 }
 
-/// Answers a UDP query, cut to 512 bytes or the client's EDNS size (records that do not fit
-/// are left out and TC is set).
+/// Answers a query: over UDP cut to 512 bytes or the client's EDNS size (records that do not
+/// fit are left out and TC is set), over TCP whole (up to 64 KiB).
 #[derive(Clone)]
-struct UdpResponder {
+struct Responder {
     sink: Sink,
     dst: std::net::SocketAddr,
 }
 
 #[async_trait::async_trait]
-impl ResponseHandler for UdpResponder {
+impl ResponseHandler for Responder {
     async fn send_response<'a>(
         &mut self,
         response: MessageResponse<
@@ -441,12 +421,18 @@ impl ResponseHandler for UdpResponder {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
+        if let Sink::Stream(slot) = &self.sink {
+            let (info, bytes) = encode(response, u16::MAX)?;
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+            return Ok(info);
+        }
         let (info, bytes) = encode_udp(response)?;
         match &self.sink {
             Sink::Outbox(o) => o.push(bytes, self.dst),
             Sink::Socket(s) => {
                 s.send_to(&bytes, self.dst).await?;
             }
+            Sink::Stream(_) => {}
         }
         Ok(info)
     }

@@ -13,6 +13,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
+use crate::lb::ebpf::{be, map_err, prog_err, take, EbpfError};
+use crate::lb::host::HostError;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -26,51 +28,6 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sw
 const MAPS: [&str; 6] = [MAP_ING_CFG, MAP_ING_PORTS, MAP_ING_SLOTS, MAP_ING_RR, MAP_ING_FLOWS, MAP_ING_HANDED];
 /// The layout of the pinned maps; a new layout gets a new folder.
 pub const PIN_VERSION: &str = "ingress-v1";
-
-#[derive(Debug, thiserror::Error)]
-pub enum EntryError {
-    #[error("this binary was built without the eBPF programs (AYA_BUILD_SKIP)")]
-    NotBuilt,
-    #[error("bpffs folder {path}: {source}")]
-    Pins {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("load the routing mesh's eBPF object (maps pinned in {pins}): {source}")]
-    Load {
-        pins: PathBuf,
-        #[source]
-        source: Box<aya::EbpfError>,
-    },
-    #[error("program {PROG_INGRESS} on {iface}: {what}: {source}")]
-    Program {
-        iface: String,
-        what: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("map {map}: {what}: {source}")]
-    Map {
-        map: &'static str,
-        what: String,
-        #[source]
-        source: Box<MapError>,
-    },
-    #[error("map {0} is missing from the object")]
-    NoMap(&'static str),
-    #[error("published ports: all {0} ids are in use")]
-    Full(u32),
-}
-
-fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> EntryError {
-    let what = what.into();
-    move |source| EntryError::Map { map, what, source: Box::new(source) }
-}
-
-fn be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
 
 /// Where the entry program sends what it takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,15 +59,14 @@ struct PortSt {
 
 /// Detaches the entry program an earlier agent of this node pinned (this one does not use
 /// it: it would keep handing flows out from maps nothing updates). True if there was one.
-pub fn detach_pinned(lb_pins: &Path) -> Result<bool, EntryError> {
+pub fn detach_pinned(lb_pins: &Path) -> Result<bool, EbpfError> {
     let pin = lb_pins.with_file_name(PIN_VERSION).join(format!("link_{PROG_INGRESS}"));
     if !pin.exists() {
         return Ok(false);
     }
-    let err = |what: &'static str, e: Box<dyn std::error::Error + Send + Sync>| EntryError::Program { iface: String::new(), what, source: e };
-    let link = PinnedLink::from_pin(&pin).map_err(|e| err("open pinned link", Box::new(e)))?;
+    let link = PinnedLink::from_pin(&pin).map_err(prog_err(PROG_INGRESS, "open pinned link"))?;
     // Unpinned, the link goes when its last descriptor (this one) closes.
-    drop(link.unpin().map_err(|e| err("unpin link", Box::new(e)))?);
+    drop(link.unpin().map_err(prog_err(PROG_INGRESS, "unpin link"))?);
     Ok(true)
 }
 
@@ -127,60 +83,52 @@ pub struct Entry {
     _ebpf: Ebpf,
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, EntryError> {
-    let m = ebpf.take_map(name).ok_or(EntryError::NoMap(name))?;
-    HashMap::try_from(m).map_err(map_err(name, "open"))
-}
 
 impl Entry {
     /// Loads (or adopts) the program and its maps, pinned under `pins` (a node's folder of
     /// the load balancer's bpffs tree: its sibling `ingress-v1` is used), and attaches it at
     /// tc ingress of `iface`. It takes nothing until [`Entry::configure`].
-    pub fn open(lb_pins: &Path, iface: &str) -> Result<Entry, EntryError> {
+    pub fn open(lb_pins: &Path, iface: &str) -> Result<Entry, EbpfError> {
         if OBJECT.is_empty() {
-            return Err(EntryError::NotBuilt);
+            return Err(EbpfError::NotBuilt);
         }
         let pins = lb_pins.with_file_name(PIN_VERSION);
-        std::fs::create_dir_all(&pins).map_err(|source| EntryError::Pins { path: pins.clone(), source })?;
+        std::fs::create_dir_all(&pins).map_err(|source| HostError::Io { what: "create bpffs folder", path: pins.clone(), source })?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.join(m))).collect();
         for (m, p) in &paths {
             loader.map_pin_path(m, p.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|source| EntryError::Load { pins: pins.clone(), source: Box::new(source) })?;
-        let perr = |what: &'static str| {
-            let iface = iface.to_string();
-            move |e: Box<dyn std::error::Error + Send + Sync>| EntryError::Program { iface, what, source: e }
-        };
+        let mut ebpf = loader.load(OBJECT).map_err(|source| EbpfError::Load { pins: pins.clone(), source: Box::new(source) })?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_INGRESS)
-            .ok_or(EntryError::NoMap(PROG_INGRESS))?
+            .ok_or_else(|| EbpfError::Other(format!("program {PROG_INGRESS} is missing from the object")))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| perr("type")(Box::new(e)))?;
-        prog.load().map_err(|e| perr("load (verifier)")(Box::new(e)))?;
+            .map_err(prog_err(PROG_INGRESS, "type"))?;
+        prog.load().map_err(prog_err(PROG_INGRESS, "load (verifier)"))?;
         let pin = pins.join(format!("link_{PROG_INGRESS}"));
         let adopted = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
                 // An earlier agent's link: this program replaces the one in it, atomically
                 // (attaching again would stack a second copy).
-                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| perr("adopt the pinned link")(Box::new(e)))?;
-                let id = prog.attach_to_link(link).map_err(|e| perr("replace the program in the pinned link")(Box::new(e)))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(prog_err(PROG_INGRESS, "adopt the pinned link"))?;
+                let id = prog.attach_to_link(link).map_err(prog_err(PROG_INGRESS, "replace the program in the pinned link"))?;
                 // The pin holds the link; this descriptor may go.
-                drop(prog.take_link(id).map_err(|e| perr("take link")(Box::new(e)))?);
+                drop(prog.take_link(id).map_err(prog_err(PROG_INGRESS, "take link"))?);
                 true
             }
             Err(_) => {
-                let id = prog.attach(iface, TcAttachType::Ingress).map_err(|e| perr("attach (tcx ingress)")(Box::new(e)))?;
-                let link: FdLink = prog.take_link(id).map_err(|e| perr("take link")(Box::new(e)))?.try_into().map_err(|e: aya::programs::links::LinkError| perr("link")(Box::new(e)))?;
-                link.pin(&pin).map_err(|e| perr("pin link")(Box::new(e)))?;
+                let id = prog.attach(iface, TcAttachType::Ingress).map_err(prog_err(PROG_INGRESS, "attach (tcx ingress)"))?;
+                let link: FdLink = prog.take_link(id).map_err(prog_err(PROG_INGRESS, "take link"))?.try_into().map_err(prog_err(PROG_INGRESS, "link"))?;
+                link.pin(&pin).map_err(prog_err(PROG_INGRESS, "pin link"))?;
                 false
             }
         };
-        let cfg_map = ebpf.take_map(MAP_ING_CFG).ok_or(EntryError::NoMap(MAP_ING_CFG))?;
+        let cfg_map = ebpf.take_map(MAP_ING_CFG).ok_or(EbpfError::NoMap(MAP_ING_CFG))?;
         let cfg = Array::try_from(cfg_map).map_err(map_err(MAP_ING_CFG, "open"))?;
         let ports = take::<IngPortKey, IngPort>(&mut ebpf, MAP_ING_PORTS)?;
         let slots = take::<SlotKey, IngTask>(&mut ebpf, MAP_ING_SLOTS)?;
-        let handed_map = ebpf.take_map(MAP_ING_HANDED).ok_or(EntryError::NoMap(MAP_ING_HANDED))?;
+        let handed_map = ebpf.take_map(MAP_ING_HANDED).ok_or(EbpfError::NoMap(MAP_ING_HANDED))?;
         let handed = PerCpuHashMap::try_from(handed_map).map_err(map_err(MAP_ING_HANDED, "open"))?;
         let mut e = Entry { cfg, ports, slots, handed, known: BTreeMap::new(), ids: BTreeSet::new(), iface: iface.to_string(), _ebpf: ebpf };
         e.recover()?;
@@ -189,7 +137,7 @@ impl Entry {
     }
 
     /// Rebuilds the bookkeeping from the maps (an earlier agent's work).
-    fn recover(&mut self) -> Result<(), EntryError> {
+    fn recover(&mut self) -> Result<(), EbpfError> {
         let mut by_id: BTreeMap<u32, IngPortKey> = BTreeMap::new();
         for r in self.ports.iter() {
             let (k, p) = r.map_err(map_err(MAP_ING_PORTS, "read"))?;
@@ -216,7 +164,7 @@ impl Entry {
 
     /// Where what the program takes goes (`None`: the node is not on the ingress network;
     /// nothing is taken).
-    pub fn configure(&mut self, to: Option<&EntryConfig>) -> Result<(), EntryError> {
+    pub fn configure(&mut self, to: Option<&EntryConfig>) -> Result<(), EbpfError> {
         let c = match to {
             Some(t) => IngCfg {
                 vtep: be(t.vtep),
@@ -236,7 +184,7 @@ impl Entry {
     /// Makes the maps hold exactly `want`: published port (ingress mode) → its active tasks
     /// (ingress address, node's underlay address), in order. A port not in `want` is left
     /// to the kernel's path.
-    pub fn set(&mut self, want: &BTreeMap<IngPortKey, Vec<(Ipv4Addr, Ipv4Addr)>>) -> Result<(), EntryError> {
+    pub fn set(&mut self, want: &BTreeMap<IngPortKey, Vec<(Ipv4Addr, Ipv4Addr)>>) -> Result<(), EbpfError> {
         let gone: Vec<IngPortKey> = self.known.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for k in gone {
             self.remove(&k)?;
@@ -246,7 +194,7 @@ impl Entry {
             let st = match self.known.get(k) {
                 Some(s) => s.clone(),
                 None => {
-                    let id = (0..MAX_ING_PORTS).find(|i| !self.ids.contains(i)).ok_or(EntryError::Full(MAX_ING_PORTS))?;
+                    let id = (0..MAX_ING_PORTS).find(|i| !self.ids.contains(i)).ok_or(EbpfError::Full { what: "published ports", max: MAX_ING_PORTS })?;
                     PortSt { id, gen: 1, written: [0, 0], live: None }
                 }
             };
@@ -272,7 +220,7 @@ impl Entry {
         Ok(())
     }
 
-    fn remove(&mut self, k: &IngPortKey) -> Result<(), EntryError> {
+    fn remove(&mut self, k: &IngPortKey) -> Result<(), EbpfError> {
         let Some(st) = self.known.remove(k) else { return Ok(()) };
         match self.ports.remove(k) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -288,7 +236,7 @@ impl Entry {
     }
 
     /// Flows handed to each task by this program, summed over CPUs.
-    pub fn handed(&self) -> Result<BTreeMap<IngHandKey, u64>, EntryError> {
+    pub fn handed(&self) -> Result<BTreeMap<IngHandKey, u64>, EbpfError> {
         let mut out = BTreeMap::new();
         for r in self.handed.iter() {
             let (k, v) = r.map_err(map_err(MAP_ING_HANDED, "read"))?;

@@ -216,7 +216,7 @@ impl IngressSink {
     }
 
     /// Runs `f` on the entry program, off the async threads; Ok(None) without one.
-    async fn with_entry<R: Send + 'static>(&self, f: impl FnOnce(&mut entry::Entry) -> Result<R, entry::EntryError> + Send + 'static) -> Result<Option<R>, SinkError> {
+    async fn with_entry<R: Send + 'static>(&self, f: impl FnOnce(&mut entry::Entry) -> Result<R, crate::lb::EbpfError> + Send + 'static) -> Result<Option<R>, SinkError> {
         let Some(e) = self.entry.clone() else { return Ok(None) };
         let r = tokio::task::spawn_blocking(move || f(&mut e.lock().unwrap_or_else(|p| p.into_inner())))
             .await

@@ -76,16 +76,16 @@ pub enum EbpfError {
     Other(String),
 }
 
-fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> EbpfError {
+pub(crate) fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> EbpfError {
     let what = what.into();
     move |source| EbpfError::Map { map, what, source: Box::new(source) }
 }
 
-fn prog_err<E: std::error::Error + Send + Sync + 'static>(prog: &'static str, what: &'static str) -> impl FnOnce(E) -> EbpfError {
+pub(crate) fn prog_err<E: std::error::Error + Send + Sync + 'static>(prog: &'static str, what: &'static str) -> impl FnOnce(E) -> EbpfError {
     move |e| EbpfError::Program { prog, what, source: Box::new(e) }
 }
 
-fn be(ip: Ipv4Addr) -> u32 {
+pub(crate) fn be(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
 
@@ -162,7 +162,7 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, EbpfError> {
+pub(crate) fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, EbpfError> {
     let m = ebpf.take_map(name).ok_or(EbpfError::NoMap(name))?;
     HashMap::try_from(m).map_err(map_err(name, "open"))
 }
