@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use swarmnet_types::{Network, NetworkId, SinkError};
 use tokio::sync::mpsc;
@@ -33,6 +34,14 @@ pub enum Notice {
     Left(NetworkId),
 }
 
+/// How long after a daemon starts a sandbox that an earlier daemon left is kept even while
+/// nothing holds it; the runtime's first prune comes at its end. By then every hold of the
+/// new daemon is in: its assigned tasks' come with the first assignments, the node's own
+/// hold on the ingress network just after them (the session's `Ingress` message). Until
+/// then a task torn down at once (a removed task whose process exited while the daemon was
+/// away) cannot take the sandbox from under a hold still to come.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(3);
+
 struct Wanted {
     network: Network,
     holders: BTreeSet<String>,
@@ -54,13 +63,20 @@ pub struct Membership {
     present: tokio::sync::Mutex<BTreeMap<NetworkId, Presence>>,
     fabric: Arc<dyn Fabric>,
     notices: mpsc::UnboundedSender<Notice>,
+    /// The end of [`STARTUP_GRACE`].
+    keep_adopted_until: Instant,
 }
 
 impl Membership {
     /// `present`: the networks the node already has a sandbox for (adopted after a restart).
     pub fn new(fabric: Arc<dyn Fabric>, present: impl IntoIterator<Item = NetworkId>, notices: mpsc::UnboundedSender<Notice>) -> Membership {
         let present = present.into_iter().map(|n| (n, Presence::Adopted)).collect();
-        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present), fabric, notices }
+        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present), fabric, notices, keep_adopted_until: Instant::now() + STARTUP_GRACE }
+    }
+
+    /// What is left of [`STARTUP_GRACE`]: the first prune waits for it.
+    pub fn grace_left(&self) -> Duration {
+        self.keep_adopted_until.saturating_duration_since(Instant::now())
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<NetworkId, Wanted>> {
@@ -101,6 +117,11 @@ impl Membership {
     /// into it). A first join, and a repair that had to make something, are announced: the
     /// follow loop resyncs the network into its new sandbox.
     pub async fn settle(&self, net: &NetworkId, repair: bool) -> Result<(), SinkError> {
+        self.settle_as(net, repair, false).await
+    }
+
+    /// `settle`; `pruning`: leave an unheld adopted sandbox even within the startup grace.
+    async fn settle_as(&self, net: &NetworkId, repair: bool, pruning: bool) -> Result<(), SinkError> {
         let mut present = self.present.lock().await;
         let want = self.lock().get(net).map(|w| w.network.clone());
         let cur = present.get(net).copied();
@@ -127,6 +148,9 @@ impl Membership {
                     let _ = self.notices.send(Notice::Joined(net.clone()));
                 }
             }
+            (None, Some(Presence::Adopted)) if !pruning && Instant::now() < self.keep_adopted_until => {
+                info!(network = %net, "nothing holds the sandbox an earlier daemon left yet: kept until the startup prune");
+            }
             (None, Some(_)) => {
                 self.fabric.leave(net).await;
                 present.remove(net);
@@ -142,7 +166,7 @@ impl Membership {
     pub async fn prune(&self) {
         let nets: Vec<NetworkId> = self.present.lock().await.keys().cloned().collect();
         for n in nets {
-            if let Err(e) = self.settle(&n, false).await {
+            if let Err(e) = self.settle_as(&n, false, true).await {
                 warn!(network = %n, error = %e, "could not settle the node's presence on the network");
             }
         }
@@ -239,6 +263,40 @@ mod tests {
         m.release(&"a".into(), "stale");
         m.settle(&"a".into(), false).await.expect("settle");
         assert!(!log(&rec).contains(&"leave a".to_string()), "the adopted tasks keep the sandbox");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_sandbox_outlives_a_teardown_in_the_startup_grace_until_the_prune() {
+        // A removed task whose process exited while the daemon was away is torn down at
+        // once, before the node's own hold on the ingress network has come.
+        let (rec, m, mut rx) = setup(&["ingress"]);
+        m.hold(&net("ingress"), "stale");
+        m.release(&"ingress".into(), "stale");
+        m.settle(&"ingress".into(), false).await.expect("settle");
+        assert!(log(&rec).is_empty(), "kept within the grace");
+        assert!(rx.try_recv().is_err());
+        // The hold that comes next finds the sandbox the tasks' links are in.
+        m.hold(&net("ingress"), "ingress");
+        m.settle(&"ingress".into(), true).await.expect("settle");
+        assert_eq!(log(&rec), vec!["join ingress"]);
+        // Without a hold the first prune takes it, grace or not.
+        let (rec, m, _rx) = setup(&["old"]);
+        m.hold(&net("old"), "stale");
+        m.release(&"old".into(), "stale");
+        m.settle(&"old".into(), false).await.expect("settle");
+        assert!(log(&rec).is_empty());
+        m.prune().await;
+        assert_eq!(log(&rec), vec!["leave old"]);
+    }
+
+    #[tokio::test]
+    async fn after_the_startup_grace_an_unheld_adopted_sandbox_goes_with_its_last_task() {
+        let (rec, mut m, _rx) = setup(&["a"]);
+        m.keep_adopted_until = Instant::now();
+        m.hold(&net("a"), "t1");
+        m.release(&"a".into(), "t1");
+        m.settle(&"a".into(), false).await.expect("settle");
+        assert_eq!(log(&rec), vec!["leave a"]);
     }
 
     #[tokio::test]

@@ -80,11 +80,7 @@ pub struct Runtime {
     /// Exit code of finished run-once tasks, and why, if they never ran.
     exits: Mutex<HashMap<Id, (i32, String)>>,
     reports: mpsc::UnboundedSender<TaskReport>,
-    started: std::time::Instant,
 }
-
-/// How long after a daemon starts sandboxes wait before being pruned.
-const STARTUP_PRUNE_DELAY: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -121,7 +117,6 @@ impl Runtime {
             persisted: Mutex::new(persisted),
             exits: Mutex::new(HashMap::new()),
             reports: tx,
-            started: std::time::Instant::now(),
         };
         Ok((Arc::new(rt), rx))
     }
@@ -328,12 +323,12 @@ impl Runtime {
         }
         drop(locals);
         // Sandboxes nothing holds any more (adopted ones included) go. New ones are made by
-        // the tasks that need them. Not in the first seconds of a daemon: the node's own
-        // hold on the ingress network comes with the session's `Ingress` message, just after
-        // the first assignments, and its adopted sandbox must not be pruned and rebuilt
-        // in between (issue 12).
+        // the tasks that need them. Not in the first seconds of a daemon (membership's
+        // startup grace): the node's own hold on the ingress network comes with the
+        // session's `Ingress` message, just after the first assignments, and its adopted
+        // sandbox must not be pruned and rebuilt in between (issue 12).
         let m = self.deps.membership.clone();
-        let wait = STARTUP_PRUNE_DELAY.saturating_sub(self.started.elapsed());
+        let wait = m.grace_left();
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             m.prune().await
