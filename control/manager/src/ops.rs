@@ -127,14 +127,35 @@ pub fn task_networks(st: &ClusterState, svc: &Service) -> Vec<Id> {
     nets
 }
 
-/// Ports the cluster itself uses on every node: publishing them would take the cluster's
-/// own traffic.
-const RESERVED: [(u16, Protocol, &str); 4] = [
-    (2377, Protocol::Tcp, "the manager's port"),
-    (7946, Protocol::Tcp, "gossip"),
-    (7946, Protocol::Udp, "gossip"),
-    (4789, Protocol::Udp, "VXLAN"),
-];
+/// The ports the cluster itself uses on every node: publishing one would take the cluster's
+/// own traffic. The data path's is the cluster's (`--data-path-port`, set when it is made).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnPorts {
+    /// The manager's (TCP).
+    pub manager: u16,
+    /// Gossip (TCP and UDP).
+    pub gossip: u16,
+    /// The data path: VXLAN (UDP).
+    pub data_path: u16,
+}
+
+impl Default for OwnPorts {
+    fn default() -> Self {
+        OwnPorts { manager: 2377, gossip: 7946, data_path: 4789 }
+    }
+}
+
+impl OwnPorts {
+    /// What `port`/`protocol` is to the cluster, if it is one of its own.
+    fn owner(&self, port: u16, protocol: Protocol) -> Option<&'static str> {
+        match protocol {
+            _ if port == self.gossip => Some("gossip"),
+            Protocol::Tcp if port == self.manager => Some("the manager's port"),
+            Protocol::Udp if port == self.data_path => Some("the data path, VXLAN"),
+            _ => None,
+        }
+    }
+}
 
 /// The service (other than `except`) whose published port `port`/`protocol` clashes with
 /// one in `mode`: an ingress port is taken on every node, so it clashes with any other
@@ -153,12 +174,12 @@ fn publisher<'a>(st: &'a ClusterState, port: u16, protocol: Protocol, mode: Opti
 
 /// Turns specs into ports: a given published port must be free (the error names the
 /// service that has it), a missing one is the lowest free of 30000–32767.
-fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>, service: Option<&Id>) -> Result<Vec<Port>, OpError> {
+fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>, service: Option<&Id>, own: &OwnPorts) -> Result<Vec<Port>, OpError> {
     for spec in specs {
         let taken = |p: u16, ports: &[Port]| ports.iter().any(|q| q.published == p && q.protocol == spec.protocol);
         let published = match spec.published {
             Some(p) => {
-                if let Some((_, _, what)) = RESERVED.iter().find(|(q, proto, _)| *q == p && *proto == spec.protocol) {
+                if let Some(what) = own.owner(p, spec.protocol) {
                     return Err(invalid(format!("port {p}/{} is the cluster's own ({what}): publish another", spec.protocol)));
                 }
                 if let Some(other) = publisher(st, p, spec.protocol, Some(spec.mode), service) {
@@ -171,7 +192,7 @@ fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>,
             }
             None => AUTO_PORTS
                 .clone()
-                .find(|p| publisher(st, *p, spec.protocol, None, service).is_none() && !taken(*p, &ports))
+                .find(|p| own.owner(*p, spec.protocol).is_none() && publisher(st, *p, spec.protocol, None, service).is_none() && !taken(*p, &ports))
                 .ok_or_else(|| OpError::Conflict(format!("no free port left in {}-{} for {}", AUTO_PORTS.start(), AUTO_PORTS.end(), spec.protocol)))?,
         };
         ports.push(Port { published, target: spec.target, protocol: spec.protocol, mode: spec.mode });
@@ -350,7 +371,7 @@ fn live_tasks_of<'a>(st: &'a ClusterState, svc: &'a Id) -> impl Iterator<Item = 
         .filter(move |t| t.service_id.as_ref() == Some(svc) && t.desired_state == DesiredState::Running)
 }
 
-pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen) -> Result<Service, OpError> {
+pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
     check_name("service", &req.name)?;
     if let Some(msg) = name_in_use(st, &req.name) {
         return Err(OpError::Conflict(msg));
@@ -372,7 +393,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, new_id: IdGen)
         return Err(invalid("the ingress network is the cluster's own: publish a port (--publish) instead of attaching to it"));
     }
     let specs = req.publish.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
-    let ports = resolve_ports(st, &specs, Vec::new(), None)?;
+    let ports = resolve_ports(st, &specs, Vec::new(), None, own)?;
     check_ingress_exists(st, &req.name, &ports)?;
     let mut svc = Service {
         id: new_id(),
@@ -423,7 +444,7 @@ pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: I
 
 /// `service update --publish-add SPEC --publish-rm PORT[/PROTOCOL]`: the service's tasks go
 /// on running (their endpoints are published again with the new ports).
-pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], rm: &[String], new_id: IdGen) -> Result<Service, OpError> {
+pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], rm: &[String], own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
     let mut svc = st
         .service_by_name(name)
         .cloned()
@@ -445,7 +466,7 @@ pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], r
     }
     let specs = add.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
     let had_ports = !svc.ports.is_empty();
-    svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id))?;
+    svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id), own)?;
     check_ingress_exists(st, name, &svc.ports)?;
     if had_ports == svc.ports.is_empty() {
         // Its tasks join (or leave) the ingress network: they are replaced (the only case
@@ -899,7 +920,7 @@ mod tests {
     #[test]
     fn replicas_spread_over_nodes_with_addresses() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        let s = create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        let s = create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
         let net = st.network_by_name("appnet").expect("net").clone();
         assert_eq!(net.subnet.to_string(), "10.0.0.0/24");
         assert_eq!(s.vips.get(&net.id).map(|v| v.to_string()), Some("10.0.0.2".into()));
@@ -916,7 +937,7 @@ mod tests {
     #[test]
     fn scale_up_and_down() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
         scale_service(&mut st, "web", 6, &mut g).expect("scale up");
         assert_eq!(per_node(&st).values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
         scale_service(&mut st, "web", 1, &mut g).expect("scale down");
@@ -930,7 +951,7 @@ mod tests {
     #[test]
     fn node_down_reschedules_and_full_report_cleans_up() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        create_service(&mut st, &svc("web", 3), &mut g).expect("service");
+        create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
         assert!(set_node_status(&mut st, &"b".into(), NodeStatus::Down, &mut g));
         let pn = per_node(&st);
         assert_eq!(pn.get("b"), None);
@@ -946,7 +967,7 @@ mod tests {
         let (mut st, mut g) = cluster(&["a", "b"]);
         let mut req = svc("agent", 0);
         req.mode = "global".into();
-        create_service(&mut st, &req, &mut g).expect("global");
+        create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect("global");
         assert_eq!(running(&st).len(), 2);
         st.nodes.insert("c".into(), node("c"));
         reconcile(&mut st, &mut g);
@@ -969,13 +990,13 @@ mod tests {
         let mut req = svc("big", 5);
         req.networks = vec!["tiny".into()];
         let before = st.clone();
-        let e = create_service(&mut st, &req, &mut g).expect_err("exhausted");
+        let e = create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect_err("exhausted");
         assert!(e.to_string().contains("tiny"), "{e}");
         assert!(e.to_string().contains("no free address"), "{e}");
         // The manager works on a clone; here we check create_service fails before changing anything.
         assert_eq!(st, before);
         req.replicas = 4;
-        create_service(&mut st, &req, &mut g).expect("fits");
+        create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect("fits");
         let e = scale_service(&mut st, "big", 5, &mut g).expect_err("scale past capacity");
         assert!(e.to_string().contains("no free address"), "{e}");
     }
@@ -983,16 +1004,16 @@ mod tests {
     #[test]
     fn bad_input() {
         let (mut st, mut g) = cluster(&["a"]);
-        create_service(&mut st, &svc("web", 1), &mut g).expect("web");
-        assert!(matches!(create_service(&mut st, &svc("web", 1), &mut g), Err(OpError::Conflict(_))));
+        create_service(&mut st, &svc("web", 1), &OwnPorts::default(), &mut g).expect("web");
+        assert!(matches!(create_service(&mut st, &svc("web", 1), &OwnPorts::default(), &mut g), Err(OpError::Conflict(_))));
         let mut r = svc("x", 1);
         r.networks = vec!["nope".into()];
-        assert_eq!(create_service(&mut st, &r, &mut g), Err(OpError::NotFound("network nope not found".into())));
-        assert!(matches!(create_service(&mut st, &svc("neg", -2), &mut g), Err(OpError::Invalid(_))));
-        assert!(matches!(create_service(&mut st, &svc("-bad", 1), &mut g), Err(OpError::Invalid(_))));
+        assert_eq!(create_service(&mut st, &r, &OwnPorts::default(), &mut g), Err(OpError::NotFound("network nope not found".into())));
+        assert!(matches!(create_service(&mut st, &svc("neg", -2), &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(create_service(&mut st, &svc("-bad", 1), &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
         let mut r = svc("p", 1);
         r.publish = vec!["70000:80".into()];
-        assert!(matches!(create_service(&mut st, &r, &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(create_service(&mut st, &r, &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
         let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false };
         assert!(matches!(create_network(&mut st, &dup, "10.0.0.0/8".parse().expect("p"), &mut g), Err(OpError::Conflict(_))));
         let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()), ingress: false };
@@ -1095,12 +1116,12 @@ mod tests {
         assert!(e.to_string().contains("has an ingress network already (ingress)"), "{e}");
         let mut r = svc("x", 1);
         r.networks = vec!["ingress".into()];
-        assert!(create_service(&mut st, &r, &mut g).expect_err("attach").to_string().contains("the cluster's own"));
-        create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect("web");
+        assert!(create_service(&mut st, &r, &OwnPorts::default(), &mut g).expect_err("attach").to_string().contains("the cluster's own"));
+        create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect("web");
         let e = remove_network(&mut st, "ingress").expect_err("in use");
         assert!(e.to_string().contains("in use by service web"), "{e}");
         assert!(st.nodes.values().all(|n| n.ingress_ip.is_some()), "every node has an ingress address");
-        let e = create_service(&mut st, &publishing("own", 1, &["7946:80/udp"]), &mut g).expect_err("gossip port");
+        let e = create_service(&mut st, &publishing("own", 1, &["7946:80/udp"]), &OwnPorts::default(), &mut g).expect_err("gossip port");
         assert!(e.to_string().contains("port 7946/udp is the cluster's own (gossip)"), "{e}");
         let web = st.service_by_name("web").expect("web").id.clone();
         let t = running(&st).into_iter().find(|t| t.service_id.as_ref() == Some(&web)).expect("task").clone();
@@ -1112,9 +1133,9 @@ mod tests {
         apply_reports(&mut st, &"a".to_string(), &[], true, &mut g);
         remove_network(&mut st, "ingress").expect("unused: removable");
         assert!(st.nodes.values().all(|n| n.ingress_ip.is_none()), "ingress addresses go with the network");
-        let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &mut g).expect_err("no ingress");
+        let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect_err("no ingress");
         assert!(e.to_string().contains("no ingress network"), "{e}");
-        let e = create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &mut g).expect_err("host mode needs it too");
+        let e = create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &OwnPorts::default(), &mut g).expect_err("host mode needs it too");
         assert!(e.to_string().contains("no ingress network"), "{e}");
         let given: Ipv4Network = "192.168.77.0/24".parse().expect("net");
         let n = make_ingress(&mut st, "10.0.0.0/8".parse().expect("p"), Some(given), &mut g).expect("given subnet");
@@ -1124,29 +1145,46 @@ mod tests {
     #[test]
     fn ports_auto_conflicts_and_updates() {
         let (mut st, mut g) = with_ingress(&["a", "b"]);
-        let web = create_service(&mut st, &publishing("web", 2, &["8080:80", "80", "53/udp"]), &mut g).expect("web");
+        let web = create_service(&mut st, &publishing("web", 2, &["8080:80", "80", "53/udp"]), &OwnPorts::default(), &mut g).expect("web");
         let got: Vec<(u16, u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.target, p.protocol)).collect();
         assert_eq!(got, vec![(8080, 80, Protocol::Tcp), (30000, 80, Protocol::Tcp), (30000, 53, Protocol::Udp)]);
-        let e = create_service(&mut st, &publishing("api", 1, &["8080:9000"]), &mut g).expect_err("taken");
+        let e = create_service(&mut st, &publishing("api", 1, &["8080:9000"]), &OwnPorts::default(), &mut g).expect_err("taken");
         assert_eq!(e.to_string(), "port 8080/tcp is already published by service web");
-        let e = create_service(&mut st, &publishing("api", 1, &["9000:1", "9000:2"]), &mut g).expect_err("twice");
+        let e = create_service(&mut st, &publishing("api", 1, &["9000:1", "9000:2"]), &OwnPorts::default(), &mut g).expect_err("twice");
         assert!(e.to_string().contains("published twice"), "{e}");
-        let api = create_service(&mut st, &publishing("api", 1, &["8080:80/udp", "443"]), &mut g).expect("udp 8080 is free");
+        let api = create_service(&mut st, &publishing("api", 1, &["8080:80/udp", "443"]), &OwnPorts::default(), &mut g).expect("udp 8080 is free");
         assert_eq!(api.ports[1].published, 30001);
 
         let tasks_before: BTreeSet<Id> = st.tasks.keys().cloned().collect();
-        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &mut g).expect("update");
+        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &OwnPorts::default(), &mut g).expect("update");
         let got: Vec<(u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.protocol)).collect();
         assert_eq!(got, vec![(30000, Protocol::Tcp), (9000, Protocol::Tcp)]);
         assert_eq!(st.tasks.keys().cloned().collect::<BTreeSet<_>>(), tasks_before, "no task replaced");
         // What was freed can be taken, what is held cannot.
-        create_service(&mut st, &publishing("other", 1, &["8080:80"]), &mut g).expect("8080 freed");
-        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &mut g).expect_err("held");
+        create_service(&mut st, &publishing("other", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect("8080 freed");
+        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &OwnPorts::default(), &mut g).expect_err("held");
         assert_eq!(e.to_string(), "port 9000/tcp is already published by service web");
         assert_eq!(st.service_by_name("api").expect("api").ports.len(), 2, "a refused update changes nothing");
-        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &mut g).expect_err("not published");
+        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &OwnPorts::default(), &mut g).expect_err("not published");
         assert!(e.to_string().contains("does not publish port 1234"), "{e}");
-        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &mut g), Err(OpError::NotFound(_))));
+        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &OwnPorts::default(), &mut g), Err(OpError::NotFound(_))));
+    }
+
+    #[test]
+    fn the_clusters_own_ports_follow_its_settings() {
+        let (mut st, mut g) = with_ingress(&["a"]);
+        let own = OwnPorts { manager: 3377, gossip: 8946, data_path: 30000 };
+        for (spec, what) in [("30000:80/udp", "30000/udp is the cluster's own (the data path, VXLAN)"), ("3377:80", "3377/tcp is the cluster's own (the manager's port)"), ("8946:80", "8946/tcp is the cluster's own (gossip)"), ("8946:80/udp", "8946/udp is the cluster's own (gossip)")] {
+            let e = create_service(&mut st, &publishing("own", 1, &[spec]), &own, &mut g).expect_err(spec);
+            assert!(e.to_string().contains(what), "{spec}: {e}");
+        }
+        // The defaults are free once the cluster uses others.
+        create_service(&mut st, &publishing("free", 1, &["4789:80/udp", "2377:80", "7946:80"]), &own, &mut g).expect("default ports are free here");
+        // A port picked for the user is never the cluster's own either.
+        let s = create_service(&mut st, &publishing("auto", 1, &["80/udp"]), &own, &mut g).expect("auto");
+        assert_eq!(s.ports[0].published, 30001, "30000/udp is the data path's");
+        let e = update_service_ports(&mut st, "auto", &["30000:53/udp".into()], &[], &own, &mut g).expect_err("update to the data path port");
+        assert!(e.to_string().contains("the data path"), "{e}");
     }
 
     #[test]
@@ -1155,15 +1193,15 @@ mod tests {
         let all: Vec<String> = AUTO_PORTS.map(|p| format!("{p}:80")).collect();
         let mut r = svc("all", 0);
         r.publish = all;
-        create_service(&mut st, &r, &mut g).expect("all auto ports by hand");
-        let e = create_service(&mut st, &publishing("one", 0, &["80"]), &mut g).expect_err("none left");
+        create_service(&mut st, &r, &OwnPorts::default(), &mut g).expect("all auto ports by hand");
+        let e = create_service(&mut st, &publishing("one", 0, &["80"]), &OwnPorts::default(), &mut g).expect_err("none left");
         assert!(e.to_string().contains("no free port left in 30000-32767"), "{e}");
     }
 
     #[test]
     fn host_mode_port_one_task_per_node() {
         let (mut st, mut g) = with_ingress(&["a", "b"]);
-        create_service(&mut st, &publishing("web", 3, &["published=8080,target=80,mode=host"]), &mut g).expect("web");
+        create_service(&mut st, &publishing("web", 3, &["published=8080,target=80,mode=host"]), &OwnPorts::default(), &mut g).expect("web");
         assert_eq!(per_node(&st).get("a"), Some(&1));
         assert_eq!(per_node(&st).get("b"), Some(&1));
         let stuck: Vec<&Task> = running(&st).into_iter().filter(|t| t.node_id.is_none()).collect();
@@ -1171,14 +1209,14 @@ mod tests {
         assert_eq!(stuck[0].state, TaskState::Pending);
         assert!(stuck[0].error.contains("host-mode port 8080/tcp is taken on all 2 ready nodes"), "{}", stuck[0].error);
         // Another service with the same host port has no node left either; with another port it runs.
-        create_service(&mut st, &publishing("copy", 1, &["published=8080,target=81,mode=host"]), &mut g).expect("copy");
+        create_service(&mut st, &publishing("copy", 1, &["published=8080,target=81,mode=host"]), &OwnPorts::default(), &mut g).expect("copy");
         let copy = st.service_by_name("copy").expect("copy").id.clone();
         assert!(running(&st).iter().any(|t| t.service_id.as_ref() == Some(&copy) && t.node_id.is_none()));
         // An ingress port takes the number on every node: it clashes with a host-mode one.
-        let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &mut g).expect_err("ingress over host");
+        let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect_err("ingress over host");
         assert!(e.to_string().contains("already published by service"), "{e}");
         // Withdrawing the host port lets the pending task start.
-        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &mut g).expect("update");
+        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &OwnPorts::default(), &mut g).expect("update");
         assert_eq!(running(&st).iter().filter(|t| t.node_id.is_none()).count(), 0, "{:?}", running(&st));
     }
 
@@ -1186,24 +1224,24 @@ mod tests {
     fn the_first_port_moves_tasks_onto_ingress_later_ones_do_not() {
         let (mut st, mut g) = with_ingress(&["a"]);
         let ing = ingress_id(&st).expect("ingress");
-        create_service(&mut st, &publishing("web", 2, &[]), &mut g).expect("web");
+        create_service(&mut st, &publishing("web", 2, &[]), &OwnPorts::default(), &mut g).expect("web");
         let ids = |st: &ClusterState| -> BTreeSet<Id> { running(st).iter().map(|t| t.id.clone()).collect() };
         let before = ids(&st);
         assert!(running(&st).iter().all(|t| !t.networks.contains(&ing)));
-        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &mut g).expect("first port");
+        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &OwnPorts::default(), &mut g).expect("first port");
         let after = ids(&st);
         assert_eq!(after.len(), 2);
         assert!(after.is_disjoint(&before), "replaced");
         assert!(running(&st).iter().all(|t| t.networks.contains(&ing) && t.addresses.contains_key(&ing)));
         assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
-        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &mut g).expect("another port");
+        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &OwnPorts::default(), &mut g).expect("another port");
         assert_eq!(ids(&st), after, "not restarted");
     }
 
     #[test]
     fn a_node_is_removed_only_when_down_or_forced_and_its_tasks_move() {
         let (mut st, mut g) = cluster(&["a", "b"]);
-        create_service(&mut st, &svc("web", 2), &mut g).expect("web");
+        create_service(&mut st, &svc("web", 2), &OwnPorts::default(), &mut g).expect("web");
         let e = remove_node(&mut st, "b", false, &"a".to_string(), &mut g).expect_err("up");
         assert!(e.to_string().contains("node b is up: stop it first, or remove it with --force"), "{e}");
         assert!(remove_node(&mut st, "a", true, &"a".to_string(), &mut g).expect_err("manager").to_string().contains("is the manager"));

@@ -54,6 +54,10 @@ pub struct ManagerConfig {
     /// Start over: a damaged, empty or missing store is set aside and a new cluster made
     /// (as `docker swarm init --force-new-cluster`; every other node must join again).
     pub force_new_cluster: bool,
+    /// The manager's listening port and the nodes' gossip port: with the cluster's data-path
+    /// port, no service may publish them.
+    pub listen_port: u16,
+    pub gossip_port: u16,
 }
 
 /// How to recover, for the errors that refuse to open the store.
@@ -83,6 +87,8 @@ pub struct Manager {
     pool: Ipv4Network,
     heartbeat: Duration,
     started: Instant,
+    /// Ports no service may publish.
+    own_ports: ops::OwnPorts,
 }
 
 fn gen_id() -> Id {
@@ -205,6 +211,7 @@ impl Manager {
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
             removed: Mutex::new(meta.removed_nodes.clone()),
             gossip_key_rotation: cfg.gossip_key_rotation,
+            own_ports: ops::OwnPorts { manager: cfg.listen_port, gossip: cfg.gossip_port, data_path: meta.data_path_port },
             meta,
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
@@ -744,7 +751,7 @@ impl Manager {
                 to_value(Removed { id: n.id, name: n.name })?
             }
             ApiRequest::ServiceCreate { spec } => {
-                let s = self.mutate(|st, g| ops::create_service(st, &spec, g))?;
+                let s = self.mutate(|st, g| ops::create_service(st, &spec, &self.own_ports, g))?;
                 info!(service = %s.name, "service created");
                 to_value(service_info(&s, &self.state()))?
             }
@@ -771,7 +778,7 @@ impl Manager {
                 to_value(service_info(&s, &self.state()))?
             }
             ApiRequest::ServiceUpdate { name, publish_add, publish_rm } => {
-                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, g))?;
+                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, &self.own_ports, g))?;
                 to_value(service_info(&s, &self.state()))?
             }
             ApiRequest::ServiceRm { name } => {
