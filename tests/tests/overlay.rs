@@ -324,5 +324,9 @@ fn the_clusters_data_path_port_is_used_by_every_node() -> Result<()> {
     }
     let ip = t[1]["addresses"]["appnet"].as_str().context("ip")?;
     assert_eq!(echo_eventually(pid(&t[0]), ip, "tcp")?, "ping");
+    // No service may publish the cluster's data-path port; the default one is free here.
+    let e = lab.cli_err(0, &["service", "create", "--name", "grab", "--publish", "4790:80/udp", "--", "sleep", "60"])?;
+    assert!(e.contains("port 4790/udp is the cluster's own (the data path, VXLAN)"), "{e}");
+    lab.cli_ok(0, &["service", "create", "--name", "free", "--replicas", "0", "--publish", "4789:80/udp", "--", "sleep", "60"])?;
     Ok(())
 }
