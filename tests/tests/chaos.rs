@@ -357,8 +357,8 @@ fn c4_the_manager_listener_survives_emfile() -> Result<()> {
     Ok(())
 }
 
-/// A server on 7000 (as [`SERVER`]) that exits 0.5 s after SIGTERM.
-const QUICK_TERM: &str = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(0)))\n";
+/// A server on 7000 (as [`SERVER`]) that exits 1 s after SIGTERM.
+const QUICK_TERM: &str = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(0)))\n";
 /// A server on 7000 that ignores SIGTERM: its stop lasts the whole grace period.
 const SLOW_TERM: &str = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n";
 
@@ -367,15 +367,17 @@ const SLOW_TERM: &str = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG
 /// exited while it was away before its adopted tasks were back on their network, took that
 /// task for the sandbox's last user and removed the sandbox: the adopted tasks kept running
 /// with only `lo`. Each round removes one task of each service from node 2 and kills its
-/// daemon 300 ms later: `quick`'s task exits while the daemon is away (its teardown is the
-/// new daemon's first act), `slow`'s ignores SIGTERM (its stop lasts past the adoptions).
+/// daemon 300 ms later: `quick`'s task exits while the daemon is away (2 s; its teardown is
+/// the new daemon's first act), `slow`'s ignores SIGTERM (its stop lasts past the
+/// adoptions). Heartbeats every 3 s: the manager does not take node 2 for down meanwhile.
 /// Afterwards every other task of node 2 must be the same process as before (adopted: a task
 /// started again would hide the fault), with its `eth0`, answering from node 1.
 #[test]
 fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
-    let mut lab = Lab::up("snc-stop", 2, 2, 2.0)?;
+    let mut lab = Lab::up("snc-stop", 2, 2, 3.0)?;
     lab.cli_ok(0, &["network", "create", "appnet"])?;
-    let mut replicas: Vec<(&str, u64)> = vec![("quick", 6), ("slow", 6)];
+    // `slow` is scaled first: `quick`'s removed task must still run when the daemon dies.
+    let mut replicas: Vec<(&str, u64)> = vec![("slow", 6), ("quick", 6)];
     for (name, term) in [("quick", QUICK_TERM), ("slow", SLOW_TERM)] {
         let code = format!("{term}{SERVER}");
         lab.cli_ok(0, &["service", "create", "--name", name, "--replicas", "6", "--network", "appnet", "--", "python3", "-c", &code])?;
@@ -424,15 +426,16 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
             lab.cli_ok(0, &["service", "scale", &format!("{svc}={n}")])?;
         }
         std::thread::sleep(Duration::from_millis(300));
-        // The removed tasks are stopping (signalled, not gone) when the daemon dies.
+        lab.stop_node(1, libc::SIGKILL)?;
+        // The removed tasks were stopping (signalled, not gone) when the daemon died: it
+        // cannot have torn them down.
         for (svc, p) in &going {
             if !swarmnet_lab::pid_alive(*p) {
-                bail!("round {round}: {svc}'s removed task (pid {p}) was gone before the daemon was killed: the case would check nothing");
+                bail!("round {round}: {svc}'s removed task (pid {p}) was gone when the daemon died: the case would check nothing");
             }
         }
-        lab.stop_node(1, libc::SIGKILL)?;
         // `quick`'s removed task exits while its daemon is away; `slow`'s goes on.
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(2000));
         for (svc, p) in &going {
             if swarmnet_lab::pid_alive(*p) != (*svc == "slow") {
                 bail!("round {round}: {svc}'s removed task (pid {p}) is {} while the daemon is away", if *svc == "slow" { "gone" } else { "still running" });
@@ -442,6 +445,9 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
         let mut now: Vec<Value> = Vec::new();
         for (svc, n) in &replicas {
             now.extend(lab.wait_service(svc, *n as usize, T)?);
+        }
+        if lab.log(0).contains("missed 3 heartbeats") {
+            bail!("round {round}: the manager took node 2 for down (its tasks were moved): the case checks adoption, not rescheduling");
         }
         for (id, p, ip) in &stay {
             checked += 1;
@@ -578,7 +584,7 @@ fn c9_task_state_saves_do_not_collide() -> Result<()> {
     });
     let log = lab.log(1);
     let failed = log.matches("could not save task state").count();
-    println!("CHAOS 9 concurrent saves: 10 scales in 1.5 s (up to 30 replicas): failed saves logged {failed}; state file and running tasks agree: {}", on_node.is_ok());
+    println!("CHAOS 9 concurrent saves: 10 scales 150 ms apart (2 to 30 replicas): failed saves logged {failed}; state file and running tasks agree: {}", on_node.is_ok());
     assert_eq!(failed, 0, "saves failed: {}", log.lines().filter(|l| l.contains("could not save task state")).take(3).collect::<Vec<_>>().join("\n"));
     on_node?;
     Ok(())

@@ -34,12 +34,12 @@ pub enum Notice {
     Left(NetworkId),
 }
 
-/// How long after a daemon starts a sandbox that an earlier daemon left is kept even while
-/// nothing holds it; the runtime's first prune comes at its end. By then every hold of the
-/// new daemon is in: its assigned tasks' come with the first assignments, the node's own
-/// hold on the ingress network just after them (the session's `Ingress` message). Until
-/// then a task torn down at once (a removed task whose process exited while the daemon was
-/// away) cannot take the sandbox from under a hold still to come.
+/// How long from a daemon's first assignments a sandbox that an earlier daemon left is kept
+/// even while nothing holds it; the runtime's first prune comes at its end. The holds of the
+/// assigned tasks come with those assignments, the node's own hold on the ingress network
+/// just after them (the session's `Ingress` message, milliseconds later): within the grace a
+/// task torn down at once (a removed task whose process exited while the daemon was away)
+/// cannot take a sandbox from under a hold still to come.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(3);
 
 struct Wanted {
@@ -63,20 +63,26 @@ pub struct Membership {
     present: tokio::sync::Mutex<BTreeMap<NetworkId, Presence>>,
     fabric: Arc<dyn Fabric>,
     notices: mpsc::UnboundedSender<Notice>,
-    /// The end of [`STARTUP_GRACE`].
-    keep_adopted_until: Instant,
+    /// The end of [`STARTUP_GRACE`], once it has started (the first [`Membership::grace_left`]).
+    keep_adopted_until: std::sync::OnceLock<Instant>,
 }
 
 impl Membership {
     /// `present`: the networks the node already has a sandbox for (adopted after a restart).
     pub fn new(fabric: Arc<dyn Fabric>, present: impl IntoIterator<Item = NetworkId>, notices: mpsc::UnboundedSender<Notice>) -> Membership {
         let present = present.into_iter().map(|n| (n, Presence::Adopted)).collect();
-        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present), fabric, notices, keep_adopted_until: Instant::now() + STARTUP_GRACE }
+        Membership { wanted: Mutex::new(BTreeMap::new()), present: tokio::sync::Mutex::new(present), fabric, notices, keep_adopted_until: std::sync::OnceLock::new() }
     }
 
-    /// What is left of [`STARTUP_GRACE`]: the first prune waits for it.
+    /// What is left of [`STARTUP_GRACE`], which the first call starts (the runtime's first
+    /// assignments): the first prune waits for it.
     pub fn grace_left(&self) -> Duration {
-        self.keep_adopted_until.saturating_duration_since(Instant::now())
+        self.keep_adopted_until.get_or_init(|| Instant::now() + STARTUP_GRACE).saturating_duration_since(Instant::now())
+    }
+
+    /// Within the startup grace (or before it started).
+    fn in_grace(&self) -> bool {
+        self.keep_adopted_until.get().is_none_or(|until| Instant::now() < *until)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<NetworkId, Wanted>> {
@@ -148,7 +154,7 @@ impl Membership {
                     let _ = self.notices.send(Notice::Joined(net.clone()));
                 }
             }
-            (None, Some(Presence::Adopted)) if !pruning && Instant::now() < self.keep_adopted_until => {
+            (None, Some(Presence::Adopted)) if !pruning && self.in_grace() => {
                 info!(network = %net, "nothing holds the sandbox an earlier daemon left yet: kept until the startup prune");
             }
             (None, Some(_)) => {
@@ -279,6 +285,7 @@ mod tests {
         m.hold(&net("ingress"), "ingress");
         m.settle(&"ingress".into(), true).await.expect("settle");
         assert_eq!(log(&rec), vec!["join ingress"]);
+        assert!(m.grace_left() > STARTUP_GRACE - Duration::from_secs(1), "the first call starts the grace");
         // Without a hold the first prune takes it, grace or not.
         let (rec, m, _rx) = setup(&["old"]);
         m.hold(&net("old"), "stale");
@@ -291,8 +298,8 @@ mod tests {
 
     #[tokio::test]
     async fn after_the_startup_grace_an_unheld_adopted_sandbox_goes_with_its_last_task() {
-        let (rec, mut m, _rx) = setup(&["a"]);
-        m.keep_adopted_until = Instant::now();
+        let (rec, m, _rx) = setup(&["a"]);
+        m.keep_adopted_until.set(Instant::now()).expect("not started yet");
         m.hold(&net("a"), "t1");
         m.release(&"a".into(), "t1");
         m.settle(&"a".into(), false).await.expect("settle");

@@ -147,7 +147,7 @@ impl Default for OwnPorts {
 
 impl OwnPorts {
     /// What `port`/`protocol` is to the cluster, if it is one of its own.
-    fn owner(&self, port: u16, protocol: Protocol) -> Option<&'static str> {
+    pub fn owner(&self, port: u16, protocol: Protocol) -> Option<&'static str> {
         match protocol {
             _ if port == self.gossip => Some("gossip"),
             Protocol::Tcp if port == self.manager => Some("the manager's port"),

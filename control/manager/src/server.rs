@@ -203,6 +203,16 @@ impl Manager {
             warn!("--ingress-subnet is used when the cluster is created; keeping the stored ingress network");
         }
         store.commit(&store::diff(&old, &state)?)?;
+        // Checked when a port is published; a manager started later with another listening
+        // or gossip port can find one of them taken by a service.
+        let own_ports = ops::OwnPorts { manager: cfg.listen_port, gossip: cfg.gossip_port, data_path: meta.data_path_port };
+        for s in state.services.values() {
+            for p in &s.ports {
+                if let Some(what) = own_ports.owner(p.published, p.protocol) {
+                    warn!(service = %s.name, port = p.published, protocol = %p.protocol, "service publishes one of the cluster's own ports ({what}): move it with service update --publish-rm/--publish-add");
+                }
+            }
+        }
         let (changed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Manager {
             store: Box::new(store),
@@ -211,7 +221,7 @@ impl Manager {
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
             removed: Mutex::new(meta.removed_nodes.clone()),
             gossip_key_rotation: cfg.gossip_key_rotation,
-            own_ports: ops::OwnPorts { manager: cfg.listen_port, gossip: cfg.gossip_port, data_path: meta.data_path_port },
+            own_ports,
             meta,
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
