@@ -139,12 +139,6 @@ pub struct OwnPorts {
     pub data_path: u16,
 }
 
-impl Default for OwnPorts {
-    fn default() -> Self {
-        OwnPorts { manager: 2377, gossip: 7946, data_path: 4789 }
-    }
-}
-
 impl OwnPorts {
     /// What `port`/`protocol` is to the cluster, if it is one of its own.
     pub fn owner(&self, port: u16, protocol: Protocol) -> Option<&'static str> {
@@ -856,6 +850,9 @@ mod network_arg_tests {
 mod tests {
     use super::*;
 
+    /// The cluster's own ports as a cluster with the default flags has them.
+    const OWN: OwnPorts = OwnPorts { manager: 2377, gossip: 7946, data_path: 4789 };
+
     fn ids() -> impl FnMut() -> Id {
         let mut n = 0;
         move || {
@@ -920,7 +917,7 @@ mod tests {
     #[test]
     fn replicas_spread_over_nodes_with_addresses() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        let s = create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
+        let s = create_service(&mut st, &svc("web", 3), &OWN, &mut g).expect("service");
         let net = st.network_by_name("appnet").expect("net").clone();
         assert_eq!(net.subnet.to_string(), "10.0.0.0/24");
         assert_eq!(s.vips.get(&net.id).map(|v| v.to_string()), Some("10.0.0.2".into()));
@@ -937,7 +934,7 @@ mod tests {
     #[test]
     fn scale_up_and_down() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
+        create_service(&mut st, &svc("web", 3), &OWN, &mut g).expect("service");
         scale_service(&mut st, "web", 6, &mut g).expect("scale up");
         assert_eq!(per_node(&st).values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
         scale_service(&mut st, "web", 1, &mut g).expect("scale down");
@@ -951,7 +948,7 @@ mod tests {
     #[test]
     fn node_down_reschedules_and_full_report_cleans_up() {
         let (mut st, mut g) = cluster(&["a", "b", "c"]);
-        create_service(&mut st, &svc("web", 3), &OwnPorts::default(), &mut g).expect("service");
+        create_service(&mut st, &svc("web", 3), &OWN, &mut g).expect("service");
         assert!(set_node_status(&mut st, &"b".into(), NodeStatus::Down, &mut g));
         let pn = per_node(&st);
         assert_eq!(pn.get("b"), None);
@@ -967,7 +964,7 @@ mod tests {
         let (mut st, mut g) = cluster(&["a", "b"]);
         let mut req = svc("agent", 0);
         req.mode = "global".into();
-        create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect("global");
+        create_service(&mut st, &req, &OWN, &mut g).expect("global");
         assert_eq!(running(&st).len(), 2);
         st.nodes.insert("c".into(), node("c"));
         reconcile(&mut st, &mut g);
@@ -990,13 +987,13 @@ mod tests {
         let mut req = svc("big", 5);
         req.networks = vec!["tiny".into()];
         let before = st.clone();
-        let e = create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect_err("exhausted");
+        let e = create_service(&mut st, &req, &OWN, &mut g).expect_err("exhausted");
         assert!(e.to_string().contains("tiny"), "{e}");
         assert!(e.to_string().contains("no free address"), "{e}");
         // The manager works on a clone; here we check create_service fails before changing anything.
         assert_eq!(st, before);
         req.replicas = 4;
-        create_service(&mut st, &req, &OwnPorts::default(), &mut g).expect("fits");
+        create_service(&mut st, &req, &OWN, &mut g).expect("fits");
         let e = scale_service(&mut st, "big", 5, &mut g).expect_err("scale past capacity");
         assert!(e.to_string().contains("no free address"), "{e}");
     }
@@ -1004,16 +1001,16 @@ mod tests {
     #[test]
     fn bad_input() {
         let (mut st, mut g) = cluster(&["a"]);
-        create_service(&mut st, &svc("web", 1), &OwnPorts::default(), &mut g).expect("web");
-        assert!(matches!(create_service(&mut st, &svc("web", 1), &OwnPorts::default(), &mut g), Err(OpError::Conflict(_))));
+        create_service(&mut st, &svc("web", 1), &OWN, &mut g).expect("web");
+        assert!(matches!(create_service(&mut st, &svc("web", 1), &OWN, &mut g), Err(OpError::Conflict(_))));
         let mut r = svc("x", 1);
         r.networks = vec!["nope".into()];
-        assert_eq!(create_service(&mut st, &r, &OwnPorts::default(), &mut g), Err(OpError::NotFound("network nope not found".into())));
-        assert!(matches!(create_service(&mut st, &svc("neg", -2), &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
-        assert!(matches!(create_service(&mut st, &svc("-bad", 1), &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
+        assert_eq!(create_service(&mut st, &r, &OWN, &mut g), Err(OpError::NotFound("network nope not found".into())));
+        assert!(matches!(create_service(&mut st, &svc("neg", -2), &OWN, &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(create_service(&mut st, &svc("-bad", 1), &OWN, &mut g), Err(OpError::Invalid(_))));
         let mut r = svc("p", 1);
         r.publish = vec!["70000:80".into()];
-        assert!(matches!(create_service(&mut st, &r, &OwnPorts::default(), &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(create_service(&mut st, &r, &OWN, &mut g), Err(OpError::Invalid(_))));
         let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false };
         assert!(matches!(create_network(&mut st, &dup, "10.0.0.0/8".parse().expect("p"), &mut g), Err(OpError::Conflict(_))));
         let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()), ingress: false };
@@ -1116,12 +1113,12 @@ mod tests {
         assert!(e.to_string().contains("has an ingress network already (ingress)"), "{e}");
         let mut r = svc("x", 1);
         r.networks = vec!["ingress".into()];
-        assert!(create_service(&mut st, &r, &OwnPorts::default(), &mut g).expect_err("attach").to_string().contains("the cluster's own"));
-        create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect("web");
+        assert!(create_service(&mut st, &r, &OWN, &mut g).expect_err("attach").to_string().contains("the cluster's own"));
+        create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OWN, &mut g).expect("web");
         let e = remove_network(&mut st, "ingress").expect_err("in use");
         assert!(e.to_string().contains("in use by service web"), "{e}");
         assert!(st.nodes.values().all(|n| n.ingress_ip.is_some()), "every node has an ingress address");
-        let e = create_service(&mut st, &publishing("own", 1, &["7946:80/udp"]), &OwnPorts::default(), &mut g).expect_err("gossip port");
+        let e = create_service(&mut st, &publishing("own", 1, &["7946:80/udp"]), &OWN, &mut g).expect_err("gossip port");
         assert!(e.to_string().contains("port 7946/udp is the cluster's own (gossip)"), "{e}");
         let web = st.service_by_name("web").expect("web").id.clone();
         let t = running(&st).into_iter().find(|t| t.service_id.as_ref() == Some(&web)).expect("task").clone();
@@ -1133,9 +1130,9 @@ mod tests {
         apply_reports(&mut st, &"a".to_string(), &[], true, &mut g);
         remove_network(&mut st, "ingress").expect("unused: removable");
         assert!(st.nodes.values().all(|n| n.ingress_ip.is_none()), "ingress addresses go with the network");
-        let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect_err("no ingress");
+        let e = create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OWN, &mut g).expect_err("no ingress");
         assert!(e.to_string().contains("no ingress network"), "{e}");
-        let e = create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &OwnPorts::default(), &mut g).expect_err("host mode needs it too");
+        let e = create_service(&mut st, &publishing("hostonly", 1, &["published=8080,target=80,mode=host"]), &OWN, &mut g).expect_err("host mode needs it too");
         assert!(e.to_string().contains("no ingress network"), "{e}");
         let given: Ipv4Network = "192.168.77.0/24".parse().expect("net");
         let n = make_ingress(&mut st, "10.0.0.0/8".parse().expect("p"), Some(given), &mut g).expect("given subnet");
@@ -1145,29 +1142,29 @@ mod tests {
     #[test]
     fn ports_auto_conflicts_and_updates() {
         let (mut st, mut g) = with_ingress(&["a", "b"]);
-        let web = create_service(&mut st, &publishing("web", 2, &["8080:80", "80", "53/udp"]), &OwnPorts::default(), &mut g).expect("web");
+        let web = create_service(&mut st, &publishing("web", 2, &["8080:80", "80", "53/udp"]), &OWN, &mut g).expect("web");
         let got: Vec<(u16, u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.target, p.protocol)).collect();
         assert_eq!(got, vec![(8080, 80, Protocol::Tcp), (30000, 80, Protocol::Tcp), (30000, 53, Protocol::Udp)]);
-        let e = create_service(&mut st, &publishing("api", 1, &["8080:9000"]), &OwnPorts::default(), &mut g).expect_err("taken");
+        let e = create_service(&mut st, &publishing("api", 1, &["8080:9000"]), &OWN, &mut g).expect_err("taken");
         assert_eq!(e.to_string(), "port 8080/tcp is already published by service web");
-        let e = create_service(&mut st, &publishing("api", 1, &["9000:1", "9000:2"]), &OwnPorts::default(), &mut g).expect_err("twice");
+        let e = create_service(&mut st, &publishing("api", 1, &["9000:1", "9000:2"]), &OWN, &mut g).expect_err("twice");
         assert!(e.to_string().contains("published twice"), "{e}");
-        let api = create_service(&mut st, &publishing("api", 1, &["8080:80/udp", "443"]), &OwnPorts::default(), &mut g).expect("udp 8080 is free");
+        let api = create_service(&mut st, &publishing("api", 1, &["8080:80/udp", "443"]), &OWN, &mut g).expect("udp 8080 is free");
         assert_eq!(api.ports[1].published, 30001);
 
         let tasks_before: BTreeSet<Id> = st.tasks.keys().cloned().collect();
-        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &OwnPorts::default(), &mut g).expect("update");
+        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &OWN, &mut g).expect("update");
         let got: Vec<(u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.protocol)).collect();
         assert_eq!(got, vec![(30000, Protocol::Tcp), (9000, Protocol::Tcp)]);
         assert_eq!(st.tasks.keys().cloned().collect::<BTreeSet<_>>(), tasks_before, "no task replaced");
         // What was freed can be taken, what is held cannot.
-        create_service(&mut st, &publishing("other", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect("8080 freed");
-        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &OwnPorts::default(), &mut g).expect_err("held");
+        create_service(&mut st, &publishing("other", 1, &["8080:80"]), &OWN, &mut g).expect("8080 freed");
+        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &OWN, &mut g).expect_err("held");
         assert_eq!(e.to_string(), "port 9000/tcp is already published by service web");
         assert_eq!(st.service_by_name("api").expect("api").ports.len(), 2, "a refused update changes nothing");
-        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &OwnPorts::default(), &mut g).expect_err("not published");
+        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &OWN, &mut g).expect_err("not published");
         assert!(e.to_string().contains("does not publish port 1234"), "{e}");
-        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &OwnPorts::default(), &mut g), Err(OpError::NotFound(_))));
+        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &OWN, &mut g), Err(OpError::NotFound(_))));
     }
 
     #[test]
@@ -1193,15 +1190,15 @@ mod tests {
         let all: Vec<String> = AUTO_PORTS.map(|p| format!("{p}:80")).collect();
         let mut r = svc("all", 0);
         r.publish = all;
-        create_service(&mut st, &r, &OwnPorts::default(), &mut g).expect("all auto ports by hand");
-        let e = create_service(&mut st, &publishing("one", 0, &["80"]), &OwnPorts::default(), &mut g).expect_err("none left");
+        create_service(&mut st, &r, &OWN, &mut g).expect("all auto ports by hand");
+        let e = create_service(&mut st, &publishing("one", 0, &["80"]), &OWN, &mut g).expect_err("none left");
         assert!(e.to_string().contains("no free port left in 30000-32767"), "{e}");
     }
 
     #[test]
     fn host_mode_port_one_task_per_node() {
         let (mut st, mut g) = with_ingress(&["a", "b"]);
-        create_service(&mut st, &publishing("web", 3, &["published=8080,target=80,mode=host"]), &OwnPorts::default(), &mut g).expect("web");
+        create_service(&mut st, &publishing("web", 3, &["published=8080,target=80,mode=host"]), &OWN, &mut g).expect("web");
         assert_eq!(per_node(&st).get("a"), Some(&1));
         assert_eq!(per_node(&st).get("b"), Some(&1));
         let stuck: Vec<&Task> = running(&st).into_iter().filter(|t| t.node_id.is_none()).collect();
@@ -1209,14 +1206,14 @@ mod tests {
         assert_eq!(stuck[0].state, TaskState::Pending);
         assert!(stuck[0].error.contains("host-mode port 8080/tcp is taken on all 2 ready nodes"), "{}", stuck[0].error);
         // Another service with the same host port has no node left either; with another port it runs.
-        create_service(&mut st, &publishing("copy", 1, &["published=8080,target=81,mode=host"]), &OwnPorts::default(), &mut g).expect("copy");
+        create_service(&mut st, &publishing("copy", 1, &["published=8080,target=81,mode=host"]), &OWN, &mut g).expect("copy");
         let copy = st.service_by_name("copy").expect("copy").id.clone();
         assert!(running(&st).iter().any(|t| t.service_id.as_ref() == Some(&copy) && t.node_id.is_none()));
         // An ingress port takes the number on every node: it clashes with a host-mode one.
-        let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &OwnPorts::default(), &mut g).expect_err("ingress over host");
+        let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &OWN, &mut g).expect_err("ingress over host");
         assert!(e.to_string().contains("already published by service"), "{e}");
         // Withdrawing the host port lets the pending task start.
-        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &OwnPorts::default(), &mut g).expect("update");
+        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &OWN, &mut g).expect("update");
         assert_eq!(running(&st).iter().filter(|t| t.node_id.is_none()).count(), 0, "{:?}", running(&st));
     }
 
@@ -1224,24 +1221,24 @@ mod tests {
     fn the_first_port_moves_tasks_onto_ingress_later_ones_do_not() {
         let (mut st, mut g) = with_ingress(&["a"]);
         let ing = ingress_id(&st).expect("ingress");
-        create_service(&mut st, &publishing("web", 2, &[]), &OwnPorts::default(), &mut g).expect("web");
+        create_service(&mut st, &publishing("web", 2, &[]), &OWN, &mut g).expect("web");
         let ids = |st: &ClusterState| -> BTreeSet<Id> { running(st).iter().map(|t| t.id.clone()).collect() };
         let before = ids(&st);
         assert!(running(&st).iter().all(|t| !t.networks.contains(&ing)));
-        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &OwnPorts::default(), &mut g).expect("first port");
+        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &OWN, &mut g).expect("first port");
         let after = ids(&st);
         assert_eq!(after.len(), 2);
         assert!(after.is_disjoint(&before), "replaced");
         assert!(running(&st).iter().all(|t| t.networks.contains(&ing) && t.addresses.contains_key(&ing)));
         assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
-        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &OwnPorts::default(), &mut g).expect("another port");
+        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &OWN, &mut g).expect("another port");
         assert_eq!(ids(&st), after, "not restarted");
     }
 
     #[test]
     fn a_node_is_removed_only_when_down_or_forced_and_its_tasks_move() {
         let (mut st, mut g) = cluster(&["a", "b"]);
-        create_service(&mut st, &svc("web", 2), &OwnPorts::default(), &mut g).expect("web");
+        create_service(&mut st, &svc("web", 2), &OWN, &mut g).expect("web");
         let e = remove_node(&mut st, "b", false, &"a".to_string(), &mut g).expect_err("up");
         assert!(e.to_string().contains("node b is up: stop it first, or remove it with --force"), "{e}");
         assert!(remove_node(&mut st, "a", true, &"a".to_string(), &mut g).expect_err("manager").to_string().contains("is the manager"));
