@@ -13,8 +13,8 @@ use swarmnet_agent::{Agent, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::{read_msg_within, write_msg, ApiRequest, Reply, MAX_FIRST_FRAME};
-use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
 use swarmnet_manager::{Manager, ManagerConfig};
+use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
 use swarmnet_types::format_mac;
 use tokio::net::UnixListener;
 use tracing::{info, warn};
@@ -42,10 +42,32 @@ async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::
 }
 
 #[allow(clippy::too_many_arguments)]
-pub async fn run_manager(cfg: NodeConfig, listen: SocketAddr, pool: Ipv4Network, heartbeat: Duration, data_path_port: u16, ingress_subnet: Option<Ipv4Network>, gossip_key_rotation: Duration, force_new_cluster: bool) -> anyhow::Result<()> {
+pub async fn run_manager(
+    cfg: NodeConfig,
+    listen: SocketAddr,
+    pool: Ipv4Network,
+    heartbeat: Duration,
+    data_path_port: u16,
+    ingress_subnet: Option<Ipv4Network>,
+    gossip_key_rotation: Duration,
+    force_new_cluster: bool,
+) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
     let expect_cluster = Identity::load(&cfg.data_dir)?.map(|i| i.cluster_id);
-    let mcfg = ManagerConfig { advertise: cfg.advertise, pool, heartbeat, hostname: node_name(), underlay: base.underlay.clone(), data_path_port, ingress_subnet, gossip_key_rotation, expect_cluster, force_new_cluster, listen_port: listen.port(), gossip_port: cfg.gossip_port };
+    let mcfg = ManagerConfig {
+        advertise: cfg.advertise,
+        pool,
+        heartbeat,
+        hostname: node_name(),
+        underlay: base.underlay.clone(),
+        data_path_port,
+        ingress_subnet,
+        gossip_key_rotation,
+        expect_cluster,
+        force_new_cluster,
+        listen_port: listen.port(),
+        gossip_port: cfg.gossip_port,
+    };
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");

@@ -99,14 +99,7 @@ impl DaemonArgs {
                 _ => LbMode::Auto,
             },
             mesh_entry: if self.mesh_entry == "nftables" { MeshEntry::Nftables } else { MeshEntry::Auto },
-            dns: DnsOpts {
-                upstreams,
-                search: self.dns_search,
-                options: self.dns_option,
-                timeout: Duration::from_millis(self.dns_timeout_ms),
-                ttl: self.dns_ttl,
-                resolv_conf: self.resolv_conf,
-            },
+            dns: DnsOpts { upstreams, search: self.dns_search, options: self.dns_option, timeout: Duration::from_millis(self.dns_timeout_ms), ttl: self.dns_ttl, resolv_conf: self.resolv_conf },
         })
     }
 }
@@ -293,8 +286,12 @@ enum NetworkCmd {
         #[command(flatten)]
         f: Format,
     },
-    Inspect { name: String },
-    Rm { name: String },
+    Inspect {
+        name: String,
+    },
+    Rm {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,9 +325,13 @@ enum ServiceCmd {
         #[command(flatten)]
         f: Format,
     },
-    Inspect { name: String },
+    Inspect {
+        name: String,
+    },
     /// SERVICE=REPLICAS
-    Scale { spec: String },
+    Scale {
+        spec: String,
+    },
     /// Change a running service's published ports; its tasks keep running.
     Update {
         name: String,
@@ -341,7 +342,9 @@ enum ServiceCmd {
         #[arg(long)]
         publish_rm: Vec<String>,
     },
-    Rm { name: String },
+    Rm {
+        name: String,
+    },
 }
 
 fn init_logging() {
@@ -392,7 +395,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
             let c = d.node_config()?;
-            daemon_runtime()?.block_on(daemon::run_manager(c, listen_addr, default_addr_pool, Duration::from_secs_f64(heartbeat_interval), data_path_port, ingress_subnet, gossip_key_rotation, force_new_cluster))?;
+            daemon_runtime()?.block_on(daemon::run_manager(
+                c,
+                listen_addr,
+                default_addr_pool,
+                Duration::from_secs_f64(heartbeat_interval),
+                data_path_port,
+                ingress_subnet,
+                gossip_key_rotation,
+                force_new_cluster,
+            ))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Agent { d, join, token } => {
@@ -544,9 +556,7 @@ fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> anyhow::
     let path = socket_path(host)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply: Reply = rt.block_on(async {
-        let mut s = tokio::net::UnixStream::connect(&path)
-            .await
-            .with_context(|| format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST)", path.display()))?;
+        let mut s = tokio::net::UnixStream::connect(&path).await.with_context(|| format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST)", path.display()))?;
         swarmnet_api::write_msg(&mut s, &req).await?;
         swarmnet_api::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
     })?;

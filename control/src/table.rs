@@ -94,10 +94,26 @@ pub fn port_rows(t: &LbTable) -> Vec<PortRow> {
     for p in &t.ports {
         let port = format!("{}/{}", p.published, p.protocol);
         if p.backends.is_empty() {
-            out.push(PortRow { port: port.clone(), mode: p.mode.to_string(), service: p.service.clone(), task: String::new(), backend: String::new(), state: "no task: refuses".into(), connections: String::new() });
+            out.push(PortRow {
+                port: port.clone(),
+                mode: p.mode.to_string(),
+                service: p.service.clone(),
+                task: String::new(),
+                backend: String::new(),
+                state: "no task: refuses".into(),
+                connections: String::new(),
+            });
         }
         for b in &p.backends {
-            out.push(PortRow { port: port.clone(), mode: p.mode.to_string(), service: p.service.clone(), task: b.task.clone(), backend: format!("{}:{}", b.ip, b.target), state: b.state.clone(), connections: b.connections.to_string() });
+            out.push(PortRow {
+                port: port.clone(),
+                mode: p.mode.to_string(),
+                service: p.service.clone(),
+                task: b.task.clone(),
+                backend: format!("{}:{}", b.ip, b.target),
+                state: b.state.clone(),
+                connections: b.connections.to_string(),
+            });
         }
     }
     out

@@ -102,33 +102,17 @@ impl Netlink {
     }
 
     pub async fn create_veth(&self, name: &str, peer: &str) -> Result<(), Error> {
-        self.h
-            .link()
-            .add(LinkVeth::new(name, peer).build())
-            .execute()
-            .await
-            .map_err(ctx(format!("create veth {name} peer {peer}")))
+        self.h.link().add(LinkVeth::new(name, peer).build()).execute().await.map_err(ctx(format!("create veth {name} peer {peer}")))
     }
 
     /// Moves a link into the namespace of `netns_fd`.
     pub async fn move_to_netns(&self, name: &str, netns_fd: RawFd) -> Result<(), Error> {
         let idx = self.index(name).await?;
-        self.h
-            .link()
-            .set(LinkUnspec::new_with_index(idx).setns_by_fd(netns_fd).build())
-            .execute()
-            .await
-            .map_err(ctx(format!("move link {name} to another namespace")))
+        self.h.link().set(LinkUnspec::new_with_index(idx).setns_by_fd(netns_fd).build()).execute().await.map_err(ctx(format!("move link {name} to another namespace")))
     }
 
     /// Renames, sets MAC and MTU (each if given) while the link is down, then brings it up.
-    pub async fn configure_link(
-        &self,
-        name: &str,
-        rename: Option<&str>,
-        mac: Option<[u8; 6]>,
-        mtu: Option<u32>,
-    ) -> Result<(), Error> {
+    pub async fn configure_link(&self, name: &str, rename: Option<&str>, mac: Option<[u8; 6]>, mtu: Option<u32>) -> Result<(), Error> {
         let idx = self.index(name).await?;
         let mut b = LinkUnspec::new_with_index(idx);
         if let Some(n) = rename {
@@ -140,53 +124,23 @@ impl Netlink {
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
-        self.h
-            .link()
-            .set(b.build())
-            .execute()
-            .await
-            .map_err(ctx(format!("configure link {name}")))?;
-        self.h
-            .link()
-            .set(LinkUnspec::new_with_index(idx).up().build())
-            .execute()
-            .await
-            .map_err(ctx(format!("set link {} up", rename.unwrap_or(name))))
+        self.h.link().set(b.build()).execute().await.map_err(ctx(format!("configure link {name}")))?;
+        self.h.link().set(LinkUnspec::new_with_index(idx).up().build()).execute().await.map_err(ctx(format!("set link {} up", rename.unwrap_or(name))))
     }
 
     pub async fn add_address(&self, link: &str, addr: IpAddr, prefix: u8) -> Result<(), Error> {
         let idx = self.index(link).await?;
-        self.h
-            .address()
-            .add(idx, addr, prefix)
-            .replace()
-            .execute()
-            .await
-            .map_err(ctx(format!("add address {addr}/{prefix} on {link}")))
+        self.h.address().add(idx, addr, prefix).replace().execute().await.map_err(ctx(format!("add address {addr}/{prefix} on {link}")))
     }
 
     pub async fn add_default_route_v4(&self, link: &str, gateway: Ipv4Addr) -> Result<(), Error> {
         let idx = self.index(link).await?;
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .output_interface(idx)
-            .build();
-        self.h
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(ctx(format!("add default route via {gateway} dev {link}")))
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(idx).build();
+        self.h.route().add(msg).replace().execute().await.map_err(ctx(format!("add default route via {gateway} dev {link}")))
     }
 
     pub async fn create_bridge(&self, name: &str) -> Result<(), Error> {
-        self.h
-            .link()
-            .add(LinkBridge::new(name).build())
-            .execute()
-            .await
-            .map_err(ctx(format!("create bridge {name}")))
+        self.h.link().add(LinkBridge::new(name).build()).execute().await.map_err(ctx(format!("create bridge {name}")))
     }
 
     /// A VXLAN device for `vni` on UDP `port`, sourced from `local`; no learning (entries are
@@ -204,25 +158,13 @@ impl Netlink {
     pub async fn set_master(&self, name: &str, bridge: &str) -> Result<(), Error> {
         let idx = self.index(name).await?;
         let br = self.index(bridge).await?;
-        self.h
-            .link()
-            .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
-            .execute()
-            .await
-            .map_err(ctx(format!("attach {name} to bridge {bridge}")))
+        self.h.link().set(LinkUnspec::new_with_index(idx).controller(br).up().build()).execute().await.map_err(ctx(format!("attach {name} to bridge {bridge}")))
     }
 
     /// A permanent neighbour entry `ip` -> `mac` on `link`.
     pub async fn neigh_add(&self, link: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<(), Error> {
         let idx = self.index(link).await?;
-        self.h
-            .neighbours()
-            .add(idx, IpAddr::V4(ip))
-            .link_layer_address(&mac)
-            .replace()
-            .execute()
-            .await
-            .map_err(ctx(format!("neighbour {ip} lladdr {} dev {link}", fmt_mac(&mac))))
+        self.h.neighbours().add(idx, IpAddr::V4(ip)).link_layer_address(&mac).replace().execute().await.map_err(ctx(format!("neighbour {ip} lladdr {} dev {link}", fmt_mac(&mac))))
     }
 
     pub async fn neigh_del(&self, link: &str, ip: Ipv4Addr) -> Result<(), Error> {
@@ -241,15 +183,7 @@ impl Netlink {
     /// A VXLAN forwarding entry: frames for `mac` go to the VTEP `dst`.
     pub async fn fdb_add(&self, link: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<(), Error> {
         let idx = self.index(link).await?;
-        self.h
-            .neighbours()
-            .add_bridge(idx, &mac)
-            .flags(NeighbourFlags::Own)
-            .destination(IpAddr::V4(dst))
-            .replace()
-            .execute()
-            .await
-            .map_err(ctx(format!("fdb {} dst {dst} dev {link}", fmt_mac(&mac))))
+        self.h.neighbours().add_bridge(idx, &mac).flags(NeighbourFlags::Own).destination(IpAddr::V4(dst)).replace().execute().await.map_err(ctx(format!("fdb {} dst {dst} dev {link}", fmt_mac(&mac))))
     }
 
     pub async fn fdb_del(&self, link: &str, mac: [u8; 6]) -> Result<(), Error> {
@@ -274,15 +208,7 @@ impl Netlink {
         let mut neigh = Vec::new();
         let mut fdb = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Bridge] {
-            let msgs: Vec<NeighbourMessage> = self
-                .h
-                .neighbours()
-                .get()
-                .set_address_family(family)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(ctx(format!("list neighbours of {link}")))?;
+            let msgs: Vec<NeighbourMessage> = self.h.neighbours().get().set_address_family(family).execute().try_collect().await.map_err(ctx(format!("list neighbours of {link}")))?;
             for m in msgs.iter().filter(|m| m.header.ifindex == idx) {
                 let mut dst = None;
                 let mut mac = None;

@@ -48,10 +48,7 @@ impl NsCtx {
     }
 
     fn back_home(&self) -> Result<(), NsError> {
-        setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys {
-            what: "return to the node namespace".into(),
-            source,
-        })
+        setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "return to the node namespace".into(), source })
     }
 
     /// Makes a new, empty network namespace and returns a handle on it; the thread stays in
@@ -121,12 +118,7 @@ impl NsCtx {
             return Err(NsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command")));
         };
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
-        let spawned = std::process::Command::new(prog)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn();
+        let spawned = std::process::Command::new(prog).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn();
         // The child has its namespace: this thread goes home before anything can fail.
         self.back_home()?;
         let mut child = spawned.map_err(|e| std::io::Error::new(e.kind(), format!("run {prog}: {e}")))?;
@@ -160,33 +152,31 @@ impl NsWorker {
     pub fn start() -> Result<NsWorker, NsError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), NsError>>();
-        std::thread::Builder::new()
-            .name("sn-netns".into())
-            .spawn(move || {
-                let setup = (|| -> Result<NsCtx, NsError> {
-                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                    let home = File::open("/proc/thread-self/ns/net")?;
-                    let (home_nl, conn) = {
-                        let _guard = rt.enter();
-                        Netlink::open()?
-                    };
-                    rt.spawn(conn);
-                    Ok(NsCtx { rt, home, home_nl })
-                })();
-                let mut ctx = match setup {
-                    Ok(c) => {
-                        let _ = ready_tx.send(Ok(()));
-                        c
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
+        std::thread::Builder::new().name("sn-netns".into()).spawn(move || {
+            let setup = (|| -> Result<NsCtx, NsError> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let home = File::open("/proc/thread-self/ns/net")?;
+                let (home_nl, conn) = {
+                    let _guard = rt.enter();
+                    Netlink::open()?
                 };
-                while let Ok(job) = rx.recv() {
-                    job(&mut ctx);
+                rt.spawn(conn);
+                Ok(NsCtx { rt, home, home_nl })
+            })();
+            let mut ctx = match setup {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(()));
+                    c
                 }
-            })?;
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while let Ok(job) = rx.recv() {
+                job(&mut ctx);
+            }
+        })?;
         ready_rx.recv().map_err(|_| NsError::Gone)??;
         Ok(NsWorker { tx })
     }

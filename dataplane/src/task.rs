@@ -89,11 +89,7 @@ pub async fn underlay_facts(ns: &NsWorker, addr: std::net::IpAddr) -> Result<(Op
         ctx.block_on(async {
             let addrs = ctx.home().addresses().await?;
             let links = ctx.home().links().await?;
-            let mtu = addrs
-                .iter()
-                .find(|(_, n)| n.ip() == addr)
-                .and_then(|(idx, _)| links.iter().find(|l| l.index == *idx))
-                .map(|l| (l.mtu, l.name.clone()));
+            let mtu = addrs.iter().find(|(_, n)| n.ip() == addr).and_then(|(idx, _)| links.iter().find(|l| l.index == *idx)).map(|l| (l.mtu, l.name.clone()));
             Ok::<_, crate::netlink::Error>((mtu, addrs.into_iter().map(|(_, n)| n).collect()))
         })
         .map_err(NsError::from)
@@ -113,7 +109,14 @@ pub async fn resolver_sockets(ns: &NsWorker, netns: &File, addr: std::net::Socke
 /// over `target` in the task's mount namespace only (its resolv.conf and hosts). With
 /// `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing), the process joins that
 /// cgroup before it runs anything.
-pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String, String)], binds: &[(std::path::PathBuf, std::path::PathBuf)], cgroup_procs: Option<&File>) -> std::io::Result<tokio::process::Child> {
+pub fn spawn_in_netns(
+    netns: &File,
+    argv: &[String],
+    log: &Path,
+    env: &[(String, String)],
+    binds: &[(std::path::PathBuf, std::path::PathBuf)],
+    cgroup_procs: Option<&File>,
+) -> std::io::Result<tokio::process::Child> {
     let Some((prog, args)) = argv.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
@@ -130,11 +133,7 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
     let fd = netns.as_raw_fd();
     let cg = cgroup_procs.map(|f| f.as_raw_fd());
     let mut cmd = std::process::Command::new(prog);
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     // SAFETY: the closure runs in the child between fork and exec and only makes raw
     // system calls (write, setns, unshare, mount, setsid) that are async-signal-safe; it
     // allocates nothing and touches no lock (the C strings of `binds` were made before
@@ -155,14 +154,7 @@ pub fn spawn_in_netns(netns: &File, argv: &[String], log: &Path, env: &[(String,
                 return Err(std::io::Error::last_os_error());
             }
             // Mounts made for the task (resolv.conf, hosts) must not leak back to the node.
-            if libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            ) != 0
-            {
+            if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             for (file, target) in &binds {

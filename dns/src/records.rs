@@ -87,9 +87,7 @@ impl Records {
 
     /// Endpoints of the service called `name` (or aliased `name`) in scope.
     fn service<'a>(&'a self, scope: &'a [String], name: &'a str) -> Vec<&'a Endpoint> {
-        self.in_scope(scope)
-            .filter(|e| !e.service_name.is_empty() && (e.service_name.eq_ignore_ascii_case(name) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))))
-            .collect()
+        self.in_scope(scope).filter(|e| !e.service_name.is_empty() && (e.service_name.eq_ignore_ascii_case(name) || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(name)))).collect()
     }
 
     /// A records for `qname` as seen from a task on the networks `scope` (network ids).
@@ -111,10 +109,8 @@ impl Records {
             return Self::addrs_or_nodata(Self::active_ips(svc.into_iter()));
         }
         // A task's own name, or an alias of a standalone task.
-        let tasks: Vec<&Endpoint> = self
-            .in_scope(scope)
-            .filter(|e| e.task_name.eq_ignore_ascii_case(&name) || (e.service_name.is_empty() && e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name))))
-            .collect();
+        let tasks: Vec<&Endpoint> =
+            self.in_scope(scope).filter(|e| e.task_name.eq_ignore_ascii_case(&name) || (e.service_name.is_empty() && e.aliases.iter().any(|a| a.eq_ignore_ascii_case(&name)))).collect();
         if !tasks.is_empty() {
             return Self::addrs_or_nodata(Self::active_ips(tasks.into_iter()));
         }
@@ -292,7 +288,8 @@ mod tests {
     fn srv_from_published_ports() {
         let mut r = Records::default();
         let mut e = ep("n", "t1", "web", "web.1", 3, Some(2));
-        e.ports = vec![Port { published: 8080, target: 80, protocol: Protocol::Tcp, mode: Default::default() }, Port { published: 5353, target: 53, protocol: Protocol::Udp, mode: Default::default() }];
+        e.ports =
+            vec![Port { published: 8080, target: 80, protocol: Protocol::Tcp, mode: Default::default() }, Port { published: 5353, target: 53, protocol: Protocol::Udp, mode: Default::default() }];
         add(&mut r, e);
         let mut d1 = ep("n", "d1", "db", "db.1", 5, None);
         d1.ports = vec![Port { published: 5432, target: 5432, protocol: Protocol::Tcp, mode: Default::default() }];

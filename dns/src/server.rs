@@ -12,9 +12,9 @@ use std::time::Duration;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::NetError;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::proto::rr::rdata::{A, PTR, SRV};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog, Slot};
@@ -221,7 +221,6 @@ async fn stream_message(resolver: &TaskResolver, raw: Vec<u8>, from: std::net::S
     let answer = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
     answer
 }
-
 
 async fn serve_udp(sock: Arc<tokio::net::UdpSocket>, resolver: TaskResolver) {
     use std::os::fd::AsRawFd;
@@ -773,7 +772,11 @@ mod tests {
 
         // Garbage, a truncated header and a query with a mangled name: never a crash.
         let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        for g in [vec![0u8; 3], vec![0xffu8; 600], { let mut q = query("web.", RecordType::A, DNSClass::IN, None); q[12] = 63; q }] {
+        for g in [vec![0u8; 3], vec![0xffu8; 600], {
+            let mut q = query("web.", RecordType::A, DNSClass::IN, None);
+            q[12] = 63;
+            q
+        }] {
             junk.send_to(&g, addr).await.expect("send");
         }
         // Only the mangled query has a query header: it alone gets an answer, FORMERR.
@@ -819,4 +822,3 @@ mod tests {
         assert!(firsts.len() > 1, "the order changes per query");
     }
 }
-

@@ -38,11 +38,7 @@ pub fn binary() -> Result<PathBuf> {
         }
         let root = workspace_root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-q", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"])
-            .current_dir(&root)
-            .status()
-            .map_err(|e| format!("run cargo build: {e}"))?;
+        let st = Command::new(cargo).args(["build", "-q", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"]).current_dir(&root).status().map_err(|e| format!("run cargo build: {e}"))?;
         if !st.success() {
             return Err("cargo build --workspace failed".into());
         }
@@ -130,10 +126,7 @@ fn lab_pids(marker: &str) -> Vec<u32> {
 }
 
 pub fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-        .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z'))).unwrap_or(false)
 }
 
 pub struct LabNode {
@@ -252,11 +245,7 @@ impl Lab {
     /// Starts the daemon of node `i` (0-based): the manager on node 0, agents elsewhere.
     pub fn start_node(&mut self, i: usize) -> Result<()> {
         // A restarted node keeps its identity and needs no token.
-        let token = if i > 0 && !self.nodes[i].data_dir.join("node").join("identity.json").exists() {
-            Some(self.token()?)
-        } else {
-            None
-        };
+        let token = if i > 0 && !self.nodes[i].data_dir.join("node").join("identity.json").exists() { Some(self.token()?) } else { None };
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("daemon.log"))?;
         let mut cmd = Command::new("ip");
@@ -383,9 +372,7 @@ impl Lab {
     /// Tasks of `service` that are wanted and running.
     pub fn running_tasks(&self, service: &str) -> Result<Vec<Value>> {
         let v = self.cli_json(0, &["service", "ps", service])?;
-        Ok(v.as_array()
-            .map(|a| a.iter().filter(|t| t["desired_state"] == "running" && t["state"] == "running").cloned().collect())
-            .unwrap_or_default())
+        Ok(v.as_array().map(|a| a.iter().filter(|t| t["desired_state"] == "running" && t["state"] == "running").cloned().collect()).unwrap_or_default())
     }
 
     /// Waits until `service` has exactly `n` tasks, all wanted and running, and no others.

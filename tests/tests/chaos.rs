@@ -386,9 +386,7 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
     let slot = |t: &Value| t["name"].as_str().and_then(|n| n.rsplit_once('.')).and_then(|(_, s)| s.parse::<u64>().ok());
     let pid = |t: &Value| t["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).context("task without a pid");
     // From a task on node 1 that no round removes (`quick`'s lowest slot there).
-    let answers = |client: u32, ip: &str| -> Result<()> {
-        in_netns_of(client, &["python3", "-c", &format!("import socket\nsocket.create_connection(('{ip}', 7000), timeout=3).close()")]).map(|_| ())
-    };
+    let answers = |client: u32, ip: &str| -> Result<()> { in_netns_of(client, &["python3", "-c", &format!("import socket\nsocket.create_connection(('{ip}', 7000), timeout=3).close()")]).map(|_| ()) };
     let mut failures = Vec::new();
     let (mut checked, mut rounds) = (0, 0);
     for round in 0..2 {
@@ -498,7 +496,14 @@ fn c6_a_truncated_task_state_orphans_nothing() -> Result<()> {
     a.sort();
     let probed = finish(start_probe(&lab, 0, "prober", &target, 3)?)?;
     let ps = lab.running_tasks("srv")?;
-    println!("CHAOS 6 truncated tasks/state.json: task processes on node 3 before {} after {} (same pids: {}); probe after: {} failed of {}", before.len(), after.len(), a == b, probed.fail, probed.ok + probed.fail);
+    println!(
+        "CHAOS 6 truncated tasks/state.json: task processes on node 3 before {} after {} (same pids: {}); probe after: {} failed of {}",
+        before.len(),
+        after.len(),
+        a == b,
+        probed.fail,
+        probed.ok + probed.fail
+    );
     assert_eq!(a, b, "the same task processes, adopted (none orphaned, none started twice)");
     assert_eq!(ps.len(), 3, "service ps shows every task running");
     assert_eq!(probed.fail, 0, "the adopted task is reachable");

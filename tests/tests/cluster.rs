@@ -41,13 +41,8 @@ fn check_task_kernel_state(lab: &Lab, task: &Value, gateway: &str) -> Result<()>
     let mac = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
     assert_eq!(link["address"], mac.as_str(), "MAC of {ip}");
     assert_eq!(link["mtu"], 1450, "MTU of {ip} (underlay 1500 - 50)");
-    let addrs: Vec<String> = link["addr_info"]
-        .as_array()
-        .context("addr_info")?
-        .iter()
-        .filter(|a| a["family"] == "inet")
-        .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
-        .collect();
+    let addrs: Vec<String> =
+        link["addr_info"].as_array().context("addr_info")?.iter().filter(|a| a["family"] == "inet").map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"])).collect();
     assert_eq!(addrs, vec![format!("{ip}/24")]);
     let routes = in_netns_of(pid, &["ip", "route", "show", "default"])?;
     assert!(routes.contains(&format!("default via {gateway} dev eth0")), "default route of {ip}: {routes}");
@@ -308,8 +303,7 @@ print("sent")
     lab.stop_node(1, libc::SIGTERM)?;
     std::fs::write(&id_path, serde_json::to_vec(&mine)?)?;
     lab.start_node(1)?;
-    wait_for("node 2's session to be refused", T, || lab.log(1).contains("refused this node's certificate").then_some(()))
-        .with_context(|| format!("log of node 2:\n{}", lab.log(1)))?;
+    wait_for("node 2's session to be refused", T, || lab.log(1).contains("refused this node's certificate").then_some(())).with_context(|| format!("log of node 2:\n{}", lab.log(1)))?;
 
     assert_eq!(store_snapshot(&lab)?.1, before.1, "no network was written");
     assert_eq!(store_snapshot(&lab)?.2, before.2, "no service was written");

@@ -176,7 +176,14 @@ fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
 
     // A process on a node bound to a published port gets nothing of it, and is named.
     let listener = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c", "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(8)\ntime.sleep(120)"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(8)\ntime.sleep(120)",
+        ])
         .spawn()?;
     let shadow = (|| -> Result<()> {
         wait_for("the local listener bound", T, || in_ns(ns, &["ss", "-Hltn", "sport = :8080"]).ok().filter(|o| o.contains("8080")))?;

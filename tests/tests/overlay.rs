@@ -73,10 +73,7 @@ fn kernel_entries(lab: &Lab, i: usize, net: &Value) -> Result<Entries> {
     let neigh: Value = serde_json::from_str(&in_netns_of(holder, &["ip", "-j", "neigh", "show", "dev", &vx, "nud", "permanent"])?)?;
     let fdb: Value = serde_json::from_str(&in_netns_of(holder, &["bridge", "-j", "fdb", "show", "dev", &vx])?)?;
     let n = neigh.as_array().map(|a| a.iter().filter_map(|e| e["dst"].as_str().map(str::to_string)).collect()).unwrap_or_default();
-    let f = fdb
-        .as_array()
-        .map(|a| a.iter().filter_map(|e| Some((e["mac"].as_str()?.to_string(), e["dst"].as_str()?.to_string()))).collect())
-        .unwrap_or_default();
+    let f = fdb.as_array().map(|a| a.iter().filter_map(|e| Some((e["mac"].as_str()?.to_string(), e["dst"].as_str()?.to_string()))).collect()).unwrap_or_default();
     Ok((n, f))
 }
 
@@ -163,9 +160,7 @@ fn a_hand_made_linux_vxlan_interoperates_with_a_task() -> Result<()> {
     let vx = format!("snvx{vni}");
     in_netns_of(holder, &["ip", "neigh", "replace", peer_ip, "lladdr", peer_mac, "dev", &vx, "nud", "permanent"])?;
     in_netns_of(holder, &["bridge", "fdb", "replace", peer_mac, "dev", &vx, "dst", "10.210.0.2", "self", "permanent"])?;
-    let out = wait_for("echo from the hand-made VXLAN to the task", T, || {
-        in_ns(ns, &["python3", "-c", ECHO_CLIENT, &task_ip, "tcp", "interop"]).ok().map(|s| s.trim().to_string())
-    })?;
+    let out = wait_for("echo from the hand-made VXLAN to the task", T, || in_ns(ns, &["python3", "-c", ECHO_CLIENT, &task_ip, "tcp", "interop"]).ok().map(|s| s.trim().to_string()))?;
     assert_eq!(out, "interop");
     assert_eq!(in_ns(ns, &["python3", "-c", ECHO_CLIENT, &task_ip, "udp", "interop-udp"])?.trim(), "interop-udp");
     Ok(())
@@ -191,11 +186,7 @@ fn neighbour_and_fdb_entries_match_the_endpoints_exactly_through_scaling() -> Re
         let has_local = tasks.iter().any(|t| t["node"] == lab.nodes[1].ns.as_str());
         wait_for("the worker's view of the endpoints", T, || {
             let v: Value = serde_json::from_str(&lab.cli_ok(1, &["network", "inspect", "appnet"]).ok()?).ok()?;
-            let got: BTreeSet<(String, String)> = v["local_endpoints"]
-                .as_array()?
-                .iter()
-                .map(|e| (e["ip"].as_str().unwrap_or("").to_string(), e["vtep"].as_str().unwrap_or("").to_string()))
-                .collect();
+            let got: BTreeSet<(String, String)> = v["local_endpoints"].as_array()?.iter().map(|e| (e["ip"].as_str().unwrap_or("").to_string(), e["vtep"].as_str().unwrap_or("").to_string())).collect();
             // A node with no task on the network does not take its entries.
             (if has_local { got == want } else { got.is_empty() }).then_some(())
         })?;

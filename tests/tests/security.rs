@@ -53,10 +53,7 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
         let cap = dir.join("cap.bin");
         let sniff = script("sniff.py");
         let ul = format!("{}-ul", lab.name);
-        let sniffer = std::process::Command::new("ip")
-            .args(["netns", "exec", &ul, "python3", &sniff, "snv1", "7946", "8", &cap.display().to_string()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
+        let sniffer = std::process::Command::new("ip").args(["netns", "exec", &ul, "python3", &sniff, "snv1", "7946", "8", &cap.display().to_string()]).stdout(std::process::Stdio::piped()).spawn()?;
         std::thread::sleep(Duration::from_millis(300));
         lab.cli_ok(0, &["service", "create", "--name", "zebrafish", "--replicas", "2", "--network", "appnet", "--", "sleep", "3600"])?;
         let tasks = lab.wait_service("zebrafish", 2, T)?;
@@ -78,7 +75,14 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
         // Forged endpoints from a host that is not a node: plaintext, and sealed with a key
         // of its own, under the id of the cluster's key.
         let cl = lab.outside_client()?;
-        let node2 = lab.cli_json(0, &["node", "ls"])?.as_array().context("nodes")?.iter().find(|n| n["hostname"] == lab.nodes[1].ns.as_str()).and_then(|n| n["id"].as_str().map(str::to_string)).context("node 2 id")?;
+        let node2 = lab
+            .cli_json(0, &["node", "ls"])?
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .find(|n| n["hostname"] == lab.nodes[1].ns.as_str())
+            .and_then(|n| n["id"].as_str().map(str::to_string))
+            .context("node 2 id")?;
         let forged_ip = std::net::Ipv4Addr::new(10, 0, 0, 200);
         // Named as the service, so it would show in `tasks.zebrafish`.
         let mut ep = forged(&net_id, "forged1", forged_ip, "10.210.0.250")?;

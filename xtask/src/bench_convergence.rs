@@ -37,14 +37,10 @@ fn log_ts(t: &str) -> Option<f64> {
     Some(secs as f64 + format!("0.{frac}").parse::<f64>().ok()?)
 }
 
-
 /// When a daemon log says the endpoint of task `task_id` was published (seconds since the
 /// epoch), from the first such line.
 pub(crate) fn published_at(log: &str, task_id: &str) -> Option<f64> {
-    log.lines()
-        .find(|l| l.contains("endpoint published") && l.contains(task_id))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(log_ts)
+    log.lines().find(|l| l.contains("endpoint published") && l.contains(task_id)).and_then(|l| l.split_whitespace().next()).and_then(log_ts)
 }
 
 pub fn bench_convergence(trials: usize) -> Result<()> {

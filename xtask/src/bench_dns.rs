@@ -96,7 +96,23 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
     let queries = dir.join("bench-queries");
     std::fs::write(&queries, names.iter().map(|n| format!("{n} A\n")).collect::<String>())?;
     let mut dnsmasq = Command::new("nsenter")
-        .args(["-t", &asker, "-n", "--", DNSMASQ, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.12", "--port=53", "--local-ttl=2", "--pid-file=", "--user=root", "--log-facility=/dev/null"])
+        .args([
+            "-t",
+            &asker,
+            "-n",
+            "--",
+            DNSMASQ,
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.12",
+            "--port=53",
+            "--local-ttl=2",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=/dev/null",
+        ])
         .arg(format!("--addn-hosts={}", hosts_file.display()))
         .env("SWARMNET_LAB", LAB)
         .spawn()
@@ -125,13 +141,7 @@ fn throughput(lab: &Lab, web: &[Value], db: &[Value]) -> Result<()> {
         for rate in [5000, 20000] {
             for (who, addr) in [("dnsmasq", "127.0.0.12"), ("swarmnet", "127.0.0.11")] {
                 let mut lat = dnsperf_latencies(&asker, addr, &queries, rate)?;
-                println!(
-                    "at {rate:>5} qps {who:9} n={} p50={:.3} ms p99={:.3} ms p99.9={:.3} ms",
-                    lat.len(),
-                    pct(&mut lat, 50.0),
-                    pct(&mut lat, 99.0),
-                    pct(&mut lat, 99.9)
-                );
+                println!("at {rate:>5} qps {who:9} n={} p50={:.3} ms p99={:.3} ms p99.9={:.3} ms", lat.len(), pct(&mut lat, 50.0), pct(&mut lat, 99.0), pct(&mut lat, 99.9));
             }
         }
         Ok(())
@@ -191,11 +201,7 @@ fn update_latency(lab: &Lab, trials: usize) -> Result<()> {
     lab.cli_ok(2, &["run", "--detach", "--name", "filler", "--network", "bench", "--", "sleep", "3600"])?;
     let web = lab.wait_service("web", 3, T)?;
     let asker = web.iter().find(|t| t["node"] == format!("{LAB}-n3").as_str()).context("a web task on node 3")?;
-    let mut poller: Child = Command::new("nsenter")
-        .args(["-t", &pid(asker)?, "-n", "--", "python3", "-c", POLLER, "tasks.web"])
-        .env("SWARMNET_LAB", LAB)
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut poller: Child = Command::new("nsenter").args(["-t", &pid(asker)?, "-n", "--", "python3", "-c", POLLER, "tasks.web"]).env("SWARMNET_LAB", LAB).stdout(Stdio::piped()).spawn()?;
     let (tx, rx) = mpsc::channel::<(f64, String)>();
     let stdout = poller.stdout.take().context("poller stdout")?;
     std::thread::spawn(move || {

@@ -15,7 +15,6 @@ use swarmnet_gossip::server::{self, Cmd, GossipHandle};
 use swarmnet_gossip::{Config, Event, Ident};
 use swarmnet_types::{Endpoint, EndpointState};
 
-
 fn ep(k: usize) -> Endpoint {
     Endpoint {
         network: "bench".into(),
@@ -256,10 +255,7 @@ pub fn bench_soak(n: usize, dur: Duration) -> Result<()> {
                 short += 1;
             }
         }
-        println!(
-            "RESULT swarmnet soak N={n} {:.0} s with both cores saturated: false dead declarations {false_dead}; nodes missing members at the end {short}",
-            t.elapsed().as_secs_f64()
-        );
+        println!("RESULT swarmnet soak N={n} {:.0} s with both cores saturated: false dead declarations {false_dead}; nodes missing members at the end {short}", t.elapsed().as_secs_f64());
         for h in &hs {
             h.send(Cmd::Stop)?;
         }

@@ -61,11 +61,7 @@ pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
     let rps: f64 = field("Requests/sec:").context("wrk printed no Requests/sec")?.parse()?;
     let p50 = field("50%").and_then(|v| ms(&v)).context("wrk printed no 50% latency")?;
     let p99 = field("99%").and_then(|v| ms(&v)).context("wrk printed no 99% latency")?;
-    let socket_errors: u64 = out
-        .lines()
-        .find(|l| l.contains("Socket errors:"))
-        .map(|l| l.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
+    let socket_errors: u64 = out.lines().find(|l| l.contains("Socket errors:")).map(|l| l.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u64>().ok()).sum()).unwrap_or(0);
     let non_2xx: u64 = field("Non-2xx or 3xx responses:").and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok(Wrk { rps, p50_ms: p50, p99_ms: p99, errors: socket_errors + non_2xx })
 }

@@ -168,8 +168,20 @@ fn api_seeds(dir: &Path) -> Result<()> {
         (0, vec![r#"{"type":"session","reports":[{"task_id":"t1","state":"running","error":"","pid":42,"restarts":0}]}"#]),
         (0, vec![r#"{"type":"api","request":{"verb":"service_create","spec":{"name":"web","replicas":3,"command":["sleep","1"],"networks":["appnet"],"publish":["8080:80"]}}}"#]),
         (0, vec![r#"{"type":"api","request":{"verb":"service_update","name":"web","publish_add":["9000:80/udp"],"publish_rm":["8080"]}}"#]),
-        (1, vec![r#"{"type":"heartbeat"}"#, r#"{"type":"reports","reports":[{"task_id":"t1","state":"failed","error":"exit 1","pid":null,"restarts":2}]}"#, r#"{"type":"gossip_keys_held","ids":[1,2]}"#]),
-        (2, vec![r#"{"type":"assign","full":true,"upsert":[{"task_id":"t1","name":"web.1","service_id":"s1","service_name":"web","ports":[],"command":["sleep","1"],"restart":true,"attachments":[]}],"remove":["t0"]}"#]),
+        (
+            1,
+            vec![
+                r#"{"type":"heartbeat"}"#,
+                r#"{"type":"reports","reports":[{"task_id":"t1","state":"failed","error":"exit 1","pid":null,"restarts":2}]}"#,
+                r#"{"type":"gossip_keys_held","ids":[1,2]}"#,
+            ],
+        ),
+        (
+            2,
+            vec![
+                r#"{"type":"assign","full":true,"upsert":[{"task_id":"t1","name":"web.1","service_id":"s1","service_name":"web","ports":[],"command":["sleep","1"],"restart":true,"attachments":[]}],"remove":["t0"]}"#,
+            ],
+        ),
         (2, vec![r#"{"type":"nodes","nodes":[["n1","10.210.0.1"],["n2","10.210.0.2"]]}"#, r#"{"type":"vips","vips":[{"network":"net1","vip":"10.0.1.2","service":"web"}]}"#]),
         (2, vec![r#"{"type":"ingress","ingress":null}"#]),
         (4, vec![r#"{"node_id":"n2","heartbeat_ms":5000,"data_path_port":4789}"#]),

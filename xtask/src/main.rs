@@ -9,8 +9,8 @@ use swarmnet_lab::{cleanup, Lab};
 
 mod bench_convergence;
 mod bench_dns;
-mod bench_ingress;
 mod bench_gossip;
+mod bench_ingress;
 mod bench_lb;
 mod bench_overlay;
 mod fuzz;
@@ -100,10 +100,7 @@ fn need(cmd: &str, package: &str) -> Result<()> {
         return Ok(());
     }
     println!("installing {package} for this benchmark");
-    let ok = Command::new("sh")
-        .args(["-c", &format!("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}")])
-        .status()?
-        .success();
+    let ok = Command::new("sh").args(["-c", &format!("apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q {package}")]).status()?.success();
     if !ok {
         bail!("could not install {package}");
     }
@@ -111,9 +108,7 @@ fn need(cmd: &str, package: &str) -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"])
-        .status()?;
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["build", "-j2", "--workspace", "--exclude", "swarmnet-ebpf"]).status()?;
     if !st.success() {
         bail!("cargo build failed");
     }
@@ -340,10 +335,8 @@ fn bench_control(runs: usize) -> Result<()> {
         lab.stop_node(0, SIGTERM)?;
         let t = Instant::now();
         lab.start_node(0)?;
-        swarmnet_lab::wait_for("agents reconnected", Duration::from_secs(30), || {
-            (1..3).all(|i| lab.log(i).matches("session open").count() > before[i]).then_some(())
-        })
-        .context("agents did not reconnect")?;
+        swarmnet_lab::wait_for("agents reconnected", Duration::from_secs(30), || (1..3).all(|i| lab.log(i).matches("session open").count() > before[i]).then_some(()))
+            .context("agents did not reconnect")?;
         reconnect.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     println!("manager restart -> both agents reconnected: runs={} p50={:.1} ms max={:.1} ms", reconnect.len(), pct(&mut reconnect, 50.0), pct(&mut reconnect, 100.0));
@@ -353,12 +346,7 @@ fn bench_control(runs: usize) -> Result<()> {
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS not found")
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).context("VmRSS not found")
 }
 
 /// Manager memory with 100 nodes' worth of state: the manager's own node plus 99 simulated

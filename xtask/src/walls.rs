@@ -22,11 +22,7 @@ mod tests {
     /// Package name → names of its normal dependencies, for every package in the graph.
     fn graph() -> BTreeMap<String, BTreeSet<String>> {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-        let out = Command::new(cargo())
-            .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host(), "--manifest-path"])
-            .arg(&manifest)
-            .output()
-            .expect("run cargo metadata");
+        let out = Command::new(cargo()).args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host(), "--manifest-path"]).arg(&manifest).output().expect("run cargo metadata");
         assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
         let m: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
         let names: BTreeMap<&str, &str> = m["packages"].as_array().expect("packages").iter().filter_map(|p| Some((p["id"].as_str()?, p["name"].as_str()?))).collect();

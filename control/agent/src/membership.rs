@@ -206,7 +206,16 @@ mod tests {
     }
 
     fn net(id: &str) -> Network {
-        Network { id: id.into(), name: format!("{id}-name"), driver: "overlay".into(), attachable: false, ingress: false, subnet: "10.0.1.0/24".parse().expect("net"), gateway: "10.0.1.1".parse().expect("gw"), vni: 4096 }
+        Network {
+            id: id.into(),
+            name: format!("{id}-name"),
+            driver: "overlay".into(),
+            attachable: false,
+            ingress: false,
+            subnet: "10.0.1.0/24".parse().expect("net"),
+            gateway: "10.0.1.1".parse().expect("gw"),
+            vni: 4096,
+        }
     }
 
     fn setup(present: &[&str]) -> (Arc<Recorder>, Membership, mpsc::UnboundedReceiver<Notice>) {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tracing::{error, info, warn};
 use swarmnet_api::TaskReport;
 use swarmnet_dataplane::ingress::entry::{self, Entry};
 use swarmnet_dataplane::ingress::IngressSink;
@@ -18,6 +17,7 @@ use swarmnet_dns::sink::DnsSink;
 use swarmnet_gossip::server::{self as gossip_server, Cmd, GossipHandle};
 use swarmnet_types::{Network, NetworkId, Sink, SinkError};
 use tokio::sync::mpsc;
+use tracing::{error, info, warn};
 
 use crate::dns::{DnsOpts, NodeDns};
 use crate::follow::{self, FollowConfig};

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
-use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::ingress::IngressSink;
 use swarmnet_dataplane::lb::{Host, LbBackend, LbSink};
+use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::Sandboxes;
 use swarmnet_dataplane::state::{self, StateFile};
 use swarmnet_dataplane::task::{self as dp, TaskNet};
@@ -312,9 +312,7 @@ impl Runtime {
             if locals.contains_key(id) {
                 continue;
             }
-            let adopt = lock(&self.adoptable)
-                .remove(id)
-                .or_else(|| lock(&self.found).remove(id).map(|(pid, start_time)| Persisted { assignment: a.clone(), pid, start_time }));
+            let adopt = lock(&self.adoptable).remove(id).or_else(|| lock(&self.found).remove(id).map(|(pid, start_time)| Persisted { assignment: a.clone(), pid, start_time }));
             let report = Arc::new(Mutex::new(TaskReport { task_id: id.clone(), state: TaskState::Assigned, error: String::new(), pid: None, restarts: 0 }));
             let (stop_tx, stop_rx) = watch::channel(false);
             let (ports_tx, ports_rx) = watch::channel(a.ports.clone());

@@ -11,10 +11,10 @@ use anyhow::{anyhow, bail, Context};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use swarmnet_api::replies::{LbBackendInfo, LbPortBackend, LbPortInfo, LbServiceInfo, LbTable, RunResult, TaskInfo};
-use swarmnet_dataplane::lb::BackendState;
 use swarmnet_api::tls::{self, CertKey};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::*;
+use swarmnet_dataplane::lb::BackendState;
 use swarmnet_dataplane::state::{self, StateError};
 use swarmnet_types::Id;
 use tokio::net::TcpStream;
@@ -126,7 +126,15 @@ pub struct Agent {
 
 impl Agent {
     /// Must be called inside the runtime (it starts the load balancer's VIP feeder).
-    pub fn new(id: Identity, runtime: Arc<Runtime>, reports: mpsc::UnboundedReceiver<TaskReport>, gossip: swarmnet_gossip::server::GossipHandle, gossip_port: u16, ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>, data_dir: std::path::PathBuf) -> anyhow::Result<Arc<Agent>> {
+    pub fn new(
+        id: Identity,
+        runtime: Arc<Runtime>,
+        reports: mpsc::UnboundedReceiver<TaskReport>,
+        gossip: swarmnet_gossip::server::GossipHandle,
+        gossip_port: u16,
+        ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
+        data_dir: std::path::PathBuf,
+    ) -> anyhow::Result<Arc<Agent>> {
         let tls = tls::client_config(&id.ca_pem, &id.cert)?;
         let (vips, mut rx) = tokio::sync::watch::channel(None::<Vec<VipInfo>>);
         if let Some(lb) = runtime.lb() {
@@ -140,7 +148,19 @@ impl Agent {
                 }
             });
         }
-        Ok(Arc::new(Agent { id, gossip, gossip_port, tls, runtime, reports: Mutex::new(reports), assigned: Mutex::new(BTreeMap::new()), vips, ingress, data_dir, gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()) }))
+        Ok(Arc::new(Agent {
+            id,
+            gossip,
+            gossip_port,
+            tls,
+            runtime,
+            reports: Mutex::new(reports),
+            assigned: Mutex::new(BTreeMap::new()),
+            vips,
+            ingress,
+            data_dir,
+            gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()),
+        }))
     }
 
     /// One request to the manager, on a connection of its own.
@@ -293,7 +313,14 @@ impl Agent {
             Err(e) => (vec![], Some(format!("routing mesh: read the kernel's table: {e}"))),
         };
         let Some(lb) = self.runtime.lb() else {
-            return Reply::ok(&LbTable { backend: None, warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()), services: vec![], ports, ports_warning, mesh_entry });
+            return Reply::ok(&LbTable {
+                backend: None,
+                warning: Some("the load balancer could not start on this node (see the daemon's log): VIPs are not answered".into()),
+                services: vec![],
+                ports,
+                ports_warning,
+                mesh_entry,
+            });
         };
         let rows = match lb.backend.read().await {
             Ok(r) => r,

@@ -15,12 +15,7 @@ use crate::tls::CertKey;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Hello {
     /// From a node without a certificate: join with the token's secret.
-    Join {
-        secret: String,
-        hostname: String,
-        addr: IpAddr,
-        underlay: Vec<IpNetwork>,
-    },
+    Join { secret: String, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork> },
     /// Opens the node's session: the full list of tasks it has now, then a stream.
     Session { reports: Vec<TaskReport> },
     /// One request, one reply.
@@ -50,11 +45,7 @@ pub struct SessionOpened {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromManager {
     /// `full`: this is every assignment of the node; otherwise changes.
-    Assign {
-        full: bool,
-        upsert: Vec<Assignment>,
-        remove: Vec<Id>,
-    },
+    Assign { full: bool, upsert: Vec<Assignment>, remove: Vec<Id> },
     /// The ready nodes (id, underlay address): where to find gossip peers.
     Nodes { nodes: Vec<(Id, IpAddr)> },
     /// Every service VIP of the cluster (sent whole when it changes): a VIP with no task
@@ -132,14 +123,20 @@ pub struct ServiceVip {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromAgent {
     Heartbeat,
-    Reports { reports: Vec<TaskReport> },
+    Reports {
+        reports: Vec<TaskReport>,
+    },
     /// The gossip keys this node's gossip loop holds now (ids), sent after every
     /// `FromManager::GossipKeys`: `node ls` shows who holds the current key.
-    GossipKeysHeld { ids: Vec<u32> },
+    GossipKeysHeld {
+        ids: Vec<u32>,
+    },
     /// What keeps the routing mesh from working fully on this node now (a local process
     /// bound to a published port, a table that cannot be written, no eBPF entry), sent when
     /// it changes and at the start of a session: `service ps` shows it.
-    MeshWarnings { warnings: Vec<MeshWarning> },
+    MeshWarnings {
+        warnings: Vec<MeshWarning>,
+    },
 }
 
 /// One routing-mesh problem of a node: about one published port, or all of them.

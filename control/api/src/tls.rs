@@ -28,11 +28,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A certificate and its key, both PEM.
@@ -47,18 +43,12 @@ impl CertKey {
         parse_cert(&self.cert_pem)
     }
     pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
-        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TlsError::Parse {
-            what: "private key",
-            msg: e.to_string(),
-        })
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TlsError::Parse { what: "private key", msg: e.to_string() })
     }
 }
 
 pub fn parse_cert(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Parse {
-        what: "certificate",
-        msg: e.to_string(),
-    })
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Parse { what: "certificate", msg: e.to_string() })
 }
 
 pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
@@ -72,9 +62,7 @@ pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
 /// optional at the TLS layer (a joining node has none yet); the manager refuses every
 /// request but `join` from a client without one.
 pub fn server_config(ca_pem: &str, me: &CertKey) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider()).allow_unauthenticated().build()?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -113,8 +101,7 @@ struct TokenDigestVerifier {
     provider: Arc<CryptoProvider>,
 }
 
-pub const CA_MISMATCH: &str =
-    "the manager's root CA does not match the CA digest in the join token (a token of another cluster, or not the manager you meant)";
+pub const CA_MISMATCH: &str = "the manager's root CA does not match the CA digest in the join token (a token of another cluster, or not the manager you meant)";
 
 impl ServerCertVerifier for TokenDigestVerifier {
     fn verify_server_cert(
@@ -125,33 +112,18 @@ impl ServerCertVerifier for TokenDigestVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| sha256_hex(c.as_ref()) == self.digest)
-            .ok_or_else(|| rustls::Error::General(CA_MISMATCH.into()))?;
+        let ca = intermediates.iter().find(|c| sha256_hex(c.as_ref()) == self.digest).ok_or_else(|| rustls::Error::General(CA_MISMATCH.into()))?;
         let mut store = RootCertStore::empty();
         store.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(format!("verifier: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), self.provider.clone()).build().map_err(|e| rustls::Error::General(format!("verifier: {e}")))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
@@ -159,4 +131,3 @@ impl ServerCertVerifier for TokenDigestVerifier {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
-

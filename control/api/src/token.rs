@@ -43,17 +43,10 @@ impl JoinToken {
             return Err(TokenError::Digest);
         }
         let secret = parts[3];
-        if secret.len() != SECRET_LEN
-            || !secret
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
-        {
+        if secret.len() != SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
             return Err(TokenError::Secret);
         }
-        Ok(JoinToken {
-            ca_digest: digest.to_ascii_lowercase(),
-            secret: secret.to_string(),
-        })
+        Ok(JoinToken { ca_digest: digest.to_ascii_lowercase(), secret: secret.to_string() })
     }
 }
 

@@ -24,9 +24,9 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-pub use table::{Item, NodeId, OwnerSet, Summary, Table};
 use swarmnet_types::{Change, Endpoint};
 use table::Applied;
+pub use table::{Item, NodeId, OwnerSet, Summary, Table};
 
 /// The last byte is the wire version: 2 since ports carry a protocol enum (issue 8).
 const MAGIC: [u8; 3] = [b'S', b'N', 2];
@@ -141,7 +141,9 @@ pub struct Membership {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Wire {
     /// Changes pushed by their owner.
-    Items { items: Vec<Item> },
+    Items {
+        items: Vec<Item>,
+    },
     Member(Membership),
     /// Anti-entropy: what the sender has; the receiver answers with what the sender lacks
     /// and, unless this is a reply, a digest of its own.
@@ -157,17 +159,29 @@ enum Wire {
         /// joining node learns every member at once instead of one packet's worth.
         swim: Vec<foca::Member<Ident>>,
     },
-    Sync { from: NodeId, memberships: Vec<Membership>, sets: Vec<OwnerSet> },
+    Sync {
+        from: NodeId,
+        memberships: Vec<Membership>,
+        sets: Vec<OwnerSet>,
+    },
 }
 
 /// Something to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Out {
-    Udp { to: SocketAddr, data: Vec<u8> },
-    Stream { to: SocketAddr, data: Vec<u8> },
+    Udp {
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
+    Stream {
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
     /// Is `node`'s host up? (A TCP connect to its gossip address: accepted or refused, the
     /// host answers.) The answer comes back as [`Gossip::host_alive`].
-    Probe { node: Ident },
+    Probe {
+        node: Ident,
+    },
 }
 
 // Events are short-lived and handed on at once; boxing the common variant buys nothing.
@@ -601,12 +615,7 @@ impl Gossip {
     }
 
     fn my_membership(&self) -> Membership {
-        self.memberships.get(&self.me.node).cloned().unwrap_or(Membership {
-            owner: self.me.node.clone(),
-            gen: self.me.gen,
-            version: 0,
-            networks: BTreeSet::new(),
-        })
+        self.memberships.get(&self.me.node).cloned().unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
     }
 
     fn bump_membership(&mut self) {
@@ -621,11 +630,7 @@ impl Gossip {
 
     /// Peers that have joined `network`, as far as we know.
     fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
-        self.alive
-            .values()
-            .filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.contains(network)))
-            .map(|i| i.addr)
-            .collect()
+        self.alive.values().filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.contains(network))).map(|i| i.addr).collect()
     }
 
     /// Pushes owned items to every peer on their network, in packets that fit.

@@ -89,8 +89,7 @@ impl Keyring {
         out.extend_from_slice(&now_ms.to_be_bytes());
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&out[..HEADER]), &mut body)
-            .map_err(|_| "gossip seal failed")?;
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&out[..HEADER]), &mut body).map_err(|_| "gossip seal failed")?;
         out.extend_from_slice(&body);
         Ok(out)
     }
@@ -108,9 +107,7 @@ impl Keyring {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&data[HEADER..HEADER + NONCE_LEN]);
         let mut body = data[HEADER + NONCE_LEN..].to_vec();
-        let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&data[..HEADER]), &mut body)
-            .map_err(|_| OpenError::Forged)?;
+        let plain = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&data[..HEADER]), &mut body).map_err(|_| OpenError::Forged)?;
         let plain = plain.to_vec();
         // The time is checked only once it is known to be the sender's.
         let apart = sent.abs_diff(now_ms);

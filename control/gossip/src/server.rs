@@ -24,13 +24,25 @@ pub enum Cmd {
     Nodes(Vec<SocketAddr>),
     Leave(String),
     Set(Box<Endpoint>),
-    Remove { network: String, id: String },
-    Endpoints { network: String, reply: oneshot::Sender<Vec<Endpoint>> },
-    Members { reply: oneshot::Sender<Vec<Ident>> },
+    Remove {
+        network: String,
+        id: String,
+    },
+    Endpoints {
+        network: String,
+        reply: oneshot::Sender<Vec<Endpoint>>,
+    },
+    Members {
+        reply: oneshot::Sender<Vec<Ident>>,
+    },
     Join(String),
-    Stats { reply: oneshot::Sender<Stats> },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
     /// The networks this node takes entries of.
-    Networks { reply: oneshot::Sender<Vec<String>> },
+    Networks {
+        reply: oneshot::Sender<Vec<String>>,
+    },
     /// The keys to seal and open with (from the manager). Until the first, nothing is sent
     /// and everything received is dropped.
     Keys(Box<Keyring>),

@@ -4,8 +4,8 @@
 //! reaped after a while; anti-entropy sends an owner's whole set, so a reaped tombstone
 //! cannot bring a stale entry back.
 
-use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use swarmnet_types::{Change, Endpoint};
 
 pub use swarmnet_types::NodeId;
@@ -107,11 +107,7 @@ impl Table {
     }
 
     pub fn endpoints(&self, network: &str) -> Vec<&Endpoint> {
-        self.entries
-            .range((network.to_string(), String::new())..)
-            .take_while(|((n, _), _)| n == network)
-            .filter_map(|(_, (i, _))| i.value.as_ref())
-            .collect()
+        self.entries.range((network.to_string(), String::new())..).take_while(|((n, _), _)| n == network).filter_map(|(_, (i, _))| i.value.as_ref()).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -169,12 +165,7 @@ impl Table {
     }
 
     fn drop_owner_where(&mut self, owner: &str, f: impl Fn(&Item) -> bool) -> Vec<Change> {
-        let keys: Vec<(String, String)> = self
-            .entries
-            .iter()
-            .filter(|(_, (i, _))| i.owner == owner && f(i))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys: Vec<(String, String)> = self.entries.iter().filter(|(_, (i, _))| i.owner == owner && f(i)).map(|(k, _)| k.clone()).collect();
         keys.into_iter()
             .filter_map(|k| {
                 let (item, _) = self.entries.remove(&k)?;
@@ -228,12 +219,7 @@ impl Table {
 
     /// Every entry `owner` has in `network`, tombstones included.
     pub fn owner_items(&self, network: &str, owner: &str) -> Vec<Item> {
-        self.entries
-            .range((network.to_string(), String::new())..)
-            .take_while(|((n, _), _)| n == network)
-            .filter(|(_, (i, _))| i.owner == owner)
-            .map(|(_, (i, _))| i.clone())
-            .collect()
+        self.entries.range((network.to_string(), String::new())..).take_while(|((n, _), _)| n == network).filter(|(_, (i, _))| i.owner == owner).map(|(_, (i, _))| i.clone()).collect()
     }
 
     /// Applies an owner's set as of stamp (`gen`, `version`). When the owner itself sent it
@@ -256,12 +242,8 @@ impl Table {
         if !authoritative {
             return changes;
         }
-        let gone: Vec<(String, String)> = self
-            .entries
-            .iter()
-            .filter(|((n, id), (i, _))| n == network && i.owner == owner && i.stamp() <= (gen, version) && !ids.contains(id))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let gone: Vec<(String, String)> =
+            self.entries.iter().filter(|((n, id), (i, _))| n == network && i.owner == owner && i.stamp() <= (gen, version) && !ids.contains(id)).map(|(k, _)| k.clone()).collect();
         for k in gone {
             if let Some((item, _)) = self.entries.remove(&k) {
                 changes.extend(change(&k.0, &k.1, item.value, None));

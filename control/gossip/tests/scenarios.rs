@@ -201,9 +201,7 @@ fn a_partition_of_any_length_heals_within_seconds() {
             assert!(!has(&net, 2, "a", "z"), "and it drops the others'");
         }
         net.rejoin(2);
-        let t = net
-            .run_until(Duration::from_secs(60), |m| everyone(m, &others, "a", "t", true) && has(m, 2, "a", "z") && m.nodes.iter().all(|g| g.members().count() == 3))
-            .expect("healed");
+        let t = net.run_until(Duration::from_secs(60), |m| everyone(m, &others, "a", "t", true) && has(m, 2, "a", "z") && m.nodes.iter().all(|g| g.members().count() == 3)).expect("healed");
         assert!(t < Duration::from_secs(3), "a {cut:?} partition healed in {t:?}");
     }
 }
@@ -294,4 +292,3 @@ fn a_lost_push_is_repaired_by_anti_entropy() {
     assert!(has(&net, 2, "a", "later"));
     net.run_until(Duration::from_secs(30), |m| has(m, 2, "a", "lost")).expect("repaired");
 }
-

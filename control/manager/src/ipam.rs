@@ -15,23 +15,13 @@ pub enum IpamError {
     #[error("subnet {0}: prefix /{1} is too small for an overlay network (at most /30)")]
     TooSmall(Ipv4Network, u8),
     #[error("subnet {subnet} overlaps {what} {other}")]
-    Overlap {
-        subnet: Ipv4Network,
-        what: String,
-        other: IpNetwork,
-    },
+    Overlap { subnet: Ipv4Network, what: String, other: IpNetwork },
     #[error("address pool {pool} has no free /{prefix} left")]
     PoolExhausted { pool: Ipv4Network, prefix: u8 },
     #[error("network {network} ({subnet}) has no free address left")]
     NetworkExhausted { network: String, subnet: Ipv4Network },
     #[error("network {network} ({subnet}) has no free address left for service {service}: {need} needed, {free} free")]
-    NotEnough {
-        network: String,
-        subnet: Ipv4Network,
-        service: String,
-        need: u64,
-        free: u64,
-    },
+    NotEnough { network: String, subnet: Ipv4Network, service: String, need: u64, free: u64 },
 }
 
 /// A range that an overlay subnet must not overlap, with a word saying whose it is.
@@ -51,20 +41,10 @@ fn overlaps(a: Ipv4Network, b: IpNetwork) -> bool {
 /// Everything an overlay subnet must avoid: other networks' subnets and every node's
 /// underlay prefixes.
 pub fn taken_ranges(state: &ClusterState) -> Vec<Taken> {
-    let mut out: Vec<Taken> = state
-        .networks
-        .values()
-        .map(|n| Taken {
-            range: IpNetwork::V4(n.subnet),
-            what: format!("network {}", n.name),
-        })
-        .collect();
+    let mut out: Vec<Taken> = state.networks.values().map(|n| Taken { range: IpNetwork::V4(n.subnet), what: format!("network {}", n.name) }).collect();
     for node in state.nodes.values() {
         for r in &node.underlay {
-            out.push(Taken {
-                range: *r,
-                what: format!("the underlay of node {}", node.hostname),
-            });
+            out.push(Taken { range: *r, what: format!("the underlay of node {}", node.hostname) });
         }
     }
     out
@@ -72,8 +52,7 @@ pub fn taken_ranges(state: &ClusterState) -> Vec<Taken> {
 
 /// Checks a user-given subnet: canonical, not too small, overlapping nothing taken.
 pub fn check_subnet(subnet: Ipv4Network, taken: &[Taken]) -> Result<(), IpamError> {
-    let canonical = Ipv4Network::new(subnet.network(), subnet.prefix())
-        .map_err(|_| IpamError::TooSmall(subnet, subnet.prefix()))?;
+    let canonical = Ipv4Network::new(subnet.network(), subnet.prefix()).map_err(|_| IpamError::TooSmall(subnet, subnet.prefix()))?;
     if canonical.ip() != subnet.ip() {
         return Err(IpamError::HostBitsSet(subnet, canonical));
     }
@@ -82,11 +61,7 @@ pub fn check_subnet(subnet: Ipv4Network, taken: &[Taken]) -> Result<(), IpamErro
     }
     for t in taken {
         if overlaps(subnet, t.range) {
-            return Err(IpamError::Overlap {
-                subnet,
-                what: t.what.clone(),
-                other: t.range,
-            });
+            return Err(IpamError::Overlap { subnet, what: t.what.clone(), other: t.range });
         }
     }
     Ok(())
@@ -143,21 +118,12 @@ pub fn used_addresses(state: &ClusterState, network: &Id) -> BTreeSet<Ipv4Addr> 
 /// The lowest free host address of the network.
 pub fn allocate(state: &ClusterState, network: &Id) -> Result<Ipv4Addr, IpamError> {
     let Some(net) = state.networks.get(network) else {
-        return Err(IpamError::NetworkExhausted {
-            network: network.clone(),
-            subnet: Ipv4Network::from(Ipv4Addr::UNSPECIFIED),
-        });
+        return Err(IpamError::NetworkExhausted { network: network.clone(), subnet: Ipv4Network::from(Ipv4Addr::UNSPECIFIED) });
     };
     let used = used_addresses(state, network);
     let first = u32::from(net.subnet.network()).saturating_add(1);
     let last = u32::from(net.subnet.broadcast()).saturating_sub(1);
-    (first..=last)
-        .map(Ipv4Addr::from)
-        .find(|a| !used.contains(a))
-        .ok_or_else(|| IpamError::NetworkExhausted {
-            network: net.name.clone(),
-            subnet: net.subnet,
-        })
+    (first..=last).map(Ipv4Addr::from).find(|a| !used.contains(a)).ok_or_else(|| IpamError::NetworkExhausted { network: net.name.clone(), subnet: net.subnet })
 }
 
 /// How many host addresses of the network are still free.
@@ -176,25 +142,13 @@ mod tests {
 
     fn net(id: &str, cidr: &str) -> Network {
         let subnet: Ipv4Network = cidr.parse().expect("cidr");
-        Network {
-            id: id.into(),
-            name: id.into(),
-            driver: "overlay".into(),
-            attachable: false,
-            subnet,
-            gateway: gateway(subnet),
-            vni: 4096,
-            ingress: false,
-        }
+        Network { id: id.into(), name: id.into(), driver: "overlay".into(), attachable: false, subnet, gateway: gateway(subnet), vni: 4096, ingress: false }
     }
 
     #[test]
     fn picks_first_free_24_and_skips_taken() {
         let pool: Ipv4Network = "10.0.0.0/8".parse().expect("pool");
-        let taken = vec![
-            Taken { range: "10.0.0.0/24".parse().expect("r"), what: "network a".into() },
-            Taken { range: "10.0.1.0/16".parse().expect("r"), what: "underlay".into() },
-        ];
+        let taken = vec![Taken { range: "10.0.0.0/24".parse().expect("r"), what: "network a".into() }, Taken { range: "10.0.1.0/16".parse().expect("r"), what: "underlay".into() }];
         // 10.0.1.0/16 covers 10.0.0.0 - 10.0.255.255.
         assert_eq!(pick_subnet(pool, 24, &taken), Ok("10.1.0.0/24".parse().expect("n")));
     }
@@ -202,10 +156,7 @@ mod tests {
     #[test]
     fn pool_exhaustion_is_an_error() {
         let pool: Ipv4Network = "10.9.0.0/23".parse().expect("pool");
-        let taken = vec![
-            Taken { range: "10.9.0.0/24".parse().expect("r"), what: "x".into() },
-            Taken { range: "10.9.1.0/24".parse().expect("r"), what: "y".into() },
-        ];
+        let taken = vec![Taken { range: "10.9.0.0/24".parse().expect("r"), what: "x".into() }, Taken { range: "10.9.1.0/24".parse().expect("r"), what: "y".into() }];
         assert!(matches!(pick_subnet(pool, 24, &taken), Err(IpamError::PoolExhausted { .. })));
     }
 

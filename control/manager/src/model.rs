@@ -93,19 +93,14 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn network_by_name(&self, name: &str) -> Option<&Network> {
-        self.networks
-            .values()
-            .find(|n| n.name == name || n.id == name)
+        self.networks.values().find(|n| n.name == name || n.id == name)
     }
 
     pub fn service_by_name(&self, name: &str) -> Option<&Service> {
-        self.services
-            .values()
-            .find(|s| s.name == name || s.id == name)
+        self.services.values().find(|s| s.name == name || s.id == name)
     }
 
     pub fn ready_nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.status == NodeStatus::Ready)
     }
 }
-

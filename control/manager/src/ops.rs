@@ -36,15 +36,11 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
     if ok {
         Ok(())
     } else {
-        Err(invalid(format!(
-            "invalid {kind} name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )))
+        Err(invalid(format!("invalid {kind} name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit")))
     }
 }
 
@@ -105,9 +101,7 @@ pub fn parse_publish(s: &str) -> Result<PublishSpec, OpError> {
 /// Ingress-mode ports cross nodes over the ingress network: it must exist.
 fn check_ingress_exists(st: &ClusterState, service: &str, ports: &[Port]) -> Result<(), OpError> {
     if !ports.is_empty() && ingress_id(st).is_none() {
-        return Err(OpError::Conflict(format!(
-            "service {service}: no ingress network to publish ports through (it was removed; make one with `network create --ingress NAME`)"
-        )));
+        return Err(OpError::Conflict(format!("service {service}: no ingress network to publish ports through (it was removed; make one with `network create --ingress NAME`)")));
     }
     Ok(())
 }
@@ -156,14 +150,7 @@ impl OwnPorts {
 /// use; two host-mode ports share the number, the scheduler keeps their tasks apart (as
 /// in Swarm). With `mode` None any use counts (picking a free port).
 fn publisher<'a>(st: &'a ClusterState, port: u16, protocol: Protocol, mode: Option<PublishMode>, except: Option<&Id>) -> Option<&'a Service> {
-    st.services.values().find(|s| {
-        Some(&s.id) != except
-            && s.ports.iter().any(|q| {
-                q.published == port
-                    && q.protocol == protocol
-                    && !(mode == Some(PublishMode::Host) && q.mode == PublishMode::Host)
-            })
-    })
+    st.services.values().find(|s| Some(&s.id) != except && s.ports.iter().any(|q| q.published == port && q.protocol == protocol && !(mode == Some(PublishMode::Host) && q.mode == PublishMode::Host)))
 }
 
 /// Turns specs into ports: a given published port must be free (the error names the
@@ -194,21 +181,13 @@ fn resolve_ports(st: &ClusterState, specs: &[PublishSpec], mut ports: Vec<Port>,
     Ok(ports)
 }
 
-pub fn create_network(
-    st: &mut ClusterState,
-    req: &NetworkCreate,
-    pool: Ipv4Network,
-    new_id: IdGen,
-) -> Result<Network, OpError> {
+pub fn create_network(st: &mut ClusterState, req: &NetworkCreate, pool: Ipv4Network, new_id: IdGen) -> Result<Network, OpError> {
     check_name("network", &req.name)?;
     if st.network_by_name(&req.name).is_some() {
         return Err(OpError::Conflict(format!("network {} already exists", req.name)));
     }
     if req.driver != "overlay" {
-        return Err(invalid(format!(
-            "network {}: driver {:?} is not supported (only \"overlay\")",
-            req.name, req.driver
-        )));
+        return Err(invalid(format!("network {}: driver {:?} is not supported (only \"overlay\")", req.name, req.driver)));
     }
     if req.ingress {
         if let Some(n) = st.networks.values().find(|n| n.ingress) {
@@ -221,28 +200,15 @@ pub fn create_network(
     let taken = ipam::taken_ranges(st);
     let subnet = match &req.subnet {
         Some(s) => {
-            let subnet: Ipv4Network = s
-                .parse()
-                .map_err(|e| invalid(format!("network {}: invalid --subnet {s:?}: {e}", req.name)))?;
+            let subnet: Ipv4Network = s.parse().map_err(|e| invalid(format!("network {}: invalid --subnet {s:?}: {e}", req.name)))?;
             ipam::check_subnet(subnet, &taken)?;
             subnet
         }
         None => ipam::pick_subnet(pool, 24, &taken)?,
     };
     let used: BTreeSet<u32> = st.networks.values().map(|n| n.vni).collect();
-    let vni = (FIRST_VNI..=MAX_VNI)
-        .find(|v| !used.contains(v))
-        .ok_or_else(|| OpError::Conflict("no free VNI left".into()))?;
-    let net = Network {
-        id: new_id(),
-        name: req.name.clone(),
-        driver: req.driver.clone(),
-        attachable: req.attachable,
-        subnet,
-        gateway: ipam::gateway(subnet),
-        vni,
-        ingress: req.ingress,
-    };
+    let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or_else(|| OpError::Conflict("no free VNI left".into()))?;
+    let net = Network { id: new_id(), name: req.name.clone(), driver: req.driver.clone(), attachable: req.attachable, subnet, gateway: ipam::gateway(subnet), vni, ingress: req.ingress };
     st.networks.insert(net.id.clone(), net.clone());
     if net.ingress {
         reconcile(st, new_id); // every node gets its address on it
@@ -251,15 +217,9 @@ pub fn create_network(
 }
 
 pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpError> {
-    let net = st
-        .network_by_name(name)
-        .cloned()
-        .ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
+    let net = st.network_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
     if let Some(s) = st.services.values().find(|s| s.networks.contains(&net.id)) {
-        return Err(OpError::Conflict(format!(
-            "network {} is in use by service {}",
-            net.name, s.name
-        )));
+        return Err(OpError::Conflict(format!("network {} is in use by service {}", net.name, s.name)));
     }
     if net.ingress {
         if let Some(s) = st.services.values().find(|s| !s.ports.is_empty()) {
@@ -267,10 +227,7 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
         }
     }
     if let Some(t) = st.tasks.values().find(|t| t.networks.contains(&net.id)) {
-        return Err(OpError::Conflict(format!(
-            "network {} is in use by task {} (still stopping)",
-            net.name, t.name
-        )));
+        return Err(OpError::Conflict(format!("network {} is in use by task {} (still stopping)", net.name, t.name)));
     }
     st.networks.remove(&net.id);
     if net.ingress {
@@ -311,9 +268,7 @@ fn resolve_networks(st: &ClusterState, args: &[String]) -> Result<(Vec<Id>, Alia
     let mut aliases = BTreeMap::new();
     for arg in args {
         let (n, al) = parse_network_arg(arg)?;
-        let net = st
-            .network_by_name(&n)
-            .ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
+        let net = st.network_by_name(&n).ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
         if ids.contains(&net.id) {
             return Err(invalid(format!("network {n} is given twice")));
         }
@@ -329,11 +284,7 @@ fn name_in_use(st: &ClusterState, name: &str) -> Option<String> {
     if st.service_by_name(name).is_some() {
         return Some(format!("service {name} already exists"));
     }
-    if st
-        .tasks
-        .values()
-        .any(|t| t.service_id.is_none() && t.name == name && t.desired_state == DesiredState::Running)
-    {
+    if st.tasks.values().any(|t| t.service_id.is_none() && t.name == name && t.desired_state == DesiredState::Running) {
         return Some(format!("a standalone task named {name} already exists"));
     }
     None
@@ -347,22 +298,14 @@ fn check_capacity(st: &ClusterState, svc: &Service, extra_tasks: u64, need_vip: 
         let free = ipam::free_count(st, net_id);
         if need > free {
             let net = &st.networks[net_id];
-            return Err(OpError::Ipam(ipam::IpamError::NotEnough {
-                network: net.name.clone(),
-                subnet: net.subnet,
-                service: svc.name.clone(),
-                need,
-                free,
-            }));
+            return Err(OpError::Ipam(ipam::IpamError::NotEnough { network: net.name.clone(), subnet: net.subnet, service: svc.name.clone(), need, free }));
         }
     }
     Ok(())
 }
 
 fn live_tasks_of<'a>(st: &'a ClusterState, svc: &'a Id) -> impl Iterator<Item = &'a Task> {
-    st.tasks
-        .values()
-        .filter(move |t| t.service_id.as_ref() == Some(svc) && t.desired_state == DesiredState::Running)
+    st.tasks.values().filter(move |t| t.service_id.as_ref() == Some(svc) && t.desired_state == DesiredState::Running)
 }
 
 pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
@@ -372,8 +315,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     }
     let mode = match req.mode.as_str() {
         "replicated" => {
-            let replicas = u64::try_from(req.replicas)
-                .map_err(|_| invalid(format!("invalid --replicas {}: must be 0 or more", req.replicas)))?;
+            let replicas = u64::try_from(req.replicas).map_err(|_| invalid(format!("invalid --replicas {}: must be 0 or more", req.replicas)))?;
             ServiceMode::Replicated { replicas }
         }
         "global" => ServiceMode::Global,
@@ -389,17 +331,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     let specs = req.publish.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
     let ports = resolve_ports(st, &specs, Vec::new(), None, own)?;
     check_ingress_exists(st, &req.name, &ports)?;
-    let mut svc = Service {
-        id: new_id(),
-        name: req.name.clone(),
-        mode,
-        networks,
-        endpoint_mode: req.endpoint_mode,
-        ports,
-        command: req.command.clone(),
-        vips: BTreeMap::new(),
-        aliases,
-    };
+    let mut svc = Service { id: new_id(), name: req.name.clone(), mode, networks, endpoint_mode: req.endpoint_mode, ports, command: req.command.clone(), vips: BTreeMap::new(), aliases };
     let tasks = match mode {
         ServiceMode::Replicated { replicas } => replicas,
         ServiceMode::Global => st.ready_nodes().count() as u64,
@@ -417,15 +349,11 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
 }
 
 pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: IdGen) -> Result<Service, OpError> {
-    let svc = st
-        .service_by_name(name)
-        .cloned()
-        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
     let ServiceMode::Replicated { replicas: old } = svc.mode else {
         return Err(invalid(format!("service {name} is a global service; it cannot be scaled")));
     };
-    let replicas = u64::try_from(replicas)
-        .map_err(|_| invalid(format!("invalid replicas {replicas} for {name}: must be 0 or more")))?;
+    let replicas = u64::try_from(replicas).map_err(|_| invalid(format!("invalid replicas {replicas} for {name}: must be 0 or more")))?;
     if replicas > old {
         check_capacity(st, &svc, replicas - old, false)?;
     }
@@ -439,10 +367,7 @@ pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: I
 /// `service update --publish-add SPEC --publish-rm PORT[/PROTOCOL]`: the service's tasks go
 /// on running (their endpoints are published again with the new ports).
 pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], rm: &[String], own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
-    let mut svc = st
-        .service_by_name(name)
-        .cloned()
-        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let mut svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
     let mut ports = svc.ports.clone();
     for r in rm {
         let (p, proto) = match r.split_once('/') {
@@ -492,9 +417,12 @@ pub fn make_ingress(st: &mut ClusterState, pool: Ipv4Network, subnet: Option<Ipv
         Some(s) => s,
         None => {
             let taken = ipam::taken_ranges(st);
-            let last = Ipv4Network::new(std::net::Ipv4Addr::from(u32::from(pool.broadcast()) & !0xff), 24.max(pool.prefix()))
-                .map_err(|e| invalid(format!("ingress subnet from pool {pool}: {e}")))?;
-            if ipam::check_subnet(last, &taken).is_ok() { last } else { ipam::pick_subnet(pool, 24, &taken)? }
+            let last = Ipv4Network::new(std::net::Ipv4Addr::from(u32::from(pool.broadcast()) & !0xff), 24.max(pool.prefix())).map_err(|e| invalid(format!("ingress subnet from pool {pool}: {e}")))?;
+            if ipam::check_subnet(last, &taken).is_ok() {
+                last
+            } else {
+                ipam::pick_subnet(pool, 24, &taken)?
+            }
         }
     };
     let req = NetworkCreate { name: "ingress".into(), driver: "overlay".into(), attachable: false, subnet: Some(subnet.to_string()), ingress: true };
@@ -502,21 +430,13 @@ pub fn make_ingress(st: &mut ClusterState, pool: Ipv4Network, subnet: Option<Ipv
 }
 
 pub fn remove_service(st: &mut ClusterState, name: &str, new_id: IdGen) -> Result<Service, OpError> {
-    let svc = st
-        .service_by_name(name)
-        .cloned()
-        .ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
     st.services.remove(&svc.id);
     reconcile(st, new_id);
     Ok(svc)
 }
 
-pub fn create_standalone(
-    st: &mut ClusterState,
-    req: &StandaloneCreate,
-    node_id: &Id,
-    new_id: IdGen,
-) -> Result<Task, OpError> {
+pub fn create_standalone(st: &mut ClusterState, req: &StandaloneCreate, node_id: &Id, new_id: IdGen) -> Result<Task, OpError> {
     check_name("task", &req.name)?;
     if let Some(msg) = name_in_use(st, &req.name) {
         return Err(OpError::Conflict(msg));
@@ -531,10 +451,7 @@ pub fn create_standalone(
     for id in &networks {
         let net = &st.networks[id];
         if !net.attachable {
-            return Err(invalid(format!(
-                "network {} is not attachable: create it with --attachable to run standalone tasks on it",
-                net.name
-            )));
+            return Err(invalid(format!("network {} is not attachable: create it with --attachable to run standalone tasks on it", net.name)));
         }
     }
     let mut task = Task {
@@ -579,16 +496,7 @@ pub fn apply_reports(st: &mut ClusterState, node: &Id, reports: &[TaskReport], f
     }
     if full {
         let listed: BTreeSet<&Id> = reports.iter().map(|r| &r.task_id).collect();
-        let gone: Vec<Id> = st
-            .tasks
-            .values()
-            .filter(|t| {
-                t.node_id.as_ref() == Some(node)
-                    && t.desired_state == DesiredState::Shutdown
-                    && !listed.contains(&t.id)
-            })
-            .map(|t| t.id.clone())
-            .collect();
+        let gone: Vec<Id> = st.tasks.values().filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Shutdown && !listed.contains(&t.id)).map(|t| t.id.clone()).collect();
         for id in gone {
             st.tasks.remove(&id);
         }
@@ -600,12 +508,7 @@ pub fn apply_reports(st: &mut ClusterState, node: &Id, reports: &[TaskReport], f
 /// that is up unless `force`. Its tasks leave the state (replicas are started elsewhere;
 /// processes still running on a forced-out node are that node's business).
 pub fn remove_node(st: &mut ClusterState, name: &str, force: bool, manager: &Id, new_id: IdGen) -> Result<Node, OpError> {
-    let node = st
-        .nodes
-        .values()
-        .find(|n| n.id == name || n.hostname == name)
-        .cloned()
-        .ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    let node = st.nodes.values().find(|n| n.id == name || n.hostname == name).cloned().ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
     if &node.id == manager {
         return Err(invalid(format!("node {name} is the manager: it cannot be removed")));
     }
@@ -660,9 +563,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
         let reason = match st.services.get(sid) {
             None => Some("service removed".to_string()),
             Some(s) => match (s.mode, t.slot) {
-                (ServiceMode::Replicated { replicas }, Some(slot)) if slot > replicas => {
-                    Some("scaled down".to_string())
-                }
+                (ServiceMode::Replicated { replicas }, Some(slot)) if slot > replicas => Some("scaled down".to_string()),
                 _ => match &t.node_id {
                     Some(n) if !ready.contains(n) => Some(format!("node {n} is down")),
                     _ => None,
@@ -681,8 +582,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
     st.tasks.retain(|_, t| {
         let unplaced = t.node_id.is_none();
         let done = t.state.is_terminal();
-        !((t.desired_state == DesiredState::Shutdown && (done || unplaced))
-            || (t.service_id.is_none() && done))
+        !((t.desired_state == DesiredState::Shutdown && (done || unplaced)) || (t.service_id.is_none() && done))
     });
 
     // 3. Missing tasks.
@@ -730,12 +630,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
     }
 
     // 4. Give pending tasks their addresses and a node.
-    let mut pending: Vec<Id> = st
-        .tasks
-        .values()
-        .filter(|t| t.desired_state == DesiredState::Running && t.state == TaskState::Pending)
-        .map(|t| t.id.clone())
-        .collect();
+    let mut pending: Vec<Id> = st.tasks.values().filter(|t| t.desired_state == DesiredState::Running && t.state == TaskState::Pending).map(|t| t.id.clone()).collect();
     pending.sort_by_key(|id| {
         let t = &st.tasks[id];
         (t.service_id.clone(), t.slot, t.name.clone())
@@ -770,19 +665,12 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
         }
     }
     // Host-mode ports: one task per node may hold each.
-    let host_ports: Vec<(u16, Protocol)> = task
-        .service_id
-        .as_ref()
-        .and_then(|s| st.services.get(s))
-        .map(|s| s.ports.iter().filter(|p| p.mode == PublishMode::Host).map(|p| (p.published, p.protocol)).collect())
-        .unwrap_or_default();
+    let host_ports: Vec<(u16, Protocol)> =
+        task.service_id.as_ref().and_then(|s| st.services.get(s)).map(|s| s.ports.iter().filter(|p| p.mode == PublishMode::Host).map(|p| (p.published, p.protocol)).collect()).unwrap_or_default();
     let holder = |node: &Id| -> Option<(u16, Protocol, String)> {
         st.tasks.values().filter(|t| t.id != task.id && t.node_id.as_ref() == Some(node) && t.state != TaskState::Pending && !t.state.is_terminal()).find_map(|t| {
             let svc = st.services.get(t.service_id.as_ref()?)?;
-            svc.ports
-                .iter()
-                .find(|p| p.mode == PublishMode::Host && host_ports.contains(&(p.published, p.protocol)))
-                .map(|p| (p.published, p.protocol, t.name.clone()))
+            svc.ports.iter().find(|p| p.mode == PublishMode::Host && host_ports.contains(&(p.published, p.protocol))).map(|p| (p.published, p.protocol, t.name.clone()))
         })
     };
     let node = match &task.node_id {
@@ -797,14 +685,7 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
         },
         None => {
             let count = |node: &Id, svc_only: bool| {
-                st.tasks
-                    .values()
-                    .filter(|t| {
-                        t.desired_state == DesiredState::Running
-                            && t.node_id.as_ref() == Some(node)
-                            && (!svc_only || t.service_id == task.service_id)
-                    })
-                    .count()
+                st.tasks.values().filter(|t| t.desired_state == DesiredState::Running && t.node_id.as_ref() == Some(node) && (!svc_only || t.service_id == task.service_id)).count()
             };
             let free: Vec<&Id> = ready.iter().filter(|n| host_ports.is_empty() || holder(n).is_none()).collect();
             if free.is_empty() && !ready.is_empty() {
@@ -880,13 +761,8 @@ mod tests {
             st.nodes.insert((*n).into(), node(n));
         }
         let mut g = ids();
-        create_network(
-            &mut st,
-            &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None, ingress: false },
-            "10.0.0.0/8".parse().expect("pool"),
-            &mut g,
-        )
-        .expect("network");
+        create_network(&mut st, &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+            .expect("network");
         (st, g)
     }
 
@@ -1023,13 +899,9 @@ mod tests {
     #[test]
     fn vnis_are_unique_from_4096() {
         let (mut st, mut g) = cluster(&["a"]);
-        let n2 = create_network(
-            &mut st,
-            &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false },
-            "10.0.0.0/8".parse().expect("pool"),
-            &mut g,
-        )
-        .expect("second");
+        let n2 =
+            create_network(&mut st, &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+                .expect("second");
         assert_eq!(st.network_by_name("appnet").map(|n| n.vni), Some(4096));
         assert_eq!(n2.vni, 4097);
         assert_eq!(n2.subnet.to_string(), "10.0.1.0/24");
@@ -1038,13 +910,8 @@ mod tests {
     #[test]
     fn standalone_needs_attachable() {
         let (mut st, mut g) = cluster(&["a"]);
-        create_network(
-            &mut st,
-            &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false },
-            "10.0.0.0/8".parse().expect("pool"),
-            &mut g,
-        )
-        .expect("closed");
+        create_network(&mut st, &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+            .expect("closed");
         let req = StandaloneCreate { name: "probe".into(), networks: vec!["closed".into()], command: vec!["true".into()] };
         let e = create_standalone(&mut st, &req, &"a".into(), &mut g).expect_err("not attachable");
         assert!(e.to_string().contains("not attachable"), "{e}");
@@ -1052,13 +919,7 @@ mod tests {
         let t = create_standalone(&mut st, &req, &"a".into(), &mut g).expect("attachable");
         assert_eq!(t.addresses.len(), 1);
         // It finished: it is dropped and its address freed.
-        apply_reports(
-            &mut st,
-            &"a".into(),
-            &[TaskReport { task_id: t.id.clone(), state: TaskState::Complete, error: String::new(), pid: None, restarts: 0 }],
-            false,
-            &mut g,
-        );
+        apply_reports(&mut st, &"a".into(), &[TaskReport { task_id: t.id.clone(), state: TaskState::Complete, error: String::new(), pid: None, restarts: 0 }], false, &mut g);
         assert!(!st.tasks.contains_key(&t.id));
     }
 
@@ -1171,7 +1032,12 @@ mod tests {
     fn the_clusters_own_ports_follow_its_settings() {
         let (mut st, mut g) = with_ingress(&["a"]);
         let own = OwnPorts { manager: 3377, gossip: 8946, data_path: 30000 };
-        for (spec, what) in [("30000:80/udp", "30000/udp is the cluster's own (the data path, VXLAN)"), ("3377:80", "3377/tcp is the cluster's own (the manager's port)"), ("8946:80", "8946/tcp is the cluster's own (gossip)"), ("8946:80/udp", "8946/udp is the cluster's own (gossip)")] {
+        for (spec, what) in [
+            ("30000:80/udp", "30000/udp is the cluster's own (the data path, VXLAN)"),
+            ("3377:80", "3377/tcp is the cluster's own (the manager's port)"),
+            ("8946:80", "8946/tcp is the cluster's own (gossip)"),
+            ("8946:80/udp", "8946/udp is the cluster's own (gossip)"),
+        ] {
             let e = create_service(&mut st, &publishing("own", 1, &[spec]), &own, &mut g).expect_err(spec);
             assert!(e.to_string().contains(what), "{spec}: {e}");
         }

@@ -2,10 +2,7 @@
 //! (CN node id, OU role, O cluster id). The TLS configurations built on them are in
 //! `swarmnet_api::tls`.
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use ring::rand::SecureRandom;
 pub use swarmnet_api::tls::{sha256_hex, CertKey, TlsError, MANAGER_SERVER_NAME};
 
@@ -52,11 +49,7 @@ fn ca_params(cluster_id: &str) -> Result<CertificateParams, PkiError> {
     dn.push(DnType::OrganizationName, cluster_id);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p.not_before = rcgen::date_time_ymd(2025, 1, 1);
     p.not_after = rcgen::date_time_ymd(2045, 1, 1);
     Ok(p)
@@ -74,12 +67,7 @@ impl Ca {
         let key = KeyPair::generate()?;
         let params = ca_params(cluster_id)?;
         let cert = params.self_signed(&key)?;
-        Ok(Ca {
-            cluster_id: cluster_id.to_string(),
-            cert: CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() },
-            key,
-            params,
-        })
+        Ok(Ca { cluster_id: cluster_id.to_string(), cert: CertKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() }, key, params })
     }
 
     /// Loads a CA made by `generate`: the issuer fields are rebuilt from the cluster id, so
@@ -112,10 +100,7 @@ impl Ca {
         );
         dn.push(DnType::OrganizationName, self.cluster_id.as_str());
         p.distinguished_name = dn;
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
@@ -143,11 +128,8 @@ mod tests {
         server_config(&ca.cert.cert_pem, &node).expect("server");
         client_config(&ca.cert.cert_pem, &node).expect("client");
         let roots = roots(&ca.cert.cert_pem).expect("roots");
-        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider())
-            .build()
-            .expect("verifier");
-        v.verify_server_cert(&node.cert_der().expect("der"), &[], &server_name(), &[], UnixTime::now())
-            .expect("node cert chains to the reloaded CA");
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider()).build().expect("verifier");
+        v.verify_server_cert(&node.cert_der().expect("der"), &[], &server_name(), &[], UnixTime::now()).expect("node cert chains to the reloaded CA");
     }
 
     #[test]

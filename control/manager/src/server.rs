@@ -97,10 +97,7 @@ fn gen_id() -> Id {
     pki::new_id().unwrap_or_else(|_| {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
         format!("{t:x}{n:x}")
     })
 }
@@ -118,7 +115,9 @@ impl Manager {
         let (meta, _) = store.load().map_err(|e| OpError::Invalid(format!("the manager's store {shown} cannot be read ({e}): {RECOVER}")))?;
         match (&meta, &cfg.expect_cluster) {
             (None, Some(want)) => Err(OpError::Invalid(format!("this node belongs to cluster {want}, but the manager's store {shown} holds no cluster (lost or replaced?): {RECOVER}")).into()),
-            (Some(m), Some(want)) if m.cluster_id != *want => Err(OpError::Invalid(format!("this node belongs to cluster {want}, but the manager's store {shown} holds cluster {}: {RECOVER}", m.cluster_id)).into()),
+            (Some(m), Some(want)) if m.cluster_id != *want => {
+                Err(OpError::Invalid(format!("this node belongs to cluster {want}, but the manager's store {shown} holds cluster {}: {RECOVER}", m.cluster_id)).into())
+            }
             _ => Ok(store),
         }
     }
@@ -182,10 +181,7 @@ impl Manager {
             hostname: cfg.hostname.clone(),
             addr: cfg.advertise,
             role: Role::Manager,
-            status: state
-                .nodes
-                .get(&meta.manager_node_id)
-                .map_or(NodeStatus::Ready, |n| n.status),
+            status: state.nodes.get(&meta.manager_node_id).map_or(NodeStatus::Ready, |n| n.status),
             underlay: cfg.underlay.clone(),
             cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
             // Its address on the ingress network stays what it was.
@@ -196,8 +192,7 @@ impl Manager {
             // The ingress network is made with the cluster (as `docker swarm init`); a user who
             // removes it later makes another with `network create --ingress`.
             let mut ids = gen_id;
-            let n = ops::make_ingress(&mut state, cfg.pool, cfg.ingress_subnet, &mut ids)
-                .map_err(|e| OpError::Invalid(format!("cannot create the ingress network: {e}")))?;
+            let n = ops::make_ingress(&mut state, cfg.pool, cfg.ingress_subnet, &mut ids).map_err(|e| OpError::Invalid(format!("cannot create the ingress network: {e}")))?;
             info!(network = %n.name, subnet = %n.subnet, vni = n.vni, "created the ingress network");
         } else if cfg.ingress_subnet.is_some() {
             warn!("--ingress-subnet is used when the cluster is created; keeping the stored ingress network");
@@ -349,20 +344,10 @@ impl Manager {
 
     async fn handle(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-            .await
-            .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
-        let cert_fp = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| tls::sha256_hex(c.as_ref()));
+        let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await.map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
+        let cert_fp = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| tls::sha256_hex(c.as_ref()));
         let (mut r, mut w) = tokio::io::split(tls);
-        let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg_within::<_, Hello>(&mut r, MAX_FIRST_FRAME))
-            .await
-            .map_err(|_| anyhow::anyhow!("no request within 10 s"))??
-        else {
+        let Some(hello) = tokio::time::timeout(Duration::from_secs(10), read_msg_within::<_, Hello>(&mut r, MAX_FIRST_FRAME)).await.map_err(|_| anyhow::anyhow!("no request within 10 s"))?? else {
             return Ok(());
         };
         let node = match &cert_fp {
@@ -372,7 +357,11 @@ impl Manager {
                 let removed = self.removed.lock().unwrap_or_else(|p| p.into_inner()).get(fp).cloned();
                 if let Some(who) = removed {
                     warn!(peer = %peer, node = %who, "refused a removed node");
-                    write_msg(&mut w, &Reply::err(format!("refused: node {who} was removed from this cluster (swarmnet node rm); to come back it must join again with a new data dir and a join token"))).await?;
+                    write_msg(
+                        &mut w,
+                        &Reply::err(format!("refused: node {who} was removed from this cluster (swarmnet node rm); to come back it must join again with a new data dir and a join token")),
+                    )
+                    .await?;
                     return Ok(());
                 }
                 if found.is_none() && !matches!(hello, Hello::Join { .. }) {
@@ -415,16 +404,7 @@ impl Manager {
             let ca = Ca::load(&self.meta.cluster_id, self.meta.ca.clone())?;
             let node_id = pki::new_id()?;
             let cert = ca.issue_node(&node_id, &Role::Worker, None)?;
-            let node = Node {
-                id: node_id.clone(),
-                hostname,
-                addr,
-                role: Role::Worker,
-                status: NodeStatus::Ready,
-                underlay,
-                cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()),
-                ingress_ip: None,
-            };
+            let node = Node { id: node_id.clone(), hostname, addr, role: Role::Worker, status: NodeStatus::Ready, underlay, cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()), ingress_ip: None };
             self.mutate(|st, g| {
                 st.nodes.insert(node.id.clone(), node.clone());
                 ops::reconcile(st, g);
@@ -577,25 +557,14 @@ impl Manager {
     /// Every service VIP, sorted.
     fn vips(&self) -> Vec<ServiceVip> {
         let inner = self.lock();
-        let mut v: Vec<ServiceVip> = inner
-            .state
-            .services
-            .values()
-            .flat_map(|s| s.vips.iter().map(|(n, vip)| ServiceVip { network: n.clone(), vip: *vip, service: s.name.clone() }))
-            .collect();
+        let mut v: Vec<ServiceVip> = inner.state.services.values().flat_map(|s| s.vips.iter().map(|(n, vip)| ServiceVip { network: n.clone(), vip: *vip, service: s.name.clone() })).collect();
         v.sort();
         v
     }
 
     /// Tasks of `node` that should stop and have not been reported stopped.
     fn shutting_down(&self, node: &Id) -> std::collections::BTreeSet<Id> {
-        self.lock()
-            .state
-            .tasks
-            .values()
-            .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Shutdown && !t.state.is_terminal())
-            .map(|t| t.id.clone())
-            .collect()
+        self.lock().state.tasks.values().filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Shutdown && !t.state.is_terminal()).map(|t| t.id.clone()).collect()
     }
 
     async fn session<R, W>(self: Arc<Self>, node: Id, reports: Vec<ops::TaskReport>, mut r: R, mut w: W) -> anyhow::Result<()>
@@ -634,9 +603,7 @@ impl Manager {
         let silence = self.heartbeat * 4 + Duration::from_secs(5);
         let reader = async move {
             loop {
-                let next = tokio::time::timeout(silence, read_msg::<_, FromAgent>(&mut r))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("nothing from the node for {} s", silence.as_secs()))?;
+                let next = tokio::time::timeout(silence, read_msg::<_, FromAgent>(&mut r)).await.map_err(|_| anyhow::anyhow!("nothing from the node for {} s", silence.as_secs()))?;
                 match next? {
                     None => return Ok::<(), anyhow::Error>(()),
                     Some(FromAgent::Heartbeat) => me.touch(&n2),
@@ -845,11 +812,7 @@ fn net_name(st: &ClusterState, id: &Id) -> String {
 }
 
 fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
-    let running = st
-        .tasks
-        .values()
-        .filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running)
-        .count() as u64;
+    let running = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running).count() as u64;
     let (mode, desired) = match s.mode {
         ServiceMode::Replicated { replicas } => (ServiceModeName::Replicated, replicas),
         ServiceMode::Global => (ServiceModeName::Global, st.ready_nodes().count() as u64),

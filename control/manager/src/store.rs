@@ -75,12 +75,7 @@ pub const TASKS: &str = "tasks";
 pub const META: &str = "meta";
 const TABLES: [&str; 5] = [NODES, NETWORKS, SERVICES, TASKS, META];
 
-fn diff_map<V: Serialize + PartialEq>(
-    table: &'static str,
-    old: &std::collections::BTreeMap<String, V>,
-    new: &std::collections::BTreeMap<String, V>,
-    out: &mut Vec<Write>,
-) -> Result<(), StoreError> {
+fn diff_map<V: Serialize + PartialEq>(table: &'static str, old: &std::collections::BTreeMap<String, V>, new: &std::collections::BTreeMap<String, V>, out: &mut Vec<Write>) -> Result<(), StoreError> {
     for (k, v) in new {
         if old.get(k) != Some(v) {
             out.push(Write::Put { table, key: k.clone(), value: serde_json::to_vec(v)? });
@@ -134,18 +129,13 @@ impl RedbStore {
         StoreError::Backend { path: self.path.clone(), msg: e.to_string() }
     }
 
-    fn read_table<V: DeserializeOwned>(
-        &self,
-        txn: &redb::ReadTransaction,
-        table: &'static str,
-    ) -> Result<std::collections::BTreeMap<String, V>, StoreError> {
+    fn read_table<V: DeserializeOwned>(&self, txn: &redb::ReadTransaction, table: &'static str) -> Result<std::collections::BTreeMap<String, V>, StoreError> {
         let t = txn.open_table(def(table)).map_err(|e| self.err(e))?;
         let mut out = std::collections::BTreeMap::new();
         for item in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let key = k.value().to_string();
-            let val = serde_json::from_slice(v.value())
-                .map_err(|source| StoreError::Decode { table, key: key.clone(), source })?;
+            let val = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode { table, key: key.clone(), source })?;
             out.insert(key, val);
         }
         Ok(out)
@@ -156,12 +146,7 @@ impl Store for RedbStore {
     fn load(&self) -> Result<(Option<ClusterMeta>, ClusterState), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let mut meta: std::collections::BTreeMap<String, ClusterMeta> = self.read_table(&txn, META)?;
-        let state = ClusterState {
-            nodes: self.read_table(&txn, NODES)?,
-            networks: self.read_table(&txn, NETWORKS)?,
-            services: self.read_table(&txn, SERVICES)?,
-            tasks: self.read_table(&txn, TASKS)?,
-        };
+        let state = ClusterState { nodes: self.read_table(&txn, NODES)?, networks: self.read_table(&txn, NETWORKS)?, services: self.read_table(&txn, SERVICES)?, tasks: self.read_table(&txn, TASKS)? };
         Ok((meta.remove("cluster"), state))
     }
 
@@ -202,10 +187,8 @@ mod tests {
         let empty = ClusterState::default();
         let mut st = ClusterState::default();
         let subnet: ipnetwork::Ipv4Network = "10.0.0.0/24".parse().expect("net");
-        st.networks.insert(
-            "n1".into(),
-            Network { id: "n1".into(), name: "a".into(), driver: "overlay".into(), attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096, ingress: false },
-        );
+        st.networks
+            .insert("n1".into(), Network { id: "n1".into(), name: "a".into(), driver: "overlay".into(), attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096, ingress: false });
         let mut st2 = st.clone();
         st2.networks.get_mut("n1").expect("n1").name = "b".into();
         store.commit(&diff(&empty, &st).expect("diff")).expect("commit");

@@ -108,7 +108,10 @@ pub enum AcceptNote {
     /// The first failure of a burst.
     Failing,
     /// Accepting again after `failed` failures over `lasted`.
-    Recovered { failed: u64, lasted: Duration },
+    Recovered {
+        failed: u64,
+        lasted: Duration,
+    },
 }
 
 impl AcceptErrors {

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use crate::lb::ebpf::{be, map_err, prog_err, take, EbpfError};
 use crate::lb::host::HostError;
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -83,7 +83,6 @@ pub struct Entry {
     _ebpf: Ebpf,
 }
 
-
 impl Entry {
     /// Loads (or adopts) the program and its maps, pinned under `pins` (a node's folder of
     /// the load balancer's bpffs tree: its sibling `ingress-v1` is used), and attaches it at
@@ -100,11 +99,8 @@ impl Entry {
             loader.map_pin_path(m, p.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| EbpfError::Load { pins: pins.clone(), source: Box::new(source) })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or_else(|| EbpfError::Other(format!("program {PROG_INGRESS} is missing from the object")))?
-            .try_into()
-            .map_err(prog_err(PROG_INGRESS, "type"))?;
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(PROG_INGRESS).ok_or_else(|| EbpfError::Other(format!("program {PROG_INGRESS} is missing from the object")))?.try_into().map_err(prog_err(PROG_INGRESS, "type"))?;
         prog.load().map_err(prog_err(PROG_INGRESS, "load (verifier)"))?;
         let pin = pins.join(format!("link_{PROG_INGRESS}"));
         let adopted = match PinnedLink::from_pin(&pin) {

@@ -52,10 +52,7 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), NsError> {
 /// `localhost:PORT` is DNATed out of it). Idempotent: a port an earlier agent made is kept.
 pub async fn plug_node_port(ns: &NsWorker, sandboxes: &Sandboxes, me: &Me, mtu: u32) -> Result<(), SinkError> {
     let m = me.clone();
-    let exists = ns
-        .run(move |ctx| ctx.block_on(ctx.home().link(NODE_IF)).map(|l| l.is_some()))
-        .await
-        .map_err(|e| format!("ingress network {} vni {}: look for {NODE_IF}: {e}", m.name, m.vni))??;
+    let exists = ns.run(move |ctx| ctx.block_on(ctx.home().link(NODE_IF)).map(|l| l.is_some())).await.map_err(|e| format!("ingress network {} vni {}: look for {NODE_IF}: {e}", m.name, m.vni))??;
     let replug = exists && sandboxes.plug(&me.network, NODE_PEER_IF).await.is_ok();
     if !replug {
         ns.run(move |ctx| {
@@ -212,15 +209,17 @@ impl IngressSink {
 
     /// Which way a client from outside enters this node (`lb ls`, the log).
     pub fn entry_kind(&self) -> &'static str {
-        if self.entry.is_some() { "ebpf (direct return)" } else { "nftables (return through the entry node)" }
+        if self.entry.is_some() {
+            "ebpf (direct return)"
+        } else {
+            "nftables (return through the entry node)"
+        }
     }
 
     /// Runs `f` on the entry program, off the async threads; Ok(None) without one.
     async fn with_entry<R: Send + 'static>(&self, f: impl FnOnce(&mut entry::Entry) -> Result<R, crate::lb::EbpfError> + Send + 'static) -> Result<Option<R>, SinkError> {
         let Some(e) = self.entry.clone() else { return Ok(None) };
-        let r = tokio::task::spawn_blocking(move || f(&mut e.lock().unwrap_or_else(|p| p.into_inner())))
-            .await
-            .map_err(|e| format!("routing mesh: eBPF entry worker: {e}"))?;
+        let r = tokio::task::spawn_blocking(move || f(&mut e.lock().unwrap_or_else(|p| p.into_inner()))).await.map_err(|e| format!("routing mesh: eBPF entry worker: {e}"))?;
         Ok(Some(r.map_err(|e| format!("routing mesh: eBPF entry: {e}"))?))
     }
 
@@ -239,15 +238,7 @@ impl IngressSink {
                     .map_err(|e| format!("ingress network {}: look for {NODE_IF}: {e}", m.name))??;
                 let port = port.ok_or_else(|| format!("ingress network {}: {NODE_IF} is missing", m.name))?;
                 let up = up.ok_or_else(|| format!("ingress network {}: the underlay interface is missing", m.name))?;
-                Some(entry::EntryConfig {
-                    vtep,
-                    uplink_index: up.index,
-                    port_index: port.index,
-                    port_mac: swarmnet_types::mac_for(m.address),
-                    mtu: m.mtu,
-                    vni: m.vni,
-                    vxlan_port: m.vxlan_port,
-                })
+                Some(entry::EntryConfig { vtep, uplink_index: up.index, port_index: port.index, port_mac: swarmnet_types::mac_for(m.address), mtu: m.mtu, vni: m.vni, vxlan_port: m.vxlan_port })
             }
             _ => None,
         };
@@ -371,7 +362,11 @@ impl IngressSink {
             }
         }
         self.publish_warnings(st.failed.as_ref(), &st.shadowed);
-        if errors.is_empty() { Ok(()) } else { Err(errors.join("; ").into()) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; ").into())
+        }
     }
 
     /// A process on the node bound to a published port gets none of its traffic (the mesh's
@@ -468,7 +463,11 @@ impl Sink for IngressSink {
             };
             touched |= (had || kept) && st.me.as_ref().is_none_or(|m| m.network == c.network);
         }
-        if touched { self.program(&mut st, false).await } else { Ok(()) }
+        if touched {
+            self.program(&mut st, false).await
+        } else {
+            Ok(())
+        }
     }
 
     async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
@@ -483,7 +482,11 @@ impl Sink for IngressSink {
         if how == Resync::Complete {
             st.complete.insert(network.clone());
         }
-        if st.me.as_ref().is_some_and(|m| &m.network == network) { self.program(&mut st, how == Resync::Complete).await } else { Ok(()) }
+        if st.me.as_ref().is_some_and(|m| &m.network == network) {
+            self.program(&mut st, how == Resync::Complete).await
+        } else {
+            Ok(())
+        }
     }
 
     async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError> {

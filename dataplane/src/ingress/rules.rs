@@ -65,13 +65,8 @@ pub fn plan(endpoints: &[Endpoint], local_vtep: IpAddr) -> Vec<Published> {
             if p.mode == PublishMode::Host && !local {
                 continue;
             }
-            let entry = out.entry((p.protocol, p.published)).or_insert_with(|| Published {
-                port: p.published,
-                protocol: p.protocol,
-                mode: p.mode,
-                service: e.service_name.clone(),
-                backends: Vec::new(),
-            });
+            let entry =
+                out.entry((p.protocol, p.published)).or_insert_with(|| Published { port: p.published, protocol: p.protocol, mode: p.mode, service: e.service_name.clone(), backends: Vec::new() });
             if entry.service != e.service_name {
                 continue;
             }
@@ -155,15 +150,9 @@ pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vx
     }
     // Packets conntrack calls invalid (out of window, stray) never reach the node's own
     // stack, whose reset would kill a good connection (k8s #74839); nor are they forwarded.
-    let _ = writeln!(
-        s,
-        "  chain guard {{\n    type filter hook prerouting priority -150; policy accept;\n    ct state invalid fib daddr type local meta l4proto . th dport @ports drop\n  }}"
-    );
+    let _ = writeln!(s, "  chain guard {{\n    type filter hook prerouting priority -150; policy accept;\n    ct state invalid fib daddr type local meta l4proto . th dport @ports drop\n  }}");
     for (name, hook) in [("pre", "prerouting"), ("out", "output")] {
-        let _ = writeln!(
-            s,
-            "  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n    fib daddr type local meta l4proto . th dport vmap @published\n  }}"
-        );
+        let _ = writeln!(s, "  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n    fib daddr type local meta l4proto . th dport vmap @published\n  }}");
     }
     let _ = writeln!(
         s,
@@ -312,10 +301,7 @@ pub fn task_tables(ifname: &str, entries: &[Ipv4Addr], own: &DirectReturn) -> St
         let _ = writeln!(s, "    elements = {{ {} }}", elems.join(", "));
     }
     let _ = writeln!(s, "  }}");
-    let _ = writeln!(
-        s,
-        "  chain eg {{\n    type filter hook egress device \"{ifname}\" priority filter; policy accept;\n    meta mark != 0 ether daddr set meta mark map @entry\n  }}\n}}"
-    );
+    let _ = writeln!(s, "  chain eg {{\n    type filter hook egress device \"{ifname}\" priority filter; policy accept;\n    meta mark != 0 ether daddr set meta mark map @entry\n  }}\n}}");
     s
 }
 
@@ -359,11 +345,7 @@ pub fn parse_counts(json: &[u8]) -> Result<Vec<BackendCount>, String> {
         let Some(rule) = it.get("rule") else { continue };
         let Some(chain) = rule.get("chain").and_then(|c| c.as_str()) else { continue };
         let Some((protocol, port, ip, target)) = parse_backend_chain(chain) else { continue };
-        let packets = rule
-            .get("expr")
-            .and_then(|e| e.as_array())
-            .and_then(|e| e.iter().find_map(|x| x.get("counter").and_then(|c| c.get("packets")).and_then(|p| p.as_u64())))
-            .unwrap_or(0);
+        let packets = rule.get("expr").and_then(|e| e.as_array()).and_then(|e| e.iter().find_map(|x| x.get("counter").and_then(|c| c.get("packets")).and_then(|p| p.as_u64()))).unwrap_or(0);
         out.push(BackendCount { protocol, port, ip, target, connections: packets });
     }
     Ok(out)

@@ -224,11 +224,7 @@ impl EbpfLb {
                 adopted += 1;
                 continue;
             }
-            let p: &mut CgroupSockAddr = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?
-                .try_into()
-                .map_err(prog_err(prog, "type"))?;
+            let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?.try_into().map_err(prog_err(prog, "type"))?;
             p.load().map_err(prog_err(prog, "load (verifier)"))?;
             let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(prog, "attach"))?;
             let link: FdLink = p.take_link(id).map_err(prog_err(prog, "take link"))?.try_into().map_err(prog_err(prog, "link"))?;

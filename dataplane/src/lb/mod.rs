@@ -114,6 +114,6 @@ pub trait LbBackend: Send + Sync {
 }
 
 pub use ebpf::{EbpfError, EbpfLb};
-pub use nft::NftLb;
 pub use host::Host;
+pub use nft::NftLb;
 pub use sink::{Names, VipInfo, VniOf};

@@ -447,11 +447,8 @@ impl LbBackend for NftLb {
             // already programmed since is brought into it (one transaction), and the rest
             // changes from what it holds.
             Some(table) => {
-                let mut made: BTreeMap<Ipv4Addr, NsVip> = table
-                    .vips
-                    .into_iter()
-                    .map(|(vip, v)| (vip, NsVip { backends: v.backends.keys().copied().collect(), active: v.in_map, vni: Some(v.vni) }))
-                    .collect();
+                let mut made: BTreeMap<Ipv4Addr, NsVip> =
+                    table.vips.into_iter().map(|(vip, v)| (vip, NsVip { backends: v.backends.keys().copied().collect(), active: v.in_map, vni: Some(v.vni) })).collect();
                 let mut script = String::new();
                 let mut after = Vec::new();
                 for s in &mine {

@@ -221,7 +221,17 @@ impl Core {
 
 impl LbSink {
     pub fn new(backend: Arc<dyn LbBackend>, vni_of: VniOf) -> LbSink {
-        let core = Core { backend, vni_of, eps: BTreeMap::new(), vips: BTreeMap::new(), programmed: BTreeMap::new(), complete: BTreeSet::new(), adopted: None, failed: BTreeMap::new(), seen: BTreeSet::new() };
+        let core = Core {
+            backend,
+            vni_of,
+            eps: BTreeMap::new(),
+            vips: BTreeMap::new(),
+            programmed: BTreeMap::new(),
+            complete: BTreeSet::new(),
+            adopted: None,
+            failed: BTreeMap::new(),
+            seen: BTreeSet::new(),
+        };
         LbSink { core: Arc::new(Mutex::new(core)) }
     }
 

@@ -176,10 +176,14 @@ impl Sandboxes {
             self.save(&map).await;
         }
         let Some(sb) = map.get_mut(&net.id) else { return Err(SandboxError::NoSandbox(net.name.clone())) };
-        let spec = SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu, bridge_address: !net.ingress };
-        let made = super::setup_sandbox(&self.ns, &sb.ns, spec)
-            .await
-            .map_err(|source| SandboxError::Kernel { network: net.name.clone(), vni: net.vni, what: "set up bridge and vxlan", source: Box::new(source) })?;
+        let spec =
+            SandboxSpec { vni: net.vni, gateway: net.gateway, prefix: net.subnet.prefix(), local: self.local, port: self.port.load(Ordering::Relaxed), mtu: self.mtu, bridge_address: !net.ingress };
+        let made = super::setup_sandbox(&self.ns, &sb.ns, spec).await.map_err(|source| SandboxError::Kernel {
+            network: net.name.clone(),
+            vni: net.vni,
+            what: "set up bridge and vxlan",
+            source: Box::new(source),
+        })?;
         if made && !created {
             info!(network = %net.name, vni = net.vni, "sandbox repaired (bridge or vxlan device was missing)");
         }
@@ -204,18 +208,19 @@ impl Sandboxes {
     pub async fn plug(&self, net: &NetworkId, host_if: &str) -> Result<(), SandboxError> {
         let map = self.map.lock().await;
         let sb = map.get(net).ok_or_else(|| SandboxError::NoSandbox(net.clone()))?;
-        super::plug(&self.ns, &sb.ns, host_if.to_string())
-            .await
-            .map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "plug a task", source: Box::new(source) })
+        super::plug(&self.ns, &sb.ns, host_if.to_string()).await.map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "plug a task", source: Box::new(source) })
     }
 
     /// Removes a task's veth end from the sandbox (the task's end goes with it).
     pub async fn unplug(&self, net: &NetworkId, host_if: &str) -> Result<(), SandboxError> {
         let map = self.map.lock().await;
         let Some(sb) = map.get(net) else { return Ok(()) };
-        super::unplug(&self.ns, &sb.ns, host_if.to_string())
-            .await
-            .map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "unplug a task", source: Box::new(source) })
+        super::unplug(&self.ns, &sb.ns, host_if.to_string()).await.map_err(|source| SandboxError::Kernel {
+            network: sb.name.clone(),
+            vni: sb.holder.vni,
+            what: "unplug a task",
+            source: Box::new(source),
+        })
     }
 }
 
@@ -224,10 +229,12 @@ impl OverlayKernel for Sandboxes {
     async fn sync(&self, network: &NetworkId, desired: Vec<Remote>, scope: Scope) -> Result<Option<Vec<Op>>, SinkError> {
         let map = self.map.lock().await;
         let Some(sb) = map.get(network) else { return Ok(None) };
-        let ops = super::sync_remotes(&self.ns, &sb.ns, sb.holder.vni, desired, scope)
-            .await
-            .map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "program remote endpoints", source: Box::new(source) })?;
+        let ops = super::sync_remotes(&self.ns, &sb.ns, sb.holder.vni, desired, scope).await.map_err(|source| SandboxError::Kernel {
+            network: sb.name.clone(),
+            vni: sb.holder.vni,
+            what: "program remote endpoints",
+            source: Box::new(source),
+        })?;
         Ok(Some(ops))
     }
-
 }
