@@ -8,24 +8,20 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ipnetwork::Ipv4Network;
-use swarmnet_agent::node::{self, NodeBase, NodeConfig};
-use swarmnet_agent::{Agent, Identity};
+use swarmnet_agent::node::{self, Claim, NodeBase, NodeConfig};
+use swarmnet_agent::{Agent, AgentConfig, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
-use swarmnet_api::{read_msg_within, write_msg, ApiRequest, Reply, MAX_FIRST_FRAME};
+use swarmnet_api::{read_msg_within, write_msg, ApiError, ApiRequest, ErrorKind, Reply, MAX_FIRST_FRAME};
 use swarmnet_manager::{Manager, ManagerConfig};
-use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
+use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::format_mac;
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-fn hostname() -> String {
+/// The machine's hostname (the default display name of its node).
+pub fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown".into())
-}
-
-/// Name of the node: the lab sets SWARMNET_HOSTNAME because its nodes share one UTS name.
-pub fn node_name() -> String {
-    std::env::var("SWARMNET_HOSTNAME").unwrap_or_else(|_| hostname())
 }
 
 /// The argv that holds a sandbox namespace: this binary, `sandbox-hold`.
@@ -34,11 +30,13 @@ pub fn holder_cmd() -> anyhow::Result<Vec<String>> {
     Ok(vec![exe.display().to_string(), "sandbox-hold".into()])
 }
 
-async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::Result<Arc<Agent>> {
+/// Starts the node's parts and its agent; the claim on the node's id must be held for as
+/// long as the daemon runs.
+async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::Result<(Arc<Agent>, Claim)> {
     let n = node::start(cfg, base, &id.node_id).await?;
-    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, cfg.gossip_port, n.ingress, cfg.data_dir.clone())?;
+    let agent = Agent::new(id, n.runtime, n.reports, n.gossip, n.ingress, AgentConfig { gossip_port: cfg.gossip_port, data_dir: cfg.data_dir.clone(), hostname: cfg.hostname.clone() })?;
     tokio::spawn(agent.clone().run());
-    Ok(agent)
+    Ok((agent, n.claim))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -58,7 +56,7 @@ pub async fn run_manager(
         advertise: cfg.advertise,
         pool,
         heartbeat,
-        hostname: node_name(),
+        hostname: cfg.hostname.clone(),
         underlay: base.underlay.clone(),
         data_path_port,
         ingress_subnet,
@@ -87,7 +85,7 @@ pub async fn run_manager(
     tokio::spawn(manager.clone().serve(listener));
     tokio::spawn(manager.clone().watch_heartbeats());
     tokio::spawn(manager.clone().rotate_gossip_keys_periodically());
-    let agent = start_agent(&cfg, base, id).await?;
+    let (agent, _claim) = start_agent(&cfg, base, id).await?;
     serve_control(&cfg.data_dir, Some(manager), agent).await
 }
 
@@ -101,10 +99,10 @@ pub async fn run_agent(cfg: NodeConfig, join: String, token: Option<String>) -> 
         None => {
             let Some(token) = token else { bail!("--token is required to join (this data dir has no node identity yet)") };
             let token = JoinToken::parse(&token)?;
-            swarmnet_agent::join(&cfg.data_dir, &join, &token, &node_name(), cfg.advertise, base.underlay.clone()).await?
+            swarmnet_agent::join(&cfg.data_dir, &join, &token, &cfg.hostname, cfg.advertise, base.underlay.clone()).await?
         }
     };
-    let agent = start_agent(&cfg, base, id).await?;
+    let (agent, _claim) = start_agent(&cfg, base, id).await?;
     serve_control(&cfg.data_dir, None, agent).await
 }
 
@@ -122,54 +120,29 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
     }
     info!(socket = %path.display(), node = %agent.id.node_id, "ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // Bounded (issue 12): at most 256 requests at once, 10 s to send one; accept failures
-    // back off and are logged once per burst.
-    let admission = Admission::new(Limits { total: 256, per_peer: 256 });
-    let mut errors = AcceptErrors::default();
-    let mut refusals = RefusalLog::default();
-    loop {
-        tokio::select! {
-            acc = listener.accept() => {
-                let (mut conn, _) = match acc {
-                    Ok(c) => {
-                        if let AcceptNote::Recovered { failed, lasted } = errors.accepted(std::time::Instant::now()) {
-                            info!(failed, lasted_ms = lasted.as_millis() as u64, "control socket: accepting again");
-                        }
-                        c
-                    }
-                    Err(e) => {
-                        if errors.failed(std::time::Instant::now()) == AcceptNote::Failing {
-                            warn!(error = %e, "control socket: cannot accept (backing off; logged once per burst)");
-                        }
-                        tokio::time::sleep(AcceptErrors::BACKOFF).await;
-                        continue;
-                    }
-                };
-                let slot = match admission.admit(None) {
-                    Ok(s) => s,
-                    Err(why) => {
-                        if let Some(n) = refusals.note() {
-                            warn!(refused = n, why = %why, "control socket: request refused");
-                        }
-                        continue;
-                    }
-                };
-                let manager = manager.clone();
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let req: ApiRequest = match tokio::time::timeout(std::time::Duration::from_secs(10), read_msg_within(&mut conn, MAX_FIRST_FRAME)).await {
-                        Ok(Ok(Some(r))) => r,
-                        Ok(Ok(None)) | Err(_) => return,
-                        Ok(Err(e)) => { let _ = write_msg(&mut conn, &Reply::err(format!("bad request: {e}"))).await; return; }
-                    };
-                    let reply = answer(req, manager.as_deref(), &agent).await;
-                    let _ = write_msg(&mut conn, &reply).await;
-                });
-            }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+    // Bounded (issues 12 and 19, the shared loop): at most 256 requests at once, 10 s to send
+    // one; accept failures back off and are logged once per burst.
+    let names = Names { what: "control socket", conns: "requests", conn: "request" };
+    let serving = admission::serve(listener, names, Admission::new(Limits { total: 256, per_peer: 256 }), |mut conn: tokio::net::UnixStream, _| {
+        let manager = manager.clone();
+        let agent = agent.clone();
+        async move {
+            let req: ApiRequest = match tokio::time::timeout(std::time::Duration::from_secs(10), read_msg_within(&mut conn, MAX_FIRST_FRAME)).await {
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) | Err(_) => return,
+                Ok(Err(e)) => {
+                    let _ = write_msg(&mut conn, &Reply::err(ApiError::invalid(format!("bad request: {e}")))).await;
+                    return;
+                }
+            };
+            let reply = answer(req, manager.as_deref(), &agent).await;
+            let _ = write_msg(&mut conn, &reply).await;
         }
+    });
+    tokio::select! {
+        _ = serving => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
     info!("stopping; tasks keep running and are adopted at the next start");
     let _ = std::fs::remove_file(&path);
@@ -183,32 +156,28 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
         (ApiRequest::LbLs, _) => agent.lb_table().await,
-        (ApiRequest::NodeRm { node, force }, Some(m)) => match m.remove_node(&node, force).await {
-            Ok(r) => Reply::ok(&r),
-            Err(e) => Reply::err(e),
-        },
-        (ApiRequest::RotateGossipKey, Some(m)) => match m.rotate_gossip_key(m.key_switch_delay()).await {
-            Ok(key) => Reply::ok(&swarmnet_api::replies::GossipKeyRotated { key }),
-            Err(e) => Reply::err(format!("gossip key rotation: {e}")),
-        },
+        (ApiRequest::NodeRm { node, force }, Some(m)) => Reply::from_result(m.remove_node(&node, force).await.map_err(|e| e.to_api())),
+        (ApiRequest::RotateGossipKey, Some(m)) => {
+            Reply::from_result(m.rotate_gossip_key(m.key_switch_delay()).await.map(|key| swarmnet_api::replies::GossipKeyRotated { key }).map_err(|e| e.to_api().context("gossip key rotation")))
+        }
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.
         (req @ ApiRequest::NetworkInspect { .. }, m) => {
             let r = match m {
                 Some(m) => m.api(req, me),
-                None => agent.call(req).await.unwrap_or_else(|e| Reply::err(format!("{e:#}"))),
+                None => agent.call(req).await.unwrap_or_else(|e| Reply::err(ApiError::unavailable(format!("{e:#}")))),
             };
             match r.into_data::<NetworkDetail>() {
                 Ok(d) => Reply::ok(&with_local_view(d, agent).await),
-                Err(e) => Reply::err(e),
+                Err(e) => Reply::err(e.into_api()),
             }
         }
         (req @ ApiRequest::NodeLs, Some(m)) => match m.api(req, me).into_data::<Vec<NodeInfo>>() {
             Ok(nodes) => Reply::ok(&with_gossip_view(nodes, agent).await),
-            Err(e) => Reply::err(e),
+            Err(e) => Reply::err(e.into_api()),
         },
         (req, Some(m)) => m.api(req, me),
-        (_, None) => Reply::err("this node is not a manager"),
+        (_, None) => Reply::err(ApiError::new(ErrorKind::NotManager, "this node is not a manager")),
     }
 }
 

@@ -1,7 +1,6 @@
 //! `swarmnet`: the daemons (composed of the manager's and the agent's crates) and the CLI.
 
 mod daemon;
-mod sim;
 mod table;
 
 use std::net::{IpAddr, SocketAddr};
@@ -9,14 +8,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use swarmnet_agent::dns::DnsOpts;
 use swarmnet_agent::node::{LbMode, MeshEntry, NodeConfig};
 use swarmnet_api::replies::*;
-use swarmnet_api::{ApiRequest, EndpointMode, NetworkCreate, Reply, ServiceCreate, StandaloneCreate};
+use swarmnet_api::{ApiError, ApiRequest, EndpointMode, NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, Reply, Role, ServiceCreate, ServiceMode, StandaloneCreate};
+use swarmnet_types::Driver;
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/swarmnet";
 
@@ -37,6 +37,10 @@ struct DaemonArgs {
     advertise_addr: IpAddr,
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// The node's name as `node ls` and `service ps` show it (default: the machine's
+    /// hostname). Only a display name: the node's kernel objects are keyed by its id.
+    #[arg(long)]
+    hostname: Option<String>,
     /// Port of gossip (UDP and TCP); the same on every node.
     #[arg(long, default_value_t = 7946)]
     gossip_port: u16,
@@ -91,7 +95,11 @@ impl DaemonArgs {
             advertise: self.advertise_addr,
             gossip_port: self.gossip_port,
             holder_cmd: daemon::holder_cmd()?,
-            node_name: daemon::node_name(),
+            hostname: match self.hostname {
+                Some(h) if h.trim().is_empty() || h.len() > 253 => bail!("--hostname {h:?}: expected 1 to 253 characters"),
+                Some(h) => h,
+                None => daemon::hostname(),
+            },
             bpffs: self.bpffs,
             lb: match self.lb.as_str() {
                 "ebpf" => LbMode::Ebpf,
@@ -147,47 +155,14 @@ enum Cmd {
         #[arg(long)]
         token: Option<String>,
     },
-    /// Benchmarks only: N simulated nodes that join and keep real sessions, and report
-    /// every task they are given as running without starting anything.
-    #[command(hide = true)]
-    SimNodes {
-        #[arg(long)]
-        join: String,
-        #[arg(long)]
-        token: String,
-        #[arg(long)]
-        count: usize,
-        #[arg(long)]
-        advertise_addr: IpAddr,
-        #[arg(long)]
-        data_dir: PathBuf,
-    },
-    /// Benchmarks only: a gossip peer that publishes COUNT endpoints on a network.
-    #[command(hide = true)]
-    SimEndpoints {
-        #[arg(long)]
-        gossip_addr: SocketAddr,
-        #[arg(long)]
-        seed: SocketAddr,
-        /// Network id.
-        #[arg(long)]
-        network: String,
-        #[arg(long)]
-        count: usize,
-        /// Give each endpoint a VIP of its own (a service each: load-balancer benchmarks).
-        #[arg(long)]
-        vips: bool,
-        /// The data dir of a node of the cluster: its gossip keys are used (gossip is sealed).
-        #[arg(long)]
-        keys_from: PathBuf,
-    },
     /// Internal: holds an overlay sandbox namespace open (started by the daemon).
     #[command(hide = true)]
     SandboxHold,
     /// Print the command and token to join a worker.
     JoinToken {
-        #[arg(default_value = "worker")]
-        role: String,
+        /// worker (manager tokens come with several managers).
+        #[arg(default_value = "worker", value_parser = parse_api::<Role>)]
+        role: Role,
         /// Print only the token.
         #[arg(short, long)]
         quiet: bool,
@@ -208,8 +183,9 @@ enum Cmd {
     Run {
         #[arg(long)]
         name: String,
-        #[arg(long, required = true)]
-        network: Vec<String>,
+        /// NAME, or name=NAME,alias=ALIAS (repeatable).
+        #[arg(long, required = true, value_parser = parse_api::<NetworkAttach>)]
+        network: Vec<NetworkAttach>,
         /// Return once it runs, instead of waiting for it to finish.
         #[arg(short, long)]
         detach: bool,
@@ -271,12 +247,14 @@ enum NodeCmd {
 #[derive(Subcommand)]
 enum NetworkCmd {
     Create {
-        #[arg(short, long, default_value = "overlay")]
-        driver: String,
+        /// Only overlay is built.
+        #[arg(short, long, default_value = "overlay", value_parser = parse_driver)]
+        driver: Driver,
         #[arg(long)]
         attachable: bool,
-        #[arg(long)]
-        subnet: Option<String>,
+        /// The network's subnet, CIDR (default: the next free /24 of the pool).
+        #[arg(long, value_parser = parse_subnet)]
+        subnet: Option<ipnetwork::Ipv4Network>,
         /// Make this the cluster's ingress network (the routing mesh's), in place of a removed one.
         #[arg(long)]
         ingress: bool,
@@ -299,20 +277,20 @@ enum ServiceCmd {
     Create {
         #[arg(long)]
         name: String,
-        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
-        replicas: i64,
-        /// replicated or global
-        #[arg(long, default_value = "replicated")]
-        mode: String,
-        #[arg(long)]
-        network: Vec<String>,
-        /// vip or dnsrr
-        #[arg(long, default_value = "vip")]
-        endpoint_mode: String,
+        /// Tasks of a replicated service (default 1).
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_replicas)]
+        replicas: Option<u64>,
+        #[arg(long, value_enum, default_value_t = ModeArg::Replicated)]
+        mode: ModeArg,
+        /// NAME, or name=NAME,alias=ALIAS (repeatable).
+        #[arg(long, value_parser = parse_api::<NetworkAttach>)]
+        network: Vec<NetworkAttach>,
+        #[arg(long, value_enum, default_value_t = EndpointModeArg::Vip)]
+        endpoint_mode: EndpointModeArg,
         /// PUBLISHED:TARGET[/tcp|/udp], TARGET (published port from 30000-32767), or
         /// published=P,target=T,protocol=tcp|udp,mode=ingress|host
-        #[arg(short, long)]
-        publish: Vec<String>,
+        #[arg(short, long, value_parser = parse_api::<PublishSpec>)]
+        publish: Vec<PublishSpec>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -336,15 +314,56 @@ enum ServiceCmd {
     Update {
         name: String,
         /// A port to publish, as `service create --publish`.
-        #[arg(long)]
-        publish_add: Vec<String>,
+        #[arg(long, value_parser = parse_api::<PublishSpec>)]
+        publish_add: Vec<PublishSpec>,
         /// A published port to withdraw: PUBLISHED[/tcp|/udp].
-        #[arg(long)]
-        publish_rm: Vec<String>,
+        #[arg(long, value_parser = parse_api::<PublishedPort>)]
+        publish_rm: Vec<PublishedPort>,
     },
     Rm {
         name: String,
     },
+}
+
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ModeArg {
+    Replicated,
+    Global,
+}
+
+/// `--endpoint-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EndpointModeArg {
+    Vip,
+    Dnsrr,
+}
+
+/// A value the API parses itself (`FromStr` with an `ApiError`), as a clap value parser.
+fn parse_api<T: std::str::FromStr<Err = ApiError>>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|e: ApiError| e.message)
+}
+
+fn parse_driver(s: &str) -> Result<Driver, String> {
+    s.parse()
+}
+
+fn parse_subnet(s: &str) -> Result<ipnetwork::Ipv4Network, String> {
+    s.parse().map_err(|e| format!("invalid --subnet {s:?}: {e}"))
+}
+
+fn parse_replicas(s: &str) -> Result<u64, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!("{n}: must be 0 or more")),
+        _ => s.parse().map_err(|_| format!("{s:?} is not a number of replicas")),
+    }
+}
+
+/// `SERVICE=REPLICAS`.
+fn parse_scale(spec: &str) -> Result<(String, u64), ApiError> {
+    let (name, n) = spec.split_once('=').ok_or_else(|| ApiError::invalid(format!("invalid scale {spec:?}: expected SERVICE=REPLICAS")))?;
+    let replicas = parse_replicas(n).map_err(|e| ApiError::invalid(format!("invalid scale {spec:?}: {e}")))?;
+    Ok((name.to_string(), replicas))
 }
 
 fn init_logging() {
@@ -359,7 +378,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
+            // Each kind of refusal exits with a code of its own (README, "Exit codes").
+            ExitCode::from(e.downcast_ref::<ApiError>().map_or(1, |a| a.kind.exit_code()))
         }
     }
 }
@@ -413,21 +433,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::SimEndpoints { gossip_addr, seed, network, count, vips, keys_from } => {
-            init_logging();
-            daemon_runtime()?.block_on(sim::endpoints(gossip_addr, seed, network, count, vips, &keys_from))?;
-            return Ok(ExitCode::SUCCESS);
-        }
         Cmd::SandboxHold => {
             // Blocks until killed; the namespace lives as long as this process.
             loop {
                 std::thread::park();
             }
-        }
-        Cmd::SimNodes { join, token, count, advertise_addr, data_dir } => {
-            init_logging();
-            daemon_runtime()?.block_on(sim::run(join, token, count, &data_dir, advertise_addr))?;
-            return Ok(ExitCode::SUCCESS);
         }
         Cmd::JoinToken { role, quiet } => {
             let t: JoinTokenInfo = call(&host, ApiRequest::JoinToken { role })?;
@@ -461,7 +471,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(w) = &t.warning {
                     println!("warning: {w}");
                 }
-                println!("backend: {}", t.backend.as_deref().unwrap_or("none"));
+                println!("backend: {}", t.backend.map_or_else(|| "none".to_string(), |b| b.to_string()));
                 print!("{}", table::render(&table::lb_rows(&t)));
                 if let Some(w) = &t.ports_warning {
                     println!("\nwarning: {w}");
@@ -510,23 +520,26 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
         Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),
         Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, command }) => {
-            let endpoint_mode = match endpoint_mode.as_str() {
-                "vip" => EndpointMode::Vip,
-                "dnsrr" => EndpointMode::Dnsrr,
-                m => bail!("invalid --endpoint-mode {m:?}: expected vip or dnsrr"),
+            let endpoint_mode = match endpoint_mode {
+                EndpointModeArg::Vip => EndpointMode::Vip,
+                EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
             };
-            let s: ServiceInfo = call(&host, ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, replicas, networks: network, endpoint_mode, publish, command } })?;
+            let mode = match (mode, replicas) {
+                (ModeArg::Replicated, r) => ServiceMode::Replicated { replicas: r.unwrap_or(1) },
+                (ModeArg::Global, None) => ServiceMode::Global,
+                (ModeArg::Global, Some(_)) => return Err(ApiError::invalid("--replicas is for a replicated service; a global one runs a task on every node").into()),
+            };
+            let s: ServiceInfo = call(&host, ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, networks: network, endpoint_mode, publish, command } })?;
             println!("{}", s.id);
         }
         Cmd::Service(ServiceCmd::Inspect { name }) => print_json(&call::<ServiceInfo>(&host, ApiRequest::ServiceInspect { name })?)?,
         Cmd::Service(ServiceCmd::Scale { spec }) => {
-            let (name, n) = spec.split_once('=').ok_or_else(|| anyhow!("invalid scale {spec:?}: expected SERVICE=REPLICAS"))?;
-            let replicas: i64 = n.parse().map_err(|_| anyhow!("invalid scale {spec:?}: {n:?} is not a number"))?;
-            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name: name.to_string(), replicas })?.name);
+            let (name, replicas) = parse_scale(&spec)?;
+            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name, replicas })?.name);
         }
         Cmd::Service(ServiceCmd::Update { name, publish_add, publish_rm }) => {
             if publish_add.is_empty() && publish_rm.is_empty() {
-                bail!("service update {name}: nothing to change (give --publish-add or --publish-rm)");
+                return Err(ApiError::invalid(format!("service update {name}: nothing to change (give --publish-add or --publish-rm)")).into());
             }
             println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, publish_add, publish_rm })?.name);
         }
@@ -540,27 +553,29 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn socket_path(host: &Option<String>) -> anyhow::Result<PathBuf> {
+fn socket_path(host: &Option<String>) -> Result<PathBuf, ApiError> {
     match host {
         None => Ok(daemon::control_socket(&PathBuf::from(DEFAULT_DATA_DIR))),
         Some(h) => match h.strip_prefix("unix://") {
             Some(p) => Ok(PathBuf::from(p)),
-            None => bail!("--host {h:?}: only unix:///path/to/control.sock is supported"),
+            None => Err(ApiError::invalid(format!("--host {h:?}: only unix:///path/to/control.sock is supported"))),
         },
     }
 }
 
-/// One request to the local daemon; its reply's data as `T` (a refusal is an error with the
-/// daemon's reason; a reply of another shape is an error too, never an empty field).
-fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> anyhow::Result<T> {
+/// One request to the local daemon; its reply's data as `T`. Every failure is an
+/// [`ApiError`] with its kind (a refusal keeps the daemon's; a daemon that cannot be
+/// reached is `unavailable`; a reply of another shape is `internal`, never an empty field).
+fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> Result<T, ApiError> {
     let path = socket_path(host)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let unreachable = |e: &dyn std::fmt::Display| ApiError::unavailable(format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST): {e}", path.display()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| ApiError::internal(format!("tokio: {e}")))?;
     let reply: Reply = rt.block_on(async {
-        let mut s = tokio::net::UnixStream::connect(&path).await.with_context(|| format!("cannot reach the swarmnet daemon at {} (is it running? set --host or SWARMNET_HOST)", path.display()))?;
-        swarmnet_api::write_msg(&mut s, &req).await?;
-        swarmnet_api::read_msg(&mut s).await?.ok_or_else(|| anyhow!("the daemon closed the connection without answering"))
+        let mut s = tokio::net::UnixStream::connect(&path).await.map_err(|e| unreachable(&e))?;
+        swarmnet_api::write_msg(&mut s, &req).await.map_err(|e| unreachable(&e))?;
+        swarmnet_api::read_msg(&mut s).await.map_err(|e| unreachable(&e))?.ok_or_else(|| ApiError::unavailable("the daemon closed the connection without answering"))
     })?;
-    Ok(reply.into_data()?)
+    reply.into_data().map_err(|e| e.into_api())
 }
 
 /// "12h", "30m", "90s" or plain seconds; at least 10 s.

@@ -25,14 +25,23 @@ impl Row for NodeInfo {
             Some(k) => format!("stale (holds {:?}, current {})", k.held, k.current),
             None => String::new(),
         };
-        vec![self.id.clone(), self.hostname.clone(), self.address.to_string(), lower(&self.status), self.availability.clone(), self.manager_status.clone(), gossip.into(), key]
+        vec![
+            self.id.clone(),
+            self.hostname.clone(),
+            self.address.to_string(),
+            lower(&self.status),
+            lower(&self.availability),
+            self.manager_status.as_ref().map(lower).unwrap_or_default(),
+            gossip.into(),
+            key,
+        ]
     }
 }
 
 impl Row for NetworkInfo {
     const HEADERS: &'static [&'static str] = &["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI", "ATTACHABLE"];
     fn cells(&self) -> Vec<String> {
-        vec![self.id.clone(), self.name.clone(), self.driver.clone(), self.scope.clone(), self.subnet.to_string(), self.vni.to_string(), self.attachable.to_string()]
+        vec![self.id.clone(), self.name.clone(), self.driver.to_string(), lower(&self.scope), self.subnet.to_string(), self.vni.to_string(), self.attachable.to_string()]
     }
 }
 
@@ -72,7 +81,7 @@ pub fn lb_rows(t: &LbTable) -> Vec<LbRow> {
             out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: String::new(), ip: String::new(), state: "no task: refuses".into(), connections: String::new() });
         }
         for b in &s.backends {
-            out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: b.task.clone(), ip: b.ip.to_string(), state: b.state.clone(), connections: b.connections.to_string() });
+            out.push(LbRow { service: s.service.clone(), vip: s.vip.to_string(), task: b.task.clone(), ip: b.ip.to_string(), state: lower(&b.state), connections: b.connections.to_string() });
         }
     }
     out
@@ -111,7 +120,7 @@ pub fn port_rows(t: &LbTable) -> Vec<PortRow> {
                 service: p.service.clone(),
                 task: b.task.clone(),
                 backend: format!("{}:{}", b.ip, b.target),
-                state: b.state.clone(),
+                state: lower(&b.state),
                 connections: b.connections.to_string(),
             });
         }

@@ -7,6 +7,7 @@
 //! - [`lb`], [`ingress`]: homes of the load balancer and the routing mesh (later issues);
 //! - [`state`]: atomic state files.
 
+pub mod bpf_link;
 pub mod ingress;
 pub mod lb;
 pub mod netlink;

@@ -213,7 +213,7 @@ pub fn find_task_processes(data_dir: &std::path::Path) -> Vec<(String, u32, u64)
 }
 
 /// The session id of a process (field 6 of /proc/PID/stat).
-fn session_of(pid: u32) -> Option<u32> {
+pub(crate) fn session_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(3)?.parse().ok()

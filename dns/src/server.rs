@@ -17,9 +17,9 @@ use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
-use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog, Slot};
+use swarmnet_types::admission::{self, Admission, Limits, Names};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::forward::Forwarder;
 use crate::records::{Answer, Records};
@@ -138,48 +138,17 @@ pub fn serve(shared: Arc<Shared>, scope: Vec<String>, udp: std::net::UdpSocket, 
     Ok(Listener { tcp, udp: rt.spawn(serve_udp(udp, resolver)) })
 }
 
-/// Accepts TCP connections (issue 12): at most `limits.total` open and `limits.per_peer`
-/// from one address (more are closed at once, the refusals logged 1, 2, 4, 8… times);
-/// accept errors (EMFILE, ENFILE, …) back off and are logged once per burst. Its
-/// connections end with it.
+/// Accepts TCP connections on the shared loop (`admission::serve`, issues 12 and 19): at
+/// most `limits.total` open and `limits.per_peer` from one address, accept errors backed
+/// off; its connections end with it.
 async fn serve_tcp(listener: tokio::net::TcpListener, resolver: TaskResolver, limits: Limits) {
-    let admission = Admission::new(limits);
-    let mut errors = AcceptErrors::default();
-    let mut refusals = RefusalLog::default();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        while conns.try_join_next().is_some() {}
-        let (s, peer) = match listener.accept().await {
-            Ok(a) => {
-                if let AcceptNote::Recovered { failed, lasted } = errors.accepted(std::time::Instant::now()) {
-                    info!(failed, lasted_ms = lasted.as_millis() as u64, "resolver: accepting TCP again");
-                }
-                a
-            }
-            Err(e) => {
-                if errors.failed(std::time::Instant::now()) == AcceptNote::Failing {
-                    warn!(error = %e, "resolver: cannot accept TCP (backing off; logged once per burst)");
-                }
-                tokio::time::sleep(AcceptErrors::BACKOFF).await;
-                continue;
-            }
-        };
-        match admission.admit(Some(peer.ip())) {
-            Ok(slot) => {
-                conns.spawn(tcp_connection(s, peer, resolver.clone(), slot));
-            }
-            Err(why) => {
-                if let Some(n) = refusals.note() {
-                    warn!(%peer, refused = n, why = %why, "resolver: TCP connection refused");
-                }
-            }
-        }
-    }
+    let names = Names { what: "resolver", conns: "TCP connections", conn: "TCP connection" };
+    admission::serve(listener, names, Admission::new(limits), |s, peer| tcp_connection(s, peer.unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))), resolver.clone())).await
 }
 
 /// One TCP connection: length-prefixed queries, each within [`TCP_IDLE`] (prefix, then
 /// body), answered in turn.
-async fn tcp_connection(mut s: tokio::net::TcpStream, peer: std::net::SocketAddr, resolver: TaskResolver, _slot: Slot) {
+async fn tcp_connection(mut s: tokio::net::TcpStream, peer: std::net::SocketAddr, resolver: TaskResolver) {
     loop {
         let mut len = [0u8; 2];
         if !matches!(tokio::time::timeout(TCP_IDLE, s.read_exact(&mut len)).await, Ok(Ok(_))) {

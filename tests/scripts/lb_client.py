@@ -13,6 +13,8 @@ the ones the load balancer translates. Prints one JSON object.
   loop VIP PORT FILE    new connections until FILE.stop exists; counts in FILE (ok, failed)
   udp-hold VIP PORT WANT DIR  the same with a connected UDP socket; after DIR/go, the
                         reply or the error its next send/recv gives
+  on-demand VIP PORT N DIR  a task that stays: for k = 1, 2, ... waits for DIR/go<k>, makes N
+                        new TCP connections (as `tcp`) and writes the result to DIR/result<k>
   hold VIP PORT WANT DIR  connects until task WANT answers and keeps that connection;
                         writes DIR/held, waits for DIR/go, then checks the held connection
                         still answers and makes 60 new connections; result in DIR/result
@@ -198,6 +200,18 @@ def udp_hold(vip, port, want, d):
     return result
 
 
+def on_demand(vip, port, n, d):
+    k = 1
+    while True:
+        while not os.path.exists(os.path.join(d, "go%d" % k)):
+            time.sleep(0.05)
+        r = tcp(vip, port, n)
+        with open(os.path.join(d, "result%d.tmp" % k), "w") as f:
+            json.dump(r, f)
+        os.replace(os.path.join(d, "result%d.tmp" % k), os.path.join(d, "result%d" % k))
+        k += 1
+
+
 def main():
     mode, a = sys.argv[1], sys.argv[2:]
     if mode == "tcp":
@@ -214,6 +228,8 @@ def main():
         r = loop(a[0], int(a[1]), a[2])
     elif mode == "hold":
         r = hold(a[0], int(a[1]), a[2], a[3])
+    elif mode == "on-demand":
+        r = on_demand(a[0], int(a[1]), int(a[2]), a[3])
     elif mode == "udp-hold":
         r = udp_hold(a[0], int(a[1]), a[2], a[3])
     else:

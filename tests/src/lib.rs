@@ -93,13 +93,39 @@ pub fn cleanup(name: &str) -> Result<()> {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
-    // The nodes' cgroups and pinned load-balancer maps and links (named after the nodes).
-    swarmnet_dataplane::lb::host::remove_leftovers(&format!("{name}-")).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
+    // The nodes' cgroups and pinned maps and links (keyed by the node ids their data dirs
+    // hold), and any folder named after the lab (the layout before issue 19, which tests
+    // rebuild).
     let dir = Path::new(LAB_ROOT).join(name);
+    let ids = node_ids_under(&dir, 3);
+    swarmnet_dataplane::lb::host::remove_nodes(&ids).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
+    swarmnet_dataplane::lb::host::remove_leftovers(&format!("{name}-")).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// The node ids of the data dirs under `dir` (`node/identity.json`), down to `depth`.
+fn node_ids_under(dir: &Path, depth: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(id) = node_id_of(dir) {
+        out.push(id);
+    }
+    if depth > 0 {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "node" {
+                out.extend(node_ids_under(&e.path(), depth - 1));
+            }
+        }
+    }
+    out
+}
+
+/// The node id a data dir holds, if it has joined.
+pub fn node_id_of(data_dir: &Path) -> Option<String> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(data_dir.join("node").join("identity.json")).ok()?).ok()?;
+    v["node_id"].as_str().map(str::to_string)
 }
 
 fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
@@ -131,6 +157,9 @@ pub fn pid_alive(pid: u32) -> bool {
 
 pub struct LabNode {
     pub ns: String,
+    /// The hostname of the node's daemon (its own UTS namespace, as a machine of its own):
+    /// the namespace's name unless a test changes it before a start.
+    pub hostname: String,
     pub addr: String,
     pub data_dir: PathBuf,
     pub pid: Option<u32>,
@@ -162,6 +191,16 @@ impl Lab {
 
     /// Like `up_with`, with flags for every node's daemon too (e.g. `--dns ADDR`).
     pub fn up_full(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str]) -> Result<Lab> {
+        Self::up_inner(name, nodes, start, heartbeat, manager_args, node_args, None)
+    }
+
+    /// Like `up`, every node's daemon with hostname `hostname` (as nodes in containers on one
+    /// machine may be).
+    pub fn up_same_hostname(name: &str, nodes: usize, start: usize, heartbeat: f64, hostname: &str) -> Result<Lab> {
+        Self::up_inner(name, nodes, start, heartbeat, &[], &[], Some(hostname))
+    }
+
+    fn up_inner(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str], hostname: Option<&str>) -> Result<Lab> {
         require_root()?;
         if nodes == 0 || nodes > 200 || start > nodes {
             bail!("lab {name}: {nodes} nodes (start {start}) is out of range");
@@ -196,7 +235,7 @@ impl Lab {
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
             let data_dir = root.join(format!("n{i}"));
             std::fs::create_dir_all(&data_dir)?;
-            lab.nodes.push(LabNode { ns, addr, data_dir, pid: None });
+            lab.nodes.push(LabNode { hostname: hostname.map_or_else(|| ns.clone(), str::to_string), ns, addr, data_dir, pid: None });
         }
         for i in 0..start {
             lab.start_node(i)?;
@@ -248,8 +287,10 @@ impl Lab {
         let token = if i > 0 && !self.nodes[i].data_dir.join("node").join("identity.json").exists() { Some(self.token()?) } else { None };
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("daemon.log"))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.ns]).arg(&self.bin);
+        // Each node's daemon (and its tasks) gets a UTS namespace and a hostname of its own,
+        // as separate machines have; then its network namespace.
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--uts", "--", "sh", "-c", "printf %s \"$0\" > /proc/sys/kernel/hostname && exec \"$@\"", &node.hostname, "ip", "netns", "exec", &node.ns]).arg(&self.bin);
         let hb = self.heartbeat.to_string();
         if i == 0 {
             cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]).args(&self.manager_args);
@@ -267,13 +308,11 @@ impl Lab {
             cmd.arg("--bpffs").arg(lab_bpffs()?);
         }
         cmd.args(&self.node_args);
-        cmd.env("SWARMNET_LAB", &self.name)
-            .env("SWARMNET_HOSTNAME", &node.ns)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.env("SWARMNET_LAB", &self.name).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // A killed daemon leaves its socket file: the new one's is waited for below.
+        let sock = self.nodes[i].data_dir.join("control.sock");
+        let _ = std::fs::remove_file(&sock);
         let child = cmd.spawn().with_context(|| format!("start the daemon of {}", node.ns))?;
         let pid = child.id();
         // The daemon is reaped by a thread so that a killed one does not linger as a zombie.
@@ -283,7 +322,6 @@ impl Lab {
         });
         self.nodes[i].pid = Some(pid);
         std::fs::write(self.nodes[i].data_dir.join("daemon.pid"), pid.to_string())?;
-        let sock = self.nodes[i].data_dir.join("control.sock");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
             if Instant::now() > deadline || !pid_alive(pid) {
@@ -297,6 +335,11 @@ impl Lab {
     /// The manager's extra arguments from the next start of node 0 on.
     pub fn set_manager_args(&mut self, args: &[&str]) {
         self.manager_args = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// The id of node `i` (once it has joined).
+    pub fn node_id(&self, i: usize) -> Result<String> {
+        node_id_of(&self.nodes[i].data_dir).with_context(|| format!("{}: no node identity in {}", self.nodes[i].ns, self.nodes[i].data_dir.display()))
     }
 
     /// The pid of node `i`'s daemon, if it runs.
@@ -352,6 +395,15 @@ impl Lab {
             bail!("swarmnet {} succeeded but should have failed: {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
         }
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Runs the CLI and fails unless it fails; returns its exit code and stderr.
+    pub fn cli_fail(&self, i: usize, args: &[&str]) -> Result<(i32, String)> {
+        let out = self.cli(i, args)?;
+        if out.status.success() {
+            bail!("swarmnet {} succeeded but should have failed: {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
+        }
+        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
     }
 
     pub fn cli_json(&self, i: usize, args: &[&str]) -> Result<Value> {

@@ -240,8 +240,6 @@ fn wrong_tokens_and_missing_certificates_are_refused() -> Result<()> {
         .arg("--bpffs")
         .arg(swarmnet_lab::lab_bpffs()?)
         .env("SWARMNET_LAB", &lab.name)
-        // Named after the lab, so that the lab's clean-up finds its cgroup and pins.
-        .env("SWARMNET_HOSTNAME", format!("{}-other", lab.name))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -273,7 +271,8 @@ print(data.decode())
     let out = in_ns(&lab.nodes[2].ns, &["python3", "-c", py, &lab.nodes[0].addr])?;
     let reply: Value = serde_json::from_str(out.trim())?;
     assert_eq!(reply["ok"], false);
-    assert!(reply["error"].as_str().unwrap_or("").contains("client certificate of this cluster is required"), "{reply}");
+    assert!(reply["error"]["message"].as_str().unwrap_or("").contains("client certificate of this cluster is required"), "{reply}");
+    assert_eq!(reply["error"]["kind"], "refused", "{reply}");
 
     // Garbage on 2377: raw bytes, then inside TLS a malformed frame and an oversized length.
     let garbage = r#"
@@ -320,42 +319,55 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() -> Result<()> {
     lab.cli_ok(0, &["service", "create", "--name", "web", "--network", "appnet", "--", "sleep", "3600"])?;
     lab.wait_service("web", 1, T)?;
     let before = store_snapshot(&lab)?;
-    let cases: &[(&[&str], &str)] = &[
-        (&["network", "create", "appnet"], "network appnet already exists"),
-        (&["network", "create", "--subnet", "10.0.0.128/25", "over"], "overlaps network appnet"),
-        (&["network", "create", "--subnet", "10.210.0.0/16", "under"], "overlaps the underlay of node"),
-        (&["network", "create", "--subnet", "10.1.2.300/24", "bad"], "invalid --subnet"),
-        (&["network", "create", "--subnet", "10.1.2.5/24", "hostbits"], "host bits are set"),
-        (&["network", "create", "--driver", "bridge", "br"], "not supported"),
-        (&["network", "rm", "appnet"], "in use by service web"),
-        (&["network", "rm", "nope"], "network nope not found"),
-        (&["service", "create", "--name", "web", "--network", "appnet", "--", "true"], "service web already exists"),
-        (&["service", "create", "--name", "x", "--network", "nope", "--", "true"], "network nope not found"),
-        (&["service", "create", "--name", "x", "--replicas", "-1", "--network", "appnet", "--", "true"], "must be 0 or more"),
-        (&["service", "create", "--name", "x", "--replicas", "1", "--network", "tiny", "--", "true"], "no free address left"),
-        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "70000:80", "--", "true"], "published port \"70000\" is not 1 to 65535"),
-        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "0:80", "--", "true"], "published port \"0\" is not 1 to 65535"),
-        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "8080:80/sctp", "--", "true"], "protocol \"sctp\" is not tcp or udp"),
-        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "published=8080,target=80,mode=bridge", "--", "true"], "mode \"bridge\" is not ingress or host"),
-        (&["service", "create", "--name", "x", "--network", "ingress", "--", "true"], "the ingress network is the cluster's own"),
-        (&["service", "update", "nope", "--publish-add", "9000:80"], "service nope not found"),
-        (&["service", "update", "web", "--publish-rm", "9999"], "does not publish port 9999"),
-        (&["service", "update", "web"], "nothing to change"),
-        (&["service", "scale", "web=-3"], "must be 0 or more"),
-        (&["service", "scale", "nope=2"], "service nope not found"),
-        (&["service", "ps", "nope"], "service nope not found"),
-        (&["run", "--name", "p", "--network", "appnet", "--", "true"], "not attachable"),
+    // Each refusal says why, and exits with its kind's code (README "Exit codes"): 2
+    // invalid (also a flag the CLI refuses itself), 3 not found, 4 conflict, 5 unavailable,
+    // 7 not a manager.
+    let cases: &[(&[&str], &str, i32)] = &[
+        (&["network", "create", "appnet"], "network appnet already exists", 4),
+        (&["network", "create", "--subnet", "10.0.0.128/25", "over"], "overlaps network appnet", 4),
+        (&["network", "create", "--subnet", "10.210.0.0/16", "under"], "overlaps the underlay of node", 4),
+        (&["network", "create", "--subnet", "10.1.2.300/24", "bad"], "invalid --subnet", 2),
+        (&["network", "create", "--subnet", "10.1.2.5/24", "hostbits"], "host bits are set", 2),
+        (&["network", "create", "--driver", "bridge", "br"], "not supported", 2),
+        (&["network", "rm", "appnet"], "in use by service web", 4),
+        (&["network", "rm", "nope"], "network nope not found", 3),
+        (&["service", "create", "--name", "web", "--network", "appnet", "--", "true"], "service web already exists", 4),
+        (&["service", "create", "--name", "x", "--network", "nope", "--", "true"], "network nope not found", 3),
+        (&["service", "create", "--name", "x", "--replicas", "-1", "--network", "appnet", "--", "true"], "must be 0 or more", 2),
+        (&["service", "create", "--name", "x", "--mode", "global", "--replicas", "2", "--network", "appnet", "--", "true"], "--replicas is for a replicated service", 2),
+        (&["service", "create", "--name", "x", "--mode", "sideways", "--network", "appnet", "--", "true"], "sideways", 2),
+        (&["service", "create", "--name", "x", "--replicas", "1", "--network", "tiny", "--", "true"], "no free address left", 4),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "70000:80", "--", "true"], "published port \"70000\" is not 1 to 65535", 2),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "0:80", "--", "true"], "published port \"0\" is not 1 to 65535", 2),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "8080:80/sctp", "--", "true"], "protocol \"sctp\" is not tcp or udp", 2),
+        (&["service", "create", "--name", "x", "--network", "appnet", "--publish", "published=8080,target=80,mode=bridge", "--", "true"], "mode \"bridge\" is not ingress or host", 2),
+        (&["service", "create", "--name", "x", "--network", "ingress", "--", "true"], "the ingress network is the cluster's own", 2),
+        (&["service", "update", "nope", "--publish-add", "9000:80"], "service nope not found", 3),
+        (&["service", "update", "web", "--publish-rm", "9999"], "does not publish port 9999", 3),
+        (&["service", "update", "web", "--publish-rm", "9999/sctp"], "expected PUBLISHED[/tcp|/udp]", 2),
+        (&["service", "update", "web"], "nothing to change", 2),
+        (&["service", "scale", "web=-3"], "must be 0 or more", 2),
+        (&["service", "scale", "nope=2"], "service nope not found", 3),
+        (&["service", "ps", "nope"], "service nope not found", 3),
+        (&["run", "--name", "p", "--network", "appnet", "--", "true"], "not attachable", 2),
+        (&["join-token", "admin"], "expected worker or manager", 2),
+        (&["join-token", "manager"], "only worker tokens exist", 2),
     ];
-    for (args, want) in cases {
-        let err = lab.cli_err(0, args)?;
+    for (args, want, code) in cases {
+        let (got, err) = lab.cli_fail(0, args)?;
         assert!(err.contains(want), "swarmnet {}: expected {want:?} in {err:?}", args.join(" "));
+        assert_eq!(got, *code, "swarmnet {}: exit code ({err})", args.join(" "));
     }
     // A bad flag is refused by the CLI itself.
-    let err = lab.cli_err(0, &["service", "create", "--name", "x", "--bogus", "--", "true"])?;
-    assert!(err.contains("--bogus"), "{err}");
+    let (code, err) = lab.cli_fail(0, &["service", "create", "--name", "x", "--bogus", "--", "true"])?;
+    assert!(err.contains("--bogus") && code == 2, "{code}: {err}");
     // Manager verbs on a worker.
-    let err = lab.cli_err(1, &["service", "ls"])?;
-    assert!(err.contains("this node is not a manager"), "{err}");
+    let (code, err) = lab.cli_fail(1, &["service", "ls"])?;
+    assert!(err.contains("this node is not a manager") && code == 7, "{code}: {err}");
+    // A daemon that is not there: unavailable, worth retrying.
+    let out = std::process::Command::new(&lab.bin).args(["--host", "unix:///run/swarmnet-lab/no-such.sock", "service", "ls"]).output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the swarmnet daemon") && out.status.code() == Some(5), "{:?}: {err}", out.status.code());
     assert_eq!(store_snapshot(&lab)?, before, "state unchanged");
     // The /30 fits a VIP and nothing else: a dnsrr service with one task fits exactly.
     lab.cli_ok(0, &["service", "create", "--name", "fits", "--endpoint-mode", "dnsrr", "--network", "tiny", "--", "sleep", "3600"])?;

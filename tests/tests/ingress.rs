@@ -127,7 +127,7 @@ fn every_node_answers_round_robin_with_the_client_address() -> Result<()> {
     // Through the node that runs no task: the mesh, by the node's eBPF entry (ADR 0015).
     let addr = lab.nodes[empty].addr.clone();
     let entry = lab.cli_json(empty, &["lb", "ls"])?;
-    assert_eq!(entry["mesh_entry"], "ebpf (direct return)", "clients from outside enter by the eBPF entry: {entry}");
+    assert_eq!(entry["mesh_entry"], "ebpf", "clients from outside enter by the eBPF entry: {entry}");
     let (tcp0, udp0) = (table_count(&lab.nodes[empty].ns, "tcp", 8080)?, table_count(&lab.nodes[empty].ns, "udp", 8080)?);
     let r = client(&cl, &["tcp", &addr, "8080", "600"])?;
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
@@ -392,5 +392,54 @@ fn an_agent_restart_keeps_the_entry_and_its_flows() -> Result<()> {
     assert_eq!(r["errors"], serde_json::json!([]), "{r}");
     assert_even("100 connections after the restart", &counts(&r["counts"]), &["web.1".to_string(), "web.2".to_string()], 100);
     assert_eq!(table_count(&lab.nodes[i].ns, "tcp", 8083)? - before, 0, "the adopted entry took them all");
+    Ok(())
+}
+
+/// Connects to port PORT of every ADDR every 20 ms until each has answered once (or 40 s
+/// pass); prints `{addr: epoch seconds of its first answer}`.
+const FIRST_ANSWER: &str = r#"
+import json, socket, sys, time
+port, addrs = int(sys.argv[1]), sys.argv[2:]
+first, end = {}, time.time() + 40
+while len(first) < len(addrs) and time.time() < end:
+    for a in addrs:
+        if a in first: continue
+        try:
+            c = socket.create_connection((a, port), timeout=0.2); c.close(); first[a] = time.time()
+        except OSError:
+            pass
+    time.sleep(0.02)
+print(json.dumps(first), flush=True)
+"#;
+
+/// A service published on a cluster that started a second ago answers on every node as soon
+/// as its tasks run (before issue 19 the routing mesh waited for the end of its 5 s warm-up:
+/// ECONNREFUSED for about 4 s after the tasks ran). A warm-up may hold back deletions, never
+/// additions.
+#[test]
+fn a_just_started_clusters_published_port_answers_as_soon_as_its_tasks_run() -> Result<()> {
+    let lab = Lab::up("snx-ingfresh", 3, 3, 1.0)?;
+    let cl = lab.outside_client()?;
+    let addrs: Vec<String> = lab.nodes.iter().map(|n| n.addr.clone()).collect();
+    let mut args = vec!["netns", "exec", cl.as_str(), "python3", "-c", FIRST_ANSWER, "8080"];
+    args.extend(addrs.iter().map(String::as_str));
+    let prober = std::process::Command::new("ip").args(&args).stdout(std::process::Stdio::piped()).spawn()?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--publish", &format!("8080:{TARGET}"), "--", "python3", &script("ingress_server.py"), TARGET])?;
+    let running = wait_for("web's 3 tasks running", T, || {
+        lab.running_tasks("web").ok().filter(|t| t.len() == 3).map(|_| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0))
+    })?;
+    let out = prober.wait_with_output()?;
+    let first: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("prober: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let mut after = Vec::new();
+    for a in &addrs {
+        let t = first[a.as_str()].as_f64().with_context(|| format!("node {a} never answered 8080: {first}"))?;
+        after.push((a.clone(), t - running));
+    }
+    println!("INGRESS just-started cluster: first answer after the tasks ran (s): {}", after.iter().map(|(a, d)| format!("{a} {d:+.2}")).collect::<Vec<_>>().join(", "));
+    for (a, d) in &after {
+        // The goal is 1 s; this deadline leaves room for a busy machine, and still fails the
+        // warm-up that held new ports back (about 4 s).
+        assert!(*d < 2.0, "node {a} answered {d:.2} s after the tasks ran");
+    }
     Ok(())
 }

@@ -265,7 +265,7 @@ fn agent_kill_and_restart(lb: &str) -> Result<()> {
         })?;
         assert_eq!(log.matches("programs_adopted=0").count(), 1, "the programs were attached once, by the first agent only");
         // And the kernel says so: four programs on node 2's cgroup, not eight.
-        let cg = swarmnet_dataplane::lb::host::node_cgroup(&lab.nodes[1].ns).context("node 2's cgroup")?;
+        let cg = swarmnet_dataplane::lb::host::node_cgroup(&lab.node_id(1)?).context("node 2's cgroup")?;
         let out = std::process::Command::new("bpftool").args(["cgroup", "show"]).arg(&cg).output().context("bpftool (bash .ci/setup installs it)")?;
         let shown = String::from_utf8_lossy(&out.stdout);
         assert_eq!(shown.lines().filter(|l| l.contains("sn_")).count(), 4, "programs attached to {}:\n{shown}", cg.display());

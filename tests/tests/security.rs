@@ -286,3 +286,84 @@ fn a_removed_node_cannot_come_back() -> Result<()> {
     assert_eq!(nodes.as_array().map(|a| a.len()), Some(2), "{nodes}");
     Ok(())
 }
+
+/// A host outside the cluster opens connections to a node's 7946 and sends what it likes.
+/// `mode`: `fast` (a 16 MiB length prefix, then 16 MiB as fast as the node takes it),
+/// `slow` (the same prefix, then a trickle), `frame` (a first frame of a plausible size,
+/// garbage, then the 16 MiB frame). Prints how many connections the node closed and the
+/// most bytes one of them got in before that.
+const STRANGER: &str = r#"
+import socket, sys, threading, time
+host, port, n, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+results = []
+lock = threading.Lock()
+def one():
+    sent, closed = 0, False
+    try:
+        c = socket.create_connection((host, port), timeout=5)
+        if mode == "frame":
+            c.sendall((1000).to_bytes(4, "big") + bytes(1000))
+        c.sendall((16 << 20).to_bytes(4, "big"))
+        chunk = bytes(64 << 10) if mode != "slow" else bytes(1024)
+        end = time.time() + 15
+        while sent < (16 << 20) and time.time() < end:
+            c.sendall(chunk)
+            sent += len(chunk)
+            if mode == "slow":
+                time.sleep(0.05)
+    except OSError:
+        closed = True
+    with lock:
+        results.append((sent, closed))
+ts = [threading.Thread(target=one) for _ in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+print("conns=%d closed=%d max_sent=%d" % (len(results), sum(1 for _, c in results if c), max(s for s, _ in results)))
+"#;
+
+fn rss_kb(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).context("VmRSS")
+}
+
+/// 20 connections from a stranger, each announcing a 16 MiB frame and sending it (fast,
+/// slowly, or after a first frame of garbage), cost the agent at most 8 MB: a stream's chunks
+/// are opened one by one, and before a peer has proven that it holds the gossip key it can
+/// make the node hold one small first chunk per connection (before issue 19: +75 MB).
+/// Every such connection is closed, each is counted, and gossip goes on.
+#[test]
+fn a_stranger_cannot_fill_a_nodes_memory_on_7946() -> Result<()> {
+    let lab = Lab::up("snx-gmem", 2, 2, 1.0)?;
+    let pid = lab.daemon_pid(1).context("node 2's daemon")?;
+    let host = lab.nodes[1].addr.clone();
+    let cl = lab.outside_client()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let before = rss_kb(pid)?;
+    let mut peak = before;
+    let mut lines = Vec::new();
+    for mode in ["fast", "slow", "frame"] {
+        let child = std::process::Command::new("ip").args(["netns", "exec", &cl, "python3", "-c", STRANGER, &host, "7946", "20", mode]).stdout(std::process::Stdio::piped()).spawn()?;
+        let pid_c = child.id();
+        while swarmnet_lab::pid_alive(pid_c) {
+            peak = peak.max(rss_kb(pid)?);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = String::from_utf8_lossy(&child.wait_with_output()?.stdout).trim().to_string();
+        assert!(out.contains("conns=20 closed=20"), "{mode}: every stranger's connection is closed by the node: {out}");
+        lines.push(format!("{mode}: {out}"));
+    }
+    let growth_mb = peak.saturating_sub(before) as f64 / 1024.0;
+    println!("SECURITY 7946 stranger: 3 x 20 connections of 16 MiB frames: RSS {before} kB -> peak +{growth_mb:.1} MB; {}", lines.join("; "));
+    assert!(growth_mb <= 8.0, "a stranger made the agent grow by {growth_mb:.1} MB ({})", lines.join("; "));
+    // The 20 `frame` connections opened nothing: each is counted as unauthenticated.
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "after", "--replicas", "2", "--network", "appnet", "--", "sleep", "3600"])?;
+    lab.wait_service("after", 2, T)?;
+    let v = wait_for("node 2 holding both tasks' entries", T, || {
+        let v: Value = serde_json::from_str(&lab.cli_ok(1, &["network", "inspect", "appnet"]).ok()?).ok()?;
+        (v["local_endpoints"].as_array()?.len() == 2).then_some(v)
+    })?;
+    let refused = v["local_gossip"]["unauthenticated"].as_u64().context("counter")?;
+    assert!(refused >= 20, "node 2 counted the garbage first frames: {v}");
+    Ok(())
+}

@@ -215,8 +215,8 @@ fn agent_rss() -> Result<()> {
     let net_id = net["id"].as_str().context("id")?.to_string();
     let mut sim = Command::new("ip")
         .args(["netns", "exec", &lab.nodes[2].ns])
-        .arg(&lab.bin)
-        .args(["sim-endpoints", "--gossip-addr", "10.210.0.3:7946", "--seed", "10.210.0.1:7946", "--network", &net_id, "--count", "10000", "--vips", "--keys-from"])
+        .arg(crate::sim_binary(&lab.bin))
+        .args(["endpoints", "--gossip-addr", "10.210.0.3:7946", "--seed", "10.210.0.1:7946", "--network", &net_id, "--count", "10000", "--vips", "--keys-from"])
         .arg(&lab.nodes[0].data_dir)
         .env("SWARMNET_LAB", &lab.name)
         .stdout(std::process::Stdio::null())

@@ -145,6 +145,17 @@ fn gossip_seeds(dir: &Path) -> Result<()> {
             write(dir, &format!("sealed-{i:02}"), &with_mode(0, &ring.seal(data, NOW_MS).map_err(anyhow::Error::msg)?))?;
             write(dir, &format!("to-seal-{i:02}"), &with_mode(3, data))?;
         }
+        if *stream {
+            // The stream's chunks as opened (`[u16 length][chunk]`...), and the message to
+            // send in chunks.
+            let mut chunks = Vec::new();
+            for c in swarmnet_gossip::seal::chunks([i as u8; 8], data) {
+                chunks.extend_from_slice(&u16::try_from(c.len()).unwrap_or(u16::MAX).to_be_bytes());
+                chunks.extend_from_slice(&c);
+            }
+            write(dir, &format!("chunks-{i:02}"), &with_mode(4, &chunks))?;
+            write(dir, &format!("to-chunk-{i:02}"), &with_mode(5, data))?;
+        }
     }
     if packets.is_empty() {
         bail!("the two gossip nodes exchanged nothing");
@@ -165,9 +176,19 @@ fn api_seeds(dir: &Path) -> Result<()> {
     let node = r#"{"id":"n1","hostname":"h1","address":"10.210.0.1","status":"ready","availability":"active","manager_status":"Leader","role":"manager","gossip_key":{"held":[1,2],"current":2}}"#;
     let seeds: Vec<(u8, Vec<&str>)> = vec![
         (0, vec![r#"{"type":"join","secret":"s","hostname":"h2","addr":"10.210.0.2","underlay":["10.210.0.0/24"]}"#]),
-        (0, vec![r#"{"type":"session","reports":[{"task_id":"t1","state":"running","error":"","pid":42,"restarts":0}]}"#]),
-        (0, vec![r#"{"type":"api","request":{"verb":"service_create","spec":{"name":"web","replicas":3,"command":["sleep","1"],"networks":["appnet"],"publish":["8080:80"]}}}"#]),
-        (0, vec![r#"{"type":"api","request":{"verb":"service_update","name":"web","publish_add":["9000:80/udp"],"publish_rm":["8080"]}}"#]),
+        (0, vec![r#"{"type":"session","reports":[{"task_id":"t1","state":"running","error":"","pid":42,"restarts":0}],"hostname":"h2"}"#]),
+        (
+            0,
+            vec![
+                r#"{"type":"api","request":{"verb":"service_create","spec":{"name":"web","mode":"replicated","replicas":3,"command":["sleep","1"],"networks":[{"name":"appnet","aliases":["v1"]}],"endpoint_mode":"vip","publish":[{"published":8080,"target":80,"protocol":"tcp","mode":"ingress"}]}}}"#,
+            ],
+        ),
+        (
+            0,
+            vec![
+                r#"{"type":"api","request":{"verb":"service_update","name":"web","publish_add":[{"published":null,"target":80,"protocol":"udp","mode":"host"}],"publish_rm":[{"published":8080,"protocol":null}]}}"#,
+            ],
+        ),
         (
             1,
             vec![
@@ -185,7 +206,8 @@ fn api_seeds(dir: &Path) -> Result<()> {
         (2, vec![r#"{"type":"nodes","nodes":[["n1","10.210.0.1"],["n2","10.210.0.2"]]}"#, r#"{"type":"vips","vips":[{"network":"net1","vip":"10.0.1.2","service":"web"}]}"#]),
         (2, vec![r#"{"type":"ingress","ingress":null}"#]),
         (4, vec![r#"{"node_id":"n2","heartbeat_ms":5000,"data_path_port":4789}"#]),
-        (5, vec![r#"{"ok":false,"error":"network x not found","data":null}"#]),
+        (5, vec![r#"{"ok":false,"error":{"kind":"not_found","message":"network x not found"},"data":null}"#]),
+        (0, vec![r#"{"type":"api","request":{"verb":"join_token","role":"worker"}}"#, r#"{"type":"api","request":{"verb":"service_scale","name":"web","replicas":0}}"#]),
     ];
     let keys = format!(r#"{{"type":"gossip_keys","keys":[{{"id":1,"key":"{key}"}},{{"id":2,"key":"{key}"}}],"send":2}}"#);
     let nodes = format!(r#"{{"ok":true,"data":[{node}]}}"#);

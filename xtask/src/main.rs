@@ -207,10 +207,15 @@ fn real_main() -> Result<()> {
     Ok(())
 }
 
+/// The benchmarks' simulator (`swarmnet-sim`), built beside the daemon's binary `bin`.
+pub fn sim_binary(bin: &std::path::Path) -> std::path::PathBuf {
+    bin.with_file_name("swarmnet-sim")
+}
+
 /// Builds the release binary and makes the lab use it.
 fn release_binary() -> Result<()> {
     build()?;
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["build", "--release", "-j2", "-p", "swarmnet-control"]).status()?;
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["build", "--release", "-j2", "-p", "swarmnet-control", "-p", "swarmnet-sim"]).status()?;
     if !st.success() {
         bail!("cargo build --release failed");
     }
@@ -361,8 +366,8 @@ fn bench_manager_memory() -> Result<()> {
     let log = std::fs::File::create(lab.nodes[1].data_dir.join("sim.log"))?;
     let mut sim = Command::new("ip")
         .args(["netns", "exec", &lab.nodes[1].ns])
-        .arg(&lab.bin)
-        .args(["sim-nodes", "--join", &format!("{}:2377", lab.nodes[0].addr), "--token", &token, "--count", "99", "--advertise-addr", &lab.nodes[1].addr])
+        .arg(sim_binary(&lab.bin))
+        .args(["nodes", "--join", &format!("{}:2377", lab.nodes[0].addr), "--token", &token, "--count", "99", "--advertise-addr", &lab.nodes[1].addr])
         .arg("--data-dir")
         .arg(&sim_dir)
         .env("SWARMNET_LAB", &lab.name)
@@ -404,8 +409,8 @@ fn bench_agent_memory() -> Result<()> {
     let net_id = net["id"].as_str().context("id")?.to_string();
     let mut sim = Command::new("ip")
         .args(["netns", "exec", &lab.nodes[2].ns])
-        .arg(&lab.bin)
-        .args(["sim-endpoints", "--gossip-addr", "10.210.0.3:7946", "--seed", "10.210.0.1:7946", "--network", &net_id, "--count", "1000", "--keys-from"])
+        .arg(sim_binary(&lab.bin))
+        .args(["endpoints", "--gossip-addr", "10.210.0.3:7946", "--seed", "10.210.0.1:7946", "--network", &net_id, "--count", "1000", "--keys-from"])
         .arg(&lab.nodes[0].data_dir)
         .env("SWARMNET_LAB", &lab.name)
         .stdout(std::process::Stdio::null())

@@ -79,5 +79,7 @@ mod tests {
         }
         let bin = closure("swarmnet-control", &g);
         assert!(bin.contains("swarmnet-manager") && bin.contains("swarmnet-agent"), "the binary composes both sides: {bin:?}");
+        // Benchmark-only code is not in the shipped binary (issue 19).
+        assert!(!bin.contains("swarmnet-sim"), "the shipped binary depends on the benchmarks' simulator");
     }
 }

@@ -15,14 +15,16 @@
 //!   `periodic`, against drift;
 //! - the table cannot be read (the gossip loop stopped): nothing is resynced, and no sink is
 //!   ever told a network is empty; if the stream itself closed, the loop ends with an error
-//!   in the log and the kernel keeps the state it has.
+//!   in the log and the kernel keeps the state it has;
+//! - an input from outside the table (`SinkInput`: the manager's word, the runtime's tasks,
+//!   a reader) goes to the sink it names, between batches: every sink has one writer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use swarmnet_gossip::server::{GossipHandle, Stopped};
 use swarmnet_gossip::Event;
-use swarmnet_types::{Change, Endpoint, NetworkId, Resync, Sink};
+use swarmnet_types::{Change, Endpoint, NetworkId, Resync, Sink, SinkInput};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
@@ -90,12 +92,13 @@ struct Follower<S> {
 
 /// Runs until the change stream closes. A change that happens before the loop subscribes
 /// is not lost: every network is resynced when membership announces it.
-pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices: mpsc::UnboundedReceiver<Notice>, cfg: FollowConfig) -> Ended {
+pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices: mpsc::UnboundedReceiver<Notice>, mut inputs: mpsc::UnboundedReceiver<SinkInput>, cfg: FollowConfig) -> Ended {
     let mut events = source.subscribe();
     let mut periodic = tokio::time::interval_at(Instant::now() + cfg.periodic, cfg.periodic);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut f = Follower { source, sinks, joined: BTreeSet::new(), warming: BTreeMap::new(), retry: BTreeMap::new(), retry_at: None, retry_delay: cfg.retry, cfg };
     let mut notices_open = true;
+    let mut inputs_open = true;
     loop {
         let retry_at = f.retry_at;
         let warm_at = f.warming.values().min().copied();
@@ -157,6 +160,10 @@ pub async fn follow<S: Source>(source: S, sinks: Vec<Box<dyn Sink>>, mut notices
                     f.resync(&net, None).await;
                 }
             }
+            i = inputs.recv(), if inputs_open => match i {
+                Some(i) => f.input(i).await,
+                None => inputs_open = false,
+            },
             _ = periodic.tick() => f.resync_all().await,
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                 f.retry_now().await;
@@ -255,6 +262,18 @@ impl<S: Source> Follower<S> {
         }
     }
 
+    /// Hands an input to the sink it names.
+    async fn input(&mut self, i: SinkInput) {
+        match self.sinks.iter_mut().find(|s| s.name() == i.sink) {
+            Some(s) => {
+                if let Err(e) = s.input(i.input).await {
+                    warn!(sink = i.sink, error = %e, "sink failed to take an input");
+                }
+            }
+            None => warn!(sink = i.sink, "an input for a sink this node does not have"),
+        }
+    }
+
     async fn forget(&mut self, net: &NetworkId) {
         for s in self.sinks.iter_mut() {
             if let Err(e) = s.forget(net).await {
@@ -349,6 +368,11 @@ mod tests {
             self.1.calls.lock().expect("lock").push(format!("{} forget {network}", self.0));
             Ok(())
         }
+        async fn input(&mut self, input: Box<dyn std::any::Any + Send>) -> Result<(), SinkError> {
+            let s = input.downcast::<String>().map_err(|_| "not an input of this sink")?;
+            self.1.calls.lock().expect("lock").push(format!("{} input {s}", self.0));
+            Ok(())
+        }
     }
 
     fn ep(net: &str, id: &str) -> Endpoint {
@@ -377,6 +401,7 @@ mod tests {
         log: Arc<Log>,
         dns_log: Arc<Log>,
         notices: mpsc::UnboundedSender<Notice>,
+        inputs: mpsc::UnboundedSender<SinkInput>,
         task: tokio::task::JoinHandle<Ended>,
     }
 
@@ -386,8 +411,9 @@ mod tests {
         let dns_log = Arc::new(Log::default());
         let (notices, rx) = mpsc::unbounded_channel();
         let sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recording("overlay", log.clone())), Box::new(Recording("dns", dns_log.clone()))];
-        let task = tokio::spawn(follow(src.clone(), sinks, rx, cfg));
-        Harness { src, log, dns_log, notices, task }
+        let (inputs, inputs_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(follow(src.clone(), sinks, rx, inputs_rx, cfg));
+        Harness { src, log, dns_log, notices, inputs, task }
     }
 
     fn cfg() -> FollowConfig {
@@ -403,6 +429,21 @@ mod tests {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_input_reaches_the_sink_it_names_in_turn_with_the_changes() {
+        let h = start(64, cfg());
+        settle().await;
+        h.src.emit(add("n", "a"));
+        settle().await;
+        h.inputs.send(SinkInput { sink: "dns", input: Box::new("set me".to_string()) }).expect("send");
+        h.inputs.send(SinkInput { sink: "nobody", input: Box::new("lost".to_string()) }).expect("send");
+        settle().await;
+        h.src.emit(add("n", "b"));
+        settle().await;
+        assert_eq!(take(&h.dns_log), vec!["dns apply a", "dns input set me", "dns apply b"]);
+        assert_eq!(take(&h.log), vec!["overlay apply a", "overlay apply b"], "only the named sink gets it");
     }
 
     #[tokio::test(start_paused = true)]

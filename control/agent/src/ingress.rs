@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use swarmnet_api::NodeIngress;
-use swarmnet_dataplane::ingress::{self as dp, IngressSink, Me};
+use swarmnet_dataplane::ingress::{self as dp, IngressHandle, Me};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::Sandboxes;
 use swarmnet_gossip::server::{Cmd, GossipHandle};
@@ -24,7 +24,7 @@ pub struct NodeIngressDeps {
     pub sandboxes: Arc<Sandboxes>,
     pub membership: Arc<Membership>,
     pub gossip: GossipHandle,
-    pub sink: IngressSink,
+    pub sink: IngressHandle,
     pub node_id: String,
     pub vtep: std::net::IpAddr,
     pub mtu: u32,

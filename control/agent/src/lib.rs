@@ -20,4 +20,4 @@ pub mod runtime;
 pub mod session;
 pub mod supervisor;
 
-pub use session::{join, Agent, Identity};
+pub use session::{join, Agent, AgentConfig, Identity};

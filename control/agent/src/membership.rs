@@ -209,7 +209,7 @@ mod tests {
         Network {
             id: id.into(),
             name: format!("{id}-name"),
-            driver: "overlay".into(),
+            driver: swarmnet_types::Driver::Overlay,
             attachable: false,
             ingress: false,
             subnet: "10.0.1.0/24".parse().expect("net"),

@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use swarmnet_api::TaskReport;
 use swarmnet_dataplane::ingress::entry::{self, Entry};
 use swarmnet_dataplane::ingress::IngressSink;
+pub use swarmnet_dataplane::lb::host::Claim;
+use swarmnet_dataplane::lb::host::{self, Legacy};
 use swarmnet_dataplane::lb::{EbpfError, EbpfLb, Host, LbBackend, LbSink, NftLb};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::{OverlaySink, Sandboxes};
@@ -32,8 +34,9 @@ pub struct NodeConfig {
     pub dns: DnsOpts,
     /// argv of the process that holds a sandbox namespace open.
     pub holder_cmd: Vec<String>,
-    /// The node's name (its cgroup and bpffs folders are named after it).
-    pub node_name: String,
+    /// The node's display name (`--hostname`, default the machine's hostname): `node ls`
+    /// shows it. No kernel object is named after it: they are keyed by the node's id.
+    pub hostname: String,
     /// The bpffs to pin the load balancer in (None: the mounted one, or /sys/fs/bpf).
     pub bpffs: Option<PathBuf>,
     /// Which load-balancer backend to use.
@@ -88,6 +91,8 @@ pub struct Node {
     pub gossip: GossipHandle,
     /// The manager's word on the node's place on the ingress network goes here.
     pub ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
+    /// This daemon's claim on the node's id: held for its life.
+    pub claim: Claim,
 }
 
 /// The sandbox and the gossip of a network, as membership joins and leaves them.
@@ -112,28 +117,71 @@ impl Fabric for NodeFabric {
     }
 }
 
+/// The node's folders in cgroup2 and bpffs (keyed by its id), and those of the layout
+/// before issue 19 that its tasks still run in, whose pins they take over.
+fn prepare_host(cfg: &NodeConfig, node_id: &str, tasks: &[u32]) -> Result<(Host, Option<Legacy>), String> {
+    let host = Host::prepare(node_id, cfg.bpffs.as_deref()).map_err(|e| e.to_string())?;
+    let legacy = host.find_legacy(tasks);
+    if let Some(l) = &legacy {
+        info!(legacy_cgroup = %l.cgroup.display(), tasks = l.ours.len(), others = l.foreign, cgroup = %host.cgroup.display(), "this node's tasks run in a folder of the layout before issue 19 (named after a hostname): taking it over");
+        match host.take_legacy_pins(l) {
+            Ok(moved) if !moved.is_empty() => info!(folders = ?moved, "moved the pinned maps and links of the old layout into the node's own folders"),
+            Ok(_) if l.foreign > 0 => warn!(legacy = %l.pins.display(), others = l.foreign, "the old folder is shared with processes of another node: its pins stay; only this node's processes move"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "the pins of the old layout could not be moved: new ones replace them"),
+        }
+    }
+    Ok((host, legacy))
+}
+
+/// Moves this node's processes out of a folder of the old layout (into the node's cgroup,
+/// under the programs attached there), then detaches what the old layout attached and
+/// removes it if nothing else uses it.
+fn finish_legacy(host: &Host, legacy: &Legacy, ebpf: Option<&EbpfLb>) {
+    match host.move_tasks(legacy) {
+        Ok(n) => info!(processes = n, cgroup = %host.cgroup.display(), "moved this node's task processes into the node's cgroup"),
+        Err(e) => error!(error = %e, "could not move this node's task processes out of the old cgroup: their VIPs are translated by programs nothing updates"),
+    }
+    if let Some(lb) = ebpf {
+        let n = lb.release_retired();
+        if n > 0 {
+            info!(links = n, "detached the load balancer's links of the old layout");
+        }
+    }
+    match host.retire_legacy(legacy) {
+        Ok(true) => info!(cgroup = %legacy.cgroup.display(), pins = %legacy.pins.display(), "removed the folders of the old layout"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "could not remove the folders of the old layout"),
+    }
+}
+
 /// The load balancer, as `--lb` says: the eBPF programs attached to the node's cgroup, or
 /// nftables in each task's namespace. A backend asked for by name that cannot start stops
 /// the daemon; with `auto`, eBPF falls back to nftables with a warning, and if neither
 /// starts the node runs on without VIPs (overlay, DNS) and says so in its log and `lb ls`.
-fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> anyhow::Result<Option<Lb>> {
-    let ebpf = || -> anyhow::Result<(Arc<dyn LbBackend>, Option<Host>)> {
-        let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
-        let b: Arc<dyn LbBackend> = Arc::new(EbpfLb::open(&host, ns.clone(), &cfg.data_dir.join("lb.lock"))?);
-        Ok((b, Some(host)))
+/// Also returns the eBPF backend itself (it still holds the links it replaced).
+/// A load-balancer backend as started: the backend, the node's folders (eBPF only), and the
+/// eBPF backend itself (it holds the links it replaced).
+type Started = (Arc<dyn LbBackend>, Option<Host>, Option<Arc<EbpfLb>>);
+
+fn start_lb(cfg: &NodeConfig, host: &Result<(Host, Option<Legacy>), String>, ns: &NsWorker, membership: &Arc<Membership>) -> anyhow::Result<(Option<Lb>, Option<Arc<EbpfLb>>)> {
+    let ebpf = || -> anyhow::Result<Started> {
+        let (host, _) = host.as_ref().map_err(|e| anyhow::anyhow!("the node's cgroup and bpffs folders: {e}"))?;
+        let lb = Arc::new(EbpfLb::open(host, ns.clone(), &cfg.data_dir.join("lb.lock"))?);
+        Ok((lb.clone(), Some(host.clone()), Some(lb)))
     };
-    let nft = || -> anyhow::Result<(Arc<dyn LbBackend>, Option<Host>)> {
+    let nft = || -> anyhow::Result<Started> {
         let b: Arc<dyn LbBackend> = Arc::new(NftLb::open(ns.clone()).map_err(anyhow::Error::msg)?);
         // Programs an earlier eBPF agent of this node left attached would translate VIPs
         // before nftables ever sees them, from maps nothing updates any more.
-        if let Ok(host) = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref()) {
-            match swarmnet_dataplane::lb::ebpf::detach_pinned(&host) {
+        if let Ok((host, _)) = host {
+            match swarmnet_dataplane::lb::ebpf::detach_pinned(host) {
                 Ok(0) => {}
                 Ok(n) => info!(links = n, "detached the eBPF programs an earlier agent left (this one uses nftables)"),
                 Err(e) => bail!("the eBPF programs an earlier agent left cannot be detached, and they would shadow nftables: {e}"),
             }
         }
-        Ok((b, None))
+        Ok((b, None, None))
     };
     let (chosen, warning) = match cfg.lb {
         LbMode::Ebpf => (ebpf().context("--lb ebpf")?, None),
@@ -149,24 +197,24 @@ fn start_lb(cfg: &NodeConfig, ns: &NsWorker, membership: &Arc<Membership>) -> an
                     Ok(b) => (b, Some(why)),
                     Err(e2) => {
                         error!(ebpf = %format!("{e:#}"), nftables = %format!("{e2:#}"), "no load balancer can start on this node: service VIPs will not answer");
-                        return Ok(None);
+                        return Ok((None, None));
                     }
                 }
             }
         },
     };
-    let (backend, host) = chosen;
+    let (backend, host, ebpf_lb) = chosen;
     let m = membership.clone();
     let sink = LbSink::new(backend.clone(), Arc::new(move |n: &NetworkId| m.vni_of(n)));
     info!(backend = %backend.kind(), "load balancer ready");
-    Ok(Some(Lb { sink, backend, host, warning }))
+    Ok((Some(Lb { sink, backend, host, warning }), ebpf_lb))
 }
 
 /// The routing mesh's eBPF entry on the underlay interface (ADR 0015), as `--mesh-entry`
 /// says; None: clients from outside enter by the node's nftables table (ADR 0011); Err: why
 /// the entry could not start.
-fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Result<Option<Entry>, String> {
-    let detach = || match Host::prepare(&cfg.node_name, cfg.bpffs.as_deref()).map_err(anyhow::Error::from).and_then(|h| Ok(entry::detach_pinned(&h.pins)?)) {
+fn start_mesh_entry(cfg: &NodeConfig, host: &Result<(Host, Option<Legacy>), String>, iface: &str) -> Result<Option<Entry>, String> {
+    let detach = || match host.as_ref().map_err(|e| anyhow::anyhow!("{e}")).and_then(|(h, _)| Ok(entry::detach_pinned(&h.ingress_pins)?)) {
         Ok(true) => info!("routing mesh: detached the eBPF entry an earlier agent left"),
         Ok(false) => {}
         Err(e) => error!(error = %format!("{e:#}"), "routing mesh: the eBPF entry an earlier agent left cannot be detached: it keeps handing flows out from maps nothing updates"),
@@ -177,8 +225,8 @@ fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Result<Option<Entry>, Stri
         return Ok(None);
     }
     let open = || -> anyhow::Result<Entry> {
-        let host = Host::prepare(&cfg.node_name, cfg.bpffs.as_deref())?;
-        Ok(Entry::open(&host.pins, iface)?)
+        let (host, _) = host.as_ref().map_err(|e| anyhow::anyhow!("the node's bpffs folder: {e}"))?;
+        Ok(Entry::open(&host.ingress_pins, iface)?)
     };
     match open() {
         Ok(e) => Ok(Some(e)),
@@ -192,6 +240,8 @@ fn start_mesh_entry(cfg: &NodeConfig, iface: &str) -> Result<Option<Entry>, Stri
 
 /// Starts the node's parts; the session with the manager is started by the caller.
 pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::Result<Node> {
+    // One daemon per node id on this machine, before anything of the node's is touched.
+    let claim = host::claim(node_id, &cfg.data_dir)?;
     let IpAddr::V4(local) = cfg.advertise else {
         bail!("--advertise-addr {}: an IPv6 underlay is not supported yet", cfg.advertise);
     };
@@ -206,7 +256,13 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let fabric = Arc::new(NodeFabric { sandboxes: sandboxes.clone(), gossip: gossip.clone() });
     let membership = Arc::new(Membership::new(fabric, sandboxes.networks().await, notices_tx));
-    let lb = start_lb(cfg, &base.ns, &membership)?;
+    // The node's kernel state outside its namespaces is keyed by its id (issue 19).
+    let tasks: Vec<u32> = swarmnet_dataplane::task::find_task_processes(&cfg.data_dir).into_iter().map(|(_, pid, _)| pid).collect();
+    let host = prepare_host(cfg, node_id, &tasks);
+    let (lb, ebpf_lb) = start_lb(cfg, &host, &base.ns, &membership)?;
+    if let Ok((h, Some(legacy))) = &host {
+        finish_legacy(h, legacy, ebpf_lb.as_deref());
+    }
     // In the order a batch reaches them: the in-memory record store first (a DNS answer
     // then never waits), the load balancer's maps, then the overlay's netlink work.
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(DnsSink::new(dns.shared.records.clone()))];
@@ -215,9 +271,11 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     }
     sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)));
     // After the overlay: a published port is programmed once its tasks are reachable.
-    let ingress = IngressSink::new(base.ns.clone(), cfg.advertise, start_mesh_entry(cfg, &base.iface));
-    sinks.push(Box::new(ingress.clone()));
-    tokio::spawn(follow::follow(gossip.clone(), sinks, notices, FollowConfig::default()));
+    // Inputs from outside the endpoint table reach a sink through the follow loop.
+    let (inputs_tx, inputs) = mpsc::unbounded_channel();
+    let (ingress_sink, ingress) = IngressSink::new(base.ns.clone(), cfg.advertise, start_mesh_entry(cfg, &host, &base.iface), cfg.data_dir.join("ingress.json"), inputs_tx);
+    sinks.push(Box::new(ingress_sink));
+    tokio::spawn(follow::follow(gossip.clone(), sinks, notices, inputs, FollowConfig::default()));
     let (ingress_tx, ingress_rx) = tokio::sync::watch::channel(None);
     let ingress_deps = crate::ingress::NodeIngressDeps {
         ns: base.ns.clone(),
@@ -232,5 +290,5 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     tokio::spawn(crate::ingress::run(ingress_deps, ingress_rx));
     let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
-    Ok(Node { runtime, reports, gossip, ingress: ingress_tx })
+    Ok(Node { runtime, reports, gossip, ingress: ingress_tx, claim })
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use swarmnet_api::{Assignment, Attachment, TaskReport, TaskState};
-use swarmnet_dataplane::ingress::IngressSink;
+use swarmnet_dataplane::ingress::IngressHandle;
 use swarmnet_dataplane::lb::{Host, LbBackend, LbSink};
 use swarmnet_dataplane::netns::NsWorker;
 use swarmnet_dataplane::overlay::Sandboxes;
@@ -46,7 +46,7 @@ pub struct Deps {
     /// The load balancer (None: it could not start on this node; VIPs are not answered).
     pub lb: Option<Lb>,
     /// The routing mesh: a publishing task's replies go back through their entry node.
-    pub ingress: IngressSink,
+    pub ingress: IngressHandle,
 }
 
 /// The load balancer as the runtime and the session use it.
@@ -160,7 +160,7 @@ impl Runtime {
         &self.deps.dns
     }
 
-    pub fn ingress(&self) -> &IngressSink {
+    pub fn ingress(&self) -> &IngressHandle {
         &self.deps.ingress
     }
 
@@ -182,7 +182,7 @@ impl Runtime {
     }
 
     pub(crate) async fn remove_from_lb(&self, a: &Assignment, netns: Option<&std::fs::File>) {
-        self.deps.ingress.remove_task(&a.task_id).await;
+        self.deps.ingress.remove_task(&a.task_id);
         if let Some(lb) = &self.deps.lb {
             let vnis: Vec<u32> = a.attachments.iter().map(|at| at.network.vni).collect();
             if let Err(e) = lb.backend.remove_task(&a.task_id, netns, &vnis).await {

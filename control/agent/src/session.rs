@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
-use swarmnet_api::replies::{LbBackendInfo, LbPortBackend, LbPortInfo, LbServiceInfo, LbTable, RunResult, TaskInfo};
+use swarmnet_api::replies::{LbBackendInfo, LbKind, LbPortBackend, LbPortInfo, LbServiceInfo, LbTable, MeshEntryKind, RunResult, TaskInfo};
 use swarmnet_api::tls::{self, CertKey};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::*;
 use swarmnet_dataplane::lb::BackendState;
 use swarmnet_dataplane::state::{self, StateError};
-use swarmnet_types::Id;
+use swarmnet_types::{EndpointState, Id};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{info, warn};
@@ -106,6 +106,15 @@ pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &
     Ok(id)
 }
 
+/// The agent's settings from the daemon's flags.
+pub struct AgentConfig {
+    pub gossip_port: u16,
+    /// Where the gossip keys are kept.
+    pub data_dir: std::path::PathBuf,
+    /// The node's display name (`--hostname`).
+    pub hostname: String,
+}
+
 pub struct Agent {
     pub id: Identity,
     pub gossip: swarmnet_gossip::server::GossipHandle,
@@ -119,6 +128,8 @@ pub struct Agent {
     vips: tokio::sync::watch::Sender<Option<Vec<VipInfo>>>,
     /// The node's place on the ingress network, followed by `ingress::run`.
     ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
+    /// The node's display name, sent with every session (it may have changed since the join).
+    hostname: String,
     /// Where the gossip keys are kept.
     data_dir: std::path::PathBuf,
     gossip_keys: Mutex<swarmnet_api::GossipKeySet>,
@@ -131,10 +142,10 @@ impl Agent {
         runtime: Arc<Runtime>,
         reports: mpsc::UnboundedReceiver<TaskReport>,
         gossip: swarmnet_gossip::server::GossipHandle,
-        gossip_port: u16,
         ingress: tokio::sync::watch::Sender<Option<swarmnet_api::NodeIngress>>,
-        data_dir: std::path::PathBuf,
+        cfg: AgentConfig,
     ) -> anyhow::Result<Arc<Agent>> {
+        let AgentConfig { gossip_port, data_dir, hostname } = cfg;
         let tls = tls::client_config(&id.ca_pem, &id.cert)?;
         let (vips, mut rx) = tokio::sync::watch::channel(None::<Vec<VipInfo>>);
         if let Some(lb) = runtime.lb() {
@@ -158,6 +169,7 @@ impl Agent {
             assigned: Mutex::new(BTreeMap::new()),
             vips,
             ingress,
+            hostname,
             data_dir,
             gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()),
         }))
@@ -192,7 +204,7 @@ impl Agent {
         let (mut r, mut w) = tokio::io::split(tls);
         let mut reports = self.reports.lock().await;
         while reports.try_recv().is_ok() {}
-        write_msg(&mut w, &Hello::Session { reports: self.runtime.reports() }).await?;
+        write_msg(&mut w, &Hello::Session { reports: self.runtime.reports(), hostname: Some(self.hostname.clone()) }).await?;
         let reply: Reply = read_reply(&mut r, &self.id.manager).await?;
         let opened: SessionOpened = reply.into_data().map_err(|e| anyhow!("manager refused the session: {e}"))?;
         let hb_ms = opened.heartbeat_ms.max(50);
@@ -292,7 +304,7 @@ impl Agent {
 
     /// `lb ls`: this node's load balancer, read back from the kernel.
     pub async fn lb_table(&self) -> Reply {
-        let mesh_entry = self.runtime.ingress().entry_kind().to_string();
+        let mesh_entry = if self.runtime.ingress().has_ebpf_entry() { MeshEntryKind::Ebpf } else { MeshEntryKind::Nftables };
         let (ports, ports_warning) = match self.runtime.ingress().read().await {
             Ok((rows, failed)) => (
                 rows.into_iter()
@@ -304,7 +316,7 @@ impl Agent {
                         backends: r
                             .backends
                             .into_iter()
-                            .map(|(task, ip, target, active, connections)| LbPortBackend { task, ip, target, state: if active { "active" } else { "draining" }.into(), connections })
+                            .map(|(task, ip, target, active, connections)| LbPortBackend { task, ip, target, state: if active { EndpointState::Active } else { EndpointState::Draining }, connections })
                             .collect(),
                     })
                     .collect(),
@@ -324,7 +336,7 @@ impl Agent {
         };
         let rows = match lb.backend.read().await {
             Ok(r) => r,
-            Err(e) => return Reply::err(format!("load balancer: read the kernel's table: {e}")),
+            Err(e) => return Reply::err(ApiError::unavailable(format!("load balancer: read the kernel's table: {e}"))),
         };
         let names = lb.sink.names().await;
         let (services, tasks) = (&names.services, &names.tasks);
@@ -342,8 +354,8 @@ impl Agent {
                         task: tasks.get(&b.ip).cloned().unwrap_or_default(),
                         ip: b.ip,
                         state: match b.state {
-                            BackendState::Active => "active".into(),
-                            BackendState::Draining => "draining".into(),
+                            BackendState::Active => EndpointState::Active,
+                            BackendState::Draining => EndpointState::Draining,
                         },
                         connections: b.connections,
                     })
@@ -361,26 +373,28 @@ impl Agent {
             warnings.push(format!("{} VIP(s) could not be programmed (see error)", names.failed.len()));
         }
         let warning = (!warnings.is_empty()).then(|| warnings.join("; "));
-        Reply::ok(&LbTable { backend: Some(lb.backend.kind().to_string()), warning, services, ports, ports_warning, mesh_entry })
+        let backend = match lb.backend.kind() {
+            swarmnet_dataplane::lb::Kind::Ebpf => LbKind::Ebpf,
+            swarmnet_dataplane::lb::Kind::Nftables => LbKind::Nftables,
+        };
+        Reply::ok(&LbTable { backend: Some(backend), warning, services, ports, ports_warning, mesh_entry })
     }
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to
     /// be running (`detach`) or to finish, and returns its output and exit code.
     pub async fn run_local(&self, spec: StandaloneCreate, detach: bool) -> Reply {
-        match self.run_local_inner(spec, detach).await {
-            Ok(r) => Reply::ok(&r),
-            Err(e) => Reply::err(format!("{e:#}")),
-        }
+        Reply::from_result(self.run_local_inner(spec, detach).await)
     }
 
-    async fn run_local_inner(&self, spec: StandaloneCreate, detach: bool) -> anyhow::Result<RunResult> {
-        let task: TaskInfo = self.call(ApiRequest::Run { spec }).await?.into_data()?;
+    async fn run_local_inner(&self, spec: StandaloneCreate, detach: bool) -> Result<RunResult, ApiError> {
+        let reply = self.call(ApiRequest::Run { spec }).await.map_err(|e| ApiError::unavailable(format!("{e:#}")))?;
+        let task: TaskInfo = reply.into_data().map_err(|e| e.into_api())?;
         let task_id = task.id.clone();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some((code, why)) = self.runtime.exit_code(&task_id) {
                 if !why.is_empty() {
-                    bail!("task {task_id} did not run: {why}");
+                    return Err(ApiError::internal(format!("task {task_id} did not run: {why}")));
                 }
                 let log = self.runtime.log_path(&task_id);
                 let output = std::fs::read_to_string(&log).unwrap_or_else(|e| {
@@ -395,7 +409,7 @@ impl Agent {
                 return Ok(RunResult::Detached(task));
             }
             if rep.is_none() && Instant::now() > deadline {
-                bail!("task {task_id} was not started on this node within 30 s");
+                return Err(ApiError::unavailable(format!("task {task_id} was not started on this node within 30 s")));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1,14 +1,38 @@
 //! The cluster's vocabulary as the API speaks it: roles, states, endpoint modes, what an
 //! agent reports of a task, and the specs of the requests that create objects.
 
+use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use swarmnet_types::Id;
+use swarmnet_types::{Driver, Id, Protocol, PublishMode};
+
+use crate::error::ApiError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Manager,
     Worker,
+}
+
+impl std::str::FromStr for Role {
+    type Err = ApiError;
+
+    fn from_str(s: &str) -> Result<Role, ApiError> {
+        match s {
+            "manager" => Ok(Role::Manager),
+            "worker" => Ok(Role::Worker),
+            other => Err(ApiError::invalid(format!("role {other:?}: expected worker or manager"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,33 +88,282 @@ pub struct TaskReport {
     pub restarts: u32,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkCreate {
     pub name: String,
-    pub driver: String,
+    pub driver: Driver,
     pub attachable: bool,
-    pub subnet: Option<String>,
+    pub subnet: Option<Ipv4Network>,
     /// The cluster's ingress network (there is one at most; the manager makes it).
     #[serde(default)]
     pub ingress: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// How many tasks a service runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum ServiceMode {
+    /// `replicas` tasks, placed by the scheduler.
+    Replicated { replicas: u64 },
+    /// One task on every ready node.
+    Global,
+}
+
+impl ServiceMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceMode::Replicated { .. } => "replicated",
+            ServiceMode::Global => "global",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCreate {
     pub name: String,
-    /// "replicated" or "global".
-    pub mode: String,
-    pub replicas: i64,
-    pub networks: Vec<String>,
+    #[serde(flatten)]
+    pub mode: ServiceMode,
+    pub networks: Vec<NetworkAttach>,
     pub endpoint_mode: EndpointMode,
-    /// `published:target[/tcp|/udp]`
-    pub publish: Vec<String>,
+    pub publish: Vec<PublishSpec>,
     pub command: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StandaloneCreate {
     pub name: String,
-    pub networks: Vec<String>,
+    pub networks: Vec<NetworkAttach>,
     pub command: Vec<String>,
+}
+
+/// One `--network`: `NAME`, or `name=NAME[,alias=ALIAS]…` (Docker's long form).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttach {
+    /// The network's name or id.
+    pub name: String,
+    /// Extra names of the service (or task) on it.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+impl std::str::FromStr for NetworkAttach {
+    type Err = ApiError;
+
+    fn from_str(arg: &str) -> Result<NetworkAttach, ApiError> {
+        if !arg.contains('=') {
+            check_name("network", arg)?;
+            return Ok(NetworkAttach { name: arg.to_string(), aliases: Vec::new() });
+        }
+        let mut name = None;
+        let mut aliases: Vec<String> = Vec::new();
+        for part in arg.split(',') {
+            match part.split_once('=') {
+                Some(("name" | "network", v)) if !v.is_empty() => name = Some(v.to_string()),
+                Some(("alias", v)) => {
+                    check_name("alias", v)?;
+                    if !aliases.iter().any(|a| a.eq_ignore_ascii_case(v)) {
+                        aliases.push(v.to_string());
+                    }
+                }
+                _ => return Err(ApiError::invalid(format!("invalid --network {arg:?}: expected NAME or name=NAME[,alias=ALIAS]... (unknown part {part:?})"))),
+            }
+        }
+        let name = name.ok_or_else(|| ApiError::invalid(format!("invalid --network {arg:?}: no name=NETWORK in it")))?;
+        check_name("network", &name)?;
+        Ok(NetworkAttach { name, aliases })
+    }
+}
+
+/// Docker's rule for object names: a letter or digit, then letters, digits, `_`, `.`, `-`;
+/// 63 characters at most.
+pub fn check_name(kind: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("invalid {kind} name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit")))
+    }
+}
+
+/// One `--publish` as given: the published port may be left to the manager (a free one of
+/// 30000–32767).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishSpec {
+    pub published: Option<u16>,
+    pub target: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+impl PublishSpec {
+    /// What the manager checks again (a spec may come from any client): ports are 1–65535.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.target == 0 || self.published == Some(0) {
+            return Err(ApiError::invalid(format!("invalid published port {self}: ports are 1 to 65535")));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for PublishSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.published {
+            Some(p) => write!(f, "published={p},target={},protocol={},mode={}", self.target, self.protocol, self.mode),
+            None => write!(f, "target={},protocol={},mode={}", self.target, self.protocol, self.mode),
+        }
+    }
+}
+
+const PUBLISH_FORMS: &str = "expected PUBLISHED:TARGET[/tcp|/udp], TARGET, or published=P,target=T,protocol=tcp|udp,mode=ingress|host";
+
+impl std::str::FromStr for PublishSpec {
+    type Err = ApiError;
+
+    /// `PUBLISHED:TARGET[/tcp|/udp]`, `TARGET[/tcp|/udp]`, or the long form
+    /// `published=P,target=T,protocol=tcp|udp,mode=ingress|host`.
+    fn from_str(s: &str) -> Result<PublishSpec, ApiError> {
+        let bad = |why: &str| ApiError::invalid(format!("invalid --publish {s:?}: {why} ({PUBLISH_FORMS})"));
+        let port = |v: &str, what: &str| -> Result<u16, ApiError> {
+            match v.parse::<u32>() {
+                Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+                _ => Err(bad(&format!("{what} port {v:?} is not 1 to 65535"))),
+            }
+        };
+        let protocol = |v: &str| match v {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(bad(&format!("protocol {other:?} is not tcp or udp"))),
+        };
+        if s.contains('=') {
+            let (mut published, mut target, mut proto, mut mode) = (None, None, Protocol::Tcp, PublishMode::Ingress);
+            for part in s.split(',') {
+                match part.split_once('=') {
+                    Some(("published", v)) => published = Some(port(v, "published")?),
+                    Some(("target", v)) => target = Some(port(v, "target")?),
+                    Some(("protocol", v)) => proto = protocol(v)?,
+                    Some(("mode", "ingress")) => mode = PublishMode::Ingress,
+                    Some(("mode", "host")) => mode = PublishMode::Host,
+                    Some(("mode", v)) => return Err(bad(&format!("mode {v:?} is not ingress or host"))),
+                    _ => return Err(bad(&format!("unknown part {part:?}"))),
+                }
+            }
+            let target = target.ok_or_else(|| bad("no target=PORT"))?;
+            return Ok(PublishSpec { published, target, protocol: proto, mode });
+        }
+        let (ports, proto) = match s.split_once('/') {
+            Some((p, v)) => (p, protocol(v)?),
+            None => (s, Protocol::Tcp),
+        };
+        let (published, target) = match ports.split_once(':') {
+            Some((p, t)) => (Some(port(p, "published")?), port(t, "target")?),
+            None => (None, port(ports, "target")?),
+        };
+        Ok(PublishSpec { published, target, protocol: proto, mode: PublishMode::Ingress })
+    }
+}
+
+/// A published port of a service, as `--publish-rm` names it: `PUBLISHED[/tcp|/udp]` (no
+/// protocol: either).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub published: u16,
+    pub protocol: Option<Protocol>,
+}
+
+impl std::fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.protocol {
+            Some(p) => write!(f, "{}/{p}", self.published),
+            None => write!(f, "{}", self.published),
+        }
+    }
+}
+
+impl std::str::FromStr for PublishedPort {
+    type Err = ApiError;
+
+    fn from_str(r: &str) -> Result<PublishedPort, ApiError> {
+        let bad = || ApiError::invalid(format!("invalid --publish-rm {r:?}: expected PUBLISHED[/tcp|/udp]"));
+        let (p, protocol) = match r.split_once('/') {
+            Some((p, "tcp")) => (p, Some(Protocol::Tcp)),
+            Some((p, "udp")) => (p, Some(Protocol::Udp)),
+            Some(_) => return Err(bad()),
+            None => (r, None),
+        };
+        let published: u16 = p.parse().map_err(|_| bad())?;
+        if published == 0 {
+            return Err(bad());
+        }
+        Ok(PublishedPort { published, protocol })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_parse_in_every_form_and_bad_ones_say_why() {
+        let p = |s: &str| s.parse::<PublishSpec>().expect(s);
+        let spec = |published, target, protocol, mode| PublishSpec { published, target, protocol, mode };
+        assert_eq!(p("8080:80"), spec(Some(8080), 80, Protocol::Tcp, PublishMode::Ingress));
+        assert_eq!(p("8080:80/udp"), spec(Some(8080), 80, Protocol::Udp, PublishMode::Ingress));
+        assert_eq!(p("80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
+        assert_eq!(p("published=9000,target=80,protocol=udp,mode=host"), spec(Some(9000), 80, Protocol::Udp, PublishMode::Host));
+        assert_eq!(p("target=80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
+        for (bad, why) in [
+            ("70000:80", "published port \"70000\" is not 1 to 65535"),
+            ("0:80", "published port \"0\" is not 1 to 65535"),
+            ("8080:80/sctp", "protocol \"sctp\" is not tcp or udp"),
+            ("published=8080", "no target=PORT"),
+            ("target=80,mode=bridge", "mode \"bridge\" is not ingress or host"),
+            ("target=80,color=red", "unknown part \"color=red\""),
+        ] {
+            let e = bad.parse::<PublishSpec>().expect_err(bad);
+            assert_eq!(e.kind, crate::ErrorKind::Invalid);
+            assert!(e.message.contains(why), "{bad}: {e}");
+        }
+        // Through JSON and back (the wire), and checked again by whoever receives it.
+        let s = p("published=9000,target=80,protocol=udp,mode=host");
+        assert_eq!(serde_json::from_str::<PublishSpec>(&serde_json::to_string(&s).expect("json")).expect("back"), s);
+        assert!(PublishSpec { published: Some(0), target: 80, protocol: Protocol::Tcp, mode: PublishMode::Ingress }.validate().is_err());
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn published_ports_and_network_attachments_parse() {
+        assert_eq!("8080".parse::<PublishedPort>().expect("port"), PublishedPort { published: 8080, protocol: None });
+        assert_eq!("53/udp".parse::<PublishedPort>().expect("port"), PublishedPort { published: 53, protocol: Some(Protocol::Udp) });
+        assert!("53/sctp".parse::<PublishedPort>().is_err() && "x".parse::<PublishedPort>().is_err() && "0".parse::<PublishedPort>().is_err());
+        assert_eq!("appnet".parse::<NetworkAttach>().expect("net"), NetworkAttach { name: "appnet".into(), aliases: vec![] });
+        assert_eq!("name=appnet,alias=v1,alias=V1".parse::<NetworkAttach>().expect("net"), NetworkAttach { name: "appnet".into(), aliases: vec!["v1".into()] });
+        assert!("name=appnet,color=red".parse::<NetworkAttach>().is_err());
+        assert!("alias=x".parse::<NetworkAttach>().is_err());
+        assert!("-bad".parse::<NetworkAttach>().is_err());
+    }
+
+    #[test]
+    fn a_service_spec_is_typed_on_the_wire() {
+        let spec = ServiceCreate {
+            name: "web".into(),
+            mode: ServiceMode::Replicated { replicas: 3 },
+            networks: vec!["appnet".parse().expect("net")],
+            endpoint_mode: EndpointMode::Vip,
+            publish: vec!["8080:80".parse().expect("publish")],
+            command: vec!["sleep".into()],
+        };
+        let v = serde_json::to_value(&spec).expect("json");
+        assert_eq!(v["mode"], "replicated");
+        assert_eq!(v["replicas"], 3);
+        assert_eq!(v["publish"][0]["protocol"], "tcp");
+        assert_eq!(serde_json::from_value::<ServiceCreate>(v).expect("back"), spec);
+        let global: ServiceCreate = serde_json::from_value(serde_json::json!({"name":"g","mode":"global","networks":[],"endpoint_mode":"vip","publish":[],"command":["x"]})).expect("global");
+        assert_eq!(global.mode, ServiceMode::Global);
+        // A mode that does not exist is refused by the decoder, not guessed.
+        assert!(serde_json::from_value::<ServiceCreate>(serde_json::json!({"name":"g","mode":"sideways","networks":[],"endpoint_mode":"vip","publish":[],"command":["x"]})).is_err());
+    }
 }

@@ -4,6 +4,7 @@
 //! endpoint modes), the rustls configurations of both ends, and join tokens.
 
 pub mod cluster;
+pub mod error;
 pub mod messages;
 pub mod replies;
 pub mod tls;
@@ -11,5 +12,6 @@ pub mod token;
 pub mod wire;
 
 pub use cluster::*;
+pub use error::{ApiError, ErrorKind};
 pub use messages::*;
 pub use wire::{read_msg, read_msg_within, write_msg, FrameError, MAX_FIRST_FRAME, MAX_FRAME};

@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use swarmnet_types::{Id, Network, Port};
 
-use crate::cluster::{NetworkCreate, ServiceCreate, StandaloneCreate, TaskReport};
+use crate::cluster::{NetworkCreate, PublishSpec, PublishedPort, Role, ServiceCreate, StandaloneCreate, TaskReport};
+use crate::error::{ApiError, ErrorKind};
 use crate::tls::CertKey;
 
 /// The first message of every connection to 2377.
@@ -17,7 +18,12 @@ pub enum Hello {
     /// From a node without a certificate: join with the token's secret.
     Join { secret: String, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork> },
     /// Opens the node's session: the full list of tasks it has now, then a stream.
-    Session { reports: Vec<TaskReport> },
+    /// `hostname`: the node's display name now (it may have changed since it joined).
+    Session {
+        reports: Vec<TaskReport>,
+        #[serde(default)]
+        hostname: Option<String>,
+    },
     /// One request, one reply.
     Api { request: ApiRequest },
 }
@@ -183,7 +189,7 @@ pub enum ApiRequest {
     /// `Vec<NodeInfo>`
     NodeLs,
     /// `JoinTokenInfo`
-    JoinToken { role: String },
+    JoinToken { role: Role },
     /// `NetworkInfo`
     NetworkCreate { spec: NetworkCreate },
     /// `Vec<NetworkInfo>`
@@ -201,10 +207,9 @@ pub enum ApiRequest {
     /// `ServiceInfo`
     ServiceInspect { name: String },
     /// `ServiceInfo`
-    ServiceScale { name: String, replicas: i64 },
-    /// `ServiceInfo`: ports added (`--publish-add` specs) and removed (`PUBLISHED[/PROTOCOL]`)
-    /// without restarting the service's tasks.
-    ServiceUpdate { name: String, publish_add: Vec<String>, publish_rm: Vec<String> },
+    ServiceScale { name: String, replicas: u64 },
+    /// `ServiceInfo`: ports added and removed without restarting the service's tasks.
+    ServiceUpdate { name: String, publish_add: Vec<PublishSpec>, publish_rm: Vec<PublishedPort> },
     /// `Removed`
     ServiceRm { name: String },
     /// A new gossip key, handed out now and sealed with shortly after. `GossipKeyRotated`
@@ -220,42 +225,68 @@ pub enum ApiRequest {
     LbLs,
 }
 
-/// Every reply: `ok` and `data`, or an error message.
+/// Every reply: `ok` and `data`, or an error with its kind.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
     #[serde(default)]
     pub data: serde_json::Value,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
-    /// The other side refused, with its reason.
+    /// The other side refused, with the kind and its reason.
     #[error("{0}")]
-    Refused(String),
+    Refused(ApiError),
     #[error("unexpected reply (a daemon of another version?): {0}")]
     Shape(#[from] serde_json::Error),
+}
+
+impl ReplyError {
+    /// The refusal's kind (a reply of another shape is `Internal`).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReplyError::Refused(e) => e.kind,
+            ReplyError::Shape(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// As an error to hand on (a reply of another shape becomes `Internal`).
+    pub fn into_api(self) -> ApiError {
+        match self {
+            ReplyError::Refused(e) => e,
+            e @ ReplyError::Shape(_) => ApiError::internal(e),
+        }
+    }
 }
 
 impl Reply {
     /// A successful reply carrying `data`.
     pub fn ok<T: Serialize>(data: &T) -> Reply {
         match serde_json::to_value(data) {
-            Ok(data) => Reply { ok: true, error: String::new(), data },
-            Err(e) => Reply::err(format!("cannot encode the reply: {e}")),
+            Ok(data) => Reply { ok: true, error: None, data },
+            Err(e) => Reply::err(ApiError::internal(format!("cannot encode the reply: {e}"))),
         }
     }
 
-    pub fn err(msg: impl std::fmt::Display) -> Reply {
-        Reply { ok: false, error: msg.to_string(), data: serde_json::Value::Null }
+    pub fn err(e: ApiError) -> Reply {
+        Reply { ok: false, error: Some(e), data: serde_json::Value::Null }
+    }
+
+    /// The reply for a result.
+    pub fn from_result<T: Serialize>(r: Result<T, ApiError>) -> Reply {
+        match r {
+            Ok(v) => Reply::ok(&v),
+            Err(e) => Reply::err(e),
+        }
     }
 
     /// The reply's data as `T`, or why not.
     pub fn into_data<T: DeserializeOwned>(self) -> Result<T, ReplyError> {
         if !self.ok {
-            return Err(ReplyError::Refused(self.error));
+            return Err(ReplyError::Refused(self.error.unwrap_or_else(|| ApiError::internal("refused without a reason"))));
         }
         Ok(serde_json::from_value(self.data)?)
     }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
-use swarmnet_types::{EndpointState, Id, Port};
+use swarmnet_types::{Driver, EndpointState, Id, Port};
 
 use crate::cluster::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
 
@@ -27,10 +27,10 @@ pub struct NodeInfo {
     pub hostname: String,
     pub address: IpAddr,
     pub status: NodeStatus,
-    /// `active` (drain and pause are not built).
-    pub availability: String,
-    /// `Leader` for the manager, empty for a worker.
-    pub manager_status: String,
+    /// Whether the scheduler places tasks on it (only `active` is built).
+    pub availability: Availability,
+    /// For a manager: `Leader` (the one manager, for now); None for a worker.
+    pub manager_status: Option<ManagerStatus>,
     pub role: Role,
     /// Filled in by the manager node's daemon from its own gossip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -39,6 +39,23 @@ pub struct NodeInfo {
     /// manager started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gossip_key: Option<KeyHolding>,
+}
+
+/// Whether the scheduler places tasks on a node (Docker's availability).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Pause,
+    Drain,
+}
+
+/// A manager's place among the managers (Docker's MANAGER STATUS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManagerStatus {
+    Leader,
+    Reachable,
+    Unreachable,
 }
 
 /// Which gossip keys a node holds, against the cluster's newest.
@@ -59,9 +76,8 @@ impl KeyHolding {
 pub struct NetworkInfo {
     pub id: Id,
     pub name: String,
-    pub driver: String,
-    /// `swarm`.
-    pub scope: String,
+    pub driver: Driver,
+    pub scope: Scope,
     pub attachable: bool,
     pub subnet: Ipv4Network,
     pub gateway: Ipv4Addr,
@@ -69,6 +85,13 @@ pub struct NetworkInfo {
     /// The cluster's ingress network (the routing mesh's).
     #[serde(default)]
     pub ingress: bool,
+}
+
+/// Where a network exists: across the cluster (every overlay network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Swarm,
 }
 
 /// An endpoint of a network as the manager assigned it.
@@ -185,7 +208,7 @@ pub struct ServicePsReply {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenInfo {
-    pub role: String,
+    pub role: Role,
     pub token: String,
     /// The manager's node id.
     pub manager: Id,
@@ -218,8 +241,8 @@ pub struct LbBackendInfo {
     /// The task's name, if this node knows it.
     pub task: String,
     pub ip: Ipv4Addr,
-    /// `active` or `draining`.
-    pub state: String,
+    /// `active`, or `draining` (takes no new connections).
+    pub state: EndpointState,
     /// New connections and UDP flows handed to it since it was programmed.
     pub connections: u64,
 }
@@ -239,8 +262,8 @@ pub struct LbServiceInfo {
 /// `lb ls`: this node's load balancer, read back from the kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LbTable {
-    /// `ebpf` or `nftables`; none if the load balancer could not start on this node.
-    pub backend: Option<String>,
+    /// None if the load balancer could not start on this node.
+    pub backend: Option<LbKind>,
     /// Why there is no load balancer, or what is wrong with it.
     pub warning: Option<String>,
     pub services: Vec<LbServiceInfo>,
@@ -250,10 +273,45 @@ pub struct LbTable {
     /// Why the routing mesh is not (fully) working on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports_warning: Option<String>,
-    /// How clients from outside enter the mesh here: `ebpf (direct return)` or
-    /// `nftables (return through the entry node)`.
-    #[serde(default)]
-    pub mesh_entry: String,
+    /// How clients from outside enter the mesh here.
+    pub mesh_entry: MeshEntryKind,
+}
+
+/// Which backend programs a node's VIPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbKind {
+    Ebpf,
+    Nftables,
+}
+
+impl std::fmt::Display for LbKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LbKind::Ebpf => "ebpf",
+            LbKind::Nftables => "nftables",
+        })
+    }
+}
+
+/// How clients from outside enter the routing mesh on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshEntryKind {
+    /// The eBPF program on the underlay interface; replies go straight from the task's node
+    /// (ADR 0015).
+    Ebpf,
+    /// The node's nftables table; replies go back through the entry node (ADR 0011).
+    Nftables,
+}
+
+impl std::fmt::Display for MeshEntryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MeshEntryKind::Ebpf => "ebpf (direct return)",
+            MeshEntryKind::Nftables => "nftables (return through the entry node)",
+        })
+    }
 }
 
 /// One published port as this node answers it.
@@ -273,7 +331,7 @@ pub struct LbPortBackend {
     pub ip: Ipv4Addr,
     pub target: u16,
     /// `active` (in the kernel's rotation) or `draining` (takes no new connections).
-    pub state: String,
+    pub state: EndpointState,
     /// New connections and UDP flows handed to it since it was programmed.
     pub connections: u64,
 }

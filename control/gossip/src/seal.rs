@@ -9,6 +9,15 @@
 //! A message sent more than [`MAX_AGE_MS`] away from the receiver's clock is refused, and
 //! [`ReplayGuard`] refuses a message whose nonce it has seen: a captured packet sent again,
 //! later or at once, from any address, changes nothing.
+//!
+//! A stream message (TCP) goes as a run of chunks, each sealed on its own and sent as a frame
+//! of its own (issue 19): a receiver opens a chunk before it reads the next, so a peer that
+//! has not proven it holds the key (its first chunk opened) makes a node hold one small
+//! first chunk at most ([`MAX_FIRST_FRAME`]), never the message it announces. A chunk's
+//! plaintext: stream id (8 random bytes) · sequence number (u32, from 0) · flags (bit 0: the
+//! last) · in the first chunk only, the message's whole length (u32) · data. The id and the
+//! sequence number tie every chunk to its message: none can be moved, dropped or replayed
+//! into another without the reader refusing the stream ([`StreamReader`]).
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -155,6 +164,147 @@ impl ReplayGuard {
     }
 }
 
+/// Data bytes in a stream message's first chunk, and in each later one.
+pub const FIRST_CHUNK_DATA: usize = 1024;
+pub const CHUNK_DATA: usize = 32 << 10;
+const CHUNK_HEADER: usize = 8 + 4 + 1;
+const FLAG_LAST: u8 = 1;
+/// The largest first frame of a stream message (sealed), and the largest later one.
+pub const MAX_FIRST_FRAME: usize = OVERHEAD + CHUNK_HEADER + 4 + FIRST_CHUNK_DATA;
+pub const MAX_FRAME: usize = OVERHEAD + CHUNK_HEADER + CHUNK_DATA;
+
+/// The plaintext chunks of stream message `plain` under stream id `id` (each to be sealed,
+/// or sent as it is when gossip runs unsealed).
+pub fn chunks(id: [u8; 8], plain: &[u8]) -> Vec<Vec<u8>> {
+    let total = u32::try_from(plain.len()).unwrap_or(u32::MAX);
+    let (first, rest) = plain.split_at(plain.len().min(FIRST_CHUNK_DATA));
+    let mut parts: Vec<&[u8]> = vec![first];
+    parts.extend(rest.chunks(CHUNK_DATA));
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(seq, data)| {
+            let mut c = Vec::with_capacity(CHUNK_HEADER + 4 + data.len());
+            c.extend_from_slice(&id);
+            c.extend_from_slice(&u32::try_from(seq).unwrap_or(u32::MAX).to_be_bytes());
+            c.push(if seq + 1 == n { FLAG_LAST } else { 0 });
+            if seq == 0 {
+                c.extend_from_slice(&total.to_be_bytes());
+            }
+            c.extend_from_slice(data);
+            c
+        })
+        .collect()
+}
+
+/// A random stream id.
+pub fn stream_id() -> Result<[u8; 8], String> {
+    let mut id = [0u8; 8];
+    SystemRandom::new().fill(&mut id).map_err(|_| "no randomness for a gossip stream id")?;
+    Ok(id)
+}
+
+/// Why a stream was refused (the connection is closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("chunk too short")]
+    Short,
+    #[error("a chunk of another stream, or out of order")]
+    OutOfOrder,
+    #[error("a message of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    #[error("the chunks carry more or less than the message's length")]
+    Length,
+}
+
+/// What a chunk did to the message being read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The first chunk: the message will be this long (the reader may now set memory aside
+    /// for it: the sender proved it holds the key).
+    Started(usize),
+    /// A later chunk, not the last.
+    More,
+    /// The last chunk: the whole message.
+    Done(Vec<u8>),
+}
+
+/// Reassembles stream messages from their opened chunks, in order; refuses anything else.
+#[derive(Default)]
+pub struct StreamReader {
+    cur: Option<Current>,
+}
+
+struct Current {
+    id: [u8; 8],
+    next: u32,
+    total: usize,
+    buf: Vec<u8>,
+}
+
+impl StreamReader {
+    /// The largest frame the next chunk may come in (sealed).
+    pub fn max_frame(&self) -> usize {
+        if self.cur.is_some() {
+            MAX_FRAME
+        } else {
+            MAX_FIRST_FRAME
+        }
+    }
+
+    /// True if the next chunk starts a message.
+    pub fn expects_first(&self) -> bool {
+        self.cur.is_none()
+    }
+
+    /// Takes one opened chunk; `max`: the largest message accepted.
+    pub fn take(&mut self, chunk: &[u8], max: usize) -> Result<Step, StreamError> {
+        if chunk.len() < CHUNK_HEADER {
+            return Err(StreamError::Short);
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&chunk[..8]);
+        let seq = u32::from_be_bytes([chunk[8], chunk[9], chunk[10], chunk[11]]);
+        let last = chunk[12] & FLAG_LAST != 0;
+        let mut data = &chunk[CHUNK_HEADER..];
+        let first = match &mut self.cur {
+            None if seq == 0 => {
+                let Some((len, rest)) = data.split_first_chunk::<4>() else { return Err(StreamError::Short) };
+                let total = u32::from_be_bytes(*len) as usize;
+                if total > max {
+                    return Err(StreamError::TooLarge(total));
+                }
+                data = rest;
+                // Grows as chunks arrive: what the first chunk announces is not allocated.
+                self.cur = Some(Current { id, next: 1, total, buf: Vec::with_capacity(data.len()) });
+                true
+            }
+            Some(c) if c.id == id && c.next == seq => {
+                c.next += 1;
+                false
+            }
+            _ => return Err(StreamError::OutOfOrder),
+        };
+        let Some(c) = self.cur.as_mut() else { return Err(StreamError::OutOfOrder) };
+        if c.buf.len() + data.len() > c.total {
+            return Err(StreamError::Length);
+        }
+        c.buf.extend_from_slice(data);
+        if last {
+            let done = self.cur.take().map(|c| (c.total, c.buf));
+            return match done {
+                Some((total, buf)) if buf.len() == total => Ok(Step::Done(buf)),
+                _ => Err(StreamError::Length),
+            };
+        }
+        if first {
+            return Ok(Step::Started(c.total));
+        }
+        Ok(Step::More)
+    }
+}
+
 /// A new random key.
 pub fn new_key() -> Result<[u8; 32], String> {
     let mut k = [0u8; 32];
@@ -209,6 +359,51 @@ mod tests {
         let staged = Keyring::with_send(&[(1, k1), (2, k2)], 1).expect("ring");
         assert_eq!(staged.send_id(), 1);
         assert_eq!(old.open(&staged.seal(b"z", NOW).expect("seal"), NOW).expect("old nodes read it"), b"z");
+    }
+
+    #[test]
+    fn stream_messages_go_in_chunks_that_reassemble_only_in_order() {
+        let big: Vec<u8> = (0..(FIRST_CHUNK_DATA + 2 * CHUNK_DATA + 5)).map(|i| i as u8).collect();
+        let id = stream_id().expect("id");
+        let cs = chunks(id, &big);
+        assert_eq!(cs.len(), 4, "a first chunk of 1 KiB, then 32 KiB chunks");
+        let k = Keyring::new(&[(1, new_key().expect("key"))]).expect("ring");
+        let sealed: Vec<Vec<u8>> = cs.iter().map(|c| k.seal(c, NOW).expect("seal")).collect();
+        assert!(sealed[0].len() <= MAX_FIRST_FRAME && sealed.iter().all(|f| f.len() <= MAX_FRAME), "every frame within its limit");
+        let mut r = StreamReader::default();
+        assert_eq!(r.max_frame(), MAX_FIRST_FRAME);
+        let mut steps = Vec::new();
+        for f in &sealed {
+            steps.push(r.take(&k.open(f, NOW).expect("open"), 16 << 20).expect("take"));
+        }
+        assert_eq!(steps[0], Step::Started(big.len()));
+        assert_eq!(steps[1], Step::More);
+        assert_eq!(steps[3], Step::Done(big.clone()));
+        assert!(r.expects_first(), "ready for the next message");
+        // Small messages are one chunk; an empty one too.
+        for m in [&b"x"[..], &b""[..]] {
+            let cs = chunks(id, m);
+            assert_eq!(cs.len(), 1);
+            assert_eq!(StreamReader::default().take(&cs[0], 100), Ok(Step::Done(m.to_vec())));
+        }
+        // Out of order, from another stream, a later chunk first, a chunk dropped, too much.
+        let mut r = StreamReader::default();
+        assert_eq!(r.take(&cs_of(&big, id)[1], 1 << 24), Err(StreamError::OutOfOrder), "a later chunk first");
+        let mut r2 = StreamReader::default();
+        r2.take(&cs_of(&big, id)[0], 1 << 24).expect("first");
+        assert_eq!(r2.take(&cs_of(&big, [9; 8])[1], 1 << 24), Err(StreamError::OutOfOrder), "another stream's chunk");
+        let mut r3 = StreamReader::default();
+        r3.take(&cs_of(&big, id)[0], 1 << 24).expect("first");
+        assert_eq!(r3.take(&cs_of(&big, id)[2], 1 << 24), Err(StreamError::OutOfOrder), "a chunk dropped");
+        assert_eq!(r.take(&cs_of(&big, id)[0], 100), Err(StreamError::TooLarge(big.len())), "over the limit, refused at the first chunk");
+        let mut lying = cs_of(b"abc", id)[0].clone();
+        lying[13..17].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(StreamReader::default().take(&lying, 100), Err(StreamError::Length), "more data than announced");
+        assert_eq!(StreamReader::default().take(b"short", 100), Err(StreamError::Short));
+    }
+
+    fn cs_of(m: &[u8], id: [u8; 8]) -> Vec<Vec<u8>> {
+        chunks(id, m)
     }
 
     #[test]

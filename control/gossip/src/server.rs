@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::seal::{Keyring, ReplayGuard, OVERHEAD};
+use crate::seal::{self, Keyring, ReplayGuard, Step, StreamReader, OVERHEAD};
 use crate::{Config, Event, Gossip, Ident, Out, Stats, MAX_STREAM_MESSAGE};
-use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog, Slot};
+use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 pub enum Cmd {
@@ -112,95 +112,166 @@ pub async fn start(me: Ident, cfg: Config) -> std::io::Result<GossipHandle> {
     let h = GossipHandle { tx, events: std::sync::Arc::new(template), me: me.clone() };
     let (stream_tx, stream_rx) = mpsc::channel::<Received>(256);
     let limits = Limits { total: cfg.max_streams, per_peer: cfg.max_streams_per_peer };
-    tokio::spawn(accept_streams(tcp, stream_tx, limits));
+    let (keys, keys_rx) = watch::channel(Arc::new(Sealing::NoKey));
+    let replays = Arc::new(std::sync::Mutex::new(ReplayGuard::default()));
+    tokio::spawn(accept_streams(tcp, stream_tx, limits, Opener { keys: keys_rx, replays: replays.clone() }));
     let seed = me.gen ^ u64::from(me.addr.port());
     info!(node = %me.node, addr = %me.addr, gen = me.gen, "gossip listening");
-    tokio::spawn(run(Gossip::new(me, cfg, seed, Instant::now()), udp, stream_rx, rx, events));
+    tokio::spawn(run(Gossip::new(me, cfg, seed, Instant::now()), udp, stream_rx, rx, events, keys, replays));
     Ok(h)
 }
 
-/// A stream message read whole, with its share of the memory budget (released when the
-/// loop has handled it).
-type Received = (SocketAddr, Vec<u8>, OwnedSemaphorePermit);
+/// What a stream reader hands the loop: a message read whole and opened, with its share of
+/// the memory budget (released when the loop has handled it), or why a stream was refused.
+enum Received {
+    Message(SocketAddr, Vec<u8>, OwnedSemaphorePermit),
+    Refused { from: SocketAddr, why: String },
+}
 
-/// How long a stream may take to send its length prefix (it is closed otherwise), and its
-/// body.
+/// How long a stream may take to send a frame's length prefix (it is closed otherwise), and
+/// a frame's body.
 const STREAM_FIRST_BYTES: Duration = Duration::from_secs(5);
 const STREAM_BODY: Duration = Duration::from_secs(10);
-/// Bytes of stream messages read but not yet handled, across all streams: a message that
-/// does not fit is refused (the sender's anti-entropy tries again later).
+/// Bytes of stream messages from peers that proved they hold the key (their first chunk
+/// opened), read but not yet handled, across all streams: a message that does not fit is
+/// refused (the sender's anti-entropy tries again later).
 const STREAM_BUDGET: usize = 64 << 20;
+/// Bytes of first chunks read but not yet opened, across all streams: all a peer that has
+/// not proven anything can make a node hold (one first chunk per connection, at most
+/// [`seal::MAX_FIRST_FRAME`]).
+const UNPROVEN_BUDGET: usize = 1 << 20;
 
-/// Accepts streams on 7946 (issue 12: bounded): at most `limits.total` open at once and
-/// `limits.per_peer` from one address (more are closed at once), a deadline for the length
-/// prefix and for the body, a body read as it arrives (never allocated from the prefix
-/// alone) within a shared memory budget. Accept errors (EMFILE, ENFILE, ...) back off and
-/// are logged once per burst. Ends, closing the listener, when the loop has stopped.
-async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<Received>, limits: Limits) {
-    let admission = Admission::new(limits);
-    let budget = Arc::new(Semaphore::new(STREAM_BUDGET));
-    let mut errors = AcceptErrors::default();
-    let mut refusals = RefusalLog::default();
-    loop {
-        let accepted = tokio::select! {
-            r = tcp.accept() => r,
-            _ = tx.closed() => return,
+/// What stream readers open chunks with: the loop's keys as they change, and the replay
+/// guard the loop shares.
+#[derive(Clone)]
+struct Opener {
+    keys: watch::Receiver<Arc<Sealing>>,
+    replays: Arc<std::sync::Mutex<ReplayGuard>>,
+}
+
+impl Opener {
+    /// Opens one frame; a stream's first chunk must also be new to the replay guard.
+    fn open(&self, frame: &[u8], first: bool) -> Result<Vec<u8>, String> {
+        let keys = self.keys.borrow().clone();
+        let now = now_ms();
+        let plain = match &*keys {
+            Sealing::Keys(k) => k.open(frame, now).map_err(|e| e.to_string())?,
+            Sealing::NoKey => return Err("this node has no gossip key yet".into()),
+            Sealing::Unsealed => return Ok(frame.to_vec()),
         };
-        let (s, peer) = match accepted {
-            Ok(a) => {
-                if let AcceptNote::Recovered { failed, lasted } = errors.accepted(Instant::now()) {
-                    info!(failed, lasted_ms = lasted.as_millis() as u64, "gossip: accepting streams again");
-                }
-                a
-            }
-            Err(e) => {
-                if errors.failed(Instant::now()) == AcceptNote::Failing {
-                    warn!(error = %e, "gossip: cannot accept streams (backing off; logged once per burst)");
-                }
-                tokio::time::sleep(AcceptErrors::BACKOFF).await;
-                continue;
-            }
-        };
-        match admission.admit(Some(peer.ip())) {
-            Ok(slot) => {
-                tokio::spawn(read_stream(s, peer, tx.clone(), budget.clone(), slot));
-            }
-            Err(why) => {
-                if let Some(n) = refusals.note() {
-                    warn!(%peer, refused = n, why = %why, "gossip: stream refused");
-                }
-            }
+        if first && !self.replays.lock().unwrap_or_else(|p| p.into_inner()).fresh(frame, now) {
+            return Err("a message seen before (replayed)".into());
         }
+        Ok(plain)
     }
 }
 
-async fn read_stream(mut s: TcpStream, peer: SocketAddr, tx: mpsc::Sender<Received>, budget: Arc<Semaphore>, _slot: Slot) {
+/// Accepts streams on 7946 (issues 12 and 19: bounded): at most `limits.total` open at once
+/// and `limits.per_peer` from one address (more are closed at once), deadlines for each
+/// frame's length prefix and body, frames read as they arrive (never allocated from a
+/// prefix), every chunk opened before the next is read. A peer that has not proven it holds
+/// the key can make the node hold one first chunk per connection and [`UNPROVEN_BUDGET`] in
+/// all. Accept errors (EMFILE, ENFILE, ...) back off and are logged once per burst. Ends,
+/// closing the listener, when the loop has stopped.
+async fn accept_streams(tcp: TcpListener, tx: mpsc::Sender<Received>, limits: Limits, opener: Opener) {
+    let budgets = Budgets { proven: Arc::new(Semaphore::new(STREAM_BUDGET)), unproven: Arc::new(Semaphore::new(UNPROVEN_BUDGET)) };
+    let names = Names { what: "gossip", conns: "streams", conn: "stream" };
+    let loop_tx = tx.clone();
+    let serving = admission::serve(tcp, names, Admission::new(limits), move |s, peer| {
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        read_stream(s, peer, loop_tx.clone(), budgets.clone(), opener.clone())
+    });
+    tokio::select! {
+        _ = serving => {}
+        _ = tx.closed() => {}
+    }
+}
+
+#[derive(Clone)]
+struct Budgets {
+    proven: Arc<Semaphore>,
+    unproven: Arc<Semaphore>,
+}
+
+/// Reads one frame of at most `max` bytes, as it arrives; None: the stream ended, stalled
+/// or broke the limit (the caller closes it).
+async fn read_frame(s: &mut TcpStream, peer: SocketAddr, max: usize, first_of_message: bool) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    // A message's first frame may wait (an idle connection between messages); within a
+    // message, every frame is due as its body is.
+    let wait = if first_of_message { STREAM_FIRST_BYTES } else { STREAM_BODY };
+    match tokio::time::timeout(wait, s.read_exact(&mut len)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return None,
+        Err(_) => {
+            debug!(%peer, "gossip stream: nothing within the deadline: closing");
+            return None;
+        }
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > max {
+        debug!(%peer, n, max, "gossip stream: frame larger than the limit: closing");
+        return None;
+    }
+    // Grows as bytes arrive: a length prefix alone allocates nothing.
+    let mut buf = Vec::with_capacity(n.min(16 << 10));
+    let read = tokio::time::timeout(STREAM_BODY, (&mut *s).take(n as u64).read_to_end(&mut buf)).await;
+    matches!(read, Ok(Ok(m)) if m == n).then_some(buf)
+}
+
+async fn read_stream(mut s: TcpStream, peer: SocketAddr, tx: mpsc::Sender<Received>, budgets: Budgets, opener: Opener) {
+    let refuse = |why: String| Received::Refused { from: peer, why };
     loop {
-        let mut len = [0u8; 4];
-        match tokio::time::timeout(STREAM_FIRST_BYTES, s.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                debug!(%peer, "gossip stream: nothing within the deadline: closing");
-                return;
-            }
-        }
-        let n = u32::from_be_bytes(len) as usize;
-        if n > MAX_STREAM_MESSAGE + OVERHEAD {
-            debug!(%peer, n, "gossip stream message too large: closing");
-            return;
-        }
-        let Ok(permit) = budget.clone().try_acquire_many_owned(u32::try_from(n.max(1)).unwrap_or(u32::MAX)) else {
-            debug!(%peer, n, "gossip stream: memory budget spent: closing");
+        // A message's first chunk, from a peer that has proven nothing yet.
+        let Ok(unproven) = budgets.unproven.clone().try_acquire_many_owned(seal::MAX_FIRST_FRAME as u32) else {
+            debug!(%peer, "gossip stream: too many unproven first chunks at once: closing");
             return;
         };
-        // Grows as bytes arrive: a length prefix alone allocates nothing.
-        let mut buf = Vec::with_capacity(n.min(64 << 10));
-        let read = tokio::time::timeout(STREAM_BODY, (&mut s).take(n as u64).read_to_end(&mut buf)).await;
-        if !matches!(read, Ok(Ok(m)) if m == n) {
-            return;
+        let Some(frame) = read_frame(&mut s, peer, seal::MAX_FIRST_FRAME, true).await else { return };
+        let mut reader = StreamReader::default();
+        let plain = match opener.open(&frame, true) {
+            Ok(p) => p,
+            Err(why) => {
+                let _ = tx.send(refuse(why)).await;
+                return;
+            }
+        };
+        drop(unproven);
+        let (mut permit, mut step) = match reader.take(&plain, MAX_STREAM_MESSAGE) {
+            Ok(Step::Started(total)) => match budgets.proven.clone().try_acquire_many_owned(u32::try_from(total.max(1)).unwrap_or(u32::MAX)) {
+                Ok(p) => (Some(p), None),
+                Err(_) => {
+                    debug!(%peer, total, "gossip stream: memory budget spent: closing");
+                    return;
+                }
+            },
+            Ok(step) => (None, Some(step)),
+            Err(e) => {
+                let _ = tx.send(refuse(format!("stream: {e}"))).await;
+                return;
+            }
+        };
+        while step.is_none() {
+            let Some(frame) = read_frame(&mut s, peer, seal::MAX_FRAME, false).await else { return };
+            match opener.open(&frame, false).map_err(|e| e.to_string()).and_then(|p| reader.take(&p, MAX_STREAM_MESSAGE).map_err(|e| format!("stream: {e}"))) {
+                Ok(Step::More | Step::Started(_)) => {}
+                Ok(done) => step = Some(done),
+                Err(why) => {
+                    let _ = tx.send(refuse(why)).await;
+                    return;
+                }
+            }
         }
-        if tx.send((peer, buf, permit)).await.is_err() {
+        let Some(Step::Done(message)) = step else { return };
+        let permit = match permit.take() {
+            Some(p) => p,
+            // A one-chunk message: its share of the budget is its size.
+            None => match budgets.proven.clone().try_acquire_many_owned(u32::try_from(message.len().max(1)).unwrap_or(u32::MAX)) {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        if tx.send(Received::Message(peer, message, permit)).await.is_err() {
             return;
         }
     }
@@ -216,12 +287,15 @@ async fn probe_host(addr: SocketAddr, within: Duration) -> bool {
     }
 }
 
-async fn send_stream(to: SocketAddr, data: Vec<u8>) {
+/// Sends one stream message: its chunks, each a frame (a length, then the chunk).
+async fn send_stream(to: SocketAddr, frames: Vec<Vec<u8>>) {
     let r = tokio::time::timeout(Duration::from_secs(3), async {
         let mut s = TcpStream::connect(to).await?;
-        let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
-        s.write_all(&len.to_be_bytes()).await?;
-        s.write_all(&data).await?;
+        for f in &frames {
+            let len = u32::try_from(f.len()).map_err(std::io::Error::other)?;
+            s.write_all(&len.to_be_bytes()).await?;
+            s.write_all(f).await?;
+        }
         s.shutdown().await
     })
     .await;
@@ -234,26 +308,29 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Opens a received message with the keyring and hands the plaintext to the protocol;
-/// anything that does not open is counted and dropped unparsed (and logged, at most once a
-/// minute, with the sender and why).
-fn receive(g: &mut Gossip, keys: &Sealing, replays: &mut ReplayGuard, from: SocketAddr, data: &[u8], stream: bool, last_warn: &mut Option<Instant>) {
+/// Opens a received datagram with the keyring and hands the plaintext to the protocol;
+/// anything that does not open is counted and dropped unparsed.
+fn receive(g: &mut Gossip, keys: &Sealing, replays: &std::sync::Mutex<ReplayGuard>, from: SocketAddr, data: &[u8], last_warn: &mut Option<Instant>) {
     let now = now_ms();
     let opened = match keys {
         Sealing::Keys(k) => k.open(data, now).map_err(|e| e.to_string()),
         Sealing::NoKey => Err("this node has no gossip key yet".to_string()),
-        Sealing::Unsealed => return g.handle(from, data, stream, Instant::now()),
+        Sealing::Unsealed => return g.handle(from, data, false, Instant::now()),
     };
-    let opened = opened.and_then(|p| if replays.fresh(data, now) { Ok(p) } else { Err("a message seen before (replayed)".to_string()) });
+    let opened = opened.and_then(|p| if replays.lock().unwrap_or_else(|p| p.into_inner()).fresh(data, now) { Ok(p) } else { Err("a message seen before (replayed)".to_string()) });
     match opened {
-        Ok(plain) => g.handle(from, &plain, stream, Instant::now()),
-        Err(why) => {
-            g.stats.unauthenticated += 1;
-            if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                *last_warn = Some(Instant::now());
-                warn!(%from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
-            }
-        }
+        Ok(plain) => g.handle(from, &plain, false, Instant::now()),
+        Err(why) => refused(g, from, false, &why, last_warn),
+    }
+}
+
+/// Counts a message (or stream) that did not authenticate, and logs it at most once a
+/// minute, with the sender and why.
+fn refused(g: &mut Gossip, from: SocketAddr, stream: bool, why: &str, last_warn: &mut Option<Instant>) {
+    g.stats.unauthenticated += 1;
+    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+        *last_warn = Some(Instant::now());
+        warn!(%from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
     }
 }
 
@@ -265,47 +342,75 @@ enum Sealing {
     Unsealed,
 }
 
-/// Seals one message and sends it. Its own messages, sent back to it, are replays too: the
-/// guard remembers what it seals.
-fn send_sealed(k: Option<&Keyring>, replays: &mut ReplayGuard, udp: &UdpSocket, o: Out) {
+/// Seals one message and sends it (a stream message as sealed chunks); returns the bytes
+/// sealing added. Its own messages, sent back to it, are replays too: the guard remembers
+/// what it seals.
+fn send_sealed(k: Option<&Keyring>, replays: &std::sync::Mutex<ReplayGuard>, udp: &UdpSocket, o: Out) -> usize {
     let now = now_ms();
-    let (to, plain, stream) = match o {
-        Out::Udp { to, data } => (to, data, false),
-        Out::Stream { to, data } => (to, data, true),
-        Out::Probe { .. } => return,
-    };
-    let data = match k.map(|k| k.seal(&plain, now)) {
-        Some(Ok(d)) => {
-            replays.fresh(&d, now);
-            d
+    let seal = |plain: &[u8]| -> Option<Vec<u8>> {
+        match k.map(|k| k.seal(plain, now)) {
+            Some(Ok(d)) => {
+                replays.lock().unwrap_or_else(|p| p.into_inner()).fresh(&d, now);
+                Some(d)
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "gossip: cannot seal a message");
+                None
+            }
+            None => Some(plain.to_vec()),
         }
-        Some(Err(e)) => {
-            warn!(%to, error = %e, "gossip: cannot seal a message");
-            return;
-        }
-        None => plain,
     };
-    if stream {
-        tokio::spawn(send_stream(to, data));
-    } else if let Err(e) = udp.try_send_to(&data, to) {
-        debug!(%to, error = %e, "gossip udp send");
+    let per = if k.is_some() { OVERHEAD } else { 0 };
+    match o {
+        Out::Udp { to, data } => {
+            let Some(data) = seal(&data) else { return 0 };
+            if let Err(e) = udp.try_send_to(&data, to) {
+                debug!(%to, error = %e, "gossip udp send");
+            }
+            per
+        }
+        Out::Stream { to, data } => {
+            let id = match seal::stream_id() {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(%to, error = %e, "gossip: cannot send a stream");
+                    return 0;
+                }
+            };
+            let Some(frames) = seal::chunks(id, &data).iter().map(|c| seal(c)).collect::<Option<Vec<_>>>() else { return 0 };
+            let added = frames.len() * per;
+            tokio::spawn(send_stream(to, frames));
+            added
+        }
+        Out::Probe { .. } => 0,
     }
 }
 
-async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<Received>, mut cmds: mpsc::UnboundedReceiver<Cmd>, events: broadcast::Sender<Event>) {
+async fn run(
+    mut g: Gossip,
+    udp: UdpSocket,
+    mut streams: mpsc::Receiver<Received>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    events: broadcast::Sender<Event>,
+    keys_out: watch::Sender<Arc<Sealing>>,
+    replays: Arc<std::sync::Mutex<ReplayGuard>>,
+) {
     let mut buf = vec![0u8; 65536];
     let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<Ident>();
-    let mut keys = Sealing::NoKey;
+    let mut keys = Arc::new(Sealing::NoKey);
     let mut last_warn: Option<Instant> = None;
-    let mut replays = ReplayGuard::default();
     loop {
         let deadline = tokio::time::Instant::from_std(g.next_deadline());
         tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) => receive(&mut g, &keys, &mut replays, from, &buf[..n], false, &mut last_warn),
+                Ok((n, from)) => receive(&mut g, &keys, &replays, from, &buf[..n], &mut last_warn),
                 Err(e) => warn!(error = %e, "gossip udp receive"),
             },
-            Some((from, data, _budget)) = streams.recv() => receive(&mut g, &keys, &mut replays, from, &data, true, &mut last_warn),
+            Some(r) = streams.recv() => match r {
+                // Opened chunk by chunk by its reader.
+                Received::Message(from, data, _budget) => g.handle(from, &data, true, Instant::now()),
+                Received::Refused { from, why } => refused(&mut g, from, true, &why, &mut last_warn),
+            },
             Some(alive) = probe_rx.recv() => g.host_alive(&alive, Instant::now()),
             c = cmds.recv() => {
                 let Some(c) = c else { return };
@@ -323,11 +428,13 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<Received
                     Cmd::Stop => return,
                     Cmd::Keys(k) => {
                         info!(keys = ?k.ids(), send = k.send_id(), "gossip: keys set");
-                        keys = Sealing::Keys(*k);
+                        keys = Arc::new(Sealing::Keys(*k));
+                        keys_out.send_replace(keys.clone());
                     }
                     Cmd::Unsealed => {
                         warn!("gossip: unsealed (a benchmark's setting: anyone can read and write this node's gossip)");
-                        keys = Sealing::Unsealed;
+                        keys = Arc::new(Sealing::Unsealed);
+                        keys_out.send_replace(keys.clone());
                     }
                     Cmd::Members { reply } => {
                         let _ = reply.send(g.members().cloned().collect());
@@ -355,16 +462,15 @@ async fn run(mut g: Gossip, udp: UdpSocket, mut streams: mpsc::Receiver<Received
             }
             _ => true,
         });
-        match &keys {
+        match &*keys {
             Sealing::Keys(k) => {
-                g.stats.sealing_bytes += (OVERHEAD * out.len()) as u64;
                 for o in out {
-                    send_sealed(Some(k), &mut replays, &udp, o);
+                    g.stats.sealing_bytes += send_sealed(Some(k), &replays, &udp, o) as u64;
                 }
             }
             Sealing::Unsealed => {
                 for o in out {
-                    send_sealed(None, &mut replays, &udp, o);
+                    send_sealed(None, &replays, &udp, o);
                 }
             }
             // Without a key nothing leaves: a node the manager has not admitted says nothing.

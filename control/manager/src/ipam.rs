@@ -142,7 +142,7 @@ mod tests {
 
     fn net(id: &str, cidr: &str) -> Network {
         let subnet: Ipv4Network = cidr.parse().expect("cidr");
-        Network { id: id.into(), name: id.into(), driver: "overlay".into(), attachable: false, subnet, gateway: gateway(subnet), vni: 4096, ingress: false }
+        Network { id: id.into(), name: id.into(), driver: swarmnet_types::Driver::Overlay, attachable: false, subnet, gateway: gateway(subnet), vni: 4096, ingress: false }
     }
 
     #[test]

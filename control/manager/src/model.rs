@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-pub use swarmnet_api::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
-pub use swarmnet_types::{format_mac, mac_for, Id, Network, Port, Protocol, PublishMode};
+pub use swarmnet_api::{DesiredState, EndpointMode, NodeStatus, Role, ServiceMode, TaskState};
+pub use swarmnet_types::{format_mac, mac_for, Driver, Id, Network, Port, Protocol, PublishMode};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -28,13 +28,6 @@ pub struct Node {
     /// mesh and replies return); None while there is no ingress network.
     #[serde(default)]
     pub ingress_ip: Option<std::net::Ipv4Addr>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "mode")]
-pub enum ServiceMode {
-    Replicated { replicas: u64 },
-    Global,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

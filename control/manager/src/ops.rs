@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
-pub use swarmnet_api::{NetworkCreate, ServiceCreate, StandaloneCreate, TaskReport};
+pub use swarmnet_api::{NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, ServiceCreate, StandaloneCreate, TaskReport};
 
 use crate::ipam;
 use crate::model::*;
@@ -31,72 +31,13 @@ pub type IdGen<'a> = &'a mut dyn FnMut() -> Id;
 pub const FIRST_VNI: u32 = 4096;
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 
-/// Docker's rule for object names: a letter or digit, then letters, digits, `_`, `.`, `-`.
+/// Docker's rule for object names (checked again here: a request may come from any client).
 pub fn check_name(kind: &str, name: &str) -> Result<(), OpError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!("invalid {kind} name {name:?}: use 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit")))
-    }
+    swarmnet_api::check_name(kind, name).map_err(|e| OpError::Invalid(e.message))
 }
 
 /// Ports a published port is taken from when none is given (as Swarm).
 pub const AUTO_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
-
-/// One `--publish` as given: the published port may be left to the manager.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PublishSpec {
-    pub published: Option<u16>,
-    pub target: u16,
-    pub protocol: Protocol,
-    pub mode: PublishMode,
-}
-
-/// `PUBLISHED:TARGET[/tcp|/udp]`, `TARGET[/tcp|/udp]` (a published port is taken from
-/// 30000–32767), or the long form `published=P,target=T,protocol=tcp|udp,mode=ingress|host`.
-pub fn parse_publish(s: &str) -> Result<PublishSpec, OpError> {
-    let bad = |why: &str| invalid(format!("invalid --publish {s:?}: {why} (expected PUBLISHED:TARGET[/tcp|/udp], TARGET, or published=P,target=T,protocol=tcp|udp,mode=ingress|host)"));
-    let port = |v: &str, what: &str| -> Result<u16, OpError> {
-        match v.parse::<u32>() {
-            Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-            _ => Err(bad(&format!("{what} port {v:?} is not 1 to 65535"))),
-        }
-    };
-    let protocol = |v: &str| match v {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        other => Err(bad(&format!("protocol {other:?} is not tcp or udp"))),
-    };
-    if s.contains('=') {
-        let (mut published, mut target, mut proto, mut mode) = (None, None, Protocol::Tcp, PublishMode::Ingress);
-        for part in s.split(',') {
-            match part.split_once('=') {
-                Some(("published", v)) => published = Some(port(v, "published")?),
-                Some(("target", v)) => target = Some(port(v, "target")?),
-                Some(("protocol", v)) => proto = protocol(v)?,
-                Some(("mode", "ingress")) => mode = PublishMode::Ingress,
-                Some(("mode", "host")) => mode = PublishMode::Host,
-                Some(("mode", v)) => return Err(bad(&format!("mode {v:?} is not ingress or host"))),
-                _ => return Err(bad(&format!("unknown part {part:?}"))),
-            }
-        }
-        let target = target.ok_or_else(|| bad("no target=PORT"))?;
-        return Ok(PublishSpec { published, target, protocol: proto, mode });
-    }
-    let (ports, proto) = match s.split_once('/') {
-        Some((p, v)) => (p, protocol(v)?),
-        None => (s, Protocol::Tcp),
-    };
-    let (published, target) = match ports.split_once(':') {
-        Some((p, t)) => (Some(port(p, "published")?), port(t, "target")?),
-        None => (None, port(ports, "target")?),
-    };
-    Ok(PublishSpec { published, target, protocol: proto, mode: PublishMode::Ingress })
-}
 
 /// Ingress-mode ports cross nodes over the ingress network: it must exist.
 fn check_ingress_exists(st: &ClusterState, service: &str, ports: &[Port]) -> Result<(), OpError> {
@@ -186,9 +127,6 @@ pub fn create_network(st: &mut ClusterState, req: &NetworkCreate, pool: Ipv4Netw
     if st.network_by_name(&req.name).is_some() {
         return Err(OpError::Conflict(format!("network {} already exists", req.name)));
     }
-    if req.driver != "overlay" {
-        return Err(invalid(format!("network {}: driver {:?} is not supported (only \"overlay\")", req.name, req.driver)));
-    }
     if req.ingress {
         if let Some(n) = st.networks.values().find(|n| n.ingress) {
             return Err(OpError::Conflict(format!("network {}: the cluster has an ingress network already ({})", req.name, n.name)));
@@ -198,9 +136,8 @@ pub fn create_network(st: &mut ClusterState, req: &NetworkCreate, pool: Ipv4Netw
         }
     }
     let taken = ipam::taken_ranges(st);
-    let subnet = match &req.subnet {
-        Some(s) => {
-            let subnet: Ipv4Network = s.parse().map_err(|e| invalid(format!("network {}: invalid --subnet {s:?}: {e}", req.name)))?;
+    let subnet = match req.subnet {
+        Some(subnet) => {
             ipam::check_subnet(subnet, &taken)?;
             subnet
         }
@@ -208,7 +145,7 @@ pub fn create_network(st: &mut ClusterState, req: &NetworkCreate, pool: Ipv4Netw
     };
     let used: BTreeSet<u32> = st.networks.values().map(|n| n.vni).collect();
     let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or_else(|| OpError::Conflict("no free VNI left".into()))?;
-    let net = Network { id: new_id(), name: req.name.clone(), driver: req.driver.clone(), attachable: req.attachable, subnet, gateway: ipam::gateway(subnet), vni, ingress: req.ingress };
+    let net = Network { id: new_id(), name: req.name.clone(), driver: req.driver, attachable: req.attachable, subnet, gateway: ipam::gateway(subnet), vni, ingress: req.ingress };
     st.networks.insert(net.id.clone(), net.clone());
     if net.ingress {
         reconcile(st, new_id); // every node gets its address on it
@@ -236,39 +173,19 @@ pub fn remove_network(st: &mut ClusterState, name: &str) -> Result<Network, OpEr
     Ok(net)
 }
 
-/// One `--network` value: `NAME`, or `name=NAME[,alias=ALIAS]…` (Docker's long form).
-pub fn parse_network_arg(arg: &str) -> Result<(String, Vec<String>), OpError> {
-    if !arg.contains('=') {
-        return Ok((arg.to_string(), Vec::new()));
-    }
-    let mut name = None;
-    let mut aliases = Vec::new();
-    for part in arg.split(',') {
-        match part.split_once('=') {
-            Some(("name" | "network", v)) if !v.is_empty() => name = Some(v.to_string()),
-            Some(("alias", v)) => {
-                check_name("alias", v)?;
-                if !aliases.iter().any(|a: &String| a.eq_ignore_ascii_case(v)) {
-                    aliases.push(v.to_string());
-                }
-            }
-            _ => return Err(invalid(format!("invalid --network {arg:?}: expected NAME or name=NAME[,alias=ALIAS]... (unknown part {part:?})"))),
-        }
-    }
-    let name = name.ok_or_else(|| invalid(format!("invalid --network {arg:?}: no name=NETWORK in it")))?;
-    Ok((name, aliases))
-}
-
 /// network id -> aliases asked for on it.
 type Aliases = BTreeMap<Id, Vec<String>>;
 
 /// Network ids in the order given, and the aliases asked for on each.
-fn resolve_networks(st: &ClusterState, args: &[String]) -> Result<(Vec<Id>, Aliases), OpError> {
+fn resolve_networks(st: &ClusterState, args: &[NetworkAttach]) -> Result<(Vec<Id>, Aliases), OpError> {
     let mut ids = Vec::new();
     let mut aliases = BTreeMap::new();
     for arg in args {
-        let (n, al) = parse_network_arg(arg)?;
-        let net = st.network_by_name(&n).ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
+        for a in &arg.aliases {
+            check_name("alias", a)?;
+        }
+        let (n, al) = (&arg.name, arg.aliases.clone());
+        let net = st.network_by_name(n).ok_or_else(|| OpError::NotFound(format!("network {n} not found")))?;
         if ids.contains(&net.id) {
             return Err(invalid(format!("network {n} is given twice")));
         }
@@ -313,14 +230,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     if let Some(msg) = name_in_use(st, &req.name) {
         return Err(OpError::Conflict(msg));
     }
-    let mode = match req.mode.as_str() {
-        "replicated" => {
-            let replicas = u64::try_from(req.replicas).map_err(|_| invalid(format!("invalid --replicas {}: must be 0 or more", req.replicas)))?;
-            ServiceMode::Replicated { replicas }
-        }
-        "global" => ServiceMode::Global,
-        m => return Err(invalid(format!("invalid --mode {m:?}: expected replicated or global"))),
-    };
+    let mode = req.mode;
     if req.command.is_empty() {
         return Err(invalid(format!("service {}: no command given (put it after --)", req.name)));
     }
@@ -328,7 +238,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     if networks.iter().any(|n| st.networks.get(n).is_some_and(|n| n.ingress)) {
         return Err(invalid("the ingress network is the cluster's own: publish a port (--publish) instead of attaching to it"));
     }
-    let specs = req.publish.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
+    let specs = validated(&req.publish)?;
     let ports = resolve_ports(st, &specs, Vec::new(), None, own)?;
     check_ingress_exists(st, &req.name, &ports)?;
     let mut svc = Service { id: new_id(), name: req.name.clone(), mode, networks, endpoint_mode: req.endpoint_mode, ports, command: req.command.clone(), vips: BTreeMap::new(), aliases };
@@ -348,12 +258,19 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     Ok(svc)
 }
 
-pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: IdGen) -> Result<Service, OpError> {
+/// The specs, checked again (they may come from any client).
+fn validated(specs: &[PublishSpec]) -> Result<Vec<PublishSpec>, OpError> {
+    for s in specs {
+        s.validate().map_err(|e| OpError::Invalid(e.message))?;
+    }
+    Ok(specs.to_vec())
+}
+
+pub fn scale_service(st: &mut ClusterState, name: &str, replicas: u64, new_id: IdGen) -> Result<Service, OpError> {
     let svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
     let ServiceMode::Replicated { replicas: old } = svc.mode else {
         return Err(invalid(format!("service {name} is a global service; it cannot be scaled")));
     };
-    let replicas = u64::try_from(replicas).map_err(|_| invalid(format!("invalid replicas {replicas} for {name}: must be 0 or more")))?;
     if replicas > old {
         check_capacity(st, &svc, replicas - old, false)?;
     }
@@ -366,24 +283,20 @@ pub fn scale_service(st: &mut ClusterState, name: &str, replicas: i64, new_id: I
 
 /// `service update --publish-add SPEC --publish-rm PORT[/PROTOCOL]`: the service's tasks go
 /// on running (their endpoints are published again with the new ports).
-pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[String], rm: &[String], own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
+pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[PublishSpec], rm: &[PublishedPort], own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
     let mut svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
     let mut ports = svc.ports.clone();
     for r in rm {
-        let (p, proto) = match r.split_once('/') {
-            Some((p, "tcp")) => (p, Some(Protocol::Tcp)),
-            Some((p, "udp")) => (p, Some(Protocol::Udp)),
-            Some(_) => return Err(invalid(format!("invalid --publish-rm {r:?}: expected PUBLISHED[/tcp|/udp]"))),
-            None => (r.as_str(), None),
-        };
-        let p: u16 = p.parse().map_err(|_| invalid(format!("invalid --publish-rm {r:?}: expected PUBLISHED[/tcp|/udp]")))?;
         let before = ports.len();
-        ports.retain(|q| !(q.published == p && proto.is_none_or(|x| x == q.protocol)));
+        ports.retain(|q| !(q.published == r.published && r.protocol.is_none_or(|x| x == q.protocol)));
         if ports.len() == before {
             return Err(OpError::NotFound(format!("service {name} does not publish port {r}")));
         }
     }
-    let specs = add.iter().map(|p| parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
+    if add.is_empty() && rm.is_empty() {
+        return Err(invalid(format!("service update {name}: nothing to change (give --publish-add or --publish-rm)")));
+    }
+    let specs = validated(add)?;
     let had_ports = !svc.ports.is_empty();
     svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id), own)?;
     check_ingress_exists(st, name, &svc.ports)?;
@@ -425,7 +338,7 @@ pub fn make_ingress(st: &mut ClusterState, pool: Ipv4Network, subnet: Option<Ipv
             }
         }
     };
-    let req = NetworkCreate { name: "ingress".into(), driver: "overlay".into(), attachable: false, subnet: Some(subnet.to_string()), ingress: true };
+    let req = NetworkCreate { name: "ingress".into(), driver: Driver::Overlay, attachable: false, subnet: Some(subnet), ingress: true };
     create_network(st, &req, pool, new_id)
 }
 
@@ -712,22 +625,6 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
 }
 
 #[cfg(test)]
-mod network_arg_tests {
-    use super::parse_network_arg;
-
-    #[test]
-    fn plain_and_long_forms() {
-        assert_eq!(parse_network_arg("appnet").expect("plain"), ("appnet".to_string(), vec![]));
-        assert_eq!(parse_network_arg("name=appnet,alias=api,alias=API,alias=v1").expect("long"), ("appnet".to_string(), vec!["api".to_string(), "v1".to_string()]));
-        let e = parse_network_arg("alias=api").expect_err("no name");
-        assert!(e.to_string().contains("no name=NETWORK"), "{e}");
-        let e = parse_network_arg("name=appnet,colour=red").expect_err("unknown key");
-        assert!(e.to_string().contains("colour=red"), "{e}");
-        assert!(parse_network_arg("name=appnet,alias=bad name").is_err());
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -761,17 +658,20 @@ mod tests {
             st.nodes.insert((*n).into(), node(n));
         }
         let mut g = ids();
-        create_network(&mut st, &NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: true, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+        create_network(&mut st, &NetworkCreate { name: "appnet".into(), driver: Driver::Overlay, attachable: true, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
             .expect("network");
         (st, g)
     }
 
-    fn svc(name: &str, replicas: i64) -> ServiceCreate {
+    fn net(name: &str) -> NetworkAttach {
+        NetworkAttach { name: name.into(), aliases: vec![] }
+    }
+
+    fn svc(name: &str, replicas: u64) -> ServiceCreate {
         ServiceCreate {
             name: name.into(),
-            mode: "replicated".into(),
-            replicas,
-            networks: vec!["appnet".into()],
+            mode: ServiceMode::Replicated { replicas },
+            networks: vec![NetworkAttach { name: "appnet".into(), aliases: vec![] }],
             endpoint_mode: EndpointMode::Vip,
             publish: vec![],
             command: vec!["sleep".into(), "infinity".into()],
@@ -818,7 +718,6 @@ mod tests {
         assert_eq!(running(&st)[0].slot, Some(1));
         // The 5 removed tasks wait for their nodes to confirm they stopped.
         assert_eq!(st.tasks.len(), 6);
-        assert!(matches!(scale_service(&mut st, "web", -1, &mut g), Err(OpError::Invalid(_))));
     }
 
     #[test]
@@ -839,7 +738,7 @@ mod tests {
     fn global_mode_follows_nodes() {
         let (mut st, mut g) = cluster(&["a", "b"]);
         let mut req = svc("agent", 0);
-        req.mode = "global".into();
+        req.mode = ServiceMode::Global;
         create_service(&mut st, &req, &OWN, &mut g).expect("global");
         assert_eq!(running(&st).len(), 2);
         st.nodes.insert("c".into(), node("c"));
@@ -854,21 +753,21 @@ mod tests {
         let (mut st, mut g) = cluster(&["a"]);
         create_network(
             &mut st,
-            &NetworkCreate { name: "tiny".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.9.9.0/29".into()), ingress: false },
+            &NetworkCreate { name: "tiny".into(), driver: Driver::Overlay, attachable: false, subnet: Some("10.9.9.0/29".parse().expect("subnet")), ingress: false },
             "10.0.0.0/8".parse().expect("pool"),
             &mut g,
         )
         .expect("tiny");
         // /29: 6 hosts, gateway takes one: 5 free. VIP + 5 tasks do not fit.
         let mut req = svc("big", 5);
-        req.networks = vec!["tiny".into()];
+        req.networks = vec![net("tiny")];
         let before = st.clone();
         let e = create_service(&mut st, &req, &OWN, &mut g).expect_err("exhausted");
         assert!(e.to_string().contains("tiny"), "{e}");
         assert!(e.to_string().contains("no free address"), "{e}");
         // The manager works on a clone; here we check create_service fails before changing anything.
         assert_eq!(st, before);
-        req.replicas = 4;
+        req.mode = ServiceMode::Replicated { replicas: 4 };
         create_service(&mut st, &req, &OWN, &mut g).expect("fits");
         let e = scale_service(&mut st, "big", 5, &mut g).expect_err("scale past capacity");
         assert!(e.to_string().contains("no free address"), "{e}");
@@ -880,16 +779,16 @@ mod tests {
         create_service(&mut st, &svc("web", 1), &OWN, &mut g).expect("web");
         assert!(matches!(create_service(&mut st, &svc("web", 1), &OWN, &mut g), Err(OpError::Conflict(_))));
         let mut r = svc("x", 1);
-        r.networks = vec!["nope".into()];
+        r.networks = vec![net("nope")];
         assert_eq!(create_service(&mut st, &r, &OWN, &mut g), Err(OpError::NotFound("network nope not found".into())));
-        assert!(matches!(create_service(&mut st, &svc("neg", -2), &OWN, &mut g), Err(OpError::Invalid(_))));
         assert!(matches!(create_service(&mut st, &svc("-bad", 1), &OWN, &mut g), Err(OpError::Invalid(_))));
         let mut r = svc("p", 1);
-        r.publish = vec!["70000:80".into()];
+        // A spec no CLI would send (the manager checks what any client sends).
+        r.publish = vec![PublishSpec { published: Some(0), target: 80, protocol: Protocol::Tcp, mode: PublishMode::Ingress }];
         assert!(matches!(create_service(&mut st, &r, &OWN, &mut g), Err(OpError::Invalid(_))));
-        let dup = NetworkCreate { name: "appnet".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false };
+        let dup = NetworkCreate { name: "appnet".into(), driver: Driver::Overlay, attachable: false, subnet: None, ingress: false };
         assert!(matches!(create_network(&mut st, &dup, "10.0.0.0/8".parse().expect("p"), &mut g), Err(OpError::Conflict(_))));
-        let overlap = NetworkCreate { name: "o".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.0.0.128/25".into()), ingress: false };
+        let overlap = NetworkCreate { name: "o".into(), driver: Driver::Overlay, attachable: false, subnet: Some("10.0.0.128/25".parse().expect("subnet")), ingress: false };
         let e = create_network(&mut st, &overlap, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("overlap");
         assert!(e.to_string().contains("overlaps network appnet"), "{e}");
         let e = remove_network(&mut st, "appnet").expect_err("in use");
@@ -900,7 +799,7 @@ mod tests {
     fn vnis_are_unique_from_4096() {
         let (mut st, mut g) = cluster(&["a"]);
         let n2 =
-            create_network(&mut st, &NetworkCreate { name: "second".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+            create_network(&mut st, &NetworkCreate { name: "second".into(), driver: Driver::Overlay, attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
                 .expect("second");
         assert_eq!(st.network_by_name("appnet").map(|n| n.vni), Some(4096));
         assert_eq!(n2.vni, 4097);
@@ -910,12 +809,12 @@ mod tests {
     #[test]
     fn standalone_needs_attachable() {
         let (mut st, mut g) = cluster(&["a"]);
-        create_network(&mut st, &NetworkCreate { name: "closed".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+        create_network(&mut st, &NetworkCreate { name: "closed".into(), driver: Driver::Overlay, attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
             .expect("closed");
-        let req = StandaloneCreate { name: "probe".into(), networks: vec!["closed".into()], command: vec!["true".into()] };
+        let req = StandaloneCreate { name: "probe".into(), networks: vec![net("closed")], command: vec!["true".into()] };
         let e = create_standalone(&mut st, &req, &"a".into(), &mut g).expect_err("not attachable");
         assert!(e.to_string().contains("not attachable"), "{e}");
-        let req = StandaloneCreate { networks: vec!["appnet".into()], ..req };
+        let req = StandaloneCreate { networks: vec![net("appnet")], ..req };
         let t = create_standalone(&mut st, &req, &"a".into(), &mut g).expect("attachable");
         assert_eq!(t.addresses.len(), 1);
         // It finished: it is dropped and its address freed.
@@ -929,35 +828,18 @@ mod tests {
         (st, g)
     }
 
-    fn publishing(name: &str, replicas: i64, publish: &[&str]) -> ServiceCreate {
+    fn publishing(name: &str, replicas: u64, publish: &[&str]) -> ServiceCreate {
         let mut r = svc(name, replicas);
-        r.publish = publish.iter().map(|p| (*p).to_string()).collect();
+        r.publish = publish.iter().map(|p| p.parse().expect("publish spec")).collect();
         r
     }
 
-    #[test]
-    fn publish_forms() {
-        let p = |s: &str| parse_publish(s).expect(s);
-        let spec = |published, target, protocol, mode| PublishSpec { published, target, protocol, mode };
-        assert_eq!(p("8080:80"), spec(Some(8080), 80, Protocol::Tcp, PublishMode::Ingress));
-        assert_eq!(p("8080:80/udp"), spec(Some(8080), 80, Protocol::Udp, PublishMode::Ingress));
-        assert_eq!(p("80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
-        assert_eq!(p("53/udp"), spec(None, 53, Protocol::Udp, PublishMode::Ingress));
-        assert_eq!(p("published=9000,target=80,protocol=udp,mode=host"), spec(Some(9000), 80, Protocol::Udp, PublishMode::Host));
-        assert_eq!(p("target=80"), spec(None, 80, Protocol::Tcp, PublishMode::Ingress));
-        for (bad, why) in [
-            ("0:80", "published port \"0\" is not 1 to 65535"),
-            ("8080:0", "target port \"0\" is not 1 to 65535"),
-            ("65536:80", "published port \"65536\" is not 1 to 65535"),
-            ("8080:80/sctp", "protocol \"sctp\" is not tcp or udp"),
-            ("8080:", "target port \"\" is not 1 to 65535"),
-            ("published=80", "no target=PORT"),
-            ("target=80,mode=bridge", "mode \"bridge\" is not ingress or host"),
-            ("target=80,colour=red", "unknown part \"colour=red\""),
-        ] {
-            let e = parse_publish(bad).expect_err(bad).to_string();
-            assert!(e.contains(why) && e.contains(&format!("{bad:?}")), "{bad}: {e}");
-        }
+    fn specs(s: &[&str]) -> Vec<PublishSpec> {
+        s.iter().map(|p| p.parse().expect("publish spec")).collect()
+    }
+
+    fn ports(s: &[&str]) -> Vec<PublishedPort> {
+        s.iter().map(|p| p.parse().expect("published port")).collect()
     }
 
     #[test]
@@ -966,14 +848,14 @@ mod tests {
         let ing = st.networks.values().find(|n| n.ingress).expect("ingress").clone();
         assert_eq!((ing.name.as_str(), ing.subnet.to_string().as_str()), ("ingress", "10.255.255.0/24"));
         // Networks are handed out from the start of the pool and never get its subnet.
-        let over = NetworkCreate { name: "over".into(), driver: "overlay".into(), attachable: false, subnet: Some("10.255.0.0/16".into()), ingress: false };
+        let over = NetworkCreate { name: "over".into(), driver: Driver::Overlay, attachable: false, subnet: Some("10.255.0.0/16".parse().expect("subnet")), ingress: false };
         let e = create_network(&mut st, &over, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("overlap");
         assert!(e.to_string().contains("overlaps network ingress"), "{e}");
-        let again = NetworkCreate { name: "ing2".into(), driver: "overlay".into(), attachable: false, subnet: None, ingress: true };
+        let again = NetworkCreate { name: "ing2".into(), driver: Driver::Overlay, attachable: false, subnet: None, ingress: true };
         let e = create_network(&mut st, &again, "10.0.0.0/8".parse().expect("p"), &mut g).expect_err("second ingress");
         assert!(e.to_string().contains("has an ingress network already (ingress)"), "{e}");
         let mut r = svc("x", 1);
-        r.networks = vec!["ingress".into()];
+        r.networks = vec![net("ingress")];
         assert!(create_service(&mut st, &r, &OWN, &mut g).expect_err("attach").to_string().contains("the cluster's own"));
         create_service(&mut st, &publishing("web", 1, &["8080:80"]), &OWN, &mut g).expect("web");
         let e = remove_network(&mut st, "ingress").expect_err("in use");
@@ -1014,18 +896,18 @@ mod tests {
         assert_eq!(api.ports[1].published, 30001);
 
         let tasks_before: BTreeSet<Id> = st.tasks.keys().cloned().collect();
-        let web = update_service_ports(&mut st, "web", &["9000:80".into()], &["8080".into(), "30000/udp".into()], &OWN, &mut g).expect("update");
+        let web = update_service_ports(&mut st, "web", &specs(&["9000:80"]), &ports(&["8080", "30000/udp"]), &OWN, &mut g).expect("update");
         let got: Vec<(u16, Protocol)> = web.ports.iter().map(|p| (p.published, p.protocol)).collect();
         assert_eq!(got, vec![(30000, Protocol::Tcp), (9000, Protocol::Tcp)]);
         assert_eq!(st.tasks.keys().cloned().collect::<BTreeSet<_>>(), tasks_before, "no task replaced");
         // What was freed can be taken, what is held cannot.
         create_service(&mut st, &publishing("other", 1, &["8080:80"]), &OWN, &mut g).expect("8080 freed");
-        let e = update_service_ports(&mut st, "api", &["9000:80".into()], &[], &OWN, &mut g).expect_err("held");
+        let e = update_service_ports(&mut st, "api", &specs(&["9000:80"]), &[], &OWN, &mut g).expect_err("held");
         assert_eq!(e.to_string(), "port 9000/tcp is already published by service web");
         assert_eq!(st.service_by_name("api").expect("api").ports.len(), 2, "a refused update changes nothing");
-        let e = update_service_ports(&mut st, "web", &[], &["1234".into()], &OWN, &mut g).expect_err("not published");
+        let e = update_service_ports(&mut st, "web", &[], &ports(&["1234"]), &OWN, &mut g).expect_err("not published");
         assert!(e.to_string().contains("does not publish port 1234"), "{e}");
-        assert!(matches!(update_service_ports(&mut st, "nope", &[], &["1".into()], &OWN, &mut g), Err(OpError::NotFound(_))));
+        assert!(matches!(update_service_ports(&mut st, "nope", &[], &ports(&["1"]), &OWN, &mut g), Err(OpError::NotFound(_))));
     }
 
     #[test]
@@ -1046,14 +928,14 @@ mod tests {
         // A port picked for the user is never the cluster's own either.
         let s = create_service(&mut st, &publishing("auto", 1, &["80/udp"]), &own, &mut g).expect("auto");
         assert_eq!(s.ports[0].published, 30001, "30000/udp is the data path's");
-        let e = update_service_ports(&mut st, "auto", &["30000:53/udp".into()], &[], &own, &mut g).expect_err("update to the data path port");
+        let e = update_service_ports(&mut st, "auto", &specs(&["30000:53/udp"]), &[], &own, &mut g).expect_err("update to the data path port");
         assert!(e.to_string().contains("the data path"), "{e}");
     }
 
     #[test]
     fn auto_ports_run_out() {
         let (mut st, mut g) = with_ingress(&["a"]);
-        let all: Vec<String> = AUTO_PORTS.map(|p| format!("{p}:80")).collect();
+        let all: Vec<PublishSpec> = AUTO_PORTS.map(|p| format!("{p}:80").parse().expect("spec")).collect();
         let mut r = svc("all", 0);
         r.publish = all;
         create_service(&mut st, &r, &OWN, &mut g).expect("all auto ports by hand");
@@ -1079,7 +961,7 @@ mod tests {
         let e = create_service(&mut st, &publishing("mesh", 1, &["8080:80"]), &OWN, &mut g).expect_err("ingress over host");
         assert!(e.to_string().contains("already published by service"), "{e}");
         // Withdrawing the host port lets the pending task start.
-        update_service_ports(&mut st, "web", &["published=8081,target=80,mode=ingress".into()], &["8080".into()], &OWN, &mut g).expect("update");
+        update_service_ports(&mut st, "web", &specs(&["published=8081,target=80,mode=ingress"]), &ports(&["8080"]), &OWN, &mut g).expect("update");
         assert_eq!(running(&st).iter().filter(|t| t.node_id.is_none()).count(), 0, "{:?}", running(&st));
     }
 
@@ -1091,13 +973,13 @@ mod tests {
         let ids = |st: &ClusterState| -> BTreeSet<Id> { running(st).iter().map(|t| t.id.clone()).collect() };
         let before = ids(&st);
         assert!(running(&st).iter().all(|t| !t.networks.contains(&ing)));
-        update_service_ports(&mut st, "web", &["8080:80".into()], &[], &OWN, &mut g).expect("first port");
+        update_service_ports(&mut st, "web", &specs(&["8080:80"]), &[], &OWN, &mut g).expect("first port");
         let after = ids(&st);
         assert_eq!(after.len(), 2);
         assert!(after.is_disjoint(&before), "replaced");
         assert!(running(&st).iter().all(|t| t.networks.contains(&ing) && t.addresses.contains_key(&ing)));
         assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
-        update_service_ports(&mut st, "web", &["9090:80".into()], &["8080".into()], &OWN, &mut g).expect("another port");
+        update_service_ports(&mut st, "web", &specs(&["9090:80"]), &ports(&["8080"]), &OWN, &mut g).expect("another port");
         assert_eq!(ids(&st), after, "not restarted");
     }
 

@@ -1,22 +1,22 @@
 //! The manager: owns the cluster state, serves TCP 2377 (join, node sessions, API) inside
 //! mutual TLS, runs the scheduler and watches heartbeats. It never touches a packet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
-use serde_json::Value;
 use swarmnet_api::replies::*;
 use swarmnet_api::tls;
 use swarmnet_api::token::{self, JoinToken};
 use swarmnet_api::*;
-use swarmnet_types::admission::{AcceptErrors, AcceptNote, Admission, Limits, RefusalLog};
+use swarmnet_types::admission::{self, Admission, Limits, Names};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
+use crate::ipam;
 use crate::model::*;
 use crate::ops::{self, OpError};
 use crate::pki::{self, Ca};
@@ -34,6 +34,21 @@ pub enum ManagerError {
     Tls(#[from] tls::TlsError),
     #[error("cannot encode the reply: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+impl ManagerError {
+    /// The refusal a client gets: its kind, and the message.
+    pub fn to_api(&self) -> ApiError {
+        match self {
+            ManagerError::Op(OpError::Invalid(m)) => ApiError::invalid(m),
+            ManagerError::Op(OpError::NotFound(m)) => ApiError::not_found(m),
+            ManagerError::Op(OpError::Conflict(m)) => ApiError::conflict(m),
+            ManagerError::Op(OpError::Ipam(e @ (ipam::IpamError::HostBitsSet(..) | ipam::IpamError::TooSmall(..)))) => ApiError::invalid(e),
+            ManagerError::Op(OpError::Ipam(e)) => ApiError::conflict(e),
+            ManagerError::Store(e) => ApiError::unavailable(format!("the manager's store: {e}")),
+            e @ (ManagerError::Pki(_) | ManagerError::Tls(_) | ManagerError::Encode(_)) => ApiError::internal(e),
+        }
+    }
 }
 
 pub struct ManagerConfig {
@@ -63,32 +78,32 @@ pub struct ManagerConfig {
 /// How to recover, for the errors that refuse to open the store.
 const RECOVER: &str = "restore it from a backup, or start the manager with --force-new-cluster to set it aside and make a new cluster (every other node must then join again)";
 
-struct Inner {
-    state: ClusterState,
-    last_seen: HashMap<Id, Instant>,
+pub(crate) struct Inner {
+    pub(crate) state: ClusterState,
+    pub(crate) last_seen: HashMap<Id, Instant>,
     /// The gossip key ids each node last said it holds (not stored: nodes say it again in
     /// every session).
-    keys_held: HashMap<Id, Vec<u32>>,
+    pub(crate) keys_held: HashMap<Id, Vec<u32>>,
     /// What each node last said keeps its routing mesh from working fully (not stored:
     /// nodes say it again in every session).
-    mesh_warnings: HashMap<Id, Vec<MeshWarning>>,
+    pub(crate) mesh_warnings: HashMap<Id, Vec<MeshWarning>>,
 }
 
 pub struct Manager {
-    store: Box<dyn Store>,
-    inner: Mutex<Inner>,
-    changed: tokio::sync::watch::Sender<u64>,
+    pub(crate) store: Box<dyn Store>,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) changed: tokio::sync::watch::Sender<u64>,
     pub meta: ClusterMeta,
     /// What changes in the metadata after the start: the gossip keys (rotations) and the
     /// removed nodes' certificates. `meta` has them as they were at the start.
-    gossip: Mutex<GossipKeySet>,
-    removed: Mutex<std::collections::BTreeMap<String, String>>,
-    gossip_key_rotation: Duration,
-    pool: Ipv4Network,
-    heartbeat: Duration,
-    started: Instant,
+    pub(crate) gossip: Mutex<GossipKeySet>,
+    pub(crate) removed: Mutex<std::collections::BTreeMap<String, String>>,
+    pub(crate) gossip_key_rotation: Duration,
+    pub(crate) pool: Ipv4Network,
+    pub(crate) heartbeat: Duration,
+    pub(crate) started: Instant,
     /// Ports no service may publish.
-    own_ports: ops::OwnPorts,
+    pub(crate) own_ports: ops::OwnPorts,
 }
 
 fn gen_id() -> Id {
@@ -224,7 +239,7 @@ impl Manager {
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -254,7 +269,7 @@ impl Manager {
         Ok(r)
     }
 
-    fn touch(&self, node: &Id) {
+    pub(crate) fn touch(&self, node: &Id) {
         let down = {
             let mut inner = self.lock();
             inner.last_seen.insert(node.clone(), Instant::now());
@@ -301,45 +316,21 @@ impl Manager {
         let me = self.meta.manager_cert.clone();
         let cfg = tls::server_config(&self.meta.ca.cert_pem, &me)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        // Bounded (issue 12): a connection holds a slot until it closes; accept failures
-        // (EMFILE, ENFILE) back off and never end the listener.
-        let admission = Admission::new(Limits { total: 1024, per_peer: 32 });
-        let mut errors = AcceptErrors::default();
-        let mut refusals = RefusalLog::default();
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(a) => {
-                    if let AcceptNote::Recovered { failed, lasted } = errors.accepted(Instant::now()) {
-                        info!(failed, lasted_ms = lasted.as_millis() as u64, "2377: accepting connections again");
-                    }
-                    a
-                }
-                Err(e) => {
-                    if errors.failed(Instant::now()) == AcceptNote::Failing {
-                        warn!(error = %e, "2377: cannot accept connections (backing off; logged once per burst)");
-                    }
-                    tokio::time::sleep(AcceptErrors::BACKOFF).await;
-                    continue;
-                }
-            };
-            let slot = match admission.admit(Some(peer.ip())) {
-                Ok(s) => s,
-                Err(why) => {
-                    if let Some(n) = refusals.note() {
-                        warn!(peer = %peer, refused = n, why = %why, "2377: connection refused");
-                    }
-                    continue;
-                }
-            };
+        // Bounded (issues 12 and 19, the shared loop): a connection holds a slot until it
+        // closes; accept failures (EMFILE, ENFILE) back off and never end the listener.
+        let names = Names { what: "2377", conns: "connections", conn: "connection" };
+        admission::serve(listener, names, Admission::new(Limits { total: 1024, per_peer: 32 }), |tcp, peer| {
             let m = self.clone();
             let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
+            let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            async move {
                 if let Err(e) = m.handle(acceptor, tcp, peer).await {
                     info!(peer = %peer, error = %e, "connection on 2377 closed");
                 }
-            });
-        }
+            }
+        })
+        .await;
+        Ok(())
     }
 
     async fn handle(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
@@ -359,13 +350,20 @@ impl Manager {
                     warn!(peer = %peer, node = %who, "refused a removed node");
                     write_msg(
                         &mut w,
-                        &Reply::err(format!("refused: node {who} was removed from this cluster (swarmnet node rm); to come back it must join again with a new data dir and a join token")),
+                        &Reply::err(ApiError::new(
+                            ErrorKind::Refused,
+                            format!("refused: node {who} was removed from this cluster (swarmnet node rm); to come back it must join again with a new data dir and a join token"),
+                        )),
                     )
                     .await?;
                     return Ok(());
                 }
                 if found.is_none() && !matches!(hello, Hello::Join { .. }) {
-                    write_msg(&mut w, &Reply::err("refused: this node's certificate is not known to this cluster (was the node removed, or did it join another cluster?)")).await?;
+                    write_msg(
+                        &mut w,
+                        &Reply::err(ApiError::new(ErrorKind::Refused, "refused: this node's certificate is not known to this cluster (was the node removed, or did it join another cluster?)")),
+                    )
+                    .await?;
                     return Ok(());
                 }
                 found
@@ -378,18 +376,18 @@ impl Manager {
             }
             Hello::Api { request } => {
                 let Some(node) = node else {
-                    write_msg(&mut w, &Reply::err("refused: a client certificate of this cluster is required (join first)")).await?;
+                    write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
                     return Ok(());
                 };
                 let reply = self.api(request, Some(&node));
                 write_msg(&mut w, &reply).await?;
             }
-            Hello::Session { reports } => {
+            Hello::Session { reports, hostname } => {
                 let Some(node) = node else {
-                    write_msg(&mut w, &Reply::err("refused: a client certificate of this cluster is required (join first)")).await?;
+                    write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
                     return Ok(());
                 };
-                self.session(node, reports, r, w).await?;
+                self.session(node, reports, hostname, r, w).await?;
             }
         }
         Ok(())
@@ -398,7 +396,7 @@ impl Manager {
     fn join(&self, secret: &str, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork>, peer: SocketAddr) -> Reply {
         if !token::secrets_equal(secret, &self.meta.worker_secret) {
             warn!(peer = %peer, "join refused: wrong token secret");
-            return Reply::err("join refused: the token's secret is not valid for this cluster");
+            return Reply::err(ApiError::new(ErrorKind::Refused, "join refused: the token's secret is not valid for this cluster"));
         }
         let result = (|| -> Result<Joined, ManagerError> {
             let ca = Ca::load(&self.meta.cluster_id, self.meta.ca.clone())?;
@@ -416,41 +414,8 @@ impl Manager {
         })();
         match result {
             Ok(j) => Reply::ok(&j),
-            Err(e) => Reply::err(format!("join failed: {e}")),
+            Err(e) => Reply::err(e.to_api().context("join failed")),
         }
-    }
-
-    fn assignments(&self, node: &Id) -> BTreeMap<Id, Assignment> {
-        let inner = self.lock();
-        let st = &inner.state;
-        st.tasks
-            .values()
-            .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Running && t.state != TaskState::Pending)
-            .filter_map(|t| {
-                let svc = t.service_id.as_ref().and_then(|s| st.services.get(s));
-                let attachments = t
-                    .networks
-                    .iter()
-                    .map(|n| {
-                        let aliases = svc.map_or(&t.aliases, |s| &s.aliases).get(n).cloned().unwrap_or_default();
-                        Some(Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)?, vip: svc.and_then(|s| s.vips.get(n).copied()), aliases })
-                    })
-                    .collect::<Option<Vec<_>>>()?;
-                Some((
-                    t.id.clone(),
-                    Assignment {
-                        task_id: t.id.clone(),
-                        name: t.name.clone(),
-                        service_id: t.service_id.clone(),
-                        service_name: svc.map(|s| s.name.clone()),
-                        ports: svc.map(|s| s.ports.clone()).unwrap_or_default(),
-                        command: t.command.clone(),
-                        restart: t.restart,
-                        attachments,
-                    },
-                ))
-            })
-            .collect()
     }
 
     pub fn gossip_keys(&self) -> GossipKeySet {
@@ -540,334 +505,6 @@ impl Manager {
     /// least 2 s.
     pub fn key_switch_delay(&self) -> Duration {
         (self.heartbeat * 2).max(Duration::from_secs(2))
-    }
-
-    fn node_ingress(&self, node: &Id) -> Option<NodeIngress> {
-        let inner = self.lock();
-        let st = &inner.state;
-        let address = st.nodes.get(node)?.ingress_ip?;
-        let network = st.networks.values().find(|n| n.ingress)?.clone();
-        Some(NodeIngress { network, address })
-    }
-
-    fn ready_nodes(&self) -> Vec<(Id, IpAddr)> {
-        self.lock().state.ready_nodes().map(|n| (n.id.clone(), n.addr)).collect()
-    }
-
-    /// Every service VIP, sorted.
-    fn vips(&self) -> Vec<ServiceVip> {
-        let inner = self.lock();
-        let mut v: Vec<ServiceVip> = inner.state.services.values().flat_map(|s| s.vips.iter().map(|(n, vip)| ServiceVip { network: n.clone(), vip: *vip, service: s.name.clone() })).collect();
-        v.sort();
-        v
-    }
-
-    /// Tasks of `node` that should stop and have not been reported stopped.
-    fn shutting_down(&self, node: &Id) -> std::collections::BTreeSet<Id> {
-        self.lock().state.tasks.values().filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Shutdown && !t.state.is_terminal()).map(|t| t.id.clone()).collect()
-    }
-
-    async fn session<R, W>(self: Arc<Self>, node: Id, reports: Vec<ops::TaskReport>, mut r: R, mut w: W) -> anyhow::Result<()>
-    where
-        R: tokio::io::AsyncRead + Unpin + Send,
-        W: tokio::io::AsyncWrite + Unpin + Send,
-    {
-        self.touch(&node);
-        self.mutate(|st, g| {
-            ops::set_node_status(st, &node, NodeStatus::Ready, g);
-            ops::apply_reports(st, &node, &reports, true, g);
-            Ok(())
-        })?;
-        info!(node = %node, tasks = reports.len(), "node session opened");
-        let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
-        write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port })).await?;
-        // Gossip keys first: the node's gossip says nothing until it has them.
-        let mut keys_sent = self.gossip_keys();
-        write_msg(&mut w, &FromManager::GossipKeys { keys: keys_sent.keys.clone(), send: keys_sent.send }).await?;
-        let mut rx = self.changed.subscribe();
-        let mut sent = self.assignments(&node);
-        // Removals are also sent for tasks the node may never have seen (made and removed
-        // between two notifications): it answers "shutdown" for those it does not have.
-        let mut told_to_stop = self.shutting_down(&node);
-        write_msg(&mut w, &FromManager::Assign { full: true, upsert: sent.values().cloned().collect(), remove: told_to_stop.iter().cloned().collect() }).await?;
-        let mut nodes_sent = self.ready_nodes();
-        write_msg(&mut w, &FromManager::Nodes { nodes: nodes_sent.clone() }).await?;
-        let mut vips_sent = self.vips();
-        write_msg(&mut w, &FromManager::Vips { vips: vips_sent.clone() }).await?;
-        let mut ingress_sent = self.node_ingress(&node);
-        write_msg(&mut w, &FromManager::Ingress { ingress: ingress_sent.clone() }).await?;
-        let me = self.clone();
-        let n2 = node.clone();
-        // A session that says nothing for this long is dead (its node sends a heartbeat
-        // every interval): closing it frees its connection.
-        let silence = self.heartbeat * 4 + Duration::from_secs(5);
-        let reader = async move {
-            loop {
-                let next = tokio::time::timeout(silence, read_msg::<_, FromAgent>(&mut r)).await.map_err(|_| anyhow::anyhow!("nothing from the node for {} s", silence.as_secs()))?;
-                match next? {
-                    None => return Ok::<(), anyhow::Error>(()),
-                    Some(FromAgent::Heartbeat) => me.touch(&n2),
-                    Some(FromAgent::GossipKeysHeld { ids }) => {
-                        me.touch(&n2);
-                        me.lock().keys_held.insert(n2.clone(), ids);
-                    }
-                    Some(FromAgent::MeshWarnings { warnings }) => {
-                        me.touch(&n2);
-                        me.lock().mesh_warnings.insert(n2.clone(), warnings);
-                    }
-                    Some(FromAgent::Reports { reports }) => {
-                        me.touch(&n2);
-                        me.mutate(|st, g| {
-                            ops::apply_reports(st, &n2, &reports, false, g);
-                            Ok(())
-                        })?;
-                    }
-                }
-            }
-        };
-        let writer = async {
-            loop {
-                rx.changed().await?;
-                let now = self.assignments(&node);
-                let upsert: Vec<Assignment> = now.iter().filter(|(k, v)| sent.get(*k) != Some(*v)).map(|(_, v)| v.clone()).collect();
-                let mut remove: Vec<Id> = sent.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
-                let stopping = self.shutting_down(&node);
-                let newly: Vec<Id> = stopping.iter().filter(|id| !told_to_stop.contains(*id) && !remove.contains(*id)).cloned().collect();
-                remove.extend(newly);
-                told_to_stop = stopping;
-                if !upsert.is_empty() || !remove.is_empty() {
-                    write_msg(&mut w, &FromManager::Assign { full: false, upsert, remove }).await?;
-                }
-                sent = now;
-                let vips = self.vips();
-                if vips != vips_sent {
-                    write_msg(&mut w, &FromManager::Vips { vips: vips.clone() }).await?;
-                    vips_sent = vips;
-                }
-                let keys = self.gossip_keys();
-                if keys != keys_sent {
-                    write_msg(&mut w, &FromManager::GossipKeys { keys: keys.keys.clone(), send: keys.send }).await?;
-                    keys_sent = keys;
-                }
-                let ingress = self.node_ingress(&node);
-                if ingress != ingress_sent {
-                    write_msg(&mut w, &FromManager::Ingress { ingress: ingress.clone() }).await?;
-                    ingress_sent = ingress;
-                }
-                let nodes = self.ready_nodes();
-                if nodes != nodes_sent {
-                    write_msg(&mut w, &FromManager::Nodes { nodes: nodes.clone() }).await?;
-                    nodes_sent = nodes;
-                }
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), anyhow::Error>(())
-        };
-        let r = tokio::select! { r = reader => r, w = writer => w };
-        info!(node = %node, "node session closed");
-        r
-    }
-
-    /// Answers one API request. `caller` is the node a request came from, if any.
-    pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
-        match self.api_inner(req, caller) {
-            Ok(v) => Reply { ok: true, error: String::new(), data: v },
-            Err(e) => Reply::err(e),
-        }
-    }
-
-    fn api_inner(&self, req: ApiRequest, caller: Option<&Id>) -> Result<Value, ManagerError> {
-        let pool = self.pool;
-        let v = match req {
-            ApiRequest::NodeLs => {
-                let st = self.state();
-                let current = self.gossip_keys().keys.iter().map(|k| k.id).max().unwrap_or(0);
-                let held = self.lock().keys_held.clone();
-                to_value(
-                    st.nodes
-                        .values()
-                        .map(|n| {
-                            let mut i = node_info(n, &self.meta);
-                            i.gossip_key = held.get(&n.id).map(|h| KeyHolding { held: h.clone(), current });
-                            i
-                        })
-                        .collect::<Vec<_>>(),
-                )?
-            }
-            ApiRequest::JoinToken { role } => match role.as_str() {
-                "worker" => to_value(JoinTokenInfo { role: "worker".into(), token: self.join_token()?, manager: self.meta.manager_node_id.clone() })?,
-                _ => return Err(OpError::Invalid(format!("join-token {role}: this version runs one manager; only worker tokens exist")).into()),
-            },
-            ApiRequest::NetworkCreate { spec } => {
-                let n = self.mutate(|st, g| ops::create_network(st, &spec, pool, g))?;
-                info!(network = %n.name, vni = n.vni, subnet = %n.subnet, "network created");
-                to_value(network_info(&n))?
-            }
-            ApiRequest::NetworkLs => to_value(self.state().networks.values().map(network_info).collect::<Vec<_>>())?,
-            ApiRequest::NetworkInspect { name } => {
-                let st = self.state();
-                let n = st.network_by_name(&name).ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
-                let endpoints = st
-                    .tasks
-                    .values()
-                    .filter_map(|t| {
-                        let ip = *t.addresses.get(&n.id)?;
-                        Some(AssignedEndpoint {
-                            name: t.name.clone(),
-                            task_id: t.id.clone(),
-                            ip,
-                            mac: format_mac(mac_for(ip)),
-                            node: t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()),
-                        })
-                    })
-                    .collect();
-                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: None, local_dns: DnsCounters::default(), local_gossip: None })?
-            }
-            ApiRequest::NetworkRm { name } => {
-                let n = self.mutate(|st, _| ops::remove_network(st, &name))?;
-                to_value(Removed { id: n.id, name: n.name })?
-            }
-            ApiRequest::ServiceCreate { spec } => {
-                let s = self.mutate(|st, g| ops::create_service(st, &spec, &self.own_ports, g))?;
-                info!(service = %s.name, "service created");
-                to_value(service_info(&s, &self.state()))?
-            }
-            ApiRequest::ServiceLs => {
-                let st = self.state();
-                to_value(st.services.values().map(|s| service_info(s, &st)).collect::<Vec<_>>())?
-            }
-            ApiRequest::ServicePs { name } => {
-                let st = self.state();
-                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
-                let mut tasks: Vec<&Task> = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id)).collect();
-                tasks.sort_by_key(|t| (t.slot, t.name.clone(), t.desired_state != DesiredState::Running));
-                let tasks = tasks.iter().map(|t| task_info(t, &st)).collect::<Vec<_>>();
-                let warnings = mesh_warnings(s, &st, &self.lock().mesh_warnings);
-                to_value(ServicePsReply { tasks, warnings })?
-            }
-            ApiRequest::ServiceInspect { name } => {
-                let st = self.state();
-                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
-                to_value(service_info(s, &st))?
-            }
-            ApiRequest::ServiceScale { name, replicas } => {
-                let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
-                to_value(service_info(&s, &self.state()))?
-            }
-            ApiRequest::ServiceUpdate { name, publish_add, publish_rm } => {
-                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, &self.own_ports, g))?;
-                to_value(service_info(&s, &self.state()))?
-            }
-            ApiRequest::ServiceRm { name } => {
-                let s = self.mutate(|st, g| ops::remove_service(st, &name, g))?;
-                to_value(Removed { id: s.id, name: s.name })?
-            }
-            ApiRequest::Run { spec } => {
-                let node = caller.ok_or_else(|| OpError::Invalid("run: no calling node".into()))?;
-                let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
-                to_value(task_info(&t, &self.state()))?
-            }
-            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
-                return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
-            }
-        };
-        Ok(v)
-    }
-}
-
-fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ManagerError> {
-    Ok(serde_json::to_value(v)?)
-}
-
-fn node_info(n: &Node, meta: &ClusterMeta) -> NodeInfo {
-    NodeInfo {
-        id: n.id.clone(),
-        hostname: n.hostname.clone(),
-        address: n.addr,
-        status: n.status,
-        availability: "active".into(),
-        manager_status: if n.id == meta.manager_node_id { "Leader".into() } else { String::new() },
-        role: n.role,
-        gossip: None,
-        gossip_key: None,
-    }
-}
-
-fn network_info(n: &Network) -> NetworkInfo {
-    NetworkInfo {
-        id: n.id.clone(),
-        name: n.name.clone(),
-        driver: n.driver.clone(),
-        scope: "swarm".into(),
-        attachable: n.attachable,
-        subnet: n.subnet,
-        gateway: n.gateway,
-        vni: n.vni,
-        ingress: n.ingress,
-    }
-}
-
-fn net_name(st: &ClusterState, id: &Id) -> String {
-    st.networks.get(id).map_or_else(|| id.clone(), |n| n.name.clone())
-}
-
-fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
-    let running = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running).count() as u64;
-    let (mode, desired) = match s.mode {
-        ServiceMode::Replicated { replicas } => (ServiceModeName::Replicated, replicas),
-        ServiceMode::Global => (ServiceModeName::Global, st.ready_nodes().count() as u64),
-    };
-    ServiceInfo {
-        id: s.id.clone(),
-        name: s.name.clone(),
-        mode,
-        replicas: format!("{running}/{desired}"),
-        desired_replicas: desired,
-        running_replicas: running,
-        networks: s.networks.iter().map(|n| net_name(st, n)).collect(),
-        endpoint_mode: s.endpoint_mode,
-        vips: s.vips.iter().map(|(n, v)| (net_name(st, n), *v)).collect(),
-        aliases: s.aliases.iter().map(|(n, a)| (net_name(st, n), a.clone())).collect(),
-        ports: s.ports.clone(),
-        command: s.command.clone(),
-    }
-}
-
-/// The routing-mesh problems of ready nodes that touch `svc`'s published ports, as
-/// "node <hostname>: <what>" (sorted).
-fn mesh_warnings(svc: &Service, st: &ClusterState, all: &HashMap<Id, Vec<MeshWarning>>) -> Vec<String> {
-    if svc.ports.is_empty() {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for (node, ws) in all {
-        let Some(n) = st.nodes.get(node).filter(|n| n.status == NodeStatus::Ready) else { continue };
-        for w in ws {
-            let touches = match w.port {
-                None => true,
-                Some((proto, port)) => svc.ports.iter().any(|p| p.protocol == proto && p.published == port),
-            };
-            if touches {
-                out.push(format!("node {}: {}", n.hostname, w.message));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
-    TaskInfo {
-        id: t.id.clone(),
-        name: t.name.clone(),
-        node: t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()).unwrap_or_default(),
-        node_id: t.node_id.clone(),
-        desired_state: t.desired_state,
-        state: t.state,
-        error: t.error.clone(),
-        addresses: t.addresses.iter().map(|(n, a)| (net_name(st, n), *a)).collect(),
-        pid: t.pid,
-        restarts: t.restarts,
     }
 }
 

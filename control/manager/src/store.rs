@@ -187,8 +187,10 @@ mod tests {
         let empty = ClusterState::default();
         let mut st = ClusterState::default();
         let subnet: ipnetwork::Ipv4Network = "10.0.0.0/24".parse().expect("net");
-        st.networks
-            .insert("n1".into(), Network { id: "n1".into(), name: "a".into(), driver: "overlay".into(), attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096, ingress: false });
+        st.networks.insert(
+            "n1".into(),
+            Network { id: "n1".into(), name: "a".into(), driver: swarmnet_types::Driver::Overlay, attachable: true, subnet, gateway: crate::ipam::gateway(subnet), vni: 4096, ingress: false },
+        );
         let mut st2 = st.clone();
         st2.networks.get_mut("n1").expect("n1").name = "b".into();
         store.commit(&diff(&empty, &st).expect("diff")).expect("commit");

@@ -1,6 +1,7 @@
 //! Bounded listeners (issue 12): how many connections a listener holds at once, in total
-//! and from one address, and how it reports a burst of accept failures. Pure counting, no
-//! I/O: every listener (2377, 7946 TCP, the control socket) uses the same rules.
+//! and from one address, and how it reports a burst of accept failures: pure counting, no
+//! I/O. Behind the feature `accept`, the one accept-and-admit loop that every listener
+//! (2377, 7946 TCP, the control socket, DNS over TCP) runs on these rules ([`serve`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -149,6 +150,99 @@ impl RefusalLog {
     }
 }
 
+/// What a listener's log lines call it and its connections:
+/// "`what`: cannot accept `conns` (backing off ...)", "`what`: `conn` refused".
+#[derive(Clone, Copy, Debug)]
+pub struct Names {
+    pub what: &'static str,
+    pub conns: &'static str,
+    pub conn: &'static str,
+}
+
+#[cfg(feature = "accept")]
+pub use accept::{serve, Listen};
+
+/// The one accept-and-admit loop of every listener (issue 19): 7946 TCP, 2377, the control
+/// socket and DNS over TCP.
+#[cfg(feature = "accept")]
+mod accept {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::task::{Context, Poll};
+
+    use tracing::{info, warn};
+
+    use super::{AcceptErrors, AcceptNote, Admission, Names, RefusalLog, Slot};
+
+    /// A listener the loop accepts from: TCP (its peers counted per address) or a Unix socket
+    /// (local: counted in the total only).
+    pub trait Listen: Send + Sync + 'static {
+        type Conn: Send + 'static;
+        fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(Self::Conn, Option<SocketAddr>)>>;
+    }
+
+    impl Listen for tokio::net::TcpListener {
+        type Conn = tokio::net::TcpStream;
+        fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(Self::Conn, Option<SocketAddr>)>> {
+            tokio::net::TcpListener::poll_accept(self, cx).map_ok(|(s, peer)| (s, Some(peer)))
+        }
+    }
+
+    impl Listen for tokio::net::UnixListener {
+        type Conn = tokio::net::UnixStream;
+        fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<(Self::Conn, Option<SocketAddr>)>> {
+            tokio::net::UnixListener::poll_accept(self, cx).map_ok(|(s, _)| (s, None))
+        }
+    }
+
+    /// Accepts connections for as long as it is polled; each admitted one (within
+    /// `admission`'s caps, in total and per address) is handed to `handle` and runs as a task
+    /// of this loop, holding its place until it ends: dropping the loop ends them all.
+    /// A connection over a cap is closed at once (the refusals logged the 1st, 2nd, 4th, 8th
+    /// … time). Accept errors (EMFILE, ENFILE, …) back off [`AcceptErrors::BACKOFF`] and are
+    /// logged once per burst, and once when accepting works again.
+    pub async fn serve<L, H, F>(listener: L, names: Names, admission: Admission, mut handle: H)
+    where
+        L: Listen,
+        H: FnMut(L::Conn, Option<SocketAddr>) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut errors = AcceptErrors::default();
+        let mut refusals = RefusalLog::default();
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            while conns.try_join_next().is_some() {}
+            match std::future::poll_fn(|cx| listener.poll_accept(cx)).await {
+                Ok((conn, peer)) => {
+                    if let AcceptNote::Recovered { failed, lasted } = errors.accepted(std::time::Instant::now()) {
+                        info!(failed, lasted_ms = lasted.as_millis() as u64, "{}: accepting {} again", names.what, names.conns);
+                    }
+                    match admission.admit(peer.map(|p| p.ip())) {
+                        Ok(slot) => {
+                            let served = handle(conn, peer);
+                            conns.spawn(async move {
+                                let _slot: Slot = slot;
+                                served.await
+                            });
+                        }
+                        Err(why) => {
+                            if let Some(n) = refusals.note() {
+                                warn!(peer = ?peer, refused = n, why = %why, "{}: {} refused", names.what, names.conn);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    if errors.failed(std::time::Instant::now()) == AcceptNote::Failing {
+                        warn!(error = %e, "{}: cannot accept {} (backing off; logged once per burst)", names.what, names.conns);
+                    }
+                    tokio::time::sleep(AcceptErrors::BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +262,38 @@ mod tests {
         assert_eq!(a.open(), 2);
         let _s4 = a.admit(Some(p1)).expect("p1 has room again");
         assert!(a.admit(None).is_err(), "local sockets count in the total");
+    }
+
+    #[tokio::test]
+    async fn the_loop_admits_within_the_caps_and_its_connections_end_with_it() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let names = Names { what: "test", conns: "connections", conn: "connection" };
+        // Each admitted connection answers one byte and stays open.
+        let serving = tokio::spawn(serve(listener, names, Admission::new(Limits { total: 10, per_peer: 2 }), |mut c: tokio::net::TcpStream, _peer| async move {
+            let _ = c.write_all(b"y").await;
+            let mut b = [0u8; 1];
+            let _ = c.read(&mut b).await;
+        }));
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).await.expect("admitted");
+            open.push(c);
+        }
+        // A third from the same address is over its cap: closed unanswered.
+        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut b = [0u8; 1];
+        assert_eq!(third.read(&mut b).await.expect("read"), 0, "closed at once");
+        // The loop stops: its connections end with it.
+        serving.abort();
+        let _ = serving.await;
+        for mut c in open {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut b)).await.expect("closed within 5 s");
+            assert!(matches!(n, Ok(0) | Err(_)), "a connection of the stopped loop is closed");
+        }
     }
 
     #[test]

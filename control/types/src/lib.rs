@@ -9,8 +9,8 @@ pub mod network;
 pub mod sink;
 
 pub use endpoint::{format_mac, ingress_node_endpoint_id, is_ingress_node_endpoint, mac_for, Change, Endpoint, EndpointState, Port, Protocol, PublishMode};
-pub use network::Network;
-pub use sink::{Resync, Sink, SinkError};
+pub use network::{Driver, Network};
+pub use sink::{Resync, Sink, SinkError, SinkInput};
 
 /// Ids are opaque strings made by the manager (25 base-36 characters).
 pub type Id = String;

@@ -37,4 +37,19 @@ pub trait Sink: Send {
     /// This node left `network`: drop what is held for it (the kernel objects of the network
     /// go with its sandbox; a sink only forgets its own bookkeeping).
     async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError>;
+
+    /// An input from outside the endpoint table addressed to this sink (the manager's word,
+    /// the runtime's tasks, a reader): the follow loop delivers it between batches, so a sink
+    /// has one writer. The sink's own handle makes it and knows its type; a sink that takes
+    /// none refuses it.
+    async fn input(&mut self, input: Box<dyn std::any::Any + Send>) -> Result<(), SinkError> {
+        drop(input);
+        Err(format!("the {} sink takes no other input", self.name()).into())
+    }
+}
+
+/// An input for the sink named `sink`, sent to the follow loop (see [`Sink::input`]).
+pub struct SinkInput {
+    pub sink: &'static str,
+    pub input: Box<dyn std::any::Any + Send>,
 }

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use crate::bpf_link::LinkTarget;
 use crate::lb::ebpf::{be, map_err, prog_err, take, EbpfError};
 use crate::lb::host::HostError;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap};
@@ -26,8 +27,6 @@ use tracing::info;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/swarmnet-ingress"));
 
 const MAPS: [&str; 6] = [MAP_ING_CFG, MAP_ING_PORTS, MAP_ING_SLOTS, MAP_ING_RR, MAP_ING_FLOWS, MAP_ING_HANDED];
-/// The layout of the pinned maps; a new layout gets a new folder.
-pub const PIN_VERSION: &str = "ingress-v1";
 
 /// Where the entry program sends what it takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,10 +56,11 @@ struct PortSt {
     live: Option<Vec<IngTask>>,
 }
 
-/// Detaches the entry program an earlier agent of this node pinned (this one does not use
-/// it: it would keep handing flows out from maps nothing updates). True if there was one.
-pub fn detach_pinned(lb_pins: &Path) -> Result<bool, EbpfError> {
-    let pin = lb_pins.with_file_name(PIN_VERSION).join(format!("link_{PROG_INGRESS}"));
+/// Detaches the entry program an earlier agent of this node pinned in `pins` (this one does
+/// not use it: it would keep handing flows out from maps nothing updates). True if there was
+/// one.
+pub fn detach_pinned(pins: &Path) -> Result<bool, EbpfError> {
+    let pin = pins.join(format!("link_{PROG_INGRESS}"));
     if !pin.exists() {
         return Ok(false);
     }
@@ -84,14 +84,17 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Loads (or adopts) the program and its maps, pinned under `pins` (a node's folder of
-    /// the load balancer's bpffs tree: its sibling `ingress-v1` is used), and attaches it at
-    /// tc ingress of `iface`. It takes nothing until [`Entry::configure`].
-    pub fn open(lb_pins: &Path, iface: &str) -> Result<Entry, EbpfError> {
+    /// Loads (or adopts) the program and its maps, pinned under `pins` (the node's
+    /// `ingress-v1` folder), and attaches it at tc ingress of `iface`. A pinned link is
+    /// adopted only if it is attached to `iface` now; one that is severed (its interface is
+    /// gone) or attached to another interface is replaced. It takes nothing until
+    /// [`Entry::configure`].
+    pub fn open(pins: &Path, iface: &str) -> Result<Entry, EbpfError> {
         if OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let pins = lb_pins.with_file_name(PIN_VERSION);
+        let pins = pins.to_path_buf();
+        let index = nix::net::if_::if_nametoindex(iface).map_err(|e| EbpfError::Other(format!("interface {iface}: {e}")))?;
         std::fs::create_dir_all(&pins).map_err(|source| HostError::Io { what: "create bpffs folder", path: pins.clone(), source })?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, pins.join(m))).collect();
@@ -103,6 +106,21 @@ impl Entry {
             ebpf.program_mut(PROG_INGRESS).ok_or_else(|| EbpfError::Other(format!("program {PROG_INGRESS} is missing from the object")))?.try_into().map_err(prog_err(PROG_INGRESS, "type"))?;
         prog.load().map_err(prog_err(PROG_INGRESS, "load (verifier)"))?;
         let pin = pins.join(format!("link_{PROG_INGRESS}"));
+        let replaced = match crate::bpf_link::pinned_target(&pin) {
+            Ok(LinkTarget::Tcx(i)) if i == index => None,
+            Ok(target) => {
+                // Severed, or on an interface that is no longer the underlay: unpinned (it
+                // detaches when this descriptor closes) and a new link is attached.
+                let old = PinnedLink::from_pin(&pin).map_err(prog_err(PROG_INGRESS, "open pinned link"))?;
+                drop(old.unpin().map_err(prog_err(PROG_INGRESS, "unpin the link it replaces"))?);
+                Some(target)
+            }
+            Err(e) if pin.exists() => return Err(EbpfError::Program { prog: PROG_INGRESS, what: "read what the pinned link is attached to", source: Box::new(e) }),
+            Err(_) => None,
+        };
+        if let Some(target) = replaced {
+            info!(iface, ?target, "routing mesh: the pinned entry link was not attached to the underlay interface: replaced");
+        }
         let adopted = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
                 // An earlier agent's link: this program replaces the one in it, atomically

@@ -15,11 +15,12 @@ pub mod rules;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
-use swarmnet_types::{is_ingress_node_endpoint, Change, Endpoint, NetworkId, Protocol, PublishMode, Resync, Sink, SinkError, TaskId};
-use tokio::sync::Mutex;
+use swarmnet_types::{is_ingress_node_endpoint, Change, Endpoint, NetworkId, Protocol, PublishMode, Resync, Sink, SinkError, SinkInput, TaskId};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::netns::{NsError, NsWorker};
@@ -145,9 +146,19 @@ struct State {
     /// Endpoints with published ports, and nodes' ingress endpoints, of every network
     /// (the ingress network may be known only after its endpoints arrived).
     endpoints: BTreeMap<NetworkId, BTreeMap<TaskId, Endpoint>>,
-    /// Networks completely resynced since this agent started: before that, the node's
-    /// table an earlier agent left stays as it is.
+    /// Networks completely resynced since this agent started.
     complete: BTreeSet<NetworkId>,
+    /// The ingress endpoints an earlier agent programmed (its record): until the ingress
+    /// network's first complete resync they stay programmed beside what the table says, so
+    /// a restart never takes a published port's task away; what the table adds is programmed
+    /// at once (a warm-up holds back deletions, never additions).
+    adopted: BTreeMap<TaskId, Endpoint>,
+    /// No record was found but the kernel holds an earlier agent's table (an agent from
+    /// before the record existed): the table is left as it is until the ingress network's
+    /// first complete resync, as then. None: not checked yet.
+    unrecorded_table: Option<bool>,
+    /// Whether a record was found at the start.
+    recorded: bool,
     node_applied: Option<String>,
     tasks: BTreeMap<TaskId, TaskNs>,
     /// Why the node's table could not be programmed last time.
@@ -156,43 +167,162 @@ struct State {
     shadowed: BTreeSet<(Protocol, u16)>,
 }
 
-/// The routing mesh's sink (cheap to clone: one state behind it).
-#[derive(Clone)]
+/// The routing mesh's sink. The follow loop owns it (one writer, ADR 0008): the endpoint
+/// stream reaches it as to every sink, and everything else (the node's place on the ingress
+/// network, the runtime's tasks, `lb ls`) through its [`IngressHandle`], delivered by the
+/// follow loop between batches.
 pub struct IngressSink {
+    core: Core,
+    state: State,
+}
+
+/// What the sink works with (fixed at the start) and publishes.
+struct Core {
     ns: NsWorker,
     local_vtep: IpAddr,
-    state: Arc<Mutex<State>>,
+    /// The sink's record of the ingress endpoints it programmed (`<data-dir>/ingress.json`).
+    record: PathBuf,
     /// The eBPF entry program (ADR 0015); None: every published port goes by the node's
     /// nftables table, replies back through the entry node (ADR 0011).
     entry: Option<Arc<std::sync::Mutex<entry::Entry>>>,
     /// Why the eBPF entry did not start, if it was wanted.
     entry_warning: Option<String>,
     /// What keeps the mesh from working fully here now (the session tells the manager).
-    warnings: Arc<tokio::sync::watch::Sender<Vec<MeshProblem>>>,
+    warnings: tokio::sync::watch::Sender<Vec<MeshProblem>>,
+}
+
+/// The node's published ports as `lb ls` shows them, and what keeps them from working fully.
+pub type Ports = (Vec<PortRow>, Option<String>);
+
+/// What reaches the sink from outside the endpoint table (see [`IngressHandle`]).
+enum Input {
+    SetMe(Option<Me>, oneshot::Sender<Result<(), SinkError>>),
+    AddTask { task: TaskId, netns: File, ifname: String, done: oneshot::Sender<Result<(), SinkError>> },
+    RemoveTask(TaskId),
+    Read(oneshot::Sender<Result<Ports, SinkError>>),
+}
+
+/// The way to the routing mesh's sink for everything but the endpoint stream: its inputs go
+/// to the follow loop, which hands them to the sink between batches (cheap to clone).
+#[derive(Clone)]
+pub struct IngressHandle {
+    tx: mpsc::UnboundedSender<SinkInput>,
+    warnings: tokio::sync::watch::Receiver<Vec<MeshProblem>>,
+    ebpf_entry: bool,
+}
+
+const SINK: &str = "ingress";
+
+impl IngressHandle {
+    fn send(&self, i: Input) -> Result<(), SinkError> {
+        self.tx.send(SinkInput { sink: SINK, input: Box::new(i) }).map_err(|_| "routing mesh: the follow loop has stopped".into())
+    }
+
+    async fn ask<R>(&self, make: impl FnOnce(oneshot::Sender<Result<R, SinkError>>) -> Input) -> Result<R, SinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| SinkError::from("routing mesh: the follow loop dropped the request"))?
+    }
+
+    /// The node is on the ingress network at `me` (None: it is not, its table goes).
+    pub async fn set_me(&self, me: Option<Me>) -> Result<(), SinkError> {
+        self.ask(|done| Input::SetMe(me, done)).await
+    }
+
+    /// A task's namespace with its interface on the ingress network: replies of the
+    /// connections that reach it there go back through their entry node.
+    pub async fn add_task(&self, task: &TaskId, netns: &File, ifname: &str) -> Result<(), SinkError> {
+        let netns = netns.try_clone()?;
+        self.ask(|done| Input::AddTask { task: task.clone(), netns, ifname: ifname.to_string(), done }).await
+    }
+
+    /// The task is gone: its namespace is forgotten.
+    pub fn remove_task(&self, task: &TaskId) {
+        let _ = self.send(Input::RemoveTask(task.clone()));
+    }
+
+    /// This node's published ports as the kernel holds them (`lb ls`), with the service
+    /// and mode the sink knows them by, and what keeps them from working fully.
+    pub async fn read(&self) -> Result<Ports, SinkError> {
+        self.ask(Input::Read).await
+    }
+
+    /// The node's mesh problems as they change.
+    pub fn warnings(&self) -> tokio::sync::watch::Receiver<Vec<MeshProblem>> {
+        self.warnings.clone()
+    }
+
+    /// True if clients from outside enter this node by the eBPF entry (direct return);
+    /// else by the node's nftables table (`lb ls`).
+    pub fn has_ebpf_entry(&self) -> bool {
+        self.ebpf_entry
+    }
 }
 
 /// One routing-mesh problem of this node: about one published port, or all of them.
 pub type MeshProblem = (Option<(Protocol, u16)>, String);
 
 impl IngressSink {
-    /// `entry`: the eBPF entry, or why it did not start (None: not wanted).
-    pub fn new(ns: NsWorker, local_vtep: IpAddr, entry: Result<Option<entry::Entry>, String>) -> Self {
-        let state = State { me: None, endpoints: BTreeMap::new(), complete: BTreeSet::new(), node_applied: None, tasks: BTreeMap::new(), failed: None, shadowed: BTreeSet::new() };
+    /// `entry`: the eBPF entry, or why it did not start (None: not wanted). `record`: where
+    /// the sink keeps what it programmed, for the next agent. `inputs`: the follow loop's
+    /// inputs, where the handle sends.
+    pub fn new(ns: NsWorker, local_vtep: IpAddr, entry: Result<Option<entry::Entry>, String>, record: PathBuf, inputs: mpsc::UnboundedSender<SinkInput>) -> (IngressSink, IngressHandle) {
+        let (adopted, recorded): (BTreeMap<TaskId, Endpoint>, bool) = match crate::state::read_json::<Vec<Endpoint>>(&record) {
+            Ok(eps) => (eps.iter().flatten().map(|e| (e.id.clone(), e.clone())).collect(), eps.is_some()),
+            Err(e) => {
+                warn!(error = %e, "routing mesh: the record of the published ports an earlier agent programmed cannot be read");
+                (BTreeMap::new(), false)
+            }
+        };
+        let state = State {
+            me: None,
+            endpoints: BTreeMap::new(),
+            complete: BTreeSet::new(),
+            adopted,
+            unrecorded_table: None,
+            recorded,
+            node_applied: None,
+            tasks: BTreeMap::new(),
+            failed: None,
+            shadowed: BTreeSet::new(),
+        };
         let (entry, entry_warning) = match entry {
             Ok(e) => (e, None),
             Err(why) => (None, Some(format!("the eBPF entry could not start ({why}): clients from outside enter by nftables, replies go back through the entry node"))),
         };
-        let (warnings, _) = tokio::sync::watch::channel(Vec::new());
-        let sink = IngressSink { ns, local_vtep, state: Arc::new(Mutex::new(state)), entry: entry.map(|e| Arc::new(std::sync::Mutex::new(e))), entry_warning, warnings: Arc::new(warnings) };
-        sink.publish_warnings(None, &BTreeSet::new());
-        sink
+        let (warnings, warnings_rx) = tokio::sync::watch::channel(Vec::new());
+        let handle = IngressHandle { tx: inputs, warnings: warnings_rx, ebpf_entry: entry.is_some() };
+        let core = Core { ns, local_vtep, record, entry: entry.map(|e| Arc::new(std::sync::Mutex::new(e))), entry_warning, warnings };
+        core.publish_warnings(None, &BTreeSet::new());
+        (IngressSink { core, state }, handle)
     }
 
-    /// The node's mesh problems as they change.
-    pub fn warnings(&self) -> tokio::sync::watch::Receiver<Vec<MeshProblem>> {
-        self.warnings.subscribe()
+    /// The node is on the ingress network at `me` (None: it is not, its table goes).
+    async fn set_me(&mut self, me: Option<Me>) -> Result<(), SinkError> {
+        let st = &mut self.state;
+        if st.me == me {
+            return Ok(());
+        }
+        st.me = me;
+        self.core.configure_entry(st.me.as_ref()).await?;
+        if st.me.is_none() {
+            st.node_applied = None;
+            nft_home(rules::node_table_delete()).await?;
+            info!("routing mesh: no ingress network, published ports removed");
+            return Ok(());
+        }
+        self.core.program(st, true).await
     }
 
+    async fn add_task(&mut self, task: TaskId, netns: File, ifname: String) -> Result<(), SinkError> {
+        let st = &mut self.state;
+        st.tasks.insert(task.clone(), TaskNs { netns, ifname, applied: None });
+        let entries = Core::entries(st);
+        self.core.program_task(st, &task, &entries).await
+    }
+}
+
+impl Core {
     fn publish_warnings(&self, failed: Option<&String>, shadowed: &BTreeSet<(Protocol, u16)>) {
         let mut now: Vec<MeshProblem> = self.entry_warning.iter().chain(failed).map(|w| (None, w.clone())).collect();
         for (proto, port) in shadowed {
@@ -205,15 +335,6 @@ impl IngressSink {
             }
             changed
         });
-    }
-
-    /// Which way a client from outside enters this node (`lb ls`, the log).
-    pub fn entry_kind(&self) -> &'static str {
-        if self.entry.is_some() {
-            "ebpf (direct return)"
-        } else {
-            "nftables (return through the entry node)"
-        }
     }
 
     /// Runs `f` on the entry program, off the async threads; Ok(None) without one.
@@ -254,38 +375,17 @@ impl IngressSink {
         Ok(())
     }
 
-    /// The node is on the ingress network at `me` (None: it is not, its table goes).
-    pub async fn set_me(&self, me: Option<Me>) -> Result<(), SinkError> {
-        let mut st = self.state.lock().await;
-        if st.me == me {
-            return Ok(());
-        }
-        st.me = me;
-        self.configure_entry(st.me.as_ref()).await?;
-        if st.me.is_none() {
-            st.node_applied = None;
-            nft_home(rules::node_table_delete()).await?;
-            info!("routing mesh: no ingress network, published ports removed");
-            return Ok(());
-        }
-        self.program(&mut st, true).await
-    }
-
-    /// A task's namespace with its interface on the ingress network: replies of the
-    /// connections that reach it there go back through their entry node.
-    pub async fn add_task(&self, task: &TaskId, netns: &File, ifname: &str) -> Result<(), SinkError> {
-        let mut st = self.state.lock().await;
-        st.tasks.insert(task.clone(), TaskNs { netns: netns.try_clone()?, ifname: ifname.to_string(), applied: None });
-        let entries = Self::entries(&st);
-        self.program_task(&mut st, task, &entries).await
-    }
-
-    pub async fn remove_task(&self, task: &TaskId) {
-        self.state.lock().await.tasks.remove(task);
-    }
-
+    /// The ingress network's endpoints to program: the table's, and until its first complete
+    /// resync, those an earlier agent programmed that the table has not spoken of.
     fn ingress_endpoints(st: &State) -> Vec<Endpoint> {
-        st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).map(|m| m.values().cloned().collect()).unwrap_or_default()
+        let Some(me) = &st.me else { return Vec::new() };
+        let mut eps: BTreeMap<TaskId, Endpoint> = st.endpoints.get(&me.network).cloned().unwrap_or_default();
+        if !st.complete.contains(&me.network) {
+            for (id, e) in st.adopted.iter().filter(|(_, e)| e.network == me.network) {
+                eps.entry(id.clone()).or_insert_with(|| e.clone());
+            }
+        }
+        eps.into_values().collect()
     }
 
     fn entries(st: &State) -> Vec<Ipv4Addr> {
@@ -325,7 +425,13 @@ impl IngressSink {
     async fn program(&self, st: &mut State, check_bound: bool) -> Result<(), SinkError> {
         let Some(me) = st.me.clone() else { return Ok(()) };
         let mut errors = Vec::new();
-        if st.complete.contains(&me.network) {
+        // Programmed as soon as the node is on the ingress network: what an earlier agent
+        // programmed stays beside it until the network's first complete resync.
+        if !st.complete.contains(&me.network) && !st.recorded && st.unrecorded_table.is_none() {
+            let exists = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["list", "table", "ip", TABLE]).output().is_ok_and(|o| o.status.success())).await.unwrap_or(false);
+            st.unrecorded_table = Some(exists);
+        }
+        if st.complete.contains(&me.network) || st.unrecorded_table != Some(true) {
             let eps = Self::ingress_endpoints(st);
             let published = rules::plan(&eps, self.local_vtep);
             let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port, &rules::node_vteps(&eps));
@@ -340,6 +446,9 @@ impl IngressSink {
                         st.node_applied = Some(text);
                         st.failed = None;
                         Self::warn_shadowed(st, &published);
+                        if let Err(e) = crate::state::write_json(&self.record, &eps, 0o600) {
+                            warn!(error = %e, "routing mesh: cannot record the published ports programmed (the next agent starts from the table)");
+                        }
                     }
                     Err(e) => {
                         let e = format!("ingress network {} vni {}: program the node's table: {e}", me.name, me.vni);
@@ -386,10 +495,9 @@ impl IngressSink {
 
     /// This node's published ports as the kernel holds them (`lb ls`), with the service
     /// and mode the sink knows them by. An error if the table cannot be read.
-    pub async fn read(&self) -> Result<(Vec<PortRow>, Option<String>), SinkError> {
-        let st = self.state.lock().await;
+    async fn read(&self, st: &State) -> Result<Ports, SinkError> {
         let published = match &st.me {
-            Some(_) => rules::plan(&Self::ingress_endpoints(&st), self.local_vtep),
+            Some(_) => rules::plan(&Self::ingress_endpoints(st), self.local_vtep),
             None => Vec::new(),
         };
         let mut warnings: Vec<String> = st.failed.iter().cloned().collect();
@@ -397,7 +505,6 @@ impl IngressSink {
             warnings.push(format!("a process on this node is bound to published port {port}/{proto}: the routing mesh takes the port first, it gets none of its connections"));
         }
         let failed = (!warnings.is_empty()).then(|| warnings.join("; "));
-        drop(st);
         let out = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output())
             .await
             .map_err(|e| format!("nft: {e}"))?
@@ -445,17 +552,17 @@ impl IngressSink {
 #[async_trait::async_trait]
 impl Sink for IngressSink {
     fn name(&self) -> &'static str {
-        "ingress"
+        SINK
     }
 
     async fn apply(&mut self, changes: &[Change]) -> Result<(), SinkError> {
-        let mut st = self.state.lock().await;
+        let st = &mut self.state;
         let mut touched = false;
         for c in changes {
             let net = st.endpoints.entry(c.network.clone()).or_default();
             let had = net.remove(&c.id).is_some();
             let kept = match &c.new {
-                Some(e) if Self::keep(e) => {
+                Some(e) if Core::keep(e) => {
                     net.insert(c.id.clone(), e.clone());
                     true
                 }
@@ -464,35 +571,54 @@ impl Sink for IngressSink {
             touched |= (had || kept) && st.me.as_ref().is_none_or(|m| m.network == c.network);
         }
         if touched {
-            self.program(&mut st, false).await
+            self.core.program(st, false).await
         } else {
             Ok(())
         }
     }
 
     async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
-        let mut st = self.state.lock().await;
+        let st = &mut self.state;
         let net = st.endpoints.entry(network.clone()).or_default();
         if how == Resync::Complete {
             net.clear();
         }
-        for e in endpoints.iter().filter(|e| Self::keep(e)) {
+        for e in endpoints.iter().filter(|e| Core::keep(e)) {
             net.insert(e.id.clone(), e.clone());
         }
         if how == Resync::Complete {
             st.complete.insert(network.clone());
+            st.adopted.retain(|_, e| &e.network != network);
         }
         if st.me.as_ref().is_some_and(|m| &m.network == network) {
-            self.program(&mut st, how == Resync::Complete).await
+            self.core.program(st, how == Resync::Complete).await
         } else {
             Ok(())
         }
     }
 
     async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError> {
-        let mut st = self.state.lock().await;
-        st.endpoints.remove(network);
-        st.complete.remove(network);
+        self.state.endpoints.remove(network);
+        self.state.complete.remove(network);
+        Ok(())
+    }
+
+    async fn input(&mut self, input: Box<dyn std::any::Any + Send>) -> Result<(), SinkError> {
+        let input = input.downcast::<Input>().map_err(|_| "routing mesh: an input of another sink")?;
+        match *input {
+            Input::SetMe(me, done) => {
+                let _ = done.send(self.set_me(me).await);
+            }
+            Input::AddTask { task, netns, ifname, done } => {
+                let _ = done.send(self.add_task(task, netns, ifname).await);
+            }
+            Input::RemoveTask(task) => {
+                self.state.tasks.remove(&task);
+            }
+            Input::Read(done) => {
+                let _ = done.send(self.core.read(&self.state).await);
+            }
+        }
         Ok(())
     }
 }

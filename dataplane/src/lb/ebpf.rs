@@ -24,8 +24,9 @@ use swarmnet_ebpf_common::*;
 use swarmnet_types::{SinkError, TaskId};
 use tracing::{info, warn};
 
-use super::host::Host;
+use super::host::{Host, HostError};
 use super::{BackendRow, BackendState, Kind, LbBackend, ServiceLb, ServiceRow};
+use crate::bpf_link::LinkTarget;
 use crate::netns::NsWorker;
 
 /// The programs, built by `build.rs`.
@@ -152,6 +153,9 @@ struct Inner {
 pub struct EbpfLb {
     inner: Arc<Mutex<Inner>>,
     ns: NsWorker,
+    /// Links this one replaced that still work, kept attached until the node's tasks have
+    /// moved to its cgroup.
+    retired: Mutex<Vec<FdLink>>,
     /// Held for the agent's life: one agent per node programs its load balancer.
     _lock: File,
     /// Loaded programs; their links are pinned.
@@ -215,14 +219,33 @@ impl EbpfLb {
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| EbpfError::Load { pins: host.pins.clone(), source: Box::new(source) })?;
         let cgroup = host.cgroup_dir()?;
-        let mut adopted = 0;
+        let cgroup_id = crate::bpf_link::cgroup_id(&host.cgroup).map_err(|source| HostError::Io { what: "read the id of cgroup", path: host.cgroup.clone(), source })?;
+        let (mut adopted, mut replaced) = (0, 0);
+        let mut retired = Vec::new();
         for prog in PROGRAMS {
             let pin = host.pins.join(format!("link_{prog}"));
-            if PinnedLink::from_pin(&pin).is_ok() {
-                // Attached by an earlier agent and still pinned: attaching again would stack
-                // a second copy.
-                adopted += 1;
-                continue;
+            match crate::bpf_link::pinned_target(&pin) {
+                // Attached to this node's cgroup by an earlier agent and still pinned:
+                // attaching again would stack a second copy.
+                Ok(LinkTarget::Cgroup(id)) if id == cgroup_id => {
+                    adopted += 1;
+                    continue;
+                }
+                // Pinned but attached elsewhere (the cgroup of the layout before issue 19,
+                // whose tasks move into this one next) or severed (its cgroup is gone): a new
+                // link replaces it. An old one that still works stays attached until its
+                // tasks have moved (`release_retired`).
+                Ok(target) => {
+                    let old = PinnedLink::from_pin(&pin).map_err(prog_err(prog, "open pinned link"))?;
+                    let old = old.unpin().map_err(prog_err(prog, "unpin the link it replaces"))?;
+                    info!(program = prog, ?target, cgroup = %host.cgroup.display(), "load balancer: a pinned link attached elsewhere is replaced");
+                    if !target.severed() {
+                        retired.push(old);
+                    }
+                    replaced += 1;
+                }
+                Err(e) if pin.exists() => return Err(EbpfError::Program { prog, what: "read what the pinned link is attached to", source: Box::new(e) }),
+                Err(_) => {}
             }
             let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?.try_into().map_err(prog_err(prog, "type"))?;
             p.load().map_err(prog_err(prog, "load (verifier)"))?;
@@ -239,8 +262,18 @@ impl EbpfLb {
         let zeros = aya::util::nr_cpus().map_err(|(what, e)| EbpfError::Other(format!("{what}: {e}")))?;
         let mut inner = Inner { services, slots, backends, netns, handed, svc: BTreeMap::new(), svc_ids: Ids::default(), backend_ids: Ids::default(), tasks: BTreeMap::new(), zeros };
         inner.recover()?;
-        info!(cgroup = %host.cgroup.display(), pins = %host.pins.display(), programs_adopted = adopted, vips = inner.svc.len(), "load balancer: eBPF programs attached");
-        Ok(EbpfLb { inner: Arc::new(Mutex::new(inner)), ns, _lock: lock, _ebpf: Mutex::new(ebpf) })
+        info!(cgroup = %host.cgroup.display(), pins = %host.pins.display(), programs_adopted = adopted, links_replaced = replaced, vips = inner.svc.len(), "load balancer: eBPF programs attached");
+        Ok(EbpfLb { inner: Arc::new(Mutex::new(inner)), ns, retired: Mutex::new(retired), _lock: lock, _ebpf: Mutex::new(ebpf) })
+    }
+
+    /// Detaches the links this one replaced (attached to the cgroup of the layout before
+    /// issue 19): called once the node's tasks have moved out of it. Returns how many went.
+    pub fn release_retired(&self) -> usize {
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let n = r.len();
+        // Unpinned, a link goes when its last descriptor (this one) closes.
+        r.clear();
+        n
     }
 
     /// A connected UDP socket still points at a task that left the VIP: close it, so the

@@ -46,7 +46,7 @@ async fn session(id: &Identity) -> anyhow::Result<()> {
     let tcp = TcpStream::connect(&id.manager).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(tls::server_name(), tcp).await?;
     let (mut r, mut w) = tokio::io::split(tls);
-    write_msg(&mut w, &Hello::Session { reports: vec![] }).await?;
+    write_msg(&mut w, &Hello::Session { reports: vec![], hostname: None }).await?;
     let reply: Reply = read_msg(&mut r).await?.ok_or_else(|| anyhow!("closed"))?;
     let opened: SessionOpened = reply.into_data()?;
     let hb = Duration::from_millis(opened.heartbeat_ms.max(50));

@@ -1,0 +1,207 @@
+//! The manager's API: one request, one reply (`ApiRequest` → `Reply`), over 2377 or the
+//! control socket. Reads are views of the state (`views`); writes run the operations of
+//! `ops` through [`Manager::mutate`] (a clone, committed whole or not at all).
+
+use serde_json::Value;
+use swarmnet_api::replies::*;
+use swarmnet_api::*;
+use tracing::info;
+
+use crate::model::*;
+use crate::ops::{self, OpError};
+use crate::server::{Manager, ManagerError};
+use crate::views::*;
+
+fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ManagerError> {
+    Ok(serde_json::to_value(v)?)
+}
+
+impl Manager {
+    /// Answers one API request. `caller` is the node a request came from, if any.
+    pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
+        match self.api_inner(req, caller) {
+            Ok(v) => Reply { ok: true, error: None, data: v },
+            Err(e) => Reply::err(e.to_api()),
+        }
+    }
+
+    fn api_inner(&self, req: ApiRequest, caller: Option<&Id>) -> Result<Value, ManagerError> {
+        let pool = self.pool;
+        let v = match req {
+            ApiRequest::NodeLs => {
+                let st = self.state();
+                let current = self.gossip_keys().keys.iter().map(|k| k.id).max().unwrap_or(0);
+                let held = self.lock().keys_held.clone();
+                to_value(
+                    st.nodes
+                        .values()
+                        .map(|n| {
+                            let mut i = node_info(n, &self.meta);
+                            i.gossip_key = held.get(&n.id).map(|h| KeyHolding { held: h.clone(), current });
+                            i
+                        })
+                        .collect::<Vec<_>>(),
+                )?
+            }
+            ApiRequest::JoinToken { role } => match role {
+                Role::Worker => to_value(JoinTokenInfo { role, token: self.join_token()?, manager: self.meta.manager_node_id.clone() })?,
+                Role::Manager => return Err(OpError::Invalid(format!("join-token {role}: this version runs one manager; only worker tokens exist")).into()),
+            },
+            ApiRequest::NetworkCreate { spec } => {
+                let n = self.mutate(|st, g| ops::create_network(st, &spec, pool, g))?;
+                info!(network = %n.name, vni = n.vni, subnet = %n.subnet, "network created");
+                to_value(network_info(&n))?
+            }
+            ApiRequest::NetworkLs => to_value(self.state().networks.values().map(network_info).collect::<Vec<_>>())?,
+            ApiRequest::NetworkInspect { name } => {
+                let st = self.state();
+                let n = st.network_by_name(&name).ok_or_else(|| OpError::NotFound(format!("network {name} not found")))?;
+                let endpoints = st
+                    .tasks
+                    .values()
+                    .filter_map(|t| {
+                        let ip = *t.addresses.get(&n.id)?;
+                        Some(AssignedEndpoint {
+                            name: t.name.clone(),
+                            task_id: t.id.clone(),
+                            ip,
+                            mac: format_mac(mac_for(ip)),
+                            node: t.node_id.as_ref().and_then(|id| st.nodes.get(id)).map(|n| n.hostname.clone()),
+                        })
+                    })
+                    .collect();
+                to_value(NetworkDetail { network: network_info(n), endpoints, local_endpoints: None, local_dns: DnsCounters::default(), local_gossip: None })?
+            }
+            ApiRequest::NetworkRm { name } => {
+                let n = self.mutate(|st, _| ops::remove_network(st, &name))?;
+                to_value(Removed { id: n.id, name: n.name })?
+            }
+            ApiRequest::ServiceCreate { spec } => {
+                let s = self.mutate(|st, g| ops::create_service(st, &spec, &self.own_ports, g))?;
+                info!(service = %s.name, "service created");
+                to_value(service_info(&s, &self.state()))?
+            }
+            ApiRequest::ServiceLs => {
+                let st = self.state();
+                to_value(st.services.values().map(|s| service_info(s, &st)).collect::<Vec<_>>())?
+            }
+            ApiRequest::ServicePs { name } => {
+                let st = self.state();
+                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+                let mut tasks: Vec<&Task> = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id)).collect();
+                tasks.sort_by_key(|t| (t.slot, t.name.clone(), t.desired_state != DesiredState::Running));
+                let tasks = tasks.iter().map(|t| task_info(t, &st)).collect::<Vec<_>>();
+                let warnings = mesh_warnings(s, &st, &self.lock().mesh_warnings);
+                to_value(ServicePsReply { tasks, warnings })?
+            }
+            ApiRequest::ServiceInspect { name } => {
+                let st = self.state();
+                let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+                to_value(service_info(s, &st))?
+            }
+            ApiRequest::ServiceScale { name, replicas } => {
+                let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
+                to_value(service_info(&s, &self.state()))?
+            }
+            ApiRequest::ServiceUpdate { name, publish_add, publish_rm } => {
+                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, &self.own_ports, g))?;
+                to_value(service_info(&s, &self.state()))?
+            }
+            ApiRequest::ServiceRm { name } => {
+                let s = self.mutate(|st, g| ops::remove_service(st, &name, g))?;
+                to_value(Removed { id: s.id, name: s.name })?
+            }
+            ApiRequest::Run { spec } => {
+                let node = caller.ok_or_else(|| OpError::Invalid("run: no calling node".into()))?;
+                let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
+                to_value(task_info(&t, &self.state()))?
+            }
+            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
+                return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
+            }
+        };
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::server::ManagerConfig;
+
+    /// A manager on a store of its own in a temporary folder (no root, no socket).
+    fn manager(name: &str) -> (Arc<Manager>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sn-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cfg = ManagerConfig {
+            advertise: IpAddr::from([10, 210, 0, 1]),
+            pool: "10.0.0.0/8".parse().expect("pool"),
+            heartbeat: Duration::from_secs(5),
+            hostname: "m".into(),
+            underlay: vec!["10.210.0.0/24".parse().expect("underlay")],
+            data_path_port: 4789,
+            ingress_subnet: None,
+            gossip_key_rotation: Duration::from_secs(3600),
+            expect_cluster: None,
+            force_new_cluster: false,
+            listen_port: 2377,
+            gossip_port: 7946,
+        };
+        (Manager::open(&dir, &cfg).expect("open"), dir)
+    }
+
+    fn kind(r: Reply) -> ErrorKind {
+        r.into_data::<Value>().expect_err("refused").kind()
+    }
+
+    #[test]
+    fn requests_are_answered_typed_and_refusals_carry_their_kind() {
+        let (m, dir) = manager("kinds");
+        let net = NetworkCreate { name: "appnet".into(), driver: Driver::Overlay, attachable: true, subnet: None, ingress: false };
+        let n: NetworkInfo = m.api(ApiRequest::NetworkCreate { spec: net.clone() }, None).into_data().expect("created");
+        assert_eq!((n.name.as_str(), n.scope), ("appnet", Scope::Swarm));
+        assert_eq!(kind(m.api(ApiRequest::NetworkCreate { spec: net }, None)), ErrorKind::Conflict);
+        let spec = ServiceCreate {
+            name: "web".into(),
+            mode: ServiceMode::Replicated { replicas: 2 },
+            networks: vec!["appnet".parse().expect("net")],
+            endpoint_mode: EndpointMode::Vip,
+            publish: vec!["8080:80".parse().expect("publish")],
+            command: vec!["sleep".into()],
+        };
+        let s: ServiceInfo = m.api(ApiRequest::ServiceCreate { spec: spec.clone() }, None).into_data().expect("service");
+        assert_eq!((s.desired_replicas, s.ports[0].published), (2, 8080));
+        assert_eq!(kind(m.api(ApiRequest::ServiceCreate { spec: spec.clone() }, None)), ErrorKind::Conflict, "the name is taken");
+        let mut bad = spec;
+        bad.name = "other".into();
+        bad.publish = vec![PublishSpec { published: Some(0), target: 80, protocol: Protocol::Tcp, mode: PublishMode::Ingress }];
+        assert_eq!(kind(m.api(ApiRequest::ServiceCreate { spec: bad }, None)), ErrorKind::Invalid, "a spec no CLI sends is checked again");
+        assert_eq!(kind(m.api(ApiRequest::ServicePs { name: "nope".into() }, None)), ErrorKind::NotFound);
+        assert_eq!(
+            kind(m.api(
+                ApiRequest::NetworkCreate {
+                    spec: NetworkCreate { name: "huge".into(), driver: Driver::Overlay, attachable: false, subnet: Some("10.0.0.5/24".parse().expect("subnet")), ingress: false }
+                },
+                None
+            )),
+            ErrorKind::Invalid,
+            "host bits set"
+        );
+        assert_eq!(kind(m.api(ApiRequest::JoinToken { role: Role::Manager }, None)), ErrorKind::Invalid);
+        let ps: ServicePsReply = m.api(ApiRequest::ServicePs { name: "web".into() }, None).into_data().expect("ps");
+        assert_eq!(ps.tasks.len(), 2, "placed on the manager's own node");
+        let scaled: ServiceInfo = m.api(ApiRequest::ServiceScale { name: "web".into(), replicas: 0 }, None).into_data().expect("scaled");
+        assert_eq!(scaled.desired_replicas, 0);
+        assert_eq!(
+            kind(m.api(ApiRequest::Run { spec: StandaloneCreate { name: "p".into(), networks: vec!["appnet".parse().expect("net")], command: vec!["true".into()] } }, None)),
+            ErrorKind::Invalid,
+            "run needs a calling node"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
