@@ -12,6 +12,7 @@ pub mod ingress;
 pub mod lb;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod overlay;
 pub mod state;
 pub mod task;

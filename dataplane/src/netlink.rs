@@ -351,3 +351,99 @@ pub fn destroy_udp_connected_to(dst: Ipv4Addr) -> Result<usize, Error> {
     }
     Ok(closed)
 }
+
+/// Conntrack over netfilter netlink (NETLINK_NETFILTER, ctnetlink; no `conntrack` binary):
+/// deletes the UDP flows of the calling thread's network namespace whose original
+/// destination is `vip` and whose reply comes from `backend` (a VIP's UDP flows to a task
+/// that left: the next datagram is steered again). A dump filtered by the kernel
+/// (`CTA_FILTER`, Linux ≥ 5.8), then one delete per flow by its original tuple; a flow
+/// gone meanwhile (ENOENT) counts as done. Returns how many were deleted.
+pub fn delete_udp_flows(vip: Ipv4Addr, backend: Ipv4Addr) -> Result<usize, Error> {
+    use netlink_packet_core::{DefaultNla, Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+    use netlink_packet_netfilter::conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol as CtProtocol, Tuple};
+    use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+    const CTA_TUPLE_ORIG: u16 = 1;
+    const CTA_TUPLE_REPLY: u16 = 2;
+    const CTA_FILTER: u16 = 25;
+    const IPCTNL_MSG_CT_GET: u8 = 1;
+    const F_IP_SRC: u32 = 1 << 0;
+    const F_IP_DST: u32 = 1 << 1;
+    const F_PROTO_NUM: u32 = 1 << 3;
+    let io = |what: &'static str| move |e: std::io::Error| Error::Open(std::io::Error::new(e.kind(), format!("ctnetlink {what}: {e}")));
+    // A nested attribute that keeps NLA_F_NESTED (the crate drops it for `Other`, and the
+    // kernel's strict parsing of CTA_FILTER wants it).
+    let nested = |kind: u16, items: &[Tuple]| {
+        let mut v = vec![0u8; items.iter().map(|i| i.buffer_len()).sum()];
+        let mut at = 0;
+        for i in items {
+            i.emit(&mut v[at..]);
+            at += i.buffer_len();
+        }
+        DefaultNla::new(kind | NLA_F_NESTED, v)
+    };
+    // CTA_FILTER { ORIG_FLAGS, REPLY_FLAGS }, u32 in host order.
+    let mut filter = Vec::new();
+    for (kind, flags) in [(1u16, F_IP_DST | F_PROTO_NUM), (2u16, F_IP_SRC | F_PROTO_NUM)] {
+        filter.extend_from_slice(&8u16.to_ne_bytes());
+        filter.extend_from_slice(&kind.to_ne_bytes());
+        filter.extend_from_slice(&flags.to_ne_bytes());
+    }
+    let udp = || ProtoTuple::Protocol(CtProtocol::Udp);
+    let attrs = vec![
+        nested(CTA_TUPLE_ORIG, &[Tuple::Ip(vec![IPTuple::DestinationAddress(vip.into())]), Tuple::Proto(vec![udp()])]),
+        nested(CTA_TUPLE_REPLY, &[Tuple::Ip(vec![IPTuple::SourceAddress(backend.into())]), Tuple::Proto(vec![udp()])]),
+        DefaultNla::new(CTA_FILTER | NLA_F_NESTED, filter),
+    ];
+    let request = |flags: u16, seq: u32, msg: ConntrackMessage| {
+        let mut hdr = NetlinkHeader::default();
+        hdr.flags = NLM_F_REQUEST | flags;
+        hdr.sequence_number = seq;
+        let mut m = NetlinkMessage::new(hdr, NetlinkPayload::from(NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0), msg)));
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    };
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).map_err(io("open"))?;
+    sock.bind_auto().map_err(io("bind"))?;
+    let kernel = netlink_sys::SocketAddr::new(0, 0);
+    // Sends one request; the messages that answer it, and the errno of its end (0: done).
+    let talk = |req: &[u8]| -> Result<(Vec<ConntrackMessage>, i32), Error> {
+        sock.send_to(req, &kernel, 0).map_err(io("send"))?;
+        let mut out = Vec::new();
+        loop {
+            let (buf, _) = sock.recv_from_full().map_err(io("read"))?;
+            let mut at = 0;
+            while at < buf.len() {
+                let m = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[at..]).map_err(|e| Error::Open(std::io::Error::other(format!("ctnetlink: a reply that does not parse: {e}"))))?;
+                let len = m.header.length as usize;
+                match m.payload {
+                    NetlinkPayload::Error(e) => return Ok((out, e.code.map_or(0, |c| -c.get()))),
+                    NetlinkPayload::Done(_) => return Ok((out, 0)),
+                    NetlinkPayload::InnerMessage(NetfilterMessage { inner: NetfilterMessageInner::Conntrack(c), .. }) => out.push(c),
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+    };
+    let (flows, e) = talk(&request(NLM_F_DUMP, 1, ConntrackMessage::Other { message_type: IPCTNL_MSG_CT_GET, attributes: attrs }))?;
+    if e != 0 {
+        return Err(Error::Open(std::io::Error::from_raw_os_error(e)));
+    }
+    let mut deleted = 0;
+    for (i, flow) in flows.into_iter().enumerate() {
+        let ConntrackMessage::New(attrs) = flow else { continue };
+        let Some(orig) = attrs.into_iter().find(|a| matches!(a, ConntrackAttribute::CtaTupleOrig(_))) else { continue };
+        let seq = u32::try_from(i).unwrap_or(u32::MAX).saturating_add(2);
+        match talk(&request(NLM_F_ACK, seq, ConntrackMessage::Delete(vec![orig])))?.1 {
+            0 => deleted += 1,
+            libc::ENOENT => {}
+            e => return Err(Error::Open(std::io::Error::from_raw_os_error(e))),
+        }
+    }
+    Ok(deleted)
+}

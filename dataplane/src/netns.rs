@@ -110,24 +110,6 @@ impl NsCtx {
         Ok(r?)
     }
 
-    /// Runs `argv` inside namespace `ns` (the child inherits this thread's namespace), with
-    /// `input` on its stdin; waits for it.
-    pub fn command_in(&mut self, ns: &File, argv: &[String], input: &[u8]) -> Result<std::process::Output, NsError> {
-        use std::io::Write;
-        let Some((prog, args)) = argv.split_first() else {
-            return Err(NsError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command")));
-        };
-        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
-        let spawned = std::process::Command::new(prog).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn();
-        // The child has its namespace: this thread goes home before anything can fail.
-        self.back_home()?;
-        let mut child = spawned.map_err(|e| std::io::Error::new(e.kind(), format!("run {prog}: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input)?;
-        }
-        Ok(child.wait_with_output()?)
-    }
-
     /// Opens a netlink socket inside `ns`. The socket stays in `ns` after the thread leaves.
     pub fn netlink_in(&mut self, ns: &File) -> Result<Netlink, NsError> {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
@@ -195,6 +177,21 @@ impl NsWorker {
             .map_err(|_| NsError::Gone)?;
         rx.await.map_err(|_| NsError::Gone)
     }
+}
+
+/// Runs `f` on a thread of its own that enters network namespace `ns` first, and waits for
+/// it (blocking: call it off the async threads). For one-off work in a task's namespace
+/// (a netlink socket opened there stays there) without the namespace worker: the thread ends
+/// with the job, so no thread of the daemon is ever left in a task's namespace.
+pub fn in_netns<R: Send>(ns: &File, f: impl FnOnce() -> R + Send) -> Result<R, NsError> {
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NsError::Sys { what: "enter a task namespace".into(), source })?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| NsError::Gone)?
+    })
 }
 
 /// The raw fd of a namespace handle, for netlink's IFLA_NET_NS_FD and for `setns` in a child.

@@ -3,7 +3,7 @@
 //! tasks (`swarmnet run`: their sockets are the ones the load balancer translates): round
 //! robin over TCP and UDP, the VIP as the peer, refusal without tasks, scoping to the
 //! service's networks, drain, a connected UDP socket whose task left, and an agent killed
-//! and restarted under a looping client. Needs root, python3, nft and conntrack.
+//! and restarted under a looping client. Needs root, python3 and nft.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

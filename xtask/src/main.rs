@@ -12,6 +12,7 @@ mod bench_dns;
 mod bench_gossip;
 mod bench_ingress;
 mod bench_lb;
+mod bench_nft;
 mod bench_overlay;
 mod fuzz;
 mod walls;
@@ -47,7 +48,7 @@ enum Cmd {
     Fuzz(FuzzCmd),
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// control, manager-memory, agent-memory, overlay, convergence, gossip, failure, soak, dns, lb
+        /// control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -201,7 +202,8 @@ fn real_main() -> Result<()> {
                 release_binary()?;
                 bench_dns::bench_dns(runs.max(50))?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress)"),
+            "nft" => bench_nft::bench_nft(runs.max(30))?,
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft)"),
         },
     }
     Ok(())

@@ -171,7 +171,7 @@ fn start_lb(cfg: &NodeConfig, host: &Result<(Host, Option<Legacy>), String>, ns:
         Ok((lb.clone(), Some(host.clone()), Some(lb)))
     };
     let nft = || -> anyhow::Result<Started> {
-        let b: Arc<dyn LbBackend> = Arc::new(NftLb::open(ns.clone()).map_err(anyhow::Error::msg)?);
+        let b: Arc<dyn LbBackend> = Arc::new(NftLb::open(cfg.data_dir.join("lb-nftables.json")).map_err(anyhow::Error::msg)?);
         // Programs an earlier eBPF agent of this node left attached would translate VIPs
         // before nftables ever sees them, from maps nothing updates any more.
         if let Ok((host, _)) = host {

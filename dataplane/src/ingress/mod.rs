@@ -100,28 +100,9 @@ pub async fn unplug_node_port(ns: &NsWorker) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// Runs `nft -f -` with `script` in the daemon's own namespace (the node's).
-async fn nft_home(script: String) -> Result<(), SinkError> {
-    tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
-        use std::io::Write;
-        let mut child = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("run nft: {e} (install nftables)"))?;
-        if let Some(mut i) = child.stdin.take() {
-            i.write_all(script.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| format!("nft: {e}"))?
+/// Applies `tx` in the daemon's own namespace (the node's).
+async fn nft_home(tx: &crate::nft::Tx) -> Result<(), SinkError> {
+    Ok(crate::nft::apply(None, tx).await?)
 }
 
 /// One row of `lb ls` for a published port: read back from the node's table.
@@ -307,7 +288,7 @@ impl IngressSink {
         self.core.configure_entry(st.me.as_ref()).await?;
         if st.me.is_none() {
             st.node_applied = None;
-            nft_home(rules::node_table_delete()).await?;
+            nft_home(&rules::node_table_delete()).await?;
             info!("routing mesh: no ingress network, published ports removed");
             return Ok(());
         }
@@ -403,17 +384,14 @@ impl Core {
     async fn program_task(&self, st: &mut State, task: &TaskId, entries: &[Ipv4Addr]) -> Result<(), SinkError> {
         let own = st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).and_then(|eps| eps.get(task)).map(rules::direct_return).unwrap_or_default();
         let Some(t) = st.tasks.get_mut(task) else { return Ok(()) };
-        let text = rules::task_tables(&t.ifname, entries, &own);
+        let tx = rules::task_tables(&t.ifname, entries, &own);
+        let text = tx.json();
         if t.applied.as_ref() == Some(&text) {
             return Ok(());
         }
-        let f = t.netns.try_clone()?;
-        let argv = vec!["nft".to_string(), "-f".into(), "-".into()];
-        let input = text.clone().into_bytes();
-        let out = self.ns.run(move |ctx| ctx.command_in(&f, &argv, &input)).await??;
-        if !out.status.success() {
-            return Err(format!("task {task}: nft: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
-        }
+        // Applied by a child that enters the task's namespace: the namespace worker never
+        // waits on nft.
+        crate::nft::apply(Some(&t.netns), &tx).await.map_err(|e| format!("task {task}: {e}"))?;
         t.applied = Some(text);
         Ok(())
     }
@@ -428,19 +406,20 @@ impl Core {
         // Programmed as soon as the node is on the ingress network: what an earlier agent
         // programmed stays beside it until the network's first complete resync.
         if !st.complete.contains(&me.network) && !st.recorded && st.unrecorded_table.is_none() {
-            let exists = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["list", "table", "ip", TABLE]).output().is_ok_and(|o| o.status.success())).await.unwrap_or(false);
+            let exists = matches!(crate::nft::list_table(None, crate::nft::NfFamily::IP, TABLE).await, Ok(Some(_)));
             st.unrecorded_table = Some(exists);
         }
         if st.complete.contains(&me.network) || st.unrecorded_table != Some(true) {
             let eps = Self::ingress_endpoints(st);
             let published = rules::plan(&eps, self.local_vtep);
-            let text = rules::node_table(&published, me.address, me.subnet, me.vxlan_port, &rules::node_vteps(&eps));
+            let tx = rules::node_table(&published, me.address, me.subnet, me.vxlan_port, &rules::node_vteps(&eps));
+            let text = tx.json();
             if st.node_applied.as_ref() == Some(&text) {
                 if check_bound {
                     Self::warn_shadowed(st, &published);
                 }
             } else {
-                match nft_home(text.clone()).await {
+                match nft_home(&tx).await {
                     Ok(()) => {
                         info!(ports = published.len(), "routing mesh: published ports programmed");
                         st.node_applied = Some(text);
@@ -505,15 +484,11 @@ impl Core {
             warnings.push(format!("a process on this node is bound to published port {port}/{proto}: the routing mesh takes the port first, it gets none of its connections"));
         }
         let failed = (!warnings.is_empty()).then(|| warnings.join("; "));
-        let out = tokio::task::spawn_blocking(|| std::process::Command::new("nft").args(["-j", "list", "table", "ip", TABLE]).output())
-            .await
-            .map_err(|e| format!("nft: {e}"))?
-            .map_err(|e| format!("run nft: {e}"))?;
-        if !out.status.success() {
+        let Some(objs) = crate::nft::list_table(None, crate::nft::NfFamily::IP, TABLE).await? else {
             // No table: no published port answers on this node.
             return Ok((Vec::new(), failed));
-        }
-        let mut counts = rules::parse_counts(&out.stdout)?;
+        };
+        let mut counts = rules::counts(&objs, &published);
         // Flows the eBPF entry handed out never met the table's counters.
         if let Some(handed) = self.with_entry(|e| e.handed()).await? {
             rules::add_entry_counts(&mut counts, &published, &handed);
@@ -530,17 +505,8 @@ impl Core {
                 .collect();
             rows.push(PortRow { port: p.port, protocol: p.protocol, mode: p.mode, service: p.service.clone(), backends });
         }
-        // What the kernel holds that the sink does not know (an earlier agent's): listed too.
-        for c in &counts {
-            if !rows.iter().any(|r| r.protocol == c.protocol && r.port == c.port) {
-                rows.push(PortRow { port: c.port, protocol: c.protocol, mode: PublishMode::Ingress, service: String::new(), backends: vec![] });
-            }
-            if let Some(r) = rows.iter_mut().find(|r| r.protocol == c.protocol && r.port == c.port) {
-                if !r.backends.iter().any(|b| b.1 == c.ip && b.2 == c.target) {
-                    r.backends.push((String::new(), c.ip, c.target, true, c.connections));
-                }
-            }
-        }
+        // What an earlier agent programmed is in the plan until the first complete resync
+        // (its record, ADR 0019): nothing the table holds is unknown to the sink.
         Ok((rows, failed))
     }
 

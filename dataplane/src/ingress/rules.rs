@@ -1,5 +1,5 @@
-//! The routing mesh's kernel state as text, from the ingress network's endpoints: pure, so
-//! it is tested without root.
+//! The routing mesh's kernel state as typed nftables transactions (`crate::nft`, ADR 0021),
+//! from the ingress network's endpoints: pure, so it is tested without root.
 //!
 //! - the node's table (`ip swarmnet-ingress` in the node's namespace): a published port
 //!   (TCP or UDP, to any of the node's addresses, from outside or from the node itself) is
@@ -16,11 +16,12 @@
 //!   whose connection tracking undoes the DNAT.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use swarmnet_types::{is_ingress_node_endpoint, mac_for, Endpoint, EndpointState, Protocol, PublishMode};
+
+use crate::nft::{self, eq, fib_type, field, meta, BinaryOperation, Expression, FibFlag, MetaKey, NfChainType, NfFamily, NfHook, NfListObject, Operator, SetItem, SetType, Statement, Tx};
 
 pub const TABLE: &str = "swarmnet-ingress";
 /// The node's port into the ingress network (node namespace side).
@@ -94,100 +95,114 @@ fn chain_name(p: &Published) -> String {
     format!("p_{}_{}", p.protocol, p.port)
 }
 
-/// A backend's chain: its name says what it is (read back by `lb ls`).
+/// A backend's chain (its counter is what `lb ls` reads, by this name).
 fn backend_chain(p: &Published, b: &Backend) -> String {
     let o = b.ip.octets();
     format!("b_{}_{}_{}_{}_{}_{}_{}", p.protocol, p.port, o[0], o[1], o[2], o[3], b.port)
 }
 
-/// Parses a backend chain's name: (protocol, published port, task address, target port).
-pub fn parse_backend_chain(name: &str) -> Option<(Protocol, u16, Ipv4Addr, u16)> {
-    let parts: Vec<&str> = name.strip_prefix("b_")?.split('_').collect();
-    let [proto, port, a, b, c, d, target] = parts.as_slice() else { return None };
-    let proto = match *proto {
-        "tcp" => Protocol::Tcp,
-        "udp" => Protocol::Udp,
-        _ => return None,
-    };
-    let ip = Ipv4Addr::new(a.parse().ok()?, b.parse().ok()?, c.parse().ok()?, d.parse().ok()?);
-    Some((proto, port.parse().ok()?, ip, target.parse().ok()?))
+const FAM: NfFamily = NfFamily::IP;
+
+fn st(x: impl Into<String>) -> Expression<'static> {
+    nft::s(x)
 }
 
-/// The node's table, whole, as one `nft -f` transaction (made or replaced atomically).
-/// `me` is the node's ingress address, `subnet` the ingress network's.
-/// `vteps`: every node's underlay address (a task's direct reply to a client that entered by
-/// a node's eBPF entry has one as its source, ADR 0015).
-pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vxlan_port: u16, vteps: &[Ipv4Addr]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
-    let answered: Vec<&Published> = published.iter().collect();
-    let elems = |f: &dyn Fn(&Published) -> String| answered.iter().map(|p| f(p)).collect::<Vec<_>>().join(", ");
-    let _ = writeln!(s, "  set ports {{\n    type inet_proto . inet_service");
-    if !answered.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", elems(&|p| format!("{} . {}", p.protocol, p.port)));
+/// `meta l4proto . th PORTFIELD`.
+fn proto_port(port_field: &str) -> Expression<'static> {
+    nft::concat(vec![meta(MetaKey::L4proto), field("th", port_field)])
+}
+
+fn ct_state(state: &str) -> Statement<'static> {
+    nft::m(nft::ct("state"), Operator::IN, st(state))
+}
+
+fn rule(chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    nft::rule(FAM, TABLE, chain, expr)
+}
+
+/// The node's table, whole, as one transaction (made or replaced atomically). `me` is the
+/// node's ingress address, `subnet` the ingress network's. `vteps`: every node's underlay
+/// address (a task's direct reply to a client that entered by a node's eBPF entry has one
+/// as its source, ADR 0015).
+pub fn node_table(published: &[Published], me: Ipv4Addr, subnet: Ipv4Network, vxlan_port: u16, vteps: &[Ipv4Addr]) -> Tx {
+    let mut tx = Tx::new();
+    tx.replace_table(FAM, TABLE);
+    let key = |p: &Published| nft::concat(vec![st(p.protocol.as_str()), nft::n(u32::from(p.port))]);
+    tx.add(nft::named_set(FAM, TABLE, "ports", &[SetType::InetProto, SetType::InetService], published.iter().map(key).collect()));
+    // Chains exist before anything jumps to them (a JSON transaction is taken in order).
+    for p in published {
+        tx.add(nft::chain(FAM, TABLE, &chain_name(p)));
+        for b in p.backends.iter().filter(|b| b.active) {
+            tx.add(nft::chain(FAM, TABLE, &backend_chain(p, b)));
+        }
     }
-    let _ = writeln!(s, "  }}\n  map published {{\n    type inet_proto . inet_service : verdict");
-    if !answered.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", elems(&|p| format!("{} . {} : goto {}", p.protocol, p.port, chain_name(p))));
-    }
-    let _ = writeln!(s, "  }}\n  set vteps {{\n    type ipv4_addr");
-    if !vteps.is_empty() {
-        let _ = writeln!(s, "    elements = {{ {} }}", vteps.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "));
-    }
-    let _ = writeln!(s, "  }}");
+    tx.verdict_map(FAM, TABLE, "published", &["inet_proto", "inet_service"], published.iter().map(|p| (key(p), chain_name(p))).collect());
+    tx.add(nft::named_set(FAM, TABLE, "vteps", &[SetType::Ipv4Addr], vteps.iter().map(|v| st(v.to_string())).collect()));
     // A task's direct reply (ADR 0015) starts its connection's life here in the reply
     // direction: connection tracking would call it invalid. It is routed to the client as
     // it is. (A reply to this node itself is one to a connection it tracks: a task's
     // connection to another node's published port, masqueraded on its way out.)
-    let _ = writeln!(
-        s,
-        "  chain direct {{\n    type filter hook prerouting priority raw; policy accept;\n    iifname \"{NODE_IF}\" ip saddr @vteps meta l4proto . th sport @ports fib daddr type != local notrack\n  }}"
-    );
+    tx.add(nft::base_chain(FAM, TABLE, "direct", NfChainType::Filter, NfHook::Prerouting, -300));
+    tx.add(rule(
+        "direct",
+        vec![
+            eq(meta(MetaKey::Iifname), st(NODE_IF)),
+            eq(field("ip", "saddr"), st("@vteps")),
+            eq(proto_port("sport"), st("@ports")),
+            nft::m(fib_type(FibFlag::Daddr), Operator::NEQ, st("local")),
+            Statement::Notrack,
+        ],
+    ));
     // VXLAN packets (of every overlay) need no connection tracking, which this table's
     // rules would otherwise turn on for them: the inner packets are tracked where it counts.
-    for (name, hook) in [("vxlan_in", "prerouting"), ("vxlan_out", "output")] {
-        let _ = writeln!(s, "  chain {name} {{\n    type filter hook {hook} priority raw; policy accept;\n    udp dport {vxlan_port} notrack\n  }}");
+    for (name, hook) in [("vxlan_in", NfHook::Prerouting), ("vxlan_out", NfHook::Output)] {
+        tx.add(nft::base_chain(FAM, TABLE, name, NfChainType::Filter, hook, -300));
+        tx.add(rule(name, vec![eq(field("udp", "dport"), nft::n(u32::from(vxlan_port))), Statement::Notrack]));
     }
     // Packets conntrack calls invalid (out of window, stray) never reach the node's own
     // stack, whose reset would kill a good connection (k8s #74839); nor are they forwarded.
-    let _ = writeln!(s, "  chain guard {{\n    type filter hook prerouting priority -150; policy accept;\n    ct state invalid fib daddr type local meta l4proto . th dport @ports drop\n  }}");
-    for (name, hook) in [("pre", "prerouting"), ("out", "output")] {
-        let _ = writeln!(s, "  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n    fib daddr type local meta l4proto . th dport vmap @published\n  }}");
+    tx.add(nft::base_chain(FAM, TABLE, "guard", NfChainType::Filter, NfHook::Prerouting, -150));
+    tx.add(rule("guard", vec![ct_state("invalid"), eq(fib_type(FibFlag::Daddr), st("local")), eq(proto_port("dport"), st("@ports")), Statement::Drop(None)]));
+    for (name, hook) in [("pre", NfHook::Prerouting), ("out", NfHook::Output)] {
+        tx.add(nft::base_chain(FAM, TABLE, name, NfChainType::NAT, hook, -100));
+        tx.add(rule(name, vec![eq(fib_type(FibFlag::Daddr), st("local")), Statement::VerdictMap(nft::VerdictMap { key: proto_port("dport"), data: st("@published") })]));
     }
-    let _ = writeln!(
-        s,
-        "  chain post {{\n    type nat hook postrouting priority 100; policy accept;\n    oifname \"{NODE_IF}\" ct status dnat fib saddr type local snat to {me} fully-random\n    oifname \"{NODE_IF}\" iifname \"{NODE_IF}\" ct status dnat snat to {me} fully-random\n    iifname \"{NODE_IF}\" oifname != \"{NODE_IF}\" ip saddr {subnet} masquerade fully-random\n  }}"
-    );
-    let _ = writeln!(
-        s,
-        "  chain through {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{NODE_IF}\" ct state invalid drop\n    oifname \"{NODE_IF}\" ct state invalid drop\n  }}"
-    );
-    for p in &answered {
+    let dnat_status = || nft::m(nft::ct("status"), Operator::IN, st("dnat"));
+    tx.add(nft::base_chain(FAM, TABLE, "post", NfChainType::NAT, NfHook::Postrouting, 100));
+    tx.add(rule("post", vec![eq(meta(MetaKey::Oifname), st(NODE_IF)), dnat_status(), eq(fib_type(FibFlag::Saddr), st("local")), nft::snat_fully_random(me.to_string())]));
+    tx.add(rule("post", vec![eq(meta(MetaKey::Oifname), st(NODE_IF)), eq(meta(MetaKey::Iifname), st(NODE_IF)), dnat_status(), nft::snat_fully_random(me.to_string())]));
+    let net = Expression::Named(nft::NamedExpression::Prefix(nft::Prefix { addr: Box::new(st(subnet.network().to_string())), len: u32::from(subnet.prefix()) }));
+    tx.add(rule("post", vec![eq(meta(MetaKey::Iifname), st(NODE_IF)), nft::m(meta(MetaKey::Oifname), Operator::NEQ, st(NODE_IF)), eq(field("ip", "saddr"), net), nft::masquerade_fully_random()]));
+    tx.add(nft::base_chain(FAM, TABLE, "through", NfChainType::Filter, NfHook::Forward, 0));
+    tx.add(rule("through", vec![eq(meta(MetaKey::Iifname), st(NODE_IF)), ct_state("invalid"), Statement::Drop(None)]));
+    tx.add(rule("through", vec![eq(meta(MetaKey::Oifname), st(NODE_IF)), ct_state("invalid"), Statement::Drop(None)]));
+    for p in published {
         let active: Vec<&Backend> = p.backends.iter().filter(|b| b.active).collect();
-        let _ = writeln!(s, "  chain {} {{", chain_name(p));
+        let c = chain_name(p);
         if active.is_empty() {
             // Nothing to take it: refused at once, as a closed port.
-            let verdict = match p.protocol {
-                Protocol::Tcp => "reject with tcp reset",
-                Protocol::Udp => "reject",
+            let refuse = match p.protocol {
+                Protocol::Tcp => nft::reject_tcp_reset(),
+                Protocol::Udp => Statement::Reject(None),
             };
-            let _ = writeln!(s, "    {verdict}");
+            tx.add(rule(&c, vec![refuse]));
         } else {
-            let arms: Vec<String> = active.iter().enumerate().map(|(i, b)| format!("{i} : goto {}", backend_chain(p, b))).collect();
-            let _ = writeln!(s, "    numgen inc mod {} vmap {{ {} }}", active.len(), arms.join(", "));
+            let arms = active.iter().enumerate().map(|(i, b)| SetItem::Mapping(nft::n(u32::try_from(i).unwrap_or(u32::MAX)), nft::goto(&backend_chain(p, b)))).collect();
+            tx.add(rule(&c, vec![Statement::VerdictMap(nft::VerdictMap { key: nft::numgen_inc(u32::try_from(active.len()).unwrap_or(u32::MAX)), data: nft::set(arms) })]));
         }
-        let _ = writeln!(s, "  }}");
         for b in &active {
-            let _ = writeln!(s, "  chain {} {{\n    meta l4proto {} counter dnat to {}:{}\n  }}", backend_chain(p, b), p.protocol, b.ip, b.port);
+            let bc = backend_chain(p, b);
+            tx.add(rule(&bc, vec![eq(meta(MetaKey::L4proto), st(p.protocol.as_str())), nft::counter(), nft::dnat(b.ip.to_string(), Some(b.port))]));
         }
     }
-    let _ = writeln!(s, "}}");
-    s
+    tx
 }
 
 /// Removes the node's table (no ingress network any more).
-pub fn node_table_delete() -> String {
-    format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+pub fn node_table_delete() -> Tx {
+    let mut tx = Tx::new();
+    tx.remove_table(FAM, TABLE);
+    tx
 }
 
 /// The mark a connection from entry node `ip` gets: the four bytes of the address copied
@@ -277,32 +292,65 @@ pub fn add_entry_counts(counts: &mut Vec<BackendCount>, published: &[Published],
 /// packet sent unchanged by a node's eBPF entry (to that node's address, not the task's) is
 /// DNATed to the task by `own`, not marked: its reply leaves by the task's own node, with
 /// the address the client asked for as its source.
-pub fn task_tables(ifname: &str, entries: &[Ipv4Addr], own: &DirectReturn) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "table ip {TABLE} {{}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{");
-    let _ = writeln!(
-        s,
-        "  chain pre {{\n    type filter hook prerouting priority mangle; policy accept;\n    iifname \"{ifname}\" ct state new fib daddr type local ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32\n  }}"
-    );
+pub fn task_tables(ifname: &str, entries: &[Ipv4Addr], own: &DirectReturn) -> Tx {
+    let mut tx = Tx::new();
+    tx.replace_table(FAM, TABLE);
+    tx.add(nft::base_chain(FAM, TABLE, "pre", NfChainType::Filter, NfHook::Prerouting, -150));
+    let mac_prefix = Expression::BinaryOperation(Box::new(BinaryOperation::AND(field("ether", "saddr"), st("ff:ff:00:00:00:00"))));
+    let from_ll = Expression::Named(nft::NamedExpression::Payload(nft::Payload::PayloadRaw(nft::PayloadRaw { base: nft::PayloadBase::LL, offset: 64, len: 32 })));
+    tx.add(rule(
+        "pre",
+        vec![
+            eq(meta(MetaKey::Iifname), st(ifname)),
+            ct_state("new"),
+            eq(fib_type(FibFlag::Daddr), st("local")),
+            eq(mac_prefix, st("02:42:00:00:00:00")),
+            Statement::Mangle(nft::Mangle { key: nft::ct("mark"), value: from_ll }),
+        ],
+    ));
     if let (Some(ip), false) = (own.ip, own.ports.is_empty()) {
-        let _ = writeln!(s, "  chain direct {{\n    type nat hook prerouting priority dstnat; policy accept;");
+        tx.add(nft::base_chain(FAM, TABLE, "direct", NfChainType::NAT, NfHook::Prerouting, -100));
         for (proto, published, target) in &own.ports {
-            let _ = writeln!(s, "    iifname \"{ifname}\" fib daddr type != local {proto} dport {published} dnat to {ip}:{target}");
+            tx.add(rule(
+                "direct",
+                vec![
+                    eq(meta(MetaKey::Iifname), st(ifname)),
+                    nft::m(fib_type(FibFlag::Daddr), Operator::NEQ, st("local")),
+                    eq(field(proto.as_str(), "dport"), nft::n(u32::from(*published))),
+                    nft::dnat(ip.to_string(), Some(*target)),
+                ],
+            ));
         }
-        let _ = writeln!(s, "  }}");
     }
     // A filter chain, not a route one: the mark only picks the MAC at egress, and a route
     // chain would look the route up again for every packet whose mark it sets.
-    let _ = writeln!(s, "  chain out {{\n    type filter hook output priority mangle; policy accept;\n    ct mark != 0 meta mark set ct mark\n  }}\n}}");
-    let _ = writeln!(s, "table netdev {TABLE} {{}}\ndelete table netdev {TABLE}\ntable netdev {TABLE} {{");
-    let _ = writeln!(s, "  map entry {{\n    type mark : ether_addr");
-    if !entries.is_empty() {
-        let elems: Vec<String> = entries.iter().map(|ip| format!("0x{:08x} : {}", entry_mark(*ip), swarmnet_types::format_mac(mac_for(*ip)))).collect();
-        let _ = writeln!(s, "    elements = {{ {} }}", elems.join(", "));
-    }
-    let _ = writeln!(s, "  }}");
-    let _ = writeln!(s, "  chain eg {{\n    type filter hook egress device \"{ifname}\" priority filter; policy accept;\n    meta mark != 0 ether daddr set meta mark map @entry\n  }}\n}}");
-    s
+    tx.add(nft::base_chain(FAM, TABLE, "out", NfChainType::Filter, NfHook::Output, -150));
+    tx.add(rule("out", vec![nft::m(nft::ct("mark"), Operator::NEQ, nft::n(0)), Statement::Mangle(nft::Mangle { key: meta(MetaKey::Mark), value: nft::ct("mark") })]));
+    tx.replace_table(NfFamily::NetDev, TABLE);
+    let elems: Vec<Expression<'static>> = entries.iter().map(|ip| Expression::List(vec![nft::n(entry_mark(*ip)), st(swarmnet_types::format_mac(mac_for(*ip)))])).collect();
+    tx.add(NfListObject::Map(Box::new(nft::Map {
+        family: NfFamily::NetDev,
+        table: TABLE.into(),
+        name: "entry".into(),
+        set_type: nft::SetTypeValue::Single(SetType::Mark),
+        map: nft::SetTypeValue::Single(SetType::EtherAddr),
+        elem: (!elems.is_empty()).then(|| elems.into()),
+        ..Default::default()
+    })));
+    tx.add(NfListObject::Chain(nft::Chain {
+        family: NfFamily::NetDev,
+        table: TABLE.into(),
+        name: "eg".into(),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Egress),
+        prio: Some(0),
+        dev: Some(ifname.to_string().into()),
+        policy: Some(nft::NfChainPolicy::Accept),
+        ..Default::default()
+    }));
+    let to_entry = Expression::Named(nft::NamedExpression::Map(Box::new(nftables::expr::Map { key: meta(MetaKey::Mark), data: st("@entry") })));
+    tx.add(nft::rule(NfFamily::NetDev, TABLE, "eg", vec![nft::m(meta(MetaKey::Mark), Operator::NEQ, nft::n(0)), Statement::Mangle(nft::Mangle { key: field("ether", "daddr"), value: to_entry })]));
+    tx
 }
 
 /// Ports bound on the node, from `/proc/net/tcp` (listening sockets) and `/proc/net/udp`
@@ -336,19 +384,19 @@ pub struct BackendCount {
     pub connections: u64,
 }
 
-/// Reads `nft -j list table ip swarmnet-ingress`: the counter of every backend chain.
-pub fn parse_counts(json: &[u8]) -> Result<Vec<BackendCount>, String> {
-    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| format!("nft -j output: {e}"))?;
-    let items = v.get("nftables").and_then(|n| n.as_array()).ok_or("nft -j output: no nftables array")?;
+/// What the node's table (read back) counted for each backend of `published`, by the chain
+/// names the plan gives.
+pub fn counts(objs: &[NfListObject<'_>], published: &[Published]) -> Vec<BackendCount> {
+    let packets = nft::chain_packets(objs);
     let mut out = Vec::new();
-    for it in items {
-        let Some(rule) = it.get("rule") else { continue };
-        let Some(chain) = rule.get("chain").and_then(|c| c.as_str()) else { continue };
-        let Some((protocol, port, ip, target)) = parse_backend_chain(chain) else { continue };
-        let packets = rule.get("expr").and_then(|e| e.as_array()).and_then(|e| e.iter().find_map(|x| x.get("counter").and_then(|c| c.get("packets")).and_then(|p| p.as_u64()))).unwrap_or(0);
-        out.push(BackendCount { protocol, port, ip, target, connections: packets });
+    for p in published {
+        for b in p.backends.iter().filter(|b| b.active) {
+            if let Some(n) = packets.get(&backend_chain(p, b)) {
+                out.push(BackendCount { protocol: p.protocol, port: p.port, ip: b.ip, target: b.port, connections: *n });
+            }
+        }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -377,6 +425,25 @@ mod tests {
     const ING: PublishMode = PublishMode::Ingress;
     const HOST: PublishMode = PublishMode::Host;
 
+    /// The transaction as `verb kind name` lines (rules by their chain), and its JSON.
+    fn cmds(tx: &Tx) -> (Vec<String>, String) {
+        let json = tx.json();
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let list = v["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .skip(1)
+            .filter_map(|c| {
+                let (verb, obj) = c.as_object()?.iter().next()?;
+                let (kind, o) = obj.as_object()?.iter().next()?;
+                let name = o["name"].as_str().or_else(|| o["chain"].as_str()).unwrap_or_default();
+                Some(format!("{verb} {kind} {name}"))
+            })
+            .collect();
+        (list, json)
+    }
+
     #[test]
     fn ingress_ports_take_every_task_host_ports_only_local_ones() {
         let me = "10.210.0.1";
@@ -392,24 +459,26 @@ mod tests {
         assert_eq!(keys, vec![(Protocol::Tcp, 8080, 2), (Protocol::Tcp, 9100, 1), (Protocol::Udp, 53, 2)]);
         assert!(p[0].backends.iter().any(|b| !b.active), "the draining task is listed");
         assert_eq!(entry_nodes(&eps), vec!["10.255.255.2".parse::<Ipv4Addr>().expect("ip")]);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &node_vteps(&eps));
-        assert!(text.contains("elements = { tcp . 8080, tcp . 9100, udp . 53 }"), "{text}");
-        assert!(text.contains("elements = { 10.210.0.2 }"), "{text}");
-        assert!(text.contains("iifname \"sning0\" ip saddr @vteps meta l4proto . th sport @ports fib daddr type != local notrack"), "{text}");
+        let (c, json) = cmds(&node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &node_vteps(&eps)));
+        assert_eq!(&c[..3], &["add table swarmnet-ingress", "delete table swarmnet-ingress", "add table swarmnet-ingress"], "replaced whole");
+        assert!(json.contains(r#""elem":[{"concat":["tcp",8080]},{"concat":["tcp",9100]},{"concat":["udp",53]}]"#), "{json}");
+        assert!(json.contains(r#""elem":["10.210.0.2"]"#), "{json}");
+        // Every chain comes before whatever jumps to it (nft takes the transaction in order).
+        let first = |what: &str| c.iter().position(|x| x == what).unwrap_or(usize::MAX);
+        assert!(first("add chain p_tcp_8080") < first("add map published") && first("add chain b_tcp_8080_10_255_255_3_80") < first("add rule p_tcp_8080"), "{c:?}");
+        // The direct return's sources skip connection tracking; so does VXLAN.
+        assert!(json.contains(r#"{"match":{"left":{"concat":[{"meta":{"key":"l4proto"}},{"payload":{"field":"sport","protocol":"th"}}]},"op":"==","right":"@ports"}},{"match":{"left":{"fib":{"flags":["daddr"],"result":"type"}},"op":"!=","right":"local"}},{"notrack":null}"#), "{json}");
+        assert!(json.contains(r#""right":4789}},{"notrack":null}"#), "{json}");
         let want = entry_ports(&p);
         let keys: Vec<(u32, u32, usize)> = want.iter().map(|(k, v)| (k.proto, k.port, v.len())).collect();
         // Host mode is not the entry's; the draining task takes no new flow.
         assert_eq!(keys, vec![(6, 8080, 1), (17, 53, 1)]);
-        assert!(text.contains("udp dport 4789 notrack"), "{text}");
         // The draining task takes no new connection; the active one takes them all.
-        assert!(text.contains("chain p_tcp_8080 {\n    numgen inc mod 1 vmap { 0 : goto b_tcp_8080_10_255_255_3_80 }"), "{text}");
-        assert!(!text.contains("b_tcp_8080_10_255_255_4_80"), "{text}");
-        assert!(text.contains("counter dnat to 10.255.255.6:91"), "{text}");
-        assert!(text.contains("snat to 10.255.255.9 fully-random"), "{text}");
-        assert!(text.contains("ip saddr 10.255.255.0/24 masquerade fully-random"), "{text}");
-        assert_eq!(parse_backend_chain("b_udp_53_10_255_255_3_5353"), Some((Protocol::Udp, 53, "10.255.255.3".parse().expect("ip"), 5353)));
-        assert_eq!(parse_backend_chain("b_sctp_53_1_2_3_4_5"), None);
-        assert_eq!(parse_backend_chain("p_tcp_80"), None);
+        assert!(json.contains(r#""chain":"p_tcp_8080","expr":[{"vmap":{"data":{"set":[[0,{"goto":{"target":"b_tcp_8080_10_255_255_3_80"}}]]},"key":{"numgen":{"mod":1,"mode":"inc"}}}}]"#), "{json}");
+        assert!(!json.contains("b_tcp_8080_10_255_255_4_80"), "{json}");
+        assert!(json.contains(r#"{"counter":null},{"dnat":{"addr":"10.255.255.6","port":91}}"#), "{json}");
+        assert!(json.contains(r#"{"snat":{"addr":"10.255.255.9","flags":["fully-random"]}}"#), "{json}");
+        assert!(json.contains(r#""right":{"prefix":{"addr":"10.255.255.0","len":24}}}},{"masquerade":{"flags":["fully-random"]}}"#), "{json}");
     }
 
     #[test]
@@ -422,27 +491,32 @@ mod tests {
         let p = plan(&eps, me.parse().expect("me"));
         assert_eq!(p[0].service, "api");
         assert_eq!(p[0].backends.len(), 1);
-        let text = node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &[]);
-        assert!(text.contains("chain p_tcp_8080 {\n    reject with tcp reset"), "{text}");
+        let (_, json) = cmds(&node_table(&p, "10.255.255.9".parse().expect("me"), "10.255.255.0/24".parse().expect("net"), 4789, &[]));
+        assert!(
+            json.contains(r#""chain":"p_tcp_8080","expr":[{"reject":{"type":"tcp reset"}}]"#) || json.contains(r#""chain":"p_tcp_8080","expr":[{"reject":{"type":"tcp reset","expr":null}}]"#),
+            "{json}"
+        );
         // A port without an active task stays with the entry, with none to pick.
         assert_eq!(entry_ports(&p).values().map(|v| v.len()).collect::<Vec<_>>(), vec![0, 0]);
-        assert!(text.contains("chain p_udp_5000 {\n    reject\n"), "{text}");
+        assert!(json.contains(r#""chain":"p_udp_5000","expr":[{"reject":null}]"#), "{json}");
+        assert!(cmds(&node_table_delete()).0 == vec!["add table swarmnet-ingress", "delete table swarmnet-ingress"]);
     }
 
     #[test]
     fn task_tables_mark_the_entry_and_send_replies_back_to_it() {
         let me = ep("a", "web", "10.255.255.3", "10.210.0.1", &[(8080, 80, Protocol::Tcp, ING), (53, 5353, Protocol::Udp, ING), (9000, 90, Protocol::Tcp, HOST)], EndpointState::Active);
         let own = direct_return(&me);
-        let t = task_tables("eth1", &["10.255.255.2".parse().expect("ip"), "10.255.255.10".parse().expect("ip")], &own);
-        assert!(t.contains("iifname \"eth1\" fib daddr type != local tcp dport 8080 dnat to 10.255.255.3:80"), "{t}");
-        assert!(t.contains("iifname \"eth1\" fib daddr type != local udp dport 53 dnat to 10.255.255.3:5353"), "{t}");
-        assert!(!t.contains("dport 9000"), "host mode has no direct return: {t}");
-        assert!(t.contains("iifname \"eth1\" ct state new fib daddr type local ether saddr & ff:ff:00:00:00:00 == 02:42:00:00:00:00 ct mark set @ll,64,32"), "{t}");
+        let (c, t) = cmds(&task_tables("eth1", &["10.255.255.2".parse().expect("ip"), "10.255.255.10".parse().expect("ip")], &own));
+        assert!(t.contains(r#"{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":8080}},{"dnat":{"addr":"10.255.255.3","port":80}}"#), "{t}");
+        assert!(t.contains(r#"{"match":{"left":{"payload":{"field":"dport","protocol":"udp"}},"op":"==","right":53}},{"dnat":{"addr":"10.255.255.3","port":5353}}"#), "{t}");
+        assert!(!t.contains("9000"), "host mode has no direct return: {t}");
+        assert!(t.contains(r#"{"match":{"left":{"&":[{"payload":{"field":"saddr","protocol":"ether"}},"ff:ff:00:00:00:00"]},"op":"==","right":"02:42:00:00:00:00"}},{"mangle":{"key":{"ct":{"key":"mark"}},"value":{"payload":{"base":"ll","len":32,"offset":64}}}}"#), "{t}");
         let (a, b) = (entry_mark("10.255.255.2".parse().expect("ip")), entry_mark("10.255.255.10".parse().expect("ip")));
-        assert!(t.contains(&format!("elements = {{ 0x{a:08x} : 02:42:0a:ff:ff:02, 0x{b:08x} : 02:42:0a:ff:ff:0a }}")), "{t}");
-        assert!(t.contains("type filter hook egress device \"eth1\""), "{t}");
-        assert!(!task_tables("eth1", &[], &DirectReturn::default()).contains("elements"));
-        assert!(!task_tables("eth1", &[], &DirectReturn::default()).contains("chain direct"));
+        assert!(t.contains(&format!(r#""elem":[[{a},"02:42:0a:ff:ff:02"],[{b},"02:42:0a:ff:ff:0a"]]"#)), "{t}");
+        assert!(t.contains(r#""dev":"eth1","family":"netdev","hook":"egress""#), "{t}");
+        assert!(c.contains(&"add table swarmnet-ingress".to_string()));
+        let (c, t) = cmds(&task_tables("eth1", &[], &DirectReturn::default()));
+        assert!(!t.contains("elem") && !c.contains(&"add chain direct".to_string()), "{t}");
     }
 
     #[test]
@@ -454,13 +528,17 @@ mod tests {
     }
 
     #[test]
-    fn counts_are_read_from_backend_chains() {
-        let json = br#"{"nftables":[{"metainfo":{}},{"rule":{"family":"ip","table":"swarmnet-ingress","chain":"b_tcp_8080_10_255_255_3_80","handle":9,"expr":[{"counter":{"packets":7,"bytes":420}},{"dnat":{"addr":"10.255.255.3","port":80}}]}},{"rule":{"chain":"pre","expr":[]}}]}"#;
-        let c = parse_counts(json).expect("parse");
-        assert_eq!(c, vec![BackendCount { protocol: Protocol::Tcp, port: 8080, ip: "10.255.255.3".parse().expect("ip"), target: 80, connections: 7 }]);
-        assert!(parse_counts(b"garbage").is_err());
+    fn counts_are_read_from_the_planned_backends_chains() {
+        let json = br#"{"nftables":[{"metainfo":{}},{"rule":{"family":"ip","table":"swarmnet-ingress","chain":"b_tcp_8080_10_255_255_3_80","handle":9,"expr":[{"counter":{"packets":7,"bytes":420}},{"dnat":{"addr":"10.255.255.3","port":80}}]}},{"rule":{"family":"ip","table":"swarmnet-ingress","chain":"b_tcp_8080_9_9_9_9_80","handle":10,"expr":[{"counter":{"packets":3,"bytes":1}}]}}]}"#;
+        let objs = nft::parse_objects(json).expect("parse");
         let me = "10.210.0.1";
         let p = plan(&[ep("a", "web", "10.255.255.3", me, &[(8080, 80, Protocol::Tcp, ING)], EndpointState::Active)], me.parse().expect("me"));
+        let c = counts(&objs, &p);
+        assert_eq!(
+            c,
+            vec![BackendCount { protocol: Protocol::Tcp, port: 8080, ip: "10.255.255.3".parse().expect("ip"), target: 80, connections: 7 }],
+            "only what the plan names; no name is read as data"
+        );
         let mut counts = c.clone();
         let ip = u32::from_ne_bytes([10, 255, 255, 3]);
         let handed = BTreeMap::from([(swarmnet_ebpf_common::IngHandKey { proto: 6, port: 8080, ip }, 5u64), (swarmnet_ebpf_common::IngHandKey { proto: 6, port: 9999, ip }, 1u64)]);

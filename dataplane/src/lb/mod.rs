@@ -33,7 +33,7 @@ pub enum BackendState {
     Draining,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BackendLb {
     pub task: TaskId,
     pub ip: Ipv4Addr,
@@ -41,7 +41,7 @@ pub struct BackendLb {
 }
 
 /// What the kernel must hold for one VIP: made visible in one step.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceLb {
     pub vip: Ipv4Addr,
     pub network: NetworkId,

@@ -1,30 +1,36 @@
 //! The nftables backend, for kernels where the eBPF programs cannot load (ADR 0009): in each
-//! task's network namespace, one table `ip swarmnet` owned by swarmnet, changed only by
-//! atomic `nft -f` transactions. The output hook DNATs a VIP (every port, TCP and UDP) with
-//! `numgen inc mod N` over the service's active tasks, one chain per backend with a counter
-//! (connections handed to it: a NAT chain sees the first packet of a connection only); a VIP
-//! without active tasks is rejected (TCP reset: ECONNREFUSED at `connect()`; UDP: an ICMP
-//! port unreachable). `ct state invalid drop` keeps clashing tuples from leaking un-NATed.
-//! The application's socket keeps the VIP as its peer (conntrack reverses the reply).
+//! task's network namespace, one table `ip swarmnet` owned by swarmnet, built typed and
+//! changed only by atomic transactions (`crate::nft`, ADR 0021). The output hook DNATs a VIP
+//! (every port, TCP and UDP) with `numgen inc mod N` over the service's active tasks, one
+//! chain per backend with a counter (connections handed to it: a NAT chain sees the first
+//! packet of a connection only); a VIP without active tasks is rejected (TCP reset:
+//! ECONNREFUSED at `connect()`; UDP: an ICMP port unreachable). `ct state invalid drop` keeps
+//! clashing tuples from leaking un-NATed. The application's socket keeps the VIP as its peer
+//! (conntrack reverses the reply).
 //!
-//! The rules live in the task namespaces, so they outlive the agent: a restarted agent reads
-//! each adopted task's table back (what it holds, its counters) and changes it from there;
-//! a new task's namespace gets its whole table in one transaction. Every VIP has an empty
-//! marker chain `v_<vip>_<vni>`, so a table read back says which network a VIP is on.
+//! The rules live in the task namespaces, so they outlive the agent. What each namespace
+//! holds is this backend's own record (`<data-dir>/lb-nftables.json`, written after every
+//! transaction): a restarted agent changes an adopted task's table from what the record says
+//! it holds, never from the kernel's chain names; only counters are read from the kernel
+//! (`lb ls`), by the chain names the record gives. A new task's namespace gets its whole
+//! table in one transaction. UDP flows to a task that left are deleted over ctnetlink.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use swarmnet_types::{SinkError, TaskId};
 use tokio::sync::Mutex;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{BackendRow, BackendState, Kind, LbBackend, ServiceLb, ServiceRow};
-use crate::netns::NsWorker;
+use crate::nft::{self, Expression, NfChainType, NfFamily, NfHook, SetItem, SetType, Statement, Tx};
 
-const TABLE: &str = "ip swarmnet";
+const TABLE: &str = "swarmnet";
+const FAM: NfFamily = NfFamily::IP;
 
 fn hex(ip: Ipv4Addr) -> String {
     ip.octets().iter().map(|b| format!("{b:02x}")).collect()
@@ -34,283 +40,223 @@ fn svc_chain(vip: Ipv4Addr) -> String {
     format!("s_{}", hex(vip))
 }
 
-fn vip_chain(vip: Ipv4Addr, vni: u32) -> String {
-    format!("v_{}_{vni}", hex(vip))
-}
-
-fn parse_hex(h: &str) -> Option<Ipv4Addr> {
-    u32::from_str_radix(h, 16).ok().map(Ipv4Addr::from)
-}
-
-/// `v_<vip>_<vni>` → (vip, vni).
-fn parse_vip_chain(name: &str) -> Option<(Ipv4Addr, u32)> {
-    let (v, n) = name.strip_prefix("v_")?.split_once('_')?;
-    Some((parse_hex(v)?, n.parse().ok()?))
-}
-
 fn be_chain(vip: Ipv4Addr, ip: Ipv4Addr) -> String {
     format!("b_{}_{}", hex(vip), hex(ip))
 }
 
-/// `b_<vip>_<ip>` → (vip, ip).
-fn parse_be_chain(name: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    let rest = name.strip_prefix("b_")?;
-    let (v, i) = rest.split_once('_')?;
-    Some((parse_hex(v)?, parse_hex(i)?))
-}
-
 /// What one namespace's table holds for one VIP.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct NsVip {
     /// Backend chains made.
     backends: BTreeSet<Ipv4Addr>,
-    /// In the `vips` map (some task active), else in the `refused` set.
+    /// Dispatched (some task active), else refused.
     active: bool,
-    /// The VNI its marker chain names.
-    vni: Option<u32>,
+    /// The network's VNI.
+    vni: u32,
 }
 
-struct TaskNs {
-    netns: File,
+/// What one namespace's table holds, and its networks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct NsRecord {
     vnis: Vec<u32>,
     made: BTreeMap<Ipv4Addr, NsVip>,
 }
 
-#[derive(Default)]
+/// The backend's record: what it programmed, for the next agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    services: BTreeMap<Ipv4Addr, ServiceLb>,
+    tasks: BTreeMap<TaskId, NsRecord>,
+}
+
+struct TaskNs {
+    netns: File,
+    rec: NsRecord,
+}
+
 struct State {
     services: BTreeMap<Ipv4Addr, ServiceLb>,
     tasks: BTreeMap<TaskId, TaskNs>,
+    /// What an earlier agent's record says of tasks not added again yet (dropped once the
+    /// start is long past: a task gone while no agent ran is never added again).
+    earlier: Record,
     /// Connections handed out from namespaces that are gone, per (VIP, backend).
     retired: BTreeMap<(Ipv4Addr, Ipv4Addr), u64>,
 }
 
-/// One namespace's table as read back.
-#[derive(Debug, Default, PartialEq)]
-struct Table {
-    vips: BTreeMap<Ipv4Addr, TableVip>,
-}
-
-/// One VIP of a table read back.
-#[derive(Debug, Default, PartialEq)]
-struct TableVip {
-    vni: u32,
-    /// In the `vips` map (else refused).
-    in_map: bool,
-    backends: BTreeMap<Ipv4Addr, Chain>,
-}
-
-/// One backend chain read back.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Chain {
-    /// In the service chain's rotation (else draining).
-    rotating: bool,
-    /// Connections handed to it.
-    packets: u64,
-}
-
-fn targets(v: &serde_json::Value, out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                match (k.as_str(), x) {
-                    ("target", serde_json::Value::String(t)) => out.push(t.clone()),
-                    _ => targets(x, out),
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter().for_each(|x| targets(x, out)),
-        _ => {}
-    }
-}
-
-/// Parses `nft -j list table ip swarmnet`.
-fn parse_table(json: &[u8]) -> Result<Table, serde_json::Error> {
-    let v: serde_json::Value = serde_json::from_slice(json)?;
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    let mut t = Table::default();
-    let mut in_map: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    for item in &items {
-        if let Some(name) = item["chain"]["name"].as_str() {
-            if let Some((vip, vni)) = parse_vip_chain(name) {
-                t.vips.entry(vip).or_default().vni = vni;
-            }
-        }
-        if item["map"]["name"] == "vips" {
-            for e in item["map"]["elem"].as_array().into_iter().flatten() {
-                if let Some(ip) = e[0].as_str().and_then(|s| s.parse().ok()) {
-                    in_map.insert(ip);
-                }
-            }
-        }
-    }
-    for item in &items {
-        let rule = &item["rule"];
-        let Some(chain) = rule["chain"].as_str() else { continue };
-        if let Some((vip, ip)) = parse_be_chain(chain) {
-            let packets: u64 = rule["expr"].as_array().into_iter().flatten().filter_map(|e| e["counter"]["packets"].as_u64()).sum();
-            if let Some(e) = t.vips.get_mut(&vip) {
-                e.backends.entry(ip).or_default().packets += packets;
-            }
-        } else if let Some(vip) = chain.strip_prefix("s_").and_then(parse_hex) {
-            let mut to = Vec::new();
-            targets(&rule["expr"], &mut to);
-            if let Some(e) = t.vips.get_mut(&vip) {
-                for ip in to.iter().filter_map(|c| parse_be_chain(c)).map(|(_, ip)| ip) {
-                    e.backends.entry(ip).or_default().rotating = true;
-                }
-            }
-        }
-    }
-    for (vip, e) in t.vips.iter_mut() {
-        e.in_map = in_map.contains(vip);
-    }
-    Ok(t)
-}
-
 pub struct NftLb {
-    ns: NsWorker,
     state: Mutex<State>,
+    record: PathBuf,
+    started: Instant,
 }
+
+/// How long an earlier agent's record of a task waits for the task to be added again.
+const EARLIER_KEPT: Duration = Duration::from_secs(60);
 
 fn active(s: &ServiceLb) -> Vec<Ipv4Addr> {
     s.backends.iter().filter(|b| b.state == BackendState::Active).map(|b| b.ip).collect()
 }
 
 /// The rule of a service's chain: round robin over its active backends.
-fn numgen(s: &ServiceLb, active: &[Ipv4Addr]) -> String {
-    let arms: Vec<String> = active.iter().enumerate().map(|(i, ip)| format!("{i} : goto {}", be_chain(s.vip, *ip))).collect();
-    format!("numgen inc mod {} vmap {{ {} }}", active.len(), arms.join(", "))
+fn numgen(vip: Ipv4Addr, active: &[Ipv4Addr]) -> Statement<'static> {
+    let arms = active.iter().enumerate().map(|(i, ip)| SetItem::Mapping(nft::n(u32::try_from(i).unwrap_or(u32::MAX)), nft::goto(&be_chain(vip, *ip)))).collect();
+    Statement::VerdictMap(nft::VerdictMap { key: nft::numgen_inc(u32::try_from(active.len()).unwrap_or(u32::MAX)), data: nft::set(arms) })
+}
+
+fn backend_chain(tx: &mut Tx, vip: Ipv4Addr, ip: Ipv4Addr) {
+    let c = be_chain(vip, ip);
+    tx.add(nft::chain(FAM, TABLE, &c));
+    tx.add(nft::rule(FAM, TABLE, &c, vec![nft::counter(), nft::dnat(ip.to_string(), None)]));
+}
+
+fn service_chain(tx: &mut Tx, vip: Ipv4Addr, act: &[Ipv4Addr]) {
+    let sc = svc_chain(vip);
+    tx.add(nft::chain(FAM, TABLE, &sc));
+    tx.flush_chain(FAM, TABLE, &sc);
+    tx.add(nft::rule(FAM, TABLE, &sc, vec![numgen(vip, act)]));
 }
 
 /// The whole table of one namespace, replacing what was there in one transaction.
-fn full_table(services: &[&ServiceLb]) -> (String, BTreeMap<Ipv4Addr, NsVip>) {
+fn full_table(services: &[&ServiceLb]) -> (Tx, BTreeMap<Ipv4Addr, NsVip>) {
     let mut made = BTreeMap::new();
-    let mut t = format!("table {TABLE} {{}}\ndelete table {TABLE}\ntable {TABLE} {{\n");
+    let mut tx = Tx::new();
+    tx.replace_table(FAM, TABLE);
     let mut vips = Vec::new();
     let mut refused = Vec::new();
     for s in services {
         let act = active(s);
-        let _ = writeln!(t, "  chain {} {{ }}", vip_chain(s.vip, s.vni));
         for b in &s.backends {
-            let _ = writeln!(t, "  chain {} {{ counter dnat to {}; }}", be_chain(s.vip, b.ip), b.ip);
+            backend_chain(&mut tx, s.vip, b.ip);
         }
         if act.is_empty() {
-            refused.push(s.vip.to_string());
+            refused.push(nft::s(s.vip.to_string()));
         } else {
-            let _ = writeln!(t, "  chain {} {{ {}; }}", svc_chain(s.vip), numgen(s, &act));
-            vips.push(format!("{} : goto {}", s.vip, svc_chain(s.vip)));
+            service_chain(&mut tx, s.vip, &act);
+            vips.push((nft::s(s.vip.to_string()), svc_chain(s.vip)));
         }
-        made.insert(s.vip, NsVip { backends: s.backends.iter().map(|b| b.ip).collect(), active: !act.is_empty(), vni: Some(s.vni) });
+        made.insert(s.vip, NsVip { backends: s.backends.iter().map(|b| b.ip).collect(), active: !act.is_empty(), vni: s.vni });
     }
-    let elements = |v: &[String]| if v.is_empty() { String::new() } else { format!(" elements = {{ {} }};", v.join(", ")) };
-    let _ = writeln!(t, "  map vips {{ type ipv4_addr : verdict;{} }}", elements(&vips));
-    let _ = writeln!(t, "  set refused {{ type ipv4_addr;{} }}", elements(&refused));
-    t.push_str("  chain out { type nat hook output priority -100; policy accept; ip daddr vmap @vips; }\n");
-    t.push_str("  chain filter_out { type filter hook output priority filter; policy accept; ct state invalid drop; ct state new ip daddr @refused meta l4proto tcp reject with tcp reset; ct state new ip daddr @refused reject; }\n");
-    t.push_str("  chain filter_in { type filter hook input priority filter; policy accept; ct state invalid drop; }\n");
-    t.push_str("}\n");
-    (t, made)
+    tx.verdict_map(FAM, TABLE, "vips", &["ipv4_addr"], vips);
+    tx.add(nft::named_set(FAM, TABLE, "refused", &[SetType::Ipv4Addr], refused));
+    tx.add(nft::base_chain(FAM, TABLE, "out", NfChainType::NAT, NfHook::Output, -100));
+    tx.add(nft::rule(FAM, TABLE, "out", vec![Statement::VerdictMap(nft::VerdictMap { key: nft::field("ip", "daddr"), data: nft::s("@vips") })]));
+    tx.add(nft::base_chain(FAM, TABLE, "filter_out", NfChainType::Filter, NfHook::Output, 0));
+    let new = || nft::m(nft::ct("state"), nft::Operator::IN, nft::s("new"));
+    let refused_dst = || nft::eq(nft::field("ip", "daddr"), nft::s("@refused"));
+    tx.add(nft::rule(FAM, TABLE, "filter_out", vec![nft::m(nft::ct("state"), nft::Operator::IN, nft::s("invalid")), Statement::Drop(None)]));
+    tx.add(nft::rule(FAM, TABLE, "filter_out", vec![new(), refused_dst(), nft::eq(nft::meta(nft::MetaKey::L4proto), nft::s("tcp")), nft::reject_tcp_reset()]));
+    tx.add(nft::rule(FAM, TABLE, "filter_out", vec![new(), refused_dst(), Statement::Reject(None)]));
+    tx.add(nft::base_chain(FAM, TABLE, "filter_in", NfChainType::Filter, NfHook::Input, 0));
+    tx.add(nft::rule(FAM, TABLE, "filter_in", vec![nft::m(nft::ct("state"), nft::Operator::IN, nft::s("invalid")), Statement::Drop(None)]));
+    (tx, made)
+}
+
+fn element(tx: &mut Tx, delete: bool, name: &str, e: Expression<'static>) {
+    let o = nft::elements(FAM, TABLE, name, vec![e]);
+    if delete {
+        tx.delete(o);
+    } else {
+        tx.add(o);
+    }
 }
 
 /// The changes that make one namespace's table hold `s` (or, with None, no longer hold
-/// `vip`), given what it holds; and the backends that left.
-fn change(vip: Ipv4Addr, s: Option<&ServiceLb>, had: Option<&NsVip>) -> (String, Option<NsVip>, Vec<Ipv4Addr>) {
-    let mut t = String::new();
+/// `vip`), given what it holds; what it holds then; and the backends that left.
+fn change(tx: &mut Tx, vip: Ipv4Addr, s: Option<&ServiceLb>, had: Option<&NsVip>) -> (Option<NsVip>, Vec<Ipv4Addr>) {
     let old = had.cloned().unwrap_or_default();
     let existed = had.is_some();
     let want: BTreeSet<Ipv4Addr> = s.map(|s| s.backends.iter().map(|b| b.ip).collect()).unwrap_or_default();
     let act = s.map(active).unwrap_or_default();
     for ip in want.difference(&old.backends) {
-        let c = be_chain(vip, *ip);
-        let _ = writeln!(t, "add chain {TABLE} {c}\nadd rule {TABLE} {c} counter dnat to {ip}");
+        backend_chain(tx, vip, *ip);
     }
     let sc = svc_chain(vip);
-    if let (Some(s), false) = (s, existed) {
-        let _ = writeln!(t, "add chain {TABLE} {}", vip_chain(vip, s.vni));
-    }
+    let to_vips = || Expression::List(vec![nft::s(vip.to_string()), nft::goto(&sc)]);
     match s {
-        Some(s) if !act.is_empty() => {
-            let _ = writeln!(t, "add chain {TABLE} {sc}\nflush chain {TABLE} {sc}\nadd rule {TABLE} {sc} {}", numgen(s, &act));
+        Some(_) if !act.is_empty() => {
+            service_chain(tx, vip, &act);
             if !(existed && old.active) {
                 if existed {
-                    let _ = writeln!(t, "delete element {TABLE} refused {{ {vip} }}");
+                    element(tx, true, "refused", nft::s(vip.to_string()));
                 }
-                let _ = writeln!(t, "add element {TABLE} vips {{ {vip} : goto {sc} }}");
+                element(tx, false, "vips", to_vips());
             }
         }
         Some(_) => {
             if existed && old.active {
-                let _ = writeln!(t, "delete element {TABLE} vips {{ {vip} }}\ndelete chain {TABLE} {sc}");
+                element(tx, true, "vips", nft::s(vip.to_string()));
+                tx.delete(nft::chain(FAM, TABLE, &sc));
             }
             if !existed || old.active {
-                let _ = writeln!(t, "add element {TABLE} refused {{ {vip} }}");
+                element(tx, false, "refused", nft::s(vip.to_string()));
             }
         }
         None => {
             if existed && old.active {
-                let _ = writeln!(t, "delete element {TABLE} vips {{ {vip} }}\ndelete chain {TABLE} {sc}");
+                element(tx, true, "vips", nft::s(vip.to_string()));
+                tx.delete(nft::chain(FAM, TABLE, &sc));
             } else if existed {
-                let _ = writeln!(t, "delete element {TABLE} refused {{ {vip} }}");
+                element(tx, true, "refused", nft::s(vip.to_string()));
             }
         }
-    }
-    if let (None, true, Some(vni)) = (s, existed, old.vni) {
-        let _ = writeln!(t, "delete chain {TABLE} {}", vip_chain(vip, vni));
     }
     let gone: Vec<Ipv4Addr> = old.backends.difference(&want).copied().collect();
     for ip in &gone {
         let c = be_chain(vip, *ip);
-        let _ = writeln!(t, "flush chain {TABLE} {c}\ndelete chain {TABLE} {c}");
+        tx.flush_chain(FAM, TABLE, &c);
+        tx.delete(nft::chain(FAM, TABLE, &c));
     }
-    let now = s.map(|s| NsVip { backends: want, active: !act.is_empty(), vni: Some(s.vni) });
-    (t, now, gone)
+    let now = s.map(|s| NsVip { backends: want, active: !act.is_empty(), vni: s.vni });
+    (now, gone)
 }
 
 impl NftLb {
-    /// Checks that `nft` runs.
-    pub fn open(ns: NsWorker) -> Result<NftLb, String> {
+    /// Checks that `nft` runs, and reads the record an earlier agent left at `record`.
+    pub fn open(record: PathBuf) -> Result<NftLb, String> {
         let out = std::process::Command::new("nft").arg("--version").output().map_err(|e| format!("nft: {e} (install nftables)"))?;
         if !out.status.success() {
             return Err(format!("nft --version failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
         }
-        Ok(NftLb { ns, state: Mutex::new(State::default()) })
-    }
-
-    /// The namespace's table, read back; None if it has none.
-    async fn read_ns(&self, netns: &File) -> Result<Option<Table>, SinkError> {
-        let f = netns.try_clone()?;
-        let argv = vec!["nft".to_string(), "-j".into(), "list".into(), "table".into(), "ip".into(), "swarmnet".into()];
-        let out = self.ns.run(move |ctx| ctx.command_in(&f, &argv, b"")).await??;
-        if !out.status.success() {
-            return Ok(None);
-        }
-        Ok(Some(parse_table(&out.stdout)?))
-    }
-
-    async fn nft(&self, netns: &File, script: String) -> Result<(), SinkError> {
-        if script.is_empty() {
-            return Ok(());
-        }
-        let f = netns.try_clone()?;
-        let argv = vec!["nft".to_string(), "-f".into(), "-".into()];
-        let out = self.ns.run(move |ctx| ctx.command_in(&f, &argv, script.as_bytes())).await??;
-        if !out.status.success() {
-            return Err(format!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
-        }
-        Ok(())
-    }
-
-    /// Forgets UDP flows from this namespace to `vip` answered by `ip`, so the next datagram
-    /// is steered again (to a task that is there).
-    async fn clear_udp(&self, netns: &File, vip: Ipv4Addr, ip: Ipv4Addr) {
-        let Ok(f) = netns.try_clone() else { return };
-        let argv: Vec<String> = ["conntrack", "-D", "-p", "udp", "--orig-dst", &vip.to_string(), "--reply-src", &ip.to_string()].iter().map(|s| s.to_string()).collect();
-        let r = match self.ns.run(move |ctx| ctx.command_in(&f, &argv, b"")).await {
-            Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let earlier = match crate::state::read_json::<Record>(&record) {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, "load balancer (nftables): the record of what an earlier agent programmed cannot be read: adopted tasks get their whole table again");
+                Record::default()
+            }
         };
-        if let Err(e) = r {
-            warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows");
+        if !earlier.tasks.is_empty() {
+            info!(tasks = earlier.tasks.len(), vips = earlier.services.len(), "load balancer (nftables): the record of an earlier agent");
+        }
+        Ok(NftLb { state: Mutex::new(State { services: BTreeMap::new(), tasks: BTreeMap::new(), earlier, retired: BTreeMap::new() }), record, started: Instant::now() })
+    }
+
+    /// Writes the record of what every namespace holds.
+    fn save(&self, st: &mut State) {
+        if self.started.elapsed() > EARLIER_KEPT {
+            st.earlier.tasks.clear();
+        }
+        let mut rec = Record { services: st.services.clone(), tasks: st.earlier.tasks.clone() };
+        for (id, t) in &st.tasks {
+            rec.tasks.insert(id.clone(), t.rec.clone());
+        }
+        for (vip, s) in &st.earlier.services {
+            rec.services.entry(*vip).or_insert_with(|| s.clone());
+        }
+        if let Err(e) = crate::state::write_json(&self.record, &rec, 0o600) {
+            warn!(error = %e, "load balancer (nftables): cannot write its record (a restarted agent gives adopted tasks their whole table again)");
+        }
+    }
+
+    /// Forgets UDP flows from `netns` to `vip` answered by `ip` (over ctnetlink), so the next
+    /// datagram is steered again (to a task that is there).
+    async fn clear_udp(netns: &File, vip: Ipv4Addr, ip: Ipv4Addr) {
+        let Ok(f) = netns.try_clone() else { return };
+        let r = tokio::task::spawn_blocking(move || crate::netns::in_netns(&f, || crate::netlink::delete_udp_flows(vip, ip))).await;
+        match r {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows"),
+            Ok(Err(e)) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows"),
+            Err(e) => warn!(vip = %vip, backend = %ip, error = %e, "load balancer (nftables): could not clear UDP flows"),
         }
     }
 
@@ -322,36 +268,35 @@ impl NftLb {
         let ids: Vec<TaskId> = st.tasks.keys().cloned().collect();
         for id in ids {
             let Some(t) = st.tasks.get(&id) else { continue };
-            let mut script = String::new();
+            let mut tx = Tx::new();
             let mut after = Vec::new();
             for (vip, s) in changes {
                 // A VIP is on a namespace's networks, or held by it already (a removal).
                 let concerned = match s {
-                    Some(s) => t.vnis.contains(&s.vni),
-                    None => t.made.contains_key(vip),
+                    Some(s) => t.rec.vnis.contains(&s.vni),
+                    None => t.rec.made.contains_key(vip),
                 };
                 if !concerned {
                     continue;
                 }
-                let (text, now, gone) = change(*vip, *s, t.made.get(vip));
-                script.push_str(&text);
+                let (now, gone) = change(&mut tx, *vip, *s, t.rec.made.get(vip));
                 after.push((*vip, now, gone));
             }
             if after.is_empty() {
                 continue;
             }
             let Ok(netns) = t.netns.try_clone() else { continue };
-            match self.nft(&netns, script).await {
+            match nft::apply(Some(&netns), &tx).await {
                 Ok(()) => {
                     for (vip, now, gone) in after {
                         if let Some(t) = st.tasks.get_mut(&id) {
                             match now {
-                                Some(n) => t.made.insert(vip, n),
-                                None => t.made.remove(&vip),
+                                Some(n) => t.rec.made.insert(vip, n),
+                                None => t.rec.made.remove(&vip),
                             };
                         }
                         for ip in gone {
-                            self.clear_udp(&netns, vip, ip).await;
+                            Self::clear_udp(&netns, vip, ip).await;
                         }
                     }
                 }
@@ -363,6 +308,20 @@ impl NftLb {
             }
         }
         failed
+    }
+
+    /// Connections handed to each backend of each VIP by the table of `netns`, by the chain
+    /// names `made` gives (an absent table: none).
+    async fn counters(netns: &File, made: &BTreeMap<Ipv4Addr, NsVip>) -> Result<BTreeMap<(Ipv4Addr, Ipv4Addr), u64>, SinkError> {
+        let Some(objs) = nft::list_table(Some(netns), FAM, TABLE).await? else { return Ok(BTreeMap::new()) };
+        let packets = nft::chain_packets(&objs);
+        let mut out = BTreeMap::new();
+        for (vip, v) in made {
+            for ip in &v.backends {
+                out.insert((*vip, *ip), packets.get(&be_chain(*vip, *ip)).copied().unwrap_or(0));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -376,7 +335,8 @@ impl LbBackend for NftLb {
         let mut st = self.state.lock().await;
         let changes: Vec<(Ipv4Addr, Option<&ServiceLb>)> = svcs.iter().map(|s| (s.vip, Some(s))).collect();
         let failed = self.apply(&mut st, &changes).await;
-        svcs.iter()
+        let out = svcs
+            .iter()
             .map(|s| match failed.get(&s.vip) {
                 Some(why) => Err(why.join("; ").into()),
                 None => {
@@ -384,113 +344,121 @@ impl LbBackend for NftLb {
                     Ok(())
                 }
             })
-            .collect()
+            .collect();
+        self.save(&mut st);
+        out
     }
 
     async fn remove(&self, vips: &[Ipv4Addr]) -> Vec<Result<(), SinkError>> {
         let mut st = self.state.lock().await;
-        // Also VIPs this agent never programmed (an earlier agent's, left in an adopted
-        // task's table): every namespace that holds one loses it.
+        // Also VIPs this agent never programmed (an earlier agent's, in an adopted task's
+        // table): every namespace that holds one loses it.
         let changes: Vec<(Ipv4Addr, Option<&ServiceLb>)> = vips.iter().map(|v| (*v, None)).collect();
         let failed = self.apply(&mut st, &changes).await;
-        vips.iter()
+        let out = vips
+            .iter()
             .map(|v| match failed.get(v) {
                 Some(why) => Err(why.join("; ").into()),
                 None => {
                     st.services.remove(v);
+                    st.earlier.services.remove(v);
                     Ok(())
                 }
             })
-            .collect()
+            .collect();
+        self.save(&mut st);
+        out
     }
 
-    /// Every VIP the tasks' tables hold, read back from the kernel: its backends (in the
-    /// rotation: active, else draining) and the connections handed to each, summed over
-    /// the namespaces of this node's tasks (and those gone since this agent started).
+    /// Every VIP the tasks' tables hold: its backends (active or draining, as programmed)
+    /// and the connections handed to each, summed over the namespaces of this node's tasks
+    /// (and those gone since this agent started); at the start, also what an earlier agent's
+    /// record says of tasks not added again yet.
     async fn read(&self) -> Result<Vec<ServiceRow>, SinkError> {
         let st = self.state.lock().await;
-        let mut rows: BTreeMap<Ipv4Addr, TableVip> = BTreeMap::new();
+        let mut rows: BTreeMap<Ipv4Addr, (u32, BTreeMap<Ipv4Addr, u64>)> = BTreeMap::new();
         for t in st.tasks.values() {
-            let Some(table) = self.read_ns(&t.netns).await? else { continue };
-            for (vip, v) in table.vips {
-                let row = rows.entry(vip).or_insert_with(|| TableVip { vni: v.vni, ..Default::default() });
-                for (ip, c) in v.backends {
-                    let b = row.backends.entry(ip).or_default();
-                    b.rotating |= c.rotating;
-                    b.packets += c.packets;
+            let counts = Self::counters(&t.netns, &t.rec.made).await?;
+            for (vip, v) in &t.rec.made {
+                let row = rows.entry(*vip).or_insert_with(|| (v.vni, BTreeMap::new()));
+                for ip in &v.backends {
+                    *row.1.entry(*ip).or_default() += counts.get(&(*vip, *ip)).copied().unwrap_or(0);
                 }
             }
         }
+        for rec in st.earlier.tasks.values() {
+            for (vip, v) in &rec.made {
+                let row = rows.entry(*vip).or_insert_with(|| (v.vni, BTreeMap::new()));
+                for ip in &v.backends {
+                    row.1.entry(*ip).or_default();
+                }
+            }
+        }
+        let state_of = |vip: Ipv4Addr, ip: Ipv4Addr| {
+            st.services.get(&vip).or_else(|| st.earlier.services.get(&vip)).and_then(|s| s.backends.iter().find(|b| b.ip == ip)).map_or(BackendState::Draining, |b| b.state)
+        };
         Ok(rows
             .into_iter()
-            .map(|(vip, v)| ServiceRow {
+            .map(|(vip, (vni, backends))| ServiceRow {
                 vip,
-                vni: v.vni,
-                backends: v
-                    .backends
-                    .into_iter()
-                    .map(|(ip, c)| BackendRow {
-                        ip,
-                        state: if c.rotating { BackendState::Active } else { BackendState::Draining },
-                        connections: c.packets + st.retired.get(&(vip, ip)).copied().unwrap_or(0),
-                    })
-                    .collect(),
+                vni,
+                backends: backends.into_iter().map(|(ip, n)| BackendRow { ip, state: state_of(vip, ip), connections: n + st.retired.get(&(vip, ip)).copied().unwrap_or(0) }).collect(),
             })
             .collect())
     }
 
     async fn add_task(&self, task: &TaskId, netns: &File, vnis: &[u32]) -> Result<(), SinkError> {
         let mut st = self.state.lock().await;
-        let mine: Vec<&ServiceLb> = st.services.values().filter(|s| vnis.contains(&s.vni)).collect();
-        let made = match self.read_ns(netns).await? {
-            // A task adopted after a restart: its table goes on as it is; what this agent
-            // already programmed since is brought into it (one transaction), and the rest
-            // changes from what it holds.
-            Some(table) => {
-                let mut made: BTreeMap<Ipv4Addr, NsVip> =
-                    table.vips.into_iter().map(|(vip, v)| (vip, NsVip { backends: v.backends.keys().copied().collect(), active: v.in_map, vni: Some(v.vni) })).collect();
-                let mut script = String::new();
+        let mine: Vec<ServiceLb> = st.services.values().filter(|s| vnis.contains(&s.vni)).cloned().collect();
+        let rec = match st.earlier.tasks.remove(task) {
+            // A task adopted after a restart: its table goes on as the record says it is;
+            // what this agent already programmed since is brought into it in one
+            // transaction, and the rest changes from there.
+            Some(mut rec) => {
+                let mut tx = Tx::new();
                 let mut after = Vec::new();
                 for s in &mine {
-                    let (text, now, _) = change(s.vip, Some(s), made.get(&s.vip));
-                    script.push_str(&text);
+                    let (now, _) = change(&mut tx, s.vip, Some(s), rec.made.get(&s.vip));
                     after.push((s.vip, now));
                 }
-                self.nft(netns, script).await.map_err(|e| format!("task {task}: {e}"))?;
+                nft::apply(Some(netns), &tx).await.map_err(|e| format!("task {task}: {e}"))?;
                 for (vip, now) in after {
                     if let Some(n) = now {
-                        made.insert(vip, n);
+                        rec.made.insert(vip, n);
                     }
                 }
-                made
+                rec.vnis = vnis.to_vec();
+                rec
             }
             None => {
-                let (script, made) = full_table(&mine);
-                self.nft(netns, script).await.map_err(|e| format!("task {task}: {e}"))?;
-                made
+                let (tx, made) = full_table(&mine.iter().collect::<Vec<_>>());
+                nft::apply(Some(netns), &tx).await.map_err(|e| format!("task {task}: {e}"))?;
+                NsRecord { vnis: vnis.to_vec(), made }
             }
         };
-        st.tasks.insert(task.clone(), TaskNs { netns: netns.try_clone()?, vnis: vnis.to_vec(), made });
+        st.tasks.insert(task.clone(), TaskNs { netns: netns.try_clone()?, rec });
+        self.save(&mut st);
         Ok(())
     }
 
     async fn remove_task(&self, task: &TaskId, netns: Option<&File>, _vnis: &[u32]) -> Result<(), SinkError> {
         let mut st = self.state.lock().await;
         // The table goes with the namespace; its counters are kept for `lb ls`.
-        let ns = match (st.tasks.remove(task), netns) {
-            (Some(t), _) => Some(t.netns),
+        let known = st.tasks.remove(task);
+        st.earlier.tasks.remove(task);
+        let ns = match (&known, netns) {
+            (Some(t), _) => Some(t.netns.try_clone()?),
             (None, Some(f)) => Some(f.try_clone()?),
             (None, None) => None,
         };
-        if let Some(ns) = ns {
-            if let Ok(Some(table)) = self.read_ns(&ns).await {
-                for (vip, v) in table.vips {
-                    for (ip, c) in v.backends {
-                        *st.retired.entry((vip, ip)).or_default() += c.packets;
-                    }
+        if let (Some(ns), Some(t)) = (ns, &known) {
+            if let Ok(counts) = Self::counters(&ns, &t.rec.made).await {
+                for (k, n) in counts {
+                    *st.retired.entry(k).or_default() += n;
                 }
             }
         }
+        self.save(&mut st);
         Ok(())
     }
 }
@@ -512,69 +480,81 @@ mod tests {
 
     use BackendState::{Active, Draining};
 
+    /// The commands of a transaction as (verb, object kind, name or chain), and the JSON.
+    fn cmds(tx: &Tx) -> (Vec<String>, String) {
+        let json = tx.json();
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let list = v["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .skip(1)
+            .filter_map(|c| {
+                let (verb, obj) = c.as_object()?.iter().next()?;
+                let (kind, o) = obj.as_object()?.iter().next()?;
+                let name = o["name"].as_str().or_else(|| o["chain"].as_str()).unwrap_or_default();
+                Some(format!("{verb} {kind} {name}"))
+            })
+            .collect();
+        (list, json)
+    }
+
     #[test]
     fn a_whole_table_replaces_what_was_there_in_one_transaction() {
         let a = svc(&[(3, Active), (4, Draining)]);
-        let (t, made) = full_table(&[&a]);
-        assert!(t.starts_with("table ip swarmnet {}\ndelete table ip swarmnet\ntable ip swarmnet {\n"), "{t}");
-        assert!(t.contains("chain b_0a000002_0a000003 { counter dnat to 10.0.0.3; }"), "{t}");
-        assert!(t.contains("chain b_0a000002_0a000004 { counter dnat to 10.0.0.4; }"), "a draining backend keeps its chain: {t}");
-        assert!(t.contains("chain s_0a000002 { numgen inc mod 1 vmap { 0 : goto b_0a000002_0a000003 }; }"), "only active ones are chosen: {t}");
-        assert!(t.contains("elements = { 10.0.0.2 : goto s_0a000002 }"), "{t}");
-        assert!(t.contains("ct state invalid drop"), "{t}");
-        assert!(made[&a.vip].active);
+        let (tx, made) = full_table(&[&a]);
+        let (c, json) = cmds(&tx);
+        assert_eq!(&c[..3], &["add table swarmnet", "delete table swarmnet", "add table swarmnet"], "replaced whole");
+        assert!(c.contains(&"add rule b_0a000002_0a000004".to_string()), "a draining backend keeps its chain: {c:?}");
+        assert!(json.contains(r#"{"vmap":{"data":{"set":[[0,{"goto":{"target":"b_0a000002_0a000003"}}]]},"key":{"numgen":{"mod":1,"mode":"inc"}}}}"#), "only active ones are chosen: {json}");
+        assert!(json.contains(r#"{"add":{"map":{"family":"ip","map":"verdict","name":"vips","table":"swarmnet","type":"ipv4_addr"}}}"#), "{json}");
+        assert!(json.contains(r#"["10.0.0.2",{"goto":{"target":"s_0a000002"}}]"#), "{json}");
+        assert!(json.contains(r#"{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":"invalid"}},{"drop":null}"#), "ct state invalid drop: {json}");
+        assert_eq!(made[&a.vip], NsVip { backends: [Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 4)].into(), active: true, vni: 4096 });
     }
 
     #[test]
     fn changes_are_incremental_and_a_vip_without_tasks_is_refused() {
         let vip = Ipv4Addr::new(10, 0, 0, 2);
         let one = svc(&[(3, Active)]);
-        let (t, now, gone) = change(vip, Some(&one), None);
-        assert_eq!(t, "add chain ip swarmnet b_0a000002_0a000003\nadd rule ip swarmnet b_0a000002_0a000003 counter dnat to 10.0.0.3\nadd chain ip swarmnet v_0a000002_4096\nadd chain ip swarmnet s_0a000002\nflush chain ip swarmnet s_0a000002\nadd rule ip swarmnet s_0a000002 numgen inc mod 1 vmap { 0 : goto b_0a000002_0a000003 }\nadd element ip swarmnet vips { 10.0.0.2 : goto s_0a000002 }\n");
+        let mut tx = Tx::new();
+        let (now, gone) = change(&mut tx, vip, Some(&one), None);
+        assert_eq!(cmds(&tx).0, vec!["add chain b_0a000002_0a000003", "add rule b_0a000002_0a000003", "add chain s_0a000002", "flush chain s_0a000002", "add rule s_0a000002", "add element vips"]);
         assert!(gone.is_empty());
         let had = now.expect("held");
         // .3 drains, .4 arrives: .3's chain stays (its counter too), the rotation is .4 only.
         let two = svc(&[(3, Draining), (4, Active)]);
-        let (t, now, gone) = change(vip, Some(&two), Some(&had));
-        assert!(!t.contains("delete chain ip swarmnet b_0a000002_0a000003"), "{t}");
-        assert!(t.contains("numgen inc mod 1 vmap { 0 : goto b_0a000002_0a000004 }"), "{t}");
-        assert!(!t.contains("add element"), "already in the map: {t}");
+        let mut tx = Tx::new();
+        let (now, gone) = change(&mut tx, vip, Some(&two), Some(&had));
+        let (c, json) = cmds(&tx);
+        assert!(!c.contains(&"delete chain b_0a000002_0a000003".to_string()), "{c:?}");
+        assert!(json.contains(r#"[0,{"goto":{"target":"b_0a000002_0a000004"}}]"#) && !json.contains(r#"[1,"#), "{json}");
+        assert!(!c.contains(&"add element vips".to_string()), "already dispatched: {c:?}");
         assert!(gone.is_empty());
         // Nobody active: out of the map, into the refused set; .3 left entirely.
         let had = now.expect("held");
         let none = svc(&[(4, Draining)]);
-        let (t, now, gone) = change(vip, Some(&none), Some(&had));
-        assert!(t.contains("delete element ip swarmnet vips { 10.0.0.2 }") && t.contains("add element ip swarmnet refused { 10.0.0.2 }"), "{t}");
-        assert!(t.contains("flush chain ip swarmnet b_0a000002_0a000003\ndelete chain ip swarmnet b_0a000002_0a000003"), "{t}");
+        let mut tx = Tx::new();
+        let (now, gone) = change(&mut tx, vip, Some(&none), Some(&had));
+        let c = cmds(&tx).0;
+        assert!(c.contains(&"delete element vips".to_string()) && c.contains(&"add element refused".to_string()), "{c:?}");
+        assert!(c.ends_with(&["flush chain b_0a000002_0a000003".to_string(), "delete chain b_0a000002_0a000003".to_string()]), "{c:?}");
         assert_eq!(gone, vec![Ipv4Addr::new(10, 0, 0, 3)]);
         // Removed: out of the refused set, chains gone.
-        let (t, now, _) = change(vip, None, now.as_ref());
-        assert!(t.contains("delete element ip swarmnet refused { 10.0.0.2 }") && t.contains("delete chain ip swarmnet b_0a000002_0a000004"), "{t}");
-        assert!(t.contains("delete chain ip swarmnet v_0a000002_4096"), "{t}");
+        let mut tx = Tx::new();
+        let (now, _) = change(&mut tx, vip, None, now.as_ref());
+        let c = cmds(&tx).0;
+        assert!(c.contains(&"delete element refused".to_string()) && c.contains(&"delete chain b_0a000002_0a000004".to_string()), "{c:?}");
         assert!(now.is_none());
     }
 
     #[test]
-    fn a_table_read_back_says_what_it_holds() {
-        let json = br#"{"nftables": [{"metainfo": {}}, {"table": {"family": "ip", "name": "swarmnet"}},
-          {"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "s_0a000002"}}]]}},
-          {"set": {"name": "refused", "elem": ["10.0.0.9"]}},
-          {"chain": {"name": "v_0a000002_4096"}}, {"chain": {"name": "v_0a000009_4096"}},
-          {"rule": {"chain": "b_0a000002_0a000003", "expr": [{"counter": {"packets": 7, "bytes": 420}}, {"dnat": {"addr": "10.0.0.3"}}]}},
-          {"rule": {"chain": "b_0a000002_0a000004", "expr": [{"counter": {"packets": 2, "bytes": 120}}, {"dnat": {"addr": "10.0.0.4"}}]}},
-          {"rule": {"chain": "s_0a000002", "expr": [{"vmap": {"key": {"numgen": {"mode": "inc", "mod": 1}}, "data": {"set": [[0, {"goto": {"target": "b_0a000002_0a000003"}}]]}}}]}}]}"#;
-        let t = parse_table(json).expect("parse");
-        let web = &t.vips[&Ipv4Addr::new(10, 0, 0, 2)];
-        assert_eq!((web.vni, web.in_map), (4096, true));
-        assert_eq!(web.backends[&Ipv4Addr::new(10, 0, 0, 3)], Chain { rotating: true, packets: 7 }, "in the rotation, 7 connections");
-        assert_eq!(web.backends[&Ipv4Addr::new(10, 0, 0, 4)], Chain { rotating: false, packets: 2 }, "draining, 2 connections");
-        let empty = &t.vips[&Ipv4Addr::new(10, 0, 0, 9)];
-        assert_eq!((empty.vni, empty.in_map, empty.backends.len()), (4096, false, 0), "refused");
-    }
-
-    #[test]
-    fn backend_chains_name_their_vip_and_address() {
-        assert_eq!(parse_be_chain("b_0a000002_0a000003"), Some((Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3))));
-        assert_eq!(parse_be_chain("s_0a000002"), None);
+    fn the_record_round_trips_and_says_which_network_a_vip_is_on() {
+        let a = svc(&[(3, Active)]);
+        let (_, made) = full_table(&[&a]);
+        let rec = Record { services: [(a.vip, a.clone())].into(), tasks: [("t1".to_string(), NsRecord { vnis: vec![4096], made })].into() };
+        let back: Record = serde_json::from_str(&serde_json::to_string(&rec).expect("json")).expect("back");
+        assert_eq!(back, rec);
+        assert_eq!(back.tasks["t1"].made[&a.vip].vni, 4096);
     }
 }
