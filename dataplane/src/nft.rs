@@ -37,10 +37,11 @@ pub enum NftError {
     Worker(String),
 }
 
-/// One transaction: commands in order, applied all or nothing.
+/// One transaction: commands in order, applied all or nothing. Each command is kept as the
+/// JSON text nft reads.
 #[derive(Clone, Debug, Default)]
 pub struct Tx {
-    cmds: Vec<serde_json::Value>,
+    cmds: Vec<String>,
 }
 
 impl Tx {
@@ -53,10 +54,18 @@ impl Tx {
     }
 
     fn push(&mut self, cmd: NfCmd<'_>) {
+        let notrack = matches!(&cmd, NfCmd::Add(NfListObject::Rule(r)) if r.expr.iter().any(|s| matches!(s, Statement::Notrack)));
+        let obj = NfObject::CmdObject(cmd);
         // Serialising the crate's own types cannot fail (no maps with non-string keys).
-        if let Ok(v) = serde_json::to_value(NfObject::CmdObject(cmd)) {
-            self.cmds.push(v);
-        }
+        let text = if notrack {
+            serde_json::to_value(&obj).ok().map(|mut v| {
+                mend_notrack(&mut v);
+                v.to_string()
+            })
+        } else {
+            serde_json::to_string(&obj).ok()
+        };
+        self.cmds.extend(text);
     }
 
     pub fn add(&mut self, o: NfListObject<'_>) {
@@ -91,7 +100,7 @@ impl Tx {
     pub fn verdict_map(&mut self, family: NfFamily, table: &str, name: &str, key: &[&str], elems: Vec<(Expression<'_>, String)>) {
         let fam = serde_json::to_value(family).unwrap_or(serde_json::Value::Null);
         let ty = if key.len() == 1 { serde_json::json!(key[0]) } else { serde_json::json!(key) };
-        self.cmds.push(serde_json::json!({"add": {"map": {"family": fam, "table": table, "name": name, "type": ty, "map": "verdict"}}}));
+        self.cmds.push(serde_json::json!({"add": {"map": {"family": fam, "table": table, "name": name, "type": ty, "map": "verdict"}}}).to_string());
         if !elems.is_empty() {
             let elem: Vec<Expression<'_>> = elems.into_iter().map(|(k, chain)| Expression::List(vec![k, goto(&chain)])).collect();
             self.add(NfListObject::Element(Element { family, table: table.to_string().into(), name: name.to_string().into(), elem: elem.into() }));
@@ -100,11 +109,14 @@ impl Tx {
 
     /// The transaction as `nft -j -f` reads it.
     pub fn json(&self) -> String {
-        let mut cmds = self.cmds.clone();
-        cmds.iter_mut().for_each(mend_notrack);
-        let mut all = vec![serde_json::json!({"metainfo": {"json_schema_version": 1}})];
-        all.extend(cmds);
-        serde_json::json!({ "nftables": all }).to_string()
+        let mut out = String::with_capacity(64 + self.cmds.iter().map(|c| c.len() + 1).sum::<usize>());
+        out.push_str(r#"{"nftables":[{"metainfo":{"json_schema_version":1}}"#);
+        for c in &self.cmds {
+            out.push(',');
+            out.push_str(c);
+        }
+        out.push_str("]}");
+        out
     }
 }
 
