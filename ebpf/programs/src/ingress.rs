@@ -56,7 +56,7 @@ static HANDED: PerCpuHashMap<IngHandKey, u64> = PerCpuHashMap::with_max_entries(
 pub fn sn_ingress(ctx: TcContext) -> i32 {
     match take(&ctx) {
         Some(verdict) => verdict,
-        None => TC_ACT_OK as i32,
+        None => TC_ACT_OK,
     }
 }
 
@@ -147,7 +147,7 @@ fn take(ctx: &TcContext) -> Option<i32> {
         // here on the flow is this program's: a packet it cannot send is dropped (the client
         // sends it again), never left to the table, which would pick a task of its own.
         if ctx.store(0, &inner, 0).is_err() {
-            return Some(TC_ACT_SHOT as i32);
+            return Some(TC_ACT_SHOT);
         }
         // SAFETY: a helper with plain integers; it returns TC_ACT_REDIRECT.
         return Some(unsafe { bpf_redirect(cfg.ifindex, 0) } as i32);
@@ -163,7 +163,7 @@ fn encap(ctx: &TcContext, cfg: &IngCfg, task: &IngTask, inner: &[u8; 12], entrop
     if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
         // The flow is this program's: dropped (the client sends it again), not left to the
         // table, which would pick a task of its own.
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     let total = (ip_len + ENCAP_LEN) as u16;
     let udp_len = (ip_len + ENCAP_LEN - 20) as u16;
@@ -224,7 +224,7 @@ fn encap(ctx: &TcContext, cfg: &IngCfg, task: &IngTask, inner: &[u8; 12], entrop
     h[49] = 0x00;
     if ctx.store(ETH_LEN, &h, 0).is_err() {
         // Half made: drop it rather than send garbage (the client retransmits).
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     // SAFETY: a helper with plain integers and no parameters block (the kernel looks up
     // the next hop of the outer destination); it returns TC_ACT_REDIRECT.
