@@ -340,6 +340,26 @@ pub fn elements(family: NfFamily, table: &str, name: &str, elems: Vec<Expression
     NfListObject::Element(Element { family, table: table.to_string().into(), name: name.to_string().into(), elem: elems.into() })
 }
 
+/// For tests: the transaction as `verb kind name` lines (rules by their chain), and its JSON
+/// with sorted keys (the text keeps serde's field order, not a fixed one).
+#[cfg(test)]
+pub(crate) fn summary(tx: &Tx) -> (Vec<String>, String) {
+    let v: serde_json::Value = serde_json::from_str(&tx.json()).expect("json");
+    let list = v["nftables"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .skip(1)
+        .filter_map(|c| {
+            let (verb, obj) = c.as_object()?.iter().next()?;
+            let (kind, o) = obj.as_object()?.iter().next()?;
+            let name = o["name"].as_str().or_else(|| o["chain"].as_str()).unwrap_or_default();
+            Some(format!("{verb} {kind} {name}"))
+        })
+        .collect();
+    (list, v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use swarmnet_lab::{in_ns, wait_for, Lab};
+use swarmnet_lab::{in_ns, tempdir, wait_for, Lab, TempDir};
 
 const T: Duration = Duration::from_secs(60);
 const PORT: &str = "7000";
@@ -25,22 +25,6 @@ fn vip(lab: &Lab) -> Result<String> {
     v["vips"]["appnet"].as_str().map(str::to_string).with_context(|| format!("web has no VIP: {v}"))
 }
 
-/// A temporary folder, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(name: &str) -> Result<TempDir> {
-    let d = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d)?;
-    Ok(TempDir(d))
-}
-
 /// A client task on node `i` that makes `n` new connections to the VIP each time it is
 /// told to (`lb_client.py on-demand`): it outlives daemon restarts, as a user's task does.
 struct VipClient {
@@ -51,7 +35,7 @@ struct VipClient {
 impl VipClient {
     fn start(lab: &Lab, i: usize, vip: &str) -> Result<VipClient> {
         let dir = tempdir(&format!("{}-client", lab.name))?;
-        let d = dir.0.display().to_string();
+        let d = dir.display().to_string();
         lab.cli_ok(i, &["run", "--detach", "--name", "vipclient", "--network", "appnet", "--", "python3", &script("lb_client.py"), "on-demand", vip, PORT, "30", &d])?;
         Ok(VipClient { dir, round: 0 })
     }
@@ -59,8 +43,8 @@ impl VipClient {
     /// 30 new connections to the VIP from the task: which task answered each, and the errors.
     fn round(&mut self) -> Result<Value> {
         self.round += 1;
-        std::fs::write(self.dir.0.join(format!("go{}", self.round)), b"")?;
-        let result = self.dir.0.join(format!("result{}", self.round));
+        std::fs::write(self.dir.join(format!("go{}", self.round)), b"")?;
+        let result = self.dir.join(format!("result{}", self.round));
         let text = wait_for("the client task's 30 connections", Duration::from_secs(200), || std::fs::read_to_string(&result).ok())?;
         Ok(serde_json::from_str(&text)?)
     }
@@ -118,7 +102,7 @@ fn rebuild_old_layout(lab: &Lab, i: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let ns = swarmnet_dataplane::netns::NsWorker::start()?;
-        drop(EbpfLb::open(&old, ns, &lock.0.join("lb.lock"))?);
+        drop(EbpfLb::open(&old, ns, &lock.join("lb.lock"))?);
         Ok::<(), anyhow::Error>(())
     })?;
     let new = host::node_cgroup(&id).context("the node's cgroup")?;
@@ -224,7 +208,7 @@ fn two_nodes_of_one_name_work_side_by_side_and_an_identity_runs_once() -> Result
         assert_eq!(t["mesh_entry"], "ebpf", "node {}: {t}", i + 1);
         assert!(t["warning"].is_null(), "node {}: {t}", i + 1);
         let mut c = VipClient { dir: tempdir(&format!("snx-twins-c{i}"))?, round: 0 };
-        let d = c.dir.0.display().to_string();
+        let d = c.dir.display().to_string();
         lab.cli_ok(i, &["run", "--detach", "--name", &format!("c{i}"), "--network", "appnet", "--", "python3", &script("lb_client.py"), "on-demand", &vip, PORT, "30", &d])?;
         assert_all_reach(&format!("from node {}", i + 1), &c.round()?, &["web.1", "web.2"]);
     }

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
-use swarmnet_lab::{in_ns, wait_for, Lab};
+use swarmnet_lab::{in_ns, tempdir, wait_for, Lab};
 
 const T: Duration = Duration::from_secs(30);
 const PORT: &str = "7000";
@@ -381,30 +381,4 @@ fn assert_udp_refused(lb: &str, r: &Value) {
     let want = if lb == "ebpf" { "ECONNREFUSED" } else { "EPERM" };
     assert_eq!(r["udp"], want, "{r}");
     assert_eq!(r["udp_connected"], want, "{r}");
-}
-
-/// A folder of the test's own, removed when the test ends (passed or not).
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir(name: &str) -> Result<TempDir> {
-    let d = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d)?;
-    if !d.is_dir() {
-        bail!("cannot make {}", d.display());
-    }
-    Ok(TempDir(d))
 }

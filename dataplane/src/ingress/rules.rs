@@ -402,6 +402,7 @@ pub fn counts(objs: &[NfListObject<'_>], published: &[Published]) -> Vec<Backend
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::summary as cmds;
     use swarmnet_types::Port;
 
     fn ep(id: &str, svc: &str, ip: &str, vtep: &str, ports: &[(u16, u16, Protocol, PublishMode)], state: EndpointState) -> Endpoint {
@@ -424,26 +425,6 @@ mod tests {
 
     const ING: PublishMode = PublishMode::Ingress;
     const HOST: PublishMode = PublishMode::Host;
-
-    /// The transaction as `verb kind name` lines (rules by their chain), and its JSON.
-    fn cmds(tx: &Tx) -> (Vec<String>, String) {
-        let json = tx.json();
-        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
-        let list = v["nftables"]
-            .as_array()
-            .expect("array")
-            .iter()
-            .skip(1)
-            .filter_map(|c| {
-                let (verb, obj) = c.as_object()?.iter().next()?;
-                let (kind, o) = obj.as_object()?.iter().next()?;
-                let name = o["name"].as_str().or_else(|| o["chain"].as_str()).unwrap_or_default();
-                Some(format!("{verb} {kind} {name}"))
-            })
-            .collect();
-        // Compared as JSON with sorted keys: the text's key order is serde's, not nft's.
-        (list, v.to_string())
-    }
 
     #[test]
     fn ingress_ports_take_every_task_host_ports_only_local_ones() {

@@ -467,6 +467,7 @@ impl LbBackend for NftLb {
 mod tests {
     use super::*;
     use crate::lb::BackendLb;
+    use crate::nft::summary as cmds;
 
     fn svc(states: &[(u8, BackendState)]) -> ServiceLb {
         ServiceLb {
@@ -479,26 +480,6 @@ mod tests {
     }
 
     use BackendState::{Active, Draining};
-
-    /// The commands of a transaction as (verb, object kind, name or chain), and the JSON.
-    fn cmds(tx: &Tx) -> (Vec<String>, String) {
-        let json = tx.json();
-        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
-        let list = v["nftables"]
-            .as_array()
-            .expect("array")
-            .iter()
-            .skip(1)
-            .filter_map(|c| {
-                let (verb, obj) = c.as_object()?.iter().next()?;
-                let (kind, o) = obj.as_object()?.iter().next()?;
-                let name = o["name"].as_str().or_else(|| o["chain"].as_str()).unwrap_or_default();
-                Some(format!("{verb} {kind} {name}"))
-            })
-            .collect();
-        // Compared as JSON with sorted keys: the text's key order is serde's, not nft's.
-        (list, v.to_string())
-    }
 
     #[test]
     fn a_whole_table_replaces_what_was_there_in_one_transaction() {
