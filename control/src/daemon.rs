@@ -13,6 +13,7 @@ use swarmnet_agent::{Agent, AgentConfig, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::{read_msg_within, write_msg, ApiError, ApiRequest, ErrorKind, Reply, MAX_FIRST_FRAME};
+use swarmnet_manager::store::StoreChoice;
 use swarmnet_manager::{Manager, ManagerConfig};
 use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::format_mac;
@@ -49,6 +50,7 @@ pub async fn run_manager(
     ingress_subnet: Option<Ipv4Network>,
     gossip_key_rotation: Duration,
     force_new_cluster: bool,
+    store: StoreChoice,
 ) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
     let expect_cluster = Identity::load(&cfg.data_dir)?.map(|i| i.cluster_id);
@@ -65,6 +67,7 @@ pub async fn run_manager(
         force_new_cluster,
         listen_port: listen.port(),
         gossip_port: cfg.gossip_port,
+        store,
     };
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;

@@ -30,6 +30,58 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where a manager keeps the cluster's state.
+#[derive(Args)]
+struct StoreArgs {
+    /// `redb` (the embedded store in the data directory: one manager) or
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (an etcd cluster: the state survives this machine).
+    #[arg(long, default_value = "redb", value_parser = |s: &str| s.parse::<swarmnet_manager::store::StoreSpec>())]
+    store: swarmnet_manager::store::StoreSpec,
+    /// The prefix of the cluster's keys in etcd.
+    #[arg(long, default_value = "/swarmnet")]
+    store_prefix: String,
+    /// CA certificate (PEM) etcd's server certificate is checked with; turns on TLS.
+    #[arg(long)]
+    store_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --store-key.
+    #[arg(long)]
+    store_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd, with --store-cert.
+    #[arg(long)]
+    store_key: Option<PathBuf>,
+    /// The leadership's lease in etcd: a manager that stops leads no more after it (2s to 60s).
+    #[arg(long, default_value = "2s", value_parser = parse_span)]
+    store_lease: Duration,
+}
+
+impl StoreArgs {
+    fn choice(self) -> anyhow::Result<swarmnet_manager::store::StoreChoice> {
+        use swarmnet_manager::store::{EtcdConfig, EtcdTls, StoreChoice, StoreSpec};
+        let etcd_only = self.store_prefix != "/swarmnet" || self.store_ca.is_some() || self.store_cert.is_some() || self.store_key.is_some();
+        match self.store {
+            StoreSpec::Redb if etcd_only => bail!("--store-prefix, --store-ca, --store-cert and --store-key are for --store etcd://…"),
+            StoreSpec::Redb => Ok(StoreChoice::Redb),
+            StoreSpec::Etcd { endpoints } => {
+                if !self.store_prefix.starts_with('/') || self.store_prefix.len() < 2 {
+                    bail!("--store-prefix {:?}: expected a path such as /swarmnet", self.store_prefix);
+                }
+                if !(2..=60).contains(&self.store_lease.as_secs()) || self.store_lease.subsec_nanos() != 0 {
+                    bail!("--store-lease {:?}: expected whole seconds from 2s to 60s", self.store_lease);
+                }
+                if self.store_cert.is_some() != self.store_key.is_some() {
+                    bail!("--store-cert and --store-key go together");
+                }
+                let mut c = EtcdConfig::new(endpoints, &self.store_prefix);
+                c.lease_ttl = self.store_lease;
+                if self.store_ca.is_some() || self.store_cert.is_some() {
+                    c.tls = Some(EtcdTls { ca: self.store_ca, cert: self.store_cert, key: self.store_key });
+                }
+                Ok(StoreChoice::Etcd(c))
+            }
+        }
+    }
+}
+
 #[derive(Args)]
 struct DaemonArgs {
     /// This node's address on the underlay: other nodes reach it there.
@@ -143,6 +195,8 @@ enum Cmd {
         /// stops the manager with an error.
         #[arg(long)]
         force_new_cluster: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Run an agent that joins a manager.
     Agent {
@@ -406,7 +460,7 @@ fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = cli.host.clone();
     match cli.cmd {
-        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet, gossip_key_rotation, force_new_cluster } => {
+        Cmd::Manager { d, listen_addr, default_addr_pool, heartbeat_interval, data_path_port, ingress_subnet, gossip_key_rotation, force_new_cluster, store } => {
             init_logging();
             if !(0.05..=3600.0).contains(&heartbeat_interval) {
                 bail!("--heartbeat-interval {heartbeat_interval}: expected 0.05 to 3600 seconds");
@@ -414,6 +468,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if data_path_port == 0 {
                 bail!("--data-path-port 0: choose a UDP port (default 4789)");
             }
+            let store = store.choice()?;
             let c = d.node_config()?;
             daemon_runtime()?.block_on(daemon::run_manager(
                 c,
@@ -424,6 +479,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ingress_subnet,
                 gossip_key_rotation,
                 force_new_cluster,
+                store,
             ))?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -580,6 +636,15 @@ fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> Result<T
 
 /// "12h", "30m", "90s" or plain seconds; at least 10 s.
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_span(s)?;
+    if d.as_secs() < 10 {
+        return Err(format!("{s:?}: at least 10s"));
+    }
+    Ok(d)
+}
+
+/// "2s", "1m" or plain seconds.
+fn parse_span(s: &str) -> Result<Duration, String> {
     let (n, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => s.split_at(i),
         None => (s, "s"),
@@ -591,9 +656,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n.saturating_mul(3600),
         u => return Err(format!("{s:?}: unknown unit {u:?} (s, m or h)")),
     };
-    if secs < 10 {
-        return Err(format!("{s:?}: at least 10s"));
-    }
     Ok(Duration::from_secs(secs))
 }
 

@@ -199,7 +199,21 @@ pub struct Lab {
     manager_args: Vec<String>,
     /// Flags for every node's daemon (manager and agents).
     node_args: Vec<String>,
+    /// The etcd members (none unless the lab was made with some).
+    pub etcd: Vec<EtcdMember>,
 }
+
+/// An etcd member of the lab: a host of its own on the underlay (namespace `<lab>-e<k>`,
+/// address `<underlay>.<240 + k>`), its data under the lab's folder.
+pub struct EtcdMember {
+    pub ns: String,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub pid: Option<u32>,
+}
+
+/// The lab's etcd members: Debian's `etcd-server`, one per host.
+pub const ETCD_FIRST_HOST: u8 = 241;
 
 impl Lab {
     /// Builds `nodes` hosts and starts daemons on the first `start` of them (node 1 is the
@@ -215,17 +229,27 @@ impl Lab {
 
     /// Like `up_with`, with flags for every node's daemon too (e.g. `--dns ADDR`).
     pub fn up_full(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str]) -> Result<Lab> {
-        Self::up_inner(name, nodes, start, heartbeat, manager_args, node_args, None)
+        Self::up_inner(name, nodes, start, heartbeat, manager_args, node_args, None, 0)
+    }
+
+    /// Like `up_with`, with an etcd cluster of `members` members on hosts of their own, and
+    /// the manager keeping the cluster's state there (`--store etcd://…`).
+    pub fn up_etcd(name: &str, nodes: usize, start: usize, heartbeat: f64, members: usize, manager_args: &[&str]) -> Result<Lab> {
+        Self::up_inner(name, nodes, start, heartbeat, manager_args, &[], None, members)
     }
 
     /// Like `up`, every node's daemon with hostname `hostname` (as nodes in containers on one
     /// machine may be).
     pub fn up_same_hostname(name: &str, nodes: usize, start: usize, heartbeat: f64, hostname: &str) -> Result<Lab> {
-        Self::up_inner(name, nodes, start, heartbeat, &[], &[], Some(hostname))
+        Self::up_inner(name, nodes, start, heartbeat, &[], &[], Some(hostname), 0)
     }
 
-    fn up_inner(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str], hostname: Option<&str>) -> Result<Lab> {
+    #[allow(clippy::too_many_arguments)]
+    fn up_inner(name: &str, nodes: usize, start: usize, heartbeat: f64, manager_args: &[&str], node_args: &[&str], hostname: Option<&str>, etcd: usize) -> Result<Lab> {
         require_root()?;
+        if etcd > 5 {
+            bail!("lab {name}: {etcd} etcd members is out of range (0-5)");
+        }
         if nodes == 0 || nodes > 200 || start > nodes {
             bail!("lab {name}: {nodes} nodes (start {start}) is out of range");
         }
@@ -246,6 +270,7 @@ impl Lab {
             keep: false,
             manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
             node_args: node_args.iter().map(|a| a.to_string()).collect(),
+            etcd: Vec::new(),
         };
         for i in 1..=nodes {
             let ns = format!("{name}-n{i}");
@@ -261,11 +286,90 @@ impl Lab {
             std::fs::create_dir_all(&data_dir)?;
             lab.nodes.push(LabNode { hostname: hostname.map_or_else(|| ns.clone(), str::to_string), ns, addr, data_dir, pid: None });
         }
+        for k in 1..=etcd {
+            let ns = format!("{name}-e{k}");
+            let host = ETCD_FIRST_HOST + u8::try_from(k - 1).unwrap_or(0);
+            lab.host_on_underlay(&ns, &format!("snet{k}"), host)?;
+            lab.etcd.push(EtcdMember { ns, addr: format!("{UNDERLAY_PREFIX}.{host}"), data_dir: root.join(format!("etcd-e{k}")), pid: None });
+        }
+        for k in 0..etcd {
+            lab.start_etcd(k)?;
+        }
+        if etcd > 0 {
+            let store = format!("etcd://{}", lab.etcd.iter().map(|m| format!("{}:2379", m.addr)).collect::<Vec<_>>().join(","));
+            lab.manager_args.splice(0..0, ["--store".to_string(), store]);
+        }
         for i in 0..start {
             lab.start_node(i)?;
         }
         lab.wait_ready(start, Duration::from_secs(30))?;
         Ok(lab)
+    }
+
+    /// A host of the lab's underlay outside the cluster: namespace `ns`, bridge port `port`,
+    /// address `<underlay>.<host>`.
+    fn host_on_underlay(&self, ns: &str, port: &str, host: u8) -> Result<()> {
+        let ul = format!("{}-ul", self.name);
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&["ip", "-n", &ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sh(&["ip", "-n", &ul, "link", "set", port, "master", "snbr0", "up"])?;
+        sh(&["ip", "-n", ns, "addr", "add", &format!("{UNDERLAY_PREFIX}.{host}/24"), "dev", "eth0"])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The store flag the lab's manager runs with (`etcd://…`), if the lab has etcd.
+    pub fn etcd_endpoints(&self) -> String {
+        self.etcd.iter().map(|m| format!("{}:2379", m.addr)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Starts etcd member `k` (0-based) with its data (a restart keeps it), and waits until
+    /// it listens.
+    pub fn start_etcd(&mut self, k: usize) -> Result<()> {
+        let cluster = self.etcd.iter().enumerate().map(|(j, m)| format!("e{}=http://{}:2380", j + 1, m.addr)).collect::<Vec<_>>().join(",");
+        let m = &self.etcd[k];
+        std::fs::create_dir_all(&m.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(m.data_dir.join("etcd.log"))?;
+        let c = format!("http://{}:2379", m.addr);
+        let p = format!("http://{}:2380", m.addr);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &m.ns, "etcd", "--name", &format!("e{}", k + 1), "--data-dir"])
+            .arg(m.data_dir.join("data"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c, "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new", "--initial-cluster-token", &self.name])
+            .env("SWARMNET_LAB", &self.name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().with_context(|| format!("start etcd in {} (`bash .ci/setup` installs etcd-server)", m.ns))?;
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        self.etcd[k].pid = Some(pid);
+        let (ns, addr) = (self.etcd[k].ns.clone(), self.etcd[k].addr.clone());
+        let probe = format!("exec 3<>/dev/tcp/{addr}/2379");
+        wait_for(&format!("etcd in {ns} to listen"), Duration::from_secs(20), || {
+            if !pid_alive(pid) {
+                return Some(false);
+            }
+            sh(&["ip", "netns", "exec", &ns, "bash", "-c", &probe]).ok().map(|_| true)
+        })
+        .and_then(|up| if up { Ok(()) } else { bail!("etcd in {ns} exited; its log:\n{}", std::fs::read_to_string(self.etcd[k].data_dir.join("etcd.log")).unwrap_or_default()) })
+    }
+
+    /// Sends `sig` to etcd member `k` and waits for it to exit (SIGSTOP: only sends it).
+    pub fn stop_etcd(&mut self, k: usize, sig: i32) -> Result<()> {
+        let Some(pid) = self.etcd[k].pid else { return Ok(()) };
+        send_signal(pid, sig)?;
+        if sig == libc::SIGSTOP || sig == libc::SIGCONT {
+            return Ok(());
+        }
+        self.etcd[k].pid = None;
+        wait_for(&format!("etcd in {} to exit", self.etcd[k].ns), Duration::from_secs(15), || (!pid_alive(pid)).then_some(()))
     }
 
     /// A host on the lab's underlay that is not part of the cluster (namespace

@@ -151,6 +151,7 @@ mod tests {
             force_new_cluster: false,
             listen_port: 2377,
             gossip_port: 7946,
+            store: crate::store::StoreChoice::Redb,
         };
         (Manager::open(&dir, &cfg).expect("open"), dir)
     }

@@ -20,7 +20,7 @@ use crate::ipam;
 use crate::model::*;
 use crate::ops::{self, OpError};
 use crate::pki::{self, Ca};
-use crate::store::{self, ClusterMeta, RedbStore, Store, StoreError};
+use crate::store::{self, ClusterMeta, EtcdStore, RedbStore, Store, StoreChoice, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -45,6 +45,8 @@ impl ManagerError {
             ManagerError::Op(OpError::Conflict(m)) => ApiError::conflict(m),
             ManagerError::Op(OpError::Ipam(e @ (ipam::IpamError::HostBitsSet(..) | ipam::IpamError::TooSmall(..)))) => ApiError::invalid(e),
             ManagerError::Op(OpError::Ipam(e)) => ApiError::conflict(e),
+            ManagerError::Store(StoreError::NotLeader(m)) => ApiError::new(ErrorKind::NotLeader, m),
+            ManagerError::Store(e @ StoreError::Unavailable(_)) => ApiError::unavailable(format!("{e}; the cluster takes no change until the store answers (try again)")),
             ManagerError::Store(e) => ApiError::unavailable(format!("the manager's store: {e}")),
             e @ (ManagerError::Pki(_) | ManagerError::Tls(_) | ManagerError::Encode(_)) => ApiError::internal(e),
         }
@@ -73,6 +75,8 @@ pub struct ManagerConfig {
     /// port, no service may publish them.
     pub listen_port: u16,
     pub gossip_port: u16,
+    /// Where the cluster's state is kept (`--store`).
+    pub store: StoreChoice,
 }
 
 /// How to recover, for the errors that refuse to open the store.
@@ -137,9 +141,38 @@ impl Manager {
         }
     }
 
-    /// Opens the store in `data_dir`; on first start creates the cluster (id, root CA, join
-    /// secret, the manager's own node).
+    /// Connects to etcd, checks it holds this node's cluster (or none yet), and becomes the
+    /// leader (waiting for a leader that was there to go: its lease runs out).
+    fn open_etcd(ec: &store::EtcdConfig, cfg: &ManagerConfig) -> Result<EtcdStore, ManagerError> {
+        if cfg.force_new_cluster {
+            return Err(OpError::Invalid(format!("--force-new-cluster sets aside the embedded store; with --store {} start on another --store-prefix instead", ec.shown())).into());
+        }
+        let s = EtcdStore::connect(ec.clone())?;
+        match (s.cluster_id()?, &cfg.expect_cluster) {
+            (Some(have), Some(want)) if have != *want => {
+                return Err(OpError::Invalid(format!("this node belongs to cluster {want}, but {} holds cluster {have}: start with the --store-prefix of this node's cluster, or with another data directory to join that one", ec.shown())).into())
+            }
+            (None, Some(want)) => {
+                return Err(OpError::Invalid(format!("this node belongs to cluster {want}, but {} holds no cluster (another --store-prefix? etcd's data lost?): start with the store of this node's cluster, or with another data directory to make a new one", ec.shown())).into())
+            }
+            _ => {}
+        }
+        let wait = ec.lease_ttl * 3 + Duration::from_secs(5);
+        s.campaign(&format!("{} {}:{}", cfg.hostname, cfg.advertise, cfg.listen_port), wait)?;
+        Ok(s)
+    }
+
+    /// Opens the store (the embedded one in `data_dir`, or etcd); on first start creates the
+    /// cluster (id, root CA, join secret, the manager's own node).
     pub fn open(data_dir: &Path, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
+        let store: Box<dyn Store> = match &cfg.store {
+            StoreChoice::Redb => Box::new(Self::open_redb(data_dir, cfg)?),
+            StoreChoice::Etcd(ec) => Box::new(Self::open_etcd(ec, cfg)?),
+        };
+        Self::open_with(store, cfg)
+    }
+
+    fn open_redb(data_dir: &Path, cfg: &ManagerConfig) -> Result<RedbStore, ManagerError> {
         let path = data_dir.join("manager.redb");
         let store = match Self::open_store(&path, cfg) {
             Ok(s) => s,
@@ -151,6 +184,10 @@ impl Manager {
             }
             Err(e) => return Err(e),
         };
+        Ok(store)
+    }
+
+    fn open_with(store: Box<dyn Store>, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
         let (meta, mut state) = store.load()?;
         let created = meta.is_none();
         let meta = match meta {
@@ -225,7 +262,7 @@ impl Manager {
         }
         let (changed, _) = tokio::sync::watch::channel(0);
         Ok(Arc::new(Manager {
-            store: Box::new(store),
+            store,
             inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
@@ -256,6 +293,13 @@ impl Manager {
     /// takes the writes. A failed operation leaves state and store as they were.
     pub fn mutate<R>(&self, f: impl FnOnce(&mut ClusterState, ops::IdGen) -> Result<R, OpError>) -> Result<R, ManagerError> {
         let mut inner = self.lock();
+        // A commit whose answer was lost may have landed after all: continue from the
+        // store's state, never from a guess.
+        if let Some((_, st)) = self.store.refresh()? {
+            warn!(store = %self.store.describe(), "continuing from the store's state");
+            inner.state = st;
+            self.changed.send_modify(|v| *v += 1);
+        }
         let mut next = inner.state.clone();
         let mut ids = gen_id;
         let r = f(&mut next, &mut ids)?;
