@@ -13,7 +13,7 @@ use swarmnet_agent::{Agent, AgentConfig, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::{read_msg_within, write_msg, ApiError, ApiRequest, ErrorKind, Reply, MAX_FIRST_FRAME};
-use swarmnet_manager::store::StoreChoice;
+use swarmnet_manager::store::{EtcdConfig, Store, StoreChoice};
 use swarmnet_manager::{Manager, ManagerConfig};
 use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::format_mac;
@@ -53,7 +53,7 @@ pub async fn run_manager(
     store: StoreChoice,
 ) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
-    let expect_cluster = Identity::load(&cfg.data_dir)?.map(|i| i.cluster_id);
+    let identity = Identity::load(&cfg.data_dir)?;
     let mcfg = ManagerConfig {
         advertise: cfg.advertise,
         pool,
@@ -63,46 +63,204 @@ pub async fn run_manager(
         data_path_port,
         ingress_subnet,
         gossip_key_rotation,
-        expect_cluster,
+        expect_cluster: identity.as_ref().map(|i| i.cluster_id.clone()),
         force_new_cluster,
         listen_port: listen.port(),
         gossip_port: cfg.gossip_port,
-        store,
+        store: store.clone(),
+        me: identity.as_ref().map(|i| (i.node_id.clone(), i.cert.clone())),
     };
+    if let StoreChoice::Etcd(ec) = store {
+        return run_manager_on_etcd(cfg, base, identity, mcfg, ec, listen).await;
+    }
     let manager = Manager::open(&cfg.data_dir, &mcfg)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     info!(%listen, cluster = %manager.meta.cluster_id, "manager listening");
-    let first_start = Identity::load(&cfg.data_dir)?.is_none();
-    let id = Identity {
-        node_id: manager.meta.manager_node_id.clone(),
-        cluster_id: manager.meta.cluster_id.clone(),
-        ca_pem: manager.meta.ca.cert_pem.clone(),
-        cert: manager.meta.manager_cert.clone(),
-        manager: SocketAddr::new(cfg.advertise, listen.port()).to_string(),
-    };
-    id.save(&cfg.data_dir)?;
-    if first_start {
-        let token = manager.join_token()?;
-        println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join {} --token {token} --advertise-addr <its address>\n", id.manager);
-    }
+    let id = manager_identity(&manager, &cfg, listen, identity.as_ref())?;
     tokio::spawn(manager.clone().serve(listener));
     tokio::spawn(manager.clone().watch_heartbeats());
     tokio::spawn(manager.clone().rotate_gossip_keys_periodically());
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
-    serve_control(&cfg.data_dir, Some(manager), agent).await
+    let (_tx, slot) = tokio::sync::watch::channel(Some(manager));
+    serve_control(&cfg.data_dir, Some(slot), agent).await
+}
+
+/// The identity of the manager's own node (saved in its data dir), printing the worker's
+/// join command at the cluster's first start.
+fn manager_identity(manager: &Manager, cfg: &NodeConfig, listen: SocketAddr, had: Option<&Identity>) -> anyhow::Result<Identity> {
+    let addr = SocketAddr::new(cfg.advertise, listen.port()).to_string();
+    let id = match had {
+        Some(i) if i.node_id == manager.node_id && i.cluster_id == manager.meta.cluster_id => Identity { manager: addr, ..i.clone() },
+        _ => Identity {
+            node_id: manager.meta.manager_node_id.clone(),
+            cluster_id: manager.meta.cluster_id.clone(),
+            ca_pem: manager.meta.ca.cert_pem.clone(),
+            cert: manager.meta.manager_cert.clone(),
+            manager: addr,
+            managers: vec![],
+        },
+    };
+    id.save(&cfg.data_dir)?;
+    if had.is_none_or(|i| i.cluster_id != id.cluster_id) {
+        let token = manager.join_token()?;
+        println!("To add a worker to this cluster, run on it:\n\n    swarmnet agent --join {} --token {token} --advertise-addr <its address>\n", id.manager);
+    }
+    Ok(id)
+}
+
+/// A manager on etcd (ADR 0022): it leads when it wins the election, and stands by
+/// otherwise (its agent's session goes to the leader; manager verbs on its control socket
+/// are forwarded there). It leads until its store says it no longer does, then campaigns
+/// again. The first manager on an empty prefix creates the cluster; a manager that finds a
+/// cluster and has no identity joins it through the leader with the store's manager secret.
+async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<Identity>, mut mcfg: ManagerConfig, ec: EtcdConfig, listen: SocketAddr) -> anyhow::Result<()> {
+    let value = Manager::campaign_value(&mcfg);
+    let store = Manager::connect_etcd(&ec, &mcfg)?;
+    let (slot_tx, slot) = tokio::sync::watch::channel(None::<Arc<Manager>>);
+    let (id, first_term) = match identity {
+        // The leader now, as the store says, is where its agent goes first.
+        Some(mut id) => {
+            if let Some(addr) = store.leader().ok().flatten().as_deref().and_then(|v| v.rsplit(' ').next()) {
+                if !id.managers.iter().any(|m| m == addr) {
+                    id.managers.insert(0, addr.to_string());
+                }
+            }
+            (id, None)
+        }
+        None => match store.load()?.0 {
+            // A cluster is there: join it as a manager, through the leader.
+            Some(meta) => (join_as_manager(&cfg, &base, &store, &meta, listen).await?, None),
+            // None yet: this manager makes it (or another that wins first does; then it joins).
+            None => {
+                store.campaign_async(&value, Duration::from_secs(3600)).await?;
+                let m = Manager::lead(store, &mcfg)?;
+                let id = manager_identity(&m, &cfg, listen, None)?;
+                (id, Some(m))
+            }
+        },
+    };
+    // Every later term leads as this node, of this cluster.
+    mcfg.me = Some((id.node_id.clone(), id.cert.clone()));
+    mcfg.expect_cluster = Some(id.cluster_id.clone());
+    let mcfg = Arc::new(mcfg);
+    info!(store = %ec.shown(), node = %id.node_id, "manager on etcd: campaigning for the leadership");
+    tokio::spawn(lead_when_elected(ec, mcfg, value, listen, slot_tx, first_term));
+    let (agent, _claim) = start_agent(&cfg, base, id).await?;
+    serve_control(&cfg.data_dir, Some(slot), agent).await
+}
+
+/// Joins the cluster in the store as a manager, through the manager that leads it (waiting
+/// for one while there is none).
+async fn join_as_manager(cfg: &NodeConfig, base: &NodeBase, store: &swarmnet_manager::store::EtcdStore, meta: &swarmnet_manager::store::ClusterMeta, listen: SocketAddr) -> anyhow::Result<Identity> {
+    if meta.manager_secret.is_empty() {
+        bail!("cluster {} in {} has no manager secret yet: start its manager with this version first", meta.cluster_id, store.describe());
+    }
+    let ca = swarmnet_manager::pki::Ca::load(&meta.cluster_id, meta.ca.clone())?.digest()?;
+    let token = JoinToken { ca_digest: ca, secret: meta.manager_secret.clone() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let leader = store.leader()?;
+        if let Some(addr) = leader.as_deref().and_then(|v| v.rsplit(' ').next()) {
+            info!(cluster = %meta.cluster_id, leader = %addr, "joining the cluster as a manager");
+            match swarmnet_agent::join(&cfg.data_dir, &[addr.to_string()], &token, &cfg.hostname, cfg.advertise, base.underlay.clone(), Some(listen.port())).await {
+                Ok(id) => return Ok(id),
+                Err(e) if std::time::Instant::now() < deadline => warn!(leader = %addr, error = %format!("{e:#}"), "could not join through the leader; trying again"),
+                Err(e) => return Err(e.context(format!("join cluster {} in {} as a manager", meta.cluster_id, store.describe()))),
+            }
+        } else if std::time::Instant::now() > deadline {
+            bail!("cluster {} in {}: no manager leads it (for 60 s) to join through", meta.cluster_id, store.describe());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Campaigns, leads while elected (serves 2377, watches heartbeats, rotates keys), and
+/// campaigns again when the leadership is lost. `first`: a term already won.
+async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: String, listen: SocketAddr, slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>, mut first: Option<Arc<Manager>>) {
+    loop {
+        let manager = match first.take() {
+            Some(m) => m,
+            None => match campaign(&ec, &mcfg, &value).await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(store = %ec.shown(), error = %format!("{e:#}"), "campaign for the leadership failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        // The port of an earlier term may take a moment to be free again.
+        let mut listener = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(e) => {
+                    warn!(%listen, error = %e, "cannot listen yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let Some(listener) = listener else {
+            warn!(%listen, "cannot listen: giving the leadership up");
+            manager.resign();
+            continue;
+        };
+        info!(%listen, cluster = %manager.meta.cluster_id, store = %ec.shown(), "this manager leads the cluster");
+        // Ending these ends the term: the listener closes with the accept loop, sessions end
+        // on the manager's step-down.
+        let serving = tokio::spawn(manager.clone().serve(listener));
+        let others = [tokio::spawn(manager.clone().watch_heartbeats()), tokio::spawn(manager.clone().rotate_gossip_keys_periodically())];
+        slot.send_replace(Some(manager.clone()));
+        manager.lost_leadership().await;
+        slot.send_replace(None);
+        serving.abort();
+        for t in others {
+            t.abort();
+        }
+        manager.resign();
+        drop(manager);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One campaign on a connection of its own: waits until this manager is elected, then
+/// reads the state.
+async fn campaign(ec: &EtcdConfig, mcfg: &ManagerConfig, value: &str) -> anyhow::Result<Arc<Manager>> {
+    let store = Manager::connect_etcd(ec, mcfg)?;
+    loop {
+        match store.campaign_async(value, Duration::from_secs(3600)).await {
+            Ok(()) => break,
+            Err(swarmnet_manager::store::StoreError::NotLeader(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Manager::lead(store, mcfg)?)
 }
 
 pub async fn run_agent(cfg: NodeConfig, join: String, token: Option<String>) -> anyhow::Result<()> {
     let base = NodeBase::read(&cfg).await?;
+    let managers: Vec<String> = join.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::to_string).collect();
+    if managers.is_empty() {
+        bail!("--join {join:?}: expected HOST:PORT[,HOST:PORT…]");
+    }
     let id = match Identity::load(&cfg.data_dir)? {
-        Some(id) => {
+        Some(mut id) => {
             info!(node = %id.node_id, manager = %id.manager, "using the identity in the data dir");
+            // Managers named on the command line are tried too.
+            for m in managers {
+                if !id.managers.contains(&m) && id.manager != m {
+                    id.managers.push(m);
+                }
+            }
             id
         }
         None => {
             let Some(token) = token else { bail!("--token is required to join (this data dir has no node identity yet)") };
             let token = JoinToken::parse(&token)?;
-            swarmnet_agent::join(&cfg.data_dir, &join, &token, &cfg.hostname, cfg.advertise, base.underlay.clone()).await?
+            swarmnet_agent::join(&cfg.data_dir, &managers, &token, &cfg.hostname, cfg.advertise, base.underlay.clone(), None).await?
         }
     };
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
@@ -113,7 +271,11 @@ pub fn control_socket(data_dir: &Path) -> PathBuf {
     data_dir.join("control.sock")
 }
 
-async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Arc<Agent>) -> anyhow::Result<()> {
+/// The manager of a manager daemon, when it leads (None while it stands by); None for a
+/// worker.
+type ManagerSlot = tokio::sync::watch::Receiver<Option<Arc<Manager>>>;
+
+async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, agent: Arc<Agent>) -> anyhow::Result<()> {
     let path = control_socket(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
@@ -138,7 +300,15 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
                     return;
                 }
             };
-            let reply = answer(req, manager.as_deref(), &agent).await;
+            let (leading, standby) = match &manager {
+                None => (None, false),
+                Some(slot) => {
+                    let m = slot.borrow().clone();
+                    let standby = m.is_none();
+                    (m, standby)
+                }
+            };
+            let reply = answer(req, leading.as_deref(), standby, &agent).await;
             let _ = write_msg(&mut conn, &reply).await;
         }
     });
@@ -148,13 +318,17 @@ async fn serve_control(data_dir: &Path, manager: Option<Arc<Manager>>, agent: Ar
         _ = tokio::signal::ctrl_c() => {}
     }
     info!("stopping; tasks keep running and are adopted at the next start");
+    // Another manager takes over at once, not when the lease runs out.
+    if let Some(m) = manager.as_ref().and_then(|slot| slot.borrow().clone()) {
+        m.resign();
+    }
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
 /// One request of the local CLI: the manager's answer, completed with what only this node
 /// knows (its gossip table, its resolvers' counters, its failure detector's view).
-async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Reply {
+async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: bool, agent: &Agent) -> Reply {
     let me = Some(&agent.id.node_id);
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
@@ -175,12 +349,30 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, agent: &Agent) -> Re
                 Err(e) => Reply::err(e.into_api()),
             }
         }
-        (req @ ApiRequest::NodeLs, Some(m)) => match m.api(req, me).into_data::<Vec<NodeInfo>>() {
-            Ok(nodes) => Reply::ok(&with_gossip_view(nodes, agent).await),
-            Err(e) => Reply::err(e.into_api()),
-        },
+        (req @ ApiRequest::NodeLs, m) if m.is_some() || standby => {
+            let r = match m {
+                Some(m) => m.api(req, me),
+                None => forward(req, agent).await,
+            };
+            match r.into_data::<Vec<NodeInfo>>() {
+                Ok(nodes) => Reply::ok(&with_gossip_view(nodes, agent).await),
+                Err(e) => Reply::err(e.into_api()),
+            }
+        }
         (req, Some(m)) => m.api(req, me),
+        // A manager that stands by: the one that leads answers (ADR 0022).
+        (req, None) if standby => forward(req, agent).await,
         (_, None) => Reply::err(ApiError::new(ErrorKind::NotManager, "this node is not a manager")),
+    }
+}
+
+/// A request of a standby manager's CLI, answered by the manager that leads, through the
+/// agent's connection to it. No leader reachable (an election under way): unavailable, try
+/// again.
+async fn forward(req: ApiRequest, agent: &Agent) -> Reply {
+    match agent.call(req).await {
+        Ok(r) => r,
+        Err(e) => Reply::err(ApiError::unavailable(format!("this manager stands by and the leader ({}) cannot be reached: {e:#}; an election may be under way, try again", agent.manager()))),
     }
 }
 

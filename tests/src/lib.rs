@@ -201,6 +201,8 @@ pub struct Lab {
     node_args: Vec<String>,
     /// The etcd members (none unless the lab was made with some).
     pub etcd: Vec<EtcdMember>,
+    /// Nodes 0..managers run `swarmnet manager` (several only with etcd); the rest agents.
+    pub managers: usize,
 }
 
 /// An etcd member of the lab: a host of its own on the underlay (namespace `<lab>-e<k>`,
@@ -234,8 +236,19 @@ impl Lab {
 
     /// Like `up_with`, with an etcd cluster of `members` members on hosts of their own, and
     /// the manager keeping the cluster's state there (`--store etcd://…`).
-    pub fn up_etcd(name: &str, nodes: usize, start: usize, heartbeat: f64, members: usize, manager_args: &[&str]) -> Result<Lab> {
-        Self::up_inner(name, nodes, start, heartbeat, manager_args, &[], None, members)
+    /// Like `up_with`, with `members` etcd members holding the cluster and `managers`
+    /// managers on it (nodes 0..managers; the first one started creates the cluster).
+    pub fn up_etcd(name: &str, nodes: usize, start: usize, heartbeat: f64, members: usize, managers: usize, manager_args: &[&str]) -> Result<Lab> {
+        if managers == 0 || managers > nodes || members == 0 {
+            bail!("lab {name}: {managers} managers of {nodes} nodes on {members} etcd members is out of range");
+        }
+        let mut lab = Self::up_inner(name, nodes, 0, heartbeat, manager_args, &[], None, members)?;
+        lab.managers = managers;
+        for i in 0..start {
+            lab.start_node(i)?;
+        }
+        lab.wait_ready(start, Duration::from_secs(30))?;
+        Ok(lab)
     }
 
     /// Like `up`, every node's daemon with hostname `hostname` (as nodes in containers on one
@@ -271,6 +284,7 @@ impl Lab {
             manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
             node_args: node_args.iter().map(|a| a.to_string()).collect(),
             etcd: Vec::new(),
+            managers: 1,
         };
         for i in 1..=nodes {
             let ns = format!("{name}-n{i}");
@@ -302,7 +316,9 @@ impl Lab {
         for i in 0..start {
             lab.start_node(i)?;
         }
-        lab.wait_ready(start, Duration::from_secs(30))?;
+        if start > 0 {
+            lab.wait_ready(start, Duration::from_secs(30))?;
+        }
         Ok(lab)
     }
 
@@ -412,7 +428,7 @@ impl Lab {
     /// Starts the daemon of node `i` (0-based): the manager on node 0, agents elsewhere.
     pub fn start_node(&mut self, i: usize) -> Result<()> {
         // A restarted node keeps its identity and needs no token.
-        let token = if i > 0 && !self.nodes[i].data_dir.join("node").join("identity.json").exists() { Some(self.token()?) } else { None };
+        let token = if i >= self.managers && !self.nodes[i].data_dir.join("node").join("identity.json").exists() { Some(self.token()?) } else { None };
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.join("daemon.log"))?;
         // Each node's daemon (and its tasks) gets a UTS namespace and a hostname of its own,
@@ -420,11 +436,11 @@ impl Lab {
         let mut cmd = Command::new("unshare");
         cmd.args(["--uts", "--", "sh", "-c", "printf %s \"$0\" > /proc/sys/kernel/hostname && exec \"$@\"", &node.hostname, "ip", "netns", "exec", &node.ns]).arg(&self.bin);
         let hb = self.heartbeat.to_string();
-        if i == 0 {
+        if i < self.managers {
             cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]).args(&self.manager_args);
         } else {
-            let manager = format!("{}:2377", self.nodes[0].addr);
-            cmd.args(["agent", "--join", &manager, "--advertise-addr", &node.addr]);
+            let managers = self.nodes[..self.managers].iter().map(|m| format!("{}:2377", m.addr)).collect::<Vec<_>>().join(",");
+            cmd.args(["agent", "--join", &managers, "--advertise-addr", &node.addr]);
             if let Some(token) = &token {
                 cmd.args(["--token", token]);
             }
@@ -572,7 +588,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if !self.keep {
+        // SWARMNET_LAB_KEEP=1 leaves a lab in place for a look after a failed test (`cargo
+        // xtask lab down`, or the next run of the test, removes it).
+        if !self.keep && std::env::var_os("SWARMNET_LAB_KEEP").is_none() {
             let _ = cleanup(&self.name);
         }
     }

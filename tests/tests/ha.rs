@@ -2,7 +2,7 @@
 //! members (Debian's `etcd-server`) on hosts of their own on the lab's underlay.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use swarmnet_lab::{in_ns, wait_for, Lab};
@@ -11,7 +11,11 @@ const T: Duration = Duration::from_secs(60);
 
 /// service ps as task name → (node, addresses), for the running tasks.
 fn placement(lab: &Lab, service: &str) -> Result<BTreeMap<String, String>> {
-    let ps = lab.cli_json(0, &["service", "ps", service])?;
+    placement_on(lab, 0, service)
+}
+
+fn placement_on(lab: &Lab, i: usize, service: &str) -> Result<BTreeMap<String, String>> {
+    let ps = lab.cli_json(i, &["service", "ps", service])?;
     let mut out = BTreeMap::new();
     for t in ps.as_array().into_iter().flatten() {
         if t["state"] == "running" {
@@ -22,7 +26,11 @@ fn placement(lab: &Lab, service: &str) -> Result<BTreeMap<String, String>> {
 }
 
 fn inspect(lab: &Lab, service: &str) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", service])?)?)
+    inspect_on(lab, 0, service)
+}
+
+fn inspect_on(lab: &Lab, i: usize, service: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&lab.cli_ok(i, &["service", "inspect", service])?)?)
 }
 
 fn etcd_keys(lab: &Lab) -> Result<Vec<String>> {
@@ -36,7 +44,7 @@ fn etcd_keys(lab: &Lab) -> Result<Vec<String>> {
 /// that cannot be reached, stops it with an error that names the store.
 #[test]
 fn a_manager_on_etcd_keeps_the_cluster_in_etcd() -> Result<()> {
-    let mut lab = Lab::up_etcd("snh-one", 3, 3, 1.0, 1, &[])?;
+    let mut lab = Lab::up_etcd("snh-one", 3, 3, 1.0, 1, 1, &[])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
     lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
     lab.wait_service("web", 3, T)?;
@@ -82,8 +90,146 @@ fn a_manager_on_etcd_keeps_the_cluster_in_etcd() -> Result<()> {
     let log = lab.log(0);
     assert!(log.contains(&store), "the error names the endpoints: {log}");
     assert!(t.elapsed() < Duration::from_secs(20), "refused within the timeout, not hung");
-    // The dataplane does not need the manager: the published port still answers.
-    let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:8080/", lab.nodes[1].addr)])?;
-    assert_eq!(page.trim(), "200");
+    // The dataplane does not need the manager: the published port still answers (once the
+    // other nodes have let go of the stopped node's task: its daemon's gossip is gone).
+    let url = format!("http://{}:8080/", lab.nodes[1].addr);
+    wait_for("the published port answers 10 times in a row without a manager", T, || {
+        (0..10).all(|_| in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).is_ok_and(|p| p.trim() == "200")).then_some(())
+    })?;
+    Ok(())
+}
+
+const PROBE: &str = r#"
+import socket, sys, time
+ip, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = fail = 0
+end = time.time() + secs
+while time.time() < end:
+    t = time.time()
+    try:
+        c = socket.create_connection((ip, port), timeout=1.0); c.close(); ok += 1
+    except OSError:
+        fail += 1
+    time.sleep(max(0.0, 0.1 - (time.time() - t)))
+print(f"ok={ok} fail={fail}")
+"#;
+
+/// TCP connects to `ip:port` every 100 ms for `secs`, from `argv` (a command that enters a
+/// namespace); `probed` reads the counts.
+fn probe(enter: &[&str], ip: &str, port: u16, secs: u64) -> Result<std::process::Child> {
+    Ok(std::process::Command::new(enter[0])
+        .args(&enter[1..])
+        .args(["python3", "-c", PROBE, ip, &port.to_string(), &secs.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+fn probed(child: std::process::Child) -> Result<(u64, u64)> {
+    let out = child.wait_with_output()?;
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!("the prober failed: {s} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let f = |k: &str| s.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok());
+    match (f("ok="), f("fail=")) {
+        (Some(ok), Some(fail)) => Ok((ok, fail)),
+        _ => bail!("prober output {s:?}"),
+    }
+}
+
+/// Waits until `service` (asked of node `i`) has `n` running tasks.
+fn wait_running(lab: &Lab, i: usize, service: &str, n: usize) -> Result<()> {
+    wait_for(&format!("{service}: {n} running tasks"), T, || (placement_on(lab, i, service).ok()?.len() == n).then_some(()))
+}
+
+/// `node ls` asked of node `i`, as hostname → manager status ("" for a worker).
+fn manager_status(lab: &Lab, i: usize) -> Option<BTreeMap<String, String>> {
+    let v = lab.cli_json(i, &["node", "ls"]).ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .map(|n| (n["hostname"].as_str().unwrap_or_default().to_string(), format!("{} {}", n["manager_status"].as_str().unwrap_or(""), n["status"].as_str().unwrap_or(""))))
+            .collect(),
+    )
+}
+
+/// Two managers on a 3-member etcd, two workers. The leader killed: the other manager leads
+/// within seconds, the workers' sessions move to it, clients of a VIP and of a published
+/// port see no failed connection, and the cluster is as it was and takes changes. The old
+/// leader, started again, stands by.
+#[test]
+fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
+    let mut lab = Lab::up_etcd("snh-fo", 4, 4, 1.0, 3, 2, &[])?;
+    let (n1, n2, n3) = (lab.nodes[0].hostname.clone(), lab.nodes[1].hostname.clone(), lab.nodes[2].hostname.clone());
+    // Asked of the manager that stands by, answered by the leader.
+    let st = wait_for("node ls through the standby manager", T, || manager_status(&lab, 1).filter(|s| s.values().filter(|v| v.ends_with("ready")).count() == 4))?;
+    assert_eq!(st[&n1], "Leader ready", "{st:?}");
+    assert_eq!(st[&n2], "Reachable ready", "{st:?}");
+    assert_eq!(st[&n3], " ready", "a worker has no manager status: {st:?}");
+    // Writes through either manager.
+    lab.cli_ok(1, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "4", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    lab.wait_service("web", 4, T)?;
+    let vip = inspect(&lab, "web")?["vips"]["appnet"].as_str().unwrap_or_default().to_string();
+    let before = placement(&lab, "web")?;
+    let client = lab.outside_client()?;
+    let url = format!("http://{}:8080/", lab.nodes[2].addr);
+    wait_for("the published port answers", T, || {
+        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
+        (page.trim() == "200").then_some(())
+    })?;
+    // Clients through the failover: from outside to a worker's published port, and from a
+    // task on a worker to the VIP.
+    // From 3 s before the kill to 6 s after it: the election and the sessions' move. (Later,
+    // the dead node is marked down and its task replaced elsewhere: a new task takes
+    // connections before its server listens, which is not the failover's doing.)
+    let secs = 9;
+    let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, secs)?;
+    // A task of its own on a worker (`swarmnet run`: in the node's cgroup, where the VIP is
+    // translated at connect()).
+    let bin = swarmnet_lab::binary()?.display().to_string();
+    let host = lab.control(3);
+    let inside = probe(&[&bin, "--host", &host, "run", "--name", "vprobe", "--network", "appnet", "--"], &vip, 80, secs)?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let t0 = Instant::now();
+    lab.stop_node(0, libc::SIGKILL)?;
+    wait_for("the other manager to lead", T, || manager_status(&lab, 1).filter(|s| s.get(&n2).is_some_and(|v| v.starts_with("Leader"))))?;
+    let elected = t0.elapsed();
+    // A change is taken at once by the new leader.
+    lab.cli_ok(1, &["service", "create", "--name", "after", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"])?;
+    let created = t0.elapsed();
+    // The workers moved their sessions to it; the old leader is down.
+    let st = wait_for("the workers with the new leader, the old one down", T, || {
+        manager_status(&lab, 1).filter(|s| s.get(&n1).is_some_and(|v| v == "Unreachable down") && s.iter().filter(|(h, v)| **h != n1 && v.ends_with("ready")).count() == 3)
+    })?;
+    assert_eq!(st[&n2], "Leader ready");
+    let (ok_out, fail_out) = probed(outside)?;
+    let (ok_in, fail_in) = probed(inside)?;
+    println!(
+        "HA leader kill -9: new leader after {:.2} s, first service create done after {:.2} s; probes to a published port {fail_out} failed of {}, to a VIP {fail_in} failed of {}",
+        elected.as_secs_f64(),
+        created.as_secs_f64(),
+        ok_out + fail_out,
+        ok_in + fail_in
+    );
+    assert!(ok_out > 50 && ok_in > 50, "the probes ran ({ok_out}, {ok_in})");
+    assert_eq!((fail_out, fail_in), (0, 0), "connections failed through the failover");
+    // As it was: the VIP, and every task not on the dead node where it was, with its address.
+    assert_eq!(inspect_on(&lab, 1, "web")?["vips"]["appnet"].as_str().unwrap_or_default(), vip);
+    let now: BTreeMap<String, String> = placement_on(&lab, 1, "web")?;
+    for (name, where_) in &before {
+        if !where_.contains(&format!("\"{}\"", lab.nodes[0].ns)) {
+            assert_eq!(now.get(name), Some(where_), "task {name} moved or changed: before {before:?} after {now:?}");
+        }
+    }
+    wait_running(&lab, 1, "after", 2)?;
+    wait_running(&lab, 1, "web", 4)?;
+
+    // The old leader comes back and stands by; its CLI is answered by the new leader.
+    lab.start_node(0)?;
+    let st = wait_for("the old leader back, standing by", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Reachable ready")))?;
+    assert_eq!(st[&n2], "Leader ready");
     Ok(())
 }

@@ -31,8 +31,12 @@ pub struct Identity {
     pub cluster_id: String,
     pub ca_pem: String,
     pub cert: CertKey,
-    /// host:port of the manager.
+    /// host:port of the manager it joined through.
     pub manager: String,
+    /// Every manager it knows (`--join A,B,C`, then what each session says), to go to the
+    /// next when one fails (ADR 0022).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub managers: Vec<String>,
 }
 
 impl Identity {
@@ -46,6 +50,15 @@ impl Identity {
             Err(e @ StateError::Corrupt { .. }) => Err(anyhow!("{e}: this node cannot prove who it is; move the file away and join again with a token")),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The managers to try, the one it joined through among them.
+    pub fn manager_list(&self) -> Vec<String> {
+        let mut l = self.managers.clone();
+        if !l.contains(&self.manager) {
+            l.push(self.manager.clone());
+        }
+        l
     }
 
     pub fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
@@ -93,17 +106,39 @@ async fn read_reply<R: tokio::io::AsyncRead + Unpin, T: serde::de::DeserializeOw
 }
 
 /// Joins the cluster: checks the manager's CA against the token, presents the secret, and
-/// stores the node certificate it receives.
-pub async fn join(data_dir: &Path, manager: &str, token: &JoinToken, hostname: &str, addr: IpAddr, underlay: Vec<IpNetwork>) -> anyhow::Result<Identity> {
-    let cfg = tls::join_client_config(&token.ca_digest)?;
-    let mut tls = connect(manager, cfg).await.context("join")?;
-    write_msg(&mut tls, &Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay }).await?;
-    let reply: Reply = read_reply(&mut tls, manager).await.context("join")?;
-    let j: Joined = reply.into_data().map_err(|e| anyhow!("{e}"))?;
-    let id = Identity { node_id: j.node_id, cluster_id: j.cluster_id, ca_pem: j.ca_pem, cert: j.cert, manager: manager.to_string() };
-    id.save(data_dir)?;
-    info!(node = %id.node_id, cluster = %id.cluster_id, manager, "joined the cluster");
-    Ok(id)
+/// stores the node certificate it receives. `managers`: tried in turn until one answers
+/// (a refusal stops at once). `manager_port`: a manager joining (with the manager secret)
+/// says where it will listen.
+pub async fn join(data_dir: &Path, managers: &[String], token: &JoinToken, hostname: &str, addr: IpAddr, underlay: Vec<IpNetwork>, manager_port: Option<u16>) -> anyhow::Result<Identity> {
+    let mut last = anyhow!("no manager to join through");
+    for manager in managers {
+        let cfg = tls::join_client_config(&token.ca_digest)?;
+        let mut tls = match connect(manager, cfg).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(manager, error = %format!("{e:#}"), "join: this manager does not answer; trying the next");
+                last = e;
+                continue;
+            }
+        };
+        let hello = Hello::Join { secret: token.secret.clone(), hostname: hostname.to_string(), addr, underlay: underlay.clone(), manager_port };
+        write_msg(&mut tls, &hello).await?;
+        let reply: Reply = read_reply(&mut tls, manager).await.context("join")?;
+        let j: Joined = match reply.into_data() {
+            Ok(j) => j,
+            // A manager that does not lead (several managers): the next may.
+            Err(e) if e.kind() == ErrorKind::NotLeader || e.kind() == ErrorKind::Unavailable => {
+                last = anyhow!("manager {manager}: {e}");
+                continue;
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        let id = Identity { node_id: j.node_id, cluster_id: j.cluster_id, ca_pem: j.ca_pem, cert: j.cert, manager: manager.to_string(), managers: managers.to_vec() };
+        id.save(data_dir)?;
+        info!(node = %id.node_id, cluster = %id.cluster_id, manager, "joined the cluster");
+        return Ok(id);
+    }
+    Err(last.context("join"))
 }
 
 /// The agent's settings from the daemon's flags.
@@ -117,6 +152,8 @@ pub struct AgentConfig {
 
 pub struct Agent {
     pub id: Identity,
+    /// The managers it knows and the one it uses now (an index into them).
+    managers: std::sync::Mutex<(Vec<String>, usize)>,
     pub gossip: swarmnet_gossip::server::GossipHandle,
     gossip_port: u16,
     tls: rustls::ClientConfig,
@@ -159,8 +196,10 @@ impl Agent {
                 }
             });
         }
+        let managers = std::sync::Mutex::new((id.manager_list(), 0));
         Ok(Arc::new(Agent {
             id,
+            managers,
             gossip,
             gossip_port,
             tls,
@@ -175,41 +214,84 @@ impl Agent {
         }))
     }
 
-    /// One request to the manager, on a connection of its own.
-    pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
-        let mut tls = connect(&self.id.manager, self.tls.clone()).await?;
-        write_msg(&mut tls, &Hello::Api { request }).await?;
-        read_reply(&mut tls, &self.id.manager).await
+    fn managers(&self) -> std::sync::MutexGuard<'_, (Vec<String>, usize)> {
+        self.managers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a session with the manager for as long as the daemon runs.
+    /// The manager the agent uses now (`host:port`).
+    pub fn manager(&self) -> String {
+        let m = self.managers();
+        m.0.get(m.1).cloned().unwrap_or_else(|| self.id.manager.clone())
+    }
+
+    /// Moves on to the next manager; true when the list starts over.
+    fn next_manager(&self) -> bool {
+        let mut m = self.managers();
+        m.1 = (m.1 + 1) % m.0.len().max(1);
+        m.1 == 0
+    }
+
+    /// Takes the managers a session named (the leader first, the one in use), and keeps them
+    /// with the node's identity for its next start.
+    fn learn_managers(&self, list: Vec<String>, using: &str) {
+        if list.is_empty() {
+            return;
+        }
+        let mut m = self.managers();
+        if m.0 == list {
+            return;
+        }
+        m.1 = list.iter().position(|a| a == using).unwrap_or(0);
+        m.0.clone_from(&list);
+        drop(m);
+        info!(managers = %list.join(","), "the cluster's managers");
+        let id = Identity { managers: list, ..self.id.clone() };
+        if let Err(e) = id.save(&self.data_dir) {
+            warn!(error = %format!("{e:#}"), "could not keep the managers' list with the node's identity");
+        }
+    }
+
+    /// One request to the manager, on a connection of its own.
+    pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
+        let manager = self.manager();
+        let mut tls = connect(&manager, self.tls.clone()).await?;
+        write_msg(&mut tls, &Hello::Api { request }).await?;
+        read_reply(&mut tls, &manager).await
+    }
+
+    /// Keeps a session with a manager for as long as the daemon runs: when one fails the
+    /// next is tried at once, and after a round of them all the agent waits (backoff).
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = Instant::now();
-            match self.session().await {
-                Ok(()) => info!(manager = %self.id.manager, "session ended"),
-                Err(e) => warn!(manager = %self.id.manager, error = %format!("{e:#}"), "session failed; tasks keep running, retrying"),
+            let manager = self.manager();
+            match self.session(&manager).await {
+                Ok(()) => info!(manager = %manager, "session ended"),
+                Err(e) => warn!(manager = %manager, error = %format!("{e:#}"), "session failed; tasks keep running, retrying"),
             }
             if started.elapsed() > Duration::from_secs(5) {
                 backoff = Duration::from_millis(100);
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            if self.next_manager() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
         }
     }
 
-    async fn session(&self) -> anyhow::Result<()> {
-        let tls = connect(&self.id.manager, self.tls.clone()).await?;
+    async fn session(&self, manager: &str) -> anyhow::Result<()> {
+        let tls = connect(manager, self.tls.clone()).await?;
         let (mut r, mut w) = tokio::io::split(tls);
         let mut reports = self.reports.lock().await;
         while reports.try_recv().is_ok() {}
         write_msg(&mut w, &Hello::Session { reports: self.runtime.reports(), hostname: Some(self.hostname.clone()) }).await?;
-        let reply: Reply = read_reply(&mut r, &self.id.manager).await?;
+        let reply: Reply = read_reply(&mut r, manager).await?;
         let opened: SessionOpened = reply.into_data().map_err(|e| anyhow!("manager refused the session: {e}"))?;
         let hb_ms = opened.heartbeat_ms.max(50);
         self.runtime.sandboxes().set_port(opened.data_path_port);
-        info!(manager = %self.id.manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
+        info!(manager = %manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
+        self.learn_managers(opened.managers, manager);
         let (msg_tx, mut msg_rx) = mpsc::channel::<anyhow::Result<Option<FromManager>>>(16);
         let reader = tokio::spawn(async move {
             loop {
@@ -278,6 +360,7 @@ impl Agent {
                         drop(have);
                         if let Err(e) = write_msg(&mut w, &FromAgent::GossipKeysHeld { ids }).await { break Err(e.into()); }
                     }
+                    Some(Ok(Some(FromManager::Managers { managers }))) => self.learn_managers(managers, manager),
                     Some(Ok(Some(FromManager::Ingress { ingress }))) => {
                         self.ingress.send_if_modified(|cur| {
                             let changed = *cur != ingress;

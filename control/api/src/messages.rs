@@ -16,7 +16,16 @@ use crate::tls::CertKey;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Hello {
     /// From a node without a certificate: join with the token's secret.
-    Join { secret: String, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork> },
+    /// With the manager secret (a manager joining a cluster on a shared store, ADR 0022):
+    /// `manager_port` is where it will listen on when it leads.
+    Join {
+        secret: String,
+        hostname: String,
+        addr: IpAddr,
+        underlay: Vec<IpNetwork>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manager_port: Option<u16>,
+    },
     /// Opens the node's session: the full list of tasks it has now, then a stream.
     /// `hostname`: the node's display name now (it may have changed since it joined).
     Session {
@@ -44,6 +53,10 @@ pub struct SessionOpened {
     pub heartbeat_ms: u64,
     /// The cluster's VXLAN UDP port.
     pub data_path_port: u16,
+    /// Every manager's `host:port`, the leader first: where the agent goes when this one
+    /// fails (ADR 0022).
+    #[serde(default)]
+    pub managers: Vec<String>,
 }
 
 /// Manager to agent, on a session.
@@ -70,6 +83,9 @@ pub enum FromManager {
         #[serde(default)]
         send: u32,
     },
+    /// Every manager's `host:port`, the leader first, when the list changes (a manager
+    /// joined, went down, came back): where the agent goes when its manager fails.
+    Managers { managers: Vec<String> },
 }
 
 /// A node's gossip keys: all of them open, `send` seals (0: the highest).

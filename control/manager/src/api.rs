@@ -36,7 +36,7 @@ impl Manager {
                     st.nodes
                         .values()
                         .map(|n| {
-                            let mut i = node_info(n, &self.meta);
+                            let mut i = node_info(n, &self.node_id);
                             i.gossip_key = held.get(&n.id).map(|h| KeyHolding { held: h.clone(), current });
                             i
                         })
@@ -44,7 +44,7 @@ impl Manager {
                 )?
             }
             ApiRequest::JoinToken { role } => match role {
-                Role::Worker => to_value(JoinTokenInfo { role, token: self.join_token()?, manager: self.meta.manager_node_id.clone() })?,
+                Role::Worker => to_value(JoinTokenInfo { role, token: self.join_token()?, manager: self.node_id.clone() })?,
                 Role::Manager => return Err(OpError::Invalid(format!("join-token {role}: this version runs one manager; only worker tokens exist")).into()),
             },
             ApiRequest::NetworkCreate { spec } => {
@@ -152,6 +152,7 @@ mod tests {
             listen_port: 2377,
             gossip_port: 7946,
             store: crate::store::StoreChoice::Redb,
+            me: None,
         };
         (Manager::open(&dir, &cfg).expect("open"), dir)
     }

@@ -28,6 +28,9 @@ pub struct Node {
     /// mesh and replies return); None while there is no ingress network.
     #[serde(default)]
     pub ingress_ip: Option<std::net::Ipv4Addr>,
+    /// A manager's port on its address (2377): where agents and other managers reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -425,6 +425,9 @@ pub fn remove_node(st: &mut ClusterState, name: &str, force: bool, manager: &Id,
     if &node.id == manager {
         return Err(invalid(format!("node {name} is the manager: it cannot be removed")));
     }
+    if node.role == Role::Manager {
+        return Err(invalid(format!("node {name} is a manager: removing managers is not built yet (issue 20)")));
+    }
     if node.status == NodeStatus::Ready && !force {
         return Err(OpError::Conflict(format!("node {name} is up: stop it first, or remove it with --force")));
     }
@@ -649,6 +652,7 @@ mod tests {
             underlay: vec!["10.210.0.0/24".parse().expect("net")],
             cert_sha256: String::new(),
             ingress_ip: None,
+            manager_port: None,
         }
     }
 

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::ipam;
 use crate::model::*;
 use crate::ops::{self, OpError};
-use crate::pki::{self, Ca};
+use crate::pki::{self, Ca, CertKey};
 use crate::store::{self, ClusterMeta, EtcdStore, RedbStore, Store, StoreChoice, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,9 @@ pub struct ManagerConfig {
     pub gossip_port: u16,
     /// Where the cluster's state is kept (`--store`).
     pub store: StoreChoice,
+    /// This node's id and certificate, if it has joined: a manager that joined a cluster on
+    /// a shared store leads as itself (ADR 0022). None: the cluster's first manager's.
+    pub me: Option<(Id, CertKey)>,
 }
 
 /// How to recover, for the errors that refuse to open the store.
@@ -95,6 +98,11 @@ pub(crate) struct Inner {
 
 pub struct Manager {
     pub(crate) store: Box<dyn Store>,
+    /// This manager's node, and its certificate (the TLS server's on 2377).
+    pub node_id: Id,
+    pub(crate) cert: CertKey,
+    /// Becomes true, for good, when this manager no longer leads (ADR 0022).
+    pub(crate) stepped_down: tokio::sync::watch::Sender<bool>,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) changed: tokio::sync::watch::Sender<u64>,
     pub meta: ClusterMeta,
@@ -141,9 +149,9 @@ impl Manager {
         }
     }
 
-    /// Connects to etcd, checks it holds this node's cluster (or none yet), and becomes the
-    /// leader (waiting for a leader that was there to go: its lease runs out).
-    fn open_etcd(ec: &store::EtcdConfig, cfg: &ManagerConfig) -> Result<EtcdStore, ManagerError> {
+    /// Connects to etcd and checks it holds this node's cluster (or none yet). The caller
+    /// campaigns with the store, then [`Manager::lead`]s.
+    pub fn connect_etcd(ec: &store::EtcdConfig, cfg: &ManagerConfig) -> Result<EtcdStore, ManagerError> {
         if cfg.force_new_cluster {
             return Err(OpError::Invalid(format!("--force-new-cluster sets aside the embedded store; with --store {} start on another --store-prefix instead", ec.shown())).into());
         }
@@ -157,19 +165,31 @@ impl Manager {
             }
             _ => {}
         }
-        let wait = ec.lease_ttl * 3 + Duration::from_secs(5);
-        s.campaign(&format!("{} {}:{}", cfg.hostname, cfg.advertise, cfg.listen_port), wait)?;
         Ok(s)
     }
 
-    /// Opens the store (the embedded one in `data_dir`, or etcd); on first start creates the
-    /// cluster (id, root CA, join secret, the manager's own node).
+    /// What a manager says of itself in the election: its hostname and `addr:port`.
+    pub fn campaign_value(cfg: &ManagerConfig) -> String {
+        format!("{} {}:{}", cfg.hostname, cfg.advertise, cfg.listen_port)
+    }
+
+    /// Leads the cluster in `store`, whose election this manager has won: reads the state
+    /// (on an empty prefix: creates the cluster).
+    pub fn lead(store: EtcdStore, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
+        Self::open_with(Box::new(store), cfg)
+    }
+
+    /// Opens the embedded store in `data_dir`; on first start creates the cluster (id, root
+    /// CA, join secret, the manager's own node). With etcd, see [`Manager::connect_etcd`].
     pub fn open(data_dir: &Path, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
-        let store: Box<dyn Store> = match &cfg.store {
-            StoreChoice::Redb => Box::new(Self::open_redb(data_dir, cfg)?),
-            StoreChoice::Etcd(ec) => Box::new(Self::open_etcd(ec, cfg)?),
-        };
-        Self::open_with(store, cfg)
+        match &cfg.store {
+            StoreChoice::Redb => Self::open_with(Box::new(Self::open_redb(data_dir, cfg)?), cfg),
+            StoreChoice::Etcd(ec) => {
+                let s = Self::connect_etcd(ec, cfg)?;
+                s.campaign(&Self::campaign_value(cfg), ec.lease_ttl * 3 + Duration::from_secs(5))?;
+                Self::lead(s, cfg)
+            }
+        }
     }
 
     fn open_redb(data_dir: &Path, cfg: &ManagerConfig) -> Result<RedbStore, ManagerError> {
@@ -207,6 +227,7 @@ impl Manager {
                     cluster_id: cluster_id.clone(),
                     ca: ca.cert.clone(),
                     worker_secret: pki::random_base36(token::SECRET_LEN)?,
+                    manager_secret: pki::random_base36(token::SECRET_LEN)?,
                     manager_node_id: node_id,
                     manager_cert: cert,
                     data_path_port: cfg.data_path_port,
@@ -226,18 +247,31 @@ impl Manager {
             store.commit(&[store::meta_write(&meta)?])?;
             info!("made the cluster's first gossip key");
         }
+        if meta.manager_secret.is_empty() {
+            meta.manager_secret = pki::random_base36(token::SECRET_LEN)?;
+            store.commit(&[store::meta_write(&meta)?])?;
+            info!("made the cluster's manager secret");
+        }
+        // Who this manager is: the node it joined as (a manager of the cluster), else the
+        // cluster's first manager (a data dir of another cluster, set aside by
+        // --force-new-cluster, is not it).
+        let (node_id, cert) = match &cfg.me {
+            Some((id, cert)) if *id == meta.manager_node_id || state.nodes.get(id).is_some_and(|n| n.role == Role::Manager) => (id.clone(), cert.clone()),
+            _ => (meta.manager_node_id.clone(), meta.manager_cert.clone()),
+        };
         // The manager's own node, kept in step with how it was started this time.
         let old = state.clone();
         let me = Node {
-            id: meta.manager_node_id.clone(),
+            id: node_id.clone(),
             hostname: cfg.hostname.clone(),
             addr: cfg.advertise,
             role: Role::Manager,
-            status: state.nodes.get(&meta.manager_node_id).map_or(NodeStatus::Ready, |n| n.status),
+            status: state.nodes.get(&node_id).map_or(NodeStatus::Ready, |n| n.status),
             underlay: cfg.underlay.clone(),
-            cert_sha256: tls::sha256_hex(meta.manager_cert.cert_der()?.as_ref()),
+            cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()),
             // Its address on the ingress network stays what it was.
-            ingress_ip: state.nodes.get(&meta.manager_node_id).and_then(|n| n.ingress_ip),
+            ingress_ip: state.nodes.get(&node_id).and_then(|n| n.ingress_ip),
+            manager_port: Some(cfg.listen_port),
         };
         state.nodes.insert(me.id.clone(), me);
         if created {
@@ -261,8 +295,12 @@ impl Manager {
             }
         }
         let (changed, _) = tokio::sync::watch::channel(0);
+        let (stepped_down, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Manager {
             store,
+            node_id,
+            cert,
+            stepped_down,
             inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
@@ -327,6 +365,28 @@ impl Manager {
         }
     }
 
+    /// Resolves when this manager no longer leads (its store says so; checked every 100 ms),
+    /// having told its sessions to end. For good: a new term is a new `Manager`.
+    pub async fn lost_leadership(&self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while self.store.leads() {
+            tick.tick().await;
+        }
+        self.stepped_down.send_replace(true);
+        warn!(store = %self.store.describe(), node = %self.node_id, "this manager no longer leads the cluster");
+    }
+
+    /// Gives the leadership up (on the daemon's stop), so another manager takes over at once.
+    pub fn resign(&self) {
+        self.stepped_down.send_replace(true);
+        self.store.resign();
+    }
+
+    /// Where the cluster's state is kept.
+    pub fn store_description(&self) -> String {
+        self.store.describe()
+    }
+
     /// Marks nodes down that missed three heartbeats.
     pub async fn watch_heartbeats(self: Arc<Self>) {
         let limit = self.heartbeat * 3;
@@ -342,7 +402,9 @@ impl Manager {
                     .filter(|n| n.status == NodeStatus::Ready)
                     .filter(|n| match inner.last_seen.get(&n.id) {
                         Some(t) => t.elapsed() > limit,
-                        None => self.started.elapsed() > limit,
+                        // A manager that just started (or took over) gives nodes a few
+                        // seconds more to find it.
+                        None => self.started.elapsed() > limit + Duration::from_secs(5),
                     })
                     .map(|n| n.id.clone())
                     .collect()
@@ -357,8 +419,7 @@ impl Manager {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
-        let me = self.meta.manager_cert.clone();
-        let cfg = tls::server_config(&self.meta.ca.cert_pem, &me)?;
+        let cfg = tls::server_config(&self.meta.ca.cert_pem, &self.cert)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         // Bounded (issues 12 and 19, the shared loop): a connection holds a slot until it
         // closes; accept failures (EMFILE, ENFILE) back off and never end the listener.
@@ -414,8 +475,8 @@ impl Manager {
             }
         };
         match hello {
-            Hello::Join { secret, hostname, addr, underlay } => {
-                let reply = self.join(&secret, hostname, addr, underlay, peer);
+            Hello::Join { secret, hostname, addr, underlay, manager_port } => {
+                let reply = self.join(&secret, hostname, addr, underlay, manager_port, peer);
                 write_msg(&mut w, &reply).await?;
             }
             Hello::Api { request } => {
@@ -437,23 +498,33 @@ impl Manager {
         Ok(())
     }
 
-    fn join(&self, secret: &str, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork>, peer: SocketAddr) -> Reply {
-        if !token::secrets_equal(secret, &self.meta.worker_secret) {
+    fn join(&self, secret: &str, hostname: String, addr: IpAddr, underlay: Vec<IpNetwork>, manager_port: Option<u16>, peer: SocketAddr) -> Reply {
+        // The manager secret is only in the store: a manager that can read the store joins
+        // as a manager (ADR 0022).
+        let role = if !self.meta.manager_secret.is_empty() && token::secrets_equal(secret, &self.meta.manager_secret) {
+            Role::Manager
+        } else if token::secrets_equal(secret, &self.meta.worker_secret) {
+            Role::Worker
+        } else {
             warn!(peer = %peer, "join refused: wrong token secret");
             return Reply::err(ApiError::new(ErrorKind::Refused, "join refused: the token's secret is not valid for this cluster"));
-        }
+        };
         let result = (|| -> Result<Joined, ManagerError> {
             let ca = Ca::load(&self.meta.cluster_id, self.meta.ca.clone())?;
             let node_id = pki::new_id()?;
-            let cert = ca.issue_node(&node_id, &Role::Worker, None)?;
-            let node = Node { id: node_id.clone(), hostname, addr, role: Role::Worker, status: NodeStatus::Ready, underlay, cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()), ingress_ip: None };
+            let (server_ip, manager_port) = match role {
+                Role::Manager => (Some(addr), Some(manager_port.unwrap_or(2377))),
+                Role::Worker => (None, None),
+            };
+            let cert = ca.issue_node(&node_id, &role, server_ip)?;
+            let node = Node { id: node_id.clone(), hostname, addr, role, status: NodeStatus::Ready, underlay, cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()), ingress_ip: None, manager_port };
             self.mutate(|st, g| {
                 st.nodes.insert(node.id.clone(), node.clone());
                 ops::reconcile(st, g);
                 Ok(())
             })?;
             self.lock().last_seen.insert(node_id.clone(), Instant::now());
-            info!(node = %node_id, hostname = %node.hostname, addr = %node.addr, "node joined");
+            info!(node = %node_id, hostname = %node.hostname, addr = %node.addr, role = %role, "node joined");
             Ok(Joined { node_id, cluster_id: self.meta.cluster_id.clone(), ca_pem: self.meta.ca.cert_pem.clone(), cert })
         })();
         match result {
@@ -491,8 +562,7 @@ impl Manager {
     /// certificate is refused from now on with the reason, and the gossip key is replaced
     /// with no key before it left accepted: the node can neither read nor write gossip.
     pub async fn remove_node(&self, name: &str, force: bool) -> Result<Removed, ManagerError> {
-        let manager_id = self.meta.manager_node_id.clone();
-        let node = self.mutate(|st, g| ops::remove_node(st, name, force, &manager_id, g))?;
+        let node = self.mutate(|st, g| ops::remove_node(st, name, force, &self.node_id, g))?;
         {
             let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
             removed.insert(node.cert_sha256.clone(), format!("{} ({})", node.id, node.hostname));

@@ -28,12 +28,23 @@ pub struct Snapshot {
     pub vips: Vec<ServiceVip>,
     pub keys: GossipKeySet,
     pub ingress: Option<NodeIngress>,
+    /// The managers (`host:port`), the leader first.
+    pub managers: Vec<String>,
 }
 
 impl Snapshot {
-    /// What `node` should know of `st`, with the cluster's gossip keys `keys`.
-    pub fn of(st: &ClusterState, node: &Id, keys: GossipKeySet) -> Snapshot {
-        Snapshot { assignments: assignments(st, node), stopping: shutting_down(st, node), nodes: ready_nodes(st), vips: vips(st), keys, ingress: node_ingress(st, node) }
+    /// What `node` should know of `st`, with the cluster's gossip keys `keys`, from the
+    /// manager `leader`.
+    pub fn of(st: &ClusterState, node: &Id, keys: GossipKeySet, leader: &Id) -> Snapshot {
+        Snapshot {
+            assignments: assignments(st, node),
+            stopping: shutting_down(st, node),
+            nodes: ready_nodes(st),
+            vips: vips(st),
+            keys,
+            ingress: node_ingress(st, node),
+            managers: managers(st, leader),
+        }
     }
 }
 
@@ -78,6 +89,9 @@ impl Sent {
         }
         if now.nodes != was.nodes {
             msgs.push(FromManager::Nodes { nodes: now.nodes.clone() });
+        }
+        if now.managers != was.managers {
+            msgs.push(FromManager::Managers { managers: now.managers.clone() });
         }
         self.0 = now;
         msgs
@@ -128,6 +142,13 @@ pub fn ready_nodes(st: &ClusterState) -> Vec<(Id, IpAddr)> {
     st.ready_nodes().map(|n| (n.id.clone(), n.addr)).collect()
 }
 
+/// Every manager's `host:port`: `leader` first, then the ready ones, then the others.
+pub fn managers(st: &ClusterState, leader: &Id) -> Vec<String> {
+    let mut m: Vec<&Node> = st.nodes.values().filter(|n| n.role == Role::Manager && n.manager_port.is_some()).collect();
+    m.sort_by_key(|n| (&n.id != leader, n.status != NodeStatus::Ready, n.id.clone()));
+    m.iter().filter_map(|n| Some(std::net::SocketAddr::new(n.addr, n.manager_port?).to_string())).collect()
+}
+
 /// Every service VIP, sorted.
 pub fn vips(st: &ClusterState) -> Vec<ServiceVip> {
     let mut v: Vec<ServiceVip> = st.services.values().flat_map(|s| s.vips.iter().map(|(n, vip)| ServiceVip { network: n.clone(), vip: *vip, service: s.name.clone() })).collect();
@@ -144,7 +165,7 @@ impl Manager {
     /// What `node` should know now.
     fn snapshot(&self, node: &Id) -> Snapshot {
         let keys = self.gossip_keys();
-        Snapshot::of(&self.lock().state, node, keys)
+        Snapshot::of(&self.lock().state, node, keys, &self.node_id)
     }
 
     /// Runs a node's session: its first report, then [`Sent`]'s messages at every change,
@@ -169,7 +190,8 @@ impl Manager {
         })?;
         info!(node = %node, tasks = reports.len(), "node session opened");
         let hb = u64::try_from(self.heartbeat.as_millis()).unwrap_or(5000);
-        write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port })).await?;
+        let managers = managers(&self.lock().state, &self.node_id);
+        write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port, managers })).await?;
         let mut rx = self.changed.subscribe();
         let (first, mut sent) = Sent::open(self.snapshot(&node));
         for m in &first {
@@ -214,7 +236,13 @@ impl Manager {
             #[allow(unreachable_code)]
             Ok::<(), anyhow::Error>(())
         };
-        let r = tokio::select! { r = reader => r, w = writer => w };
+        // A manager that no longer leads ends its sessions: the nodes go to the one that does.
+        let mut down = self.stepped_down.subscribe();
+        let r = tokio::select! {
+            r = reader => r,
+            w = writer => w,
+            _ = down.wait_for(|d| *d) => Err(anyhow::anyhow!("this manager no longer leads the cluster")),
+        };
         info!(node = %node, "node session closed");
         r
     }
@@ -235,6 +263,7 @@ mod tests {
                 FromManager::Vips { .. } => "vips",
                 FromManager::Ingress { .. } => "ingress",
                 FromManager::GossipKeys { .. } => "keys",
+                FromManager::Managers { .. } => "managers",
             })
             .collect()
     }
@@ -252,6 +281,7 @@ mod tests {
                 underlay: vec![],
                 cert_sha256: String::new(),
                 ingress_ip: None,
+                manager_port: None,
             },
         );
         let subnet = "10.0.1.0/24".parse().expect("subnet");
@@ -288,7 +318,7 @@ mod tests {
         let mut st = state();
         task(&mut st, "t1", DesiredState::Running, TaskState::Assigned);
         task(&mut st, "t2", DesiredState::Shutdown, TaskState::Running);
-        let (msgs, _) = Sent::open(Snapshot::of(&st, &"a".to_string(), GossipKeySet::default()));
+        let (msgs, _) = Sent::open(Snapshot::of(&st, &"a".to_string(), GossipKeySet::default(), &"a".to_string()));
         assert_eq!(kinds(&msgs), vec!["keys", "assign-full", "nodes", "vips", "ingress"]);
         let FromManager::Assign { upsert, remove, .. } = &msgs[1] else { panic!("{msgs:?}") };
         assert_eq!(upsert.iter().map(|a| a.task_id.as_str()).collect::<Vec<_>>(), vec!["t1"]);
@@ -300,24 +330,24 @@ mod tests {
         let node = "a".to_string();
         let mut st = state();
         task(&mut st, "t1", DesiredState::Running, TaskState::Assigned);
-        let (_, mut sent) = Sent::open(Snapshot::of(&st, &node, GossipKeySet::default()));
-        assert!(sent.update(Snapshot::of(&st, &node, GossipKeySet::default())).is_empty());
+        let (_, mut sent) = Sent::open(Snapshot::of(&st, &node, GossipKeySet::default(), &"a".to_string()));
+        assert!(sent.update(Snapshot::of(&st, &node, GossipKeySet::default(), &"a".to_string())).is_empty());
         // A new task, and t1 asked to stop.
         task(&mut st, "t3", DesiredState::Running, TaskState::Assigned);
         if let Some(t) = st.tasks.get_mut("t1") {
             t.desired_state = DesiredState::Shutdown;
         }
-        let msgs = sent.update(Snapshot::of(&st, &node, GossipKeySet::default()));
+        let msgs = sent.update(Snapshot::of(&st, &node, GossipKeySet::default(), &"a".to_string()));
         assert_eq!(kinds(&msgs), vec!["assign"]);
         let FromManager::Assign { upsert, remove, .. } = &msgs[0] else { panic!("{msgs:?}") };
         assert_eq!((upsert.len(), upsert[0].task_id.as_str()), (1, "t3"));
         assert_eq!(remove, &vec!["t1".to_string()], "told once");
-        assert!(sent.update(Snapshot::of(&st, &node, GossipKeySet::default())).is_empty(), "not told twice");
+        assert!(sent.update(Snapshot::of(&st, &node, GossipKeySet::default(), &"a".to_string())).is_empty(), "not told twice");
         // New keys, a node down: only those.
         let keys = GossipKeySet { keys: vec![GossipKey::from_bytes(2, &[7; 32])], send: 2 };
         if let Some(n) = st.nodes.get_mut("a") {
             n.status = NodeStatus::Down;
         }
-        assert_eq!(kinds(&sent.update(Snapshot::of(&st, &node, keys))), vec!["keys", "nodes"]);
+        assert_eq!(kinds(&sent.update(Snapshot::of(&st, &node, keys, &"a".to_string()))), vec!["keys", "nodes"]);
     }
 }

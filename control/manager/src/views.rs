@@ -7,16 +7,21 @@ use swarmnet_api::replies::*;
 use swarmnet_api::MeshWarning;
 
 use crate::model::*;
-use crate::store::ClusterMeta;
 
-pub fn node_info(n: &Node, meta: &ClusterMeta) -> NodeInfo {
+/// `leader`: the node of the manager that leads (the one answering).
+pub fn node_info(n: &Node, leader: &Id) -> NodeInfo {
     NodeInfo {
         id: n.id.clone(),
         hostname: n.hostname.clone(),
         address: n.addr,
         status: n.status,
         availability: Availability::Active,
-        manager_status: (n.id == meta.manager_node_id).then_some(ManagerStatus::Leader),
+        manager_status: match (n.role, n.status) {
+            _ if &n.id == leader => Some(ManagerStatus::Leader),
+            (Role::Manager, NodeStatus::Ready) => Some(ManagerStatus::Reachable),
+            (Role::Manager, NodeStatus::Down) => Some(ManagerStatus::Unreachable),
+            (Role::Worker, _) => None,
+        },
         role: n.role,
         gossip: None,
         gossip_key: None,
@@ -99,7 +104,17 @@ mod tests {
     use super::*;
 
     fn node(id: &str, status: NodeStatus) -> Node {
-        Node { id: id.into(), hostname: format!("host-{id}"), addr: "10.210.0.1".parse().expect("addr"), role: Role::Worker, status, underlay: vec![], cert_sha256: String::new(), ingress_ip: None }
+        Node {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            addr: "10.210.0.1".parse().expect("addr"),
+            role: Role::Worker,
+            status,
+            underlay: vec![],
+            cert_sha256: String::new(),
+            ingress_ip: None,
+            manager_port: None,
+        }
     }
 
     fn state() -> ClusterState {
@@ -163,16 +178,19 @@ mod tests {
     }
 
     #[test]
-    fn the_leader_is_the_manager_node_and_workers_have_no_manager_status() {
-        let st = state();
-        let meta: ClusterMeta = serde_json::from_value(serde_json::json!({
-            "cluster_id": "c", "ca": {"cert_pem": "", "key_pem": ""}, "worker_secret": "s", "manager_node_id": "a",
-            "manager_cert": {"cert_pem": "", "key_pem": ""}, "data_path_port": 4789
-        }))
-        .expect("meta");
-        assert_eq!(node_info(&st.nodes["a"], &meta).manager_status, Some(ManagerStatus::Leader));
-        assert_eq!(node_info(&st.nodes["b"], &meta).manager_status, None);
-        assert_eq!(node_info(&st.nodes["b"], &meta).availability, Availability::Active);
+    fn the_leader_then_managers_by_status_and_workers_have_no_manager_status() {
+        let mut st = state();
+        let leader = "a".to_string();
+        assert_eq!(node_info(&st.nodes["a"], &leader).manager_status, Some(ManagerStatus::Leader));
+        assert_eq!(node_info(&st.nodes["b"], &leader).manager_status, None);
+        assert_eq!(node_info(&st.nodes["b"], &leader).availability, Availability::Active);
+        for (id, status) in [("m1", NodeStatus::Ready), ("m2", NodeStatus::Down)] {
+            let mut n = node(id, status);
+            n.role = Role::Manager;
+            st.nodes.insert(id.into(), n);
+        }
+        assert_eq!(node_info(&st.nodes["m1"], &leader).manager_status, Some(ManagerStatus::Reachable));
+        assert_eq!(node_info(&st.nodes["m2"], &leader).manager_status, Some(ManagerStatus::Unreachable));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub async fn run(manager: String, token: String, count: usize, data_dir: &Path, 
         std::fs::create_dir_all(&dir)?;
         let id = match Identity::load(&dir)? {
             Some(id) => id,
-            None => agent::join(&dir, &manager, &token, &format!("sim{i}"), addr, vec![]).await?,
+            None => agent::join(&dir, std::slice::from_ref(&manager), &token, &format!("sim{i}"), addr, vec![], None).await?,
         };
         handles.push(tokio::spawn(async move {
             loop {

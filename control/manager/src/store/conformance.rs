@@ -15,6 +15,7 @@ pub fn sample_meta(cluster_id: &str) -> ClusterMeta {
         cluster_id: cluster_id.into(),
         ca: CertKey { cert_pem: "ca cert".into(), key_pem: "ca key".into() },
         worker_secret: "secret".into(),
+        manager_secret: "manager secret".into(),
         manager_node_id: "m1".into(),
         manager_cert: CertKey { cert_pem: "cert".into(), key_pem: "key".into() },
         data_path_port: 4789,

@@ -533,7 +533,9 @@ impl EtcdStore {
     pub fn connect(cfg: EtcdConfig) -> Result<EtcdStore, StoreError> {
         let shown = cfg.shown();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("etcd-store").enable_all().build().map_err(|e| unavailable(&shown, "start its worker", e))?;
-        let mut opts = ConnectOptions::new().with_connect_timeout(cfg.timeout).with_keep_alive(Duration::from_secs(2), cfg.timeout);
+        // HTTP/2 pings every 10 s: etcd closes a connection that pings more often than its
+        // --grpc-keepalive-min-time (5 s) with "too many pings" (a campaign then breaks).
+        let mut opts = ConnectOptions::new().with_connect_timeout(cfg.timeout).with_keep_alive(Duration::from_secs(10), cfg.timeout);
         let scheme = if let Some(t) = &cfg.tls {
             let mut tls = etcd_client::TlsOptions::new();
             if let Some(ca) = &t.ca {
@@ -606,12 +608,47 @@ impl EtcdStore {
         })
     }
 
+    /// Like `run`, awaited: the caller's runtime is not blocked (a campaign may wait long).
+    async fn run_async<T: Send + 'static>(&self, f: impl Future<Output = Result<T, StoreError>> + Send + 'static) -> Result<T, StoreError> {
+        let Some(rt) = self.rt.as_ref() else { return Err(StoreError::Unavailable(format!("the store {}: closed", self.inner.shown))) };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.await.map_err(|_| StoreError::Unavailable(format!("the store {}: its worker stopped", self.inner.shown)))?
+    }
+
+    /// The value of the manager that leads now (`hostname addr:port`), if one does.
+    pub fn leader(&self) -> Result<Option<String>, StoreError> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let mut election = inner.client.election_client();
+            match election.leader(inner.keys.election()).await {
+                Ok(r) => Ok(r.kv().map(|k| String::from_utf8_lossy(k.value()).into_owned())),
+                // etcd answers "election: no leader" as an error.
+                Err(e) if e.to_string().contains("no leader") => Ok(None),
+                Err(e) => Err(inner.err("find the leader", e)),
+            }
+        })
+    }
+
     /// Becomes the leader (waits up to `wait` for a leader that is there to go), then reads
     /// the state. `value` says who leads (`node ls`, and where writes are forwarded).
     pub fn campaign(&self, value: &str, wait: Duration) -> Result<(), StoreError> {
+        let f = self.campaign_work(value, wait);
+        self.run(f)
+    }
+
+    /// [`EtcdStore::campaign`], awaited without blocking the caller's runtime.
+    pub async fn campaign_async(&self, value: &str, wait: Duration) -> Result<(), StoreError> {
+        let f = self.campaign_work(value, wait);
+        self.run_async(f).await
+    }
+
+    fn campaign_work(&self, value: &str, wait: Duration) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let inner = self.inner.clone();
         let value = value.to_string();
-        self.run(async move {
+        async move {
             let ttl = i64::try_from(inner.cfg.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
             let granted = Instant::now();
             let lease = inner.call("grant a lease", inner.client.lease_client().grant(ttl, None)).await?.id();
@@ -646,7 +683,7 @@ impl EtcdStore {
             info!(store = %inner.shown, key = %String::from_utf8_lossy(leader.key()), "this manager leads the cluster");
             let mut w = inner.w.lock().await;
             inner.take_over(&mut w).await
-        })
+        }
     }
 
     /// Gives the leadership up (the next manager need not wait for the lease to run out).
@@ -701,6 +738,14 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         self.inner.shown.clone()
+    }
+
+    fn leads(&self) -> bool {
+        self.is_leader()
+    }
+
+    fn resign(&self) {
+        EtcdStore::resign(self)
     }
 }
 

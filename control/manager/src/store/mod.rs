@@ -48,6 +48,11 @@ pub struct ClusterMeta {
     pub cluster_id: String,
     pub ca: CertKey,
     pub worker_secret: String,
+    /// The secret a manager presents to join a cluster it found in a shared store (ADR
+    /// 0022); made by the first leader that lacks it.
+    #[serde(default)]
+    pub manager_secret: String,
+    /// The node that created the cluster (its first manager).
     pub manager_node_id: String,
     /// The manager's own certificate as a TLS server (and as a node).
     pub manager_cert: CertKey,
@@ -102,6 +107,12 @@ pub trait Store: Send + Sync {
     }
     /// Where the store is, for messages and `node inspect` (a file, `etcd://…`).
     fn describe(&self) -> String;
+    /// Whether this manager may still write (an embedded store: always).
+    fn leads(&self) -> bool {
+        true
+    }
+    /// Gives the leadership up, so that another manager need not wait for it to run out.
+    fn resign(&self) {}
 }
 
 pub const NODES: &str = "nodes";
