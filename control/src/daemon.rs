@@ -13,7 +13,7 @@ use swarmnet_agent::{Agent, AgentConfig, Identity};
 use swarmnet_api::replies::{DnsCounters, GossipView, LocalEndpoint, NetworkDetail, NodeInfo};
 use swarmnet_api::token::JoinToken;
 use swarmnet_api::{read_msg_within, write_msg, ApiError, ApiRequest, ErrorKind, Reply, MAX_FIRST_FRAME};
-use swarmnet_manager::store::{EtcdConfig, Store, StoreChoice};
+use swarmnet_manager::store::{EtcdConfig, EtcdStore, Store, StoreChoice};
 use swarmnet_manager::{Manager, ManagerConfig};
 use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::format_mac;
@@ -82,7 +82,7 @@ pub async fn run_manager(
     tokio::spawn(manager.clone().rotate_gossip_keys_periodically());
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     let (_tx, slot) = tokio::sync::watch::channel(Some(manager));
-    serve_control(&cfg.data_dir, Some(slot), agent).await
+    serve_control(&cfg.data_dir, Some(slot), None, agent).await
 }
 
 /// The identity of the manager's own node (saved in its data dir), printing the worker's
@@ -143,10 +143,11 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     mcfg.me = Some((id.node_id.clone(), id.cert.clone()));
     mcfg.expect_cluster = Some(id.cluster_id.clone());
     let mcfg = Arc::new(mcfg);
+    let stale = Arc::new(StaleReader { store: Manager::connect_etcd(&ec, &mcfg)?, cfg: mcfg.clone() });
     info!(store = %ec.shown(), node = %id.node_id, "manager on etcd: campaigning for the leadership");
     tokio::spawn(lead_when_elected(ec, mcfg, value, listen, slot_tx, first_term));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
-    serve_control(&cfg.data_dir, Some(slot), agent).await
+    serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
 }
 
 /// Joins the cluster in the store as a manager, through the manager that leads it (waiting
@@ -264,7 +265,41 @@ pub async fn run_agent(cfg: NodeConfig, join: String, token: Option<String>) -> 
         }
     };
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
-    serve_control(&cfg.data_dir, None, agent).await
+    serve_control(&cfg.data_dir, None, None, agent).await
+}
+
+/// How a manager that stands by answers when no manager can be reached (ADR 0022): reads
+/// from the store's copy, marked stale; changes refused, saying whether the store itself
+/// lacks its quorum (the cluster is read-only) or an election is under way.
+struct StaleReader {
+    store: EtcdStore,
+    cfg: Arc<ManagerConfig>,
+}
+
+impl StaleReader {
+    /// Blocking (etcd calls, bounded by their timeouts): run with `block_in_place`.
+    fn answer(&self, req: ApiRequest, unreachable: &str) -> Reply {
+        let shown = self.store.describe();
+        if !req.is_read() {
+            return Reply::err(match self.store.has_quorum() {
+                Err(e) => {
+                    ApiError::unavailable(format!("the cluster is read-only: its store {shown} does not answer with a quorum ({e}); changes are refused until it does (reads answer, marked stale)"))
+                }
+                Ok(()) => ApiError::unavailable(format!("no manager leads the cluster right now ({unreachable}); an election is under way: try again")),
+            });
+        }
+        match self.store.load_stale() {
+            Ok((Some(meta), state)) => {
+                let why = format!("no manager leads the cluster ({unreachable}): the state as a member of {shown} holds it, possibly behind");
+                let view = Manager::read_only(meta, state, &self.cfg, format!("the cluster is read-only: {why}"));
+                let mut r = view.api(req, None);
+                r.stale = Some(why);
+                r
+            }
+            Ok((None, _)) => Reply::err(ApiError::unavailable(format!("no manager leads the cluster ({unreachable}) and {shown} holds no cluster"))),
+            Err(e) => Reply::err(ApiError::unavailable(format!("no manager leads the cluster ({unreachable}) and its store cannot be read: {e}"))),
+        }
+    }
 }
 
 pub fn control_socket(data_dir: &Path) -> PathBuf {
@@ -275,7 +310,7 @@ pub fn control_socket(data_dir: &Path) -> PathBuf {
 /// worker.
 type ManagerSlot = tokio::sync::watch::Receiver<Option<Arc<Manager>>>;
 
-async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, agent: Arc<Agent>) -> anyhow::Result<()> {
+async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Option<Arc<StaleReader>>, agent: Arc<Agent>) -> anyhow::Result<()> {
     let path = control_socket(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
@@ -291,6 +326,7 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, agent: Arc
     let serving = admission::serve(listener, names, Admission::new(Limits { total: 256, per_peer: 256 }), |mut conn: tokio::net::UnixStream, _| {
         let manager = manager.clone();
         let agent = agent.clone();
+        let stale = stale.clone();
         async move {
             let req: ApiRequest = match tokio::time::timeout(std::time::Duration::from_secs(10), read_msg_within(&mut conn, MAX_FIRST_FRAME)).await {
                 Ok(Ok(Some(r))) => r,
@@ -308,7 +344,7 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, agent: Arc
                     (m, standby)
                 }
             };
-            let reply = answer(req, leading.as_deref(), standby, &agent).await;
+            let reply = answer(req, leading.as_deref(), standby.then_some(stale.as_deref()).flatten(), &agent).await;
             let _ = write_msg(&mut conn, &reply).await;
         }
     });
@@ -328,7 +364,7 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, agent: Arc
 
 /// One request of the local CLI: the manager's answer, completed with what only this node
 /// knows (its gossip table, its resolvers' counters, its failure detector's view).
-async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: bool, agent: &Agent) -> Reply {
+async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&StaleReader>, agent: &Agent) -> Reply {
     let me = Some(&agent.id.node_id);
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
@@ -340,39 +376,49 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: bool, agent
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.
         (req @ ApiRequest::NetworkInspect { .. }, m) => {
-            let r = match m {
-                Some(m) => m.api(req, me),
-                None => agent.call(req).await.unwrap_or_else(|e| Reply::err(ApiError::unavailable(format!("{e:#}")))),
+            let r = match (m, standby) {
+                (Some(m), _) => m.api(req, me),
+                (None, Some(s)) => forward(req, agent, s).await,
+                (None, None) => agent.call(req).await.unwrap_or_else(|e| Reply::err(ApiError::unavailable(format!("{e:#}")))),
             };
+            let stale = r.stale.clone();
             match r.into_data::<NetworkDetail>() {
-                Ok(d) => Reply::ok(&with_local_view(d, agent).await),
+                Ok(d) => Reply { stale, ..Reply::ok(&with_local_view(d, agent).await) },
                 Err(e) => Reply::err(e.into_api()),
             }
         }
-        (req @ ApiRequest::NodeLs, m) if m.is_some() || standby => {
-            let r = match m {
-                Some(m) => m.api(req, me),
-                None => forward(req, agent).await,
+        (req @ ApiRequest::NodeLs, m) if m.is_some() || standby.is_some() => {
+            let r = match (m, standby) {
+                (Some(m), _) => m.api(req, me),
+                (None, Some(s)) => forward(req, agent, s).await,
+                (None, None) => Reply::err(ApiError::new(ErrorKind::NotManager, "this node is not a manager")),
             };
+            let stale = r.stale.clone();
             match r.into_data::<Vec<NodeInfo>>() {
-                Ok(nodes) => Reply::ok(&with_gossip_view(nodes, agent).await),
+                Ok(nodes) => Reply { stale, ..Reply::ok(&with_gossip_view(nodes, agent).await) },
                 Err(e) => Reply::err(e.into_api()),
             }
         }
         (req, Some(m)) => m.api(req, me),
         // A manager that stands by: the one that leads answers (ADR 0022).
-        (req, None) if standby => forward(req, agent).await,
+        (req, None) if standby.is_some() => match standby {
+            Some(s) => forward(req, agent, s).await,
+            None => Reply::err(ApiError::new(ErrorKind::NotManager, "this node is not a manager")),
+        },
         (_, None) => Reply::err(ApiError::new(ErrorKind::NotManager, "this node is not a manager")),
     }
 }
 
 /// A request of a standby manager's CLI, answered by the manager that leads, through the
-/// agent's connection to it. No leader reachable (an election under way): unavailable, try
-/// again.
-async fn forward(req: ApiRequest, agent: &Agent) -> Reply {
-    match agent.call(req).await {
+/// agent's connection to it. No leader reachable: the store's copy answers reads (stale),
+/// changes are refused (an election, or the store without its quorum).
+async fn forward(req: ApiRequest, agent: &Agent, stale: &StaleReader) -> Reply {
+    match agent.call(req.clone()).await {
         Ok(r) => r,
-        Err(e) => Reply::err(ApiError::unavailable(format!("this manager stands by and the leader ({}) cannot be reached: {e:#}; an election may be under way, try again", agent.manager()))),
+        Err(e) => {
+            let why = format!("this manager stands by and the leader it knows ({}) cannot be reached: {e:#}", agent.manager());
+            tokio::task::block_in_place(|| stale.answer(req, &why))
+        }
     }
 }
 

@@ -631,6 +631,9 @@ fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> Result<T
         swarmnet_api::write_msg(&mut s, &req).await.map_err(|e| unreachable(&e))?;
         swarmnet_api::read_msg(&mut s).await.map_err(|e| unreachable(&e))?.ok_or_else(|| ApiError::unavailable("the daemon closed the connection without answering"))
     })?;
+    if let Some(why) = &reply.stale {
+        eprintln!("warning: STALE: {why}");
+    }
     reply.into_data().map_err(|e| e.into_api())
 }
 

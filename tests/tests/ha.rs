@@ -58,6 +58,9 @@ fn a_manager_on_etcd_keeps_the_cluster_in_etcd() -> Result<()> {
     // Killed and started again: the same cluster, the same tasks where they were.
     lab.stop_node(0, libc::SIGKILL)?;
     lab.start_node(0)?;
+    // It leads again once its old lease has run out (it stands by until then).
+    let n1 = lab.nodes[0].hostname.clone();
+    wait_for("the manager to lead again", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Leader ready")))?;
     lab.wait_ready(3, T)?;
     assert_eq!(placement(&lab, "web")?, before, "the same tasks, nodes and addresses");
     assert_eq!(inspect(&lab, "web")?["vips"], vip);
@@ -231,5 +234,73 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     lab.start_node(0)?;
     let st = wait_for("the old leader back, standing by", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Reachable ready")))?;
     assert_eq!(st[&n2], "Leader ready");
+    Ok(())
+}
+
+/// etcd loses its quorum (2 of 3 members killed): the dataplane goes on (no failed
+/// connection), changes are refused naming the store and saying the cluster is read-only,
+/// `node ls` and `service ls` still answer, marked stale. The members back: changes are
+/// taken again, nothing restarted.
+#[test]
+fn without_etcd_quorum_the_cluster_is_read_only_and_resumes_after() -> Result<()> {
+    let mut lab = Lab::up_etcd("snh-q", 3, 3, 1.0, 3, 2, &[])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    lab.wait_service("web", 3, T)?;
+    let vip = inspect(&lab, "web")?["vips"]["appnet"].as_str().unwrap_or_default().to_string();
+    let client = lab.outside_client()?;
+    let url = format!("http://{}:8080/", lab.nodes[2].addr);
+    wait_for("the published port answers", T, || {
+        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
+        (page.trim() == "200").then_some(())
+    })?;
+    let pids: Vec<Option<u32>> = (0..3).map(|i| lab.daemon_pid(i)).collect();
+    let secs = 30;
+    let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, secs)?;
+    let bin = swarmnet_lab::binary()?.display().to_string();
+    let host = lab.control(2);
+    let inside = probe(&[&bin, "--host", &host, "run", "--name", "vprobe", "--network", "appnet", "--"], &vip, 80, secs)?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    lab.stop_etcd(1, libc::SIGKILL)?;
+    lab.stop_etcd(2, libc::SIGKILL)?;
+    let store = lab.etcd_endpoints();
+    // Within the lease the leader steps down; from then on, on either manager:
+    let (code, err) = wait_for("a change refused as read-only", T, || {
+        let (code, err) = lab.cli_fail(0, &["network", "create", "--driver", "overlay", "late"]).ok()?;
+        err.contains("read-only").then_some((code, err))
+    })?;
+    assert_eq!(code, 5, "unavailable, to try again: {err}");
+    assert!(err.contains(&store), "the error names the store: {err}");
+    for i in [0, 1] {
+        let (code, err) = lab.cli_fail(i, &["service", "scale", "web=5"])?;
+        assert!(code == 5 && err.contains("read-only"), "manager {i}: {code} {err}");
+        let out = lab.cli(i, &["node", "ls"])?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && stdout.contains(&lab.nodes[2].hostname), "node ls answers on manager {i}: {stdout} {stderr}");
+        assert!(stderr.contains("STALE"), "marked stale: {stderr}");
+        let out = lab.cli(i, &["service", "ls"])?;
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("web"), "service ls answers on manager {i}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("STALE"));
+    }
+    // Quorum back: changes are taken again, by whichever manager is elected.
+    lab.start_etcd(1)?;
+    lab.start_etcd(2)?;
+    let t0 = Instant::now();
+    wait_for("a change taken again", T, || lab.cli_ok(1, &["network", "create", "--driver", "overlay", "late"]).ok())?;
+    let back = t0.elapsed();
+    let (ok_out, fail_out) = probed(outside)?;
+    let (ok_in, fail_in) = probed(inside)?;
+    println!(
+        "HA etcd quorum lost and back: changes taken {:.2} s after the members restarted; probes to a published port {fail_out} failed of {}, to a VIP {fail_in} failed of {}",
+        back.as_secs_f64(),
+        ok_out + fail_out,
+        ok_in + fail_in
+    );
+    assert!(ok_out > 100 && ok_in > 100, "the probes ran ({ok_out}, {ok_in})");
+    assert_eq!((fail_out, fail_in), (0, 0), "connections failed while etcd had no quorum");
+    let after: Vec<Option<u32>> = (0..3).map(|i| lab.daemon_pid(i)).collect();
+    assert_eq!(pids, after, "no daemon restarted");
+    assert_eq!(placement(&lab, "web")?.len(), 3);
     Ok(())
 }

@@ -249,6 +249,10 @@ pub struct Reply {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub data: serde_json::Value,
+    /// Set when the data may be out of date (no manager leads: a standby manager answered
+    /// from its store's copy), saying why. The CLI prints it as a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,17 +282,34 @@ impl ReplyError {
     }
 }
 
+impl ApiRequest {
+    /// Whether the request only reads the cluster's state (a standby manager may answer it
+    /// from its store's copy when no manager leads).
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            ApiRequest::NodeLs
+                | ApiRequest::NetworkLs
+                | ApiRequest::NetworkInspect { .. }
+                | ApiRequest::ServiceLs
+                | ApiRequest::ServicePs { .. }
+                | ApiRequest::ServiceInspect { .. }
+                | ApiRequest::LbLs
+        )
+    }
+}
+
 impl Reply {
     /// A successful reply carrying `data`.
     pub fn ok<T: Serialize>(data: &T) -> Reply {
         match serde_json::to_value(data) {
-            Ok(data) => Reply { ok: true, error: None, data },
+            Ok(data) => Reply { ok: true, error: None, data, stale: None },
             Err(e) => Reply::err(ApiError::internal(format!("cannot encode the reply: {e}"))),
         }
     }
 
     pub fn err(e: ApiError) -> Reply {
-        Reply { ok: false, error: Some(e), data: serde_json::Value::Null }
+        Reply { ok: false, error: Some(e), data: serde_json::Value::Null, stale: None }
     }
 
     /// The reply for a result.

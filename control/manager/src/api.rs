@@ -20,7 +20,7 @@ impl Manager {
     /// Answers one API request. `caller` is the node a request came from, if any.
     pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
         match self.api_inner(req, caller) {
-            Ok(v) => Reply { ok: true, error: None, data: v },
+            Ok(v) => Reply { ok: true, error: None, data: v, stale: None },
             Err(e) => Reply::err(e.to_api()),
         }
     }

@@ -82,6 +82,24 @@ pub struct ManagerConfig {
     pub me: Option<(Id, CertKey)>,
 }
 
+/// The store of a read-only view: every change refused, saying why.
+struct ReadOnly(String);
+
+impl Store for ReadOnly {
+    fn load(&self) -> Result<(Option<ClusterMeta>, ClusterState), StoreError> {
+        Err(StoreError::Unavailable(self.0.clone()))
+    }
+    fn commit(&self, _: &[store::Write]) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable(self.0.clone()))
+    }
+    fn describe(&self) -> String {
+        "a read-only copy".into()
+    }
+    fn leads(&self) -> bool {
+        false
+    }
+}
+
 /// How to recover, for the errors that refuse to open the store.
 const RECOVER: &str = "restore it from a backup, or start the manager with --force-new-cluster to set it aside and make a new cluster (every other node must then join again)";
 
@@ -166,6 +184,30 @@ impl Manager {
             _ => {}
         }
         Ok(s)
+    }
+
+    /// A view of `state` that answers reads and refuses every change with `why` (a standby
+    /// manager's answer, from the store's copy, when no manager leads). No manager shows as
+    /// the leader in it.
+    pub fn read_only(meta: ClusterMeta, state: ClusterState, cfg: &ManagerConfig, why: String) -> Arc<Manager> {
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let (stepped_down, _) = tokio::sync::watch::channel(true);
+        Arc::new(Manager {
+            store: Box::new(ReadOnly(why)),
+            node_id: String::new(),
+            cert: meta.manager_cert.clone(),
+            stepped_down,
+            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
+            changed,
+            gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
+            removed: Mutex::new(meta.removed_nodes.clone()),
+            gossip_key_rotation: cfg.gossip_key_rotation,
+            own_ports: ops::OwnPorts { manager: cfg.listen_port, gossip: cfg.gossip_port, data_path: meta.data_path_port },
+            meta,
+            pool: cfg.pool,
+            heartbeat: cfg.heartbeat,
+            started: Instant::now(),
+        })
     }
 
     /// What a manager says of itself in the election: its hostname and `addr:port`.

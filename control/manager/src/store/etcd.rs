@@ -126,7 +126,13 @@ struct Writer {
 }
 
 struct Inner {
-    client: Client,
+    /// A client of one member at a time (`pin`): etcd-client's balancing over several
+    /// endpoints sends requests to a member that is down (etcdv3/etcd-client#39), so the
+    /// store keeps to one and moves to the next when it fails or does not answer.
+    client: Mutex<Client>,
+    pin: Mutex<usize>,
+    urls: Vec<String>,
+    opts: ConnectOptions,
     keys: Keys,
     cfg: EtcdConfig,
     shown: String,
@@ -148,17 +154,61 @@ fn unavailable(shown: &str, what: &str, e: impl std::fmt::Display) -> StoreError
     StoreError::Unavailable(format!("the store {shown}: {what}: {e}"))
 }
 
+/// Connects to the first member of `urls` that answers, from `start` on.
+async fn connect_pinned(urls: &[String], opts: &ConnectOptions, start: usize, timeout: Duration) -> Result<(usize, Client), String> {
+    let mut why = Vec::new();
+    for k in 0..urls.len() {
+        let i = (start + k) % urls.len();
+        match tokio::time::timeout(timeout, Client::connect([urls[i].clone()], Some(opts.clone()))).await {
+            Ok(Ok(c)) => return Ok((i, c)),
+            Ok(Err(e)) => why.push(format!("{}: {e}", urls[i])),
+            Err(_) => why.push(format!("{}: no answer within {timeout:?}", urls[i])),
+        }
+    }
+    Err(why.join("; "))
+}
+
 impl Inner {
     fn err(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
         unavailable(&self.shown, what, e)
     }
 
-    /// `f` within the request timeout.
+    fn client(&self) -> Client {
+        locked(&self.client).clone()
+    }
+
+    /// Moves to the next member that answers (after a request failed or timed out on the
+    /// pinned one). With one endpoint: reconnects to it.
+    async fn repin(&self) {
+        let from = *locked(&self.pin);
+        let next = (from + 1) % self.urls.len().max(1);
+        match connect_pinned(&self.urls, &self.opts, next, Duration::from_secs(2)).await {
+            Ok((i, c)) => {
+                if i != from {
+                    info!(store = %self.shown, from = %self.urls[from], to = %self.urls[i], "moved to another etcd member");
+                }
+                *locked(&self.pin) = i;
+                *locked(&self.client) = c;
+            }
+            Err(e) => warn!(store = %self.shown, error = %e, "no etcd member answers"),
+        }
+    }
+
+    /// `f` within the request timeout. A failure to reach the member, or no answer, moves
+    /// the store to another member for the next request.
     async fn call<T>(&self, what: &str, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, StoreError> {
         match tokio::time::timeout(self.cfg.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.err(what, e)),
-            Err(_) => Err(self.err(what, format!("no answer within {:?} (etcd down, or without quorum?)", self.cfg.timeout))),
+            Ok(Err(e)) => {
+                if !is_definite(&e) {
+                    self.repin().await;
+                }
+                Err(self.err(what, e))
+            }
+            Err(_) => {
+                self.repin().await;
+                Err(self.err(what, format!("no answer within {:?} (etcd down, or without quorum?)", self.cfg.timeout)))
+            }
         }
     }
 
@@ -178,12 +228,15 @@ impl Inner {
 
     /// Every key from `from` (inclusive) to `end` (exclusive) at `rev`, in order, a page at
     /// a time.
-    async fn range(&self, from: String, end: String, rev: i64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut kv = self.client.kv_client().max_decoding_message_size(64 << 20);
+    async fn range(&self, from: String, end: String, rev: i64, serializable: bool) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut kv = self.client().kv_client().max_decoding_message_size(64 << 20);
         let mut out = Vec::new();
         let mut start = from.into_bytes();
         loop {
-            let opts = GetOptions::new().with_range(end.clone()).with_revision(rev).with_limit(64);
+            let mut opts = GetOptions::new().with_range(end.clone()).with_revision(rev).with_limit(64);
+            if serializable {
+                opts = opts.with_serializable();
+            }
             let r = self.call("read", kv.get(start.clone(), Some(opts))).await?;
             for x in r.kvs() {
                 let k = String::from_utf8(x.key().to_vec()).map_err(|e| self.err("read", format!("a key is not UTF-8: {e}")))?;
@@ -202,10 +255,16 @@ impl Inner {
     /// The whole state at one revision: the replica, the snapshot it started from, the
     /// incomplete last entry if any, and the revision read.
     async fn read_all(&self) -> Result<(Replica, Option<String>, u64, Option<u64>, i64), StoreError> {
-        let mut kv = self.client.kv_client();
-        let first = self.call("read", kv.get(self.keys.snap(), None)).await?;
+        self.read_all_with(false).await
+    }
+
+    /// `serializable`: from whichever member answers, without a quorum (possibly behind).
+    async fn read_all_with(&self, serializable: bool) -> Result<(Replica, Option<String>, u64, Option<u64>, i64), StoreError> {
+        let mut kv = self.client().kv_client();
+        let opts = || if serializable { GetOptions::new().with_serializable() } else { GetOptions::new() };
+        let first = self.call("read", kv.get(self.keys.snap(), Some(opts()))).await?;
         let rev = first.header().map(|h| h.revision()).unwrap_or(0);
-        let cluster = self.call("read", kv.get(self.keys.cluster(), Some(GetOptions::new().with_revision(rev)))).await?;
+        let cluster = self.call("read", kv.get(self.keys.cluster(), Some(opts().with_revision(rev)))).await?;
         let cluster = match cluster.kvs().first() {
             Some(c) => Some(String::from_utf8(c.value().to_vec()).map_err(|e| self.err("read the cluster's id", e))?),
             None => None,
@@ -213,7 +272,7 @@ impl Inner {
         let (mut replica, snap_seq) = match first.kvs().first() {
             Some(p) => {
                 let ptr: SnapPointer = serde_json::from_slice(p.value()).map_err(|e| self.err("read the snapshot's pointer", e))?;
-                let parts = self.range(self.keys.snap_from(ptr.seq), self.keys.snap_from(ptr.seq + 1), rev).await?;
+                let parts = self.range(self.keys.snap_from(ptr.seq), self.keys.snap_from(ptr.seq + 1), rev, serializable).await?;
                 let mut numbered = Vec::with_capacity(parts.len());
                 for (k, v) in parts {
                     numbered.push((self.keys.parse_snap(&k).map_err(|e| self.err("read the snapshot", e))?.1, v));
@@ -223,7 +282,7 @@ impl Inner {
             }
             None => (Replica::default(), 0),
         };
-        let entries = self.range(self.keys.log_from(snap_seq + 1), format!("{}~", self.keys.log_dir()), rev).await?;
+        let entries = self.range(self.keys.log_from(snap_seq + 1), format!("{}~", self.keys.log_dir()), rev, serializable).await?;
         let mut a = Assembler::new(snap_seq);
         for (k, v) in entries {
             let (seq, part) = self.keys.parse_log(&k).map_err(|e| self.err("read the log", e))?;
@@ -245,7 +304,7 @@ impl Inner {
         if let Some(seq) = incomplete {
             let l = self.fence()?;
             let del = TxnOp::delete(self.keys.log_from(seq), Some(DeleteOptions::new().with_range(self.keys.log_from(seq + 1))));
-            let r = self.call("remove an incomplete entry", self.client.kv_client().txn(Txn::new().when([Self::fence_cmp(&l)]).and_then([del]))).await?;
+            let r = self.call("remove an incomplete entry", self.client().kv_client().txn(Txn::new().when([Self::fence_cmp(&l)]).and_then([del]))).await?;
             if !r.succeeded() {
                 return Err(self.lost());
             }
@@ -284,7 +343,7 @@ impl Inner {
 
     async fn settle_one(&self, w: &mut Writer, u: &Unknown) -> Result<(), StoreError> {
         let l = self.fence()?;
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         for _ in 0..3 {
             let r = self.call("look up an unsettled commit", kv.get(self.keys.log_from(u.seq), Some(GetOptions::new().with_range(self.keys.log_from(u.seq + 1))))).await?;
             let have = r.kvs().len();
@@ -366,7 +425,7 @@ impl Inner {
                 }
             }
             let txn = Txn::new().when(cmp).and_then(ops);
-            match tokio::time::timeout(self.cfg.timeout, self.client.kv_client().txn(txn)).await {
+            match tokio::time::timeout(self.cfg.timeout, self.client().kv_client().txn(txn)).await {
                 Ok(Ok(r)) if r.succeeded() => {
                     if i == 0 {
                         first_rev = r.header().map(|h| h.revision()).unwrap_or(0);
@@ -380,6 +439,7 @@ impl Inner {
                         _ => format!("no answer within {:?} (etcd down, or without quorum?)", self.cfg.timeout),
                     };
                     w.unknown = Some(Unknown { seq, first_part: parts[0].clone(), parts: n, writes });
+                    self.repin().await;
                     return Err(StoreError::Unavailable(format!("the store {}: commit of entry {seq}: {why}; the cluster takes no change until it answers", self.shown)));
                 }
             }
@@ -405,7 +465,7 @@ impl Inner {
     async fn refused(&self, w: &mut Writer, seq: u64) -> StoreError {
         let leader_key = locked(&self.lead).as_ref().map(|l| l.key.clone());
         let held = match leader_key {
-            Some(k) => self.call("check the leadership", self.client.kv_client().get(k, None)).await.map(|r| !r.kvs().is_empty()),
+            Some(k) => self.call("check the leadership", self.client().kv_client().get(k, None)).await.map(|r| !r.kvs().is_empty()),
             None => Ok(false),
         };
         match held {
@@ -426,7 +486,7 @@ impl Inner {
         let seq = w.replica.seq;
         let parts = log::split(&w.replica.snapshot(), self.cfg.part_size);
         let n = u32::try_from(parts.len()).unwrap_or(u32::MAX);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.client().kv_client();
         for (i, p) in parts.into_iter().enumerate() {
             let put = TxnOp::put(self.keys.snap_part(seq, u32::try_from(i).unwrap_or(u32::MAX)), p, None);
             let r = self.call("write a snapshot", kv.txn(Txn::new().when([Self::fence_cmp(&l)]).and_then([put]))).await?;
@@ -469,7 +529,7 @@ impl Inner {
         let every = (ttl / 3).max(Duration::from_millis(200));
         let current = || locked(&self.renewed).is_some_and(|r| r.lease == lease);
         while current() {
-            let mut lease_client = self.client.lease_client();
+            let mut lease_client = self.client().lease_client();
             let (mut keeper, mut stream) = match self.call("keep the lease alive", lease_client.keep_alive(lease)).await {
                 Ok(k) => k,
                 Err(e) => {
@@ -562,15 +622,23 @@ impl EtcdStore {
         // Connected on the store's own runtime (its channel's tasks live there), waited for on
         // this thread: the caller may itself be inside a runtime, where block_on is refused.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (u, o) = (urls.clone(), opts.clone());
         rt.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(timeout, Client::connect(urls, Some(opts))).await);
+            let _ = tx.send(connect_pinned(&u, &o, 0, timeout).await);
         });
-        let client = rx
-            .recv()
-            .map_err(|_| unavailable(&shown, "connect", "its worker stopped"))?
-            .map_err(|_| unavailable(&shown, "connect", format!("no answer within {timeout:?}")))?
-            .map_err(|e| unavailable(&shown, "connect", e))?;
-        let inner = Arc::new(Inner { client, keys, cfg, shown, lead: Mutex::new(None), renewed: Mutex::new(None), w: tokio::sync::Mutex::new(Writer { reload: true, ..Writer::default() }) });
+        let (pin, client) = rx.recv().map_err(|_| unavailable(&shown, "connect", "its worker stopped"))?.map_err(|e| unavailable(&shown, "connect", e))?;
+        let inner = Arc::new(Inner {
+            client: Mutex::new(client),
+            pin: Mutex::new(pin),
+            urls,
+            opts,
+            keys,
+            cfg,
+            shown,
+            lead: Mutex::new(None),
+            renewed: Mutex::new(None),
+            w: tokio::sync::Mutex::new(Writer { reload: true, ..Writer::default() }),
+        });
         let store = EtcdStore { rt: Some(rt), inner };
         // etcd answers, and the prefix is ours or empty.
         store.cluster_id()?;
@@ -591,7 +659,7 @@ impl EtcdStore {
     pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
         let inner = self.inner.clone();
         self.run(async move {
-            let mut kv = inner.client.kv_client();
+            let mut kv = inner.client().kv_client();
             let r = inner.call("read the cluster's id", kv.get(inner.keys.cluster(), None)).await?;
             if let Some(c) = r.kvs().first() {
                 return String::from_utf8(c.value().to_vec()).map(Some).map_err(|e| inner.err("read the cluster's id", e));
@@ -618,11 +686,44 @@ impl EtcdStore {
         rx.await.map_err(|_| StoreError::Unavailable(format!("the store {}: its worker stopped", self.inner.shown)))?
     }
 
+    /// The state as whichever etcd member answers holds it, without a quorum: what a manager
+    /// that stands by shows when no manager leads (marked stale).
+    pub fn load_stale(&self) -> Result<(Option<ClusterMeta>, ClusterState), StoreError> {
+        let inner = self.inner.clone();
+        // Each failure moves to another member: one that is up answers.
+        let replica = self.run(async move {
+            let mut last = None;
+            for _ in 0..inner.urls.len().max(1) {
+                match inner.read_all_with(true).await {
+                    Ok(r) => return Ok(r.0),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| inner.err("read", "no member")))
+        })?;
+        decode_objects(replica.iter())
+    }
+
+    /// Whether etcd answers a read that needs its quorum (within 2 s).
+    pub fn has_quorum(&self) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let mut kv = inner.client().kv_client();
+            let r = match tokio::time::timeout(Duration::from_secs(2), kv.get(inner.keys.cluster(), None)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => Err(inner.err("read with its quorum", e)),
+                Err(_) => Err(StoreError::Unavailable(format!("the store {}: no answer to a read that needs its quorum within 2 s", inner.shown))),
+            };
+            inner.repin().await;
+            r
+        })
+    }
+
     /// The value of the manager that leads now (`hostname addr:port`), if one does.
     pub fn leader(&self) -> Result<Option<String>, StoreError> {
         let inner = self.inner.clone();
         self.run(async move {
-            let mut election = inner.client.election_client();
+            let mut election = inner.client().election_client();
             match election.leader(inner.keys.election()).await {
                 Ok(r) => Ok(r.kv().map(|k| String::from_utf8_lossy(k.value()).into_owned())),
                 // etcd answers "election: no leader" as an error.
@@ -651,16 +752,16 @@ impl EtcdStore {
         async move {
             let ttl = i64::try_from(inner.cfg.lease_ttl.as_secs().max(1)).unwrap_or(i64::MAX);
             let granted = Instant::now();
-            let lease = inner.call("grant a lease", inner.client.lease_client().grant(ttl, None)).await?.id();
+            let lease = inner.call("grant a lease", inner.client().lease_client().grant(ttl, None)).await?.id();
             *locked(&inner.lead) = None;
             *locked(&inner.renewed) = Some(Renewed { lease, until: granted + Duration::from_secs(ttl.unsigned_abs()) });
             // Kept alive from now on, also while the campaign waits.
             tokio::spawn(inner.clone().keep_alive(lease));
-            let mut election = inner.client.election_client();
+            let mut election = inner.client().election_client();
             let won = tokio::time::timeout(wait, election.campaign(inner.keys.election(), value.clone(), lease)).await;
             let give_up = |inner: Arc<Inner>| async move {
                 *locked(&inner.renewed) = None;
-                let _ = inner.call("give the lease up", inner.client.lease_client().revoke(lease)).await;
+                let _ = inner.call("give the lease up", inner.client().lease_client().revoke(lease)).await;
             };
             let leader = match won {
                 Ok(Ok(r)) => r.leader().cloned(),
@@ -693,7 +794,7 @@ impl EtcdStore {
         *locked(&inner.renewed) = None;
         if let Some(l) = lead {
             let _ = self.run(async move {
-                let _ = inner.call("give the leadership up", inner.client.lease_client().revoke(l.lease)).await;
+                let _ = inner.call("give the leadership up", inner.client().lease_client().revoke(l.lease)).await;
                 Ok(())
             });
         }
