@@ -145,7 +145,7 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     let mcfg = Arc::new(mcfg);
     let stale = Arc::new(StaleReader { store: Manager::connect_etcd(&ec, &mcfg)?, cfg: mcfg.clone() });
     info!(store = %ec.shown(), node = %id.node_id, "manager on etcd: campaigning for the leadership");
-    tokio::spawn(lead_when_elected(ec, mcfg, value, listen, slot_tx, first_term));
+    tokio::spawn(lead_when_elected(ec, mcfg, value, listen, slot_tx, first_term, stale.clone(), id.node_id.clone()));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
 }
@@ -177,8 +177,32 @@ async fn join_as_manager(cfg: &NodeConfig, base: &NodeBase, store: &swarmnet_man
 
 /// Campaigns, leads while elected (serves 2377, watches heartbeats, rotates keys), and
 /// campaigns again when the leadership is lost. `first`: a term already won.
-async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: String, listen: SocketAddr, slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>, mut first: Option<Arc<Manager>>) {
+#[allow(clippy::too_many_arguments)]
+async fn lead_when_elected(
+    ec: EtcdConfig,
+    mcfg: Arc<ManagerConfig>,
+    value: String,
+    listen: SocketAddr,
+    slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>,
+    mut first: Option<Arc<Manager>>,
+    stale: Arc<StaleReader>,
+    me: String,
+) {
+    let mut said = false;
     loop {
+        if first.is_none() {
+            // A node demoted to a worker (or removed) does not campaign; its agent goes on.
+            let role = tokio::task::block_in_place(|| stale.store.load_stale()).ok().map(|(_, st)| st.nodes.get(&me).map(|n| n.role));
+            if let Some(r) = role.filter(|r| *r != Some(swarmnet_api::Role::Manager)) {
+                if !said {
+                    warn!(node = %me, role = ?r, "this node is not a manager of the cluster any more: it does not campaign (run it as `swarmnet agent`)");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            said = false;
+        }
         let manager = match first.take() {
             Some(m) => m,
             None => match campaign(&ec, &mcfg, &value).await {
@@ -369,10 +393,7 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&Sta
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
         (ApiRequest::LbLs, _) => agent.lb_table().await,
-        (ApiRequest::NodeRm { node, force }, Some(m)) => Reply::from_result(m.remove_node(&node, force).await.map_err(|e| e.to_api())),
-        (ApiRequest::RotateGossipKey, Some(m)) => {
-            Reply::from_result(m.rotate_gossip_key(m.key_switch_delay()).await.map(|key| swarmnet_api::replies::GossipKeyRotated { key }).map_err(|e| e.to_api().context("gossip key rotation")))
-        }
+        (req @ (ApiRequest::NodeRm { .. } | ApiRequest::RotateGossipKey), Some(m)) => m.api_async(req, me).await,
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.
         (req @ ApiRequest::NetworkInspect { .. }, m) => {

@@ -296,6 +296,9 @@ enum NodeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Make a manager a worker: it stops campaigning for the leadership (refused for the
+    /// last manager). Remove it afterwards with `node rm`, or run it as `swarmnet agent`.
+    Demote { node: String },
 }
 
 #[derive(Subcommand)]
@@ -507,6 +510,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Ls { f }) => {
             let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
             f.print(&nodes)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Node(NodeCmd::Demote { node }) => {
+            let r: Removed = call(&host, ApiRequest::NodeDemote { node })?;
+            println!("{} demoted", r.name);
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Node(NodeCmd::Rm { node, force }) => {

@@ -106,15 +106,16 @@ const PROBE: &str = r#"
 import socket, sys, time
 ip, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ok = fail = 0
-end = time.time() + secs
+start = time.time(); end = start + secs; why = []
 while time.time() < end:
     t = time.time()
     try:
         c = socket.create_connection((ip, port), timeout=1.0); c.close(); ok += 1
-    except OSError:
+    except OSError as e:
         fail += 1
+        why.append(f"{t - start:.2f}s:{type(e).__name__}:{e.errno}")
     time.sleep(max(0.0, 0.1 - (time.time() - t)))
-print(f"ok={ok} fail={fail}")
+print(f"ok={ok} fail={fail} at={','.join(why[:5])} start={start:.3f}")
 "#;
 
 /// TCP connects to `ip:port` every 100 ms for `secs`, from `argv` (a command that enters a
@@ -134,6 +135,7 @@ fn probed(child: std::process::Child) -> Result<(u64, u64)> {
     if !out.status.success() {
         bail!("the prober failed: {s} {}", String::from_utf8_lossy(&out.stderr));
     }
+    println!("probe: {}", s.trim());
     let f = |k: &str| s.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok());
     match (f("ok="), f("fail=")) {
         (Some(ok), Some(fail)) => Ok((ok, fail)),
@@ -234,6 +236,26 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     lab.start_node(0)?;
     let st = wait_for("the old leader back, standing by", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Reachable ready")))?;
     assert_eq!(st[&n2], "Leader ready");
+
+    // Demote and remove a manager: the leader demotes itself (asked on the standby), the
+    // other one leads; the last manager cannot be demoted; a manager is demoted before rm.
+    let (code, err) = lab.cli_fail(0, &["node", "rm", "--force", &n2])?;
+    assert!(code == 2 && err.contains("demote it first"), "{code} {err}");
+    lab.cli_ok(0, &["node", "demote", &n2])?;
+    let st = wait_for("the other manager to lead after the leader's demotion", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Leader ready")))?;
+    assert_eq!(st[&n2], " ready", "the demoted node is a worker: {st:?}");
+    let (code, err) = lab.cli_fail(0, &["node", "demote", &n1])?;
+    assert!(code == 4 && err.contains("last manager"), "{code} {err}");
+    // A demoted node is a worker: it changes nothing.
+    let (code, err) = lab.cli_fail(1, &["service", "scale", "after=1"])?;
+    assert!(code == 7 && err.contains("only a manager"), "{code} {err}");
+    lab.stop_node(1, libc::SIGTERM)?;
+    wait_for("the demoted node down", T, || manager_status(&lab, 0).filter(|s| s.get(&n2).is_some_and(|v| v == " down")))?;
+    lab.cli_ok(0, &["node", "rm", &n2])?;
+    let st = manager_status(&lab, 0).unwrap_or_default();
+    assert!(!st.contains_key(&n2) && st[&n1] == "Leader ready", "{st:?}");
+    lab.cli_ok(0, &["service", "scale", "after=3"])?;
+    wait_running(&lab, 0, "after", 3)?;
     Ok(())
 }
 
@@ -302,5 +324,62 @@ fn without_etcd_quorum_the_cluster_is_read_only_and_resumes_after() -> Result<()
     let after: Vec<Option<u32>> = (0..3).map(|i| lab.daemon_pid(i)).collect();
     assert_eq!(pids, after, "no daemon restarted");
     assert_eq!(placement(&lab, "web")?.len(), 3);
+    Ok(())
+}
+
+/// Creates sent to both managers at once, hundreds of them: every network gets its own
+/// subnet and VNI, every service its own VIP and published port (the standby forwards to
+/// the leader; one writer, fenced).
+#[test]
+fn creates_on_two_managers_at_once_never_hand_out_anything_twice() -> Result<()> {
+    let lab = Lab::up_etcd("snh-cc", 2, 2, 1.0, 1, 2, &[])?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "shared"])?;
+    let per_manager = 100;
+    let results: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|m| {
+                let lab = &lab;
+                s.spawn(move || {
+                    let mut errors = Vec::new();
+                    for i in 0..per_manager {
+                        let r = if i % 5 == 0 {
+                            lab.cli_ok(m, &["network", "create", "--driver", "overlay", &format!("net{m}x{i}")])
+                        } else {
+                            lab.cli_ok(m, &["service", "create", "--name", &format!("svc{m}x{i}"), "--replicas", "0", "--network", "shared", "--publish", "80", "--", "true"])
+                        };
+                        if let Err(e) = r {
+                            errors.push(format!("{e:#}"));
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| vec!["a thread panicked".into()])).collect()
+    });
+    let errors: Vec<&String> = results.iter().flatten().collect();
+    assert!(errors.is_empty(), "every create succeeded; {} did not, the first: {:?}", errors.len(), errors.iter().take(3).collect::<Vec<_>>());
+    let nets = lab.cli_json(0, &["network", "ls"])?;
+    let nets = nets.as_array().cloned().unwrap_or_default();
+    let svcs = lab.cli_json(1, &["service", "ls"])?;
+    let svcs = svcs.as_array().cloned().unwrap_or_default();
+    let distinct = |vals: Vec<String>| -> (usize, usize) {
+        let n = vals.len();
+        let set: std::collections::BTreeSet<String> = vals.into_iter().collect();
+        (n, set.len())
+    };
+    let created_nets: Vec<&serde_json::Value> = nets.iter().filter(|n| n["name"].as_str().is_some_and(|s| s.starts_with("net"))).collect();
+    assert_eq!(created_nets.len(), 2 * per_manager / 5, "{nets:?}");
+    let (n, d) = distinct(nets.iter().map(|n| n["subnet"].to_string()).collect());
+    assert_eq!(n, d, "a subnet handed out twice: {nets:?}");
+    let (n, d) = distinct(nets.iter().map(|n| n["vni"].to_string()).collect());
+    assert_eq!(n, d, "a VNI handed out twice: {nets:?}");
+    let created: Vec<&serde_json::Value> = svcs.iter().filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("svc"))).collect();
+    assert_eq!(created.len(), 2 * per_manager * 4 / 5);
+    let (n, d) = distinct(created.iter().map(|s| s["vips"]["shared"].to_string()).collect());
+    assert_eq!(n, d, "a VIP handed out twice");
+    let (n, d) = distinct(created.iter().map(|s| s["ports"].to_string()).collect());
+    assert_eq!(n, d, "a published port handed out twice");
+    println!("HA concurrent creates: {} networks and {} services through two managers at once, no subnet, VNI, VIP or port twice", created_nets.len(), created.len());
     Ok(())
 }

@@ -251,12 +251,27 @@ impl Agent {
         }
     }
 
-    /// One request to the manager, on a connection of its own.
+    /// One request to the manager, on a connection of its own: the one in use, else the
+    /// others it knows, in turn, until one takes the connection.
     pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
-        let manager = self.manager();
-        let mut tls = connect(&manager, self.tls.clone()).await?;
-        write_msg(&mut tls, &Hello::Api { request }).await?;
-        read_reply(&mut tls, &manager).await
+        let list = {
+            let m = self.managers();
+            let mut l = m.0.clone();
+            let at = m.1.min(l.len());
+            l.rotate_left(at);
+            l
+        };
+        let mut last = anyhow!("no manager known");
+        for manager in list.iter().chain(std::iter::once(&self.id.manager)).take(list.len().max(1)) {
+            match connect(manager, self.tls.clone()).await {
+                Ok(mut tls) => {
+                    write_msg(&mut tls, &Hello::Api { request }).await?;
+                    return read_reply(&mut tls, manager).await;
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Keeps a session with a manager for as long as the daemon runs: when one fails the

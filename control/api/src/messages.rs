@@ -232,6 +232,9 @@ pub enum ApiRequest {
     RotateGossipKey,
     /// Removes a node (refused for one that is up, unless `force`). `Removed`
     NodeRm { node: String, force: bool },
+    /// Makes a manager a worker (refused for the last manager): it no longer campaigns for
+    /// the leadership. `Removed` (the node)
+    NodeDemote { node: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`

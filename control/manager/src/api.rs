@@ -25,6 +25,18 @@ impl Manager {
         }
     }
 
+    /// [`Manager::api`], with the requests that wait (`node rm`: a gossip key rotation;
+    /// `swarm rotate-gossip-key`), for a caller on 2377 or the control socket.
+    pub async fn api_async(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
+        match req {
+            ApiRequest::NodeRm { node, force } => Reply::from_result(self.remove_node(&node, force).await.map_err(|e| e.to_api())),
+            ApiRequest::RotateGossipKey => {
+                Reply::from_result(self.rotate_gossip_key(self.key_switch_delay()).await.map(|key| GossipKeyRotated { key }).map_err(|e| e.to_api().context("gossip key rotation")))
+            }
+            req => self.api(req, caller),
+        }
+    }
+
     fn api_inner(&self, req: ApiRequest, caller: Option<&Id>) -> Result<Value, ManagerError> {
         let pool = self.pool;
         let v = match req {
@@ -115,6 +127,16 @@ impl Manager {
                 let node = caller.ok_or_else(|| OpError::Invalid("run: no calling node".into()))?;
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
+            }
+            ApiRequest::NodeDemote { node } => {
+                let n = self.mutate(|st, _| ops::demote_node(st, &node))?;
+                info!(node = %n.id, hostname = %n.hostname, "manager demoted to a worker");
+                if n.id == self.node_id {
+                    // The leader demoted itself: another manager takes over.
+                    info!("this manager was demoted: giving the leadership up");
+                    self.resign();
+                }
+                to_value(Removed { id: n.id, name: n.hostname })?
             }
             ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());

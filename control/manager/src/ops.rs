@@ -422,11 +422,11 @@ pub fn apply_reports(st: &mut ClusterState, node: &Id, reports: &[TaskReport], f
 /// processes still running on a forced-out node are that node's business).
 pub fn remove_node(st: &mut ClusterState, name: &str, force: bool, manager: &Id, new_id: IdGen) -> Result<Node, OpError> {
     let node = st.nodes.values().find(|n| n.id == name || n.hostname == name).cloned().ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    if node.role == Role::Manager {
+        return Err(invalid(format!("node {name} is a manager: demote it first (swarmnet node demote {name})")));
+    }
     if &node.id == manager {
         return Err(invalid(format!("node {name} is the manager: it cannot be removed")));
-    }
-    if node.role == Role::Manager {
-        return Err(invalid(format!("node {name} is a manager: removing managers is not built yet (issue 20)")));
     }
     if node.status == NodeStatus::Ready && !force {
         return Err(OpError::Conflict(format!("node {name} is up: stop it first, or remove it with --force")));
@@ -435,6 +435,23 @@ pub fn remove_node(st: &mut ClusterState, name: &str, force: bool, manager: &Id,
     st.tasks.retain(|_, t| t.node_id.as_ref() != Some(&node.id));
     reconcile(st, new_id);
     Ok(node)
+}
+
+/// `node demote NODE`: a manager becomes a worker (it stops campaigning for the leadership;
+/// the leader demoting itself hands the leadership on). Refused for a worker, and for the
+/// last manager: the cluster would have nobody to lead it.
+pub fn demote_node(st: &mut ClusterState, name: &str) -> Result<Node, OpError> {
+    let node = st.nodes.values().find(|n| n.id == name || n.hostname == name).cloned().ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    if node.role != Role::Manager {
+        return Err(OpError::Conflict(format!("node {name} is not a manager")));
+    }
+    if st.nodes.values().filter(|n| n.role == Role::Manager).count() < 2 {
+        return Err(OpError::Conflict(format!("node {name} is the last manager: the cluster would have nobody to lead it")));
+    }
+    let n = st.nodes.get_mut(&node.id).ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    n.role = Role::Worker;
+    n.manager_port = None;
+    Ok(n.clone())
 }
 
 pub fn set_node_status(st: &mut ClusterState, node: &Id, status: NodeStatus, new_id: IdGen) -> bool {
@@ -985,6 +1002,24 @@ mod tests {
         assert!(st.tasks.values().filter(|t| before.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error.contains("ingress network")));
         update_service_ports(&mut st, "web", &specs(&["9090:80"]), &ports(&["8080"]), &OWN, &mut g).expect("another port");
         assert_eq!(ids(&st), after, "not restarted");
+    }
+
+    #[test]
+    fn a_manager_is_demoted_unless_it_is_the_last_and_removed_only_once_demoted() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        for id in ["a", "b"] {
+            if let Some(n) = st.nodes.get_mut(id) {
+                n.role = Role::Manager;
+                n.manager_port = Some(2377);
+            }
+        }
+        assert!(matches!(demote_node(&mut st, "c"), Err(OpError::Conflict(m)) if m.contains("not a manager")));
+        assert!(remove_node(&mut st, "b", true, &"a".to_string(), &mut g).expect_err("a manager").to_string().contains("demote it first"));
+        let n = demote_node(&mut st, "b").expect("one of two managers");
+        assert_eq!((n.role, n.manager_port), (Role::Worker, None));
+        assert!(matches!(demote_node(&mut st, "a"), Err(OpError::Conflict(m)) if m.contains("last manager")));
+        assert_eq!(st.nodes["a"].role, Role::Manager, "refused: nothing changed");
+        remove_node(&mut st, "b", true, &"a".to_string(), &mut g).expect("demoted: removable");
     }
 
     #[test]

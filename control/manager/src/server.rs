@@ -298,9 +298,13 @@ impl Manager {
         // cluster's first manager (a data dir of another cluster, set aside by
         // --force-new-cluster, is not it).
         let (node_id, cert) = match &cfg.me {
-            Some((id, cert)) if *id == meta.manager_node_id || state.nodes.get(id).is_some_and(|n| n.role == Role::Manager) => (id.clone(), cert.clone()),
+            Some((id, cert)) if *id == meta.manager_node_id || state.nodes.contains_key(id) => (id.clone(), cert.clone()),
             _ => (meta.manager_node_id.clone(), meta.manager_cert.clone()),
         };
+        if state.nodes.get(&node_id).is_some_and(|n| n.role == Role::Worker) {
+            store.resign();
+            return Err(OpError::Conflict(format!("node {node_id} was demoted to a worker: it does not lead (run it as `swarmnet agent`)")).into());
+        }
         // The manager's own node, kept in step with how it was started this time.
         let old = state.clone();
         let me = Node {
@@ -526,7 +530,14 @@ impl Manager {
                     write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
                     return Ok(());
                 };
-                let reply = self.api(request, Some(&node));
+                // Workers read, and run standalone tasks on themselves; changes come from
+                // managers (a standby's CLI, forwarded).
+                let role = self.lock().state.nodes.get(&node).map(|n| n.role);
+                let reply = if role != Some(Role::Manager) && !request.is_read() && !matches!(request, ApiRequest::Run { .. }) {
+                    Reply::err(ApiError::new(ErrorKind::NotManager, "refused: only a manager node may change the cluster over 2377"))
+                } else {
+                    self.api_async(request, Some(&node)).await
+                };
                 write_msg(&mut w, &reply).await?;
             }
             Hello::Session { reports, hostname } => {
