@@ -115,29 +115,57 @@ fn manager_identity(manager: &Manager, cfg: &NodeConfig, listen: SocketAddr, had
 /// cluster and has no identity joins it through the leader with the store's manager secret.
 async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<Identity>, mut mcfg: ManagerConfig, ec: EtcdConfig, listen: SocketAddr) -> anyhow::Result<()> {
     let value = Manager::campaign_value(&mcfg);
-    let store = Manager::connect_etcd(&ec, &mcfg)?;
     let (slot_tx, slot) = tokio::sync::watch::channel(None::<Arc<Manager>>);
-    let (id, first_term) = match identity {
-        // The leader now, as the store says, is where its agent goes first.
-        Some(mut id) => {
-            if let Some(addr) = store.leader().ok().flatten().as_deref().and_then(|v| v.rsplit(' ').next()) {
-                if !id.managers.iter().any(|m| m == addr) {
-                    id.managers.insert(0, addr.to_string());
-                }
-            }
-            (id, None)
+    // Imported before (the file set aside): a restart with the same flags goes on as usual.
+    let import = ec.import.clone().filter(|p| p.exists() || !p.with_extension("redb.imported").exists());
+    let (id, first_term) = if let Some(path) = import {
+        // A one-manager cluster moves into etcd: this node leads first, copies it, and goes
+        // on as its manager (its tasks and every node's identity stay as they are).
+        let Some(id) = identity else { bail!("--import {}: this data dir has no node identity (start the manager on the node whose store it is)", path.display()) };
+        if !path.is_file() {
+            bail!("--import {}: no such store (expected the manager.redb of a one-manager cluster)", path.display());
         }
-        None => match store.load()?.0 {
-            // A cluster is there: join it as a manager, through the leader.
-            Some(meta) => (join_as_manager(&cfg, &base, &store, &meta, listen).await?, None),
-            // None yet: this manager makes it (or another that wins first does; then it joins).
-            None => {
-                store.campaign_async(&value, Duration::from_secs(3600)).await?;
-                let m = Manager::lead(store, &mcfg)?;
-                let id = manager_identity(&m, &cfg, listen, None)?;
-                (id, Some(m))
+        let store = Manager::connect_etcd_expecting(&ec, &mcfg, None)?;
+        info!(store = %ec.shown(), from = %path.display(), "importing: campaigning for the leadership");
+        store.campaign_async(&value, Duration::from_secs(3600)).await?;
+        let (cluster, copied) = Manager::import(&store, &path)?;
+        if cluster != id.cluster_id {
+            store.resign();
+            bail!("--import {}: cluster {cluster} is not this node's ({})", path.display(), id.cluster_id);
+        }
+        if copied {
+            let aside = path.with_extension("redb.imported");
+            std::fs::rename(&path, &aside).with_context(|| format!("rename {} to {} (imported into {})", path.display(), aside.display(), ec.shown()))?;
+            info!(cluster = %cluster, aside = %aside.display(), "the embedded store is set aside: the cluster lives in etcd now");
+        } else {
+            info!(cluster = %cluster, "--import: the store holds this cluster already; nothing copied");
+        }
+        let m = Manager::lead(store, &mcfg)?;
+        (id, Some(m))
+    } else {
+        let store = Manager::connect_etcd(&ec, &mcfg)?;
+        match identity {
+            // The leader now, as the store says, is where its agent goes first.
+            Some(mut id) => {
+                if let Some(addr) = store.leader().ok().flatten().as_deref().and_then(|v| v.rsplit(' ').next()) {
+                    if !id.managers.iter().any(|m| m == addr) {
+                        id.managers.insert(0, addr.to_string());
+                    }
+                }
+                (id, None)
             }
-        },
+            None => match store.load()?.0 {
+                // A cluster is there: join it as a manager, through the leader.
+                Some(meta) => (join_as_manager(&cfg, &base, &store, &meta, listen).await?, None),
+                // None yet: this manager makes it (or another that wins first does; then it joins).
+                None => {
+                    store.campaign_async(&value, Duration::from_secs(3600)).await?;
+                    let m = Manager::lead(store, &mcfg)?;
+                    let id = manager_identity(&m, &cfg, listen, None)?;
+                    (id, Some(m))
+                }
+            },
+        }
     };
     // Every later term leads as this node, of this cluster.
     mcfg.me = Some((id.node_id.clone(), id.cert.clone()));

@@ -52,14 +52,18 @@ struct StoreArgs {
     /// The leadership's lease in etcd: a manager that stops leads no more after it (2s to 60s).
     #[arg(long, default_value = "2s", value_parser = parse_span)]
     store_lease: Duration,
+    /// Moves a one-manager cluster into etcd: the `manager.redb` it kept its state in (this
+    /// node's, usually `<data-dir>/manager.redb`). The file is renamed `….imported` after.
+    #[arg(long)]
+    import: Option<PathBuf>,
 }
 
 impl StoreArgs {
     fn choice(self) -> anyhow::Result<swarmnet_manager::store::StoreChoice> {
         use swarmnet_manager::store::{EtcdConfig, EtcdTls, StoreChoice, StoreSpec};
-        let etcd_only = self.store_prefix != "/swarmnet" || self.store_ca.is_some() || self.store_cert.is_some() || self.store_key.is_some();
+        let etcd_only = self.store_prefix != "/swarmnet" || self.store_ca.is_some() || self.store_cert.is_some() || self.store_key.is_some() || self.import.is_some();
         match self.store {
-            StoreSpec::Redb if etcd_only => bail!("--store-prefix, --store-ca, --store-cert and --store-key are for --store etcd://…"),
+            StoreSpec::Redb if etcd_only => bail!("--store-prefix, --store-ca, --store-cert, --store-key and --import are for --store etcd://…"),
             StoreSpec::Redb => Ok(StoreChoice::Redb),
             StoreSpec::Etcd { endpoints } => {
                 if !self.store_prefix.starts_with('/') || self.store_prefix.len() < 2 {
@@ -72,6 +76,7 @@ impl StoreArgs {
                     bail!("--store-cert and --store-key go together");
                 }
                 let mut c = EtcdConfig::new(endpoints, &self.store_prefix);
+                c.import = self.import;
                 c.lease_ttl = self.store_lease;
                 if self.store_ca.is_some() || self.store_cert.is_some() {
                     c.tls = Some(EtcdTls { ca: self.store_ca, cert: self.store_cert, key: self.store_key });

@@ -234,16 +234,27 @@ impl Lab {
         Self::up_inner(name, nodes, start, heartbeat, manager_args, node_args, None, 0)
     }
 
-    /// Like `up_with`, with an etcd cluster of `members` members on hosts of their own, and
-    /// the manager keeping the cluster's state there (`--store etcd://…`).
-    /// Like `up_with`, with `members` etcd members holding the cluster and `managers`
-    /// managers on it (nodes 0..managers; the first one started creates the cluster).
+    /// Like `up_with`, with an etcd cluster of `members` members on hosts of their own
+    /// holding the cluster (`--store etcd://…`), and `managers` managers on it (nodes
+    /// 0..managers; the first one started creates the cluster).
     pub fn up_etcd(name: &str, nodes: usize, start: usize, heartbeat: f64, members: usize, managers: usize, manager_args: &[&str]) -> Result<Lab> {
         if managers == 0 || managers > nodes || members == 0 {
             bail!("lab {name}: {managers} managers of {nodes} nodes on {members} etcd members is out of range");
         }
         let mut lab = Self::up_inner(name, nodes, 0, heartbeat, manager_args, &[], None, members)?;
         lab.managers = managers;
+        for i in 0..start {
+            lab.start_node(i)?;
+        }
+        lab.wait_ready(start, Duration::from_secs(30))?;
+        Ok(lab)
+    }
+
+    /// A one-manager cluster on the embedded store, with `members` etcd members beside it
+    /// (unused until a test moves the cluster there: `--import`).
+    pub fn up_redb_beside_etcd(name: &str, nodes: usize, start: usize, heartbeat: f64, members: usize) -> Result<Lab> {
+        let mut lab = Self::up_inner(name, nodes, 0, heartbeat, &[], &[], None, members)?;
+        lab.manager_args.clear();
         for i in 0..start {
             lab.start_node(i)?;
         }

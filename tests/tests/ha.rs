@@ -383,3 +383,60 @@ fn creates_on_two_managers_at_once_never_hand_out_anything_twice() -> Result<()>
     println!("HA concurrent creates: {} networks and {} services through two managers at once, no subnet, VNI, VIP or port twice", created_nets.len(), created.len());
     Ok(())
 }
+
+/// A one-manager cluster on the embedded store moves into etcd (`--import`): the same
+/// cluster, every task running on (same ids, addresses, processes), no failed connection;
+/// the file is set aside and a restart with the same flags goes on; a file that is no store
+/// is refused.
+#[test]
+fn a_one_manager_cluster_moves_into_etcd_with_its_tasks_running_on() -> Result<()> {
+    let mut lab = Lab::up_redb_beside_etcd("snh-im", 3, 3, 1.0, 1)?;
+    lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    lab.wait_service("web", 3, T)?;
+    let before = placement(&lab, "web")?;
+    let pids: Vec<String> = lab.running_tasks("web")?.iter().map(|t| t["pid"].to_string()).collect();
+    let vip = inspect(&lab, "web")?["vips"].clone();
+    let client = lab.outside_client()?;
+    let url = format!("http://{}:8080/", lab.nodes[2].addr);
+    wait_for("the published port answers", T, || {
+        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
+        (page.trim() == "200").then_some(())
+    })?;
+    let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, 15)?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let redb = lab.nodes[0].data_dir.join("manager.redb");
+    let store = format!("etcd://{}", lab.etcd_endpoints());
+    let redb_s = redb.display().to_string();
+    lab.stop_node(0, libc::SIGTERM)?;
+    lab.set_manager_args(&["--store", &store, "--import", &redb_s]);
+    lab.start_node(0)?;
+    let n1 = lab.nodes[0].hostname.clone();
+    wait_for("the manager to lead from etcd", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Leader ready") && s.values().filter(|v| v.ends_with("ready")).count() == 3))?;
+    assert!(!redb.exists() && redb.with_extension("redb.imported").exists(), "the embedded store is set aside");
+    assert_eq!(placement(&lab, "web")?, before, "the same tasks, nodes and addresses");
+    let after: Vec<String> = lab.running_tasks("web")?.iter().map(|t| t["pid"].to_string()).collect();
+    assert_eq!(after, pids, "the same processes: no task restarted");
+    assert_eq!(inspect(&lab, "web")?["vips"], vip);
+    let (ok, fail) = probed(outside)?;
+    println!("HA import: a one-manager cluster moved into etcd; probes to a published port {fail} failed of {}", ok + fail);
+    assert!(ok > 50, "the probe ran");
+    assert_eq!(fail, 0, "connections failed during the import");
+    // A restart with the same flags goes on; changes are taken.
+    lab.stop_node(0, libc::SIGTERM)?;
+    lab.start_node(0)?;
+    wait_for("the manager to lead again", T, || manager_status(&lab, 0).filter(|s| s.get(&n1).is_some_and(|v| v == "Leader ready")))?;
+    lab.cli_ok(0, &["service", "scale", "web=4"])?;
+    wait_running(&lab, 0, "web", 4)?;
+    // Bad input: a file that is no store.
+    lab.stop_node(0, libc::SIGTERM)?;
+    let bogus = lab.nodes[0].data_dir.join("nothing.redb");
+    let bogus_s = bogus.display().to_string();
+    lab.set_manager_args(&["--store", &store, "--store-prefix", "/other", "--import", &bogus_s]);
+    if lab.start_node(0).is_ok() {
+        bail!("the manager started importing a file that does not exist");
+    }
+    assert!(lab.log(0).contains("no such store"), "{}", lab.log(0));
+    Ok(())
+}

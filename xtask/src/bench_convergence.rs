@@ -18,7 +18,7 @@ fn ts(line: &str) -> Option<f64> {
 }
 
 /// "2026-11-24T03:46:16.818824Z" -> seconds since the epoch (UTC).
-fn log_ts(t: &str) -> Option<f64> {
+pub(crate) fn log_ts(t: &str) -> Option<f64> {
     let (date, time) = t.trim_end_matches('Z').split_once('T')?;
     let d: Vec<i64> = date.split('-').filter_map(|x| x.parse().ok()).collect();
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));

@@ -170,12 +170,18 @@ impl Manager {
     /// Connects to etcd and checks it holds this node's cluster (or none yet). The caller
     /// campaigns with the store, then [`Manager::lead`]s.
     pub fn connect_etcd(ec: &store::EtcdConfig, cfg: &ManagerConfig) -> Result<EtcdStore, ManagerError> {
+        Self::connect_etcd_expecting(ec, cfg, cfg.expect_cluster.as_deref())
+    }
+
+    /// [`Manager::connect_etcd`] with the cluster the store must hold (`--import` expects
+    /// none yet, or the imported one: it checks itself).
+    pub fn connect_etcd_expecting(ec: &store::EtcdConfig, cfg: &ManagerConfig, expect: Option<&str>) -> Result<EtcdStore, ManagerError> {
         if cfg.force_new_cluster {
             return Err(OpError::Invalid(format!("--force-new-cluster sets aside the embedded store; with --store {} start on another --store-prefix instead", ec.shown())).into());
         }
         let s = EtcdStore::connect(ec.clone())?;
-        match (s.cluster_id()?, &cfg.expect_cluster) {
-            (Some(have), Some(want)) if have != *want => {
+        match (s.cluster_id()?, expect) {
+            (Some(have), Some(want)) if have != want => {
                 return Err(OpError::Invalid(format!("this node belongs to cluster {want}, but {} holds cluster {have}: start with the --store-prefix of this node's cluster, or with another data directory to join that one", ec.shown())).into())
             }
             (None, Some(want)) => {
@@ -208,6 +214,34 @@ impl Manager {
             heartbeat: cfg.heartbeat,
             started: Instant::now(),
         })
+    }
+
+    /// `--import PATH`: copies the cluster in the embedded store at `path` (a one-manager
+    /// cluster) into `store`, whose election this manager has won, as one commit. The prefix
+    /// must be empty, or hold that same cluster already (imported before: nothing to do).
+    /// Returns the cluster's id and whether it was copied now.
+    pub fn import(store: &EtcdStore, path: &Path) -> Result<(String, bool), ManagerError> {
+        let shown = path.display();
+        if !std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() > 0) {
+            return Err(OpError::Invalid(format!("--import {shown}: no such store (expected the manager.redb of a one-manager cluster)")).into());
+        }
+        let (meta, state) = {
+            let src = RedbStore::open(path).map_err(|e| OpError::Invalid(format!("--import {shown}: cannot open it ({e})")))?;
+            src.load().map_err(|e| OpError::Invalid(format!("--import {shown}: cannot read it ({e})")))?
+        };
+        let Some(meta) = meta else { return Err(OpError::Invalid(format!("--import {shown}: it holds no cluster")).into()) };
+        match store.cluster_id()? {
+            Some(c) if c == meta.cluster_id => return Ok((c, false)),
+            Some(c) => {
+                return Err(OpError::Invalid(format!("--import {shown} (cluster {}): {} already holds cluster {c}; import into an empty --store-prefix", meta.cluster_id, store.describe())).into())
+            }
+            None => {}
+        }
+        let mut writes = vec![store::meta_write(&meta)?];
+        writes.extend(store::diff(&ClusterState::default(), &state)?);
+        store.commit(&writes)?;
+        info!(cluster = %meta.cluster_id, from = %shown, to = %store.describe(), nodes = state.nodes.len(), services = state.services.len(), tasks = state.tasks.len(), "imported the cluster");
+        Ok((meta.cluster_id, true))
     }
 
     /// What a manager says of itself in the election: its hostname and `addr:port`.

@@ -57,6 +57,8 @@ pub struct EtcdConfig {
     pub snapshot_every: u64,
     /// …or this many bytes of log.
     pub snapshot_bytes: usize,
+    /// `--import`: the embedded store of a one-manager cluster to move into etcd at start.
+    pub import: Option<PathBuf>,
 }
 
 impl EtcdConfig {
@@ -70,6 +72,7 @@ impl EtcdConfig {
             part_size: 512 * 1024,
             snapshot_every: 1000,
             snapshot_bytes: 8 << 20,
+            import: None,
         }
     }
 
