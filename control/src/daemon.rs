@@ -343,7 +343,7 @@ impl StaleReader {
         match self.store.load_stale() {
             Ok((Some(meta), state)) => {
                 let why = format!("no manager leads the cluster ({unreachable}): the state as a member of {shown} holds it, possibly behind");
-                let view = Manager::read_only(meta, state, &self.cfg, format!("the cluster is read-only: {why}"));
+                let view = Manager::read_only(meta, state, &self.cfg, format!("the cluster is read-only: {why}"), shown.clone());
                 let mut r = view.api(req, None);
                 r.stale = Some(why);
                 r

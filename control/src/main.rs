@@ -304,6 +304,8 @@ enum NodeCmd {
     /// Make a manager a worker: it stops campaigning for the leadership (refused for the
     /// last manager). Remove it afterwards with `node rm`, or run it as `swarmnet agent`.
     Demote { node: String },
+    /// One node as JSON: its status, and for a manager its address and the cluster's store.
+    Inspect { node: String },
 }
 
 #[derive(Subcommand)]
@@ -515,6 +517,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Ls { f }) => {
             let nodes: Vec<NodeInfo> = call(&host, ApiRequest::NodeLs)?;
             f.print(&nodes)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Node(NodeCmd::Inspect { node }) => {
+            print_json(&call::<swarmnet_api::replies::NodeDetail>(&host, ApiRequest::NodeInspect { node })?)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Node(NodeCmd::Demote { node }) => {

@@ -54,6 +54,12 @@ fn a_manager_on_etcd_keeps_the_cluster_in_etcd() -> Result<()> {
     assert!(!lab.nodes[0].data_dir.join("manager.redb").exists(), "nothing of the cluster on the manager's disk");
     let keys = etcd_keys(&lab)?;
     assert!(keys.iter().any(|k| k == "/swarmnet/cluster") && keys.iter().any(|k| k.starts_with("/swarmnet/log/")), "the cluster is in etcd: {keys:?}");
+    // node inspect says where: the store of a manager, nothing for a worker.
+    let me: serde_json::Value = serde_json::from_str(&lab.cli_ok(0, &["node", "inspect", &lab.nodes[0].hostname])?)?;
+    assert!(me["store"].as_str().is_some_and(|s| s.starts_with(&format!("etcd://{}", lab.etcd_endpoints())) && s.contains("/swarmnet")), "{me}");
+    assert_eq!(me["manager_addr"], format!("{}:2377", lab.nodes[0].addr), "{me}");
+    let worker: serde_json::Value = serde_json::from_str(&lab.cli_ok(0, &["node", "inspect", &lab.nodes[1].hostname])?)?;
+    assert!(worker["store"].is_null() && worker["status"] == "ready", "{worker}");
 
     // Killed and started again: the same cluster, the same tasks where they were.
     lab.stop_node(0, libc::SIGKILL)?;
@@ -143,6 +149,34 @@ fn probed(child: std::process::Child) -> Result<(u64, u64)> {
     }
 }
 
+/// `web` (`replicas` tasks of http.server publishing 8080 on `appnet`, asked of node 0),
+/// answering through node `entry` to the outside client. Returns its VIP on `appnet` and the
+/// client's namespace.
+fn web_answering(lab: &Lab, replicas: usize, entry: usize) -> Result<(String, String)> {
+    let n = replicas.to_string();
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", &n, "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    lab.wait_service("web", replicas, T)?;
+    let vip = inspect(lab, "web")?["vips"]["appnet"].as_str().unwrap_or_default().to_string();
+    let client = lab.outside_client()?;
+    let url = format!("http://{}:8080/", lab.nodes[entry].addr);
+    wait_for("the published port answers", T, || {
+        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
+        (page.trim() == "200").then_some(())
+    })?;
+    Ok((vip, client))
+}
+
+/// Probes for `secs`: the outside `client` to node `entry`'s 8080, and a task of its own on
+/// node `from` to `vip`:80 (`swarmnet run`: in the node's cgroup, where the VIP is
+/// translated at connect()).
+fn probe_both(lab: &Lab, client: &str, entry: usize, from: usize, vip: &str, secs: u64) -> Result<(std::process::Child, std::process::Child)> {
+    let outside = probe(&["ip", "netns", "exec", client], &lab.nodes[entry].addr, 8080, secs)?;
+    let bin = swarmnet_lab::binary()?.display().to_string();
+    let host = lab.control(from);
+    let inside = probe(&[&bin, "--host", &host, "run", "--name", "vprobe", "--network", "appnet", "--"], vip, 80, secs)?;
+    Ok((outside, inside))
+}
+
 /// Waits until `service` (asked of node `i`) has `n` running tasks.
 fn wait_running(lab: &Lab, i: usize, service: &str, n: usize) -> Result<()> {
     wait_for(&format!("{service}: {n} running tasks"), T, || (placement_on(lab, i, service).ok()?.len() == n).then_some(()))
@@ -174,32 +208,34 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     assert_eq!(st[&n3], " ready", "a worker has no manager status: {st:?}");
     // Writes through either manager.
     lab.cli_ok(1, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
-    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "4", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
-    lab.wait_service("web", 4, T)?;
-    let vip = inspect(&lab, "web")?["vips"]["appnet"].as_str().unwrap_or_default().to_string();
+    let (vip, client) = web_answering(&lab, 4, 2)?;
     let before = placement(&lab, "web")?;
-    let client = lab.outside_client()?;
-    let url = format!("http://{}:8080/", lab.nodes[2].addr);
-    wait_for("the published port answers", T, || {
-        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
-        (page.trim() == "200").then_some(())
-    })?;
     // Clients through the failover: from outside to a worker's published port, and from a
-    // task on a worker to the VIP.
-    // From 3 s before the kill to 6 s after it: the election and the sessions' move. (Later,
-    // the dead node is marked down and its task replaced elsewhere: a new task takes
-    // connections before its server listens, which is not the failover's doing.)
-    let secs = 9;
-    let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, secs)?;
-    // A task of its own on a worker (`swarmnet run`: in the node's cgroup, where the VIP is
-    // translated at connect()).
-    let bin = swarmnet_lab::binary()?.display().to_string();
-    let host = lab.control(3);
-    let inside = probe(&[&bin, "--host", &host, "run", "--name", "vprobe", "--network", "appnet", "--"], &vip, 80, secs)?;
+    // task on a worker to the VIP, from 3 s before the kill to 6 s after it: the election
+    // and the sessions' move. (Later, the dead node is marked down and its task replaced
+    // elsewhere: a new task takes connections before its server listens, which is not the
+    // failover's doing.)
+    let (outside, inside) = probe_both(&lab, &client, 2, 3, &vip, 9)?;
     std::thread::sleep(Duration::from_secs(3));
 
     let t0 = Instant::now();
     lab.stop_node(0, libc::SIGKILL)?;
+    // A change sent during the election: refused with a retryable kind (5 unavailable, 6
+    // not the leader), or taken; retried until taken (or found taken: 4, the name exists).
+    let create = ["service", "create", "--name", "during", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"];
+    let mut refusals = Vec::new();
+    wait_for("the create sent during the failover to be taken", T, || {
+        let out = lab.cli(1, &create).ok()?;
+        match out.status.code() {
+            Some(0) | Some(4) => Some(()),
+            c => {
+                refusals.push((c, String::from_utf8_lossy(&out.stderr).trim().to_string()));
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            }
+        }
+    })?;
+    assert!(refusals.iter().all(|(c, _)| matches!(c, Some(5) | Some(6))), "only retryable refusals: {refusals:?}");
     wait_for("the other manager to lead", T, || manager_status(&lab, 1).filter(|s| s.get(&n2).is_some_and(|v| v.starts_with("Leader"))))?;
     let elected = t0.elapsed();
     // A change is taken at once by the new leader.
@@ -213,7 +249,8 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     let (ok_out, fail_out) = probed(outside)?;
     let (ok_in, fail_in) = probed(inside)?;
     println!(
-        "HA leader kill -9: new leader after {:.2} s, first service create done after {:.2} s; probes to a published port {fail_out} failed of {}, to a VIP {fail_in} failed of {}",
+        "HA leader kill -9: {} retryable refusals of the create sent at the kill; new leader after {:.2} s, next service create done after {:.2} s; probes to a published port {fail_out} failed of {}, to a VIP {fail_in} failed of {}",
+        refusals.len(),
         elected.as_secs_f64(),
         created.as_secs_f64(),
         ok_out + fail_out,
@@ -230,6 +267,8 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
         }
     }
     wait_running(&lab, 1, "after", 2)?;
+    wait_running(&lab, 1, "during", 2)?;
+    assert_eq!(lab.cli_json(1, &["service", "ls"])?.as_array().map_or(0, |a| a.iter().filter(|s| s["name"] == "during").count()), 1, "one service, whole");
     wait_running(&lab, 1, "web", 4)?;
 
     // The old leader comes back and stands by; its CLI is answered by the new leader.
@@ -267,21 +306,9 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
 fn without_etcd_quorum_the_cluster_is_read_only_and_resumes_after() -> Result<()> {
     let mut lab = Lab::up_etcd("snh-q", 3, 3, 1.0, 3, 2, &[])?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "--attachable", "appnet"])?;
-    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
-    lab.wait_service("web", 3, T)?;
-    let vip = inspect(&lab, "web")?["vips"]["appnet"].as_str().unwrap_or_default().to_string();
-    let client = lab.outside_client()?;
-    let url = format!("http://{}:8080/", lab.nodes[2].addr);
-    wait_for("the published port answers", T, || {
-        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
-        (page.trim() == "200").then_some(())
-    })?;
+    let (vip, client) = web_answering(&lab, 3, 2)?;
     let pids: Vec<Option<u32>> = (0..3).map(|i| lab.daemon_pid(i)).collect();
-    let secs = 30;
-    let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, secs)?;
-    let bin = swarmnet_lab::binary()?.display().to_string();
-    let host = lab.control(2);
-    let inside = probe(&[&bin, "--host", &host, "run", "--name", "vprobe", "--network", "appnet", "--"], &vip, 80, secs)?;
+    let (outside, inside) = probe_both(&lab, &client, 2, 2, &vip, 30)?;
     std::thread::sleep(Duration::from_secs(3));
 
     lab.stop_etcd(1, libc::SIGKILL)?;
@@ -392,17 +419,10 @@ fn creates_on_two_managers_at_once_never_hand_out_anything_twice() -> Result<()>
 fn a_one_manager_cluster_moves_into_etcd_with_its_tasks_running_on() -> Result<()> {
     let mut lab = Lab::up_redb_beside_etcd("snh-im", 3, 3, 1.0, 1)?;
     lab.cli_ok(0, &["network", "create", "--driver", "overlay", "appnet"])?;
-    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
-    lab.wait_service("web", 3, T)?;
+    let (_, client) = web_answering(&lab, 3, 2)?;
     let before = placement(&lab, "web")?;
     let pids: Vec<String> = lab.running_tasks("web")?.iter().map(|t| t["pid"].to_string()).collect();
     let vip = inspect(&lab, "web")?["vips"].clone();
-    let client = lab.outside_client()?;
-    let url = format!("http://{}:8080/", lab.nodes[2].addr);
-    wait_for("the published port answers", T, || {
-        let page = in_ns(&client, &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]).ok()?;
-        (page.trim() == "200").then_some(())
-    })?;
     let outside = probe(&["ip", "netns", "exec", &client], &lab.nodes[2].addr, 8080, 15)?;
     std::thread::sleep(Duration::from_secs(2));
 
@@ -438,5 +458,33 @@ fn a_one_manager_cluster_moves_into_etcd_with_its_tasks_running_on() -> Result<(
         bail!("the manager started importing a file that does not exist");
     }
     assert!(lab.log(0).contains("no such store"), "{}", lab.log(0));
+    Ok(())
+}
+
+/// The leader cut off from the network (its underlay link down, the process alive): it
+/// stops leading within its lease (a change asked of it is refused, exit 5), the other
+/// manager leads within seconds, the workers move to it; the link back, the old leader
+/// stands by.
+#[test]
+fn a_leader_cut_off_from_the_network_stops_leading_and_another_takes_over() -> Result<()> {
+    let lab = Lab::up_etcd("snh-cut", 3, 3, 1.0, 3, 2, &[])?;
+    let (n1, n2) = (lab.nodes[0].hostname.clone(), lab.nodes[1].hostname.clone());
+    wait_for("n1 leads, n2 stands by", T, || manager_status(&lab, 1).filter(|s| s.get(&n1).is_some_and(|v| v == "Leader ready") && s.get(&n2).is_some_and(|v| v == "Reachable ready")))?;
+    let link = |up: bool| in_ns(&format!("{}-ul", lab.name), &["ip", "link", "set", "snv1", if up { "up" } else { "down" }]);
+    let t0 = Instant::now();
+    link(false)?;
+    wait_for("the other manager to lead", T, || manager_status(&lab, 1).filter(|s| s.get(&n2).is_some_and(|v| v.starts_with("Leader"))))?;
+    let elected = t0.elapsed();
+    // The cut-off manager knows it no longer leads: it takes no change.
+    let (code, err) = wait_for("the cut-off manager to refuse changes", T, || lab.cli_fail(0, &["network", "create", "--driver", "overlay", "late"]).ok())?;
+    assert_eq!(code, 5, "unavailable: {err}");
+    assert!(lab.log(0).contains("no longer leads"), "it stepped down: {}", lab.log(0));
+    wait_for("the worker with the new leader", T, || manager_status(&lab, 1).filter(|s| s.get(&lab.nodes[2].hostname).is_some_and(|v| v == " ready")))?;
+    lab.cli_ok(1, &["network", "create", "--driver", "overlay", "during"])?;
+    println!("HA leader cut off: the other manager leads after {:.2} s", elected.as_secs_f64());
+    link(true)?;
+    wait_for("the old leader back, standing by", T, || manager_status(&lab, 1).filter(|s| s.get(&n1).is_some_and(|v| v == "Reachable ready")))?;
+    let nets = lab.cli_ok(0, &["network", "ls"])?;
+    assert!(nets.contains("during") && !nets.contains("late"), "one history: {nets}");
     Ok(())
 }

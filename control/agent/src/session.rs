@@ -296,14 +296,21 @@ impl Agent {
     }
 
     async fn session(&self, manager: &str) -> anyhow::Result<()> {
-        let tls = connect(manager, self.tls.clone()).await?;
-        let (mut r, mut w) = tokio::io::split(tls);
+        let mut tls = connect(manager, self.tls.clone()).await?;
         let mut reports = self.reports.lock().await;
         while reports.try_recv().is_ok() {}
-        write_msg(&mut w, &Hello::Session { reports: self.runtime.reports(), hostname: Some(self.hostname.clone()) }).await?;
-        let reply: Reply = read_reply(&mut r, manager).await?;
+        write_msg(&mut tls, &Hello::Session { reports: self.runtime.reports(), hostname: Some(self.hostname.clone()) }).await?;
+        let reply: Reply = read_reply(&mut tls, manager).await?;
         let opened: SessionOpened = reply.into_data().map_err(|e| anyhow!("manager refused the session: {e}"))?;
         let hb_ms = opened.heartbeat_ms.max(50);
+        // A manager cut off from the network never closes the session: the heartbeats it
+        // does not acknowledge end it (three intervals, at least 2 s), and the agent moves to
+        // the next manager instead of waiting for TCP's retransmissions (minutes).
+        let unacked = Duration::from_millis(hb_ms.saturating_mul(3)).max(Duration::from_secs(2));
+        if let Err(e) = socket2::SockRef::from(tls.get_ref().0).set_tcp_user_timeout(Some(unacked)) {
+            warn!(manager = %manager, error = %e, "cannot bound the session's unacknowledged time (TCP_USER_TIMEOUT)");
+        }
+        let (mut r, mut w) = tokio::io::split(tls);
         self.runtime.sandboxes().set_port(opened.data_path_port);
         info!(manager = %manager, node = %self.id.node_id, heartbeat_ms = hb_ms, "session open");
         self.learn_managers(opened.managers, manager);

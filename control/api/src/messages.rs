@@ -235,6 +235,8 @@ pub enum ApiRequest {
     /// Makes a manager a worker (refused for the last manager): it no longer campaigns for
     /// the leadership. `Removed` (the node)
     NodeDemote { node: String },
+    /// One node, with its store if it is a manager. `NodeDetail`
+    NodeInspect { node: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`
@@ -292,6 +294,7 @@ impl ApiRequest {
         matches!(
             self,
             ApiRequest::NodeLs
+                | ApiRequest::NodeInspect { .. }
                 | ApiRequest::NetworkLs
                 | ApiRequest::NetworkInspect { .. }
                 | ApiRequest::ServiceLs

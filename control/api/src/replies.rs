@@ -21,6 +21,21 @@ pub enum GossipView {
     Unknown,
 }
 
+/// `node inspect`: the node as `node ls` shows it, and for a manager where it listens and
+/// where the cluster's state is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub node: NodeInfo,
+    /// A manager's `host:port` on 2377.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_addr: Option<String>,
+    /// For a manager: the cluster's store (`etcd://h:p,…/prefix`, or the embedded file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    pub underlay: Vec<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub id: Id,

@@ -128,6 +128,17 @@ impl Manager {
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
             }
+            ApiRequest::NodeInspect { node } => {
+                let st = self.state();
+                let n = st.nodes.values().find(|n| n.id == node || n.hostname == node).ok_or_else(|| OpError::NotFound(format!("node {node} not found")))?;
+                let manager = n.role == Role::Manager;
+                to_value(NodeDetail {
+                    node: node_info(n, &self.node_id),
+                    manager_addr: n.manager_port.filter(|_| manager).map(|p| std::net::SocketAddr::new(n.addr, p).to_string()),
+                    store: manager.then(|| self.store_description()),
+                    underlay: n.underlay.iter().map(ToString::to_string).collect(),
+                })?
+            }
             ApiRequest::NodeDemote { node } => {
                 let n = self.mutate(|st, _| ops::demote_node(st, &node))?;
                 info!(node = %n.id, hostname = %n.hostname, "manager demoted to a worker");

@@ -83,7 +83,8 @@ pub struct ManagerConfig {
 }
 
 /// The store of a read-only view: every change refused, saying why.
-struct ReadOnly(String);
+/// Why it refuses, and where the state came from.
+struct ReadOnly(String, String);
 
 impl Store for ReadOnly {
     fn load(&self) -> Result<(Option<ClusterMeta>, ClusterState), StoreError> {
@@ -93,7 +94,7 @@ impl Store for ReadOnly {
         Err(StoreError::Unavailable(self.0.clone()))
     }
     fn describe(&self) -> String {
-        "a read-only copy".into()
+        self.1.clone()
     }
     fn leads(&self) -> bool {
         false
@@ -195,13 +196,19 @@ impl Manager {
     /// A view of `state` that answers reads and refuses every change with `why` (a standby
     /// manager's answer, from the store's copy, when no manager leads). No manager shows as
     /// the leader in it.
-    pub fn read_only(meta: ClusterMeta, state: ClusterState, cfg: &ManagerConfig, why: String) -> Arc<Manager> {
+    pub fn read_only(meta: ClusterMeta, state: ClusterState, cfg: &ManagerConfig, why: String, store: String) -> Arc<Manager> {
+        let cert = meta.manager_cert.clone();
+        Arc::new(Self::assemble(Box::new(ReadOnly(why, store)), String::new(), cert, true, meta, state, cfg))
+    }
+
+    /// The manager of `store`, as the node `node_id` with `cert`, from `meta` and `state`.
+    fn assemble(store: Box<dyn Store>, node_id: Id, cert: CertKey, stepped_down: bool, meta: ClusterMeta, state: ClusterState, cfg: &ManagerConfig) -> Manager {
         let (changed, _) = tokio::sync::watch::channel(0);
-        let (stepped_down, _) = tokio::sync::watch::channel(true);
-        Arc::new(Manager {
-            store: Box::new(ReadOnly(why)),
-            node_id: String::new(),
-            cert: meta.manager_cert.clone(),
+        let (stepped_down, _) = tokio::sync::watch::channel(stepped_down);
+        Manager {
+            store,
+            node_id,
+            cert,
             stepped_down,
             inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
             changed,
@@ -213,7 +220,7 @@ impl Manager {
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
             started: Instant::now(),
-        })
+        }
     }
 
     /// `--import PATH`: copies the cluster in the embedded store at `path` (a one-manager
@@ -374,24 +381,7 @@ impl Manager {
                 }
             }
         }
-        let (changed, _) = tokio::sync::watch::channel(0);
-        let (stepped_down, _) = tokio::sync::watch::channel(false);
-        Ok(Arc::new(Manager {
-            store,
-            node_id,
-            cert,
-            stepped_down,
-            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
-            changed,
-            gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
-            removed: Mutex::new(meta.removed_nodes.clone()),
-            gossip_key_rotation: cfg.gossip_key_rotation,
-            own_ports,
-            meta,
-            pool: cfg.pool,
-            heartbeat: cfg.heartbeat,
-            started: Instant::now(),
-        }))
+        Ok(Arc::new(Self::assemble(store, node_id, cert, false, meta, state, cfg)))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
