@@ -218,7 +218,8 @@ fn connected_udp_to_a_task_that_left(lb: &str) -> Result<()> {
     let d = dir.display().to_string();
     let c = script("lb_client.py");
     lab.cli_ok(1, &["run", "--detach", "--name", "udpholder", "--network", "appnet", "--", "python3", &c, "udp-hold", &vip, PORT, "web.3", &d])?;
-    wait_for("a connected UDP socket to web.3", T, || dir.join("held").exists().then_some(()))?;
+    wait_for("a connected UDP socket to web.3", T, || dir.join("held").exists().then_some(()))
+        .with_context(|| format!("the UDP holder: {}", std::fs::read_to_string(dir.join("result")).unwrap_or_default()))?;
     lab.cli_ok(0, &["service", "scale", "web=2"])?;
     wait_for("web.3 gone from node 2's load balancer", T, || {
         let t = lab.cli_json(1, &["lb", "ls"]).ok()?;
