@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use swarmnet_manager::{Manager, ManagerConfig};
 use swarmnet_types::admission::{self, Admission, Limits, Names};
 use swarmnet_types::format_mac;
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The machine's hostname (the default display name of its node).
 pub fn hostname() -> String {
@@ -172,8 +173,14 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     mcfg.expect_cluster = Some(id.cluster_id.clone());
     let mcfg = Arc::new(mcfg);
     let stale = Arc::new(StaleReader { store: Manager::connect_etcd(&ec, &mcfg)?, cfg: mcfg.clone() });
-    info!(store = %ec.shown(), node = %id.node_id, "manager on etcd: campaigning for the leadership");
-    tokio::spawn(lead_when_elected(ec, mcfg, value, listen, slot_tx, first_term, stale.clone(), id.node_id.clone()));
+    // 2377 is served for the manager's whole life: by this manager while it leads, relayed
+    // to the leader while it stands by.
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let demoted = Arc::new(AtomicBool::new(false));
+    let me = SocketAddr::new(mcfg.advertise, mcfg.listen_port);
+    tokio::spawn(serve_2377(listener, slot.clone(), stale.clone(), me, demoted.clone()));
+    info!(store = %ec.shown(), node = %id.node_id, %listen, "manager on etcd: listening, campaigning for the leadership");
+    tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, stale.clone(), id.node_id.clone(), demoted));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
 }
@@ -203,25 +210,87 @@ async fn join_as_manager(cfg: &NodeConfig, base: &NodeBase, store: &swarmnet_man
     }
 }
 
-/// Campaigns, leads while elected (serves 2377, watches heartbeats, rotates keys), and
-/// campaigns again when the leadership is lost. `first`: a term already won.
+/// 2377 on a manager of several, for the manager's whole life (ADR 0022). While it leads,
+/// it serves what it accepts. While it stands by, it relays each connection, unread, to the
+/// manager that leads: TLS goes end to end, from the agent to the leader, as swarmkit's
+/// followers proxy their dispatcher to the leader. With no leader (an election, etcd
+/// without quorum), or once demoted, it closes the connection: the agent tries the next.
+/// The per-address cap does not apply to the other managers (each relays many agents).
+async fn serve_2377(listener: tokio::net::TcpListener, slot: tokio::sync::watch::Receiver<Option<Arc<Manager>>>, stale: Arc<StaleReader>, me: SocketAddr, demoted: Arc<AtomicBool>) {
+    let names = Names { what: "2377", conns: "connections", conn: "connection" };
+    let leading = slot.clone();
+    let admission = Admission::new(Manager::LIMITS_2377).exempting(Arc::new(move |ip| leading.borrow().as_ref().is_some_and(|m| m.is_manager_addr(ip))));
+    admission::serve(listener, names, admission, |tcp: tokio::net::TcpStream, peer| {
+        let leader = slot.borrow().clone();
+        let stale = stale.clone();
+        let demoted = demoted.load(Ordering::Relaxed);
+        async move {
+            match leader {
+                Some(m) => m.serve_conn(tcp, peer).await,
+                None if demoted => {}
+                None => relay(tcp, peer, &stale, me).await,
+            }
+        }
+    })
+    .await
+}
+
+/// A standby's relay of one connection on 2377 to the manager that leads.
+async fn relay(mut tcp: tokio::net::TcpStream, peer: Option<SocketAddr>, stale: &StaleReader, me: SocketAddr) {
+    let leader = match tokio::task::block_in_place(|| stale.store.leader()) {
+        Ok(v) => v.as_deref().and_then(|v| v.rsplit(' ').next()).and_then(|a| a.parse::<SocketAddr>().ok()),
+        Err(e) => {
+            info!(peer = ?peer, store = %stale.store.describe(), error = %e, "2377: no leader to relay to (the store does not say)");
+            return;
+        }
+    };
+    // This manager, elected a moment ago and not serving yet, or none: the agent tries again.
+    let Some(to) = leader.filter(|a| *a != me) else { return };
+    let mut upstream = match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(peer = ?peer, leader = %to, error = %e, "2377: cannot relay to the leader");
+            return;
+        }
+        Err(_) => {
+            info!(peer = ?peer, leader = %to, "2377: cannot relay to the leader (no answer within 2 s)");
+            return;
+        }
+    };
+    // A leader (or an agent) cut off from the network: what it does not acknowledge ends the
+    // relay, as on the agent's own sessions (three heartbeats, at least 2 s), and the agent
+    // moves on.
+    let unacked = (stale.cfg.heartbeat * 3).max(Duration::from_secs(2));
+    for s in [&tcp, &upstream] {
+        let _ = s.set_nodelay(true);
+        let _ = socket2::SockRef::from(s).set_tcp_user_timeout(Some(unacked));
+    }
+    debug!(peer = ?peer, leader = %to, "2377: relaying to the leader");
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+}
+
+/// Campaigns, leads while elected (its listener serves 2377, it watches heartbeats and
+/// rotates keys), and campaigns again when the leadership is lost. `first`: a term already
+/// won. `demoted`: set while the cluster has this node as a worker.
 #[allow(clippy::too_many_arguments)]
 async fn lead_when_elected(
     ec: EtcdConfig,
     mcfg: Arc<ManagerConfig>,
     value: String,
-    listen: SocketAddr,
     slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>,
     mut first: Option<Arc<Manager>>,
     stale: Arc<StaleReader>,
     me: String,
+    demoted: Arc<AtomicBool>,
 ) {
     let mut said = false;
     loop {
         if first.is_none() {
             // A node demoted to a worker (or removed) does not campaign; its agent goes on.
             let role = tokio::task::block_in_place(|| stale.store.load_stale()).ok().map(|(_, st)| st.nodes.get(&me).map(|n| n.role));
-            if let Some(r) = role.filter(|r| *r != Some(swarmnet_api::Role::Manager)) {
+            let worker = role.filter(|r| *r != Some(swarmnet_api::Role::Manager));
+            demoted.store(worker.is_some(), Ordering::Relaxed);
+            if let Some(r) = worker {
                 if !said {
                     warn!(node = %me, role = ?r, "this node is not a manager of the cluster any more: it does not campaign (run it as `swarmnet agent`)");
                     said = true;
@@ -242,34 +311,13 @@ async fn lead_when_elected(
                 }
             },
         };
-        // The port of an earlier term may take a moment to be free again.
-        let mut listener = None;
-        for _ in 0..50 {
-            match tokio::net::TcpListener::bind(listen).await {
-                Ok(l) => {
-                    listener = Some(l);
-                    break;
-                }
-                Err(e) => {
-                    warn!(%listen, error = %e, "cannot listen yet");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-        let Some(listener) = listener else {
-            warn!(%listen, "cannot listen: giving the leadership up");
-            manager.resign();
-            continue;
-        };
-        info!(%listen, cluster = %manager.meta.cluster_id, store = %ec.shown(), "this manager leads the cluster");
-        // Ending these ends the term: the listener closes with the accept loop, sessions end
-        // on the manager's step-down.
-        let serving = tokio::spawn(manager.clone().serve(listener));
+        info!(listen = %SocketAddr::new(mcfg.advertise, mcfg.listen_port), cluster = %manager.meta.cluster_id, store = %ec.shown(), "this manager leads the cluster");
+        // Ending these ends the term; the sessions it serves end on the manager's step-down
+        // (and the agents come back to the next leader, directly or through this relay).
         let others = [tokio::spawn(manager.clone().watch_heartbeats()), tokio::spawn(manager.clone().rotate_gossip_keys_periodically())];
         slot.send_replace(Some(manager.clone()));
         manager.lost_leadership().await;
         slot.send_replace(None);
-        serving.abort();
         for t in others {
             t.abort();
         }

@@ -187,6 +187,9 @@ pub struct LabNode {
     pub addr: String,
     pub data_dir: PathBuf,
     pub pid: Option<u32>,
+    /// The managers (indexes) an agent's `--join` names: every manager unless a test
+    /// chooses.
+    pub join: Option<Vec<usize>>,
 }
 
 pub struct Lab {
@@ -309,7 +312,7 @@ impl Lab {
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
             let data_dir = root.join(format!("n{i}"));
             std::fs::create_dir_all(&data_dir)?;
-            lab.nodes.push(LabNode { hostname: hostname.map_or_else(|| ns.clone(), str::to_string), ns, addr, data_dir, pid: None });
+            lab.nodes.push(LabNode { hostname: hostname.map_or_else(|| ns.clone(), str::to_string), ns, addr, data_dir, pid: None, join: None });
         }
         for k in 1..=etcd {
             let ns = format!("{name}-e{k}");
@@ -450,7 +453,8 @@ impl Lab {
         if i < self.managers {
             cmd.args(["manager", "--advertise-addr", &node.addr, "--heartbeat-interval", &hb]).args(&self.manager_args);
         } else {
-            let managers = self.nodes[..self.managers].iter().map(|m| format!("{}:2377", m.addr)).collect::<Vec<_>>().join(",");
+            let chosen: Vec<usize> = node.join.clone().unwrap_or_else(|| (0..self.managers).collect());
+            let managers = chosen.iter().map(|&m| format!("{}:2377", self.nodes[m].addr)).collect::<Vec<_>>().join(",");
             cmd.args(["agent", "--join", &managers, "--advertise-addr", &node.addr]);
             if let Some(token) = &token {
                 cmd.args(["--token", token]);

@@ -133,6 +133,8 @@ pub struct Manager {
     pub(crate) pool: Ipv4Network,
     pub(crate) heartbeat: Duration,
     pub(crate) started: Instant,
+    /// The TLS side of 2377, made at the first connection.
+    acceptor: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     /// Ports no service may publish.
     pub(crate) own_ports: ops::OwnPorts,
 }
@@ -220,6 +222,7 @@ impl Manager {
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
             started: Instant::now(),
+            acceptor: std::sync::OnceLock::new(),
         }
     }
 
@@ -253,7 +256,8 @@ impl Manager {
 
     /// What a manager says of itself in the election: its hostname and `addr:port`.
     pub fn campaign_value(cfg: &ManagerConfig) -> String {
-        format!("{} {}:{}", cfg.hostname, cfg.advertise, cfg.listen_port)
+        // (An IPv6 address in brackets: the last word parses as a socket address.)
+        format!("{} {}", cfg.hostname, SocketAddr::new(cfg.advertise, cfg.listen_port))
     }
 
     /// Leads the cluster in `store`, whose election this manager has won: reads the state
@@ -489,23 +493,45 @@ impl Manager {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
-        let cfg = tls::server_config(&self.meta.ca.cert_pem, &self.cert)?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        self.tls_acceptor()?;
         // Bounded (issues 12 and 19, the shared loop): a connection holds a slot until it
         // closes; accept failures (EMFILE, ENFILE) back off and never end the listener.
         let names = Names { what: "2377", conns: "connections", conn: "connection" };
-        admission::serve(listener, names, Admission::new(Limits { total: 1024, per_peer: 32 }), |tcp, peer| {
-            let m = self.clone();
-            let acceptor = acceptor.clone();
-            let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-            async move {
-                if let Err(e) = m.handle(acceptor, tcp, peer).await {
-                    info!(peer = %peer, error = %e, "connection on 2377 closed");
-                }
-            }
-        })
-        .await;
+        admission::serve(listener, names, Admission::new(Self::LIMITS_2377), |tcp, peer| self.clone().serve_conn(tcp, peer)).await;
         Ok(())
+    }
+
+    /// The caps of 2377: in all, and per address (ADR 0019).
+    pub const LIMITS_2377: Limits = Limits { total: 1024, per_peer: 32 };
+
+    /// Serves one connection accepted on 2377 (by [`Manager::serve`], or by the listener of
+    /// a manager of several, which outlives its terms).
+    pub async fn serve_conn(self: Arc<Self>, tcp: TcpStream, peer: Option<SocketAddr>) {
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let acceptor = match self.tls_acceptor() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(peer = %peer, error = %format!("{e:#}"), "2377: no TLS server configuration");
+                return;
+            }
+        };
+        if let Err(e) = self.handle(acceptor, tcp, peer).await {
+            info!(peer = %peer, error = %e, "connection on 2377 closed");
+        }
+    }
+
+    fn tls_acceptor(&self) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+        if let Some(a) = self.acceptor.get() {
+            return Ok(a.clone());
+        }
+        let cfg = tls::server_config(&self.meta.ca.cert_pem, &self.cert)?;
+        Ok(self.acceptor.get_or_init(|| tokio_rustls::TlsAcceptor::from(Arc::new(cfg))).clone())
+    }
+
+    /// Whether `ip` is the address of a manager of the cluster (a standby relays its
+    /// agents' connections from it).
+    pub fn is_manager_addr(&self, ip: std::net::IpAddr) -> bool {
+        self.lock().state.nodes.values().any(|n| n.role == Role::Manager && n.addr == ip)
     }
 
     async fn handle(self: Arc<Self>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {

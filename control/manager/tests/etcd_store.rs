@@ -18,6 +18,9 @@ struct Etcd {
     dir: PathBuf,
     client: u16,
     peer: u16,
+    /// Clients over TLS with a certificate of this CA (`ca.pem`, `server.pem`,
+    /// `server-key.pem` in `dir`).
+    tls: bool,
 }
 
 fn free_port() -> u16 {
@@ -29,16 +32,34 @@ impl Etcd {
         let dir = std::env::temp_dir().join(format!("sn-etcd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd's folder");
-        let mut e = Etcd { child: None, dir, client: free_port(), peer: free_port() };
+        let mut e = Etcd { child: None, dir, client: free_port(), peer: free_port(), tls: false };
+        e.run();
+        e
+    }
+
+    /// A member whose clients must present a certificate of the CA written to
+    /// `dir/ca.pem` (with the server's certificate for 127.0.0.1).
+    fn start_tls(name: &str, ca: &TestCa) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("sn-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd's folder");
+        ca.write(&dir, "ca.pem");
+        ca.issue(&dir, "server", true);
+        let mut e = Etcd { child: None, dir, client: free_port(), peer: free_port(), tls: true };
         e.run();
         e
     }
 
     fn run(&mut self) {
-        let c = format!("http://127.0.0.1:{}", self.client);
+        let c = format!("{}://127.0.0.1:{}", if self.tls { "https" } else { "http" }, self.client);
         let p = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd's log");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if self.tls {
+            let f = |n: &str| self.dir.join(n).display().to_string();
+            cmd.args(["--cert-file", &f("server.pem"), "--key-file", &f("server-key.pem"), "--trusted-ca-file", &f("ca.pem"), "--client-cert-auth"]);
+        }
+        let child = cmd
             .args(["--name", "e1", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c, "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
@@ -58,6 +79,19 @@ impl Etcd {
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("etcd runs").id().to_string();
         assert!(Command::new("kill").args([sig, &pid]).status().expect("kill").success());
+        if sig == "-STOP" {
+            // The stop is delivered to each thread in turn: until every one has stopped,
+            // etcd may still read a request the test means it not to.
+            let stopped = || {
+                std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .is_ok_and(|d| d.flatten().all(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('T')))))
+            };
+            let t = Instant::now();
+            while !stopped() {
+                assert!(t.elapsed() < Duration::from_secs(5), "etcd (pid {pid}) did not stop within 5 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     fn kill(&mut self) {
@@ -78,6 +112,50 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A CA of the test's own, which issues etcd's server certificate and clients'.
+struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let pem = params.self_signed(&key).expect("CA").pem();
+        TestCa { params, key, pem }
+    }
+
+    fn write(&self, dir: &std::path::Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, &self.pem).expect("write the CA");
+        p
+    }
+
+    /// `dir/<name>.pem` and `dir/<name>-key.pem`: a server's certificate for 127.0.0.1, or a
+    /// client's.
+    fn issue(&self, dir: &std::path::Path, name: &str, server: bool) -> (PathBuf, PathBuf) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        if server {
+            p.subject_alt_names.push(rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        } else {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+        std::fs::write(&c, cert.pem()).expect("write the certificate");
+        std::fs::write(&k, key.serialize_pem()).expect("write the key");
+        (c, k)
     }
 }
 
@@ -289,4 +367,58 @@ fn etcd_restarted_with_its_data_and_bad_input() {
         Err(other) => panic!("a foreign prefix: {other}"),
         Ok(_) => panic!("a foreign prefix is refused"),
     }
+}
+
+/// etcd over TLS with client certificates (`--store-ca`, `--store-cert`, `--store-key`):
+/// the right ones lead and write; a missing client certificate, one of another CA, a CA
+/// that did not sign etcd's, or no TLS at all: an error that names the store, within the
+/// timeout, and nothing written.
+#[test]
+fn etcd_over_tls_and_wrong_credentials() {
+    use swarmnet_manager::store::EtcdTls;
+    let ca = TestCa::new("sn-test-etcd-ca");
+    let e = Etcd::start_tls("tls", &ca);
+    let d = e.dir.clone();
+    let (cert, key) = ca.issue(&d, "manager", false);
+    let other = TestCa::new("sn-test-other-ca");
+    let other_ca = other.write(&d, "other-ca.pem");
+    let (ocert, okey) = other.issue(&d, "stranger", false);
+    let with = |tls: Option<EtcdTls>| {
+        let mut c = e.cfg("/tls");
+        c.tls = tls;
+        c.timeout = Duration::from_secs(2);
+        c
+    };
+    let right = with(Some(EtcdTls { ca: Some(d.join("ca.pem")), cert: Some(cert.clone()), key: Some(key.clone()) }));
+    let a = leader(&right, "manager a");
+    a.commit(&[meta_write(&sample_meta("c-tls")).expect("meta")]).expect("a write over TLS");
+    assert_eq!(a.load().expect("load").0.map(|m| m.cluster_id), Some("c-tls".to_string()));
+    let endpoint = format!("127.0.0.1:{}", e.client);
+    let wrong = [
+        ("no client certificate", Some(EtcdTls { ca: Some(d.join("ca.pem")), cert: None, key: None })),
+        ("a client certificate of another CA", Some(EtcdTls { ca: Some(d.join("ca.pem")), cert: Some(ocert), key: Some(okey) })),
+        ("a CA that did not sign etcd's certificate", Some(EtcdTls { ca: Some(other_ca), cert: Some(cert.clone()), key: Some(key.clone()) })),
+        ("no TLS", None),
+        ("a certificate without its key", Some(EtcdTls { ca: Some(d.join("ca.pem")), cert: Some(cert), key: None })),
+    ];
+    for (what, tls) in wrong {
+        let t = Instant::now();
+        match EtcdStore::connect(with(tls)) {
+            Ok(s) => {
+                // Connected lazily: the first request must fail.
+                let r = s.campaign("manager b", Duration::from_secs(3));
+                assert!(r.is_err(), "{what}: the campaign must fail");
+                eprintln!("{what}: {}", r.err().map(|e| e.to_string()).unwrap_or_default());
+            }
+            Err(err) => {
+                let m = err.to_string();
+                eprintln!("{what}: {m}");
+                assert!(m.contains(&endpoint), "{what}: the error names the store: {m}");
+                assert!(m.contains("--store-"), "{what}: the error says which flags to check: {m}");
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "{what}: refused within the timeout, not hung");
+    }
+    assert!(a.is_leader(), "the manager with the right credentials still leads");
+    assert_eq!(a.load().expect("load").0.map(|m| m.cluster_id), Some("c-tls".to_string()), "nothing else written");
 }

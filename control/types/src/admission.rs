@@ -27,6 +27,9 @@ struct Counts {
 pub struct Admission {
     limits: Limits,
     counts: Arc<Mutex<Counts>>,
+    /// Peers the per-peer cap does not apply to (they count in the total): on 2377, the
+    /// other managers, which relay many agents' connections from one address.
+    exempt: Option<Arc<dyn Fn(IpAddr) -> bool + Send + Sync>>,
 }
 
 /// Why a connection was not admitted.
@@ -67,7 +70,12 @@ impl Drop for Slot {
 
 impl Admission {
     pub fn new(limits: Limits) -> Admission {
-        Admission { limits, counts: Arc::default() }
+        Admission { limits, counts: Arc::default(), exempt: None }
+    }
+
+    /// The same, with the peers `exempt` says true of counted in the total only.
+    pub fn exempting(self, exempt: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>) -> Admission {
+        Admission { exempt: Some(exempt), ..self }
     }
 
     /// A slot for a connection from `peer` (None: a local socket, counted in the total
@@ -77,6 +85,7 @@ impl Admission {
         if c.total >= self.limits.total {
             return Err(Refused::Total(self.limits.total));
         }
+        let peer = peer.filter(|ip| !self.exempt.as_ref().is_some_and(|f| f(*ip)));
         if let Some(ip) = peer {
             let n = c.per_peer.entry(ip).or_insert(0);
             if *n >= self.limits.per_peer {
@@ -262,6 +271,18 @@ mod tests {
         assert_eq!(a.open(), 2);
         let _s4 = a.admit(Some(p1)).expect("p1 has room again");
         assert!(a.admit(None).is_err(), "local sockets count in the total");
+    }
+
+    #[test]
+    fn an_exempt_peer_has_no_per_peer_cap_but_counts_in_the_total() {
+        let relay: IpAddr = "10.0.0.9".parse().expect("ip");
+        let a = Admission::new(Limits { total: 4, per_peer: 1 }).exempting(Arc::new(move |ip| ip == relay));
+        let held: Vec<Slot> = (0..3).map(|i| a.admit(Some(relay)).unwrap_or_else(|e| panic!("relayed {i}: {e}"))).collect();
+        let other: IpAddr = "10.0.0.1".parse().expect("ip");
+        let _o = a.admit(Some(other)).expect("another peer");
+        assert_eq!(a.admit(Some(relay)).err(), Some(Refused::Total(4)));
+        drop(held);
+        assert_eq!(a.admit(Some(other)).err(), Some(Refused::PerPeer(1)), "the others keep their cap");
     }
 
     #[tokio::test]

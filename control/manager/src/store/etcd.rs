@@ -173,7 +173,21 @@ async fn connect_pinned(urls: &[String], opts: &ConnectOptions, start: usize, ti
 
 impl Inner {
     fn err(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
-        unavailable(&self.shown, what, e)
+        let m = e.to_string();
+        // etcd closes a connection whose TLS it does not accept without saying why: say what
+        // to check.
+        let hint = if m.contains("UnknownIssuer") {
+            " (--store-ca did not sign etcd's certificate)"
+        } else if !m.contains("transport") {
+            ""
+        } else {
+            match &self.cfg.tls {
+                None => " (if etcd serves its clients over TLS: --store-ca, --store-cert, --store-key)",
+                Some(t) if t.cert.is_none() => " (if etcd asks its clients for a certificate: --store-cert and --store-key)",
+                Some(_) => " (check --store-ca, --store-cert and --store-key against etcd's TLS)",
+            }
+        };
+        unavailable(&self.shown, what, format!("{m}{hint}"))
     }
 
     fn client(&self) -> Client {
