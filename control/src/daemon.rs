@@ -180,8 +180,11 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     let me = SocketAddr::new(mcfg.advertise, mcfg.listen_port);
     tokio::spawn(serve_2377(listener, slot.clone(), stale.clone(), me, demoted.clone()));
     info!(store = %ec.shown(), node = %id.node_id, %listen, "manager on etcd: listening, campaigning for the leadership");
-    tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, stale.clone(), id.node_id.clone(), demoted));
+    let agent_cell = Arc::new(std::sync::OnceLock::new());
+    let role = Role { agent: agent_cell.clone(), me: me.to_string(), demoted };
+    tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, role));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
+    let _ = agent_cell.set(agent.clone());
     serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
 }
 
@@ -221,7 +224,7 @@ async fn serve_2377(listener: tokio::net::TcpListener, slot: tokio::sync::watch:
     let leading = slot.clone();
     let admission = Admission::new(Manager::LIMITS_2377).exempting(Arc::new(move |ip| leading.borrow().as_ref().is_some_and(|m| m.is_manager_addr(ip))));
     admission::serve(listener, names, admission, |tcp: tokio::net::TcpStream, peer| {
-        let leader = slot.borrow().clone();
+        let leader = slot.borrow().clone().filter(|m| m.leads());
         let stale = stale.clone();
         let demoted = demoted.load(Ordering::Relaxed);
         async move {
@@ -269,41 +272,51 @@ async fn relay(mut tcp: tokio::net::TcpStream, peer: Option<SocketAddr>, stale: 
     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
 }
 
+/// Whether this node is a manager of the cluster, as its agent last heard from the leader
+/// (the managers' list every session hands over and updates: a change reaches it within a
+/// heartbeat, and costs no read of the store). Before the agent has a session: a manager.
+struct Role {
+    agent: Arc<std::sync::OnceLock<Arc<Agent>>>,
+    /// This manager's `host:port` on 2377, as the list names it.
+    me: String,
+    /// Set while the node is a worker (demoted): its 2377 relays nothing.
+    demoted: Arc<AtomicBool>,
+}
+
+impl Role {
+    fn is_manager(&self) -> bool {
+        let manager = self.agent.get().map(|a| a.known_managers()).filter(|l| !l.is_empty()).is_none_or(|l| l.contains(&self.me));
+        self.demoted.store(!manager, Ordering::Relaxed);
+        manager
+    }
+}
+
 /// Campaigns, leads while elected (its listener serves 2377, it watches heartbeats and
 /// rotates keys), and campaigns again when the leadership is lost. `first`: a term already
-/// won. `demoted`: set while the cluster has this node as a worker.
-#[allow(clippy::too_many_arguments)]
-async fn lead_when_elected(
-    ec: EtcdConfig,
-    mcfg: Arc<ManagerConfig>,
-    value: String,
-    slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>,
-    mut first: Option<Arc<Manager>>,
-    stale: Arc<StaleReader>,
-    me: String,
-    demoted: Arc<AtomicBool>,
-) {
+/// won. A node demoted to a worker does not campaign (a campaign under way ends within 5 s);
+/// promoted again, it does.
+async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: String, slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>, mut first: Option<Arc<Manager>>, role: Role) {
     let mut said = false;
     loop {
         if first.is_none() {
-            // A node demoted to a worker (or removed) does not campaign; its agent goes on.
-            let role = tokio::task::block_in_place(|| stale.store.load_stale()).ok().map(|(_, st)| st.nodes.get(&me).map(|n| n.role));
-            let worker = role.filter(|r| *r != Some(swarmnet_api::Role::Manager));
-            demoted.store(worker.is_some(), Ordering::Relaxed);
-            if let Some(r) = worker {
+            if !role.is_manager() {
                 if !said {
-                    warn!(node = %me, role = ?r, "this node is not a manager of the cluster any more: it does not campaign (run it as `swarmnet agent`)");
+                    warn!(manager = %role.me, "this node is not a manager of the cluster any more: it does not campaign (`swarmnet node promote` makes it one again; or run it as `swarmnet agent`)");
                     said = true;
                 }
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
+            }
+            if said {
+                info!(manager = %role.me, "this node is a manager again (promoted): campaigning for the leadership");
             }
             said = false;
         }
         let manager = match first.take() {
             Some(m) => m,
-            None => match campaign(&ec, &mcfg, &value).await {
-                Ok(m) => m,
+            None => match campaign(&ec, &mcfg, &value, &role).await {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
                 Err(e) => {
                     warn!(store = %ec.shown(), error = %format!("{e:#}"), "campaign for the leadership failed; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -328,17 +341,19 @@ async fn lead_when_elected(
 }
 
 /// One campaign on a connection of its own: waits until this manager is elected, then
-/// reads the state.
-async fn campaign(ec: &EtcdConfig, mcfg: &ManagerConfig, value: &str) -> anyhow::Result<Arc<Manager>> {
+/// reads the state. None: the node was demoted meanwhile (each wait lasts 5 s, then the
+/// campaign's key is given up and the role looked at again).
+async fn campaign(ec: &EtcdConfig, mcfg: &ManagerConfig, value: &str, role: &Role) -> anyhow::Result<Option<Arc<Manager>>> {
     let store = Manager::connect_etcd(ec, mcfg)?;
     loop {
-        match store.campaign_async(value, Duration::from_secs(3600)).await {
+        match store.campaign_async(value, Duration::from_secs(5)).await {
             Ok(()) => break,
-            Err(swarmnet_manager::store::StoreError::NotLeader(_)) => continue,
+            Err(swarmnet_manager::store::StoreError::NotLeader(_)) if role.is_manager() => continue,
+            Err(swarmnet_manager::store::StoreError::NotLeader(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(Manager::lead(store, mcfg)?)
+    Ok(Some(Manager::lead(store, mcfg)?))
 }
 
 pub async fn run_agent(cfg: NodeConfig, join: String, token: Option<String>) -> anyhow::Result<()> {
@@ -439,7 +454,9 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
             let (leading, standby) = match &manager {
                 None => (None, false),
                 Some(slot) => {
-                    let m = slot.borrow().clone();
+                    // A manager that has just stopped leading (its term not yet ended) is a
+                    // standby already: the request goes to the leader.
+                    let m = slot.borrow().clone().filter(|m| m.leads());
                     let standby = m.is_none();
                     (m, standby)
                 }

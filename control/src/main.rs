@@ -304,6 +304,10 @@ enum NodeCmd {
     /// Make a manager a worker: it stops campaigning for the leadership (refused for the
     /// last manager). Remove it afterwards with `node rm`, or run it as `swarmnet agent`.
     Demote { node: String },
+    /// Make a demoted manager a manager again. Only a node whose daemon runs `swarmnet
+    /// manager` on the cluster's etcd can lead; a worker started as `swarmnet agent` becomes
+    /// a manager by starting it as `swarmnet manager --store etcd://…` instead.
+    Promote { node: String },
     /// One node as JSON: its status, and for a manager its address and the cluster's store.
     Inspect { node: String },
 }
@@ -526,6 +530,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Node(NodeCmd::Demote { node }) => {
             let r: Removed = call(&host, ApiRequest::NodeDemote { node })?;
             println!("{} demoted", r.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Node(NodeCmd::Promote { node }) => {
+            let r: Removed = call(&host, ApiRequest::NodePromote { node })?;
+            println!("{} promoted", r.name);
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Node(NodeCmd::Rm { node, force }) => {

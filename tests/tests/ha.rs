@@ -297,6 +297,16 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     // A demoted node is a worker: it changes nothing.
     let (code, err) = lab.cli_fail(1, &["service", "scale", "after=1"])?;
     assert!(code == 7 && err.contains("only a manager"), "{code} {err}");
+    // Promoted (its daemon still runs `swarmnet manager`), it stands by again; a node that
+    // runs `swarmnet agent` cannot be promoted; demoted again for its removal below.
+    let n4 = lab.nodes[3].hostname.clone();
+    let (code, err) = lab.cli_fail(0, &["node", "promote", &n4])?;
+    assert!(code == 2 && err.contains("swarmnet manager --store"), "{code} {err}");
+    wait_for("the demoted node to stop campaigning", T, || lab.log(1).contains("not a manager of the cluster any more").then_some(()))?;
+    lab.cli_ok(0, &["node", "promote", &n2])?;
+    wait_for("the promoted node standing by", T, || manager_status(&lab, 0).filter(|s| s.get(&n2).is_some_and(|v| v == "Reachable ready")))?;
+    wait_for("the promoted node campaigning again", T, || lab.log(1).contains("a manager again (promoted)").then_some(()))?;
+    lab.cli_ok(0, &["node", "demote", &n2])?;
     lab.stop_node(1, libc::SIGTERM)?;
     wait_for("the demoted node down", T, || manager_status(&lab, 0).filter(|s| s.get(&n2).is_some_and(|v| v == " down")))?;
     lab.cli_ok(0, &["node", "rm", &n2])?;
@@ -512,8 +522,9 @@ fn a_standby_manager_serves_agents_by_relaying_to_the_leader() -> Result<()> {
     lab.start_node(2)?;
     wait_for("the worker joined through the standby, ready", T, || manager_status(&lab, 0).filter(|s| s.get(&n3).is_some_and(|v| v == " ready")))?;
     let on_standby = |l: &str| l.lines().filter(|l| l.contains("session open") && l.contains(&format!("manager={standby}"))).count();
-    let log = lab.log(2);
-    assert!(log.contains("joined the cluster") && on_standby(&log) == 1, "joined, and its session held, through the standby: {log}");
+    // (A node is ready from its join on; its session opens a moment later.)
+    let log = wait_for("the worker's session through the standby", T, || Some(lab.log(2)).filter(|l| on_standby(l) >= 1))?;
+    assert!(log.contains("joined the cluster") && log.contains(&format!("manager=\"{standby}\"")), "joined through the standby: {log}");
     // Its tasks run.
     lab.cli_ok(0, &["service", "create", "--name", "w", "--replicas", "3", "--", "sleep", "infinity"])?;
     wait_running(&lab, 0, "w", 3)?;

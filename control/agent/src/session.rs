@@ -224,6 +224,11 @@ impl Agent {
         m.0.get(m.1).cloned().unwrap_or_else(|| self.id.manager.clone())
     }
 
+    /// The managers it knows (`host:port`), as the last session named them.
+    pub fn known_managers(&self) -> Vec<String> {
+        self.managers().0.clone()
+    }
+
     /// Moves on to the next manager; true when the list starts over.
     fn next_manager(&self) -> bool {
         let mut m = self.managers();
@@ -259,10 +264,13 @@ impl Agent {
             let mut l = m.0.clone();
             let at = m.1.min(l.len());
             l.rotate_left(at);
+            if l.is_empty() {
+                l.push(self.id.manager.clone());
+            }
             l
         };
         let mut last = anyhow!("no manager known");
-        for manager in list.iter().chain(std::iter::once(&self.id.manager)).take(list.len().max(1)) {
+        for manager in &list {
             match connect(manager, self.tls.clone()).await {
                 Ok(mut tls) => {
                     write_msg(&mut tls, &Hello::Api { request }).await?;

@@ -235,6 +235,9 @@ pub enum ApiRequest {
     /// Makes a manager a worker (refused for the last manager): it no longer campaigns for
     /// the leadership. `Removed` (the node)
     NodeDemote { node: String },
+    /// Makes a demoted manager a manager again: a node whose daemon runs `swarmnet manager`
+    /// on the cluster's etcd (it campaigns again). `Removed` (the node)
+    NodePromote { node: String },
     /// One node, with its store if it is a manager. `NodeDetail`
     NodeInspect { node: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`

@@ -149,6 +149,11 @@ impl Manager {
                 }
                 to_value(Removed { id: n.id, name: n.hostname })?
             }
+            ApiRequest::NodePromote { node } => {
+                let n = self.mutate(|st, _| ops::promote_node(st, &node))?;
+                info!(node = %n.id, hostname = %n.hostname, "worker promoted to a manager");
+                to_value(Removed { id: n.id, name: n.hostname })?
+            }
             ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }

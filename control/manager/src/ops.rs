@@ -449,8 +449,27 @@ pub fn demote_node(st: &mut ClusterState, name: &str) -> Result<Node, OpError> {
         return Err(OpError::Conflict(format!("node {name} is the last manager: the cluster would have nobody to lead it")));
     }
     let n = st.nodes.get_mut(&node.id).ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    // Its manager port stays: its daemon (`swarmnet manager`) still listens there, and a
+    // promotion makes it a candidate again.
     n.role = Role::Worker;
-    n.manager_port = None;
+    Ok(n.clone())
+}
+
+/// `node promote NODE`: a demoted manager whose daemon runs `swarmnet manager` (it has a
+/// manager port) becomes a manager again and campaigns. A node that joined as a worker runs
+/// `swarmnet agent`, which cannot lead: refused, saying how to make it a manager.
+pub fn promote_node(st: &mut ClusterState, name: &str) -> Result<Node, OpError> {
+    let node = st.nodes.values().find(|n| n.id == name || n.hostname == name).cloned().ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    if node.role == Role::Manager {
+        return Err(OpError::Conflict(format!("node {name} is a manager already")));
+    }
+    if node.manager_port.is_none() {
+        return Err(OpError::Invalid(format!(
+            "node {name} runs `swarmnet agent`, which cannot lead: to make it a manager, start it as `swarmnet manager --store etcd://…` with the cluster's store instead (it joins as a manager)"
+        )));
+    }
+    let n = st.nodes.get_mut(&node.id).ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    n.role = Role::Manager;
     Ok(n.clone())
 }
 
@@ -1016,9 +1035,15 @@ mod tests {
         assert!(matches!(demote_node(&mut st, "c"), Err(OpError::Conflict(m)) if m.contains("not a manager")));
         assert!(remove_node(&mut st, "b", true, &"a".to_string(), &mut g).expect_err("a manager").to_string().contains("demote it first"));
         let n = demote_node(&mut st, "b").expect("one of two managers");
-        assert_eq!((n.role, n.manager_port), (Role::Worker, None));
+        assert_eq!((n.role, n.manager_port), (Role::Worker, Some(2377)), "its daemon still listens there");
         assert!(matches!(demote_node(&mut st, "a"), Err(OpError::Conflict(m)) if m.contains("last manager")));
         assert_eq!(st.nodes["a"].role, Role::Manager, "refused: nothing changed");
+        // Promoted back, and demoted again; a node that joined as a worker cannot lead.
+        assert_eq!(promote_node(&mut st, "b").expect("a demoted manager").role, Role::Manager);
+        assert!(matches!(promote_node(&mut st, "a"), Err(OpError::Conflict(m)) if m.contains("already")));
+        assert!(matches!(promote_node(&mut st, "c"), Err(OpError::Invalid(m)) if m.contains("swarmnet manager --store")));
+        assert_eq!(st.nodes["c"].role, Role::Worker, "refused: nothing changed");
+        demote_node(&mut st, "b").expect("demoted again");
         remove_node(&mut st, "b", true, &"a".to_string(), &mut g).expect("demoted: removable");
     }
 

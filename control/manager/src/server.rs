@@ -450,6 +450,12 @@ impl Manager {
         warn!(store = %self.store.describe(), node = %self.node_id, "this manager no longer leads the cluster");
     }
 
+    /// Whether this manager leads now: it has not stepped down or resigned, and its store
+    /// says it holds the leadership.
+    pub fn leads(&self) -> bool {
+        !*self.stepped_down.borrow() && self.store.leads()
+    }
+
     /// Gives the leadership up (on the daemon's stop), so another manager takes over at once.
     pub fn resign(&self) {
         self.stepped_down.send_replace(true);

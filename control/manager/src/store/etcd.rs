@@ -275,8 +275,24 @@ impl Inner {
         self.read_all_with(false).await
     }
 
-    /// `serializable`: from whichever member answers, without a quorum (possibly behind).
+    /// [`Self::read_all_at`], again from the newest revision when the one it read at was
+    /// compacted away meanwhile (a leader compacts after each snapshot: two snapshots during
+    /// one long read).
     async fn read_all_with(&self, serializable: bool) -> Result<(Replica, Option<String>, u64, Option<u64>, i64), StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.read_all_at(serializable).await {
+                Err(StoreError::Unavailable(m)) if m.contains("compacted") && tries < 3 => {
+                    tries += 1;
+                    info!(store = %self.shown, error = %m, "the revision read was compacted meanwhile: reading again");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// `serializable`: from whichever member answers, without a quorum (possibly behind).
+    async fn read_all_at(&self, serializable: bool) -> Result<(Replica, Option<String>, u64, Option<u64>, i64), StoreError> {
         let mut kv = self.client().kv_client();
         let opts = || if serializable { GetOptions::new().with_serializable() } else { GetOptions::new() };
         let first = self.call("read", kv.get(self.keys.snap(), Some(opts()))).await?;
