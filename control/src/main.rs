@@ -92,6 +92,8 @@ struct DaemonArgs {
     /// This node's address on the underlay: other nodes reach it there.
     #[arg(long)]
     advertise_addr: IpAddr,
+    /// Where the node keeps its identity, keys, task state and (a manager on the embedded
+    /// store) the cluster's state.
     #[arg(long, default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
     /// The node's name as `node ls` and `service ps` show it (default: the machine's
@@ -226,6 +228,7 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Nodes of the cluster: list, inspect, promote, demote, remove (manager).
     #[command(subcommand)]
     Node(NodeCmd),
     /// This node's load balancer.
@@ -234,12 +237,15 @@ enum Cmd {
     /// The cluster itself (manager).
     #[command(subcommand)]
     Swarm(SwarmCmd),
+    /// Overlay networks: create, list, inspect, remove (manager).
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Services: create, list, list tasks, inspect, scale, update, remove (manager).
     #[command(subcommand)]
     Service(ServiceCmd),
     /// Run a standalone task on this node, attached to an attachable network.
     Run {
+        /// The task's name (unique on the node while it runs).
         #[arg(long)]
         name: String,
         /// NAME, or name=NAME,alias=ALIAS (repeatable).
@@ -248,6 +254,7 @@ enum Cmd {
         /// Return once it runs, instead of waiting for it to finish.
         #[arg(short, long)]
         detach: bool,
+        /// The command to run, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -290,6 +297,7 @@ enum LbCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// Every node: id, hostname, address, status, availability, manager status, gossip.
     Ls {
         #[command(flatten)]
         f: Format,
@@ -297,27 +305,40 @@ enum NodeCmd {
     /// Remove a node from the cluster: its certificate is refused from now on and the
     /// gossip key is replaced without it. Refused for a node that is up, unless --force.
     Rm {
+        /// The node's hostname or id.
         node: String,
+        /// Remove it even though it is up.
         #[arg(long)]
         force: bool,
     },
     /// Make a manager a worker: it stops campaigning for the leadership (refused for the
     /// last manager). Remove it afterwards with `node rm`, or run it as `swarmnet agent`.
-    Demote { node: String },
+    Demote {
+        /// The node's hostname or id.
+        node: String,
+    },
     /// Make a demoted manager a manager again. Only a node whose daemon runs `swarmnet
     /// manager` on the cluster's etcd can lead; a worker started as `swarmnet agent` becomes
     /// a manager by starting it as `swarmnet manager --store etcd://…` instead.
-    Promote { node: String },
+    Promote {
+        /// The node's hostname or id.
+        node: String,
+    },
     /// One node as JSON: its status, and for a manager its address and the cluster's store.
-    Inspect { node: String },
+    Inspect {
+        /// The node's hostname or id.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum NetworkCmd {
+    /// Create an overlay network (a VXLAN segment with a subnet of its own).
     Create {
         /// Only overlay is built.
         #[arg(short, long, default_value = "overlay", value_parser = parse_driver)]
         driver: Driver,
+        /// Standalone tasks (`swarmnet run`) may join it, not only services' tasks.
         #[arg(long)]
         attachable: bool,
         /// The network's subnet, CIDR (default: the next free /24 of the pool).
@@ -326,60 +347,81 @@ enum NetworkCmd {
         /// Make this the cluster's ingress network (the routing mesh's), in place of a removed one.
         #[arg(long)]
         ingress: bool,
+        /// The network's name.
         name: String,
     },
+    /// Every network: id, name, driver, scope, subnet, VNI, attachable.
     Ls {
         #[command(flatten)]
         f: Format,
     },
+    /// One network as JSON, with this node's view of its endpoints.
     Inspect {
+        /// The network's name or id.
         name: String,
     },
+    /// Remove a network no service uses.
     Rm {
+        /// The network's name or id.
         name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum ServiceCmd {
+    /// Create a service: tasks spread over the nodes, a VIP (or DNS round robin) on each of
+    /// its networks, its ports published on every node.
+    #[command(after_help = SERVICE_CREATE_EXAMPLES)]
     Create {
+        /// The service's name: its DNS name on its networks (tasks.NAME for its tasks).
         #[arg(long)]
         name: String,
         /// Tasks of a replicated service (default 1).
         #[arg(long, allow_negative_numbers = true, value_parser = parse_replicas)]
         replicas: Option<u64>,
+        /// `replicated` (--replicas tasks) or `global` (one task on every node).
         #[arg(long, value_enum, default_value_t = ModeArg::Replicated)]
         mode: ModeArg,
         /// NAME, or name=NAME,alias=ALIAS (repeatable).
         #[arg(long, value_parser = parse_api::<NetworkAttach>)]
         network: Vec<NetworkAttach>,
+        /// `vip`: the name answers one virtual IP, connections spread over the tasks;
+        /// `dnsrr`: the name answers every task's address.
         #[arg(long, value_enum, default_value_t = EndpointModeArg::Vip)]
         endpoint_mode: EndpointModeArg,
         /// PUBLISHED:TARGET[/tcp|/udp], TARGET (published port from 30000-32767), or
         /// published=P,target=T,protocol=tcp|udp,mode=ingress|host
         #[arg(short, long, value_parser = parse_api::<PublishSpec>)]
         publish: Vec<PublishSpec>,
+        /// The tasks' command, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Every service: id, name, mode, replicas (running/desired), endpoint mode, ports.
     Ls {
         #[command(flatten)]
         f: Format,
     },
+    /// A service's tasks: node, desired and current state, addresses, error.
     Ps {
+        /// The service's name or id.
         name: String,
         #[command(flatten)]
         f: Format,
     },
+    /// One service as JSON: its spec, VIPs and published ports.
     Inspect {
+        /// The service's name or id.
         name: String,
     },
-    /// SERVICE=REPLICAS
+    /// Change a replicated service's number of tasks.
     Scale {
+        /// SERVICE=REPLICAS, for example web=5.
         spec: String,
     },
     /// Change a running service's published ports; its tasks keep running.
     Update {
+        /// The service's name or id.
         name: String,
         /// A port to publish, as `service create --publish`.
         #[arg(long, value_parser = parse_api::<PublishSpec>)]
@@ -388,10 +430,23 @@ enum ServiceCmd {
         #[arg(long, value_parser = parse_api::<PublishedPort>)]
         publish_rm: Vec<PublishedPort>,
     },
+    /// Remove a service: its tasks stop (draining first), its VIPs and ports go.
     Rm {
+        /// The service's name or id.
         name: String,
     },
 }
+
+const SERVICE_CREATE_EXAMPLES: &str = "Examples:
+  # Three tasks of a web server on an overlay network, port 8080 published on every node:
+  swarmnet network create --driver overlay appnet
+  swarmnet service create --name web --replicas 3 --network appnet --publish 8080:80 -- python3 -m http.server 80
+
+  # One task on every node, reached by DNS round robin (tasks.agent answers them all):
+  swarmnet service create --name agent --mode global --endpoint-mode dnsrr --network appnet -- sleep infinity
+
+  # A UDP port published only on the nodes where a task runs (host mode):
+  swarmnet service create --name dns --network appnet --publish published=5353,target=53,protocol=udp,mode=host -- ./server";
 
 /// `--mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -703,5 +758,41 @@ mod tests {
         assert!(parse_duration("5s").is_err_and(|e| e.contains("at least 10s")));
         assert!(parse_duration("3d").is_err_and(|e| e.contains("unknown unit")));
         assert!(parse_duration("h").is_err());
+    }
+
+    /// Every verb and every flag says what it is (`--help`), as docker's do; `service
+    /// create --help` has examples.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set() && c.get_name() != "help") {
+                let p = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{p}: no description"));
+                }
+                for arg in sub.get_arguments().filter(|a| !a.is_hide_set() && !a.is_global_set()) {
+                    let id = arg.get_id().as_str();
+                    if id != "help" && id != "version" && arg.get_help().is_none() {
+                        missing.push(format!("{p}: {id} has no help"));
+                    }
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "swarmnet", &mut missing);
+        assert!(missing.is_empty(), "without help:\n{}", missing.join("\n"));
+        let create = cmd.find_subcommand("service").and_then(|s| s.find_subcommand("create")).expect("service create");
+        let examples = create.get_after_help().map(|h| h.to_string()).unwrap_or_default();
+        assert!(examples.contains("Examples:") && examples.contains("swarmnet service create --name web"), "{examples}");
+        // And every example parses.
+        for line in examples.lines().map(str::trim).filter(|l| l.starts_with("swarmnet ")) {
+            if let Err(e) = Cli::try_parse_from(line.split_whitespace()) {
+                panic!("example {line:?} does not parse: {e}");
+            }
+        }
     }
 }
