@@ -121,7 +121,10 @@ pub fn cleanup(name: &str) -> Result<()> {
     // hold), and any folder named after the lab (the layout before issue 19, which tests
     // rebuild).
     let dir = Path::new(LAB_ROOT).join(name);
-    let ids = node_ids_under(&dir, 3);
+    let mut ids = node_ids_under(&dir, 3);
+    ids.extend(std::fs::read_to_string(dir.join(RAN_AS)).unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string));
+    ids.sort();
+    ids.dedup();
     swarmnet_dataplane::lb::host::remove_nodes(&ids).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
     swarmnet_dataplane::lb::host::remove_leftovers(&format!("{name}-")).with_context(|| format!("remove the cgroups and bpffs pins of lab {name}"))?;
     if dir.exists() {
@@ -129,6 +132,10 @@ pub fn cleanup(name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Every node id a lab's daemons ran as and were stopped as, one per line (in the lab's
+/// folder).
+const RAN_AS: &str = "node-ids-stopped";
 
 /// The node ids of the data dirs under `dir` (`node/identity.json`), down to `depth`.
 fn node_ids_under(dir: &Path, depth: usize) -> Vec<String> {
@@ -509,6 +516,13 @@ impl Lab {
     /// Sends `sig` to node `i`'s daemon and waits for it to exit.
     pub fn stop_node(&mut self, i: usize, sig: i32) -> Result<()> {
         let Some(pid) = self.nodes[i].pid.take() else { return Ok(()) };
+        // The identity it ran as: a later start may replace it (--force-new-cluster, a new
+        // data dir), and the clean-up must still find this one's cgroup and pins.
+        if let Some(id) = node_id_of(&self.nodes[i].data_dir) {
+            use std::io::Write;
+            let ids = Path::new(LAB_ROOT).join(&self.name).join(RAN_AS);
+            std::fs::OpenOptions::new().create(true).append(true).open(&ids).and_then(|mut f| writeln!(f, "{id}")).with_context(|| format!("record node id {id} in {}", ids.display()))?;
+        }
         send_signal(pid, sig)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         while pid_alive(pid) {
