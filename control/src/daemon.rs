@@ -486,6 +486,7 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&Sta
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
         (ApiRequest::LbLs, _) => agent.lb_table().await,
+        (ApiRequest::ExecLocate { task }, _) => Reply::from_result(agent.exec_target(&task).await),
         (req @ (ApiRequest::NodeRm { .. } | ApiRequest::RotateGossipKey), Some(m)) => m.api_async(req, me).await,
         // Inspect works on every node: the manager's record plus what this node's gossip
         // knows.

@@ -243,6 +243,17 @@ enum Cmd {
     /// Services: create, list, list tasks, inspect, scale, update, remove (manager).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Run a command inside a task of this node: in its network and mount namespaces and its
+    /// cgroup, so the cluster's DNS, the VIPs and the routing mesh answer it as they answer
+    /// the task (`docker exec`). Exits with the command's exit code.
+    #[command(after_help = "Examples:\n  swarmnet exec web.1 -- getent hosts web\n  swarmnet exec web.1 -- curl -s http://web/")]
+    Exec {
+        /// The task: its name (web.1), its id, or a unique prefix of its id.
+        task: String,
+        /// The command to run, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Run a standalone task on this node, attached to an attachable network.
     Run {
         /// The task's name (unique on the node while it runs).
@@ -316,6 +327,21 @@ enum NodeCmd {
     Demote {
         /// The node's hostname or id.
         node: String,
+    },
+    /// Change a node's availability or labels: `drain` moves its service tasks to other nodes
+    /// (the load balancer drains them first), `pause` places no new task on it.
+    Update {
+        /// The node's hostname or id.
+        node: String,
+        /// active, pause or drain.
+        #[arg(long, value_parser = parse_api::<Availability>)]
+        availability: Option<Availability>,
+        /// A label to add or change, KEY=VALUE (repeatable); constraints match them.
+        #[arg(long, value_parser = parse_label)]
+        label_add: Vec<(String, String)>,
+        /// A label to remove, KEY (repeatable).
+        #[arg(long)]
+        label_rm: Vec<String>,
     },
     /// Make a demoted manager a manager again. Only a node whose daemon runs `swarmnet
     /// manager` on the cluster's etcd can lead; a worker started as `swarmnet agent` becomes
@@ -393,6 +419,13 @@ enum ServiceCmd {
         /// published=P,target=T,protocol=tcp|udp,mode=ingress|host
         #[arg(short, long, value_parser = parse_api::<PublishSpec>)]
         publish: Vec<PublishSpec>,
+        /// Where its tasks may run: node.labels.KEY==VALUE, node.hostname==NAME, node.id==ID,
+        /// node.role==manager|worker, or != for any (repeatable: all must hold).
+        #[arg(long, value_parser = parse_api::<swarmnet_api::Constraint>)]
+        constraint: Vec<swarmnet_api::Constraint>,
+        /// A label of the service, KEY=VALUE (repeatable).
+        #[arg(long, value_parser = parse_label)]
+        label: Vec<(String, String)>,
         /// The tasks' command, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -460,6 +493,11 @@ enum ModeArg {
 enum EndpointModeArg {
     Vip,
     Dnsrr,
+}
+
+/// `--label KEY=VALUE`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    swarmnet_api::parse_label(s).map_err(|e| e.message)
 }
 
 /// A value the API parses itself (`FromStr` with an `ApiError`), as a clap value parser.
@@ -587,6 +625,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} demoted", r.name);
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Node(NodeCmd::Update { node, availability, label_add, label_rm }) => {
+            if availability.is_none() && label_add.is_empty() && label_rm.is_empty() {
+                return Err(ApiError::invalid("node update: nothing to change (--availability, --label-add, --label-rm)").into());
+            }
+            let n: NodeInfo = call(&host, ApiRequest::NodeUpdate { node, availability, label_add: label_add.into_iter().collect(), label_rm })?;
+            println!("{}", n.hostname);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Exec { task, command } => {
+            let target: ExecTarget = call(&host, ApiRequest::ExecLocate { task })?;
+            return exec_in(&target, &command);
+        }
         Cmd::Node(NodeCmd::Promote { node }) => {
             let r: Removed = call(&host, ApiRequest::NodePromote { node })?;
             println!("{} promoted", r.name);
@@ -658,7 +708,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
         Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),
-        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, command }) => {
+        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, constraint, label, command }) => {
             let endpoint_mode = match endpoint_mode {
                 EndpointModeArg::Vip => EndpointMode::Vip,
                 EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
@@ -668,7 +718,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 (ModeArg::Global, None) => ServiceMode::Global,
                 (ModeArg::Global, Some(_)) => return Err(ApiError::invalid("--replicas is for a replicated service; a global one runs a task on every node").into()),
             };
-            let s: ServiceInfo = call(&host, ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, networks: network, endpoint_mode, publish, command } })?;
+            let s: ServiceInfo = call(
+                &host,
+                ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, networks: network, endpoint_mode, publish, command, constraints: constraint, labels: label.into_iter().collect() } },
+            )?;
             println!("{}", s.id);
         }
         Cmd::Service(ServiceCmd::Inspect { name }) => print_json(&call::<ServiceInfo>(&host, ApiRequest::ServiceInspect { name })?)?,
@@ -718,6 +771,49 @@ fn call<T: DeserializeOwned>(host: &Option<String>, req: ApiRequest) -> Result<T
         eprintln!("warning: STALE: {why}");
     }
     reply.into_data().map_err(|e| e.into_api())
+}
+
+/// `exec`: runs `command` in the task's network, mount and UTS namespaces and its cgroup,
+/// and exits with its exit code (128 + the signal that ended it).
+fn exec_in(t: &ExecTarget, command: &[String]) -> anyhow::Result<ExitCode> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let open = |ns: &str| std::fs::File::open(format!("/proc/{}/ns/{ns}", t.pid)).map_err(|e| anyhow::anyhow!("task {}: cannot open its {ns} namespace (process {}): {e}", t.name, t.pid));
+    let (net, mnt, uts) = (open("net")?, open("mnt")?, open("uts")?);
+    // Its cgroup (where the node's socket load balancer is attached), found under this
+    // process's own cgroup2 mount (the daemon's may be elsewhere).
+    let cg = swarmnet_dataplane::lb::host::cgroup_of(t.pid).ok_or_else(|| anyhow::anyhow!("task {}: cannot find its cgroup (is cgroup2 mounted here?)", t.name))?;
+    let cgroup = std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs")).map_err(|e| anyhow::anyhow!("task {}: cannot join its cgroup {}: {e}", t.name, cg.display()))?;
+    // The namespaces opened are the task's process's, not those of a process that took its
+    // PID since the daemon answered.
+    if swarmnet_dataplane::task::proc_start_time(t.pid) != Some(t.start_time) {
+        bail!("task {}: its process ended meanwhile", t.name);
+    }
+    let Some((prog, args)) = command.split_first() else { bail!("exec: no command") };
+    let fds = (net.as_raw_fd(), mnt.as_raw_fd(), uts.as_raw_fd(), cgroup.as_raw_fd());
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args);
+    // SAFETY: the closure runs in the child between fork and exec; it only makes system
+    // calls (write, setns) that are async-signal-safe, on file descriptors the parent opened
+    // above and keeps open until spawn returns. It allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let (net, mnt, uts, cg) = fds;
+            if libc::write(cg, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (fd, kind) in [(uts, libc::CLONE_NEWUTS), (net, libc::CLONE_NEWNET), (mnt, libc::CLONE_NEWNS)] {
+                if libc::setns(fd, kind) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("exec {prog} in task {}: {e}", t.name))?;
+    drop((net, mnt, uts, cgroup));
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
 /// "12h", "30m", "90s" or plain seconds; at least 10 s.

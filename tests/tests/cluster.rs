@@ -451,3 +451,45 @@ fn an_exhausted_network_shows_in_service_ps() -> Result<()> {
     assert_eq!(nodes_of(&g), vec!["snx-full-n1", "snx-full-n2", "snx-full-n3"]);
     Ok(())
 }
+
+/// `exec` runs a command inside a task: in its namespaces and its cgroup, so the cluster's
+/// DNS and the service's VIP answer it as they answer the task, and the command's exit code
+/// comes back. A task that is not on the node, or is gone, is a clear error.
+#[test]
+fn exec_runs_a_command_inside_a_task_with_its_dns_and_vips() -> Result<()> {
+    let lab = Lab::up("snx-exec", 2, 2, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "2", "--network", "appnet", "--", "python3", "-m", "http.server", "80"])?;
+    let tasks = lab.wait_service("web", 2, T)?;
+    let t = &tasks[0];
+    let name = t["name"].as_str().context("task name")?.to_string();
+    let i = lab.nodes.iter().position(|n| t["node"] == n.ns.as_str()).context("the task's node")?;
+    let pid = pid_of(t);
+    // Its namespaces (network, mount, UTS) and its cgroup.
+    let out = lab.cli_ok(i, &["exec", &name, "--", "sh", "-c", "readlink /proc/self/ns/net /proc/self/ns/mnt; hostname; cat /proc/self/cgroup"])?;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first().copied(), Some(ns_inode(pid, "net").as_str()), "the task's network namespace: {out}");
+    assert_eq!(lines.get(1).copied(), Some(ns_inode(pid, "mnt").as_str()), "the task's mount namespace: {out}");
+    assert_eq!(lines.get(2).copied(), Some(lab.nodes[i].hostname.as_str()), "the task's hostname: {out}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    assert_eq!(lines.get(3..).map(|l| l.join("\n")), Some(cgroup.trim_end().to_string()), "the task's cgroup: {out}");
+    // The cluster's DNS and the service's VIP answer it.
+    let vip = serde_json::from_str::<Value>(&lab.cli_ok(0, &["service", "inspect", "web"])?)?["vips"]["appnet"].as_str().context("web's VIP")?.to_string();
+    let hosts = lab.cli_ok(i, &["exec", &name, "--", "getent", "hosts", "web"])?;
+    assert!(hosts.starts_with(&format!("{vip} ")), "web is its VIP {vip}: {hosts}");
+    let fetch = "import urllib.request; print(urllib.request.urlopen('http://web/', timeout=5).status)";
+    // (Once the servers listen and the node's load balancer has the tasks.)
+    wait_for("the VIP answering from inside the task", T, || lab.cli_ok(i, &["exec", &name, "--", "python3", "-c", fetch]).ok().filter(|o| o.trim() == "200"))?;
+    // The command's exit code.
+    let out = lab.cli(i, &["exec", &name, "--", "sh", "-c", "exit 7"])?;
+    assert_eq!(out.status.code(), Some(7));
+    // Not on that node; gone.
+    let err = lab.cli_err(1 - i, &["exec", &name, "--", "true"])?;
+    assert!(err.contains(&format!("task {name} is not on this node")) && err.contains("service ps"), "{err}");
+    lab.cli_ok(0, &["service", "rm", "web"])?;
+    wait_for("web's task gone from its node", T, || {
+        let err = lab.cli_err(i, &["exec", &name, "--", "true"]).ok()?;
+        (err.contains("not on this node") || err.contains("not running") || err.contains("no running process")).then_some(err)
+    })?;
+    Ok(())
+}

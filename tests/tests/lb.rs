@@ -383,3 +383,69 @@ fn assert_udp_refused(lb: &str, r: &Value) {
     assert_eq!(r["udp"], want, "{r}");
     assert_eq!(r["udp_connected"], want, "{r}");
 }
+
+/// `node update`: a drained node's task moves to another node (drained in the load
+/// balancer first, then withdrawn) while a client loops on the VIP; labels and placement
+/// constraints: a service that no node satisfies waits, saying why, and runs once a node
+/// gets the label; an unknown constraint is refused and creates nothing.
+#[test]
+fn node_drain_labels_and_constraints() -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbnode", "ebpf", 3, 3)?;
+    wait_until_ready(&lab, 0, &vip, 3)?;
+    let n3 = lab.nodes[2].hostname.clone();
+    let dir = tempdir("snx-lbnode")?;
+    let counter = dir.join("count").display().to_string();
+    lab.cli_ok(0, &["run", "--detach", "--name", "looper", "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", &vip, PORT, &counter])?;
+    let read = |p: &str| -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string(p).ok()?;
+        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some((it.next()??, it.next()??))
+    };
+    wait_for("the looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
+    let on_n3 = |lab: &Lab| -> Result<Vec<String>> {
+        let ps = lab.cli_json(0, &["service", "ps", "web"])?;
+        Ok(ps.as_array().into_iter().flatten().filter(|t| t["state"] == "running" && t["node"] == n3.as_str()).filter_map(|t| t["name"].as_str().map(str::to_string)).collect())
+    };
+    let moved = on_n3(&lab)?;
+    assert_eq!(moved.len(), 1, "one task on {n3}");
+    lab.cli_ok(0, &["node", "update", "--availability", "drain", &n3])?;
+    wait_for("web's tasks off the drained node, three running", T, || {
+        let running = lab.running_tasks("web").ok()?;
+        (running.len() == 3 && on_n3(&lab).ok()?.is_empty()).then_some(())
+    })?;
+    let ls = lab.cli_json(0, &["node", "ls"])?;
+    let n = ls.as_array().and_then(|a| a.iter().find(|n| n["hostname"] == n3.as_str())).cloned().unwrap_or_default();
+    assert_eq!(n["availability"], "drain", "{n}");
+    wait_until_ready(&lab, 0, &vip, 3)?;
+    let (ok_at, _) = read(&counter).context("counter")?;
+    wait_for("more connections after the drain", T, || read(&counter).filter(|(ok, _)| *ok > ok_at + 50))?;
+    std::fs::write(format!("{counter}.stop"), b"")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = read(&counter).context("counter")?;
+    // The drained task takes no new connection; its replacement may take one before its
+    // server listens (there are no readiness checks yet): counted, not asserted.
+    println!("node drain: {failed} of {} connections through the VIP failed while {} moved", ok + failed, moved[0]);
+    assert!(ok > 100, "the VIP kept answering: {ok} ok, {failed} failed");
+
+    // Constraints: none satisfiable yet, then a node gets the label.
+    let n2 = lab.nodes[1].hostname.clone();
+    lab.cli_ok(0, &["service", "create", "--name", "pinned", "--constraint", "node.labels.zone==x", "--label", "tier=back", "--network", "appnet", "--", "sleep", "infinity"])?;
+    let ps = lab.cli_json(0, &["service", "ps", "pinned"])?;
+    let why = ps[0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(ps[0]["state"] == "pending" && why.contains("no suitable node") && why.contains("node.labels.zone==x"), "{ps}");
+    lab.cli_ok(0, &["node", "update", "--label-add", "zone=x", &n2])?;
+    lab.wait_service("pinned", 1, T)?;
+    let ps = lab.cli_json(0, &["service", "ps", "pinned"])?;
+    assert_eq!(ps[0]["node"], n2.as_str(), "on the labelled node: {ps}");
+    let inspect: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "pinned"])?)?;
+    assert_eq!((inspect["constraints"][0].as_str(), inspect["labels"]["tier"].as_str()), (Some("node.labels.zone==x"), Some("back")), "{inspect}");
+    let node: Value = serde_json::from_str(&lab.cli_ok(0, &["node", "inspect", &n2])?)?;
+    assert_eq!(node["labels"]["zone"], "x", "{node}");
+    // Bad input: refused, nothing created or changed.
+    let (code, err) = lab.cli_fail(0, &["service", "create", "--name", "bad", "--constraint", "node.color==red", "--", "sleep", "1"])?;
+    assert!(code == 2 && err.contains("unknown key") && err.contains("node.color"), "{code} {err}");
+    let (code, err) = lab.cli_fail(0, &["node", "update", "--availability", "asleep", &n2])?;
+    assert!(code == 2 && err.contains("active, pause or drain"), "{code} {err}");
+    assert!(!lab.cli_ok(0, &["service", "ls"])?.contains("bad"), "nothing created");
+    Ok(())
+}

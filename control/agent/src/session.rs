@@ -495,6 +495,41 @@ impl Agent {
 
     /// `run` on this node: asks the manager for a standalone task here, then waits for it to
     /// be running (`detach`) or to finish, and returns its output and exit code.
+    /// `exec`: the running task `task` of this node (its name, id, or an id's unique
+    /// prefix), and where its process is.
+    pub async fn exec_target(&self, task: &str) -> Result<swarmnet_api::replies::ExecTarget, ApiError> {
+        let found: Vec<(Id, String)> = {
+            let assigned = self.assigned.lock().await;
+            let exact: Vec<(Id, String)> = assigned.values().filter(|a| a.task_id == task || a.name == task).map(|a| (a.task_id.clone(), a.name.clone())).collect();
+            if exact.is_empty() && task.len() >= 4 {
+                assigned.values().filter(|a| a.task_id.starts_with(task)).map(|a| (a.task_id.clone(), a.name.clone())).collect()
+            } else {
+                exact
+            }
+        };
+        let (id, name) = match found.as_slice() {
+            [] => {
+                return Err(ApiError::new(ErrorKind::NotFound, format!("task {task} is not on this node ({}): `swarmnet service ps SERVICE` shows the node it runs on; run exec there", self.hostname)))
+            }
+            [one] => one.clone(),
+            many => {
+                return Err(ApiError::new(
+                    ErrorKind::Invalid,
+                    format!("task {task}: {} tasks match ({}): give more of the id", many.len(), many.iter().map(|m| m.1.as_str()).collect::<Vec<_>>().join(", ")),
+                ))
+            }
+        };
+        let report = self.runtime.report_of(&id);
+        let pid = match report.as_ref() {
+            Some(r) if r.state == TaskState::Running => r.pid,
+            Some(r) => return Err(ApiError::new(ErrorKind::Conflict, format!("task {name} is {}, not running: nothing to exec into", format!("{:?}", r.state).to_lowercase()))),
+            None => None,
+        };
+        let Some(pid) = pid else { return Err(ApiError::new(ErrorKind::Conflict, format!("task {name} has no running process on this node"))) };
+        let Some(start_time) = swarmnet_dataplane::task::proc_start_time(pid) else { return Err(ApiError::new(ErrorKind::Conflict, format!("task {name}: its process {pid} is gone"))) };
+        Ok(swarmnet_api::replies::ExecTarget { task_id: id, name, pid, start_time })
+    }
+
     pub async fn run_local(&self, spec: StandaloneCreate, detach: bool) -> Reply {
         Reply::from_result(self.run_local_inner(spec, detach).await)
     }

@@ -127,6 +127,118 @@ pub struct ServiceCreate {
     pub endpoint_mode: EndpointMode,
     pub publish: Vec<PublishSpec>,
     pub command: Vec<String>,
+    /// Where its tasks may run (`--constraint`, all of them must hold).
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    /// `--label K=V`: the service's own labels (shown by inspect).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// What a `--constraint` looks at on a node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum ConstraintKey {
+    /// `node.labels.NAME`
+    Label(String),
+    /// `node.hostname`
+    Hostname,
+    /// `node.id`
+    Id,
+    /// `node.role` (`manager` or `worker`)
+    Role,
+}
+
+/// One `--constraint`: `node.labels.K==V`, `node.hostname==H`, `node.id==ID` or
+/// `node.role==manager|worker`, each also with `!=` (Docker's placement constraints).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Constraint {
+    pub key: ConstraintKey,
+    /// `==` (true) or `!=` (false).
+    pub equal: bool,
+    pub value: String,
+}
+
+impl Constraint {
+    /// Whether a node with these attributes satisfies it. A label the node lacks is not
+    /// equal to any value.
+    pub fn holds(&self, id: &str, hostname: &str, role: Role, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        let actual = match &self.key {
+            ConstraintKey::Label(k) => labels.get(k).map(String::as_str),
+            ConstraintKey::Hostname => Some(hostname),
+            ConstraintKey::Id => Some(id),
+            ConstraintKey::Role => Some(match role {
+                Role::Manager => "manager",
+                Role::Worker => "worker",
+            }),
+        };
+        (actual == Some(self.value.as_str())) == self.equal
+    }
+}
+
+impl std::str::FromStr for Constraint {
+    type Err = ApiError;
+
+    fn from_str(arg: &str) -> Result<Constraint, ApiError> {
+        let bad = |why: &str| {
+            ApiError::invalid(format!("invalid --constraint {arg:?}: {why} (expected node.labels.KEY==VALUE, node.hostname==NAME, node.id==ID or node.role==manager|worker, or != for any)"))
+        };
+        let (lhs, equal, value) = match (arg.split_once("!="), arg.split_once("==")) {
+            (Some((l, v)), _) => (l, false, v),
+            (None, Some((l, v))) => (l, true, v),
+            (None, None) => return Err(bad("no == or !=")),
+        };
+        let (lhs, value) = (lhs.trim(), value.trim());
+        if value.is_empty() {
+            return Err(bad("no value"));
+        }
+        let key = match lhs {
+            "node.hostname" => ConstraintKey::Hostname,
+            "node.id" => ConstraintKey::Id,
+            "node.role" => {
+                value.parse::<Role>().map_err(|_| bad("node.role is manager or worker"))?;
+                ConstraintKey::Role
+            }
+            l => match l.strip_prefix("node.labels.") {
+                Some(k) => {
+                    check_label_key(k).map_err(|e| bad(&e.message))?;
+                    ConstraintKey::Label(k.to_string())
+                }
+                None => return Err(bad(&format!("unknown key {l:?}"))),
+            },
+        };
+        Ok(Constraint { key, equal, value: value.to_string() })
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            ConstraintKey::Label(k) => write!(f, "node.labels.{k}")?,
+            ConstraintKey::Hostname => f.write_str("node.hostname")?,
+            ConstraintKey::Id => f.write_str("node.id")?,
+            ConstraintKey::Role => f.write_str("node.role")?,
+        }
+        write!(f, "{}{}", if self.equal { "==" } else { "!=" }, self.value)
+    }
+}
+
+/// A label's key: 1 to 128 characters, none of them `=`, whitespace or a control character.
+pub fn check_label_key(k: &str) -> Result<(), ApiError> {
+    if k.is_empty() || k.len() > 128 || k.chars().any(|c| c == '=' || c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::invalid(format!("label key {k:?}: expected 1 to 128 characters, without '=' or spaces")));
+    }
+    Ok(())
+}
+
+/// One `--label K=V` (or `K`, an empty value).
+pub fn parse_label(arg: &str) -> Result<(String, String), ApiError> {
+    let (k, v) = arg.split_once('=').unwrap_or((arg, ""));
+    check_label_key(k).map_err(|e| ApiError::invalid(format!("invalid label {arg:?}: {}", e.message)))?;
+    if v.len() > 1024 || v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!("invalid label {arg:?}: the value is at most 1024 characters, none of them control characters")));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +419,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn constraints_parse_match_and_refuse_what_they_do_not_know() {
+        let labels: std::collections::BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        let c: Constraint = "node.labels.zone==a".parse().expect("label");
+        assert!(c.holds("n1", "h1", Role::Worker, &labels));
+        assert!(!c.holds("n1", "h1", Role::Worker, &Default::default()), "a missing label is not equal");
+        let c: Constraint = "node.labels.zone != a".parse().expect("label !=");
+        assert!(!c.holds("n1", "h1", Role::Worker, &labels) && c.holds("n1", "h1", Role::Worker, &Default::default()));
+        assert_eq!(c.to_string(), "node.labels.zone!=a");
+        assert!("node.hostname==h1".parse::<Constraint>().expect("hostname").holds("n1", "h1", Role::Worker, &labels));
+        assert!("node.id!=n2".parse::<Constraint>().expect("id").holds("n1", "h1", Role::Worker, &labels));
+        assert!("node.role==manager".parse::<Constraint>().expect("role").holds("n1", "h1", Role::Manager, &labels));
+        for bad in ["node.color==red", "node.labels.==x", "node.labels.zone", "node.role==boss", "node.hostname==", "engine.labels.x==y"] {
+            let e = bad.parse::<Constraint>().expect_err(bad);
+            assert!(e.message.contains("invalid --constraint"), "{bad}: {}", e.message);
+        }
+        assert_eq!(parse_label("tier=front").expect("label"), ("tier".into(), "front".into()));
+        assert_eq!(parse_label("gpu").expect("bare"), ("gpu".into(), String::new()));
+        assert!(parse_label("=x").is_err() && parse_label("a b=c").is_err());
+    }
+
+    #[test]
     fn publish_specs_parse_in_every_form_and_bad_ones_say_why() {
         let p = |s: &str| s.parse::<PublishSpec>().expect(s);
         let spec = |published, target, protocol, mode| PublishSpec { published, target, protocol, mode };
@@ -355,6 +488,8 @@ mod tests {
             endpoint_mode: EndpointMode::Vip,
             publish: vec!["8080:80".parse().expect("publish")],
             command: vec!["sleep".into()],
+            constraints: vec!["node.labels.zone==a".parse().expect("constraint")],
+            labels: [("tier".to_string(), "front".to_string())].into(),
         };
         let v = serde_json::to_value(&spec).expect("json");
         assert_eq!(v["mode"], "replicated");

@@ -1,5 +1,6 @@
 //! The messages on TCP 2377 (inside mutual TLS) and on the local control socket.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
@@ -238,10 +239,22 @@ pub enum ApiRequest {
     /// Makes a demoted manager a manager again: a node whose daemon runs `swarmnet manager`
     /// on the cluster's etcd (it campaigns again). `Removed` (the node)
     NodePromote { node: String },
+    /// A node's availability and labels (only what is given changes). `NodeInfo`
+    NodeUpdate {
+        node: String,
+        availability: Option<crate::replies::Availability>,
+        #[serde(default)]
+        label_add: BTreeMap<String, String>,
+        #[serde(default)]
+        label_rm: Vec<String>,
+    },
     /// One node, with its store if it is a manager. `NodeDetail`
     NodeInspect { node: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
+    /// From the CLI to its local daemon: where task `task` (a name such as `web.1`, an id or
+    /// an id's unique prefix) runs on this node, for `exec`. `ExecTarget`
+    ExecLocate { task: String },
     /// From the CLI to its local daemon: run here, wait unless `detach`. `RunResult`
     RunLocal { spec: StandaloneCreate, detach: bool },
     /// From the CLI to its local daemon: this node's load-balancer table as read back from

@@ -42,8 +42,11 @@ pub struct NodeInfo {
     pub hostname: String,
     pub address: IpAddr,
     pub status: NodeStatus,
-    /// Whether the scheduler places tasks on it (only `active` is built).
+    /// Whether the scheduler places tasks on it (`node update --availability`).
     pub availability: Availability,
+    /// `node update --label-add K=V`: what `--constraint node.labels.K==V` matches.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// For a manager: `Leader` (the one manager, for now); None for a worker.
     pub manager_status: Option<ManagerStatus>,
     pub role: Role,
@@ -57,12 +60,39 @@ pub struct NodeInfo {
 }
 
 /// Whether the scheduler places tasks on a node (Docker's availability).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Availability {
+    /// Tasks are placed on it.
+    #[default]
     Active,
+    /// No new task is placed on it; its tasks go on.
     Pause,
+    /// No task runs on it: its service tasks move to other nodes.
     Drain,
+}
+
+impl std::str::FromStr for Availability {
+    type Err = crate::ApiError;
+
+    fn from_str(s: &str) -> Result<Availability, crate::ApiError> {
+        match s {
+            "active" => Ok(Availability::Active),
+            "pause" => Ok(Availability::Pause),
+            "drain" => Ok(Availability::Drain),
+            other => Err(crate::ApiError::invalid(format!("availability {other:?}: expected active, pause or drain"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Availability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        })
+    }
 }
 
 /// A manager's place among the managers (Docker's MANAGER STATUS).
@@ -193,6 +223,11 @@ pub struct ServiceInfo {
     pub aliases: BTreeMap<String, Vec<String>>,
     pub ports: Vec<Port>,
     pub command: Vec<String>,
+    /// `--constraint`s, as given (`node.labels.zone==a`).
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +275,17 @@ pub struct GossipKeyRotated {
 pub struct Removed {
     pub id: Id,
     pub name: String,
+}
+
+/// `exec`: a task running on this node, where its process is (the CLI enters its
+/// namespaces and cgroup).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecTarget {
+    pub task_id: Id,
+    pub name: String,
+    pub pid: u32,
+    /// The process's start time (`/proc/PID/stat`), against a reused PID.
+    pub start_time: u64,
 }
 
 /// `run`: the task once it runs (`--detach`), or once it finished.

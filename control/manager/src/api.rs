@@ -149,12 +149,17 @@ impl Manager {
                 }
                 to_value(Removed { id: n.id, name: n.hostname })?
             }
+            ApiRequest::NodeUpdate { node, availability, label_add, label_rm } => {
+                let n = self.mutate(|st, g| ops::update_node(st, &node, availability, &label_add, &label_rm, g))?;
+                info!(node = %n.id, hostname = %n.hostname, availability = %n.availability, labels = ?n.labels, "node updated");
+                to_value(node_info(&n, &self.node_id))?
+            }
             ApiRequest::NodePromote { node } => {
                 let n = self.mutate(|st, _| ops::promote_node(st, &node))?;
                 info!(node = %n.id, hostname = %n.hostname, "worker promoted to a manager");
                 to_value(Removed { id: n.id, name: n.hostname })?
             }
-            ApiRequest::RunLocal { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
+            ApiRequest::RunLocal { .. } | ApiRequest::ExecLocate { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
         };
@@ -213,6 +218,8 @@ mod tests {
             endpoint_mode: EndpointMode::Vip,
             publish: vec!["8080:80".parse().expect("publish")],
             command: vec!["sleep".into()],
+            constraints: vec![],
+            labels: Default::default(),
         };
         let s: ServiceInfo = m.api(ApiRequest::ServiceCreate { spec: spec.clone() }, None).into_data().expect("service");
         assert_eq!((s.desired_replicas, s.ports[0].published), (2, 8080));

@@ -188,6 +188,8 @@ mod tests {
             command: vec![],
             vips: Default::default(),
             aliases: Default::default(),
+            constraints: vec![],
+            labels: Default::default(),
         };
         svc.vips.insert("n".into(), a);
         st.services.insert("s".into(), svc);

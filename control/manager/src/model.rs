@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-pub use swarmnet_api::{DesiredState, EndpointMode, NodeStatus, Role, ServiceMode, TaskState};
+pub use swarmnet_api::replies::Availability;
+pub use swarmnet_api::{Constraint, DesiredState, EndpointMode, NodeStatus, Role, ServiceMode, TaskState};
 pub use swarmnet_types::{format_mac, mac_for, Driver, Id, Network, Port, Protocol, PublishMode};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +32,12 @@ pub struct Node {
     /// A manager's port on its address (2377): where agents and other managers reach it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager_port: Option<u16>,
+    /// Whether tasks are placed on it (`node update --availability`).
+    #[serde(default)]
+    pub availability: Availability,
+    /// `node update --label-add K=V`: what placement constraints match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +55,11 @@ pub struct Service {
     /// network id -> extra names of the service there (`--network name=…,alias=…`).
     #[serde(default)]
     pub aliases: BTreeMap<Id, Vec<String>>,
+    /// Where its tasks may run: every one must hold on the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

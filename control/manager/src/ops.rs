@@ -241,7 +241,22 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     let specs = validated(&req.publish)?;
     let ports = resolve_ports(st, &specs, Vec::new(), None, own)?;
     check_ingress_exists(st, &req.name, &ports)?;
-    let mut svc = Service { id: new_id(), name: req.name.clone(), mode, networks, endpoint_mode: req.endpoint_mode, ports, command: req.command.clone(), vips: BTreeMap::new(), aliases };
+    for k in req.labels.keys() {
+        swarmnet_api::check_label_key(k).map_err(|e| invalid(format!("service {}: {}", req.name, e.message)))?;
+    }
+    let mut svc = Service {
+        id: new_id(),
+        name: req.name.clone(),
+        mode,
+        networks,
+        endpoint_mode: req.endpoint_mode,
+        ports,
+        command: req.command.clone(),
+        vips: BTreeMap::new(),
+        aliases,
+        constraints: req.constraints.clone(),
+        labels: req.labels.clone(),
+    };
     let tasks = match mode {
         ServiceMode::Replicated { replicas } => replicas,
         ServiceMode::Global => st.ready_nodes().count() as u64,
@@ -518,6 +533,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
                 (ServiceMode::Replicated { replicas }, Some(slot)) if slot > replicas => Some("scaled down".to_string()),
                 _ => match &t.node_id {
                     Some(n) if !ready.contains(n) => Some(format!("node {n} is down")),
+                    Some(n) if st.nodes.get(n).is_some_and(|n| n.availability == Availability::Drain) => Some(format!("node {n} is drained")),
                     _ => None,
                 },
             },
@@ -552,9 +568,9 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
                 }
             }
             ServiceMode::Global => {
-                for node in &ready {
-                    if !live.iter().any(|t| t.node_id.as_ref() == Some(node)) {
-                        wanted.push((format!("{}.{node}", svc.name), None, Some(node.clone())));
+                for node in eligible_nodes(st, svc, &ready).0 {
+                    if !live.iter().any(|t| t.node_id.as_ref() == Some(&node)) {
+                        wanted.push((format!("{}.{node}", svc.name), None, Some(node)));
                     }
                 }
             }
@@ -588,11 +604,71 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
         (t.service_id.clone(), t.slot, t.name.clone())
     });
     for id in pending {
-        place(st, &id, &ready);
+        let svc = st.tasks.get(&id).and_then(|t| st.services.get(t.service_id.as_ref()?)).cloned();
+        let (nodes, why) = match &svc {
+            Some(svc) => eligible_nodes(st, svc, &ready),
+            // A standalone task is placed by its node (`run`).
+            None => (ready.clone(), String::new()),
+        };
+        place(st, &id, &nodes, &why);
     }
 }
 
-fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
+/// The ready nodes a service's tasks may be placed on: `active` ones whose attributes meet
+/// every constraint; and, when that leaves none, why (for `service ps`).
+pub fn eligible_nodes(st: &ClusterState, svc: &Service, ready: &BTreeSet<Id>) -> (BTreeSet<Id>, String) {
+    let mut unavailable = 0;
+    let mut unmet = 0;
+    let mut out = BTreeSet::new();
+    for id in ready {
+        let Some(n) = st.nodes.get(id) else { continue };
+        if n.availability != Availability::Active {
+            unavailable += 1;
+        } else if !svc.constraints.iter().all(|c| c.holds(&n.id, &n.hostname, n.role, &n.labels)) {
+            unmet += 1;
+        } else {
+            out.insert(id.clone());
+        }
+    }
+    let why = if !out.is_empty() || ready.is_empty() {
+        String::new()
+    } else {
+        let mut parts = Vec::new();
+        if unavailable > 0 {
+            parts.push(format!("{unavailable} paused or drained"));
+        }
+        if unmet > 0 {
+            let cs: Vec<String> = svc.constraints.iter().map(ToString::to_string).collect();
+            parts.push(format!("{unmet} not meeting the constraints [{}]", cs.join(", ")));
+        }
+        format!("no suitable node: of {} ready nodes, {}", ready.len(), parts.join(", "))
+    };
+    (out, why)
+}
+
+/// `node update`: availability and labels (what is given). A drained node's service tasks
+/// are moved (stopped there, placed again elsewhere); a paused node takes no new task.
+pub fn update_node(st: &mut ClusterState, name: &str, availability: Option<Availability>, label_add: &BTreeMap<String, String>, label_rm: &[String], new_id: IdGen) -> Result<Node, OpError> {
+    let id = st.nodes.values().find(|n| n.id == name || n.hostname == name).map(|n| n.id.clone()).ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    for k in label_add.keys().chain(label_rm) {
+        swarmnet_api::check_label_key(k).map_err(|e| invalid(format!("node {name}: {}", e.message)))?;
+    }
+    let n = st.nodes.get_mut(&id).ok_or_else(|| OpError::NotFound(format!("node {name} not found")))?;
+    if let Some(a) = availability {
+        n.availability = a;
+    }
+    for k in label_rm {
+        n.labels.remove(k);
+    }
+    n.labels.extend(label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let n = n.clone();
+    reconcile(st, new_id);
+    Ok(n)
+}
+
+/// Gives task `id` its addresses and one of `ready` (the nodes it may go to; `why`: why
+/// there are none, if so).
+fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>, why: &str) {
     let task = st.tasks[id].clone();
     // Addresses first, all or nothing.
     let mut addrs = task.addresses.clone();
@@ -657,6 +733,7 @@ fn place(st: &mut ClusterState, id: &Id, ready: &BTreeSet<Id>) {
             t.state = TaskState::Assigned;
             t.error.clear();
         }
+        None if !why.is_empty() => t.error = why.to_string(),
         None => {
             t.error = "no suitable node: no node is ready".into();
         }
@@ -689,6 +766,8 @@ mod tests {
             cert_sha256: String::new(),
             ingress_ip: None,
             manager_port: None,
+            availability: Default::default(),
+            labels: Default::default(),
         }
     }
 
@@ -715,6 +794,8 @@ mod tests {
             endpoint_mode: EndpointMode::Vip,
             publish: vec![],
             command: vec!["sleep".into(), "infinity".into()],
+            constraints: vec![],
+            labels: Default::default(),
         }
     }
 
@@ -745,6 +826,65 @@ mod tests {
         let mut names: Vec<&str> = running(&st).iter().map(|t| t.name.as_str()).collect();
         names.sort();
         assert_eq!(names, vec!["web.1", "web.2", "web.3"]);
+    }
+
+    #[test]
+    fn drain_moves_tasks_pause_places_none_and_constraints_choose_the_nodes() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        create_service(&mut st, &svc("web", 3), &OWN, &mut g).expect("service");
+        // Drained: b's task stops ("node b is drained") and its slot goes to a or c.
+        let none = BTreeMap::new();
+        update_node(&mut st, "b", Some(Availability::Drain), &none, &[], &mut g).expect("drain");
+        let pn = per_node(&st);
+        assert_eq!((pn.get("b"), pn.values().sum::<usize>()), (None, 3), "{pn:?}");
+        assert!(st.tasks.values().any(|t| t.desired_state == DesiredState::Shutdown && t.error == "node b is drained"));
+        // Paused: its tasks stay, no new one comes.
+        update_node(&mut st, "b", Some(Availability::Active), &none, &[], &mut g).expect("active");
+        update_node(&mut st, "a", Some(Availability::Pause), &none, &[], &mut g).expect("pause");
+        let on_a = per_node(&st).get("a").copied();
+        scale_service(&mut st, "web", 6, &mut g).expect("scale");
+        assert_eq!(per_node(&st).get("a").copied(), on_a, "a paused: nothing new on it");
+        // Constraints: a label, a hostname, a role; all must hold.
+        let zone: BTreeMap<String, String> = [("zone".to_string(), "x".to_string())].into();
+        update_node(&mut st, "c", None, &zone, &[], &mut g).expect("label");
+        let mut s = svc("pinned", 2);
+        s.constraints = vec!["node.labels.zone==x".parse().expect("c"), "node.role==worker".parse().expect("c")];
+        create_service(&mut st, &s, &OWN, &mut g).expect("constrained");
+        let pinned: Vec<&Task> = running(&st).into_iter().filter(|t| t.name.starts_with("pinned.")).collect();
+        assert!(pinned.iter().all(|t| t.node_id.as_deref() == Some("c")), "only c has zone=x");
+        // None can: pending, saying why; a label removed does not move running tasks.
+        let mut s = svc("nowhere", 1);
+        s.constraints = vec!["node.hostname==zz".parse().expect("c")];
+        create_service(&mut st, &s, &OWN, &mut g).expect("unplaceable is created");
+        let t = running(&st).into_iter().find(|t| t.name == "nowhere.1").cloned().expect("task");
+        assert_eq!(t.state, TaskState::Pending);
+        assert!(t.error.contains("no suitable node") && t.error.contains("node.hostname==zz"), "{}", t.error);
+        update_node(&mut st, "c", None, &none, &["zone".to_string()], &mut g).expect("label rm");
+        assert!(running(&st).iter().filter(|t| t.name.starts_with("pinned.")).all(|t| t.node_id.as_deref() == Some("c")));
+        // Draining the only node a service may run on: its task waits, saying so.
+        update_node(&mut st, "c", None, &zone, &[], &mut g).expect("label again");
+        update_node(&mut st, "c", Some(Availability::Drain), &none, &[], &mut g).expect("drain c");
+        let p: Vec<&Task> = running(&st).into_iter().filter(|t| t.name.starts_with("pinned.")).collect();
+        assert!(p.iter().all(|t| t.state == TaskState::Pending && t.error.contains("paused or drained")), "{p:?}");
+        // Bad input changes nothing.
+        let bad: BTreeMap<String, String> = [("a b".to_string(), "x".to_string())].into();
+        assert!(matches!(update_node(&mut st, "c", None, &bad, &[], &mut g), Err(OpError::Invalid(_))));
+        assert!(matches!(update_node(&mut st, "zz", Some(Availability::Active), &none, &[], &mut g), Err(OpError::NotFound(_))));
+        assert_eq!(st.nodes["c"].availability, Availability::Drain);
+    }
+
+    #[test]
+    fn global_services_run_on_the_eligible_nodes_only() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        let mut s = svc("agent", 0);
+        s.mode = ServiceMode::Global;
+        s.constraints = vec!["node.hostname!=b".parse().expect("c")];
+        create_service(&mut st, &s, &OWN, &mut g).expect("global");
+        assert_eq!(per_node(&st).keys().cloned().collect::<Vec<_>>(), vec!["a".to_string(), "c".to_string()]);
+        update_node(&mut st, "c", Some(Availability::Drain), &BTreeMap::new(), &[], &mut g).expect("drain");
+        assert_eq!(per_node(&st).keys().cloned().collect::<Vec<_>>(), vec!["a".to_string()]);
+        let info = crate::views::service_info(&st.services.values().next().cloned().expect("svc"), &st);
+        assert_eq!(info.desired_replicas, 1, "desired: the eligible nodes");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The manager: owns the cluster state, serves TCP 2377 (join, node sessions, API) inside
 //! mutual TLS, runs the scheduler and watches heartbeats. It never touches a packet.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -363,6 +363,9 @@ impl Manager {
             // Its address on the ingress network stays what it was.
             ingress_ip: state.nodes.get(&node_id).and_then(|n| n.ingress_ip),
             manager_port: Some(cfg.listen_port),
+            // What an operator set stays.
+            availability: state.nodes.get(&node_id).map(|n| n.availability).unwrap_or_default(),
+            labels: state.nodes.get(&node_id).map(|n| n.labels.clone()).unwrap_or_default(),
         };
         state.nodes.insert(me.id.clone(), me);
         if created {
@@ -626,7 +629,19 @@ impl Manager {
                 Role::Worker => (None, None),
             };
             let cert = ca.issue_node(&node_id, &role, server_ip)?;
-            let node = Node { id: node_id.clone(), hostname, addr, role, status: NodeStatus::Ready, underlay, cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()), ingress_ip: None, manager_port };
+            let node = Node {
+                id: node_id.clone(),
+                hostname,
+                addr,
+                role,
+                status: NodeStatus::Ready,
+                underlay,
+                cert_sha256: tls::sha256_hex(cert.cert_der()?.as_ref()),
+                ingress_ip: None,
+                manager_port,
+                availability: Availability::Active,
+                labels: BTreeMap::new(),
+            };
             self.mutate(|st, g| {
                 st.nodes.insert(node.id.clone(), node.clone());
                 ops::reconcile(st, g);

@@ -282,6 +282,8 @@ mod tests {
                 cert_sha256: String::new(),
                 ingress_ip: None,
                 manager_port: None,
+                availability: Default::default(),
+                labels: Default::default(),
             },
         );
         let subnet = "10.0.1.0/24".parse().expect("subnet");

@@ -15,7 +15,8 @@ pub fn node_info(n: &Node, leader: &Id) -> NodeInfo {
         hostname: n.hostname.clone(),
         address: n.addr,
         status: n.status,
-        availability: Availability::Active,
+        availability: n.availability,
+        labels: n.labels.clone(),
         manager_status: match (n.role, n.status) {
             _ if &n.id == leader => Some(ManagerStatus::Leader),
             (Role::Manager, NodeStatus::Ready) => Some(ManagerStatus::Reachable),
@@ -40,7 +41,10 @@ pub fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
     let running = st.tasks.values().filter(|t| t.service_id.as_ref() == Some(&s.id) && t.desired_state == DesiredState::Running && t.state == TaskState::Running).count() as u64;
     let (mode, desired) = match s.mode {
         ServiceMode::Replicated { replicas } => (ServiceModeName::Replicated, replicas),
-        ServiceMode::Global => (ServiceModeName::Global, st.ready_nodes().count() as u64),
+        ServiceMode::Global => {
+            let ready = st.ready_nodes().map(|n| n.id.clone()).collect();
+            (ServiceModeName::Global, crate::ops::eligible_nodes(st, s, &ready).0.len() as u64)
+        }
     };
     ServiceInfo {
         id: s.id.clone(),
@@ -55,6 +59,8 @@ pub fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
         aliases: s.aliases.iter().map(|(n, a)| (net_name(st, n), a.clone())).collect(),
         ports: s.ports.clone(),
         command: s.command.clone(),
+        constraints: s.constraints.iter().map(ToString::to_string).collect(),
+        labels: s.labels.clone(),
     }
 }
 
@@ -114,6 +120,8 @@ mod tests {
             cert_sha256: String::new(),
             ingress_ip: None,
             manager_port: None,
+            availability: Default::default(),
+            labels: Default::default(),
         }
     }
 
@@ -136,6 +144,8 @@ mod tests {
             command: vec!["sleep".into()],
             vips: BTreeMap::from([("n1".into(), Ipv4Addr::new(10, 0, 1, 2))]),
             aliases: BTreeMap::new(),
+            constraints: vec![],
+            labels: BTreeMap::new(),
         };
         st.services.insert("s1".into(), svc);
         for (i, (state, node)) in [(TaskState::Running, "a"), (TaskState::Assigned, "a")].into_iter().enumerate() {

@@ -130,6 +130,13 @@ fn find_mount(fstype: &str) -> Option<PathBuf> {
     mounts(fstype).into_iter().next()
 }
 
+/// The cgroup (v2) process `pid` is in, as a path under this machine's cgroup2 mount.
+pub fn cgroup_of(pid: u32) -> Option<PathBuf> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(find_mount("cgroup2")?.join(rel.trim_start_matches('/')))
+}
+
 /// Makes sure a bpffs is mounted at `path` (mounts one if not).
 pub fn ensure_bpffs(path: &Path) -> Result<(), HostError> {
     if mounts("bpf").iter().any(|m| m == path) {

@@ -43,6 +43,8 @@ pub fn sample_state(tasks: usize) -> ClusterState {
             command: vec!["sleep".into(), "infinity".into()],
             vips: BTreeMap::from([("n1".into(), Ipv4Addr::new(10, 0, 0, 2))]),
             aliases: BTreeMap::new(),
+            constraints: vec![],
+            labels: BTreeMap::new(),
         },
     );
     for i in 0..tasks {
