@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,7 +147,7 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
         match identity {
             // The leader now, as the store says, is where its agent goes first.
             Some(mut id) => {
-                if let Some(addr) = store.leader().ok().flatten().as_deref().and_then(|v| v.rsplit(' ').next()) {
+                if let Some(addr) = store.leader().ok().flatten().as_deref().map(Manager::campaign_addr) {
                     if !id.managers.iter().any(|m| m == addr) {
                         id.managers.insert(0, addr.to_string());
                     }
@@ -176,15 +175,12 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     // 2377 is served for the manager's whole life: by this manager while it leads, relayed
     // to the leader while it stands by.
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
-    let demoted = Arc::new(AtomicBool::new(false));
-    let me = SocketAddr::new(mcfg.advertise, mcfg.listen_port);
-    tokio::spawn(serve_2377(listener, slot.clone(), stale.clone(), me, demoted.clone()));
+    let role = Arc::new(Role { agent: std::sync::OnceLock::new(), me: SocketAddr::new(mcfg.advertise, mcfg.listen_port) });
+    tokio::spawn(serve_2377(listener, slot.clone(), stale.clone(), role.clone()));
     info!(store = %ec.shown(), node = %id.node_id, %listen, "manager on etcd: listening, campaigning for the leadership");
-    let agent_cell = Arc::new(std::sync::OnceLock::new());
-    let role = Role { agent: agent_cell.clone(), me: me.to_string(), demoted };
-    tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, role));
+    tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, role.clone()));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
-    let _ = agent_cell.set(agent.clone());
+    let _ = role.agent.set(agent.clone());
     serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
 }
 
@@ -199,7 +195,7 @@ async fn join_as_manager(cfg: &NodeConfig, base: &NodeBase, store: &swarmnet_man
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let leader = store.leader()?;
-        if let Some(addr) = leader.as_deref().and_then(|v| v.rsplit(' ').next()) {
+        if let Some(addr) = leader.as_deref().map(Manager::campaign_addr) {
             info!(cluster = %meta.cluster_id, leader = %addr, "joining the cluster as a manager");
             match swarmnet_agent::join(&cfg.data_dir, &[addr.to_string()], &token, &cfg.hostname, cfg.advertise, base.underlay.clone(), Some(listen.port())).await {
                 Ok(id) => return Ok(id),
@@ -219,19 +215,19 @@ async fn join_as_manager(cfg: &NodeConfig, base: &NodeBase, store: &swarmnet_man
 /// followers proxy their dispatcher to the leader. With no leader (an election, etcd
 /// without quorum), or once demoted, it closes the connection: the agent tries the next.
 /// The per-address cap does not apply to the other managers (each relays many agents).
-async fn serve_2377(listener: tokio::net::TcpListener, slot: tokio::sync::watch::Receiver<Option<Arc<Manager>>>, stale: Arc<StaleReader>, me: SocketAddr, demoted: Arc<AtomicBool>) {
+async fn serve_2377(listener: tokio::net::TcpListener, slot: tokio::sync::watch::Receiver<Option<Arc<Manager>>>, stale: Arc<StaleReader>, role: Arc<Role>) {
     let names = Names { what: "2377", conns: "connections", conn: "connection" };
     let leading = slot.clone();
     let admission = Admission::new(Manager::LIMITS_2377).exempting(Arc::new(move |ip| leading.borrow().as_ref().is_some_and(|m| m.is_manager_addr(ip))));
     admission::serve(listener, names, admission, |tcp: tokio::net::TcpStream, peer| {
         let leader = slot.borrow().clone().filter(|m| m.leads());
         let stale = stale.clone();
-        let demoted = demoted.load(Ordering::Relaxed);
+        let role = role.clone();
         async move {
             match leader {
                 Some(m) => m.serve_conn(tcp, peer).await,
-                None if demoted => {}
-                None => relay(tcp, peer, &stale, me).await,
+                None if !role.is_manager() => {}
+                None => relay(tcp, peer, &stale, role.me).await,
             }
         }
     })
@@ -241,7 +237,7 @@ async fn serve_2377(listener: tokio::net::TcpListener, slot: tokio::sync::watch:
 /// A standby's relay of one connection on 2377 to the manager that leads.
 async fn relay(mut tcp: tokio::net::TcpStream, peer: Option<SocketAddr>, stale: &StaleReader, me: SocketAddr) {
     let leader = match tokio::task::block_in_place(|| stale.store.leader()) {
-        Ok(v) => v.as_deref().and_then(|v| v.rsplit(' ').next()).and_then(|a| a.parse::<SocketAddr>().ok()),
+        Ok(v) => v.as_deref().map(Manager::campaign_addr).and_then(|a| a.parse::<SocketAddr>().ok()),
         Err(e) => {
             info!(peer = ?peer, store = %stale.store.describe(), error = %e, "2377: no leader to relay to (the store does not say)");
             return;
@@ -275,19 +271,17 @@ async fn relay(mut tcp: tokio::net::TcpStream, peer: Option<SocketAddr>, stale: 
 /// Whether this node is a manager of the cluster, as its agent last heard from the leader
 /// (the managers' list every session hands over and updates: a change reaches it within a
 /// heartbeat, and costs no read of the store). Before the agent has a session: a manager.
+/// A demoted node neither campaigns nor relays on 2377.
 struct Role {
-    agent: Arc<std::sync::OnceLock<Arc<Agent>>>,
-    /// This manager's `host:port` on 2377, as the list names it.
-    me: String,
-    /// Set while the node is a worker (demoted): its 2377 relays nothing.
-    demoted: Arc<AtomicBool>,
+    agent: std::sync::OnceLock<Arc<Agent>>,
+    /// This manager's address on 2377, as the list names it.
+    me: SocketAddr,
 }
 
 impl Role {
     fn is_manager(&self) -> bool {
-        let manager = self.agent.get().map(|a| a.known_managers()).filter(|l| !l.is_empty()).is_none_or(|l| l.contains(&self.me));
-        self.demoted.store(!manager, Ordering::Relaxed);
-        manager
+        let me = self.me.to_string();
+        self.agent.get().map(|a| a.known_managers()).filter(|l| !l.is_empty()).is_none_or(|l| l.contains(&me))
     }
 }
 
@@ -295,7 +289,7 @@ impl Role {
 /// rotates keys), and campaigns again when the leadership is lost. `first`: a term already
 /// won. A node demoted to a worker does not campaign (a campaign under way ends within 5 s);
 /// promoted again, it does.
-async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: String, slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>, mut first: Option<Arc<Manager>>, role: Role) {
+async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: String, slot: tokio::sync::watch::Sender<Option<Arc<Manager>>>, mut first: Option<Arc<Manager>>, role: Arc<Role>) {
     let mut said = false;
     loop {
         if first.is_none() {

@@ -260,6 +260,12 @@ impl Manager {
         format!("{} {}", cfg.hostname, SocketAddr::new(cfg.advertise, cfg.listen_port))
     }
 
+    /// The `host:port` on 2377 in a [`Manager::campaign_value`] (the leader's, as the
+    /// election names it).
+    pub fn campaign_addr(value: &str) -> &str {
+        value.rsplit(' ').next().unwrap_or(value)
+    }
+
     /// Leads the cluster in `store`, whose election this manager has won: reads the state
     /// (on an empty prefix: creates the cluster).
     pub fn lead(store: EtcdStore, cfg: &ManagerConfig) -> Result<Arc<Manager>, ManagerError> {
