@@ -105,6 +105,8 @@ pub async fn resolver_sockets(ns: &NsWorker, netns: &File, addr: std::net::Socke
 
 /// Starts `argv` inside the namespace `netns`, in a mount namespace of its own and a new
 /// session (so it outlives the daemon and a signal to its group reaches its children), with
+/// `hostname` in a UTS namespace of its own if given (a task's short id, as Docker names a
+/// container; its hosts file maps it, so resolving its own name needs no DNS), with
 /// stdout and stderr appended to `log`. Each `(file, target)` of `binds` is bind-mounted
 /// over `target` in the task's mount namespace only (its resolv.conf and hosts). With
 /// `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing), the process joins that
@@ -116,6 +118,7 @@ pub fn spawn_in_netns(
     env: &[(String, String)],
     binds: &[(std::path::PathBuf, std::path::PathBuf)],
     cgroup_procs: Option<&File>,
+    hostname: Option<&str>,
 ) -> std::io::Result<tokio::process::Child> {
     let Some((prog, args)) = argv.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
@@ -128,6 +131,7 @@ pub fn spawn_in_netns(
             Ok((c(f)?, c(t)?))
         })
         .collect::<std::io::Result<_>>()?;
+    let hostname = hostname.map(|h| h.as_bytes().to_vec());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     let fd = netns.as_raw_fd();
@@ -135,9 +139,9 @@ pub fn spawn_in_netns(
     let mut cmd = std::process::Command::new(prog);
     cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     // SAFETY: the closure runs in the child between fork and exec and only makes raw
-    // system calls (write, setns, unshare, mount, setsid) that are async-signal-safe; it
-    // allocates nothing and touches no lock (the C strings of `binds` were made before
-    // the fork and are only read). `fd` stays open until exec (it is not closed by the
+    // system calls (write, setns, unshare, mount, sethostname, setsid) that are
+    // async-signal-safe; it allocates nothing and touches no lock (the C strings of `binds`
+    // and the bytes of `hostname` were made before the fork and are only read). `fd` stays open until exec (it is not closed by the
     // parent before spawn returns), and so does the cgroup.procs fd `cg`.
     unsafe {
         cmd.pre_exec(move || {
@@ -150,8 +154,14 @@ pub fn spawn_in_netns(
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            let uts = if hostname.is_some() { libc::CLONE_NEWUTS } else { 0 };
+            if libc::unshare(libc::CLONE_NEWNS | uts) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(h) = &hostname {
+                if libc::sethostname(h.as_ptr().cast(), h.len()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // Mounts made for the task (resolv.conf, hosts) must not leak back to the node.
             if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null()) != 0 {

@@ -6,13 +6,17 @@
 //! - `tasks.web` → the addresses of the active tasks of `web`; NXDOMAIN (never forwarded) if
 //!   there is no such service: `tasks.` names are the cluster's own;
 //! - a task's name (`web.1`, a standalone task's `--name`) or an alias → its address;
-//! - PTR of a task address → its name;
+//! - PTR of a task address → its name; of an address no server anywhere names (0/8,
+//!   127/8, 169.254/16, 255.255.255.255, ::, ::1: RFC 6303's locally served zones, the
+//!   private ranges left out since a site's own DNS may serve them) → NXDOMAIN here, not
+//!   forwarded (`socket.getfqdn("0.0.0.0")`, which Python's http.server calls before it
+//!   listens, waited 4 s for an upstream that cannot know);
 //! - anything else is not ours: forward it upstream.
 //!
 //! A draining endpoint leaves every answer at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use swarmnet_types::{Change, Endpoint, EndpointState, Protocol};
 
@@ -182,10 +186,29 @@ impl Records {
     }
 }
 
+/// Whether the reverse name of `ip` belongs to a zone every resolver answers itself
+/// (RFC 6303, the private ranges left out).
+pub fn locally_served(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0 || v4.is_loopback() || v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use swarmnet_types::Port;
+
+    #[test]
+    fn reverse_zones_no_one_serves_are_answered_here() {
+        for ip in ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.0.0.11", "169.254.1.1", "255.255.255.255", "::", "::1"] {
+            assert!(locally_served(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["10.0.0.1", "172.16.0.1", "192.168.1.1", "8.8.8.8", "fd00::1", "2001:db8::1"] {
+            assert!(!locally_served(ip.parse().expect("ip")), "{ip}");
+        }
+    }
 
     fn ep(net: &str, id: &str, svc: &str, task: &str, last: u8, vip: Option<u8>) -> Endpoint {
         Endpoint {

@@ -60,6 +60,11 @@ pub fn task_hosts(name: &str, short_id: &str, addrs: &[Ipv4Addr]) -> String {
     for a in addrs {
         out.push_str(&format!("{a}\t{name} {short_id}\n"));
     }
+    if addrs.is_empty() {
+        // Its hostname resolves without DNS even with no address on a network (Debian's
+        // convention for a host without a fixed address).
+        out.push_str(&format!("127.0.1.1\t{name} {short_id}\n"));
+    }
     out
 }
 
@@ -85,6 +90,7 @@ mod tests {
         assert!(!empty.contains("search") && !empty.contains("options"));
         let hosts = task_hosts("web.1", "abc123", &[Ipv4Addr::new(10, 0, 0, 3)]);
         assert!(hosts.ends_with("10.0.0.3\tweb.1 abc123\n"));
+        assert!(task_hosts("job", "abc123", &[]).ends_with("127.0.1.1\tjob abc123\n"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use crate::forward::Forwarder;
-use crate::records::{Answer, Records};
+use crate::records::{self, Answer, Records};
 use crate::sink::{self, RecordStore};
 
 /// How long an idle TCP connection to the resolver stays open, and how long a frame's
@@ -443,7 +443,11 @@ impl TaskResolver {
             RecordType::SRV => r.srv(scope, &text),
             RecordType::PTR => match name.parse_arpa_name() {
                 Ok(net) => match net.addr() {
-                    IpAddr::V4(ip) if net.prefix_len() == 32 => r.ptr(scope, ip),
+                    IpAddr::V4(ip) if net.prefix_len() == 32 => match r.ptr(scope, ip) {
+                        Answer::NotLocal if records::locally_served(IpAddr::V4(ip)) => Answer::NxDomain,
+                        a => a,
+                    },
+                    IpAddr::V6(ip) if net.prefix_len() == 128 && records::locally_served(IpAddr::V6(ip)) => Answer::NxDomain,
                     _ => Answer::NotLocal,
                 },
                 Err(_) => r.other(scope, &text),
@@ -738,6 +742,12 @@ mod tests {
         assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
         let (m, _) = udp_ask(addr, &query("250.1.0.10.in-addr.arpa.", RecordType::PTR, DNSClass::IN, None)).await;
         assert_eq!(m.answers.len(), 1, "PTR of the VIP");
+        // Reverse zones no server names are answered here (this resolver has no upstream:
+        // a forward would come back SERVFAIL).
+        for q in ["0.0.0.0.in-addr.arpa.", "1.0.0.127.in-addr.arpa.", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa."] {
+            let (m, _) = udp_ask(addr, &query(q, RecordType::PTR, DNSClass::IN, None)).await;
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{q}");
+        }
 
         // Garbage, a truncated header and a query with a mangled name: never a crash.
         let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");

@@ -351,9 +351,9 @@ fn a_task_adopted_after_an_agent_restart_gets_its_resolver_back() -> Result<()> 
 fn a_task_whose_process_exits_leaves_the_answers_until_it_runs_again() -> Result<()> {
     let lab = dns_lab("snx-dnsdrain", 2, &[])?;
     sleeper(&lab, "web", "2", &["--network", "appnet"])?;
-    // Runs 1 s, exits 3, is restarted after a backoff growing to 5 s: its endpoint turns
-    // draining at each exit and active at each start.
-    lab.cli_ok(0, &["service", "create", "--name", "flaky", "--replicas", "1", "--network", "appnet", "--", "sh", "-c", "sleep 1; exit 3"])?;
+    // Listens, is stopped by `timeout` after 2 s, is restarted after a backoff growing to
+    // 5 s: its endpoint turns draining at each exit and active each time it listens again.
+    lab.cli_ok(0, &["service", "create", "--name", "flaky", "--replicas", "1", "--network", "appnet", "--", "timeout", "2", "python3", "-m", "http.server", "80"])?;
     let webs = lab.wait_service("web", 2, T)?;
     let flaky_ip = wait_for("flaky's address", T, || {
         let v = lab.cli_json(0, &["service", "ps", "flaky"]).ok()?;

@@ -385,7 +385,8 @@ fn assert_udp_refused(lb: &str, r: &Value) {
 }
 
 /// `node update`: a drained node's task moves to another node (drained in the load
-/// balancer first, then withdrawn) while a client loops on the VIP; labels and placement
+/// balancer first, then withdrawn) while a client loops on the VIP; readiness: new tasks
+/// of a slow-starting server take no connection before they listen; labels and placement
 /// constraints: a service that no node satisfies waits, saying why, and runs once a node
 /// gets the label; an unknown constraint is refused and creates nothing.
 #[test]
@@ -422,10 +423,39 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     std::fs::write(format!("{counter}.stop"), b"")?;
     std::thread::sleep(Duration::from_millis(300));
     let (ok, failed) = read(&counter).context("counter")?;
-    // The drained task takes no new connection; its replacement may take one before its
-    // server listens (there are no readiness checks yet): counted, not asserted.
+    // The drained task takes no new connection from the moment it drains (it is signalled
+    // only after), and its replacement none before its server listens.
     println!("node drain: {failed} of {} connections through the VIP failed while {} moved", ok + failed, moved[0]);
     assert!(ok > 100, "the VIP kept answering: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "no connection failed while {} moved", moved[0]);
+
+    // Readiness: a server that listens a second after it starts. Scaled up under a looping
+    // client, its new tasks are `starting` (drained in every load balancer) until they
+    // listen, and no connection fails.
+    let server = script("lb_server.py");
+    let slow_cmd = format!("sleep 1; exec python3 {server} {PORT}");
+    lab.cli_ok(0, &["service", "create", "--name", "slow", "--network", "appnet", "--", "sh", "-c", &slow_cmd])?;
+    lab.wait_service("slow", 1, T)?;
+    let slow_vip = self::vip(&lab, "slow", "appnet")?;
+    wait_until_ready(&lab, 0, &slow_vip, 1)?;
+    let counter = dir.join("count2").display().to_string();
+    lab.cli_ok(0, &["run", "--detach", "--name", "looper2", "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", &slow_vip, PORT, &counter])?;
+    wait_for("the second looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
+    lab.cli_ok(0, &["service", "scale", "slow=3"])?;
+    let starting = wait_for("a new task of slow reported starting", T, || {
+        let ps = lab.cli_json(0, &["service", "ps", "slow"]).ok()?;
+        ps.as_array()?.iter().find(|t| t["state"] == "starting").cloned()
+    })?;
+    assert!(starting["error"].as_str().unwrap_or_default().is_empty(), "{starting}");
+    lab.wait_service("slow", 3, T)?;
+    wait_until_ready(&lab, 0, &slow_vip, 3)?;
+    let (ok_at, _) = read(&counter).context("counter")?;
+    wait_for("more connections after the scale", T, || read(&counter).filter(|(ok, _)| *ok > ok_at + 50))?;
+    std::fs::write(format!("{counter}.stop"), b"")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failed) = read(&counter).context("counter")?;
+    println!("readiness: {failed} of {} connections through the VIP failed while slow went from 1 to 3", ok + failed);
+    assert_eq!(failed, 0, "no connection went to a task before it listened");
 
     // Constraints: none satisfiable yet, then a node gets the label.
     let n2 = lab.nodes[1].hostname.clone();

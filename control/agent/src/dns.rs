@@ -68,7 +68,7 @@ impl NodeDns {
     pub fn task_files(&self, dir: &Path, task: &str, name: &str, addrs: &[std::net::Ipv4Addr]) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
         let resolv = dir.join(format!("{task}.resolv.conf"));
         let hosts = dir.join(format!("{task}.hosts"));
-        let short: String = task.chars().take(12).collect();
+        let short = short_id(task);
         std::fs::write(&resolv, &self.task_resolv).with_context(|| format!("write {}", resolv.display()))?;
         std::fs::write(&hosts, resolvconf::task_hosts(name, &short, addrs)).with_context(|| format!("write {}", hosts.display()))?;
         Ok(vec![(resolv, PathBuf::from("/etc/resolv.conf")), (hosts, PathBuf::from("/etc/hosts"))])
@@ -79,4 +79,10 @@ impl NodeDns {
             let _ = std::fs::remove_file(dir.join(f));
         }
     }
+}
+
+/// A task's hostname: the first 12 characters of its id (Docker's for a container), mapped
+/// to its addresses in its hosts file.
+pub fn short_id(task: &str) -> String {
+    task.chars().take(12).collect()
 }

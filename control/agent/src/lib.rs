@@ -3,7 +3,8 @@
 //!
 //! - [`session`]: the node's identity, joining with a token, the session with the manager
 //!   (heartbeats, assignments, task reports), `run`;
-//! - [`runtime`], [`supervisor`]: tasks, each a small state machine (ADR 0004);
+//! - [`runtime`], [`supervisor`]: tasks, each a small state machine (ADR 0004), taking
+//!   connections once [`ready`];
 //! - [`membership`]: which networks the node is on, and why;
 //! - [`follow`]: the one loop that feeds the endpoint stream to every sink (ADR 0008);
 //! - [`dns`]: the node's resolver set-up per task;
@@ -16,6 +17,7 @@ pub mod gossip_keys;
 pub mod ingress;
 pub mod membership;
 pub mod node;
+pub mod ready;
 pub mod runtime;
 pub mod session;
 pub mod supervisor;

@@ -381,16 +381,17 @@ impl Runtime {
     }
 
     /// Puts the task on its networks (the node joins them first if it is not on them yet)
-    /// and publishes its endpoints.
-    pub(crate) async fn connect(&self, a: &Assignment) -> anyhow::Result<()> {
+    /// and publishes its endpoints in `state` (draining for a task not started yet: the
+    /// overlay knows them before it takes connections).
+    pub(crate) async fn connect(&self, a: &Assignment, state: EndpointState) -> anyhow::Result<()> {
         self.hold_networks(&a.task_id, a);
         for (i, at) in a.attachments.iter().enumerate() {
             self.deps.membership.settle(&at.network.id, true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             self.deps.sandboxes.plug(&at.network.id, &dp::host_if_name(&a.task_id, i)).await?;
         }
-        self.publish(a, EndpointState::Active);
+        self.publish(a, state);
         for at in &a.attachments {
-            info!(task = %a.task_id, network = %at.network.name, ip = %at.address, "endpoint published");
+            info!(task = %a.task_id, network = %at.network.name, ip = %at.address, ?state, "endpoint published");
         }
         // Let the gossip loop send it before this task goes on to slow synchronous work
         // (starting the process): woken from here, it waits in this worker's queue.

@@ -521,7 +521,7 @@ impl Agent {
         };
         let report = self.runtime.report_of(&id);
         let pid = match report.as_ref() {
-            Some(r) if r.state == TaskState::Running => r.pid,
+            Some(r) if matches!(r.state, TaskState::Running | TaskState::Starting) => r.pid,
             Some(r) => return Err(ApiError::new(ErrorKind::Conflict, format!("task {name} is {}, not running: nothing to exec into", format!("{:?}", r.state).to_lowercase()))),
             None => None,
         };

@@ -63,6 +63,9 @@ pub enum TaskState {
     Pending,
     /// Sent to its node, not yet reported running.
     Assigned,
+    /// The process runs; it does not yet listen on its service's ports, and takes no
+    /// connections and is in no DNS answer until it does (or a bound passes).
+    Starting,
     Running,
     /// The process exited with status 0 (standalone tasks).
     Complete,
