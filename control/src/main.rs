@@ -1,5 +1,6 @@
 //! `swarmnet`: the daemons (composed of the manager's and the agent's crates) and the CLI.
 
+mod converge;
 mod daemon;
 mod table;
 
@@ -271,6 +272,27 @@ enum Cmd {
     },
 }
 
+/// Whether and how long a change waits for the service to converge.
+#[derive(Args)]
+struct Wait {
+    /// Return at once, without waiting for the tasks to run.
+    #[arg(short, long)]
+    detach: bool,
+    /// How long to wait for the service to converge before failing (exit 9; the change
+    /// stays made).
+    #[arg(long, default_value = "60s", value_parser = parse_span)]
+    timeout: Duration,
+}
+
+impl Wait {
+    fn converge(&self, host: &Option<String>, service: &str) -> Result<(), ApiError> {
+        if self.detach {
+            return Ok(());
+        }
+        converge::wait(&|req| call::<serde_json::Value>(host, req), service, self.timeout)
+    }
+}
+
 #[derive(Args)]
 struct Format {
     /// `table`, or `json` for a JSON array.
@@ -426,6 +448,8 @@ enum ServiceCmd {
         /// A label of the service, KEY=VALUE (repeatable).
         #[arg(long, value_parser = parse_label)]
         label: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: Wait,
         /// The tasks' command, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -451,6 +475,8 @@ enum ServiceCmd {
     Scale {
         /// SERVICE=REPLICAS, for example web=5.
         spec: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Change a running service's published ports; its tasks keep running.
     Update {
@@ -462,6 +488,8 @@ enum ServiceCmd {
         /// A published port to withdraw: PUBLISHED[/tcp|/udp].
         #[arg(long, value_parser = parse_api::<PublishedPort>)]
         publish_rm: Vec<PublishedPort>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Remove a service: its tasks stop (draining first), its VIPs and ports go.
     Rm {
@@ -708,7 +736,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
         Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),
-        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, constraint, label, command }) => {
+        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, constraint, label, wait, command }) => {
             let endpoint_mode = match endpoint_mode {
                 EndpointModeArg::Vip => EndpointMode::Vip,
                 EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
@@ -723,17 +751,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, networks: network, endpoint_mode, publish, command, constraints: constraint, labels: label.into_iter().collect() } },
             )?;
             println!("{}", s.id);
+            wait.converge(&host, &s.id)?;
         }
         Cmd::Service(ServiceCmd::Inspect { name }) => print_json(&call::<ServiceInfo>(&host, ApiRequest::ServiceInspect { name })?)?,
-        Cmd::Service(ServiceCmd::Scale { spec }) => {
+        Cmd::Service(ServiceCmd::Scale { spec, wait }) => {
             let (name, replicas) = parse_scale(&spec)?;
-            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name, replicas })?.name);
+            let s = call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name, replicas })?;
+            println!("{}", s.name);
+            wait.converge(&host, &s.id)?;
         }
-        Cmd::Service(ServiceCmd::Update { name, publish_add, publish_rm }) => {
+        Cmd::Service(ServiceCmd::Update { name, publish_add, publish_rm, wait }) => {
             if publish_add.is_empty() && publish_rm.is_empty() {
                 return Err(ApiError::invalid(format!("service update {name}: nothing to change (give --publish-add or --publish-rm)")).into());
             }
-            println!("{}", call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, publish_add, publish_rm })?.name);
+            let s = call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, publish_add, publish_rm })?;
+            println!("{}", s.name);
+            wait.converge(&host, &s.id)?;
         }
         Cmd::Service(ServiceCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::ServiceRm { name })?.name),
     }

@@ -421,7 +421,7 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
             bail!("round {round}: no task stays on {node2}: the case would check nothing");
         }
         for (svc, n) in &replicas {
-            lab.cli_ok(0, &["service", "scale", &format!("{svc}={n}")])?;
+            lab.cli_ok(0, &["service", "scale", "--detach", &format!("{svc}={n}")])?;
         }
         std::thread::sleep(Duration::from_millis(300));
         lab.stop_node(1, libc::SIGKILL)?;
@@ -572,7 +572,7 @@ fn c9_task_state_saves_do_not_collide() -> Result<()> {
     lab.cli_ok(0, &["service", "create", "--name", "burst", "--replicas", "1", "--network", "appnet", "--", "sleep", "3600"])?;
     // Bursts of starts and stops: each one saves the node's task state.
     for n in [30, 2, 30, 2, 30, 2, 30, 2, 30, 8] {
-        lab.cli_ok(0, &["service", "scale", &format!("burst={n}")])?;
+        lab.cli_ok(0, &["service", "scale", "--detach", &format!("burst={n}")])?;
         std::thread::sleep(Duration::from_millis(150));
     }
     lab.wait_service("burst", 8, T)?;

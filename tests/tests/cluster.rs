@@ -66,9 +66,15 @@ fn three_nodes_run_replicas_in_their_own_namespaces() -> Result<()> {
     assert_eq!(net["subnet"], "10.0.0.0/24");
     assert_eq!(net["gateway"], "10.0.0.1");
     assert_eq!(net["vni"], 4097, "4096 is the ingress network's, made with the cluster");
-    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "python3", "-m", "http.server", "80"])?;
-    let tasks = lab.wait_service("web", 3, T)?;
-    assert_eq!(nodes_of(&tasks), vec!["snx-basic-n1", "snx-basic-n2", "snx-basic-n3"], "one task per node");
+    // `service create` waits until the service has converged, showing progress on stderr;
+    // stdout has the id alone.
+    let out = lab.cli(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--", "python3", "-m", "http.server", "80"])?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim().len(), 25, "the service's id alone: {stdout:?}");
+    assert!(stderr.contains("overall progress: 3 out of 3 tasks") && stderr.trim_end().ends_with("verify: Service converged"), "{stderr}");
+    let tasks = lab.running_tasks("web")?;
+    assert_eq!(nodes_of(&tasks), vec!["snx-basic-n1", "snx-basic-n2", "snx-basic-n3"], "one task per node, running as the create returns");
     let mut ips = BTreeSet::new();
     for t in &tasks {
         check_task_kernel_state(&lab, t, "10.0.0.1")?;
@@ -402,7 +408,11 @@ fn run_on_a_worker_gets_an_address_and_returns_the_exit_code() -> Result<()> {
 fn an_exiting_task_is_restarted_with_backoff_and_the_status_says_why() -> Result<()> {
     let lab = Lab::up("snx-crash", 1, 1, 1.0)?;
     lab.cli_ok(0, &["network", "create", "appnet"])?;
-    lab.cli_ok(0, &["service", "create", "--name", "crash", "--network", "appnet", "--", "sh", "-c", "echo started; sleep 0.2; exit 7"])?;
+    // A service that cannot converge: the create waits --timeout, then fails (exit 9) with
+    // what its task does; the service stays created.
+    let (code, err) = lab.cli_fail(0, &["service", "create", "--timeout", "4s", "--name", "crash", "--network", "appnet", "--", "sh", "-c", "echo started; sleep 0.2; exit 7"])?;
+    assert_eq!(code, 9, "{err}");
+    assert!(err.contains("service crash did not converge within 4s: 0 of 1 tasks running; crash.1: ") && err.contains("exited with status 7 (restarted"), "{err}");
     let t = wait_for("two restarts", T, || {
         let v = lab.cli_json(0, &["service", "ps", "crash"]).ok()?;
         let t = v.as_array()?.first()?.clone();

@@ -353,7 +353,7 @@ fn a_task_whose_process_exits_leaves_the_answers_until_it_runs_again() -> Result
     sleeper(&lab, "web", "2", &["--network", "appnet"])?;
     // Listens, is stopped by `timeout` after 2 s, is restarted after a backoff growing to
     // 5 s: its endpoint turns draining at each exit and active each time it listens again.
-    lab.cli_ok(0, &["service", "create", "--name", "flaky", "--replicas", "1", "--network", "appnet", "--", "timeout", "2", "python3", "-m", "http.server", "80"])?;
+    lab.cli_ok(0, &["service", "create", "--detach", "--name", "flaky", "--replicas", "1", "--network", "appnet", "--", "timeout", "2", "python3", "-m", "http.server", "80"])?;
     let webs = lab.wait_service("web", 2, T)?;
     let flaky_ip = wait_for("flaky's address", T, || {
         let v = lab.cli_json(0, &["service", "ps", "flaky"]).ok()?;

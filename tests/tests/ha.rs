@@ -222,7 +222,7 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     lab.stop_node(0, libc::SIGKILL)?;
     // A change sent during the election: refused with a retryable kind (5 unavailable, 6
     // not the leader), or taken; retried until taken (or found taken: 4, the name exists).
-    let create = ["service", "create", "--name", "during", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"];
+    let create = ["service", "create", "--detach", "--name", "during", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"];
     let mut refusals = Vec::new();
     wait_for("the create sent during the failover to be taken", T, || {
         let out = lab.cli(1, &create).ok()?;
@@ -239,7 +239,7 @@ fn the_cluster_survives_the_loss_of_its_leader() -> Result<()> {
     wait_for("the other manager to lead", T, || manager_status(&lab, 1).filter(|s| s.get(&n2).is_some_and(|v| v.starts_with("Leader"))))?;
     let elected = t0.elapsed();
     // A change is taken at once by the new leader.
-    lab.cli_ok(1, &["service", "create", "--name", "after", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"])?;
+    lab.cli_ok(1, &["service", "create", "--detach", "--name", "after", "--replicas", "2", "--network", "appnet", "--", "sleep", "infinity"])?;
     let created = t0.elapsed();
     // The workers moved their sessions to it; the old leader is down.
     let st = wait_for("the workers with the new leader, the old one down", T, || {
@@ -394,7 +394,7 @@ fn creates_on_two_managers_at_once_never_hand_out_anything_twice() -> Result<()>
                         let r = if i % 5 == 0 {
                             lab.cli_ok(m, &["network", "create", "--driver", "overlay", &format!("net{m}x{i}")])
                         } else {
-                            lab.cli_ok(m, &["service", "create", "--name", &format!("svc{m}x{i}"), "--replicas", "0", "--network", "shared", "--publish", "80", "--", "true"])
+                            lab.cli_ok(m, &["service", "create", "--detach", "--name", &format!("svc{m}x{i}"), "--replicas", "0", "--network", "shared", "--publish", "80", "--", "true"])
                         };
                         if let Err(e) = r {
                             errors.push(format!("{e:#}"));

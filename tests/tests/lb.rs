@@ -150,7 +150,7 @@ fn refusal_and_scoping(lb: &str) -> Result<()> {
     })?;
     assert_udp_refused(lb, &r);
     // Every task down (a process that keeps exiting): refused at once as well.
-    lab.cli_ok(0, &["service", "create", "--name", "crashing", "--network", "appnet", "--", "sh", "-c", "exit 1"])?;
+    lab.cli_ok(0, &["service", "create", "--detach", "--name", "crashing", "--network", "appnet", "--", "sh", "-c", "exit 1"])?;
     let crashing = vip(&lab, "crashing", "appnet")?;
     let r = wait_for("a service whose task keeps exiting refuses", T, || {
         let r = client(&lab, 1, "refused1", "appnet", &["refused", &crashing, PORT]).ok()?;
@@ -441,13 +441,12 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     let counter = dir.join("count2").display().to_string();
     lab.cli_ok(0, &["run", "--detach", "--name", "looper2", "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", &slow_vip, PORT, &counter])?;
     wait_for("the second looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
-    lab.cli_ok(0, &["service", "scale", "slow=3"])?;
-    let starting = wait_for("a new task of slow reported starting", T, || {
-        let ps = lab.cli_json(0, &["service", "ps", "slow"]).ok()?;
-        ps.as_array()?.iter().find(|t| t["state"] == "starting").cloned()
-    })?;
-    assert!(starting["error"].as_str().unwrap_or_default().is_empty(), "{starting}");
-    lab.wait_service("slow", 3, T)?;
+    // The scale waits for them to converge; its progress shows them starting first.
+    let out = lab.cli(0, &["service", "scale", "slow=3"])?;
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && progress.contains("overall progress: 3 out of 3 tasks"), "{progress}");
+    assert!(progress.lines().any(|l| l.starts_with("slow.") && l.contains(": starting on ")), "new tasks starting first: {progress}");
+    assert_eq!(lab.running_tasks("slow")?.len(), 3);
     wait_until_ready(&lab, 0, &slow_vip, 3)?;
     let (ok_at, _) = read(&counter).context("counter")?;
     wait_for("more connections after the scale", T, || read(&counter).filter(|(ok, _)| *ok > ok_at + 50))?;
@@ -459,7 +458,7 @@ fn node_drain_labels_and_constraints() -> Result<()> {
 
     // Constraints: none satisfiable yet, then a node gets the label.
     let n2 = lab.nodes[1].hostname.clone();
-    lab.cli_ok(0, &["service", "create", "--name", "pinned", "--constraint", "node.labels.zone==x", "--label", "tier=back", "--network", "appnet", "--", "sleep", "infinity"])?;
+    lab.cli_ok(0, &["service", "create", "--detach", "--name", "pinned", "--constraint", "node.labels.zone==x", "--label", "tier=back", "--network", "appnet", "--", "sleep", "infinity"])?;
     let ps = lab.cli_json(0, &["service", "ps", "pinned"])?;
     let why = ps[0]["error"].as_str().unwrap_or_default().to_string();
     assert!(ps[0]["state"] == "pending" && why.contains("no suitable node") && why.contains("node.labels.zone==x"), "{ps}");

@@ -170,7 +170,7 @@ fn rotation_under_load_loses_nothing() -> Result<()> {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let replicas = format!("churn={}", 1 + n % 4);
-                if lab.cli_ok(0, &["service", "scale", &replicas]).is_ok() {
+                if lab.cli_ok(0, &["service", "scale", "--detach", &replicas]).is_ok() {
                     n += 1;
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -68,7 +68,7 @@ pub fn bench_convergence(trials: usize) -> Result<()> {
         let offsets: Vec<usize> = logs.iter().map(|l| std::fs::read_to_string(l).map(|s| s.len()).unwrap_or(0)).collect();
         let daemon_offsets: Vec<usize> = (0..3).map(|i| lab.log(i).len()).collect();
         let t0 = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64();
-        lab.cli_ok(0, &["service", "scale", "web=4"])?;
+        lab.cli_ok(0, &["service", "scale", "--detach", "web=4"])?;
         let new = wait_for("the 4th task", Duration::from_secs(30), || {
             let v = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
             v.as_array()?.iter().find(|t| t["name"] == "web.4" && t["state"] == "running").cloned()
@@ -95,7 +95,7 @@ pub fn bench_convergence(trials: usize) -> Result<()> {
         let published = published_at(&log[daemon_offsets[origin].min(log.len())..], &task_id).context("publish time in the origin's log")?;
         gossip.push((done - published) * 1000.0);
         e2e.push((done - t0) * 1000.0);
-        lab.cli_ok(0, &["service", "scale", "web=3"])?;
+        lab.cli_ok(0, &["service", "scale", "--detach", "web=3"])?;
         wait_for("back to 3", Duration::from_secs(30), || {
             let v = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
             (v.as_array()?.len() == 3).then_some(())

@@ -224,7 +224,7 @@ fn update_latency(lab: &Lab, trials: usize) -> Result<()> {
             while rx.try_recv().is_ok() {}
             let offsets: Vec<usize> = (0..3).map(|i| lab.log(i).len()).collect();
             let t0 = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs_f64();
-            lab.cli_ok(0, &["service", "scale", "web=4"])?;
+            lab.cli_ok(0, &["service", "scale", "--detach", "web=4"])?;
             let new = wait_for("the 4th task", T, || {
                 let v = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
                 v.as_array()?.iter().find(|t| t["name"] == "web.4" && t["state"] == "running" && t["desired_state"] == "running").cloned()
@@ -246,7 +246,7 @@ fn update_latency(lab: &Lab, trials: usize) -> Result<()> {
                 from_publish.push((seen - published) * 1000.0);
                 from_call.push((seen - t0) * 1000.0);
             }
-            lab.cli_ok(0, &["service", "scale", "web=3"])?;
+            lab.cli_ok(0, &["service", "scale", "--detach", "web=3"])?;
             // Gone from the answers too before the next trial.
             loop {
                 let (_, ips) = rx.recv_timeout(T).context("the poller did not see the task leave")?;

@@ -84,7 +84,7 @@ pub fn bench_ha(runs: usize) -> Result<()> {
         wait_for("the other manager to lead", T, || (leader(&lab, other) == Some(other)).then_some(()))?;
         elected.push(t0.elapsed().as_secs_f64() * 1000.0);
         let name = format!("f{k}");
-        wait_for("a service create that succeeds", T, || lab.cli_ok(other, &["service", "create", "--name", &name, "--replicas", "0", "--network", "benchnet", "--", "true"]).ok())?;
+        wait_for("a service create that succeeds", T, || lab.cli_ok(other, &["service", "create", "--detach", "--name", &name, "--replicas", "0", "--network", "benchnet", "--", "true"]).ok())?;
         created.push(t0.elapsed().as_secs_f64() * 1000.0);
         let addr = format!("manager={}:2377", lab.nodes[other].addr);
         let opened = wait_for("the worker's session on the new leader", T, || {
@@ -108,7 +108,7 @@ pub fn bench_ha(runs: usize) -> Result<()> {
     let n = 10_000;
     let t = Instant::now();
     for i in 0..n {
-        lab.cli_ok(0, &["service", "create", "--name", &format!("s{i}"), "--replicas", "0", "--network", "benchnet", "--", "true"])?;
+        lab.cli_ok(0, &["service", "create", "--detach", "--name", &format!("s{i}"), "--replicas", "0", "--network", "benchnet", "--", "true"])?;
     }
     let per = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
     let pid = lab.daemon_pid(0).context("daemon pid")?;

@@ -381,7 +381,7 @@ fn bench_control(runs: usize) -> Result<()> {
     for i in 0..runs {
         let name = format!("b{i}");
         let t = Instant::now();
-        lab.cli_ok(0, &["service", "create", "--name", &name, "--replicas", "3", "--network", "benchnet", "--", "sleep", "3600"])?;
+        lab.cli_ok(0, &["service", "create", "--detach", "--name", &name, "--replicas", "3", "--network", "benchnet", "--", "sleep", "3600"])?;
         swarmnet_lab::wait_for("3 running", Duration::from_secs(30), || {
             let n = lab.running_tasks(&name).ok()?.len();
             (n == 3).then_some(())
@@ -441,8 +441,8 @@ fn bench_manager_memory() -> Result<()> {
     let r = (|| -> Result<()> {
         lab.wait_ready(100, Duration::from_secs(120))?;
         lab.cli_ok(0, &["network", "create", "--subnet", "10.50.0.0/22", "bignet"])?;
-        lab.cli_ok(0, &["service", "create", "--name", "many", "--replicas", "300", "--network", "bignet", "--", "sleep", "3600"])?;
-        lab.cli_ok(0, &["service", "create", "--name", "everywhere", "--mode", "global", "--network", "bignet", "--", "sleep", "3600"])?;
+        lab.cli_ok(0, &["service", "create", "--detach", "--name", "many", "--replicas", "300", "--network", "bignet", "--", "sleep", "3600"])?;
+        lab.cli_ok(0, &["service", "create", "--detach", "--name", "everywhere", "--mode", "global", "--network", "bignet", "--", "sleep", "3600"])?;
         swarmnet_lab::wait_for("400 running tasks", Duration::from_secs(120), || {
             let n = lab.running_tasks("many").ok()?.len() + lab.running_tasks("everywhere").ok()?.len();
             (n == 400).then_some(())

@@ -251,10 +251,10 @@ impl Supervisor {
                 let start = dp::proc_start_time(pid).unwrap_or(0);
                 self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start }).await;
                 info!(task = %id, name = %self.a.name, pid, "task started");
+                // The last exit stays said until it is running again.
                 self.rt.update(&self.report, |r| {
                     r.state = TaskState::Starting;
                     r.pid = Some(pid);
-                    r.error.clear();
                 });
                 let until = Instant::now() + ready::bound(&self.a.ports);
                 Step::Starting { p: Proc::Child { child, started: Instant::now() }, until }
@@ -277,7 +277,10 @@ impl Supervisor {
                     info!(task = %self.id(), name = %self.a.name, ports = ?self.a.ports, "task does not listen on its service's ports yet: taken as ready after the bound");
                 }
                 self.rt.publish(&self.a, EndpointState::Active);
-                self.rt.update(&self.report, |r| r.state = TaskState::Running);
+                self.rt.update(&self.report, |r| {
+                    r.state = TaskState::Running;
+                    r.error.clear();
+                });
                 return Step::Running(p);
             }
             tokio::select! {

@@ -26,6 +26,8 @@ pub enum ErrorKind {
     Refused,
     /// Anything else (a bug, a failed encoding).
     Internal,
+    /// The change was made, but the service did not converge within the CLI's `--timeout`.
+    Timeout,
 }
 
 impl ErrorKind {
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::NotLeader => 6,
             ErrorKind::NotManager => 7,
             ErrorKind::Refused => 8,
+            ErrorKind::Timeout => 9,
         }
     }
 
@@ -54,6 +57,7 @@ impl ErrorKind {
             ErrorKind::NotManager => "not a manager",
             ErrorKind::Refused => "refused",
             ErrorKind::Internal => "internal",
+            ErrorKind::Timeout => "timeout",
         }
     }
 }
@@ -103,7 +107,17 @@ mod tests {
 
     #[test]
     fn every_kind_has_an_exit_code_of_its_own() {
-        let kinds = [ErrorKind::Internal, ErrorKind::Invalid, ErrorKind::NotFound, ErrorKind::Conflict, ErrorKind::Unavailable, ErrorKind::NotLeader, ErrorKind::NotManager, ErrorKind::Refused];
+        let kinds = [
+            ErrorKind::Internal,
+            ErrorKind::Invalid,
+            ErrorKind::NotFound,
+            ErrorKind::Conflict,
+            ErrorKind::Unavailable,
+            ErrorKind::NotLeader,
+            ErrorKind::NotManager,
+            ErrorKind::Refused,
+            ErrorKind::Timeout,
+        ];
         let codes: std::collections::BTreeSet<u8> = kinds.iter().map(|k| k.exit_code()).collect();
         assert_eq!(codes.len(), kinds.len());
         assert!(!codes.contains(&0));
