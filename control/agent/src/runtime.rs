@@ -69,6 +69,10 @@ pub struct Runtime {
     /// Environment every task gets besides the daemon's own.
     pub(crate) env: Vec<(String, String)>,
     locals: Mutex<HashMap<Id, Local>>,
+    /// Tasks no longer assigned whose stop is not over (draining, signalled, torn down):
+    /// still reported, and never confirmed gone, so the manager keeps their addresses
+    /// until they are really given back.
+    stopping: Mutex<HashMap<Id, Arc<Mutex<TaskReport>>>>,
     /// What survives a restart (`tasks/state.json`); saved under this lock, so two saves
     /// never interleave and the file is never older than the last change.
     persisted: Mutex<BTreeMap<Id, Persisted>>,
@@ -112,6 +116,7 @@ impl Runtime {
             mtu: task_mtu,
             env,
             locals: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(HashMap::new()),
             adoptable: Mutex::new(persisted.clone()),
             found: Mutex::new(found),
             persisted: Mutex::new(persisted),
@@ -206,6 +211,7 @@ impl Runtime {
     /// Every task this node has, for the start of a session.
     pub fn reports(&self) -> Vec<TaskReport> {
         let mut out: Vec<TaskReport> = lock(&self.locals).values().map(|l| lock(&l.report).clone()).collect();
+        out.extend(lock(&self.stopping).values().map(|r| lock(r).clone()));
         for (id, p) in lock(&self.adoptable).iter() {
             if dp::proc_start_time(p.pid) == Some(p.start_time) {
                 out.push(TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(p.pid), restarts: 0 });
@@ -222,7 +228,7 @@ impl Runtime {
     /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.
     pub fn confirm_unknown(&self, removed: &[Id]) {
         for id in removed {
-            let known = lock(&self.locals).contains_key(id) || lock(&self.adoptable).contains_key(id) || lock(&self.found).contains_key(id);
+            let known = lock(&self.locals).contains_key(id) || lock(&self.stopping).contains_key(id) || lock(&self.adoptable).contains_key(id) || lock(&self.found).contains_key(id);
             if !known {
                 self.send(TaskReport { task_id: id.clone(), state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
             }
@@ -278,6 +284,7 @@ impl Runtime {
                 return true;
             }
             info!(task = %id, name = %l.assignment.name, "task no longer assigned: stopping");
+            lock(&self.stopping).insert(id.clone(), l.report.clone());
             let _ = l.stop.send(true);
             false
         });
@@ -286,6 +293,8 @@ impl Runtime {
         for (id, p) in stale {
             self.hold_networks(&id, &p.assignment);
             info!(task = %id, pid = p.pid, "task left by an earlier daemon is no longer assigned: stopping");
+            let running = TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(p.pid), restarts: 0 };
+            lock(&self.stopping).insert(id.clone(), Arc::new(Mutex::new(running)));
             let rt = self.clone();
             tokio::spawn(async move {
                 if dp::proc_start_time(p.pid) == Some(p.start_time) {
@@ -294,6 +303,7 @@ impl Runtime {
                     supervisor::stop_adopted(p.pid, p.start_time).await;
                 }
                 rt.teardown(&id, &p.assignment).await;
+                lock(&rt.stopping).remove(&id);
                 rt.send(TaskReport { task_id: id, state: TaskState::Shutdown, error: String::new(), pid: None, restarts: 0 });
             });
         }
@@ -317,7 +327,12 @@ impl Runtime {
             let (stop_tx, stop_rx) = watch::channel(false);
             let (ports_tx, ports_rx) = watch::channel(a.ports.clone());
             locals.insert(id.clone(), Local { assignment: a.clone(), report: report.clone(), stop: stop_tx, ports: ports_tx });
-            tokio::spawn(supervisor::supervise(self.clone(), a.clone(), adopt, report, stop_rx, ports_rx));
+            let rt = self.clone();
+            let (id, a) = (id.clone(), a.clone());
+            tokio::spawn(async move {
+                supervisor::supervise(rt.clone(), a, adopt, report, stop_rx, ports_rx).await;
+                lock(&rt.stopping).remove(&id);
+            });
         }
         drop(locals);
         // Sandboxes nothing holds any more (adopted ones included) go. New ones are made by
