@@ -11,7 +11,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use swarmnet_api::replies::{ServiceInfo, ServicePsReply, TaskInfo};
-use swarmnet_api::{ApiError, ApiRequest, DesiredState, ErrorKind, TaskState};
+use swarmnet_api::{ApiError, ApiRequest, DesiredState, ErrorKind, TaskState, UpdateState};
 
 /// How long every task must stay running, unchanged (same tasks, no restart), before the
 /// service counts as converged: a task that crashes as soon as it listens is caught.
@@ -126,16 +126,28 @@ impl Display {
 }
 
 /// Waits until `service` (its id: a name could be taken by another service meanwhile) has
-/// converged, or `within` passes.
-pub fn wait(call: &dyn Fn(ApiRequest) -> Result<serde_json::Value, ApiError>, service: &str, within: Duration) -> Result<(), ApiError> {
+/// converged, or `within` passes. A rolling update under way is waited for; with `update`
+/// (the change began one), its pause is a failure at once.
+pub fn wait(call: &dyn Fn(ApiRequest) -> Result<serde_json::Value, ApiError>, service: &str, within: Duration, update: bool) -> Result<(), ApiError> {
     let start = Instant::now();
     let mut display = Display { tty: std::io::stderr().is_terminal(), drawn: 0, last: BTreeMap::new() };
     let mut stable: Option<(Instant, Vec<(String, u32)>)> = None;
     loop {
         let info: ServiceInfo = decode(call(ApiRequest::ServiceInspect { name: service.to_string() })?)?;
         let ps: ServicePsReply = decode(call(ApiRequest::ServicePs { name: service.to_string() })?)?;
-        let p = progress(info.desired_replicas, &ps.tasks);
-        display.show(&render(&p));
+        let mut p = progress(info.desired_replicas, &ps.tasks);
+        let mut lines = render(&p);
+        if let Some(u) = &info.update_status {
+            if u.state != UpdateState::Completed {
+                lines.insert(1, format!("update: {}", u.message));
+            }
+            if update && u.state == UpdateState::Paused {
+                display.show(&lines);
+                return Err(ApiError::new(ErrorKind::Timeout, format!("service {}: update {}", info.name, u.message)));
+            }
+            p.done &= u.state != UpdateState::Updating;
+        }
+        display.show(&lines);
         if p.done {
             match &stable {
                 Some((since, key)) if *key == p.key => {
@@ -176,6 +188,7 @@ mod tests {
             addresses: BTreeMap::new(),
             pid: None,
             restarts: 0,
+            version: 0,
         }
     }
 

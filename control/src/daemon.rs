@@ -80,6 +80,7 @@ pub async fn run_manager(
     tokio::spawn(manager.clone().serve(listener));
     tokio::spawn(manager.clone().watch_heartbeats());
     tokio::spawn(manager.clone().rotate_gossip_keys_periodically());
+    tokio::spawn(manager.clone().drive_updates());
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     let (_tx, slot) = tokio::sync::watch::channel(Some(manager));
     serve_control(&cfg.data_dir, Some(slot), None, agent).await
@@ -321,7 +322,7 @@ async fn lead_when_elected(ec: EtcdConfig, mcfg: Arc<ManagerConfig>, value: Stri
         info!(listen = %SocketAddr::new(mcfg.advertise, mcfg.listen_port), cluster = %manager.meta.cluster_id, store = %ec.shown(), "this manager leads the cluster");
         // Ending these ends the term; the sessions it serves end on the manager's step-down
         // (and the agents come back to the next leader, directly or through this relay).
-        let others = [tokio::spawn(manager.clone().watch_heartbeats()), tokio::spawn(manager.clone().rotate_gossip_keys_periodically())];
+        let others = [tokio::spawn(manager.clone().watch_heartbeats()), tokio::spawn(manager.clone().rotate_gossip_keys_periodically()), tokio::spawn(manager.clone().drive_updates())];
         slot.send_replace(Some(manager.clone()));
         manager.lost_leadership().await;
         slot.send_replace(None);

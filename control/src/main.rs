@@ -16,7 +16,9 @@ use serde::Serialize;
 use swarmnet_agent::dns::DnsOpts;
 use swarmnet_agent::node::{LbMode, MeshEntry, NodeConfig};
 use swarmnet_api::replies::*;
-use swarmnet_api::{ApiError, ApiRequest, EndpointMode, NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, Reply, Role, ServiceCreate, ServiceMode, StandaloneCreate};
+use swarmnet_api::{
+    ApiError, ApiRequest, EndpointMode, NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, Reply, Role, ServiceCreate, ServiceMode, ServiceUpdate, StandaloneCreate, UpdateConfig,
+};
 use swarmnet_types::Driver;
 
 const DEFAULT_DATA_DIR: &str = "/var/lib/swarmnet";
@@ -285,11 +287,12 @@ struct Wait {
 }
 
 impl Wait {
-    fn converge(&self, host: &Option<String>, service: &str) -> Result<(), ApiError> {
+    fn converge(&self, host: &Option<String>, s: &ServiceInfo) -> Result<(), ApiError> {
         if self.detach {
             return Ok(());
         }
-        converge::wait(&|req| call::<serde_json::Value>(host, req), service, self.timeout)
+        let update = s.update_status.as_ref().is_some_and(|u| u.state == swarmnet_api::UpdateState::Updating);
+        converge::wait(&|req| call::<serde_json::Value>(host, req), &s.id, self.timeout, update)
     }
 }
 
@@ -448,6 +451,15 @@ enum ServiceCmd {
         /// A label of the service, KEY=VALUE (repeatable).
         #[arg(long, value_parser = parse_label)]
         label: Vec<(String, String)>,
+        /// An environment variable of its tasks, KEY=VALUE (repeatable).
+        #[arg(short, long, value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Tasks replaced at a time by a later `service update` (0: all at once).
+        #[arg(long, default_value_t = 1)]
+        update_parallelism: u64,
+        /// Time between two tasks replaced by a later `service update` (e.g. 10s).
+        #[arg(long, default_value = "0s", value_parser = parse_span)]
+        update_delay: Duration,
         #[command(flatten)]
         wait: Wait,
         /// The tasks' command, after `--`.
@@ -478,7 +490,12 @@ enum ServiceCmd {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Change a running service's published ports; its tasks keep running.
+    /// Change a service. A new command, environment or constraints (or --force) replace its
+    /// tasks as a rolling update: each new task runs and listens before the one it replaces
+    /// drains and stops, --update-parallelism at a time, --update-delay apart; a new task
+    /// that fails pauses the update, the old ones running on. Replicas, labels and
+    /// published ports change without replacing the tasks.
+    #[command(after_help = SERVICE_UPDATE_EXAMPLES)]
     Update {
         /// The service's name or id.
         name: String,
@@ -488,8 +505,41 @@ enum ServiceCmd {
         /// A published port to withdraw: PUBLISHED[/tcp|/udp].
         #[arg(long, value_parser = parse_api::<PublishedPort>)]
         publish_rm: Vec<PublishedPort>,
+        /// Tasks of a replicated service.
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_replicas)]
+        replicas: Option<u64>,
+        /// An environment variable to add or change, KEY=VALUE (repeatable).
+        #[arg(long, value_parser = parse_env)]
+        env_add: Vec<(String, String)>,
+        /// An environment variable to remove, KEY (repeatable).
+        #[arg(long)]
+        env_rm: Vec<String>,
+        /// A placement constraint to add, as `service create --constraint` (repeatable).
+        #[arg(long, value_parser = parse_api::<swarmnet_api::Constraint>)]
+        constraint_add: Vec<swarmnet_api::Constraint>,
+        /// A placement constraint to remove, as it was given (repeatable).
+        #[arg(long, value_parser = parse_api::<swarmnet_api::Constraint>)]
+        constraint_rm: Vec<swarmnet_api::Constraint>,
+        /// A label to add or change, KEY=VALUE (repeatable).
+        #[arg(long, value_parser = parse_label)]
+        label_add: Vec<(String, String)>,
+        /// A label to remove, KEY (repeatable).
+        #[arg(long)]
+        label_rm: Vec<String>,
+        /// Tasks replaced at a time (0: all at once).
+        #[arg(long)]
+        update_parallelism: Option<u64>,
+        /// Time between two tasks replaced (e.g. 10s).
+        #[arg(long, value_parser = parse_span)]
+        update_delay: Option<Duration>,
+        /// Replace the tasks even if nothing else changes.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         wait: Wait,
+        /// A new command for its tasks, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Remove a service: its tasks stop (draining first), its VIPs and ports go.
     Rm {
@@ -497,6 +547,17 @@ enum ServiceCmd {
         name: String,
     },
 }
+
+const SERVICE_UPDATE_EXAMPLES: &str = "Examples:
+  # A new command, one task at a time, 5 s apart; the VIP answers all along:
+  swarmnet service update web --update-parallelism 1 --update-delay 5s -- python3 -m http.server 81
+
+  # An environment variable and a constraint (a rolling update), a label (none):
+  swarmnet service update web --env-add LOG=debug --constraint-add node.labels.zone==a --label-add tier=front
+
+  # Restart every task, two at a time, without changing anything:
+  swarmnet service update web --force --update-parallelism 2
+";
 
 const SERVICE_CREATE_EXAMPLES: &str = "Examples:
   # Three tasks of a web server on an overlay network, port 8080 published on every node:
@@ -526,6 +587,10 @@ enum EndpointModeArg {
 /// `--label KEY=VALUE`.
 fn parse_label(s: &str) -> Result<(String, String), String> {
     swarmnet_api::parse_label(s).map_err(|e| e.message)
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    swarmnet_api::parse_env(s).map_err(|e| e.message)
 }
 
 /// A value the API parses itself (`FromStr` with an `ApiError`), as a clap value parser.
@@ -736,7 +801,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
         Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),
-        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, constraint, label, wait, command }) => {
+        Cmd::Service(ServiceCmd::Create { name, replicas, mode, network, endpoint_mode, publish, constraint, label, env, update_parallelism, update_delay, wait, command }) => {
             let endpoint_mode = match endpoint_mode {
                 EndpointModeArg::Vip => EndpointMode::Vip,
                 EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
@@ -748,25 +813,69 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let s: ServiceInfo = call(
                 &host,
-                ApiRequest::ServiceCreate { spec: ServiceCreate { name, mode, networks: network, endpoint_mode, publish, command, constraints: constraint, labels: label.into_iter().collect() } },
+                ApiRequest::ServiceCreate {
+                    spec: ServiceCreate {
+                        name,
+                        mode,
+                        networks: network,
+                        endpoint_mode,
+                        publish,
+                        command,
+                        constraints: constraint,
+                        labels: label.into_iter().collect(),
+                        env: env.into_iter().collect(),
+                        update: UpdateConfig { parallelism: update_parallelism, delay_ms: millis(update_delay) },
+                    },
+                },
             )?;
             println!("{}", s.id);
-            wait.converge(&host, &s.id)?;
+            wait.converge(&host, &s)?;
         }
         Cmd::Service(ServiceCmd::Inspect { name }) => print_json(&call::<ServiceInfo>(&host, ApiRequest::ServiceInspect { name })?)?,
         Cmd::Service(ServiceCmd::Scale { spec, wait }) => {
             let (name, replicas) = parse_scale(&spec)?;
             let s = call::<ServiceInfo>(&host, ApiRequest::ServiceScale { name, replicas })?;
             println!("{}", s.name);
-            wait.converge(&host, &s.id)?;
+            wait.converge(&host, &s)?;
         }
-        Cmd::Service(ServiceCmd::Update { name, publish_add, publish_rm, wait }) => {
-            if publish_add.is_empty() && publish_rm.is_empty() {
-                return Err(ApiError::invalid(format!("service update {name}: nothing to change (give --publish-add or --publish-rm)")).into());
+        Cmd::Service(ServiceCmd::Update {
+            name,
+            publish_add,
+            publish_rm,
+            replicas,
+            env_add,
+            env_rm,
+            constraint_add,
+            constraint_rm,
+            label_add,
+            label_rm,
+            update_parallelism,
+            update_delay,
+            force,
+            wait,
+            command,
+        }) => {
+            let spec = ServiceUpdate {
+                publish_add,
+                publish_rm,
+                replicas,
+                command: (!command.is_empty()).then_some(command),
+                env_add: env_add.into_iter().collect(),
+                env_rm,
+                constraint_add,
+                constraint_rm,
+                label_add: label_add.into_iter().collect(),
+                label_rm,
+                parallelism: update_parallelism,
+                delay_ms: update_delay.map(millis),
+                force,
+            };
+            if spec.is_empty() {
+                return Err(ApiError::invalid(format!("service update {name}: nothing to change (see swarmnet service update --help)")).into());
             }
-            let s = call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, publish_add, publish_rm })?;
+            let s = call::<ServiceInfo>(&host, ApiRequest::ServiceUpdate { name, spec: Box::new(spec) })?;
             println!("{}", s.name);
-            wait.converge(&host, &s.id)?;
+            wait.converge(&host, &s)?;
         }
         Cmd::Service(ServiceCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::ServiceRm { name })?.name),
     }
@@ -859,6 +968,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// "2s", "1m" or plain seconds.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn parse_span(s: &str) -> Result<Duration, String> {
     let (n, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => s.split_at(i),

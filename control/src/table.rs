@@ -183,6 +183,7 @@ mod tests {
             addresses: BTreeMap::new(),
             pid: None,
             restarts: 0,
+            version: 0,
         };
         let out = render(&[t]);
         let lines: Vec<&str> = out.lines().collect();

@@ -10,7 +10,8 @@ the ones the load balancer translates. Prints one JSON object.
   refused VIP PORT      connect() and sendto() to a VIP with no task: the errors and how
                         long connect() took
   reach ADDR PORT       one TCP connect with a 2 s timeout: reached (and whom) or the error
-  loop VIP PORT FILE    new connections until FILE.stop exists; counts in FILE (ok, failed)
+  loop VIP PORT FILE    new connections until FILE.stop exists; counts in FILE (ok, failed),
+                        the first 100 failures in FILE.errors (time, why)
   udp-hold VIP PORT WANT DIR  the same with a connected UDP socket; after DIR/go, the
                         reply or the error its next send/recv gives
   on-demand VIP PORT N DIR  a task that stays: for k = 1, 2, ... waits for DIR/go<k>, makes N
@@ -130,16 +131,23 @@ def loop(vip, port, path):
     while not os.path.exists(path + ".stop"):
         s = socket.socket()
         s.settimeout(3)
+        why = None
         try:
             s.connect((vip, port))
             if name_of(s):
                 ok += 1
             else:
-                failed += 1
-        except OSError:
-            failed += 1
+                why = "closed without an answer"
+        except OSError as e:
+            why = str(e)
         finally:
             s.close()
+        if why is not None:
+            failed += 1
+            if failed <= 100:
+                # The first failures, for the test's message: when and why.
+                with open(path + ".errors", "a") as f:
+                    f.write("%.3f %s\n" % (time.time(), why))
         with open(path + ".tmp", "w") as f:
             f.write("%d %d" % (ok, failed))
         os.replace(path + ".tmp", path)

@@ -367,7 +367,7 @@ const SLOW_TERM: &str = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG
 /// exited while it was away before its adopted tasks were back on their network, took that
 /// task for the sandbox's last user and removed the sandbox: the adopted tasks kept running
 /// with only `lo`. Each round removes one task of each service from node 2 and kills its
-/// daemon 300 ms later: `quick`'s task exits while the daemon is away (2 s; its teardown is
+/// daemon 1.1 s later: `quick`'s task exits while the daemon is away (2 s; its teardown is
 /// the new daemon's first act), `slow`'s ignores SIGTERM (its stop lasts past the
 /// adoptions). Heartbeats every 3 s: the manager does not take node 2 for down meanwhile.
 /// Afterwards every other task of node 2 must be the same process as before (adopted: a task
@@ -423,7 +423,9 @@ fn c5_a_restart_during_a_stop_leaves_no_task_unplugged() -> Result<()> {
         for (svc, n) in &replicas {
             lab.cli_ok(0, &["service", "scale", "--detach", &format!("{svc}={n}")])?;
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // A removed task drains 0.5 s before it is signalled; `quick` exits 1 s after its
+        // SIGTERM: the daemon dies between the two.
+        std::thread::sleep(Duration::from_millis(1100));
         lab.stop_node(1, libc::SIGKILL)?;
         // The removed tasks were stopping (signalled, not gone) when the daemon died: it
         // cannot have torn them down.

@@ -5,7 +5,7 @@
 //! service's networks, drain, a connected UDP socket whose task left, and an agent killed
 //! and restarted under a looping client. Needs root, python3 and nft.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -384,6 +384,43 @@ fn assert_udp_refused(lb: &str, r: &Value) {
     assert_eq!(r["udp_connected"], want, "{r}");
 }
 
+/// `lb_client.py loop` as a task on node 1: new connections to `vip` until stopped,
+/// counted in a file.
+struct Looper {
+    counter: String,
+}
+
+impl Looper {
+    fn start(lab: &Lab, dir: &std::path::Path, name: &str, vip: &str) -> Result<Looper> {
+        let counter = dir.join(name).display().to_string();
+        lab.cli_ok(0, &["run", "--detach", "--name", name, "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", vip, PORT, &counter])?;
+        let l = Looper { counter };
+        wait_for(&format!("the looping client {name} running"), T, || l.read().filter(|(ok, _)| *ok > 50))?;
+        Ok(l)
+    }
+
+    /// (connections answered, connections failed) so far.
+    fn read(&self) -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string(&self.counter).ok()?;
+        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some((it.next()??, it.next()??))
+    }
+
+    /// Waits for 50 more answered connections, then stops it: the final counts.
+    fn stop(&self) -> Result<(u64, u64)> {
+        let (ok_at, _) = self.read().context("counter")?;
+        wait_for("more connections", T, || self.read().filter(|(ok, _)| *ok > ok_at + 50))?;
+        std::fs::write(format!("{}.stop", self.counter), b"")?;
+        std::thread::sleep(Duration::from_millis(300));
+        self.read().context("counter")
+    }
+
+    /// The first failures, as "unix time, why" lines.
+    fn errors(&self) -> String {
+        std::fs::read_to_string(format!("{}.errors", self.counter)).unwrap_or_default()
+    }
+}
+
 /// `node update`: a drained node's task moves to another node (drained in the load
 /// balancer first, then withdrawn) while a client loops on the VIP; readiness: new tasks
 /// of a slow-starting server take no connection before they listen; labels and placement
@@ -395,14 +432,7 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     wait_until_ready(&lab, 0, &vip, 3)?;
     let n3 = lab.nodes[2].hostname.clone();
     let dir = tempdir("snx-lbnode")?;
-    let counter = dir.join("count").display().to_string();
-    lab.cli_ok(0, &["run", "--detach", "--name", "looper", "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", &vip, PORT, &counter])?;
-    let read = |p: &str| -> Option<(u64, u64)> {
-        let s = std::fs::read_to_string(p).ok()?;
-        let mut it = s.split_whitespace().map(|x| x.parse::<u64>().ok());
-        Some((it.next()??, it.next()??))
-    };
-    wait_for("the looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
+    let looper = Looper::start(&lab, &dir, "looper", &vip)?;
     let on_n3 = |lab: &Lab| -> Result<Vec<String>> {
         let ps = lab.cli_json(0, &["service", "ps", "web"])?;
         Ok(ps.as_array().into_iter().flatten().filter(|t| t["state"] == "running" && t["node"] == n3.as_str()).filter_map(|t| t["name"].as_str().map(str::to_string)).collect())
@@ -418,16 +448,12 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     let n = ls.as_array().and_then(|a| a.iter().find(|n| n["hostname"] == n3.as_str())).cloned().unwrap_or_default();
     assert_eq!(n["availability"], "drain", "{n}");
     wait_until_ready(&lab, 0, &vip, 3)?;
-    let (ok_at, _) = read(&counter).context("counter")?;
-    wait_for("more connections after the drain", T, || read(&counter).filter(|(ok, _)| *ok > ok_at + 50))?;
-    std::fs::write(format!("{counter}.stop"), b"")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, failed) = read(&counter).context("counter")?;
+    let (ok, failed) = looper.stop()?;
     // The drained task takes no new connection from the moment it drains (it is signalled
     // only after), and its replacement none before its server listens.
     println!("node drain: {failed} of {} connections through the VIP failed while {} moved", ok + failed, moved[0]);
     assert!(ok > 100, "the VIP kept answering: {ok} ok, {failed} failed");
-    assert_eq!(failed, 0, "no connection failed while {} moved", moved[0]);
+    assert_eq!(failed, 0, "no connection failed while {} moved: {}", moved[0], looper.errors());
 
     // Readiness: a server that listens a second after it starts. Scaled up under a looping
     // client, its new tasks are `starting` (drained in every load balancer) until they
@@ -438,9 +464,7 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     lab.wait_service("slow", 1, T)?;
     let slow_vip = self::vip(&lab, "slow", "appnet")?;
     wait_until_ready(&lab, 0, &slow_vip, 1)?;
-    let counter = dir.join("count2").display().to_string();
-    lab.cli_ok(0, &["run", "--detach", "--name", "looper2", "--network", "appnet", "--", "python3", &script("lb_client.py"), "loop", &slow_vip, PORT, &counter])?;
-    wait_for("the second looping client running", T, || read(&counter).filter(|(ok, _)| *ok > 50))?;
+    let looper = Looper::start(&lab, &dir, "looper2", &slow_vip)?;
     // The scale waits for them to converge; its progress shows them starting first.
     let out = lab.cli(0, &["service", "scale", "slow=3"])?;
     let progress = String::from_utf8_lossy(&out.stderr);
@@ -448,13 +472,9 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     assert!(progress.lines().any(|l| l.starts_with("slow.") && l.contains(": starting on ")), "new tasks starting first: {progress}");
     assert_eq!(lab.running_tasks("slow")?.len(), 3);
     wait_until_ready(&lab, 0, &slow_vip, 3)?;
-    let (ok_at, _) = read(&counter).context("counter")?;
-    wait_for("more connections after the scale", T, || read(&counter).filter(|(ok, _)| *ok > ok_at + 50))?;
-    std::fs::write(format!("{counter}.stop"), b"")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, failed) = read(&counter).context("counter")?;
+    let (ok, failed) = looper.stop()?;
     println!("readiness: {failed} of {} connections through the VIP failed while slow went from 1 to 3", ok + failed);
-    assert_eq!(failed, 0, "no connection went to a task before it listened");
+    assert_eq!(failed, 0, "no connection went to a task before it listened: {}", looper.errors());
 
     // Constraints: none satisfiable yet, then a node gets the label.
     let n2 = lab.nodes[1].hostname.clone();
@@ -476,5 +496,56 @@ fn node_drain_labels_and_constraints() -> Result<()> {
     let (code, err) = lab.cli_fail(0, &["node", "update", "--availability", "asleep", &n2])?;
     assert!(code == 2 && err.contains("active, pause or drain"), "{code} {err}");
     assert!(!lab.cli_ok(0, &["service", "ls"])?.contains("bad"), "nothing created");
+    Ok(())
+}
+
+/// `service update`: a rolling update (a new environment, one task at a time, a second
+/// apart) under a client looping on the VIP: every task replaced, the new environment in
+/// their processes, no connection failed; an update to a command that fails pauses, its new task
+/// stopped and the old ones serving on (exit 9, saying why); labels and replicas change
+/// without replacing anything.
+#[test]
+fn a_rolling_update_never_fails_a_connection() -> Result<()> {
+    let (lab, vip) = lab_with_web("snx-lbroll", "ebpf", 3, 2)?;
+    let dir = tempdir("snx-lbroll")?;
+    // (Node 1 may have no task of web: the looper puts it on the network.)
+    let looper = Looper::start(&lab, &dir, "looper", &vip)?;
+    wait_until_ready(&lab, 0, &vip, 2)?;
+    let before: BTreeSet<String> = lab.running_tasks("web")?.iter().filter_map(|t| t["id"].as_str().map(str::to_string)).collect();
+    let out = lab.cli(0, &["service", "update", "web", "--env-add", "GREETING=hello", "--update-parallelism", "1", "--update-delay", "1s"])?;
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    assert!(progress.contains("update: updating to version 1") && progress.trim_end().ends_with("verify: Service converged"), "{progress}");
+    let after = lab.running_tasks("web")?;
+    let ids: BTreeSet<String> = after.iter().filter_map(|t| t["id"].as_str().map(str::to_string)).collect();
+    assert!(ids.len() == 2 && ids.is_disjoint(&before), "every task replaced: {before:?} → {ids:?}");
+    assert!(after.iter().all(|t| t["version"] == 1), "{after:?}");
+    let info: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "web"])?)?;
+    assert_eq!((info["version"].as_u64(), info["update_status"]["state"].as_str(), info["env"]["GREETING"].as_str()), (Some(1), Some("completed"), Some("hello")), "{info}");
+    for t in &after {
+        let pid = t["pid"].as_u64().context("a running task's pid")?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+        assert!(environ.split(|b| *b == 0).any(|v| v == b"GREETING=hello"), "{} has the new environment", t["name"]);
+    }
+
+    // Labels and replicas: no task replaced.
+    lab.cli_ok(0, &["service", "update", "web", "--label-add", "tier=front", "--replicas", "3"])?;
+    let now: BTreeSet<String> = lab.running_tasks("web")?.iter().filter_map(|t| t["id"].as_str().map(str::to_string)).collect();
+    assert!(now.len() == 3 && ids.is_subset(&now), "the two kept, one added: {ids:?} → {now:?}");
+    wait_until_ready(&lab, 0, &vip, 3)?;
+    // A new command that fails: paused, the old (version 1) tasks serve on.
+    let (code, err) = lab.cli_fail(0, &["service", "update", "web", "--", "sh", "-c", "echo broken; exit 3"])?;
+    assert!(code == 9 && err.contains("update paused: the new task web.") && err.contains("exited with status 3"), "{code}: {err}");
+    let info: Value = serde_json::from_str(&lab.cli_ok(0, &["service", "inspect", "web"])?)?;
+    assert_eq!(info["update_status"]["state"], "paused", "{info}");
+    wait_for("three tasks of version 1 running, nothing else meant to run", T, || {
+        let ps = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
+        let meant: Vec<&Value> = ps.as_array()?.iter().filter(|t| t["desired_state"] == "running").collect();
+        (meant.len() == 3 && meant.iter().all(|t| t["version"] == 1 && t["state"] == "running")).then_some(())
+    })?;
+    wait_until_ready(&lab, 0, &vip, 3)?;
+    let (ok, failed) = looper.stop()?;
+    println!("rolling update: {failed} of {} connections through the VIP failed", ok + failed);
+    assert_eq!(failed, 0, "no connection failed through the update, the pause and the scale: {}", looper.errors());
     Ok(())
 }

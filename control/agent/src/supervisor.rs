@@ -235,6 +235,7 @@ impl Supervisor {
         let Some(ns) = self.netns.as_ref() else { return Step::Network };
         let id = self.a.task_id.clone();
         let mut env = self.rt.env.clone();
+        env.extend(self.a.env.iter().cloned());
         env.push(("SWARMNET_TASK_ID".into(), id.clone()));
         env.push(("SWARMNET_TASK_NAME".into(), self.a.name.clone()));
         let addrs: Vec<std::net::Ipv4Addr> = self.a.attachments.iter().filter(|at| !at.network.ingress).map(|at| at.address).collect();

@@ -136,6 +136,97 @@ pub struct ServiceCreate {
     /// `--label K=V`: the service's own labels (shown by inspect).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `--env K=V`: the tasks' environment variables (beside swarmnet's own).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub update: UpdateConfig,
+}
+
+/// How a service's tasks are replaced when its spec changes: `parallelism` at a time (0: all
+/// at once), each new task running (ready) before the one it replaces drains and stops,
+/// then `delay_ms` before the next. Docker's `--update-parallelism` and `--update-delay`,
+/// with its `--update-order start-first`, so the service never has fewer tasks running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    pub parallelism: u64,
+    pub delay_ms: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig { parallelism: 1, delay_ms: 0 }
+    }
+}
+
+/// Where a service's rolling update is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub state: UpdateState,
+    pub message: String,
+    /// No new task is started before this (unix ms): the `--update-delay` after the last
+    /// task replaced.
+    #[serde(default)]
+    pub not_before_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateState {
+    Updating,
+    /// A new task failed: it was stopped, the old ones go on running; another `service
+    /// update` (`--force` to change nothing else) starts again.
+    Paused,
+    Completed,
+}
+
+/// `service update`: what changes. Empty fields change nothing. A new command, a changed
+/// environment or constraints, or `force`, replace the tasks as a rolling update; replicas,
+/// labels, ports and the update settings do not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceUpdate {
+    pub publish_add: Vec<PublishSpec>,
+    pub publish_rm: Vec<PublishedPort>,
+    pub replicas: Option<u64>,
+    pub command: Option<Vec<String>>,
+    pub env_add: std::collections::BTreeMap<String, String>,
+    pub env_rm: Vec<String>,
+    pub constraint_add: Vec<Constraint>,
+    pub constraint_rm: Vec<Constraint>,
+    pub label_add: std::collections::BTreeMap<String, String>,
+    pub label_rm: Vec<String>,
+    pub parallelism: Option<u64>,
+    pub delay_ms: Option<u64>,
+    /// Replace the tasks even with nothing else changed.
+    pub force: bool,
+}
+
+impl ServiceUpdate {
+    pub fn is_empty(&self) -> bool {
+        *self == ServiceUpdate::default()
+    }
+}
+
+/// One `--env K=V`: a key of letters, digits and `_` not starting with a digit (what a shell
+/// can name), any value without a NUL.
+pub fn parse_env(arg: &str) -> Result<(String, String), ApiError> {
+    let Some((k, v)) = arg.split_once('=') else {
+        return Err(ApiError::invalid(format!("invalid environment variable {arg:?}: expected KEY=VALUE")));
+    };
+    check_env_key(k).map_err(|e| ApiError::invalid(format!("invalid environment variable {arg:?}: {}", e.message)))?;
+    if v.contains('\0') {
+        return Err(ApiError::invalid(format!("invalid environment variable {arg:?}: the value has a NUL byte")));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub fn check_env_key(k: &str) -> Result<(), ApiError> {
+    let ok = !k.is_empty() && k.len() <= 256 && !k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        return Err(ApiError::invalid(format!("key {k:?}: expected letters, digits and _, not starting with a digit")));
+    }
+    Ok(())
 }
 
 /// What a `--constraint` looks at on a node.
@@ -483,6 +574,17 @@ mod tests {
     }
 
     #[test]
+    fn env_vars_are_what_a_shell_can_name() {
+        assert_eq!(parse_env("LOG_LEVEL=debug=yes").expect("env"), ("LOG_LEVEL".into(), "debug=yes".into()));
+        assert_eq!(parse_env("_X=").expect("empty value"), ("_X".into(), String::new()));
+        for bad in ["LOG", "=v", "1X=v", "A-B=v", "A B=v", "A=\0"] {
+            assert!(parse_env(bad).is_err(), "{bad}");
+        }
+        assert!(ServiceUpdate::default().is_empty());
+        assert!(!ServiceUpdate { force: true, ..Default::default() }.is_empty());
+    }
+
+    #[test]
     fn a_service_spec_is_typed_on_the_wire() {
         let spec = ServiceCreate {
             name: "web".into(),
@@ -493,14 +595,17 @@ mod tests {
             command: vec!["sleep".into()],
             constraints: vec!["node.labels.zone==a".parse().expect("constraint")],
             labels: [("tier".to_string(), "front".to_string())].into(),
+            env: [("LOG".to_string(), "debug".to_string())].into(),
+            update: UpdateConfig { parallelism: 2, delay_ms: 5000 },
         };
         let v = serde_json::to_value(&spec).expect("json");
+        assert_eq!(v["update"]["delay_ms"], 5000);
         assert_eq!(v["mode"], "replicated");
         assert_eq!(v["replicas"], 3);
         assert_eq!(v["publish"][0]["protocol"], "tcp");
         assert_eq!(serde_json::from_value::<ServiceCreate>(v).expect("back"), spec);
         let global: ServiceCreate = serde_json::from_value(serde_json::json!({"name":"g","mode":"global","networks":[],"endpoint_mode":"vip","publish":[],"command":["x"]})).expect("global");
-        assert_eq!(global.mode, ServiceMode::Global);
+        assert_eq!((global.mode, global.update), (ServiceMode::Global, UpdateConfig::default()), "older clients' specs decode");
         // A mode that does not exist is refused by the decoder, not guessed.
         assert!(serde_json::from_value::<ServiceCreate>(serde_json::json!({"name":"g","mode":"sideways","networks":[],"endpoint_mode":"vip","publish":[],"command":["x"]})).is_err());
     }

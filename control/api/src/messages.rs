@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use swarmnet_types::{Id, Network, Port};
 
-use crate::cluster::{NetworkCreate, PublishSpec, PublishedPort, Role, ServiceCreate, StandaloneCreate, TaskReport};
+use crate::cluster::{NetworkCreate, Role, ServiceCreate, ServiceUpdate, StandaloneCreate, TaskReport};
 use crate::error::{ApiError, ErrorKind};
 use crate::tls::CertKey;
 
@@ -182,6 +182,9 @@ pub struct Assignment {
     #[serde(default)]
     pub ports: Vec<Port>,
     pub command: Vec<String>,
+    /// The service's `--env`.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
     pub restart: bool,
     pub attachments: Vec<Attachment>,
 }
@@ -225,8 +228,8 @@ pub enum ApiRequest {
     ServiceInspect { name: String },
     /// `ServiceInfo`
     ServiceScale { name: String, replicas: u64 },
-    /// `ServiceInfo`: ports added and removed without restarting the service's tasks.
-    ServiceUpdate { name: String, publish_add: Vec<PublishSpec>, publish_rm: Vec<PublishedPort> },
+    /// `ServiceInfo`: the change made; a rolling update of its tasks begun if it needs one.
+    ServiceUpdate { name: String, spec: Box<ServiceUpdate> },
     /// `Removed`
     ServiceRm { name: String },
     /// A new gossip key, handed out now and sealed with shortly after. `GossipKeyRotated`

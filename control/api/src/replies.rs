@@ -9,7 +9,7 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use swarmnet_types::{Driver, EndpointState, Id, Port};
 
-use crate::cluster::{DesiredState, EndpointMode, NodeStatus, Role, TaskState};
+use crate::cluster::{DesiredState, EndpointMode, NodeStatus, Role, TaskState, UpdateConfig, UpdateStatus};
 
 /// A node as this node's gossip failure detector sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +228,17 @@ pub struct ServiceInfo {
     pub constraints: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `--env`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Raised by every change that replaces its tasks.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub update_config: UpdateConfig,
+    /// The rolling update under way, or the last one.
+    #[serde(default)]
+    pub update_status: Option<UpdateStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +256,9 @@ pub struct TaskInfo {
     pub addresses: BTreeMap<String, Ipv4Addr>,
     pub pid: Option<u32>,
     pub restarts: u32,
+    /// The version of its service it was made from.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// `service ps`: the service's tasks, and what keeps its published ports from answering
@@ -424,6 +438,7 @@ mod tests {
             addresses: BTreeMap::new(),
             pid: Some(7),
             restarts: 0,
+            version: 0,
         };
         let done = RunResult::Finished { id: "t".into(), exit_code: 3, output: "hi\n".into(), task: t.clone() };
         let back: RunResult = serde_json::from_value(serde_json::to_value(&done).expect("encode")).expect("decode");

@@ -115,8 +115,8 @@ impl Manager {
                 let s = self.mutate(|st, g| ops::scale_service(st, &name, replicas, g))?;
                 to_value(service_info(&s, &self.state()))?
             }
-            ApiRequest::ServiceUpdate { name, publish_add, publish_rm } => {
-                let s = self.mutate(|st, g| ops::update_service_ports(st, &name, &publish_add, &publish_rm, &self.own_ports, g))?;
+            ApiRequest::ServiceUpdate { name, spec } => {
+                let s = self.mutate(|st, g| ops::update_service(st, &name, &spec, &self.own_ports, crate::server::now_ms(), g))?;
                 to_value(service_info(&s, &self.state()))?
             }
             ApiRequest::ServiceRm { name } => {
@@ -220,6 +220,8 @@ mod tests {
             command: vec!["sleep".into()],
             constraints: vec![],
             labels: Default::default(),
+            env: Default::default(),
+            update: Default::default(),
         };
         let s: ServiceInfo = m.api(ApiRequest::ServiceCreate { spec: spec.clone() }, None).into_data().expect("service");
         assert_eq!((s.desired_replicas, s.ports[0].published), (2, 8080));

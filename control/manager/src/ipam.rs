@@ -190,6 +190,10 @@ mod tests {
             aliases: Default::default(),
             constraints: vec![],
             labels: Default::default(),
+            env: Default::default(),
+            version: 0,
+            update: Default::default(),
+            update_status: None,
         };
         svc.vips.insert("n".into(), a);
         st.services.insert("s".into(), svc);

@@ -9,7 +9,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 pub use swarmnet_api::replies::Availability;
-pub use swarmnet_api::{Constraint, DesiredState, EndpointMode, NodeStatus, Role, ServiceMode, TaskState};
+pub use swarmnet_api::{Constraint, DesiredState, EndpointMode, NodeStatus, Role, ServiceMode, TaskState, UpdateConfig, UpdateState, UpdateStatus};
 pub use swarmnet_types::{format_mac, mac_for, Driver, Id, Network, Port, Protocol, PublishMode};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +60,24 @@ pub struct Service {
     pub constraints: Vec<Constraint>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// `--env`: the tasks' environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Raised by every change that replaces the tasks (command, env, constraints, `--force`);
+    /// a task made from an older one is replaced by the rolling update.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub update: UpdateConfig,
+    /// The rolling update under way, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
+}
+
+impl Service {
+    pub fn updating(&self) -> bool {
+        self.update_status.as_ref().is_some_and(|u| u.state == UpdateState::Updating)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +105,11 @@ pub struct Task {
     /// network id -> extra names of a standalone task there (a service's are on the service).
     #[serde(default)]
     pub aliases: BTreeMap<Id, Vec<String>>,
+    /// The version of its service it was made from.
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Everything the manager knows, as one value: operations clone it, change the clone

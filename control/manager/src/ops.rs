@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
-pub use swarmnet_api::{NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, ServiceCreate, StandaloneCreate, TaskReport};
+pub use swarmnet_api::{NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, ServiceCreate, ServiceUpdate, StandaloneCreate, TaskReport};
 
 use crate::ipam;
 use crate::model::*;
@@ -244,6 +244,7 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
     for k in req.labels.keys() {
         swarmnet_api::check_label_key(k).map_err(|e| invalid(format!("service {}: {}", req.name, e.message)))?;
     }
+    check_env(&req.name, &req.env)?;
     let mut svc = Service {
         id: new_id(),
         name: req.name.clone(),
@@ -256,6 +257,10 @@ pub fn create_service(st: &mut ClusterState, req: &ServiceCreate, own: &OwnPorts
         aliases,
         constraints: req.constraints.clone(),
         labels: req.labels.clone(),
+        env: req.env.clone(),
+        version: 0,
+        update: req.update,
+        update_status: None,
     };
     let tasks = match mode {
         ServiceMode::Replicated { replicas } => replicas,
@@ -296,10 +301,21 @@ pub fn scale_service(st: &mut ClusterState, name: &str, replicas: u64, new_id: I
     Ok(svc)
 }
 
-/// `service update --publish-add SPEC --publish-rm PORT[/PROTOCOL]`: the service's tasks go
-/// on running (their endpoints are published again with the new ports).
-pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[PublishSpec], rm: &[PublishedPort], own: &OwnPorts, new_id: IdGen) -> Result<Service, OpError> {
-    let mut svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+fn check_env(service: &str, env: &BTreeMap<String, String>) -> Result<(), OpError> {
+    for (k, v) in env {
+        swarmnet_api::check_env_key(k).map_err(|e| invalid(format!("service {service}: environment variable {}", e.message)))?;
+        if v.contains('\0') {
+            return Err(invalid(format!("service {service}: environment variable {k}: the value has a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+/// `--publish-add SPEC --publish-rm PORT[/PROTOCOL]` on `svc`: its tasks go on running
+/// (their endpoints are published again with the new ports), unless they must join or
+/// leave the ingress network.
+fn change_ports(st: &mut ClusterState, svc: &mut Service, add: &[PublishSpec], rm: &[PublishedPort], own: &OwnPorts) -> Result<(), OpError> {
+    let name = svc.name.clone();
     let mut ports = svc.ports.clone();
     for r in rm {
         let before = ports.len();
@@ -308,13 +324,10 @@ pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[PublishSpe
             return Err(OpError::NotFound(format!("service {name} does not publish port {r}")));
         }
     }
-    if add.is_empty() && rm.is_empty() {
-        return Err(invalid(format!("service update {name}: nothing to change (give --publish-add or --publish-rm)")));
-    }
     let specs = validated(add)?;
     let had_ports = !svc.ports.is_empty();
     svc.ports = resolve_ports(st, &specs, ports, Some(&svc.id), own)?;
-    check_ingress_exists(st, name, &svc.ports)?;
+    check_ingress_exists(st, &name, &svc.ports)?;
     if had_ports == svc.ports.is_empty() {
         // Its tasks join (or leave) the ingress network: they are replaced (the only case
         // of a port change that restarts them).
@@ -332,10 +345,210 @@ pub fn update_service_ports(st: &mut ClusterState, name: &str, add: &[PublishSpe
             }
         }
     }
+    Ok(())
+}
+
+/// `service update`: every change of `spec` is checked before any is made (a refusal
+/// changes nothing). A new command, environment or constraints, or `force`, raise the
+/// service's version: its tasks are then replaced by [`advance_updates`], a rolling update.
+pub fn update_service(st: &mut ClusterState, name: &str, spec: &ServiceUpdate, own: &OwnPorts, now_ms: u64, new_id: IdGen) -> Result<Service, OpError> {
+    let mut svc = st.service_by_name(name).cloned().ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;
+    let name = svc.name.clone();
+    if spec.is_empty() {
+        return Err(invalid(format!("service update {name}: nothing to change")));
+    }
+    if !spec.publish_add.is_empty() || !spec.publish_rm.is_empty() {
+        change_ports(st, &mut svc, &spec.publish_add, &spec.publish_rm, own)?;
+    }
+    if let Some(replicas) = spec.replicas {
+        let ServiceMode::Replicated { replicas: old } = svc.mode else {
+            return Err(invalid(format!("service {name} is a global service: --replicas is for a replicated one")));
+        };
+        if replicas > old {
+            check_capacity(st, &svc, replicas - old, false)?;
+        }
+        svc.mode = ServiceMode::Replicated { replicas };
+    }
+    let mut replace = spec.force;
+    if let Some(cmd) = &spec.command {
+        if cmd.is_empty() {
+            return Err(invalid(format!("service update {name}: an empty command")));
+        }
+        replace |= *cmd != svc.command;
+        svc.command = cmd.clone();
+    }
+    let env_before = svc.env.clone();
+    for k in &spec.env_rm {
+        if svc.env.remove(k).is_none() && !spec.env_add.contains_key(k) {
+            return Err(OpError::NotFound(format!("service {name} has no environment variable {k}")));
+        }
+    }
+    svc.env.extend(spec.env_add.clone());
+    check_env(&name, &svc.env)?;
+    replace |= svc.env != env_before;
+    let constraints_before = svc.constraints.clone();
+    for c in &spec.constraint_rm {
+        let before = svc.constraints.len();
+        svc.constraints.retain(|x| x != c);
+        if svc.constraints.len() == before {
+            return Err(OpError::NotFound(format!("service {name} has no constraint {c}")));
+        }
+    }
+    for c in &spec.constraint_add {
+        if !svc.constraints.contains(c) {
+            svc.constraints.push(c.clone());
+        }
+    }
+    replace |= svc.constraints != constraints_before;
+    for k in &spec.label_rm {
+        if svc.labels.remove(k).is_none() {
+            return Err(OpError::NotFound(format!("service {name} has no label {k}")));
+        }
+    }
+    for k in spec.label_add.keys() {
+        swarmnet_api::check_label_key(k).map_err(|e| invalid(format!("service {name}: {}", e.message)))?;
+    }
+    svc.labels.extend(spec.label_add.clone());
+    if let Some(p) = spec.parallelism {
+        svc.update.parallelism = p;
+    }
+    if let Some(d) = spec.delay_ms {
+        svc.update.delay_ms = d;
+    }
+    if replace {
+        svc.version += 1;
+        svc.update_status = Some(UpdateStatus { state: UpdateState::Updating, message: format!("updating its tasks to version {}", svc.version), not_before_ms: 0 });
+    }
     st.services.insert(svc.id.clone(), svc.clone());
-    // A host-mode port removed may let a pending task start.
+    // Scaled, or a host-mode port removed that lets a pending task start.
     reconcile(st, new_id);
-    Ok(svc)
+    advance_updates(st, now_ms, new_id);
+    Ok(st.services.get(&svc.id).cloned().unwrap_or(svc))
+}
+
+/// The rolling updates, one step (pure; the manager calls it on every change and a few
+/// times a second while one is under way). For each updating service, per slot (a global
+/// service: per node): an old task (made from an older version) gets a new twin, at most
+/// `parallelism` at a time and not before `not_before_ms`; once the twin runs (ready), the
+/// old one is told to stop (it drains first); `delay_ms` passes before the next twin. A
+/// twin that fails pauses the update: it is stopped and the old tasks go on running.
+/// Returns whether anything changed.
+pub fn advance_updates(st: &mut ClusterState, now_ms: u64, new_id: IdGen) -> bool {
+    let updating: Vec<Id> = st.services.values().filter(|s| s.updating()).map(|s| s.id.clone()).collect();
+    let mut changed = false;
+    for sid in updating {
+        changed |= advance_update(st, &sid, now_ms, new_id);
+    }
+    if changed {
+        reconcile(st, new_id);
+    }
+    changed
+}
+
+/// The tasks of one slot (or node) during an update: (made from an older version, from
+/// the service's version).
+type OldNew = (Vec<Id>, Vec<Id>);
+
+fn advance_update(st: &mut ClusterState, sid: &Id, now_ms: u64, new_id: IdGen) -> bool {
+    let Some(svc) = st.services.get(sid).cloned() else { return false };
+    let Some(mut status) = svc.update_status.clone() else { return false };
+    // Slot (or node) → (old tasks, new tasks), among those meant to run.
+    let mut groups: BTreeMap<(Option<u64>, Option<Id>), OldNew> = BTreeMap::new();
+    for t in live_tasks_of(st, sid) {
+        let key = match svc.mode {
+            ServiceMode::Replicated { .. } => (t.slot, None),
+            ServiceMode::Global => (None, t.node_id.clone()),
+        };
+        let g = groups.entry(key).or_default();
+        if t.version < svc.version {
+            g.0.push(t.id.clone());
+        } else {
+            g.1.push(t.id.clone());
+        }
+    }
+    let mut changed = false;
+    let mut in_flight = 0u64;
+    let mut todo: Vec<Id> = Vec::new();
+    // A new task that failed pauses the update: every slot whose new task does not run yet
+    // keeps its old one (the new one is stopped); a slot whose new one runs is done.
+    let failed = groups.values().flat_map(|(_, new)| new).filter_map(|id| st.tasks.get(id)).find(|t| matches!(t.state, TaskState::Failed | TaskState::Complete) || t.restarts > 0).cloned();
+    if let Some(bad) = &failed {
+        let why = if bad.error.is_empty() { "it failed".to_string() } else { bad.error.clone() };
+        status.state = UpdateState::Paused;
+        status.message = format!("paused: the new task {} failed ({why}); the old tasks go on running (`service update --force {}` tries again)", bad.name, svc.name);
+    }
+    for (old, new) in groups.values() {
+        if old.is_empty() {
+            continue;
+        }
+        if new.is_empty() {
+            todo.extend(old.iter().cloned());
+            continue;
+        }
+        let twin_runs = new.iter().filter_map(|id| st.tasks.get(id)).any(|t| t.state == TaskState::Running && t.restarts == 0);
+        let (stop, why) = if twin_runs {
+            status.not_before_ms = now_ms.saturating_add(svc.update.delay_ms);
+            (old, format!("replaced by an update to version {}", svc.version))
+        } else if failed.is_some() {
+            (new, "stopped: the update was paused".to_string())
+        } else {
+            in_flight += 1;
+            continue;
+        };
+        for id in stop {
+            if let Some(t) = st.tasks.get_mut(id) {
+                t.desired_state = DesiredState::Shutdown;
+                if !t.state.is_terminal() || failed.is_some() {
+                    t.error = why.clone();
+                }
+            }
+        }
+        changed = true;
+    }
+    if status.state == UpdateState::Updating {
+        let total = groups.len() as u64;
+        if todo.is_empty() && in_flight == 0 && !changed {
+            status.state = UpdateState::Completed;
+            status.message = format!("{total} task(s) at version {}", svc.version);
+            changed = true;
+        } else if now_ms >= status.not_before_ms {
+            let room = if svc.update.parallelism == 0 { u64::MAX } else { svc.update.parallelism.saturating_sub(in_flight) };
+            for old in todo.iter().take(usize::try_from(room).unwrap_or(usize::MAX)) {
+                let Some(o) = st.tasks.get(old).cloned() else { continue };
+                let twin = Task {
+                    id: new_id(),
+                    name: o.name.clone(),
+                    service_id: Some(svc.id.clone()),
+                    slot: o.slot,
+                    // A global service's twin goes to the same node; a replica's anywhere.
+                    node_id: if svc.mode == ServiceMode::Global { o.node_id.clone() } else { None },
+                    desired_state: DesiredState::Running,
+                    state: TaskState::Pending,
+                    error: String::new(),
+                    addresses: BTreeMap::new(),
+                    networks: task_networks(st, &svc),
+                    command: svc.command.clone(),
+                    restart: true,
+                    restarts: 0,
+                    pid: None,
+                    aliases: BTreeMap::new(),
+                    version: svc.version,
+                    env: svc.env.clone(),
+                };
+                st.tasks.insert(twin.id.clone(), twin);
+                changed = true;
+            }
+            let done = total.saturating_sub(todo.len() as u64 + in_flight);
+            status.message = format!("updating to version {}: {done} of {total} task(s) replaced", svc.version);
+        }
+    }
+    if let Some(s) = st.services.get_mut(sid) {
+        if s.update_status.as_ref() != Some(&status) {
+            s.update_status = Some(status);
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// The cluster's ingress network, made with the cluster: `subnet`, or the last /24 of the
@@ -398,6 +611,8 @@ pub fn create_standalone(st: &mut ClusterState, req: &StandaloneCreate, node_id:
         restarts: 0,
         pid: None,
         aliases,
+        version: 0,
+        env: BTreeMap::new(),
     };
     for id in &networks {
         let a = ipam::allocate(st, id)?;
@@ -592,6 +807,8 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
                 restarts: 0,
                 pid: None,
                 aliases: BTreeMap::new(),
+                version: svc.version,
+                env: svc.env.clone(),
             };
             st.tasks.insert(t.id.clone(), t);
         }
@@ -796,7 +1013,13 @@ mod tests {
             command: vec!["sleep".into(), "infinity".into()],
             constraints: vec![],
             labels: Default::default(),
+            env: Default::default(),
+            update: Default::default(),
         }
+    }
+
+    fn update_service_ports(st: &mut ClusterState, name: &str, add: &[PublishSpec], rm: &[PublishedPort], own: &OwnPorts, g: IdGen) -> Result<Service, OpError> {
+        update_service(st, name, &ServiceUpdate { publish_add: add.to_vec(), publish_rm: rm.to_vec(), ..Default::default() }, own, 0, g)
     }
 
     fn running(st: &ClusterState) -> Vec<&Task> {
@@ -885,6 +1108,134 @@ mod tests {
         assert_eq!(per_node(&st).keys().cloned().collect::<Vec<_>>(), vec!["a".to_string()]);
         let info = crate::views::service_info(&st.services.values().next().cloned().expect("svc"), &st);
         assert_eq!(info.desired_replicas, 1, "desired: the eligible nodes");
+    }
+
+    /// Marks every placed task meant to run as running, as their nodes would report.
+    fn all_run(st: &mut ClusterState) {
+        for t in st.tasks.values_mut().filter(|t| t.desired_state == DesiredState::Running && t.node_id.is_some()) {
+            t.state = TaskState::Running;
+        }
+    }
+
+    fn serving(st: &ClusterState, svc: &str) -> usize {
+        st.tasks.values().filter(|t| t.name.starts_with(&format!("{svc}.")) && t.desired_state == DesiredState::Running && t.state == TaskState::Running).count()
+    }
+
+    fn status(st: &ClusterState, svc: &str) -> UpdateStatus {
+        st.service_by_name(svc).and_then(|s| s.update_status.clone()).expect("an update status")
+    }
+
+    #[test]
+    fn a_rolling_update_replaces_one_task_at_a_time_never_serving_fewer() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        create_service(&mut st, &svc("web", 3), &OWN, &mut g).expect("service");
+        all_run(&mut st);
+        let old: BTreeSet<Id> = running(&st).iter().map(|t| t.id.clone()).collect();
+        let change = ServiceUpdate { command: Some(vec!["sleep".into(), "1000".into()]), env_add: BTreeMap::from([("V".into(), "2".into())]), ..Default::default() };
+        let s = update_service(&mut st, "web", &change, &OWN, 1000, &mut g).expect("update");
+        assert_eq!((s.version, s.update_status.as_ref().map(|u| u.state)), (1, Some(UpdateState::Updating)));
+        let mut now = 1000;
+        for step in 0..3 {
+            // One new task at a time, placed, made from the new spec.
+            let new: Vec<&Task> = running(&st).into_iter().filter(|t| t.version == 1 && t.state != TaskState::Running).collect();
+            assert_eq!(new.len(), 1, "step {step}: {:?}", running(&st));
+            assert!(new[0].node_id.is_some() && new[0].command == ["sleep", "1000"] && new[0].env["V"] == "2", "{:?}", new[0]);
+            // Nothing moves until it runs; the old ones all serve meanwhile.
+            assert!(!advance_updates(&mut st, now, &mut g));
+            assert_eq!(serving(&st, "web"), 3);
+            all_run(&mut st);
+            now += 100;
+            assert!(advance_updates(&mut st, now, &mut g));
+            assert!(serving(&st, "web") >= 3, "step {step}: never fewer than 3 serving");
+        }
+        assert!(advance_updates(&mut st, now, &mut g), "the last step completes it");
+        assert_eq!(status(&st, "web").state, UpdateState::Completed);
+        let now_running: BTreeSet<Id> = running(&st).iter().map(|t| t.id.clone()).collect();
+        assert_eq!(now_running.len(), 3);
+        assert!(now_running.is_disjoint(&old), "every task replaced");
+        let mut slots: Vec<Option<u64>> = running(&st).iter().map(|t| t.slot).collect();
+        slots.sort();
+        assert_eq!(slots, vec![Some(1), Some(2), Some(3)], "the same slots");
+        assert!(st.tasks.values().filter(|t| old.contains(&t.id)).all(|t| t.desired_state == DesiredState::Shutdown && t.error == "replaced by an update to version 1"));
+        assert!(!advance_updates(&mut st, now + 1000, &mut g), "nothing more to do");
+    }
+
+    #[test]
+    fn the_delay_parallelism_and_a_failed_task_pause() {
+        let (mut st, mut g) = cluster(&["a", "b", "c"]);
+        let mut spec = svc("web", 4);
+        spec.update = UpdateConfig { parallelism: 2, delay_ms: 5000 };
+        create_service(&mut st, &spec, &OWN, &mut g).expect("service");
+        all_run(&mut st);
+        update_service(&mut st, "web", &ServiceUpdate { force: true, ..Default::default() }, &OWN, 0, &mut g).expect("force");
+        let pending_new = |st: &ClusterState| running(st).into_iter().filter(|t| t.version == 1 && t.state != TaskState::Running).count();
+        assert_eq!(pending_new(&st), 2, "two at a time");
+        all_run(&mut st);
+        advance_updates(&mut st, 1000, &mut g);
+        assert_eq!(pending_new(&st), 0, "the delay holds the next ones");
+        assert_eq!(status(&st, "web").not_before_ms, 6000);
+        advance_updates(&mut st, 5999, &mut g);
+        assert_eq!(pending_new(&st), 0);
+        advance_updates(&mut st, 6000, &mut g);
+        assert_eq!(pending_new(&st), 2, "after the delay");
+        // One of them fails: paused, the failed ones stopped, the old ones still serve.
+        let twin = running(&st).into_iter().find(|t| t.version == 1 && t.state != TaskState::Running).map(|t| t.id.clone()).expect("a twin");
+        if let Some(t) = st.tasks.get_mut(&twin) {
+            t.state = TaskState::Failed;
+            t.error = "exited with status 1".into();
+        }
+        assert!(advance_updates(&mut st, 6100, &mut g));
+        let u = status(&st, "web");
+        assert_eq!(u.state, UpdateState::Paused);
+        assert!(u.message.contains("exited with status 1") && u.message.contains("--force web"), "{}", u.message);
+        assert!(st.tasks.get(&twin).is_none_or(|t| t.desired_state == DesiredState::Shutdown), "the failed one stopped (and, finished, forgotten)");
+        assert_eq!(serving(&st, "web"), 4, "two new and two old serve");
+        assert_eq!(pending_new(&st), 0, "the other new task not yet running is stopped too");
+        assert_eq!(running(&st).len(), 4);
+        assert!(!advance_updates(&mut st, 99_000, &mut g), "a paused update does not move");
+    }
+
+    #[test]
+    fn update_changes_what_it_is_asked_and_refuses_what_it_cannot() {
+        let (mut st, mut g) = cluster(&["a", "b"]);
+        create_service(&mut st, &svc("web", 2), &OWN, &mut g).expect("service");
+        all_run(&mut st);
+        // Labels, replicas and update settings: no task replaced.
+        let spec = ServiceUpdate { label_add: BTreeMap::from([("tier".into(), "front".into())]), replicas: Some(3), parallelism: Some(0), delay_ms: Some(10), ..Default::default() };
+        let s = update_service(&mut st, "web", &spec, &OWN, 0, &mut g).expect("update");
+        assert_eq!((s.version, s.update_status.clone(), s.labels["tier"].as_str()), (0, None, "front"));
+        assert_eq!((s.mode, s.update), (ServiceMode::Replicated { replicas: 3 }, UpdateConfig { parallelism: 0, delay_ms: 10 }));
+        assert_eq!(running(&st).len(), 3);
+        // The same command again changes nothing either.
+        let s = update_service(&mut st, "web", &ServiceUpdate { command: Some(vec!["sleep".into(), "infinity".into()]), ..Default::default() }, &OWN, 0, &mut g).expect("same");
+        assert_eq!(s.version, 0);
+        // A constraint: a rolling update, parallelism 0 = all at once.
+        let c: Constraint = "node.hostname==a".parse().expect("constraint");
+        let s = update_service(&mut st, "web", &ServiceUpdate { constraint_add: vec![c.clone()], ..Default::default() }, &OWN, 0, &mut g).expect("constraint");
+        assert_eq!(s.version, 1);
+        let twins: Vec<&Task> = running(&st).into_iter().filter(|t| t.version == 1).collect();
+        assert!(twins.len() == 3 && twins.iter().all(|t| t.node_id.as_deref() == Some("a")), "{twins:?}");
+        // Refusals: each says what, nothing changed (the manager commits only on success).
+        let bad = [
+            (ServiceUpdate::default(), "nothing to change"),
+            (ServiceUpdate { env_rm: vec!["NOPE".into()], ..Default::default() }, "has no environment variable NOPE"),
+            (ServiceUpdate { label_rm: vec!["nope".into()], ..Default::default() }, "has no label nope"),
+            (ServiceUpdate { constraint_rm: vec!["node.hostname==b".parse().expect("c")], ..Default::default() }, "has no constraint node.hostname==b"),
+            (ServiceUpdate { command: Some(vec![]), ..Default::default() }, "an empty command"),
+            (ServiceUpdate { env_add: BTreeMap::from([("1X".into(), "v".into())]), ..Default::default() }, "letters, digits and _"),
+        ];
+        for (spec, want) in bad {
+            let mut copy = st.clone();
+            let e = update_service(&mut copy, "web", &spec, &OWN, 0, &mut g).expect_err(want);
+            assert!(e.to_string().contains(want), "{e} (wanted {want})");
+        }
+        assert!(matches!(update_service(&mut st, "nope", &ServiceUpdate { force: true, ..Default::default() }, &OWN, 0, &mut g), Err(OpError::NotFound(_))));
+        let (mut st, mut g) = cluster(&["a"]);
+        let mut global = svc("g", 0);
+        global.mode = ServiceMode::Global;
+        create_service(&mut st, &global, &OWN, &mut g).expect("global");
+        let e = update_service(&mut st, "g", &ServiceUpdate { replicas: Some(2), ..Default::default() }, &OWN, 0, &mut g).expect_err("global");
+        assert!(e.to_string().contains("global service"), "{e}");
     }
 
     #[test]

@@ -476,6 +476,21 @@ impl Manager {
         self.store.describe()
     }
 
+    /// Moves the rolling updates on (`ops::advance_updates`) while one is under way: a new
+    /// task's report or the end of an `--update-delay` lets the next step go.
+    pub async fn drive_updates(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if !self.leads() || !self.lock().state.services.values().any(|s| s.updating()) {
+                continue;
+            }
+            if let Err(e) = self.mutate(|st, g| Ok(ops::advance_updates(st, now_ms(), g))) {
+                warn!(error = %e, "could not move a rolling update on");
+            }
+        }
+    }
+
     /// Marks nodes down that missed three heartbeats.
     pub async fn watch_heartbeats(self: Arc<Self>) {
         let limit = self.heartbeat * 3;
@@ -757,4 +772,10 @@ fn new_gossip_key(id: u32) -> Result<GossipKey, ManagerError> {
     let mut k = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k).map_err(|_| OpError::Invalid("no randomness for a gossip key".into()))?;
     Ok(GossipKey::from_bytes(id, &k))
+}
+
+/// Unix time in ms (the rolling updates' delays; managers' clocks are kept in step by NTP,
+/// and a skew only moves a delay).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -122,6 +122,7 @@ pub fn assignments(st: &ClusterState, node: &Id) -> BTreeMap<Id, Assignment> {
                     service_name: svc.map(|s| s.name.clone()),
                     ports: svc.map(|s| s.ports.clone()).unwrap_or_default(),
                     command: t.command.clone(),
+                    env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     restart: t.restart,
                     attachments,
                 },
@@ -311,6 +312,8 @@ mod tests {
                 restarts: 0,
                 pid: None,
                 aliases: Default::default(),
+                version: 0,
+                env: Default::default(),
             },
         );
     }

@@ -61,6 +61,10 @@ pub fn service_info(s: &Service, st: &ClusterState) -> ServiceInfo {
         command: s.command.clone(),
         constraints: s.constraints.iter().map(ToString::to_string).collect(),
         labels: s.labels.clone(),
+        env: s.env.clone(),
+        version: s.version,
+        update_config: s.update,
+        update_status: s.update_status.clone(),
     }
 }
 
@@ -99,6 +103,7 @@ pub fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
         addresses: t.addresses.iter().map(|(n, a)| (net_name(st, n), *a)).collect(),
         pid: t.pid,
         restarts: t.restarts,
+        version: t.version,
     }
 }
 
@@ -146,6 +151,10 @@ mod tests {
             aliases: BTreeMap::new(),
             constraints: vec![],
             labels: BTreeMap::new(),
+            env: Default::default(),
+            version: 0,
+            update: Default::default(),
+            update_status: None,
         };
         st.services.insert("s1".into(), svc);
         for (i, (state, node)) in [(TaskState::Running, "a"), (TaskState::Assigned, "a")].into_iter().enumerate() {
@@ -168,6 +177,8 @@ mod tests {
                     restarts: 0,
                     pid: None,
                     aliases: BTreeMap::new(),
+                    version: 0,
+                    env: Default::default(),
                 },
             );
         }

@@ -45,6 +45,10 @@ pub fn sample_state(tasks: usize) -> ClusterState {
             aliases: BTreeMap::new(),
             constraints: vec![],
             labels: BTreeMap::new(),
+            env: Default::default(),
+            version: 0,
+            update: Default::default(),
+            update_status: None,
         },
     );
     for i in 0..tasks {
@@ -67,6 +71,8 @@ pub fn sample_state(tasks: usize) -> ClusterState {
                 restarts: 0,
                 pid: Some(1000 + i as u32),
                 aliases: BTreeMap::new(),
+                version: 0,
+                env: Default::default(),
             },
         );
     }
