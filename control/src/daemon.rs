@@ -433,10 +433,13 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
     // Bounded (issues 12 and 19, the shared loop): at most 256 requests at once, 10 s to send
     // one; accept failures back off and are logged once per burst.
     let names = Names { what: "control socket", conns: "requests", conn: "request" };
+    // `swarm leave` done: the daemon erases its state and exits.
+    let left = Arc::new(tokio::sync::Notify::new());
     let serving = admission::serve(listener, names, Admission::new(Limits { total: 256, per_peer: 256 }), |mut conn: tokio::net::UnixStream, _| {
         let manager = manager.clone();
         let agent = agent.clone();
         let stale = stale.clone();
+        let left = left.clone();
         async move {
             let req: ApiRequest = match tokio::time::timeout(std::time::Duration::from_secs(10), read_msg_within(&mut conn, MAX_FIRST_FRAME)).await {
                 Ok(Ok(Some(r))) => r,
@@ -446,6 +449,15 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
                     return;
                 }
             };
+            if let ApiRequest::SwarmLeave { force } = req {
+                let reply = leave(force, manager.as_ref(), &agent).await;
+                let done = reply.ok;
+                let _ = write_msg(&mut conn, &reply).await;
+                if done {
+                    left.notify_one();
+                }
+                return;
+            }
             let (leading, standby) = match &manager {
                 None => (None, false),
                 Some(slot) => {
@@ -464,6 +476,11 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
         _ = serving => {}
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = left.notified() => {
+            erase_state(data_dir, &path);
+            info!(data_dir = %data_dir.display(), "left the swarm: the node's state is erased; exiting");
+            return Ok(());
+        }
     }
     info!("stopping; tasks keep running and are adopted at the next start");
     // Another manager takes over at once, not when the lease runs out.
@@ -472,6 +489,43 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// `swarm leave` on this node: refused on a manager without `force` (Docker's rule: demote
+/// it first; the last manager's leave ends the cluster, whose state is erased with it).
+async fn leave(force: bool, manager: Option<&ManagerSlot>, agent: &Agent) -> Reply {
+    if let Some(slot) = manager {
+        if !force {
+            return Reply::err(ApiError::conflict(
+                "this node is a manager: demote it first (`swarmnet node demote NODE`, asked of another manager), or leave with --force (the last manager's leave ends the cluster: its state is erased with this node's)",
+            ));
+        }
+        // Another manager takes over at once, not when the lease runs out.
+        if let Some(m) = slot.borrow().clone() {
+            m.resign();
+        }
+    }
+    let left_behind = agent.leave().await;
+    Reply::ok(&swarmnet_api::replies::Left { node_id: agent.id.node_id.clone(), left_behind })
+}
+
+/// Empties the data dir once the node has left (its identity, certificates, task files,
+/// state files, a manager's store); the dir itself stays, and so do `*.log` files at its
+/// top (swarmnet writes none there: an operator's redirected daemon log). The control
+/// socket goes last.
+fn erase_state(data_dir: &Path, socket: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p == socket || (p.is_file() && p.extension().is_some_and(|x| x == "log")) {
+            continue;
+        }
+        let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        if let Err(err) = r {
+            warn!(path = %p.display(), error = %err, "swarm leave: could not remove");
+        }
+    }
+    let _ = std::fs::remove_file(socket);
 }
 
 /// One request of the local CLI: the manager's answer, completed with what only this node

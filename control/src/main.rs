@@ -319,6 +319,16 @@ enum SwarmCmd {
     /// Replace the gossip key now: every node gets the new one, then seals with it; the one
     /// before stays accepted until the next rotation.
     RotateGossipKey,
+    /// Take this node out of the swarm: its tasks stop (draining first, then rescheduled
+    /// elsewhere by the manager), every kernel object it made goes (namespaces, links,
+    /// nftables tables, eBPF programs and pins, its cgroup), its data dir is emptied and its
+    /// daemon exits. The node shows as down in `node ls` until `node rm`.
+    Leave {
+        /// Leave even though this node is a manager (the last manager's leave ends the
+        /// cluster; demote a manager first instead).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -739,6 +749,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let r: Removed = call(&host, ApiRequest::NodeRm { node, force })?;
             println!("{}", r.name);
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Swarm(SwarmCmd::Leave { force }) => {
+            let r: Left = call(&host, ApiRequest::SwarmLeave { force })?;
+            println!("node {} left the swarm", r.node_id);
+            for w in &r.left_behind {
+                eprintln!("warning: left behind: {w}");
+            }
+            return Ok(if r.left_behind.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
         Cmd::Swarm(SwarmCmd::RotateGossipKey) => {
             let r: GossipKeyRotated = call(&host, ApiRequest::RotateGossipKey)?;

@@ -504,3 +504,91 @@ fn exec_runs_a_command_inside_a_task_with_its_dns_and_vips() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// What a node made on the machine, as seen from outside its daemon: links of its namespace
+/// besides the lab's (`lo`, `eth0`), its nftables tables, the holders of its sandboxes'
+/// namespaces, its cgroup and bpffs folders, processes of its tasks and
+/// sandboxes, and what its data dir holds besides the lab's own files.
+fn made_by(lab: &Lab, i: usize, id: &str) -> Result<Vec<String>> {
+    let node = &lab.nodes[i];
+    let mut out = Vec::new();
+    for l in in_ns(&node.ns, &["ip", "-o", "link", "show"])?.lines() {
+        let name = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("").to_string();
+        if name != "lo" && name != "eth0" {
+            out.push(format!("link {name}"));
+        }
+    }
+    for t in in_ns(&node.ns, &["nft", "list", "tables"])?.lines() {
+        out.push(format!("nft {t}"));
+    }
+    // A sandbox's namespace is held by a process writing to `<data dir>/sandboxes/`.
+    let sandboxes = node.data_dir.join("sandboxes");
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|t| t.starts_with(&sandboxes)) {
+            out.push(format!("sandbox holder {pid}"));
+        }
+    }
+    if let Some(cg) = swarmnet_dataplane::lb::host::node_cgroup(id).filter(|p| p.exists()) {
+        out.push(format!("cgroup {}", cg.display()));
+    }
+    let pins = swarmnet_lab::lab_bpffs()?.join("swarmnet").join(swarmnet_dataplane::lb::host::dir_name(id));
+    if pins.exists() {
+        out.push(format!("bpffs {}", pins.display()));
+    }
+    for (task, pid, _) in swarmnet_dataplane::task::find_task_processes(&node.data_dir) {
+        out.push(format!("task process {pid} ({task})"));
+    }
+    for e in std::fs::read_dir(&node.data_dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != "daemon.log" && name != "daemon.pid" {
+            out.push(format!("file {name}"));
+        }
+    }
+    Ok(out)
+}
+
+/// `swarm leave` on a worker: its tasks stop and run elsewhere, everything it made on the
+/// machine goes (links, nftables tables, cgroup and bpffs folders, task processes, sandbox
+/// holders, its data dir's content) and its daemon exits; the manager shows it down. A
+/// manager is refused without --force, and changes nothing.
+#[test]
+fn a_node_that_leaves_takes_everything_it_made_with_it() -> Result<()> {
+    let lab = Lab::up("snx-leave", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    let n3 = lab.nodes[2].ns.clone();
+    let mine: Vec<u32> = lab.running_tasks("web")?.iter().filter(|t| t["node"] == n3.as_str()).map(pid_of).collect();
+    assert!(!mine.is_empty(), "a task of web on {n3}");
+    let id = lab.node_id(2)?;
+    let daemon = lab.daemon_pid(2).context("the daemon's pid")?;
+    // The checks see what the node made while it runs.
+    let before = made_by(&lab, 2, &id)?;
+    for want in ["link ", "nft ", "sandbox holder ", "cgroup ", "bpffs ", "task process ", "file node"] {
+        assert!(before.iter().any(|o| o.starts_with(want)), "before leaving, {want:?} among {before:#?}");
+    }
+
+    let (code, err) = lab.cli_fail(0, &["swarm", "leave"])?;
+    assert!(code == 4 && err.contains("this node is a manager") && err.contains("--force"), "{code}: {err}");
+    assert!(lab.daemon_pid(0).is_some_and(pid_alive));
+
+    let out = lab.cli_ok(2, &["swarm", "leave"])?;
+    assert_eq!(out.trim(), format!("node {id} left the swarm"));
+    wait_for("the daemon of the node that left to exit", T, || (!pid_alive(daemon)).then_some(()))?;
+    for p in &mine {
+        assert!(!pid_alive(*p), "its task process {p} is gone");
+    }
+    let after = made_by(&lab, 2, &id)?;
+    assert!(after.is_empty(), "nothing of the node is left: {after:#?}");
+    // The cluster goes on without it: down, its task running elsewhere.
+    wait_for("the node that left shown down", T, || {
+        let ls = lab.cli_json(0, &["node", "ls"]).ok()?;
+        ls.as_array()?.iter().any(|n| n["id"] == id.as_str() && n["status"] == "down").then_some(())
+    })?;
+    // (Its old task is listed until the node comes back or is removed, as in Docker.)
+    wait_for("web's three tasks running on the other nodes", T, || {
+        let web = lab.running_tasks("web").ok()?;
+        (web.len() == 3 && web.iter().all(|t| t["node"] != n3.as_str())).then_some(())
+    })?;
+    Ok(())
+}

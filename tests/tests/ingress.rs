@@ -261,7 +261,7 @@ fn host_mode_answers_only_where_a_task_runs() -> Result<()> {
     let r = client(&cl, &["reach", &lab.nodes[empty].addr, "8081"])?;
     assert!(r["error"].as_str().is_some_and(|e| e.contains("refused")), "no task, no port on node {}: {r}", empty + 1);
 
-    lab.cli_ok(0, &["service", "scale", "web=4"])?;
+    lab.cli_ok(0, &["service", "scale", "--detach", "web=4"])?;
     wait_for("the fourth task pending with the reason", T, || {
         let ps = lab.cli_json(0, &["service", "ps", "web"]).ok()?;
         let stuck: Vec<Value> = ps.as_array()?.iter().filter(|t| t["state"] == "pending").cloned().collect();
@@ -305,7 +305,7 @@ fn drain_and_a_node_that_dies() -> Result<()> {
         }
         let r = client(&cl, &["tcp", &entry, "8082", "30"])?;
         assert_eq!(r["errors"], serde_json::json!([]), "new connections after the hostile packets: {r}");
-        lab.cli_ok(0, &["service", "scale", "web=2"])?;
+        lab.cli_ok(0, &["service", "scale", "--detach", "web=2"])?;
         wait_for("web.3 out of node 1's rotation", T, || {
             let t = lab.cli_json(0, &["lb", "ls"]).ok()?;
             let p = t["ports"].as_array()?.iter().find(|p| p["published"] == 8082)?.clone();

@@ -190,7 +190,7 @@ fn drain(lb: &str) -> Result<()> {
     // Scaling down stops web.3: its endpoint turns draining before it is signalled (the
     // server serves established connections for 8 s after SIGTERM), and is withdrawn when
     // its process is gone.
-    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    lab.cli_ok(0, &["service", "scale", "--detach", "web=2"])?;
     wait_for("web.3 draining in node 2's load balancer", T, || {
         let t = lab.cli_json(1, &["lb", "ls"]).ok()?;
         let s = t["services"].as_array()?.iter().find(|s| s["vip"] == vip.as_str())?.clone();
@@ -287,7 +287,7 @@ fn agent_kill_and_restart(lb: &str) -> Result<()> {
     let extra = self::vip(&lab, "extra", "appnet")?;
     wait_until_ready(&lab, 1, &extra, 1)?;
     lab.stop_node(1, libc::SIGKILL)?;
-    lab.cli_ok(0, &["service", "scale", "web=2"])?;
+    lab.cli_ok(0, &["service", "scale", "--detach", "web=2"])?;
     lab.cli_ok(0, &["service", "rm", "extra"])?;
     std::thread::sleep(Duration::from_secs(2));
     lab.start_node(1)?;

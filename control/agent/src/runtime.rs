@@ -161,6 +161,10 @@ impl Runtime {
         &self.deps.sandboxes
     }
 
+    pub fn membership(&self) -> &crate::membership::Membership {
+        &self.deps.membership
+    }
+
     pub fn dns(&self) -> &NodeDns {
         &self.deps.dns
     }
@@ -223,6 +227,11 @@ impl Runtime {
             }
         }
         out
+    }
+
+    /// No task is assigned, stopping, or waiting to be adopted.
+    pub fn idle(&self) -> bool {
+        lock(&self.locals).is_empty() && lock(&self.stopping).is_empty() && lock(&self.adoptable).is_empty() && lock(&self.found).is_empty()
     }
 
     /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.

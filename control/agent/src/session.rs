@@ -22,6 +22,10 @@ use tokio::sync::{mpsc, Mutex};
 use tracing::{info, warn};
 
 use crate::runtime::Runtime;
+
+/// How long `swarm leave` waits for the tasks to stop (each has up to 10 s after its
+/// SIGTERM) and the networks to be left.
+const LEAVE_WITHIN: Duration = Duration::from_secs(30);
 use swarmnet_dataplane::lb::VipInfo;
 
 /// A node's identity in the cluster, in `<data-dir>/node/identity.json`.
@@ -170,6 +174,8 @@ pub struct Agent {
     /// Where the gossip keys are kept.
     data_dir: std::path::PathBuf,
     gossip_keys: Mutex<swarmnet_api::GossipKeySet>,
+    /// Set by `swarm leave`: the session ends and is not opened again.
+    leaving: tokio::sync::watch::Sender<bool>,
 }
 
 impl Agent {
@@ -211,6 +217,7 @@ impl Agent {
             hostname,
             data_dir,
             gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()),
+            leaving: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -286,10 +293,18 @@ impl Agent {
     /// next is tried at once, and after a round of them all the agent waits (backoff).
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        let mut leaving = self.leaving.subscribe();
         loop {
             let started = Instant::now();
             let manager = self.manager();
-            match self.session(&manager).await {
+            let ended = tokio::select! {
+                r = self.session(&manager) => r,
+                _ = leaving.wait_for(|l| *l) => {
+                    info!(manager = %manager, "leaving the swarm: session closed");
+                    return;
+                }
+            };
+            match ended {
                 Ok(()) => info!(manager = %manager, "session ended"),
                 Err(e) => warn!(manager = %manager, error = %format!("{e:#}"), "session failed; tasks keep running, retrying"),
             }
@@ -416,6 +431,44 @@ impl Agent {
     }
 
     /// `lb ls`: this node's load balancer, read back from the kernel.
+    /// `swarm leave`: the session closes (nothing is assigned any more), every task stops
+    /// (draining first), the node leaves every network and the ingress network (their
+    /// sandboxes, links, FDB and neighbour entries and the mesh's nftables table go with
+    /// them), and the node's cgroup and bpffs folders go (its load balancer's and mesh
+    /// entry's programs are detached when this process, which holds them, exits). Returns
+    /// what could not be removed. The daemon erases its data dir and exits after.
+    pub async fn leave(&self) -> Vec<String> {
+        let _ = self.leaving.send(true);
+        self.assigned.lock().await.clear();
+        self.runtime.reconcile(&BTreeMap::new());
+        let _ = self.ingress.send(None);
+        let mut left = Vec::new();
+        let deadline = Instant::now() + LEAVE_WITHIN;
+        loop {
+            let nets = self.runtime.sandboxes().networks().await;
+            if self.runtime.idle() && nets.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                if !self.runtime.idle() {
+                    left.push(format!("tasks still stopping after {}s", LEAVE_WITHIN.as_secs()));
+                }
+                if !nets.is_empty() {
+                    left.push(format!("the sandboxes of networks {nets:?}"));
+                }
+                break;
+            }
+            // What no task holds any more (the grace after a start no longer matters).
+            self.runtime.membership().prune().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Err(e) = swarmnet_dataplane::lb::host::remove_nodes(std::slice::from_ref(&self.id.node_id)) {
+            left.push(format!("the node's cgroup and bpffs folders: {e}"));
+        }
+        info!(node = %self.id.node_id, left_behind = ?left, "left the swarm");
+        left
+    }
+
     pub async fn lb_table(&self) -> Reply {
         let mesh_entry = if self.runtime.ingress().has_ebpf_entry() { MeshEntryKind::Ebpf } else { MeshEntryKind::Nftables };
         let (ports, ports_warning) = match self.runtime.ingress().read().await {

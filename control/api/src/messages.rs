@@ -263,6 +263,10 @@ pub enum ApiRequest {
     /// From the CLI to its local daemon: this node's load-balancer table as read back from
     /// the kernel. `LbTable`
     LbLs,
+    /// From the CLI to its local daemon: the node leaves the swarm (its tasks stop, every
+    /// kernel object it made goes, its state is erased, the daemon exits); refused on a
+    /// manager unless `force`. `Left`
+    SwarmLeave { force: bool },
 }
 
 /// Every reply: `ok` and `data`, or an error with its kind.

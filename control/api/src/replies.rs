@@ -291,6 +291,14 @@ pub struct Removed {
     pub name: String,
 }
 
+/// `swarm leave`: the node that left, and what of it could not be removed (empty: nothing
+/// is left).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Left {
+    pub node_id: Id,
+    pub left_behind: Vec<String>,
+}
+
 /// `exec`: a task running on this node, where its process is (the CLI enters its
 /// namespaces and cgroup).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -159,7 +159,7 @@ impl Manager {
                 info!(node = %n.id, hostname = %n.hostname, "worker promoted to a manager");
                 to_value(Removed { id: n.id, name: n.hostname })?
             }
-            ApiRequest::RunLocal { .. } | ApiRequest::ExecLocate { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } => {
+            ApiRequest::RunLocal { .. } | ApiRequest::ExecLocate { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } | ApiRequest::SwarmLeave { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
         };
