@@ -38,7 +38,8 @@ pub fn progress(desired: u64, tasks: &[TaskInfo]) -> Progress {
     let mut meant: Vec<&TaskInfo> = tasks.iter().filter(|t| t.desired_state == DesiredState::Running).collect();
     meant.sort_by(|a, b| a.name.cmp(&b.name));
     let running = meant.iter().filter(|t| t.state == TaskState::Running).count() as u64;
-    let stopping = tasks.iter().filter(|t| t.desired_state == DesiredState::Shutdown && !t.state.is_terminal()).count() as u64;
+    // (Tasks of a node that is down stop when it comes back: nothing waits for them.)
+    let stopping = tasks.iter().filter(|t| t.desired_state == DesiredState::Shutdown && !t.state.is_terminal() && !t.orphaned).count() as u64;
     let rows = meant.iter().map(|t| (t.name.clone(), describe(t))).collect();
     let mut key: Vec<(String, u32)> = meant.iter().filter(|t| t.state == TaskState::Running).map(|t| (t.id.clone(), t.restarts)).collect();
     key.sort();
@@ -189,6 +190,7 @@ mod tests {
             pid: None,
             restarts: 0,
             version: 0,
+            orphaned: false,
         }
     }
 
@@ -204,6 +206,9 @@ mod tests {
         assert_eq!(render(&p).last().map(String::as_str), Some("1 old task(s) stopping"));
         let p = progress(2, &[t("web.1", D, TaskState::Running), t("web.2", D, TaskState::Running), t("web.3", S, TaskState::Shutdown)]);
         assert!(p.done);
+        let mut lost = t("web.3", S, TaskState::Running);
+        lost.orphaned = true;
+        assert!(progress(2, &[t("web.1", D, TaskState::Running), t("web.2", D, TaskState::Running), lost]).done, "a down node's task is not waited for");
         assert_eq!(p.key, vec![("id-web.1".to_string(), 0), ("id-web.2".to_string(), 0)]);
         // Scaled to 0: done once the old ones stopped.
         assert!(progress(0, &[t("web.1", S, TaskState::Shutdown)]).done);

@@ -477,8 +477,8 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = left.notified() => {
-            erase_state(data_dir, &path);
-            info!(data_dir = %data_dir.display(), "left the swarm: the node's state is erased; exiting");
+            let _ = std::fs::remove_file(&path);
+            info!(data_dir = %data_dir.display(), "left the swarm; exiting");
             return Ok(());
         }
     }
@@ -505,27 +505,38 @@ async fn leave(force: bool, manager: Option<&ManagerSlot>, agent: &Agent) -> Rep
             m.resign();
         }
     }
-    let left_behind = agent.leave().await;
+    let mut left_behind = agent.leave().await;
+    // The state goes only when nothing is left that it would be needed to find again (a
+    // task still running is adopted by the next daemon from its state file).
+    if left_behind.is_empty() {
+        left_behind = erase_state(&agent.data_dir);
+    } else {
+        left_behind.push(format!("the node's state in {} (kept: something of the node is left)", agent.data_dir.display()));
+    }
     Reply::ok(&swarmnet_api::replies::Left { node_id: agent.id.node_id.clone(), left_behind })
 }
 
-/// Empties the data dir once the node has left (its identity, certificates, task files,
-/// state files, a manager's store); the dir itself stays, and so do `*.log` files at its
-/// top (swarmnet writes none there: an operator's redirected daemon log). The control
-/// socket goes last.
-fn erase_state(data_dir: &Path, socket: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p == socket || (p.is_file() && p.extension().is_some_and(|x| x == "log")) {
-            continue;
-        }
-        let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        if let Err(err) = r {
-            warn!(path = %p.display(), error = %err, "swarm leave: could not remove");
+/// What a node keeps in its data dir, by name: its identity, certificates and gossip keys
+/// (`node/`), its tasks' state and files, its sandboxes' records, its load balancer's and
+/// mesh's records, a manager's store. Anything else there (an operator's log, an imported
+/// store kept as `….imported`, TLS files for etcd) is not the node's and stays.
+const STATE: [&str; 7] = ["node", "tasks", "sandboxes", "ingress.json", "lb.lock", "lb-nftables.json", "manager.redb"];
+
+/// Erases the node's state once it has left; what could not be removed.
+fn erase_state(data_dir: &Path) -> Vec<String> {
+    let mut failed = Vec::new();
+    for name in STATE {
+        let p = data_dir.join(name);
+        let r = match std::fs::symlink_metadata(&p) {
+            Err(_) => continue,
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+        };
+        if let Err(e) = r {
+            failed.push(format!("{}: {e}", p.display()));
         }
     }
-    let _ = std::fs::remove_file(socket);
+    failed
 }
 
 /// One request of the local CLI: the manager's answer, completed with what only this node

@@ -184,6 +184,7 @@ mod tests {
             pid: None,
             restarts: 0,
             version: 0,
+            orphaned: false,
         };
         let out = render(&[t]);
         let lines: Vec<&str> = out.lines().collect();

@@ -229,9 +229,13 @@ impl Runtime {
         out
     }
 
-    /// No task is assigned, stopping, or waiting to be adopted.
-    pub fn idle(&self) -> bool {
-        lock(&self.locals).is_empty() && lock(&self.stopping).is_empty() && lock(&self.adoptable).is_empty() && lock(&self.found).is_empty()
+    /// The tasks assigned, stopping, or waiting to be adopted (none: the node is idle).
+    pub fn busy(&self) -> Vec<Id> {
+        let mut out: Vec<Id> = lock(&self.locals).keys().cloned().collect();
+        out.extend(lock(&self.stopping).keys().cloned());
+        out.extend(lock(&self.adoptable).keys().cloned());
+        out.extend(lock(&self.found).keys().cloned());
+        out
     }
 
     /// Reports "shutdown" for tasks the manager wants stopped that this node does not have.
@@ -293,7 +297,10 @@ impl Runtime {
                 return true;
             }
             info!(task = %id, name = %l.assignment.name, "task no longer assigned: stopping");
-            lock(&self.stopping).insert(id.clone(), l.report.clone());
+            // (A finished run-once task's supervisor is gone already: nothing to wait for.)
+            if !l.stop.is_closed() {
+                lock(&self.stopping).insert(id.clone(), l.report.clone());
+            }
             let _ = l.stop.send(true);
             false
         });
@@ -325,7 +332,13 @@ impl Runtime {
         };
         for (id, (pid, start)) in unwanted {
             info!(task = %id, pid, "task process found after a corrupt state file is not assigned: stopping");
-            tokio::spawn(async move { supervisor::stop_adopted(pid, start).await });
+            let running = TaskReport { task_id: id.clone(), state: TaskState::Running, error: String::new(), pid: Some(pid), restarts: 0 };
+            lock(&self.stopping).insert(id.clone(), Arc::new(Mutex::new(running)));
+            let rt = self.clone();
+            tokio::spawn(async move {
+                supervisor::stop_adopted(pid, start).await;
+                lock(&rt.stopping).remove(&id);
+            });
         }
         for (id, a) in desired {
             if locals.contains_key(id) {

@@ -172,7 +172,7 @@ pub struct Agent {
     /// The node's display name, sent with every session (it may have changed since the join).
     hostname: String,
     /// Where the gossip keys are kept.
-    data_dir: std::path::PathBuf,
+    pub data_dir: std::path::PathBuf,
     gossip_keys: Mutex<swarmnet_api::GossipKeySet>,
     /// Set by `swarm leave`: the session ends and is not opened again.
     leaving: tokio::sync::watch::Sender<bool>,
@@ -377,6 +377,12 @@ impl Agent {
                         for a in upsert {
                             assigned.insert(a.task_id.clone(), a);
                         }
+                        // After `swarm leave` (it holds this lock as it stops everything),
+                        // nothing starts again.
+                        if *self.leaving.borrow() {
+                            assigned.clear();
+                            continue;
+                        }
                         self.runtime.reconcile(&assigned);
                         self.runtime.confirm_unknown(&remove);
                     }
@@ -407,6 +413,9 @@ impl Agent {
                     }
                     Some(Ok(Some(FromManager::Managers { managers }))) => self.learn_managers(managers, manager),
                     Some(Ok(Some(FromManager::Ingress { ingress }))) => {
+                        if *self.leaving.borrow() {
+                            continue;
+                        }
                         self.ingress.send_if_modified(|cur| {
                             let changed = *cur != ingress;
                             cur.clone_from(&ingress);
@@ -438,20 +447,26 @@ impl Agent {
     /// entry's programs are detached when this process, which holds them, exits). Returns
     /// what could not be removed. The daemon erases its data dir and exits after.
     pub async fn leave(&self) -> Vec<String> {
-        let _ = self.leaving.send(true);
-        self.assigned.lock().await.clear();
-        self.runtime.reconcile(&BTreeMap::new());
-        let _ = self.ingress.send(None);
+        {
+            // Under the lock the session applies assignments with: one it applied before
+            // is undone here, and it applies none after (it looks at `leaving`).
+            let mut assigned = self.assigned.lock().await;
+            let _ = self.leaving.send(true);
+            assigned.clear();
+            self.runtime.reconcile(&BTreeMap::new());
+            let _ = self.ingress.send(None);
+        }
         let mut left = Vec::new();
         let deadline = Instant::now() + LEAVE_WITHIN;
         loop {
             let nets = self.runtime.sandboxes().networks().await;
-            if self.runtime.idle() && nets.is_empty() {
+            let busy = self.runtime.busy();
+            if busy.is_empty() && nets.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
-                if !self.runtime.idle() {
-                    left.push(format!("tasks still stopping after {}s", LEAVE_WITHIN.as_secs()));
+                if !busy.is_empty() {
+                    left.push(format!("tasks {busy:?} still stopping after {}s", LEAVE_WITHIN.as_secs()));
                 }
                 if !nets.is_empty() {
                     left.push(format!("the sandboxes of networks {nets:?}"));

@@ -259,6 +259,10 @@ pub struct TaskInfo {
     /// The version of its service it was made from.
     #[serde(default)]
     pub version: u64,
+    /// Told to stop on a node that is down: it stops (or is forgotten) when the node comes
+    /// back or is removed; nothing waits for it.
+    #[serde(default)]
+    pub orphaned: bool,
 }
 
 /// `service ps`: the service's tasks, and what keeps its published ports from answering
@@ -447,6 +451,7 @@ mod tests {
             pid: Some(7),
             restarts: 0,
             version: 0,
+            orphaned: false,
         };
         let done = RunResult::Finished { id: "t".into(), exit_code: 3, output: "hi\n".into(), task: t.clone() };
         let back: RunResult = serde_json::from_value(serde_json::to_value(&done).expect("encode")).expect("decode");

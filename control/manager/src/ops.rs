@@ -471,18 +471,36 @@ fn advance_update(st: &mut ClusterState, sid: &Id, now_ms: u64, new_id: IdGen) -
     let mut todo: Vec<Id> = Vec::new();
     // A new task that failed pauses the update: every slot whose new task does not run yet
     // keeps its old one (the new one is stopped); a slot whose new one runs is done.
-    let failed = groups.values().flat_map(|(_, new)| new).filter_map(|id| st.tasks.get(id)).find(|t| matches!(t.state, TaskState::Failed | TaskState::Complete) || t.restarts > 0).cloned();
+    // A new task that cannot be placed (no node meets the constraints, a host-mode port
+    // taken on every node, no free address) pauses it too: it would wait for ever.
+    let failed = groups
+        .values()
+        .flat_map(|(_, new)| new)
+        .filter_map(|id| st.tasks.get(id))
+        .find(|t| matches!(t.state, TaskState::Failed | TaskState::Complete) || t.restarts > 0 || (t.state == TaskState::Pending && !t.error.is_empty()))
+        .cloned();
     if let Some(bad) = &failed {
         let why = if bad.error.is_empty() { "it failed".to_string() } else { bad.error.clone() };
+        let what = if bad.state == TaskState::Pending { "cannot be placed" } else { "failed" };
         status.state = UpdateState::Paused;
-        status.message = format!("paused: the new task {} failed ({why}); the old tasks go on running (`service update --force {}` tries again)", bad.name, svc.name);
+        status.message = format!("paused: the new task {} {what} ({why}); the old tasks go on running (`service update --force {}` tries again)", bad.name, svc.name);
     }
     for (old, new) in groups.values() {
         if old.is_empty() {
             continue;
         }
         if new.is_empty() {
-            todo.extend(old.iter().cloned());
+            // One new task per slot. Several old ones: a new task of an update that a later
+            // one superseded before it ran is stopped; the one that runs is replaced.
+            let keep = old.iter().find(|id| st.tasks.get(*id).is_some_and(|t| t.state == TaskState::Running)).unwrap_or(&old[0]).clone();
+            for id in old.iter().filter(|id| **id != keep) {
+                if let Some(t) = st.tasks.get_mut(id) {
+                    t.desired_state = DesiredState::Shutdown;
+                    t.error = format!("superseded by version {}", svc.version);
+                    changed = true;
+                }
+            }
+            todo.push(keep);
             continue;
         }
         let twin_runs = new.iter().filter_map(|id| st.tasks.get(id)).any(|t| t.state == TaskState::Running && t.restarts == 0);
@@ -1193,6 +1211,37 @@ mod tests {
         assert_eq!(pending_new(&st), 0, "the other new task not yet running is stopped too");
         assert_eq!(running(&st).len(), 4);
         assert!(!advance_updates(&mut st, 99_000, &mut g), "a paused update does not move");
+    }
+
+    #[test]
+    fn an_update_on_an_update_and_one_that_cannot_be_placed() {
+        let (mut st, mut g) = cluster(&["a", "b"]);
+        let mut spec = svc("web", 2);
+        spec.update = UpdateConfig { parallelism: 0, delay_ms: 0 };
+        create_service(&mut st, &spec, &OWN, &mut g).expect("service");
+        all_run(&mut st);
+        update_service(&mut st, "web", &ServiceUpdate { force: true, ..Default::default() }, &OWN, 0, &mut g).expect("v1");
+        assert_eq!(running(&st).len(), 4, "two old, two new of version 1 starting");
+        // Version 2 before those run: one new task per slot, the version-1 ones stopped.
+        update_service(&mut st, "web", &ServiceUpdate { force: true, ..Default::default() }, &OWN, 0, &mut g).expect("v2");
+        let meant = running(&st);
+        assert_eq!(meant.len(), 4, "{meant:?}");
+        assert_eq!(meant.iter().filter(|t| t.version == 2).count(), 2);
+        assert_eq!(meant.iter().filter(|t| t.version == 0 && t.state == TaskState::Running).count(), 2);
+        all_run(&mut st);
+        advance_updates(&mut st, 0, &mut g);
+        advance_updates(&mut st, 0, &mut g);
+        assert_eq!(status(&st, "web").state, UpdateState::Completed);
+        assert!(running(&st).iter().all(|t| t.version == 2) && running(&st).len() == 2);
+        // A constraint no node meets: the new task cannot be placed, the update pauses and
+        // the old ones serve on.
+        let c: Constraint = "node.labels.zone==nowhere".parse().expect("constraint");
+        update_service(&mut st, "web", &ServiceUpdate { constraint_add: vec![c], ..Default::default() }, &OWN, 0, &mut g).expect("constraint");
+        advance_updates(&mut st, 0, &mut g);
+        let u = status(&st, "web");
+        assert!(u.state == UpdateState::Paused && u.message.contains("cannot be placed") && u.message.contains("no suitable node"), "{u:?}");
+        assert_eq!(serving(&st, "web"), 2);
+        assert_eq!(running(&st).len(), 2, "the unplaceable ones stopped");
     }
 
     #[test]

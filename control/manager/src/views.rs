@@ -104,6 +104,7 @@ pub fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
         pid: t.pid,
         restarts: t.restarts,
         version: t.version,
+        orphaned: t.desired_state == DesiredState::Shutdown && t.node_id.as_ref().and_then(|n| st.nodes.get(n)).is_some_and(|n| n.status != NodeStatus::Ready),
     }
 }
 
