@@ -445,6 +445,29 @@ pub fn advance_updates(st: &mut ClusterState, now_ms: u64, new_id: IdGen) -> boo
     changed
 }
 
+/// A new task of `svc`, pending, made from its current spec.
+fn service_task(svc: &Service, id: Id, name: String, slot: Option<u64>, node_id: Option<Id>, networks: Vec<Id>) -> Task {
+    Task {
+        id,
+        name,
+        service_id: Some(svc.id.clone()),
+        slot,
+        node_id,
+        desired_state: DesiredState::Running,
+        state: TaskState::Pending,
+        error: String::new(),
+        addresses: BTreeMap::new(),
+        networks,
+        command: svc.command.clone(),
+        restart: true,
+        restarts: 0,
+        pid: None,
+        aliases: BTreeMap::new(),
+        version: svc.version,
+        env: svc.env.clone(),
+    }
+}
+
 /// The tasks of one slot (or node) during an update: (made from an older version, from
 /// the service's version).
 type OldNew = (Vec<Id>, Vec<Id>);
@@ -533,26 +556,9 @@ fn advance_update(st: &mut ClusterState, sid: &Id, now_ms: u64, new_id: IdGen) -
             let room = if svc.update.parallelism == 0 { u64::MAX } else { svc.update.parallelism.saturating_sub(in_flight) };
             for old in todo.iter().take(usize::try_from(room).unwrap_or(usize::MAX)) {
                 let Some(o) = st.tasks.get(old).cloned() else { continue };
-                let twin = Task {
-                    id: new_id(),
-                    name: o.name.clone(),
-                    service_id: Some(svc.id.clone()),
-                    slot: o.slot,
-                    // A global service's twin goes to the same node; a replica's anywhere.
-                    node_id: if svc.mode == ServiceMode::Global { o.node_id.clone() } else { None },
-                    desired_state: DesiredState::Running,
-                    state: TaskState::Pending,
-                    error: String::new(),
-                    addresses: BTreeMap::new(),
-                    networks: task_networks(st, &svc),
-                    command: svc.command.clone(),
-                    restart: true,
-                    restarts: 0,
-                    pid: None,
-                    aliases: BTreeMap::new(),
-                    version: svc.version,
-                    env: svc.env.clone(),
-                };
+                // A global service's twin goes to the same node; a replica's anywhere.
+                let node = if svc.mode == ServiceMode::Global { o.node_id.clone() } else { None };
+                let twin = service_task(&svc, new_id(), o.name.clone(), o.slot, node, task_networks(st, &svc));
                 st.tasks.insert(twin.id.clone(), twin);
                 changed = true;
             }
@@ -809,25 +815,7 @@ pub fn reconcile(st: &mut ClusterState, new_id: IdGen) {
             }
         }
         for (name, slot, node_id) in wanted {
-            let t = Task {
-                id: new_id(),
-                name,
-                service_id: Some(svc.id.clone()),
-                slot,
-                node_id,
-                desired_state: DesiredState::Running,
-                state: TaskState::Pending,
-                error: String::new(),
-                addresses: BTreeMap::new(),
-                networks: networks.clone(),
-                command: svc.command.clone(),
-                restart: true,
-                restarts: 0,
-                pid: None,
-                aliases: BTreeMap::new(),
-                version: svc.version,
-                env: svc.env.clone(),
-            };
+            let t = service_task(svc, new_id(), name, slot, node_id, networks.clone());
             st.tasks.insert(t.id.clone(), t);
         }
     }
