@@ -31,6 +31,12 @@ pub fn holder_cmd() -> anyhow::Result<Vec<String>> {
     Ok(vec![exe.display().to_string(), "sandbox-hold".into()])
 }
 
+/// The argv of a task's log writer: this binary, `task-log`.
+pub fn log_writer_cmd() -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("find this binary (for the task log writer)")?;
+    Ok(vec![exe.display().to_string(), "task-log".into()])
+}
+
 /// Starts the node's parts and its agent; the claim on the node's id must be held for as
 /// long as the daemon runs.
 async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::Result<(Arc<Agent>, Claim)> {
@@ -468,6 +474,18 @@ async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Opt
                     (m, standby)
                 }
             };
+            if let ApiRequest::ServiceLogs { spec } = &req {
+                match &leading {
+                    Some(m) => m.serve_logs(spec, &mut conn).await,
+                    // A worker or a standby: through the manager that leads.
+                    None => {
+                        if let Err(e) = agent.call_stream(req.clone(), &mut conn).await {
+                            let _ = write_msg(&mut conn, &Reply::err(ApiError::unavailable(format!("service logs: the manager that leads cannot be reached: {e:#}")))).await;
+                        }
+                    }
+                }
+                return;
+            }
             let reply = answer(req, leading.as_deref(), standby.then_some(stale.as_deref()).flatten(), &agent).await;
             let _ = write_msg(&mut conn, &reply).await;
         }

@@ -2,6 +2,7 @@
 
 mod converge;
 mod daemon;
+mod logs;
 mod table;
 
 use std::net::{IpAddr, SocketAddr};
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -141,6 +142,11 @@ struct DaemonArgs {
     /// (`nftables`: for an underlay that drops packets whose source is another host's).
     #[arg(long, default_value = "auto", value_parser = ["auto", "nftables"])]
     mesh_entry: String,
+    /// How task output is kept, as Docker's `--log-opt`: `max-size=SIZE` (a file is rotated
+    /// past it: 512k, 10m, 1g; default 10m) and `max-file=N` (files kept per task, the
+    /// current one included; default 3). Repeatable.
+    #[arg(long = "log-opt", value_name = "KEY=VALUE", value_parser = parse_log_opt)]
+    log_opt: Vec<(String, u64)>,
 }
 
 impl DaemonArgs {
@@ -157,6 +163,20 @@ impl DaemonArgs {
             advertise: self.advertise_addr,
             gossip_port: self.gossip_port,
             holder_cmd: daemon::holder_cmd()?,
+            task_logs: {
+                let mut l = swarmnet_agent::tasklog::LogConfig {
+                    cmd: daemon::log_writer_cmd()?,
+                    max_size: swarmnet_agent::tasklog::LogConfig::DEFAULT_MAX_SIZE,
+                    max_files: swarmnet_agent::tasklog::LogConfig::DEFAULT_MAX_FILES,
+                };
+                for (k, v) in &self.log_opt {
+                    match k.as_str() {
+                        "max-size" => l.max_size = *v,
+                        _ => l.max_files = u32::try_from(*v).unwrap_or(u32::MAX),
+                    }
+                }
+                l
+            },
             hostname: match self.hostname {
                 Some(h) if h.trim().is_empty() || h.len() > 253 => bail!("--hostname {h:?}: expected 1 to 253 characters"),
                 Some(h) => h,
@@ -222,6 +242,17 @@ enum Cmd {
     /// Internal: holds an overlay sandbox namespace open (started by the daemon).
     #[command(hide = true)]
     SandboxHold,
+    /// Internal: stores a task's output, stamped and rotated (started by the daemon with
+    /// each task: its stdout on fd 0, its stderr on fd 3).
+    #[command(hide = true)]
+    TaskLog {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        max_size: u64,
+        #[arg(long)]
+        max_files: u32,
+    },
     /// Print the command and token to join a worker.
     JoinToken {
         /// worker (manager tokens come with several managers).
@@ -488,6 +519,33 @@ enum ServiceCmd {
         #[command(flatten)]
         f: Format,
     },
+    /// The output of a service's tasks (or of one task), from every node, each line
+    /// prefixed with its task and node as `web.1.<task id>@<node> | `; stderr lines go to
+    /// stderr. A node keeps each task's output in files of `--log-opt max-size`, rotated.
+    #[command(after_help = SERVICE_LOGS_EXAMPLES)]
+    Logs {
+        /// A service (name or id), or a task (id, unique id prefix, or name such as web.1).
+        target: String,
+        /// Keep printing new lines as they are written, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each task (`all`: everything).
+        #[arg(short = 'n', long, default_value = "all", value_parser = parse_tail)]
+        tail: Tail,
+        /// Only lines written since a time: a duration ago (90s, 10m, 2h) or an RFC 3339
+        /// time (2026-12-06T15:00:00Z).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
+        /// Show each line's time (RFC 3339, ns) after its prefix.
+        #[arg(short, long)]
+        timestamps: bool,
+        /// Leave the task id out of the prefix (`web.1@node | `).
+        #[arg(long)]
+        no_task_ids: bool,
+        /// The lines alone, without a prefix.
+        #[arg(long)]
+        raw: bool,
+    },
     /// One service as JSON: its spec, VIPs and published ports.
     Inspect {
         /// The service's name or id.
@@ -569,6 +627,17 @@ const SERVICE_UPDATE_EXAMPLES: &str = "Examples:
   swarmnet service update web --force --update-parallelism 2
 ";
 
+const SERVICE_LOGS_EXAMPLES: &str = "Examples:
+  # Everything every task of web wrote, then what they write next:
+  swarmnet service logs -f web
+
+  # The last 20 lines of each task, with their times:
+  swarmnet service logs --tail 20 -t web
+
+  # One task, the last ten minutes:
+  swarmnet service logs --since 10m web.2
+";
+
 const SERVICE_CREATE_EXAMPLES: &str = "Examples:
   # Three tasks of a web server on an overlay network, port 8080 published on every node:
   swarmnet network create --driver overlay appnet
@@ -597,6 +666,29 @@ enum EndpointModeArg {
 /// `--label KEY=VALUE`.
 fn parse_label(s: &str) -> Result<(String, String), String> {
     swarmnet_api::parse_label(s).map_err(|e| e.message)
+}
+
+/// `max-size=10m` (bytes: k, m, g suffixes, at least 4k) or `max-file=3` (1 to 32).
+fn parse_log_opt(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected max-size=SIZE or max-file=N"))?;
+    match k {
+        "max-size" => {
+            let (num, mult) = match v.to_ascii_lowercase().chars().last() {
+                Some('k') => (&v[..v.len() - 1], 1u64 << 10),
+                Some('m') => (&v[..v.len() - 1], 1 << 20),
+                Some('g') => (&v[..v.len() - 1], 1 << 30),
+                _ => (v, 1),
+            };
+            let n: u64 = num.parse().map_err(|_| format!("max-size={v}: expected a size such as 512k, 10m or 1g"))?;
+            let bytes = n.checked_mul(mult).filter(|b| *b >= 4096).ok_or_else(|| format!("max-size={v}: expected at least 4k"))?;
+            Ok((k.into(), bytes))
+        }
+        "max-file" => match v.parse::<u64>() {
+            Ok(n @ 1..=32) => Ok((k.into(), n)),
+            _ => Err(format!("max-file={v}: expected 1 to 32")),
+        },
+        _ => Err(format!("{k:?}: unknown log option (max-size, max-file)")),
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -699,6 +791,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon_runtime()?.block_on(daemon::run_agent(c, join, token))?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::TaskLog { file, max_size, max_files } => {
+            swarmnet_agent::tasklog::write_until_closed(&file, max_size, max_files).with_context(|| format!("task log {}", file.display()))?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::SandboxHold => {
             // Blocks until killed; the namespace lives as long as this process.
             loop {
@@ -790,6 +886,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let svcs: Vec<ServiceInfo> = call(&host, ApiRequest::ServiceLs)?;
             f.print(&svcs)?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Service(ServiceCmd::Logs { target, follow, tail, since, timestamps, no_task_ids, raw }) => {
+            let spec = swarmnet_api::logs::LogsRequest { target, follow, tail: tail.0, since_ns: since };
+            return logs::print(&host, spec, logs::Show { timestamps, task_ids: !no_task_ids, raw });
         }
         Cmd::Service(ServiceCmd::Ps { name, f }) => {
             let r: ServicePsReply = call(&host, ApiRequest::ServicePs { name })?;
@@ -988,6 +1088,27 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// "2s", "1m" or plain seconds.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `--tail`: a number of lines, or None for all.
+#[derive(Clone, Copy, Debug)]
+struct Tail(Option<u64>);
+
+/// `all`, or a number of lines.
+fn parse_tail(s: &str) -> Result<Tail, String> {
+    if s == "all" {
+        return Ok(Tail(None));
+    }
+    s.parse().map(|n| Tail(Some(n))).map_err(|_| format!("{s:?}: expected a number of lines or `all`"))
+}
+
+/// A duration ago (`10m`, `1h30m`) or an RFC 3339 time, as unix ns.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let t = match humantime::parse_duration(s) {
+        Ok(ago) => std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|e| format!("{s:?}: expected a duration such as 10m or an RFC 3339 time such as 2026-12-06T15:00:00Z ({e})"))?,
+    };
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0))
 }
 
 fn parse_span(s: &str) -> Result<Duration, String> {

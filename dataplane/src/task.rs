@@ -103,18 +103,75 @@ pub async fn resolver_sockets(ns: &NsWorker, netns: &File, addr: std::net::Socke
     ns.run(move |ctx| ctx.sockets_in(&netns, addr)).await?
 }
 
+/// The write ends of a task's stdout and stderr pipes, and the process that stores what
+/// comes out of them (issue 21).
+pub struct TaskOutput {
+    pub stdout: std::os::fd::OwnedFd,
+    pub stderr: std::os::fd::OwnedFd,
+    pub writer: tokio::process::Child,
+}
+
+/// Starts a task's log writer `argv` (`swarmnet task-log …`) on two new pipes: it reads the
+/// task's stdout on its fd 0 and stderr on its fd 3, in a session of its own (a signal to
+/// the task's group never reaches it; it outlives the daemon as the task does, and ends
+/// when the task and every process that inherited its output have ended). With the
+/// daemon's environment, which has none of a task's (`SWARMNET_TASK_ID`): it is never taken
+/// for a task.
+pub fn spawn_log_writer(argv: &[String]) -> std::io::Result<TaskOutput> {
+    use std::os::fd::AsRawFd;
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty log writer command"));
+    };
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let err_fd = err_r.as_raw_fd();
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args).stdin(std::process::Stdio::from(out_r)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only makes raw system
+    // calls (dup2, fcntl, setsid) that are async-signal-safe; it allocates nothing. `err_fd`
+    // stays open until spawn returns (`err_r` is dropped after it). Stdio is set up before
+    // this runs, so fd 3 is free to take.
+    unsafe {
+        cmd.pre_exec(move || {
+            if err_fd == 3 {
+                // Already there: only its close-on-exec flag must go.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(err_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let writer = tokio::process::Command::from(cmd).kill_on_drop(false).spawn()?;
+    drop(err_r);
+    Ok(TaskOutput { stdout: out_w, stderr: err_w, writer })
+}
+
+/// stdout and stderr both appended to the file `log` (a process whose output is not a
+/// task's, such as a sandbox's holder).
+pub fn output_to_file(log: &Path) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    Ok((out.into(), err.into()))
+}
+
 /// Starts `argv` inside the namespace `netns`, in a mount namespace of its own and a new
 /// session (so it outlives the daemon and a signal to its group reaches its children), with
 /// `hostname` in a UTS namespace of its own if given (a task's short id, as Docker names a
 /// container; its hosts file maps it, so resolving its own name needs no DNS), with
-/// stdout and stderr appended to `log`. Each `(file, target)` of `binds` is bind-mounted
+/// stdout and stderr on `stdout` and `stderr` (a log writer's pipes). Each `(file, target)` of `binds` is bind-mounted
 /// over `target` in the task's mount namespace only (its resolv.conf and hosts). With
 /// `cgroup_procs` (a cgroup's `cgroup.procs`, open for writing), the process joins that
 /// cgroup before it runs anything.
 pub fn spawn_in_netns(
     netns: &File,
     argv: &[String],
-    log: &Path,
+    (stdout, stderr): (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
     env: &[(String, String)],
     binds: &[(std::path::PathBuf, std::path::PathBuf)],
     cgroup_procs: Option<&File>,
@@ -132,12 +189,10 @@ pub fn spawn_in_netns(
         })
         .collect::<std::io::Result<_>>()?;
     let hostname = hostname.map(|h| h.as_bytes().to_vec());
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let err = out.try_clone()?;
     let fd = netns.as_raw_fd();
     let cg = cgroup_procs.map(|f| f.as_raw_fd());
     let mut cmd = std::process::Command::new(prog);
-    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.args(args).stdin(std::process::Stdio::null()).stdout(stdout).stderr(stderr).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     // SAFETY: the closure runs in the child between fork and exec and only makes raw
     // system calls (write, setns, unshare, mount, sethostname, setsid) that are
     // async-signal-safe; it allocates nothing and touches no lock (the C strings of `binds`

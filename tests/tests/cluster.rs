@@ -592,3 +592,109 @@ fn a_node_that_leaves_takes_everything_it_made_with_it() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// `service logs` (issue 21): every task's output from every node, prefixed with its task
+/// and node, stderr apart, stamped; `--tail`, `--since`, a task alone; `-f` streams what
+/// comes next; a node's files stay under `--log-opt max-size` and `max-file`, rotated,
+/// with the newest lines kept in order; unknown and removed targets are refused.
+#[test]
+fn service_logs_come_from_every_node_and_follow_what_comes_next() -> Result<()> {
+    let lab = Lab::up_full("snx-logs", 3, 3, 1.0, &[], &["--log-opt", "max-size=64k", "--log-opt", "max-file=2"])?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    let talk = "i=0; while true; do echo \"out $SWARMNET_TASK_NAME $i\"; echo \"err $SWARMNET_TASK_NAME $i\" >&2; i=$((i+1)); sleep 0.1; done";
+    lab.cli_ok(0, &["service", "create", "--name", "talk", "--replicas", "3", "--network", "appnet", "--", "sh", "-c", talk])?;
+    let tasks = lab.running_tasks("talk")?;
+    assert_eq!(nodes_of(&tasks).len(), 3, "spread: {tasks:?}");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // From a worker: every task, each line prefixed `talk.N.<id>@<node> | `.
+    let out = lab.cli(2, &["service", "logs", "talk"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    for t in &tasks {
+        let (name, id, node) = (t["name"].as_str().unwrap_or(""), t["id"].as_str().unwrap_or(""), t["node"].as_str().unwrap_or(""));
+        let prefix = format!("{name}.{id}@{node}");
+        let mine: Vec<&str> = stdout.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert!(mine.len() >= 5, "{prefix}: its lines on stdout: {stdout}");
+        assert!(mine.iter().all(|l| l.contains(&format!("| out {name} "))), "{prefix}: only its stdout lines: {mine:?}");
+        // In the order written.
+        let nums: Vec<u64> = mine.iter().filter_map(|l| l.rsplit(' ').next()?.parse().ok()).collect();
+        assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "{prefix}: in order: {nums:?}");
+        assert!(stderr.lines().any(|l| l.starts_with(&prefix) && l.contains(&format!("| err {name} "))), "{prefix}: its stderr lines on stderr: {stderr}");
+    }
+
+    // --tail: the last N lines of each task (stdout and stderr together).
+    let out = lab.cli(0, &["service", "logs", "--tail", "2", "talk"])?;
+    let n = String::from_utf8_lossy(&out.stdout).lines().count() + String::from_utf8_lossy(&out.stderr).lines().count();
+    assert_eq!(n, 6, "two lines of each of three tasks: {out:?}");
+    // --since a time to come: nothing. -t: each line's time after its prefix.
+    let later = lab.cli_ok(0, &["service", "logs", "--since", "2099-01-01T00:00:00Z", "talk"])?;
+    assert!(later.trim().is_empty(), "{later}");
+    // (The last 4 lines: about two on stdout, two on stderr.)
+    let stamped = lab.cli_ok(0, &["service", "logs", "-t", "--tail", "4", "--raw", "talk.1"])?;
+    assert!((1..=4).contains(&stamped.lines().count()) && stamped.lines().all(|l| l.starts_with("20") && l.contains("Z out talk.1 ")), "{stamped}");
+    let since = lab.cli_ok(0, &["service", "logs", "--since", "1s", "--raw", "talk.2"])?;
+    let since_n = since.lines().count();
+    assert!((1..=15).contains(&since_n), "about a second of talk.2's stdout: {since_n} lines");
+
+    // -f: what comes next, within moments.
+    let mut child = std::process::Command::new(&lab.bin)
+        .args(["--host", &lab.control(1), "service", "logs", "-f", "--tail", "0", "--raw", "talk.3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while followed.len() < 10 && std::time::Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
+            followed.push(l);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(followed.len() >= 10, "-f printed new lines as they came: {followed:?}");
+    assert!(followed.iter().all(|l| l.starts_with("out talk.3 ")), "{followed:?}");
+
+    // Rotation: a task that writes 20000 lines keeps at most two files of at most 64 KiB,
+    // and the newest lines, in order.
+    lab.cli_ok(0, &["service", "create", "--name", "flood", "--network", "appnet", "--", "sh", "-c", "seq 1 20000; sleep infinity"])?;
+    let flood = lab.running_tasks("flood")?;
+    let (fid, fnode) = (flood[0]["id"].as_str().unwrap_or("").to_string(), flood[0]["node"].as_str().unwrap_or("").to_string());
+    let i = lab.nodes.iter().position(|n| n.hostname == fnode).context("flood's node")?;
+    let last = wait_for("flood's last line", T, || {
+        let l = lab.cli_ok(0, &["service", "logs", "--tail", "1", "--raw", "flood"]).ok()?;
+        (l.trim() == "20000").then_some(l)
+    })?;
+    assert_eq!(last.trim(), "20000");
+    let dir = lab.nodes[i].data_dir.join("tasks");
+    let files: Vec<(String, u64)> = std::fs::read_dir(&dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{fid}.log")))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+        .collect();
+    assert!(files.len() == 2 && files.iter().all(|(_, len)| *len <= 64 << 10), "two files of at most 64 KiB: {files:?}");
+    let all = lab.cli_ok(0, &["service", "logs", "--raw", "flood"])?;
+    let nums: Vec<u64> = all.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(nums.len() > 1000 && nums.last() == Some(&20000), "the newest lines kept: {} lines, from {:?} to {:?}", nums.len(), nums.first(), nums.last());
+    assert!(nums.windows(2).all(|w| w[1] == w[0] + 1), "in order, none missing within what is kept");
+
+    // Bad input: unknown and removed targets, a bad --tail.
+    let (_, err) = lab.cli_fail(0, &["service", "logs", "nope"])?;
+    assert!(err.contains("no service or task \"nope\""), "{err}");
+    lab.cli_ok(0, &["service", "rm", "flood"])?;
+    let (_, err) = lab.cli_fail(0, &["service", "logs", "flood"])?;
+    assert!(err.contains("no service or task \"flood\""), "{err}");
+    let (_, err) = lab.cli_fail(0, &["service", "logs", "--tail", "x", "talk"])?;
+    assert!(err.contains("expected a number of lines"), "{err}");
+    Ok(())
+}

@@ -13,6 +13,7 @@ mod bench_gossip;
 mod bench_ha;
 mod bench_ingress;
 mod bench_lb;
+mod bench_logs;
 mod bench_nft;
 mod bench_overlay;
 mod fuzz;
@@ -211,12 +212,16 @@ fn real_main() -> Result<()> {
                 bench_dns::bench_dns(runs.max(50))?
             }
             "nft" => bench_nft::bench_nft(runs.max(30))?,
+            "logs" => {
+                build()?;
+                bench_logs::bench_logs(20)?
+            }
             "ha" => {
                 need("etcd", "etcd-server")?;
                 build()?;
                 bench_ha::bench_ha(runs)?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha)"),
+            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs)"),
         },
     }
     Ok(())

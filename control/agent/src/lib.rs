@@ -9,6 +9,7 @@
 //! - [`follow`]: the one loop that feeds the endpoint stream to every sink (ADR 0008);
 //! - [`dns`]: the node's resolver set-up per task;
 //! - [`ingress`]: the node's place on the ingress network (the routing mesh);
+//! - [`tasklog`]: task output, stamped and rotated by a writer process per task;
 //! - [`node`]: all of it wired together.
 
 pub mod dns;
@@ -21,5 +22,6 @@ pub mod ready;
 pub mod runtime;
 pub mod session;
 pub mod supervisor;
+pub mod tasklog;
 
 pub use session::{join, Agent, AgentConfig, Identity};

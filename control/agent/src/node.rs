@@ -34,6 +34,8 @@ pub struct NodeConfig {
     pub dns: DnsOpts,
     /// argv of the process that holds a sandbox namespace open.
     pub holder_cmd: Vec<String>,
+    /// How task output is stored: the log writer's command and the size cap.
+    pub task_logs: crate::tasklog::LogConfig,
     /// The node's display name (`--hostname`, default the machine's hostname): `node ls`
     /// shows it. No kernel object is named after it: they are keyed by the node's id.
     pub hostname: String,
@@ -288,7 +290,7 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
         mtu: task_mtu,
     };
     tokio::spawn(crate::ingress::run(ingress_deps, ingress_rx));
-    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress };
+    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress, task_logs: cfg.task_logs.clone() };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
     Ok(Node { runtime, reports, gossip, ingress: ingress_tx, claim })
 }

@@ -47,6 +47,8 @@ pub struct Deps {
     pub lb: Option<Lb>,
     /// The routing mesh: a publishing task's replies go back through their entry node.
     pub ingress: IngressHandle,
+    /// How task output is stored (issue 21).
+    pub task_logs: crate::tasklog::LogConfig,
 }
 
 /// The load balancer as the runtime and the session use it.

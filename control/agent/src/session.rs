@@ -263,25 +263,49 @@ impl Agent {
         }
     }
 
+    /// The managers to try, the one in use first.
+    fn managers_in_turn(&self) -> Vec<String> {
+        let m = self.managers();
+        let mut l = m.0.clone();
+        let at = m.1.min(l.len());
+        l.rotate_left(at);
+        if l.is_empty() {
+            l.push(self.id.manager.clone());
+        }
+        l
+    }
+
     /// One request to the manager, on a connection of its own: the one in use, else the
     /// others it knows, in turn, until one takes the connection.
     pub async fn call(&self, request: ApiRequest) -> anyhow::Result<Reply> {
-        let list = {
-            let m = self.managers();
-            let mut l = m.0.clone();
-            let at = m.1.min(l.len());
-            l.rotate_left(at);
-            if l.is_empty() {
-                l.push(self.id.manager.clone());
-            }
-            l
-        };
         let mut last = anyhow!("no manager known");
-        for manager in &list {
+        for manager in &self.managers_in_turn() {
             match connect(manager, self.tls.clone()).await {
                 Ok(mut tls) => {
                     write_msg(&mut tls, &Hello::Api { request }).await?;
                     return read_reply(&mut tls, manager).await;
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A request whose answer is a stream (`service logs`): the manager's reply and every
+    /// frame after it are copied to `out` as they come, until either side ends. An error:
+    /// no manager could be reached (nothing was written to `out`).
+    pub async fn call_stream<W: tokio::io::AsyncWrite + Unpin>(&self, request: ApiRequest, out: &mut W) -> anyhow::Result<()> {
+        let mut last = anyhow!("no manager known");
+        for manager in self.managers_in_turn() {
+            match connect(&manager, self.tls.clone()).await {
+                Ok(mut tls) => {
+                    write_msg(&mut tls, &Hello::Api { request }).await?;
+                    // Once the stream has begun, its end (either side leaving) is no error
+                    // to tell the client.
+                    if let Err(e) = tokio::io::copy(&mut tls, out).await {
+                        info!(manager = %manager, error = %e, "stream ended");
+                    }
+                    return Ok(());
                 }
                 Err(e) => last = e,
             }
@@ -318,7 +342,7 @@ impl Agent {
         }
     }
 
-    async fn session(&self, manager: &str) -> anyhow::Result<()> {
+    async fn session(self: &Arc<Self>, manager: &str) -> anyhow::Result<()> {
         let mut tls = connect(manager, self.tls.clone()).await?;
         let mut reports = self.reports.lock().await;
         while reports.try_recv().is_ok() {}
@@ -412,6 +436,16 @@ impl Agent {
                         if let Err(e) = write_msg(&mut w, &FromAgent::GossipKeysHeld { ids }).await { break Err(e.into()); }
                     }
                     Some(Ok(Some(FromManager::Managers { managers }))) => self.learn_managers(managers, manager),
+                    Some(Ok(Some(FromManager::Logs(wanted)))) => {
+                        let me = self.clone();
+                        let manager = manager.to_string();
+                        tokio::spawn(async move {
+                            let stream = wanted.stream;
+                            if let Err(e) = me.send_logs(&manager, wanted).await {
+                                info!(manager = %manager, stream, error = %format!("{e:#}"), "log stream ended");
+                            }
+                        });
+                    }
                     Some(Ok(Some(FromManager::Ingress { ingress }))) => {
                         if *self.leaving.borrow() {
                             continue;
@@ -437,6 +471,66 @@ impl Agent {
         };
         reader.abort();
         result
+    }
+
+    /// `service logs`: the output of the tasks the manager asked for, on a connection of its
+    /// own; with `follow`, what they write next, until the manager closes it.
+    async fn send_logs(&self, manager: &str, w: LogsWanted) -> anyhow::Result<()> {
+        use swarmnet_api::logs::{LogFrame, LogLine, KEEPALIVE, LINES_PER_FRAME};
+        let mut tls = connect(manager, self.tls.clone()).await?;
+        // A manager cut off from the network: what it does not acknowledge ends the stream.
+        let _ = socket2::SockRef::from(tls.get_ref().0).set_tcp_user_timeout(Some(KEEPALIVE * 3));
+        write_msg(&mut tls, &Hello::LogStream { stream: w.stream }).await?;
+        let sel = crate::tasklog::Select { since_ns: w.since_ns, tail: w.tail };
+        let mut all: Vec<LogLine> = Vec::new();
+        let mut followers = Vec::new();
+        let mut warnings = Vec::new();
+        for t in &w.tasks {
+            let path = self.runtime.log_path(t);
+            let task = t.clone();
+            match tokio::task::spawn_blocking(move || crate::tasklog::read_all(&task, &path, sel)).await? {
+                Ok((lines, f)) => {
+                    all.extend(lines);
+                    followers.extend(f);
+                }
+                Err(e) => warnings.push(LogFrame::Warning { message: format!("node {}: task {t}: its log cannot be read: {e}", self.hostname) }),
+            }
+        }
+        for f in warnings {
+            write_msg(&mut tls, &f).await?;
+        }
+        // The node's tasks' lines in the order they were written.
+        all.sort_by_key(|l| l.ts_ns);
+        for chunk in all.chunks(LINES_PER_FRAME) {
+            write_msg(&mut tls, &LogFrame::Lines { lines: chunk.to_vec() }).await?;
+        }
+        drop(all);
+        if !w.follow {
+            tokio::io::AsyncWriteExt::shutdown(&mut tls).await?;
+            // Closed only once the manager has read everything and closed its side: a
+            // socket closed with unread bytes (TLS session tickets) resets the connection,
+            // and the manager would lose the last frames.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(KEEPALIVE, tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut rest)).await;
+            return Ok(());
+        }
+        let mut last_sent = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut batch = Vec::new();
+            for f in &mut followers {
+                match tokio::task::block_in_place(|| f.poll(LINES_PER_FRAME)) {
+                    Ok(lines) => batch.extend(lines),
+                    Err(e) => warn!(stream = w.stream, error = %e, "service logs: a task's log cannot be read"),
+                }
+            }
+            if batch.is_empty() && last_sent.elapsed() < KEEPALIVE {
+                continue;
+            }
+            batch.sort_by_key(|l| l.ts_ns);
+            write_msg(&mut tls, &LogFrame::Lines { lines: batch }).await?;
+            last_sent = Instant::now();
+        }
     }
 
     /// `lb ls`: this node's load balancer, read back from the kernel.
@@ -613,11 +707,14 @@ impl Agent {
                     return Err(ApiError::internal(format!("task {task_id} did not run: {why}")));
                 }
                 let log = self.runtime.log_path(&task_id);
-                let output = std::fs::read_to_string(&log).unwrap_or_else(|e| {
-                    warn!(task = %task_id, path = %log.display(), error = %e, "run: the task's output cannot be read");
-                    String::new()
-                });
-                let _ = std::fs::remove_file(&log);
+                let output = match crate::tasklog::read_all(&task_id, &log, crate::tasklog::Select::default()) {
+                    Ok((lines, _)) => lines.iter().map(|l| format!("{}\n", l.text)).collect(),
+                    Err(e) => {
+                        warn!(task = %task_id, path = %log.display(), error = %e, "run: the task's output cannot be read");
+                        String::new()
+                    }
+                };
+                crate::tasklog::remove(&log);
                 return Ok(RunResult::Finished { id: task_id, exit_code: code, output, task });
             }
             let rep = self.runtime.report_of(&task_id);

@@ -239,15 +239,16 @@ impl Supervisor {
         env.push(("SWARMNET_TASK_ID".into(), id.clone()));
         env.push(("SWARMNET_TASK_NAME".into(), self.a.name.clone()));
         let addrs: Vec<std::net::Ipv4Addr> = self.a.attachments.iter().filter(|at| !at.network.ingress).map(|at| at.address).collect();
-        let spawned = self
-            .rt
-            .dns()
-            .task_files(&self.rt.dir, &id, &self.a.name, &addrs)
-            .and_then(|binds| Ok((binds, self.rt.cgroup_procs()?)))
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))
-            .and_then(|(binds, cg)| dp::spawn_in_netns(ns, &self.a.command, &self.rt.log_path(&id), &env, &binds, cg.as_ref(), Some(&dns::short_id(&id))));
+        let spawned =
+            self.rt.dns().task_files(&self.rt.dir, &id, &self.a.name, &addrs).and_then(|binds| Ok((binds, self.rt.cgroup_procs()?))).map_err(|e| std::io::Error::other(format!("{e:#}"))).and_then(
+                |(binds, cg)| {
+                    let out = dp::spawn_log_writer(&self.rt.deps.task_logs.argv(&self.rt.log_path(&id))).map_err(|e| std::io::Error::new(e.kind(), format!("its log writer: {e}")))?;
+                    let child = dp::spawn_in_netns(ns, &self.a.command, (out.stdout, out.stderr), &env, &binds, cg.as_ref(), Some(&dns::short_id(&id)))?;
+                    Ok((child, out.writer))
+                },
+            );
         match spawned {
-            Ok(child) => {
+            Ok((child, writer)) => {
                 let pid = child.id().unwrap_or(0);
                 let start = dp::proc_start_time(pid).unwrap_or(0);
                 self.rt.remember(&id, Persisted { assignment: self.a.clone(), pid, start_time: start }).await;
@@ -258,7 +259,7 @@ impl Supervisor {
                     r.pid = Some(pid);
                 });
                 let until = Instant::now() + ready::bound(&self.a.ports);
-                Step::Starting { p: Proc::Child { child, started: Instant::now() }, until }
+                Step::Starting { p: Proc::Child { child: Box::new(child), started: Instant::now(), writer: Some(Box::new(writer)) }, until }
             }
             Err(e) => {
                 let what = self.a.command.first().cloned().unwrap_or_default();
@@ -359,8 +360,17 @@ impl Supervisor {
 }
 
 enum Proc {
-    Child { child: tokio::process::Child, started: Instant },
-    Adopted { pid: u32, start: u64 },
+    /// `writer`: its log writer, waited for (briefly) after it, so that its output is all
+    /// stored when its end is reported (`run` reads it then).
+    Child {
+        child: Box<tokio::process::Child>,
+        started: Instant,
+        writer: Option<Box<tokio::process::Child>>,
+    },
+    Adopted {
+        pid: u32,
+        start: u64,
+    },
 }
 
 impl Proc {
@@ -374,10 +384,14 @@ impl Proc {
     /// Waits for the process to end; its exit code if known.
     async fn wait(&mut self) -> Option<i32> {
         match self {
-            Proc::Child { child, .. } => match child.wait().await {
-                Ok(s) => Some(s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0))),
-                Err(_) => None,
-            },
+            Proc::Child { child, writer, .. } => {
+                let code = match child.wait().await {
+                    Ok(s) => Some(s.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(0))),
+                    Err(_) => None,
+                };
+                Self::writer_done(writer).await;
+                code
+            }
             Proc::Adopted { pid, start } => {
                 while dp::proc_start_time(*pid) == Some(*start) {
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -387,16 +401,26 @@ impl Proc {
         }
     }
 
+    /// Waits for a task's log writer to store the last of its output (it ends when every
+    /// process holding the task's output has; one that a lingering child keeps open is
+    /// left to run).
+    async fn writer_done(writer: &mut Option<Box<tokio::process::Child>>) {
+        if let Some(mut w) = writer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.wait()).await;
+        }
+    }
+
     /// SIGTERM to the task's process group, SIGKILL after the grace period.
     async fn stop(&mut self) {
         match self {
-            Proc::Child { child, .. } => {
+            Proc::Child { child, writer, .. } => {
                 let Some(pid) = child.id() else { return };
                 let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGTERM);
                 if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
                     let _ = dp::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
                     let _ = child.wait().await;
                 }
+                Self::writer_done(writer).await;
             }
             Proc::Adopted { pid, start } => stop_adopted(*pid, *start).await,
         }

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod error;
+pub mod logs;
 pub mod messages;
 pub mod replies;
 pub mod tls;

@@ -34,8 +34,13 @@ pub enum Hello {
         #[serde(default)]
         hostname: Option<String>,
     },
-    /// One request, one reply.
+    /// One request, one reply (`service logs`: the reply, then a stream of
+    /// [`crate::logs::LogFrame`]).
     Api { request: ApiRequest },
+    /// A node's answer to [`FromManager::Logs`]: the stream's lines follow as
+    /// [`crate::logs::LogFrame::Lines`], until the node has sent all (without `follow`) or
+    /// the manager closes the connection.
+    LogStream { stream: u64 },
 }
 
 /// The reply to a join.
@@ -87,6 +92,8 @@ pub enum FromManager {
     /// Every manager's `host:port`, the leader first, when the list changes (a manager
     /// joined, went down, came back): where the agent goes when its manager fails.
     Managers { managers: Vec<String> },
+    /// Send the output of some tasks on a new connection (`service logs`).
+    Logs(LogsWanted),
 }
 
 /// A node's gossip keys: all of them open, `send` seals (0: the highest).
@@ -139,6 +146,19 @@ pub struct ServiceVip {
     pub network: Id,
     pub vip: Ipv4Addr,
     pub service: String,
+}
+
+/// Manager to agent, beside a session's state: asks for the output of some of its tasks
+/// (`service logs`), to be sent on a connection of its own ([`Hello::LogStream`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsWanted {
+    pub stream: u64,
+    pub tasks: Vec<Id>,
+    pub follow: bool,
+    #[serde(default)]
+    pub tail: Option<u64>,
+    #[serde(default)]
+    pub since_ns: Option<u64>,
 }
 
 /// Agent to manager, on a session.
@@ -232,6 +252,8 @@ pub enum ApiRequest {
     ServiceUpdate { name: String, spec: Box<ServiceUpdate> },
     /// `Removed`
     ServiceRm { name: String },
+    /// `LogsOpened`, then a stream of `LogFrame`s on the same connection.
+    ServiceLogs { spec: crate::logs::LogsRequest },
     /// A new gossip key, handed out now and sealed with shortly after. `GossipKeyRotated`
     RotateGossipKey,
     /// Removes a node (refused for one that is up, unless `force`). `Removed`
@@ -323,6 +345,7 @@ impl ApiRequest {
                 | ApiRequest::ServiceLs
                 | ApiRequest::ServicePs { .. }
                 | ApiRequest::ServiceInspect { .. }
+                | ApiRequest::ServiceLogs { .. }
                 | ApiRequest::LbLs
         )
     }

@@ -162,6 +162,7 @@ impl Manager {
             ApiRequest::RunLocal { .. } | ApiRequest::ExecLocate { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } | ApiRequest::SwarmLeave { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
+            ApiRequest::ServiceLogs { .. } => return Err(OpError::Invalid("service logs is a stream: it is answered on a connection of its own".into()).into()),
         };
         Ok(v)
     }

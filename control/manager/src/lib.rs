@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod ipam;
+pub mod logs;
 pub mod model;
 pub mod ops;
 pub mod pki;

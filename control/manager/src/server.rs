@@ -137,6 +137,11 @@ pub struct Manager {
     acceptor: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     /// Ports no service may publish.
     pub(crate) own_ports: ops::OwnPorts,
+    /// `service logs`: the streams asked of nodes and not yet opened, by stream id.
+    pub(crate) log_streams: Mutex<HashMap<u64, crate::logs::Pending>>,
+    pub(crate) next_log_stream: std::sync::atomic::AtomicU64,
+    /// Each node's open session, for what is sent beside its state (a log request).
+    pub(crate) sessions_out: Mutex<HashMap<Id, tokio::sync::mpsc::Sender<FromManager>>>,
 }
 
 fn gen_id() -> Id {
@@ -223,6 +228,9 @@ impl Manager {
             heartbeat: cfg.heartbeat,
             started: Instant::now(),
             acceptor: std::sync::OnceLock::new(),
+            log_streams: Mutex::new(HashMap::new()),
+            next_log_stream: std::sync::atomic::AtomicU64::new(1),
+            sessions_out: Mutex::new(HashMap::new()),
         }
     }
 
@@ -604,6 +612,22 @@ impl Manager {
             Hello::Join { secret, hostname, addr, underlay, manager_port } => {
                 let reply = self.join(&secret, hostname, addr, underlay, manager_port, peer);
                 write_msg(&mut w, &reply).await?;
+            }
+            Hello::Api { request: ApiRequest::ServiceLogs { spec } } => {
+                if node.is_none() {
+                    write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
+                    return Ok(());
+                }
+                // The client leaving shows as a failed write (frames flow at least every
+                // few seconds); what it sends is not read.
+                drop(r);
+                self.serve_logs(&spec, &mut w).await;
+            }
+            Hello::LogStream { stream } => {
+                let Some(node) = node else { return Ok(()) };
+                if let Err(e) = self.node_log_stream(&node, stream, &mut r).await {
+                    info!(peer = %peer, node = %node, error = %e, "log stream ended");
+                }
             }
             Hello::Api { request } => {
                 let Some(node) = node else {

@@ -194,6 +194,10 @@ impl Manager {
         let managers = managers(&self.lock().state, &self.node_id);
         write_msg(&mut w, &Reply::ok(&SessionOpened { node_id: node.clone(), heartbeat_ms: hb, data_path_port: self.meta.data_path_port, managers })).await?;
         let mut rx = self.changed.subscribe();
+        // What is sent beside the state (a log request), registered for this session; a
+        // newer session of the node replaces it.
+        let (otx, mut orx) = tokio::sync::mpsc::channel::<FromManager>(16);
+        self.sessions_out().insert(node.clone(), otx.clone());
         let (first, mut sent) = Sent::open(self.snapshot(&node));
         for m in &first {
             write_msg(&mut w, m).await?;
@@ -229,9 +233,14 @@ impl Manager {
         };
         let writer = async {
             loop {
-                rx.changed().await?;
-                for m in sent.update(self.snapshot(&node)) {
-                    write_msg(&mut w, &m).await?;
+                tokio::select! {
+                    r = rx.changed() => {
+                        r?;
+                        for m in sent.update(self.snapshot(&node)) {
+                            write_msg(&mut w, &m).await?;
+                        }
+                    }
+                    Some(m) = orx.recv() => write_msg(&mut w, &m).await?,
                 }
             }
             #[allow(unreachable_code)]
@@ -244,6 +253,12 @@ impl Manager {
             w = writer => w,
             _ = down.wait_for(|d| *d) => Err(anyhow::anyhow!("this manager no longer leads the cluster")),
         };
+        {
+            let mut out = self.sessions_out();
+            if out.get(&node).is_some_and(|s| s.same_channel(&otx)) {
+                out.remove(&node);
+            }
+        }
         info!(node = %node, "node session closed");
         r
     }
@@ -265,6 +280,7 @@ mod tests {
                 FromManager::Ingress { .. } => "ingress",
                 FromManager::GossipKeys { .. } => "keys",
                 FromManager::Managers { .. } => "managers",
+                FromManager::Logs(_) => "logs",
             })
             .collect()
     }

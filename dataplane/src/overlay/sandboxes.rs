@@ -159,7 +159,9 @@ impl Sandboxes {
             let kernel = |what, source| SandboxError::Kernel { network: net.name.clone(), vni: net.vni, what, source: Box::new(source) };
             let ns = self.ns.run(|ctx| ctx.new_netns()).await.and_then(|r| r).map_err(|e| kernel("new namespace", e))?;
             let log = self.dir.join(format!("{}.log", net.id));
-            let child = dp::spawn_in_netns(&ns, &self.holder_cmd, &log, &[], &[], None, None).map_err(|source| SandboxError::Holder { network: net.name.clone(), source })?;
+            let child = dp::output_to_file(&log)
+                .and_then(|out| dp::spawn_in_netns(&ns, &self.holder_cmd, out, &[], &[], None, None))
+                .map_err(|source| SandboxError::Holder { network: net.name.clone(), source })?;
             let pid = child.id().unwrap_or(0);
             // The holder is not waited for here: it must outlive this daemon.
             drop(child);

@@ -1,0 +1,86 @@
+//! `service logs` (issue 21). The CLI asks its daemon ([`crate::ApiRequest::ServiceLogs`]);
+//! the manager that leads answers with the tasks whose output will come ([`LogsOpened`]),
+//! then [`LogFrame`]s. It asks each node that runs one of them over that node's session
+//! ([`crate::FromManager::Logs`]); the node opens a connection of its own to the manager for
+//! the stream ([`crate::Hello::LogStream`]) and writes [`LogFrame::Lines`] on it, so a busy
+//! log never delays a session's heartbeats or assignments. The CLI leaving ends the streams
+//! all the way back to the nodes.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use swarmnet_types::Id;
+
+/// Which of a task's outputs a line was written to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of a task's output, stamped with the time its node's log writer read it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub task_id: Id,
+    /// Unix time in ns (0: a line stored before lines were stamped).
+    pub ts_ns: u64,
+    pub stream: LogStream,
+    pub text: String,
+}
+
+/// What `service logs` asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    /// A service (name or id), or a task (id, unique id prefix, or name such as `web.1`).
+    pub target: String,
+    /// Keep streaming new lines until the client leaves.
+    #[serde(default)]
+    pub follow: bool,
+    /// Only the last this many lines of each task.
+    #[serde(default)]
+    pub tail: Option<u64>,
+    /// Only lines written at or after this unix time (ns).
+    #[serde(default)]
+    pub since_ns: Option<u64>,
+}
+
+/// A task whose output comes, as the CLI prefixes its lines (`web.1.<id>@node1`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSource {
+    pub task_id: Id,
+    pub name: String,
+    pub node_id: Id,
+    pub node: String,
+}
+
+/// The reply that opens a log stream; [`LogFrame`]s follow on the same connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsOpened {
+    pub sources: Vec<LogSource>,
+}
+
+/// What follows [`LogsOpened`] (from the manager), and what a node writes on its stream
+/// (`Lines` only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LogFrame {
+    Lines {
+        lines: Vec<LogLine>,
+    },
+    /// A node whose lines cannot come (down, gone, or it failed to read them), said once.
+    Warning {
+        message: String,
+    },
+    /// Every node has sent all it has (without `follow`).
+    End,
+}
+
+/// Lines per frame at most (a frame stays far below the frame limit: lines are cut at
+/// 16 KiB by the node's log writer).
+pub const LINES_PER_FRAME: usize = 256;
+
+/// A node sends at least this often on a stream it follows (an empty `Lines` frame when it
+/// has none), and the manager passes it on: silence three times as long means the node or
+/// the path is gone, and a client that left is noticed at the next frame.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
