@@ -89,7 +89,7 @@ pub async fn run_manager(
     tokio::spawn(manager.clone().drive_updates());
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     let (_tx, slot) = tokio::sync::watch::channel(Some(manager));
-    serve_control(&cfg.data_dir, Some(slot), None, agent).await
+    serve_control(&cfg, Some(slot), None, agent).await
 }
 
 /// The identity of the manager's own node (saved in its data dir), printing the worker's
@@ -188,7 +188,7 @@ async fn run_manager_on_etcd(cfg: NodeConfig, base: NodeBase, identity: Option<I
     tokio::spawn(lead_when_elected(ec, mcfg, value, slot_tx, first_term, role.clone()));
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
     let _ = role.agent.set(agent.clone());
-    serve_control(&cfg.data_dir, Some(slot), Some(stale), agent).await
+    serve_control(&cfg, Some(slot), Some(stale), agent).await
 }
 
 /// Joins the cluster in the store as a manager, through the manager that leads it (waiting
@@ -381,7 +381,7 @@ pub async fn run_agent(cfg: NodeConfig, join: String, token: Option<String>) -> 
         }
     };
     let (agent, _claim) = start_agent(&cfg, base, id).await?;
-    serve_control(&cfg.data_dir, None, None, agent).await
+    serve_control(&cfg, None, None, agent).await
 }
 
 /// How a manager that stands by answers when no manager can be reached (ADR 0022): reads
@@ -426,7 +426,20 @@ pub fn control_socket(data_dir: &Path) -> PathBuf {
 /// worker.
 type ManagerSlot = tokio::sync::watch::Receiver<Option<Arc<Manager>>>;
 
-async fn serve_control(data_dir: &Path, manager: Option<ManagerSlot>, stale: Option<Arc<StaleReader>>, agent: Arc<Agent>) -> anyhow::Result<()> {
+async fn serve_control(cfg: &NodeConfig, manager: Option<ManagerSlot>, stale: Option<Arc<StaleReader>>, agent: Arc<Agent>) -> anyhow::Result<()> {
+    let data_dir = &cfg.data_dir;
+    if let Some(addr) = cfg.metrics_addr {
+        let h = crate::metrics::handler(agent.clone(), manager.clone());
+        let at = crate::http::Endpoint::Tcp(addr);
+        // Bound: a scraper or two, and a stranger cannot hold many.
+        let bind = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+        drop(bind);
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(at, "metrics", swarmnet_types::admission::Limits { total: 64, per_peer: 16 }, h).await {
+                warn!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
     let path = control_socket(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;

@@ -2,7 +2,9 @@
 
 mod converge;
 mod daemon;
+mod http;
 mod logs;
+mod metrics;
 mod table;
 
 use std::net::{IpAddr, SocketAddr};
@@ -147,6 +149,10 @@ struct DaemonArgs {
     /// current one included; default 3). Repeatable.
     #[arg(long = "log-opt", value_name = "KEY=VALUE", value_parser = parse_log_opt)]
     log_opt: Vec<(String, u64)>,
+    /// Serve the daemon's metrics (Prometheus's format) on http://ADDR:PORT/metrics, as
+    /// dockerd's flag (9323 by convention). Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl DaemonArgs {
@@ -163,6 +169,7 @@ impl DaemonArgs {
             advertise: self.advertise_addr,
             gossip_port: self.gossip_port,
             holder_cmd: daemon::holder_cmd()?,
+            metrics_addr: self.metrics_addr,
             task_logs: {
                 let mut l = swarmnet_agent::tasklog::LogConfig {
                     cmd: daemon::log_writer_cmd()?,

@@ -18,6 +18,7 @@ use hickory_server::proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use swarmnet_types::admission::{self, Admission, Limits, Names};
+use swarmnet_types::metrics::{Histogram, LabeledCounters};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
@@ -40,13 +41,64 @@ pub struct Config {
     pub forwarder: Forwarder,
 }
 
-/// Counters since the daemon started, shown as `local_dns` by `network inspect`.
-#[derive(Default)]
+/// Counters since the daemon started, shown as `local_dns` by `network inspect` and as
+/// metrics (`--metrics-addr`).
 pub struct Counters {
     pub local: AtomicU64,
     pub forwarded: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub refused: AtomicU64,
+    /// Queries by type ([`QTYPES`]).
+    pub qtypes: LabeledCounters,
+    /// Replies by code ([`RCODES`]).
+    pub rcodes: LabeledCounters,
+    /// How long forwarded queries took upstream (answered or not).
+    pub upstream_latency: Histogram,
+}
+
+/// The query types counted apart; the rest count as `other`.
+pub const QTYPES: &[&str] = &["A", "AAAA", "PTR", "SRV", "TXT", "MX", "CNAME", "ANY", "other"];
+/// The reply codes counted apart; the rest count as `other`.
+pub const RCODES: &[&str] = &["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP", "other"];
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            local: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            qtypes: LabeledCounters::new(QTYPES),
+            rcodes: LabeledCounters::new(RCODES),
+            upstream_latency: Histogram::default(),
+        }
+    }
+}
+
+fn qtype_index(t: Option<RecordType>) -> usize {
+    match t {
+        Some(RecordType::A) => 0,
+        Some(RecordType::AAAA) => 1,
+        Some(RecordType::PTR) => 2,
+        Some(RecordType::SRV) => 3,
+        Some(RecordType::TXT) => 4,
+        Some(RecordType::MX) => 5,
+        Some(RecordType::CNAME) => 6,
+        Some(RecordType::ANY) => 7,
+        _ => usize::MAX,
+    }
+}
+
+fn rcode_index(c: ResponseCode) -> usize {
+    match c {
+        ResponseCode::NoError => 0,
+        ResponseCode::NXDomain => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::Refused => 3,
+        ResponseCode::FormErr => 4,
+        ResponseCode::NotImp => 5,
+        _ => usize::MAX,
+    }
 }
 
 /// What every task's resolver on this node shares.
@@ -497,11 +549,18 @@ impl TaskResolver {
         let mut meta = Metadata::response_from_request(&request.metadata);
         meta.recursion_available = true;
         let builder = MessageResponseBuilder::new(&request.queries, resp_edns.as_ref());
+        let c = &self.shared.counters;
+        c.qtypes.inc(qtype_index(request.queries.queries().first().map(|q| q.query_type())));
         if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
             meta.response_code = ResponseCode::BADVERS;
+            c.rcodes.inc(usize::MAX);
             return send(&mut response, builder.build_no_records(meta), &request.metadata).await;
         }
-        let c = &self.shared.counters;
+        match &plan {
+            Plan::Records(_) | Plan::NoData => c.rcodes.inc(0),
+            Plan::Code(code) => c.rcodes.inc(rcode_index(*code)),
+            Plan::Forward => {}
+        }
         match plan {
             Plan::Records(recs) => {
                 c.local.fetch_add(1, Ordering::Relaxed);
@@ -526,10 +585,13 @@ impl TaskResolver {
             Plan::Forward => {
                 c.forwarded.fetch_add(1, Ordering::Relaxed);
                 let tcp = request.protocol() != hickory_server::net::xfer::Protocol::Udp;
+                let asked = std::time::Instant::now();
                 let upstream = match self.shared.config.forwarder.forward(request.as_slice(), tcp).await {
                     Ok(bytes) => Message::from_vec(&bytes).map_err(|e| format!("upstream answer does not parse: {e}")),
                     Err(e) => Err(e.to_string()),
                 };
+                c.upstream_latency.observe(asked.elapsed());
+                c.rcodes.inc(upstream.as_ref().map(|m| rcode_index(m.metadata.response_code)).unwrap_or(2));
                 match upstream {
                     Ok(m) => {
                         // The upstream's answer, rcode and flags, under the client's id.

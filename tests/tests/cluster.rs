@@ -698,3 +698,67 @@ fn service_logs_come_from_every_node_and_follow_what_comes_next() -> Result<()> 
     assert!(err.contains("expected a number of lines"), "{err}");
     Ok(())
 }
+
+/// Metrics (issue 21): `--metrics-addr` on every daemon serves Prometheus's format, which
+/// `promtool check metrics` passes, with the node's gossip members, its load balancer's
+/// services and connections, DNS queries by type, and on the manager the cluster's nodes
+/// and tasks; a path or method it does not serve is refused.
+#[test]
+fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
+    // (The lab turns metrics on: `--metrics-addr <node>:9323`.)
+    let lab = Lab::up("snx-metrics", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--", "python3", "-m", "http.server", "80"])?;
+    let tasks = lab.running_tasks("web")?;
+    // Some DNS queries and connections through the VIP from a task (`exec`: in its cgroup,
+    // where the socket load balancer is).
+    let node = tasks[0]["node"].as_str().unwrap_or("").to_string();
+    let ti = lab.nodes.iter().position(|n| n.hostname == node).context("the task's node")?;
+    let name = tasks[0]["name"].as_str().unwrap_or("").to_string();
+    let get = ["exec", &name, "--", "python3", "-c", "import urllib.request; urllib.request.urlopen('http://web/', timeout=5).read()"];
+    wait_for("web's VIP answering from a task", T, || lab.cli_ok(ti, &get).ok())?;
+    for _ in 0..5 {
+        lab.cli_ok(ti, &get)?;
+    }
+    let scrape = |i: usize, path: &str| -> Result<String> { in_ns(&lab.nodes[i].ns, &["curl", "-sS", "-m", "5", &format!("http://{}:9323{path}", lab.nodes[i].addr)]) };
+    let value = |text: &str, series: &str| -> Option<f64> { text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok()) };
+    for i in 0..3 {
+        let text = wait_for("gossip members in the metrics", T, || {
+            let t = scrape(i, "/metrics").ok()?;
+            (value(&t, "swarmnet_gossip_members_alive") == Some(2.0)).then_some(t)
+        })?;
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("promtool (Debian's prometheus)")?;
+        std::io::Write::write_all(check.stdin.as_mut().context("stdin")?, text.as_bytes())?;
+        let out = check.wait_with_output()?;
+        assert!(out.status.success(), "node {i}: promtool check metrics: {}{}\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(value(&text, "swarmnet_lb_services"), Some(1.0), "node {i}: one VIP (web's)\n{text}");
+        assert!(value(&text, "process_resident_memory_bytes").is_some_and(|v| v > 1e6), "node {i}: RSS\n{text}");
+        assert!(text.contains("swarmnet_overlay_remote_endpoints "), "node {i}");
+        // OpenMetrics when asked for, as Prometheus asks.
+        let om = in_ns(&lab.nodes[i].ns, &["curl", "-sS", "-m", "5", "-H", "Accept: application/openmetrics-text;version=1.0.0", &format!("http://{}:9323/metrics", lab.nodes[i].addr)])?;
+        assert!(om.trim_end().ends_with("# EOF") && om.contains("# TYPE swarmnet_dns_queries counter"), "node {i}: OpenMetrics\n{om}");
+        let managed = text.contains("swarmnet_manager_nodes");
+        assert_eq!(managed, i == 0, "node {i}: the manager's metrics only on the manager\n{text}");
+    }
+    let m = scrape(0, "/metrics")?;
+    assert_eq!(value(&m, "swarmnet_manager_tasks{state=\"running\"}"), Some(3.0), "{m}");
+    assert_eq!(value(&m, "swarmnet_manager_nodes{role=\"manager\",status=\"ready\",availability=\"active\"}"), Some(1.0), "{m}");
+    assert_eq!(value(&m, "swarmnet_manager_leader"), Some(1.0));
+    // The node of the task that asked: its DNS queries and the VIP's connections counted.
+    let t = scrape(ti, "/metrics")?;
+    assert!(value(&t, "swarmnet_dns_queries_total{type=\"A\"}").is_some_and(|v| v >= 5.0), "{t}");
+    let conns: f64 = t.lines().filter(|l| l.starts_with("swarmnet_lb_connections_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    assert!(conns >= 5.0, "connections through web's VIP counted: {conns}\n{t}");
+    // What it does not serve.
+    let nf = in_ns(&lab.nodes[1].ns, &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:9323/nope", lab.nodes[1].addr)])?;
+    assert_eq!(nf.trim(), "404");
+    let post = in_ns(&lab.nodes[1].ns, &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", &format!("http://{}:9323/metrics", lab.nodes[1].addr)])?;
+    assert_eq!(post.trim(), "405");
+    Ok(())
+}

@@ -167,7 +167,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 
 /// Queries per second at saturation (10 s; 4 clients and 100 outstanding per dnsperf
 /// thread), queries lost, queries completed.
-fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path, threads: &str) -> Result<(f64, String, u64)> {
+pub(crate) fn dnsperf_qps(asker: &str, server: &str, queries: &std::path::Path, threads: &str) -> Result<(f64, String, u64)> {
     let q = queries.display().to_string();
     let (clients, outstanding) = if threads == "2" { ("8", "200") } else { ("4", "100") };
     let out = dnsperf(asker, &["-s", server, "-d", &q, "-l", "10", "-T", threads, "-c", clients, "-q", outstanding])?;

@@ -66,7 +66,7 @@ pub(crate) fn parse_wrk(out: &str) -> Result<Wrk> {
     Ok(Wrk { rps, p50_ms: p50, p99_ms: p99, errors: socket_errors + non_2xx })
 }
 
-fn wrk(lab: &Lab, n: usize, url: &str) -> Result<Wrk> {
+pub(crate) fn wrk(lab: &Lab, n: usize, url: &str) -> Result<Wrk> {
     let name = format!("wrk{n}");
     let out = lab.cli_ok(0, &["run", "--name", &name, "--network", "bench", "--", "wrk", "-t1", "-c32", "-d8s", "--latency", "-H", "Connection: close", url])?;
     parse_wrk(&out).with_context(|| format!("wrk output:\n{out}"))

@@ -14,6 +14,7 @@ mod bench_ha;
 mod bench_ingress;
 mod bench_lb;
 mod bench_logs;
+mod bench_metrics;
 mod bench_nft;
 mod bench_overlay;
 mod fuzz;
@@ -212,6 +213,13 @@ fn real_main() -> Result<()> {
                 bench_dns::bench_dns(runs.max(50))?
             }
             "nft" => bench_nft::bench_nft(runs.max(30))?,
+            "metrics" => {
+                need("wrk", "wrk")?;
+                need("nginx", "nginx-light")?;
+                need("dnsperf", "dnsperf")?;
+                release_binary()?;
+                bench_metrics::bench_metrics()?
+            }
             "logs" => {
                 build()?;
                 bench_logs::bench_logs(20)?
@@ -221,7 +229,9 @@ fn real_main() -> Result<()> {
                 build()?;
                 bench_ha::bench_ha(runs)?
             }
-            other => bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs)"),
+            other => {
+                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs, metrics)")
+            }
         },
     }
     Ok(())

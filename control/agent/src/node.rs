@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub holder_cmd: Vec<String>,
     /// How task output is stored: the log writer's command and the size cap.
     pub task_logs: crate::tasklog::LogConfig,
+    /// Where to serve metrics (`--metrics-addr`; None: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The node's display name (`--hostname`, default the machine's hostname): `node ls`
     /// shows it. No kernel object is named after it: they are keyed by the node's id.
     pub hostname: String,
@@ -271,7 +273,8 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
     if let Some(lb) = &lb {
         sinks.push(Box::new(lb.sink.clone()));
     }
-    sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise)));
+    let overlay_stats = Arc::new(swarmnet_dataplane::overlay::sink::OverlayStats::default());
+    sinks.push(Box::new(OverlaySink::new(sandboxes.clone(), cfg.advertise).with_stats(overlay_stats.clone())));
     // After the overlay: a published port is programmed once its tasks are reachable.
     // Inputs from outside the endpoint table reach a sink through the follow loop.
     let (inputs_tx, inputs) = mpsc::unbounded_channel();
@@ -290,7 +293,7 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
         mtu: task_mtu,
     };
     tokio::spawn(crate::ingress::run(ingress_deps, ingress_rx));
-    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress, task_logs: cfg.task_logs.clone() };
+    let deps = Deps { sandboxes, membership, gossip: gossip.clone(), vtep: cfg.advertise, dns, lb, ingress, task_logs: cfg.task_logs.clone(), overlay_stats };
     let (runtime, reports) = Runtime::open(base.ns, deps, &cfg.data_dir, task_mtu)?;
     Ok(Node { runtime, reports, gossip, ingress: ingress_tx, claim })
 }

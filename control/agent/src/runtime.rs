@@ -49,6 +49,8 @@ pub struct Deps {
     pub ingress: IngressHandle,
     /// How task output is stored (issue 21).
     pub task_logs: crate::tasklog::LogConfig,
+    /// What the overlay sink counts (metrics).
+    pub overlay_stats: Arc<swarmnet_dataplane::overlay::sink::OverlayStats>,
 }
 
 /// The load balancer as the runtime and the session use it.
@@ -208,6 +210,15 @@ impl Runtime {
             Some(host) => Ok(Some(host.cgroup_procs()?)),
             None => Ok(None),
         }
+    }
+
+    pub fn overlay_stats(&self) -> &swarmnet_dataplane::overlay::sink::OverlayStats {
+        &self.deps.overlay_stats
+    }
+
+    /// The node's DNS counters and whether the load balancer runs.
+    pub fn has_lb(&self) -> bool {
+        self.deps.lb.is_some()
     }
 
     pub fn log_path(&self, task: &Id) -> PathBuf {

@@ -208,6 +208,11 @@ pub struct Stats {
     pub stream_bytes: u64,
     /// Bytes the sealing added on top of `udp_bytes` and `stream_bytes` (the server's).
     pub sealing_bytes: u64,
+    /// Messages and bytes handed to the protocol (opened; datagrams and stream messages).
+    pub received: u64,
+    pub received_bytes: u64,
+    /// Members this node's failure detector declared down.
+    pub failures_detected: u64,
 }
 
 pub struct Gossip {
@@ -457,6 +462,8 @@ impl Gossip {
 
     /// A packet from `from`; `stream` if it came over the reliable channel.
     pub fn handle(&mut self, from: SocketAddr, data: &[u8], stream: bool, now: Instant) {
+        self.stats.received += 1;
+        self.stats.received_bytes += data.len() as u64;
         let limit = if stream { MAX_STREAM_MESSAGE } else { self.cfg.max_packet };
         if data.len() > limit {
             self.stats.oversized += 1;
@@ -552,6 +559,7 @@ impl Gossip {
             OwnedNotification::MemberDown(id) if id.node == self.me.node => {}
             OwnedNotification::Rename(_, new) if new.node == self.me.node => {}
             OwnedNotification::MemberDown(id) => {
+                self.stats.failures_detected += 1;
                 if self.alive.get(&id.node).is_some_and(|a| a.gen <= id.gen) {
                     self.alive.remove(&id.node);
                     if self.alive.is_empty() {

@@ -19,10 +19,13 @@ fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ManagerError> {
 impl Manager {
     /// Answers one API request. `caller` is the node a request came from, if any.
     pub fn api(&self, req: ApiRequest, caller: Option<&Id>) -> Reply {
-        match self.api_inner(req, caller) {
+        let started = std::time::Instant::now();
+        let r = match self.api_inner(req, caller) {
             Ok(v) => Reply { ok: true, error: None, data: v, stale: None },
             Err(e) => Reply::err(e.to_api()),
-        }
+        };
+        self.api_latency.observe(started.elapsed());
+        r
     }
 
     /// [`Manager::api`], with the requests that wait (`node rm`: a gossip key rotation;

@@ -142,6 +142,8 @@ pub struct Manager {
     pub(crate) next_log_stream: std::sync::atomic::AtomicU64,
     /// Each node's open session, for what is sent beside its state (a log request).
     pub(crate) sessions_out: Mutex<HashMap<Id, tokio::sync::mpsc::Sender<FromManager>>>,
+    /// How long API requests take to answer (metrics).
+    pub api_latency: swarmnet_types::metrics::Histogram,
 }
 
 fn gen_id() -> Id {
@@ -231,6 +233,7 @@ impl Manager {
             log_streams: Mutex::new(HashMap::new()),
             next_log_stream: std::sync::atomic::AtomicU64::new(1),
             sessions_out: Mutex::new(HashMap::new()),
+            api_latency: Default::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod endpoint;
+pub mod metrics;
 pub mod network;
 pub mod sink;
 

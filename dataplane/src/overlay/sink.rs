@@ -37,11 +37,40 @@ pub struct OverlaySink<K> {
     /// This node's VTEP: its own endpoints are not remote.
     local: IpAddr,
     desired: BTreeMap<NetworkId, BTreeMap<TaskId, Remote>>,
+    stats: std::sync::Arc<OverlayStats>,
+}
+
+/// What the overlay sink counts (`--metrics-addr`).
+#[derive(Debug, Default)]
+pub struct OverlayStats {
+    /// Remote endpoints wanted in the kernel now (each one neighbour and one FDB entry), all
+    /// networks.
+    pub remotes: std::sync::atomic::AtomicU64,
+    /// Networks with remote endpoints wanted.
+    pub networks: std::sync::atomic::AtomicU64,
+    /// Neighbour and FDB entries added, changed or removed.
+    pub entry_changes: std::sync::atomic::AtomicU64,
+    /// Kernel programming failures.
+    pub failures: std::sync::atomic::AtomicU64,
+    /// How long bringing one network's entries in line took (dump, plan, changes).
+    pub sync_latency: swarmnet_types::metrics::Histogram,
 }
 
 impl<K: OverlayKernel> OverlaySink<K> {
     pub fn new(kernel: K, local: IpAddr) -> Self {
-        OverlaySink { kernel, local, desired: BTreeMap::new() }
+        OverlaySink { kernel, local, desired: BTreeMap::new(), stats: Default::default() }
+    }
+
+    /// Counts into `stats`.
+    pub fn with_stats(mut self, stats: std::sync::Arc<OverlayStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    fn count_desired(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.remotes.store(self.desired.values().map(|m| m.len() as u64).sum(), Relaxed);
+        self.stats.networks.store(self.desired.values().filter(|m| !m.is_empty()).count() as u64, Relaxed);
     }
 
     fn remote(&self, e: &Endpoint) -> Option<Remote> {
@@ -52,10 +81,21 @@ impl<K: OverlayKernel> OverlaySink<K> {
     }
 
     async fn sync(&self, network: &NetworkId, scope: Scope) -> Result<(), SinkError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let desired: Vec<Remote> = self.desired.get(network).map(|m| m.values().copied().collect()).unwrap_or_default();
-        if let Some(ops) = self.kernel.sync(network, desired, scope).await? {
-            if !ops.is_empty() {
+        self.count_desired();
+        let started = std::time::Instant::now();
+        let r = self.kernel.sync(network, desired, scope).await;
+        self.stats.sync_latency.observe(started.elapsed());
+        match r {
+            Ok(Some(ops)) if !ops.is_empty() => {
+                self.stats.entry_changes.fetch_add(ops.len() as u64, Relaxed);
                 debug!(network = %network, changes = ops.len(), "overlay entries updated");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Relaxed);
+                return Err(e);
             }
         }
         Ok(())
@@ -109,6 +149,7 @@ impl<K: OverlayKernel> Sink for OverlaySink<K> {
 
     async fn forget(&mut self, network: &NetworkId) -> Result<(), SinkError> {
         self.desired.remove(network);
+        self.count_desired();
         Ok(())
     }
 }
