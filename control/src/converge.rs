@@ -191,6 +191,9 @@ mod tests {
             restarts: 0,
             version: 0,
             orphaned: false,
+            service_id: None,
+            slot: None,
+            since_ms: 0,
         }
     }
 

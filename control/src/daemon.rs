@@ -440,6 +440,15 @@ async fn serve_control(cfg: &NodeConfig, manager: Option<ManagerSlot>, stale: Op
             }
         });
     }
+    for at in &cfg.docker_api {
+        let at: crate::http::Endpoint = at.parse().map_err(|e: String| anyhow::anyhow!("--docker-api {e}"))?;
+        let h = crate::docker::handler(agent.clone(), manager.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(at, "docker api", swarmnet_types::admission::Limits { total: 256, per_peer: 64 }, h).await {
+                warn!(error = %format!("{e:#}"), "docker api endpoint stopped");
+            }
+        });
+    }
     let path = control_socket(data_dir);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;

@@ -2,6 +2,7 @@
 
 mod converge;
 mod daemon;
+mod docker;
 mod http;
 mod logs;
 mod metrics;
@@ -153,6 +154,12 @@ struct DaemonArgs {
     /// dockerd's flag (9323 by convention). Off unless given.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the read-only Docker Engine API that Prometheus's dockerswarm_sd_configs and
+    /// the docker CLI read (`node ls`, `service ls|ps`, `network ls`): unix:///PATH or
+    /// tcp://ADDR:PORT (repeatable; no TLS: keep a TCP one on a trusted address). Off unless
+    /// given.
+    #[arg(long, value_name = "unix:///PATH|tcp://ADDR:PORT", value_parser = parse_api_endpoint)]
+    docker_api: Vec<http::Endpoint>,
 }
 
 impl DaemonArgs {
@@ -170,6 +177,7 @@ impl DaemonArgs {
             gossip_port: self.gossip_port,
             holder_cmd: daemon::holder_cmd()?,
             metrics_addr: self.metrics_addr,
+            docker_api: self.docker_api.iter().map(ToString::to_string).collect(),
             task_logs: {
                 let mut l = swarmnet_agent::tasklog::LogConfig {
                     cmd: daemon::log_writer_cmd()?,
@@ -1100,6 +1108,10 @@ fn millis(d: Duration) -> u64 {
 /// `--tail`: a number of lines, or None for all.
 #[derive(Clone, Copy, Debug)]
 struct Tail(Option<u64>);
+
+fn parse_api_endpoint(s: &str) -> Result<http::Endpoint, String> {
+    s.parse()
+}
 
 /// `all`, or a number of lines.
 fn parse_tail(s: &str) -> Result<Tail, String> {

@@ -124,6 +124,7 @@ async fn node(out: &mut Out, agent: &Agent) {
             vec![(l1("reason", "unauthenticated"), s.unauthenticated), (l1("reason", "malformed"), s.malformed), (l1("reason", "oversized"), s.oversized), (l1("reason", "stale"), s.stale)],
         );
         out.counter("gossip_failures_detected", "Members this node's failure detector declared down", s.failures_detected);
+        out.histogram("gossip_probe_rtt_seconds", "Round trips of this node's direct failure-detector probes (ping to ack)", s.probe_rtt.snapshot());
     }
     let ov = agent.runtime.overlay_stats();
     out.gauge("overlay_remote_endpoints", "Remote endpoints programmed (one neighbour and one FDB entry each), all networks", ov.remotes.load(Relaxed) as i64);
@@ -149,7 +150,21 @@ async fn node(out: &mut Out, agent: &Agent) {
         let pb: Vec<_> = t.ports.iter().flat_map(|p| p.backends.iter()).collect();
         let states = count_by(&pb, &["active", "draining"], |b| format!("{:?}", b.state).to_lowercase());
         out.gauges("mesh_backends", "Backends of the node's published ports, by state", states.into_iter().map(|(k, v)| (l1("state", k), v)).collect());
-        out.gauges("mesh_entry_info", "How clients enter the routing mesh on this node", vec![(l1("entry", format!("{:?}", t.mesh_entry).to_lowercase()), 1)]);
+        let entry = format!("{:?}", t.mesh_entry).to_lowercase();
+        out.gauges("mesh_entry_info", "How clients enter the routing mesh on this node", vec![(l1("entry", &entry), 1)]);
+        out.counters(
+            "mesh_flows",
+            "New connections and UDP flows the routing mesh handed to a backend on this node, by entry path and published port",
+            t.ports
+                .iter()
+                .map(|p| {
+                    (
+                        vec![("entry".into(), entry.clone()), ("service".into(), p.service.clone()), ("port".into(), format!("{}/{}", p.published, p.protocol))],
+                        p.backends.iter().map(|b| b.connections).sum(),
+                    )
+                })
+                .collect(),
+        );
     }
 
     let c = &agent.runtime.dns().shared.counters;

@@ -185,6 +185,9 @@ mod tests {
             restarts: 0,
             version: 0,
             orphaned: false,
+            service_id: None,
+            slot: None,
+            since_ms: 0,
         };
         let out = render(&[t]);
         let lines: Vec<&str> = out.lines().collect();

@@ -186,6 +186,9 @@ pub fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z'))).unwrap_or(false)
 }
 
+/// The Docker API's socket in every lab node's data dir.
+pub const LAB_DOCKER_SOCKET: &str = "docker.sock";
+
 /// Where every lab daemon serves its metrics, on its node's address (unless
 /// `SWARMNET_LAB_METRICS=off`, for the benchmark that compares the two).
 pub const LAB_METRICS_PORT: u16 = 9323;
@@ -480,6 +483,10 @@ impl Lab {
         // Metrics on, on the node's own address (issue 21: the lab and the demo turn them on).
         if !self.node_args.iter().any(|a| a == "--metrics-addr") && std::env::var("SWARMNET_LAB_METRICS").as_deref() != Ok("off") {
             cmd.arg("--metrics-addr").arg(format!("{}:{LAB_METRICS_PORT}", node.addr));
+        }
+        // And the Docker API, on a socket in its data dir.
+        if !self.node_args.iter().any(|a| a == "--docker-api") {
+            cmd.arg("--docker-api").arg(format!("unix://{}", node.data_dir.join(LAB_DOCKER_SOCKET).display()));
         }
         cmd.args(&self.node_args);
         cmd.env("SWARMNET_LAB", &self.name).env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

@@ -723,9 +723,9 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
     let scrape = |i: usize, path: &str| -> Result<String> { in_ns(&lab.nodes[i].ns, &["curl", "-sS", "-m", "5", &format!("http://{}:9323{path}", lab.nodes[i].addr)]) };
     let value = |text: &str, series: &str| -> Option<f64> { text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok()) };
     for i in 0..3 {
-        let text = wait_for("gossip members in the metrics", T, || {
+        let text = wait_for("gossip members and probe round trips in the metrics", T, || {
             let t = scrape(i, "/metrics").ok()?;
-            (value(&t, "swarmnet_gossip_members_alive") == Some(2.0)).then_some(t)
+            (value(&t, "swarmnet_gossip_members_alive") == Some(2.0) && value(&t, "swarmnet_gossip_probe_rtt_seconds_count").is_some_and(|n| n > 0.0)).then_some(t)
         })?;
         let mut check = std::process::Command::new("promtool")
             .args(["check", "metrics"])
@@ -761,4 +761,145 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
     let post = in_ns(&lab.nodes[1].ns, &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", &format!("http://{}:9323/metrics", lab.nodes[1].addr)])?;
     assert_eq!(post.trim(), "405");
     Ok(())
+}
+
+/// The Docker Engine API (issue 21): on a worker's `--docker-api` socket, the docker CLI's
+/// `node ls`, `service ls`, `service ps` and `network ls` list what swarmnet's own tables
+/// list; a write is refused naming swarmnet's command; a version or path it does not serve
+/// gets Docker's error JSON. Then Debian's Prometheus, pointed at the manager's socket,
+/// finds every node through `dockerswarm_sd_configs` (role nodes, port 9323: every daemon's
+/// metrics, all up) and the tasks (role tasks) with their service, node and network.
+#[test]
+fn the_docker_api_serves_the_docker_cli_and_prometheus() -> Result<()> {
+    let lab = Lab::up("snx-docker", 3, 3, 1.0)?;
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "web", "--replicas", "3", "--network", "appnet", "--publish", "8080:80", "--label", "tier=front", "--", "python3", "-m", "http.server", "80"])?;
+    lab.cli_ok(0, &["service", "create", "--name", "agent", "--mode", "global", "--endpoint-mode", "dnsrr", "--network", "appnet", "--", "sleep", "infinity"])?;
+    lab.wait_service("agent", 3, T)?;
+    let worker = &lab.nodes[2];
+    lab.cli_ok(0, &["node", "update", "--label-add", "zone=a", &worker.hostname])?;
+    let sock = |i: usize| lab.nodes[i].data_dir.join(swarmnet_lab::LAB_DOCKER_SOCKET);
+    let docker = |i: usize, args: &[&str]| -> Result<std::process::Output> {
+        std::process::Command::new("docker")
+            .args(args)
+            .env("DOCKER_HOST", format!("unix://{}", sock(i).display()))
+            .env("DOCKER_CONFIG", lab.nodes[i].data_dir.join("docker-config"))
+            .output()
+            .context("docker (Debian's docker.io)")
+    };
+    let docker_ok = |i: usize, args: &[&str]| -> Result<String> {
+        let out = docker(i, args)?;
+        anyhow::ensure!(out.status.success(), "docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let sorted = |s: String| -> Vec<String> {
+        let mut v: Vec<String> = s.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|l| !l.is_empty()).collect();
+        v.sort();
+        v
+    };
+
+    // docker node ls (from a worker) lists swarmnet's nodes, the leader, the label.
+    let ours = lab.cli_json(0, &["node", "ls"])?;
+    let mut want: Vec<String> = ours
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .map(|n| format!("{} {} Ready Active {}", n["id"].as_str().unwrap_or(""), n["hostname"].as_str().unwrap_or(""), if n["role"] == "manager" { "Leader" } else { "" }).trim().to_string())
+        .collect();
+    want.sort();
+    let got = sorted(docker_ok(2, &["node", "ls", "--format", "{{.ID}} {{.Hostname}} {{.Status}} {{.Availability}} {{.ManagerStatus}}"])?);
+    assert_eq!(got, want, "docker node ls");
+    let me = docker_ok(2, &["node", "ls", "--format", "{{.Self}} {{.Hostname}}"])?;
+    assert!(me.lines().any(|l| l == format!("true {}", worker.hostname)), "the node asked is marked as itself: {me}");
+    let labels = docker_ok(2, &["node", "inspect", "--format", "{{json .Spec.Labels}}", &worker.hostname])?;
+    assert_eq!(labels.trim(), r#"{"zone":"a"}"#);
+
+    // docker service ls: name, mode, replicas, ports.
+    let got = sorted(docker_ok(2, &["service", "ls", "--format", "{{.Name}} {{.Mode}} {{.Replicas}} {{.Ports}}"])?);
+    assert_eq!(got, vec!["agent global 3/3".to_string(), "web replicated 3/3 *:8080->80/tcp".to_string()], "docker service ls");
+
+    // docker service ps web: every task on the node swarmnet says, running.
+    let ps = lab.cli_json(0, &["service", "ps", "web"])?;
+    let mut want: Vec<String> = ps
+        .as_array()
+        .context("tasks")?
+        .iter()
+        .filter(|t| t["desired_state"] == "running")
+        .map(|t| format!("{} {} Running", t["name"].as_str().unwrap_or(""), t["node"].as_str().unwrap_or("")))
+        .collect();
+    want.sort();
+    let got: Vec<String> = sorted(docker_ok(2, &["service", "ps", "web", "--format", "{{.Name}} {{.Node}} {{.DesiredState}} {{.CurrentState}}"])?)
+        .into_iter()
+        .map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .collect();
+    let running: Vec<String> = sorted(docker_ok(2, &["service", "ps", "web", "--format", "{{.CurrentState}}"])?);
+    assert_eq!(got, want, "docker service ps web");
+    assert!(running.iter().all(|s| s.starts_with("Running ")), "{running:?}");
+
+    // docker network ls.
+    let got = sorted(docker_ok(2, &["network", "ls", "--format", "{{.Name}} {{.Driver}} {{.Scope}}"])?);
+    assert_eq!(got, vec!["appnet overlay swarm".to_string(), "ingress overlay swarm".to_string()], "docker network ls");
+
+    // A write: refused, naming the command.
+    let out = docker(2, &["service", "rm", "web"])?;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("swarmnet service rm"), "{out:?}");
+    assert_eq!(lab.running_tasks("web")?.len(), 3, "nothing removed");
+    // Docker's errors for what is not served.
+    let curl = |path: &str| -> Result<String> {
+        let out = std::process::Command::new("curl").args(["-sS", "--unix-socket"]).arg(sock(0)).args(["-w", " %{http_code}", &format!("http://docker{path}")]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let v = curl("/v1.99/nodes")?;
+    assert!(v.ends_with(" 400") && v.contains(r#"{"message":"client version 1.99 is too new"#), "{v}");
+    let v = curl("/v1.41/containers/json")?;
+    assert!(v.ends_with(" 404") && v.starts_with(r#"{"message":"#), "{v}");
+    let v = curl("/v1.41/services/nope")?;
+    assert!(v.ends_with(" 404") && v.contains("service nope not found"), "{v}");
+
+    // Prometheus with dockerswarm_sd_configs on the manager's socket, in node 1's namespace.
+    let dir = lab.nodes[0].data_dir.join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: swarmnet\n    dockerswarm_sd_configs:\n      - host: unix://{s}\n        role: nodes\n        port: {p}\n        refresh_interval: 2s\n  - job_name: tasks\n    dockerswarm_sd_configs:\n      - host: unix://{s}\n        role: tasks\n        refresh_interval: 2s\n",
+        s = sock(0).display(),
+        p = swarmnet_lab::LAB_METRICS_PORT
+    );
+    std::fs::write(dir.join("prometheus.yml"), config)?;
+    let mut prom = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[0].ns, "prometheus", "--web.listen-address=127.0.0.1:9090"])
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .env("SWARMNET_LAB", &lab.name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+        .spawn()
+        .context("prometheus (Debian's)")?;
+    let r = (|| -> Result<()> {
+        let targets = wait_for("Prometheus: three swarmnet nodes up, and web's tasks", Duration::from_secs(60), || {
+            let t = in_ns(&lab.nodes[0].ns, &["curl", "-sS", "-m", "2", "http://127.0.0.1:9090/api/v1/targets"]).ok()?;
+            let v: Value = serde_json::from_str(&t).ok()?;
+            let active = v["data"]["activeTargets"].as_array()?.clone();
+            let nodes: Vec<&Value> = active.iter().filter(|t| t["labels"]["job"] == "swarmnet").collect();
+            let web: Vec<&Value> = active.iter().filter(|t| t["labels"]["job"] == "tasks" && t["discoveredLabels"]["__meta_dockerswarm_service_name"] == "web").collect();
+            (nodes.len() == 3 && nodes.iter().all(|t| t["health"] == "up") && web.len() >= 3).then_some(active)
+        })?;
+        let node =
+            targets.iter().find(|t| t["discoveredLabels"]["__meta_dockerswarm_node_hostname"] == worker.hostname.as_str() && t["labels"]["job"] == "swarmnet").context("the worker as a target")?;
+        let d = &node["discoveredLabels"];
+        assert_eq!(d["__address__"], format!("{}:{}", worker.addr, swarmnet_lab::LAB_METRICS_PORT).as_str(), "{d}");
+        assert_eq!(d["__meta_dockerswarm_node_role"], "worker");
+        assert_eq!(d["__meta_dockerswarm_node_status"], "ready");
+        assert_eq!(d["__meta_dockerswarm_node_label_zone"], "a");
+        let task = targets.iter().find(|t| t["labels"]["job"] == "tasks" && t["discoveredLabels"]["__meta_dockerswarm_service_name"] == "web").context("a web task")?;
+        let d = &task["discoveredLabels"];
+        assert_eq!(d["__meta_dockerswarm_task_state"], "running", "{d}");
+        assert_eq!(d["__meta_dockerswarm_service_label_tier"], "front", "{d}");
+        assert_eq!(d["__meta_dockerswarm_service_mode"], "replicated", "{d}");
+        assert!(d["__meta_dockerswarm_network_name"] == "appnet" || d["__meta_dockerswarm_network_name"] == "ingress", "{d}");
+        assert!(d["__meta_dockerswarm_node_hostname"].as_str().is_some_and(|h| lab.nodes.iter().any(|n| n.hostname == h)), "{d}");
+        Ok(())
+    })();
+    let _ = prom.kill();
+    let _ = prom.wait();
+    r
 }

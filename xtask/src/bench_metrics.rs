@@ -60,7 +60,8 @@ fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
     let scraper = on.then(|| {
         let stop = stop.clone();
         let targets: Vec<String> = lab.nodes.iter().map(|n| format!("http://{}:{}/metrics", n.addr, swarmnet_lab::LAB_METRICS_PORT)).collect();
-        let ul = format!("{LAB}-ul");
+        // From node 1's namespace (the underlay's bridge has no address of its own).
+        let ul = lab.nodes[0].ns.clone();
         std::thread::spawn(move || {
             let mut scrapes = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -94,7 +95,6 @@ fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
 }
 
 pub fn bench_metrics() -> Result<()> {
-    // The underlay's namespace is where the scraper runs: the lab has it from the start.
     let mut n = 0;
     let (mut dns, mut lb) = (Vec::new(), Vec::new());
     for i in 1..=3 {

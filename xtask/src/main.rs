@@ -9,6 +9,7 @@ use swarmnet_lab::{cleanup, Lab};
 
 mod bench_convergence;
 mod bench_dns;
+mod bench_docker;
 mod bench_gossip;
 mod bench_ha;
 mod bench_ingress;
@@ -219,6 +220,10 @@ fn real_main() -> Result<()> {
                 need("dnsperf", "dnsperf")?;
                 release_binary()?;
                 bench_metrics::bench_metrics()?
+            }
+            "docker-api" => {
+                release_binary()?;
+                bench_docker::bench_docker_api()?
             }
             "logs" => {
                 build()?;

@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub task_logs: crate::tasklog::LogConfig,
     /// Where to serve metrics (`--metrics-addr`; None: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to serve the read-only Docker Engine API (`--docker-api`, as given).
+    pub docker_api: Vec<String>,
     /// The node's display name (`--hostname`, default the machine's hostname): `node ls`
     /// shows it. No kernel object is named after it: they are keyed by the node's id.
     pub hostname: String,

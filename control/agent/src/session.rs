@@ -263,6 +263,11 @@ impl Agent {
         }
     }
 
+    /// The node's display name.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
     /// The managers to try, the one in use first.
     fn managers_in_turn(&self) -> Vec<String> {
         let m = self.managers();

@@ -244,6 +244,8 @@ pub enum ApiRequest {
     ServiceLs,
     /// `Vec<TaskInfo>`
     ServicePs { name: String },
+    /// Every task of the cluster (the Docker API's `/tasks`). `Vec<TaskInfo>`
+    TaskLs,
     /// `ServiceInfo`
     ServiceInspect { name: String },
     /// `ServiceInfo`
@@ -344,6 +346,7 @@ impl ApiRequest {
                 | ApiRequest::NetworkInspect { .. }
                 | ApiRequest::ServiceLs
                 | ApiRequest::ServicePs { .. }
+                | ApiRequest::TaskLs
                 | ApiRequest::ServiceInspect { .. }
                 | ApiRequest::ServiceLogs { .. }
                 | ApiRequest::LbLs

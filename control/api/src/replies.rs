@@ -263,6 +263,14 @@ pub struct TaskInfo {
     /// back or is removed; nothing waits for it.
     #[serde(default)]
     pub orphaned: bool,
+    /// Its service (None for a standalone task) and slot (a replicated service's).
+    #[serde(default)]
+    pub service_id: Option<Id>,
+    #[serde(default)]
+    pub slot: Option<u64>,
+    /// When its state last changed (unix ms), as the manager that answers saw it.
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// `service ps`: the service's tasks, and what keeps its published ports from answering
@@ -452,6 +460,9 @@ mod tests {
             restarts: 0,
             version: 0,
             orphaned: false,
+            service_id: None,
+            slot: None,
+            since_ms: 0,
         };
         let done = RunResult::Finished { id: "t".into(), exit_code: 3, output: "hi\n".into(), task: t.clone() };
         let back: RunResult = serde_json::from_value(serde_json::to_value(&done).expect("encode")).expect("decode");

@@ -213,6 +213,8 @@ pub struct Stats {
     pub received_bytes: u64,
     /// Members this node's failure detector declared down.
     pub failures_detected: u64,
+    /// Round trips of this node's direct probes (a ping to the ack that answers it).
+    pub probe_rtt: swarmnet_types::metrics::LoopHistogram,
 }
 
 pub struct Gossip {
@@ -234,6 +236,8 @@ pub struct Gossip {
     out: Vec<Out>,
     events: Vec<Event>,
     pub stats: Stats,
+    /// Direct probes sent and not yet answered: (member, probe number) → when.
+    probes: HashMap<(NodeId, foca::ProbeNumber), Instant>,
     /// The manager's list of ready nodes (None: never given; then probes alone decide).
     known: Option<BTreeSet<SocketAddr>>,
     /// Where to announce ourselves: the known nodes, or the last seeds.
@@ -286,6 +290,7 @@ impl Gossip {
             out: Vec::new(),
             events: Vec::new(),
             stats: Stats::default(),
+            probes: HashMap::new(),
             known: None,
             seeds: Vec::new(),
             suspects: BTreeMap::new(),
@@ -476,6 +481,13 @@ impl Gossip {
         let body = &data[4..];
         match data[3] {
             KIND_FOCA if !stream => {
+                if let Ok(h) = foca::Codec::<Ident>::decode_header(&mut PostcardCodec, body) {
+                    if let foca::Message::Ack(n) = h.message {
+                        if let Some(sent) = self.probes.remove(&(h.src.node, n)) {
+                            self.stats.probe_rtt.observe(now.saturating_duration_since(sent));
+                        }
+                    }
+                }
                 if self.foca.handle_data(body, &mut self.rt).is_err() {
                     self.stats.malformed += 1;
                 }
@@ -515,6 +527,15 @@ impl Gossip {
     /// Drains what foca asked for: packets, timers, notifications.
     fn pump(&mut self, now: Instant) {
         while let Some((to, data)) = self.rt.to_send() {
+            if let Ok(h) = foca::Codec::<Ident>::decode_header(&mut PostcardCodec, &data[..]) {
+                if let foca::Message::Ping(n) = h.message {
+                    // Bounded: probes never answered are forgotten after a while.
+                    if self.probes.len() >= 1024 {
+                        self.probes.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(10));
+                    }
+                    self.probes.insert((h.dst.node, n), now);
+                }
+            }
             let data = frame(KIND_FOCA, &data);
             self.stats.udp_sent += 1;
             self.stats.udp_bytes += data.len() as u64;

@@ -109,6 +109,14 @@ impl Manager {
                 let warnings = mesh_warnings(s, &st, &self.lock().mesh_warnings);
                 to_value(ServicePsReply { tasks, warnings })?
             }
+            ApiRequest::TaskLs => {
+                let (st, since) = {
+                    let inner = self.lock();
+                    (inner.state.clone(), inner.task_since.clone())
+                };
+                let tasks: Vec<TaskInfo> = st.tasks.values().map(|t| TaskInfo { since_ms: since.get(&t.id).copied().unwrap_or(self.started_ms), ..task_info(t, &st) }).collect();
+                to_value(tasks)?
+            }
             ApiRequest::ServiceInspect { name } => {
                 let st = self.state();
                 let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;

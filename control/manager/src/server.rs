@@ -113,6 +113,9 @@ pub(crate) struct Inner {
     /// What each node last said keeps its routing mesh from working fully (not stored:
     /// nodes say it again in every session).
     pub(crate) mesh_warnings: HashMap<Id, Vec<MeshWarning>>,
+    /// When each task's state last changed, as this manager saw it (unix ms; not stored: a
+    /// task this manager has not seen change reads as changed when it started leading).
+    pub(crate) task_since: HashMap<Id, u64>,
 }
 
 pub struct Manager {
@@ -133,6 +136,8 @@ pub struct Manager {
     pub(crate) pool: Ipv4Network,
     pub(crate) heartbeat: Duration,
     pub(crate) started: Instant,
+    /// Unix ms of `started`.
+    pub(crate) started_ms: u64,
     /// The TLS side of 2377, made at the first connection.
     acceptor: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     /// Ports no service may publish.
@@ -219,7 +224,7 @@ impl Manager {
             node_id,
             cert,
             stepped_down,
-            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new() }),
+            inner: Mutex::new(Inner { state, last_seen: HashMap::new(), keys_held: HashMap::new(), mesh_warnings: HashMap::new(), task_since: HashMap::new() }),
             changed,
             gossip: Mutex::new(GossipKeySet { keys: meta.gossip_keys.clone(), send: meta.gossip_send }),
             removed: Mutex::new(meta.removed_nodes.clone()),
@@ -229,6 +234,7 @@ impl Manager {
             pool: cfg.pool,
             heartbeat: cfg.heartbeat,
             started: Instant::now(),
+            started_ms: now_ms(),
             acceptor: std::sync::OnceLock::new(),
             log_streams: Mutex::new(HashMap::new()),
             next_log_stream: std::sync::atomic::AtomicU64::new(1),
@@ -438,6 +444,14 @@ impl Manager {
         let writes = store::diff(&inner.state, &next)?;
         if !writes.is_empty() {
             self.store.commit(&writes)?;
+            let now = now_ms();
+            let Inner { state: old, task_since, .. } = &mut *inner;
+            for t in next.tasks.values() {
+                if old.tasks.get(&t.id).is_none_or(|o| o.state != t.state) {
+                    task_since.insert(t.id.clone(), now);
+                }
+            }
+            task_since.retain(|id, _| next.tasks.contains_key(id));
             inner.state = next;
             drop(inner);
             self.changed.send_modify(|v| *v += 1);

@@ -105,6 +105,9 @@ pub fn task_info(t: &Task, st: &ClusterState) -> TaskInfo {
         restarts: t.restarts,
         version: t.version,
         orphaned: t.desired_state == DesiredState::Shutdown && t.node_id.as_ref().and_then(|n| st.nodes.get(n)).is_some_and(|n| n.status != NodeStatus::Ready),
+        service_id: t.service_id.clone(),
+        slot: t.slot,
+        since_ms: 0,
     }
 }
 

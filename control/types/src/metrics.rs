@@ -65,6 +65,43 @@ impl Histogram {
     }
 }
 
+/// A histogram owned by one loop (no atomics), with the buckets of [`LATENCY_BUCKETS`]:
+/// comparable and cloneable, for a loop's statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopHistogram {
+    /// Per bucket (not cumulative), then the count over the last bound.
+    counts: Vec<u64>,
+    sum_ns: u64,
+    count: u64,
+}
+
+impl LoopHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; LATENCY_BUCKETS.len() + 1];
+        }
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.count += 1;
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut acc = 0;
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                acc += self.counts.get(i).copied().unwrap_or(0);
+                (*b, acc)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, self.count));
+        HistogramSnapshot { sum: self.sum_ns as f64 / 1e9, count: self.count, buckets }
+    }
+}
+
 /// A fixed set of counters named by label values (a DNS query's type, a reply's code).
 #[derive(Debug)]
 pub struct LabeledCounters {
@@ -105,6 +142,17 @@ mod tests {
         assert_eq!(s.count, 5);
         assert_eq!(s.buckets, vec![(0.001, 2), (0.01, 3), (0.1, 4), (f64::INFINITY, 5)]);
         assert!((s.sum - 2.056).abs() < 1e-9, "{}", s.sum);
+    }
+
+    #[test]
+    fn a_loop_histogram_reads_like_the_shared_one() {
+        let mut l = LoopHistogram::default();
+        let h = Histogram::default();
+        for ms in [0, 3, 40, 20_000] {
+            l.observe(Duration::from_millis(ms));
+            h.observe(Duration::from_millis(ms));
+        }
+        assert_eq!(l.snapshot(), h.snapshot());
     }
 
     #[test]
