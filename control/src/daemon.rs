@@ -518,17 +518,28 @@ async fn serve_control(cfg: &NodeConfig, manager: Option<ManagerSlot>, stale: Op
         _ = tokio::signal::ctrl_c() => {}
         _ = left.notified() => {
             let _ = std::fs::remove_file(&path);
+            remove_api_sockets(cfg);
             info!(data_dir = %data_dir.display(), "left the swarm; exiting");
             return Ok(());
         }
     }
     info!("stopping; tasks keep running and are adopted at the next start");
+    remove_api_sockets(cfg);
     // Another manager takes over at once, not when the lease runs out.
     if let Some(m) = manager.as_ref().and_then(|slot| slot.borrow().clone()) {
         m.resign();
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// The unix sockets of `--docker-api`, when the daemon stops or leaves.
+fn remove_api_sockets(cfg: &NodeConfig) {
+    for at in &cfg.docker_api {
+        if let Ok(crate::http::Endpoint::Unix(p)) = at.parse::<crate::http::Endpoint>() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// `swarm leave` on this node: refused on a manager without `force` (Docker's rule: demote

@@ -481,6 +481,8 @@ impl Docker {
                     .filter(|n| accepts(&f, "role", |v| v == s(n.role)))
                     .filter(|_| accepts(&f, "membership", |v| v == "accepted"))
                     .filter(|n| accepts(&f, "node.label", |v| label_ok(&n.labels, v)))
+                    // Engine labels: a node has none here.
+                    .filter(|_| f.get("label").is_none_or(|v| v.is_empty()))
                     .map(|n| node_json(n, addrs.get(&n.id).map(String::as_str)))
                     .collect();
                 json!(sel)

@@ -140,10 +140,15 @@ async fn node(out: &mut Out, agent: &Agent) {
         let backends: Vec<_> = t.services.iter().flat_map(|s| s.backends.iter()).collect();
         let states = count_by(&backends, &["active", "draining"], |b| format!("{:?}", b.state).to_lowercase());
         out.gauges("lb_backends", "Backends of the node's VIPs, by state", states.into_iter().map(|(k, v)| (l1("state", k), v)).collect());
-        out.counters(
-            "lb_connections",
-            "New connections and UDP flows the load balancer handed to a backend, per service, as counted in its maps",
-            t.services.iter().map(|s| (vec![("service".into(), s.service.clone()), ("vip".into(), s.vip.to_string())], s.backends.iter().map(|b| b.connections).sum())).collect(),
+        // Gauges: the sum over the backends the VIP has now (a backend that goes takes its
+        // count with it).
+        out.gauges(
+            "lb_connections_handed",
+            "New connections and UDP flows the load balancer handed to the service's current backends, as counted in its maps",
+            t.services
+                .iter()
+                .map(|s| (vec![("service".into(), s.service.clone()), ("vip".into(), s.vip.to_string())], i64::try_from(s.backends.iter().map(|b| b.connections).sum::<u64>()).unwrap_or(i64::MAX)))
+                .collect(),
         );
         out.gauge("lb_backends_in_use", "Backends that were handed at least one connection", i(backends.iter().filter(|b| b.connections > 0).count()));
         out.gauge("mesh_published_ports", "Published ports this node answers (the routing mesh)", i(t.ports.len()));
@@ -152,15 +157,15 @@ async fn node(out: &mut Out, agent: &Agent) {
         out.gauges("mesh_backends", "Backends of the node's published ports, by state", states.into_iter().map(|(k, v)| (l1("state", k), v)).collect());
         let entry = format!("{:?}", t.mesh_entry).to_lowercase();
         out.gauges("mesh_entry_info", "How clients enter the routing mesh on this node", vec![(l1("entry", &entry), 1)]);
-        out.counters(
-            "mesh_flows",
-            "New connections and UDP flows the routing mesh handed to a backend on this node, by entry path and published port",
+        out.gauges(
+            "mesh_flows_handed",
+            "New connections and UDP flows the routing mesh handed to the port's current backends on this node, by entry path",
             t.ports
                 .iter()
                 .map(|p| {
                     (
                         vec![("entry".into(), entry.clone()), ("service".into(), p.service.clone()), ("port".into(), format!("{}/{}", p.published, p.protocol))],
-                        p.backends.iter().map(|b| b.connections).sum(),
+                        i64::try_from(p.backends.iter().map(|b| b.connections).sum::<u64>()).unwrap_or(i64::MAX),
                     )
                 })
                 .collect(),
@@ -204,12 +209,13 @@ fn manager(out: &mut Out, m: &Manager) {
 
 /// The process: the names Prometheus's client libraries use.
 fn process(out: &mut Out) {
-    let page = 4096.0;
+    let sc = |v| nix::unistd::sysconf(v).ok().flatten().map(|n| n as f64);
+    let page = sc(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096.0);
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         let f: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
         // Fields from 3 (state): utime 14, stime 15, starttime 22, rss 24.
         let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        let ticks = 100.0;
+        let ticks = sc(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100.0);
         let c: prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64> = Default::default();
         c.inc_by((field(14) + field(15)) / ticks);
         out.0.register("process_cpu_seconds", "Total user and system CPU time spent in seconds", c);

@@ -117,22 +117,39 @@ pub struct TaskOutput {
 /// when the task and every process that inherited its output have ended). With the
 /// daemon's environment, which has none of a task's (`SWARMNET_TASK_ID`): it is never taken
 /// for a task.
-pub fn spawn_log_writer(argv: &[String]) -> std::io::Result<TaskOutput> {
+pub fn spawn_log_writer(argv: &[String], cgroup_procs: Option<&File>, stderr_log: &Path) -> std::io::Result<TaskOutput> {
     use std::os::fd::AsRawFd;
     let Some((prog, args)) = argv.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty log writer command"));
     };
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // Above the standard fds (a daemon started with one of them closed gets a pipe there,
+    // which the child's stdio set-up would overwrite before it moves it to fd 3).
+    let err_r: std::os::fd::OwnedFd = nix::fcntl::fcntl(&err_r, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map(|fd| {
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    })?;
     let err_fd = err_r.as_raw_fd();
+    let cg = cgroup_procs.map(|f| f.as_raw_fd());
+    // Its own complaints (a line it could not store) go beside the log.
+    let complaints = std::fs::OpenOptions::new().create(true).append(true).open(stderr_log)?;
     let mut cmd = std::process::Command::new(prog);
-    cmd.args(args).stdin(std::process::Stdio::from(out_r)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.args(args).stdin(std::process::Stdio::from(out_r)).stdout(std::process::Stdio::null()).stderr(complaints);
     // SAFETY: the closure runs in the child between fork and exec and only makes raw system
-    // calls (dup2, fcntl, setsid) that are async-signal-safe; it allocates nothing. `err_fd`
-    // stays open until spawn returns (`err_r` is dropped after it). Stdio is set up before
-    // this runs, so fd 3 is free to take.
+    // calls (write, dup2, fcntl, setsid) that are async-signal-safe; it allocates nothing.
+    // `err_fd` (at 3 or above, so stdio's set-up never touches it) and the cgroup's fd `cg`
+    // stay open until spawn returns (`err_r` is dropped after it; the caller holds the
+    // cgroup file).
     unsafe {
         cmd.pre_exec(move || {
+            // In the node's cgroup with its task: a stop of the daemon's own cgroup (a
+            // service manager's) leaves it running, as it leaves the task.
+            if let Some(cg) = cg {
+                if libc::write(cg, c"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if err_fd == 3 {
                 // Already there: only its close-on-exec flag must go.
                 if libc::fcntl(3, libc::F_SETFD, 0) < 0 {

@@ -679,7 +679,10 @@ fn service_logs_come_from_every_node_and_follow_what_comes_next() -> Result<()> 
     let dir = lab.nodes[i].data_dir.join("tasks");
     let files: Vec<(String, u64)> = std::fs::read_dir(&dir)?
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{fid}.log")))
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n == format!("{fid}.log") || n.strip_prefix(&format!("{fid}.log.")).is_some_and(|k| k.parse::<u32>().is_ok())
+        })
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().map(|m| m.len()).unwrap_or(0)))
         .collect();
     assert!(files.len() == 2 && files.iter().all(|(_, len)| *len <= 64 << 10), "two files of at most 64 KiB: {files:?}");
@@ -753,7 +756,7 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
     // The node of the task that asked: its DNS queries and the VIP's connections counted.
     let t = scrape(ti, "/metrics")?;
     assert!(value(&t, "swarmnet_dns_queries_total{type=\"A\"}").is_some_and(|v| v >= 5.0), "{t}");
-    let conns: f64 = t.lines().filter(|l| l.starts_with("swarmnet_lb_connections_total{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
+    let conns: f64 = t.lines().filter(|l| l.starts_with("swarmnet_lb_connections_handed{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum();
     assert!(conns >= 5.0, "connections through web's VIP counted: {conns}\n{t}");
     // What it does not serve.
     let nf = in_ns(&lab.nodes[1].ns, &["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:9323/nope", lab.nodes[1].addr)])?;

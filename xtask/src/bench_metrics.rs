@@ -6,8 +6,6 @@
 //! on node 1 to nginx tasks on nodes 2 and 3 (new connections per second, 8 s). The
 //! counters in the DNS path are there in both: they are plain atomics, always on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +16,22 @@ use crate::bench_lb::{wrk, NGINX};
 
 const LAB: &str = "snbench";
 const T: Duration = Duration::from_secs(60);
+
+/// GETs every URL given every second; on SIGTERM prints how many succeeded.
+const SCRAPER: &str = r#"
+import signal, sys, time, urllib.request
+n = 0
+def done(*_):
+    print(n, flush=True); sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+while True:
+    for u in sys.argv[1:]:
+        try:
+            urllib.request.urlopen(u, timeout=2).read(); n += 1
+        except Exception:
+            pass
+    time.sleep(1)
+"#;
 
 /// One lab: (DNS QPS, VIP connections per second).
 fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
@@ -55,35 +69,32 @@ fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
     })?;
     let queries = lab.nodes[0].data_dir.join("bench-queries");
     std::fs::write(&queries, "web A\ntasks.web A\n")?;
-    // The scraper: every daemon's /metrics every second, from the underlay's namespace.
-    let stop = Arc::new(AtomicBool::new(false));
-    let scraper = on.then(|| {
-        let stop = stop.clone();
+    // The scraper: every daemon's /metrics every second, one Python process in node 1's
+    // namespace (as a Prometheus elsewhere would cost the nodes nothing but the answers).
+    let scraper = if on {
         let targets: Vec<String> = lab.nodes.iter().map(|n| format!("http://{}:{}/metrics", n.addr, swarmnet_lab::LAB_METRICS_PORT)).collect();
-        // From node 1's namespace (the underlay's bridge has no address of its own).
-        let ul = lab.nodes[0].ns.clone();
-        std::thread::spawn(move || {
-            let mut scrapes = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for t in &targets {
-                    if swarmnet_lab::in_ns(&ul, &["curl", "-sf", "-m", "2", "-o", "/dev/null", t]).is_ok() {
-                        scrapes += 1;
-                    }
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            scrapes
-        })
-    });
+        Some(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &lab.nodes[0].ns, "python3", "-c", SCRAPER])
+                .args(&targets)
+                .env("SWARMNET_LAB", LAB)
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        )
+    } else {
+        None
+    };
     let r = (|| -> Result<(f64, f64)> {
         let (qps, _, _) = crate::bench_dns::dnsperf_qps(&asker_pid.to_string(), "127.0.0.11", &queries, "1")?;
         *n += 1;
         let w = wrk(&lab, *n, &format!("http://{vip}/"))?;
         Ok((qps, w.rps))
     })();
-    stop.store(true, Ordering::Relaxed);
     if let Some(s) = scraper {
-        let scrapes = s.join().map_err(|_| anyhow::anyhow!("scraper panicked"))?;
+        // SIGTERM: it prints how many scrapes succeeded and exits.
+        let _ = std::process::Command::new("kill").args(["-TERM", &s.id().to_string()]).status();
+        let out = s.wait_with_output()?;
+        let scrapes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
         if scrapes == 0 {
             bail!("metrics on, but no scrape succeeded");
         }

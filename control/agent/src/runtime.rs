@@ -481,6 +481,13 @@ impl Runtime {
         }
         NodeDns::remove_task_files(&self.dir, id);
         self.forget(id).await;
+        // Ended tasks' output is kept for `service logs`, the newest few only.
+        let live: std::collections::HashSet<String> = lock(&self.locals).keys().chain(lock(&self.stopping).keys()).chain(lock(&self.persisted).keys()).filter(|t| *t != id).cloned().collect();
+        let dir = self.dir.clone();
+        let pruned = tokio::task::spawn_blocking(move || crate::tasklog::prune(&dir, &live, crate::tasklog::ENDED_KEPT)).await;
+        for e in pruned.unwrap_or_default() {
+            warn!(task = %id, error = %e, "an ended task's log file could not be removed");
+        }
         for at in &a.attachments {
             self.deps.membership.release(&at.network.id, id);
             if let Err(e) = self.deps.membership.settle(&at.network.id, false).await {

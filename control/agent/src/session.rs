@@ -481,11 +481,9 @@ impl Agent {
     /// `service logs`: the output of the tasks the manager asked for, on a connection of its
     /// own; with `follow`, what they write next, until the manager closes it.
     async fn send_logs(&self, manager: &str, w: LogsWanted) -> anyhow::Result<()> {
-        use swarmnet_api::logs::{LogFrame, LogLine, KEEPALIVE, LINES_PER_FRAME};
-        let mut tls = connect(manager, self.tls.clone()).await?;
-        // A manager cut off from the network: what it does not acknowledge ends the stream.
-        let _ = socket2::SockRef::from(tls.get_ref().0).set_tcp_user_timeout(Some(KEEPALIVE * 3));
-        write_msg(&mut tls, &Hello::LogStream { stream: w.stream }).await?;
+        use swarmnet_api::logs::{frames, LogFrame, LogLine, KEEPALIVE};
+        // What is there is read before the stream opens: the manager waits for frames
+        // within a deadline once it is.
         let sel = crate::tasklog::Select { since_ns: w.since_ns, tail: w.tail };
         let mut all: Vec<LogLine> = Vec::new();
         let mut followers = Vec::new();
@@ -501,15 +499,18 @@ impl Agent {
                 Err(e) => warnings.push(LogFrame::Warning { message: format!("node {}: task {t}: its log cannot be read: {e}", self.hostname) }),
             }
         }
+        // The node's tasks' lines in the order they were written.
+        all.sort_by_key(|l| l.ts_ns);
+        let mut tls = connect(manager, self.tls.clone()).await?;
+        // A manager cut off from the network: what it does not acknowledge ends the stream.
+        let _ = socket2::SockRef::from(tls.get_ref().0).set_tcp_user_timeout(Some(KEEPALIVE * 3));
+        write_msg(&mut tls, &Hello::LogStream { stream: w.stream }).await?;
         for f in warnings {
             write_msg(&mut tls, &f).await?;
         }
-        // The node's tasks' lines in the order they were written.
-        all.sort_by_key(|l| l.ts_ns);
-        for chunk in all.chunks(LINES_PER_FRAME) {
-            write_msg(&mut tls, &LogFrame::Lines { lines: chunk.to_vec() }).await?;
+        for lines in frames(all) {
+            write_msg(&mut tls, &LogFrame::Lines { lines }).await?;
         }
-        drop(all);
         if !w.follow {
             tokio::io::AsyncWriteExt::shutdown(&mut tls).await?;
             // Closed only once the manager has read everything and closed its side: a
@@ -524,16 +525,23 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let mut batch = Vec::new();
             for f in &mut followers {
-                match tokio::task::block_in_place(|| f.poll(LINES_PER_FRAME)) {
+                // Up to a frame's worth per task per turn; more at the next turn, at once.
+                match tokio::task::block_in_place(|| f.poll(swarmnet_api::logs::LINES_PER_FRAME * 4)) {
                     Ok(lines) => batch.extend(lines),
                     Err(e) => warn!(stream = w.stream, error = %e, "service logs: a task's log cannot be read"),
                 }
             }
-            if batch.is_empty() && last_sent.elapsed() < KEEPALIVE {
+            if batch.is_empty() {
+                if last_sent.elapsed() >= KEEPALIVE {
+                    write_msg(&mut tls, &LogFrame::Lines { lines: Vec::new() }).await?;
+                    last_sent = Instant::now();
+                }
                 continue;
             }
             batch.sort_by_key(|l| l.ts_ns);
-            write_msg(&mut tls, &LogFrame::Lines { lines: batch }).await?;
+            for lines in frames(batch) {
+                write_msg(&mut tls, &LogFrame::Lines { lines }).await?;
+            }
             last_sent = Instant::now();
         }
     }
@@ -712,14 +720,22 @@ impl Agent {
                     return Err(ApiError::internal(format!("task {task_id} did not run: {why}")));
                 }
                 let log = self.runtime.log_path(&task_id);
-                let output = match crate::tasklog::read_all(&task_id, &log, crate::tasklog::Select::default()) {
-                    Ok((lines, _)) => lines.iter().map(|l| format!("{}\n", l.text)).collect(),
-                    Err(e) => {
+                let (id, path) = (task_id.clone(), log.clone());
+                let read = tokio::task::spawn_blocking(move || crate::tasklog::read_all(&id, &path, crate::tasklog::Select::default())).await;
+                let output = match read {
+                    Ok(Ok((lines, _))) => lines.iter().map(|l| format!("{}\n", l.text)).collect(),
+                    Ok(Err(e)) => {
                         warn!(task = %task_id, path = %log.display(), error = %e, "run: the task's output cannot be read");
                         String::new()
                     }
+                    Err(e) => {
+                        warn!(task = %task_id, error = %e, "run: reading the task's output failed");
+                        String::new()
+                    }
                 };
-                crate::tasklog::remove(&log);
+                for e in crate::tasklog::remove(&log) {
+                    warn!(task = %task_id, error = %e, "run: the task's log file could not be removed");
+                }
                 return Ok(RunResult::Finished { id: task_id, exit_code: code, output, task });
             }
             let rep = self.runtime.report_of(&task_id);

@@ -242,7 +242,9 @@ impl Supervisor {
         let spawned =
             self.rt.dns().task_files(&self.rt.dir, &id, &self.a.name, &addrs).and_then(|binds| Ok((binds, self.rt.cgroup_procs()?))).map_err(|e| std::io::Error::other(format!("{e:#}"))).and_then(
                 |(binds, cg)| {
-                    let out = dp::spawn_log_writer(&self.rt.deps.task_logs.argv(&self.rt.log_path(&id))).map_err(|e| std::io::Error::new(e.kind(), format!("its log writer: {e}")))?;
+                    let log = self.rt.log_path(&id);
+                    let complaints = log.with_extension("log-writer.err");
+                    let out = dp::spawn_log_writer(&self.rt.deps.task_logs.argv(&log), cg.as_ref(), &complaints).map_err(|e| std::io::Error::new(e.kind(), format!("its log writer: {e}")))?;
                     let child = dp::spawn_in_netns(ns, &self.a.command, (out.stdout, out.stderr), &env, &binds, cg.as_ref(), Some(&dns::short_id(&id)))?;
                     Ok((child, out.writer))
                 },

@@ -75,6 +75,34 @@ pub fn remove(path: &Path) -> Vec<String> {
     files(path).into_iter().filter_map(|p| std::fs::remove_file(&p).err().map(|e| format!("{}: {e}", p.display()))).collect()
 }
 
+/// Log files of ended tasks a node keeps (the newest by change time); older ones go when
+/// another task ends. Docker keeps its task history's logs the same way (5 tasks a slot).
+pub const ENDED_KEPT: usize = 10;
+
+/// Removes the log files of ended tasks in `dir` beyond the newest `keep` (a task in
+/// `live` is never one); returns what could not be removed.
+pub fn prune(dir: &Path, live: &std::collections::HashSet<String>, keep: usize) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut ended: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id = name.strip_suffix(".log")?;
+            if live.contains(id) {
+                return None;
+            }
+            Some((e.metadata().ok()?.modified().ok()?, e.path()))
+        })
+        .collect();
+    ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+    let mut failed = Vec::new();
+    for (_, path) in ended.into_iter().skip(keep) {
+        failed.extend(remove(&path));
+        let _ = std::fs::remove_file(path.with_extension("log-writer.err"));
+    }
+    failed
+}
+
 /// Appends one stored line (`text` without its newline; cut to [`MAX_LINE`] by the caller).
 pub fn encode(ts_ns: u64, stream: LogStream, text: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(ts_ns.to_string().as_bytes());
@@ -121,6 +149,19 @@ fn line_of(task: &str, raw: &[u8]) -> LogLine {
 /// in order, and where its current file ends (to follow from). A task without a log yet has
 /// no lines.
 pub fn read_all(task: &str, path: &Path, sel: Select) -> std::io::Result<(Vec<LogLine>, Option<Follower>)> {
+    // A rotation while the files are read shifts them under the reader: read again.
+    let ino = || std::fs::metadata(path).map(|m| m.ino()).ok();
+    for _ in 0..3 {
+        let before = ino();
+        let r = read_all_once(task, path, sel)?;
+        if ino() == before {
+            return Ok(r);
+        }
+    }
+    read_all_once(task, path, sel)
+}
+
+fn read_all_once(task: &str, path: &Path, sel: Select) -> std::io::Result<(Vec<LogLine>, Option<Follower>)> {
     let mut kept: VecDeque<LogLine> = VecDeque::new();
     let cap = sel.tail.map(|t| usize::try_from(t).unwrap_or(usize::MAX));
     if cap == Some(0) {
@@ -140,8 +181,7 @@ pub fn read_all(task: &str, path: &Path, sel: Select) -> std::io::Result<(Vec<Lo
     for (i, p) in all.iter().enumerate() {
         let f = match File::open(p) {
             Ok(f) => f,
-            // Rotated away meanwhile: its lines are in the next file's name now; skipping
-            // it loses nothing the next read of `path` will not show.
+            // Rotated away meanwhile (the caller reads again).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))),
         };
@@ -183,47 +223,85 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// From the current end of the log (nothing of what is there now).
+    /// From the current end of the log (nothing of what is there now): after its last
+    /// whole line, so that a record being written is read whole later.
     fn at_end(task: &str, path: &Path) -> Option<Follower> {
-        let f = File::open(path).ok()?;
-        let m = f.metadata().ok()?;
-        Some(Follower { task: task.to_string(), path: path.to_path_buf(), file: Some(f), ino: m.ino(), pos: m.len() })
+        let mut f = File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        let back = len.min(64 << 10);
+        f.seek(SeekFrom::Start(len - back)).ok()?;
+        let mut tail = Vec::new();
+        (&mut f).take(back).read_to_end(&mut tail).ok()?;
+        let pos = match tail.iter().rposition(|b| *b == b'\n') {
+            Some(i) => len - back + i as u64 + 1,
+            None if back < len => len,
+            None => 0,
+        };
+        let ino = f.metadata().ok()?.ino();
+        Some(Follower { task: task.to_string(), path: path.to_path_buf(), file: Some(f), ino, pos })
     }
 
-    /// Whole lines written since the last call (at most about `max` of them).
+    fn open(&mut self, p: &Path) -> std::io::Result<bool> {
+        match File::open(p) {
+            Ok(f) => {
+                self.ino = f.metadata()?.ino();
+                self.file = Some(f);
+                self.pos = 0;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whole lines written since the last call (at most about `max` of them, then the rest
+    /// at the next call).
     pub fn poll(&mut self, max: usize) -> std::io::Result<Vec<LogLine>> {
         let mut out = Vec::new();
-        if self.file.is_none() {
+        if self.file.is_none() && !self.open(&self.path.clone())? {
             // The task has not written yet (its log appears when it starts).
-            match File::open(&self.path) {
-                Ok(f) => {
-                    self.ino = f.metadata()?.ino();
-                    self.file = Some(f);
-                    self.pos = 0;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                Err(e) => return Err(e),
-            }
+            return Ok(out);
         }
         self.read_whole_lines(&mut out, max)?;
         if out.len() >= max {
             return Ok(out);
         }
-        // Rotated: the file now at `path` is another one. What was written to the old one
-        // before it was renamed is read first.
-        if let Ok(m) = std::fs::metadata(&self.path) {
-            if m.ino() != self.ino {
+        let Ok(m) = std::fs::metadata(&self.path) else { return Ok(out) };
+        if m.ino() == self.ino {
+            return Ok(out);
+        }
+        // Rotated: the file now at `path` is another one. The old one is read to its end
+        // (it no longer grows), then every file rotated after it, oldest first, then `path`.
+        self.read_whole_lines(&mut out, usize::MAX)?;
+        if let Some(rest) = self.partial_tail()? {
+            out.push(rest);
+        }
+        let newer: Vec<PathBuf> = {
+            let mut at = None;
+            for n in 1..64 {
+                match std::fs::metadata(rotated(&self.path, n)) {
+                    Ok(m) if m.ino() == self.ino => {
+                        at = Some(n);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            // Not found among the rotated files (removed already, or one file kept): only
+            // `path` is newer.
+            (1..at.unwrap_or(1)).rev().map(|n| rotated(&self.path, n)).collect()
+        };
+        for p in newer {
+            if self.open(&p)? {
                 self.read_whole_lines(&mut out, usize::MAX)?;
                 if let Some(rest) = self.partial_tail()? {
                     out.push(rest);
                 }
-                if let Ok(f) = File::open(&self.path) {
-                    self.ino = f.metadata()?.ino();
-                    self.file = Some(f);
-                    self.pos = 0;
-                    self.read_whole_lines(&mut out, max)?;
-                }
             }
+        }
+        if self.open(&self.path.clone())? {
+            self.read_whole_lines(&mut out, max)?;
         }
         Ok(out)
     }
@@ -275,10 +353,15 @@ fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
+/// Reads `input` to its end, storing each line. A record that cannot be stored (a full
+/// disk, a rotation that failed) is dropped and said on the writer's stderr, and reading
+/// goes on: the task never blocks on a full pipe nor dies of a closed one because of its
+/// log.
 fn copy_lines(input: impl Read, stream: LogStream, out: &Mutex<Rotator>) -> std::io::Result<()> {
     let mut r = BufReader::with_capacity(64 << 10, input);
     let mut line = Vec::new();
     let mut rec = Vec::new();
+    let mut dropped = 0u64;
     loop {
         line.clear();
         let n = (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line)?;
@@ -288,7 +371,19 @@ fn copy_lines(input: impl Read, stream: LogStream, out: &Mutex<Rotator>) -> std:
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         rec.clear();
         encode(now_ns(), stream, text, &mut rec);
-        out.lock().unwrap_or_else(|p| p.into_inner()).write(&rec)?;
+        match out.lock().unwrap_or_else(|p| p.into_inner()).write(&rec) {
+            Ok(()) if dropped > 0 => {
+                eprintln!("task log: {dropped} lines could not be stored and were dropped");
+                dropped = 0;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if dropped == 0 {
+                    eprintln!("task log: a line cannot be stored ({e}): dropping lines until it can");
+                }
+                dropped += 1;
+            }
+        }
     }
 }
 
@@ -321,8 +416,10 @@ impl Rotator {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         if self.max_files <= 1 {
-            // One file only: it starts again empty.
-            self.file.set_len(0)?;
+            // One file only: a new one (a reader of the old one reads it to its end and
+            // sees the new inode).
+            std::fs::remove_file(&self.path)?;
+            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
             self.size = 0;
             return Ok(());
         }
@@ -395,6 +492,25 @@ mod tests {
     }
 
     #[test]
+    fn pruning_keeps_live_tasks_and_the_newest_ended() {
+        let d = dir("prune");
+        for (i, id) in ["a", "b", "c", "live"].iter().enumerate() {
+            let p = d.join(format!("{id}.log"));
+            std::fs::write(&p, b"x\n").expect("write");
+            std::fs::write(rotated(&p, 1), b"x\n").expect("write");
+            let t = std::time::SystemTime::now() - std::time::Duration::from_secs(100 - i as u64);
+            std::fs::File::options().write(true).open(&p).and_then(|f| f.set_modified(t)).expect("mtime");
+        }
+        std::fs::write(d.join("a.resolv.conf"), b"").expect("other file");
+        let live: std::collections::HashSet<String> = ["live".to_string()].into();
+        assert!(prune(&d, &live, 1).is_empty());
+        let mut left: Vec<String> = std::fs::read_dir(&d).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["a.resolv.conf", "c.log", "c.log.1", "live.log", "live.log.1"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn a_follower_sees_new_lines_across_a_rotation_and_never_half_a_line() {
         let d = dir("follow");
         let path = d.join("t.log");
@@ -422,6 +538,27 @@ mod tests {
         r.write(&rec(4)).expect("write");
         r.write(&rec(5)).expect("write");
         assert_eq!(texts(&f.poll(100).expect("poll")), ["n4", "n5"]);
+        // Several rotations between two polls: every file still there is read, in order.
+        let mut r3 = Rotator::open(&d.join("u.log"), 20, 4).expect("open");
+        let (_, f3) = read_all("u", &d.join("u.log"), Select::default()).expect("read");
+        let mut f3 = f3.expect("follower");
+        r3.write(&rec(1)).expect("write");
+        assert_eq!(texts(&f3.poll(100).expect("poll")), ["n1"]);
+        for i in 2..8 {
+            r3.write(&rec(i)).expect("write");
+        }
+        assert_eq!(texts(&f3.poll(100).expect("poll")), ["n2", "n3", "n4", "n5", "n6", "n7"]);
+        // One file kept: each rotation a new file, followed too.
+        let mut r1 = Rotator::open(&d.join("v.log"), 20, 1).expect("open");
+        let (_, f1) = read_all("v", &d.join("v.log"), Select::default()).expect("read");
+        let mut f1 = f1.expect("follower");
+        r1.write(&rec(1)).expect("write");
+        r1.write(&rec(2)).expect("write");
+        assert_eq!(texts(&f1.poll(100).expect("poll")), ["n1", "n2"]);
+        r1.write(&rec(3)).expect("write");
+        r1.write(&rec(4)).expect("write");
+        assert_eq!(texts(&f1.poll(100).expect("poll")), ["n3", "n4"]);
+        assert_eq!(files(&d.join("v.log")).len(), 1);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -76,11 +76,50 @@ pub enum LogFrame {
     End,
 }
 
-/// Lines per frame at most (a frame stays far below the frame limit: lines are cut at
-/// 16 KiB by the node's log writer).
+/// Lines per frame at most.
 pub const LINES_PER_FRAME: usize = 256;
+/// Bytes of text per frame at most, counted as JSON could grow them (a control character
+/// takes 6): far below the frame limit.
+pub const BYTES_PER_FRAME: usize = 4 << 20;
+
+/// `lines` cut into frames of at most [`LINES_PER_FRAME`] lines and [`BYTES_PER_FRAME`]
+/// bytes (a line alone may be larger: it is cut at 16 KiB by the log writer).
+pub fn frames(lines: Vec<LogLine>) -> Vec<Vec<LogLine>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<LogLine> = Vec::new();
+    let mut bytes = 0;
+    for l in lines {
+        let size = l.text.len() * 6 + l.task_id.len() + 64;
+        if !cur.is_empty() && (cur.len() >= LINES_PER_FRAME || bytes + size > BYTES_PER_FRAME) {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+        bytes += size;
+        cur.push(l);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
 
 /// A node sends at least this often on a stream it follows (an empty `Lines` frame when it
 /// has none), and the manager passes it on: silence three times as long means the node or
 /// the path is gone, and a client that left is noticed at the next frame.
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_stay_under_both_limits() {
+        let line = |n: usize| LogLine { task_id: "t".into(), ts_ns: 0, stream: LogStream::Stdout, text: "x".repeat(n) };
+        let f = frames((0..600).map(|_| line(10)).collect());
+        assert_eq!(f.iter().map(Vec::len).collect::<Vec<_>>(), [256, 256, 88]);
+        let f = frames((0..100).map(|_| line(16 << 10)).collect());
+        assert!(f.iter().all(|fr| fr.iter().map(|l| l.text.len() * 6).sum::<usize>() <= BYTES_PER_FRAME), "{}", f.len());
+        assert_eq!(f.iter().map(Vec::len).sum::<usize>(), 100);
+        assert!(frames(Vec::new()).is_empty());
+    }
+}

@@ -198,6 +198,17 @@ impl Manager {
         // newer session of the node replaces it.
         let (otx, mut orx) = tokio::sync::mpsc::channel::<FromManager>(16);
         self.sessions_out().insert(node.clone(), otx.clone());
+        // Unregistered however the session ends (an error, or its future dropped).
+        struct Unregister<'a>(&'a Manager, Id, tokio::sync::mpsc::Sender<FromManager>);
+        impl Drop for Unregister<'_> {
+            fn drop(&mut self) {
+                let mut out = self.0.sessions_out();
+                if out.get(&self.1).is_some_and(|s| s.same_channel(&self.2)) {
+                    out.remove(&self.1);
+                }
+            }
+        }
+        let _unregister = Unregister(&self, node.clone(), otx);
         let (first, mut sent) = Sent::open(self.snapshot(&node));
         for m in &first {
             write_msg(&mut w, m).await?;
@@ -253,12 +264,6 @@ impl Manager {
             w = writer => w,
             _ = down.wait_for(|d| *d) => Err(anyhow::anyhow!("this manager no longer leads the cluster")),
         };
-        {
-            let mut out = self.sessions_out();
-            if out.get(&node).is_some_and(|s| s.same_channel(&otx)) {
-                out.remove(&node);
-            }
-        }
         info!(node = %node, "node session closed");
         r
     }
