@@ -98,11 +98,12 @@ fn count_by<T>(items: &[T], all: &[&str], key: impl Fn(&T) -> String) -> Vec<(St
 
 /// The node's part: gossip, overlay, load balancer, routing mesh, DNS.
 async fn node(out: &mut Out, agent: &Agent) {
-    match agent.gossip.members().await {
-        Ok(m) => out.gauge("gossip_members_alive", "Other nodes this node's failure detector holds alive", i(m.len())),
-        Err(_) => out.gauge("gossip_members_alive", "Other nodes this node's failure detector holds alive", -1),
-    }
     if let Ok(s) = agent.gossip.stats().await {
+        out.gauges(
+            "gossip_members",
+            "Other nodes by state as this node's gossip sees them: alive; suspect (declared down, still probed); down (listed by the manager, neither)",
+            vec![(l1("state", "alive"), s.members_alive as i64), (l1("state", "suspect"), s.members_suspect as i64), (l1("state", "down"), s.members_down as i64)],
+        );
         out.counters(
             "gossip_messages",
             "Gossip messages by direction (sent: datagrams; received: datagrams and stream messages opened)",

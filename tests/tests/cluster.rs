@@ -728,7 +728,10 @@ fn every_daemon_serves_metrics_that_promtool_accepts() -> Result<()> {
     for i in 0..3 {
         let text = wait_for("gossip members and probe round trips in the metrics", T, || {
             let t = scrape(i, "/metrics").ok()?;
-            (value(&t, "swarmnet_gossip_members_alive") == Some(2.0) && value(&t, "swarmnet_gossip_probe_rtt_seconds_count").is_some_and(|n| n > 0.0)).then_some(t)
+            (value(&t, "swarmnet_gossip_members{state=\"alive\"}") == Some(2.0)
+                && value(&t, "swarmnet_gossip_members{state=\"down\"}") == Some(0.0)
+                && value(&t, "swarmnet_gossip_probe_rtt_seconds_count").is_some_and(|n| n > 0.0))
+            .then_some(t)
         })?;
         let mut check = std::process::Command::new("promtool")
             .args(["check", "metrics"])

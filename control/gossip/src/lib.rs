@@ -215,6 +215,12 @@ pub struct Stats {
     pub failures_detected: u64,
     /// Round trips of this node's direct probes (a ping to the ack that answers it).
     pub probe_rtt: swarmnet_types::metrics::LoopHistogram,
+    /// Other members now, by state (filled in by [`Gossip::stats_now`]): alive; suspect
+    /// (declared down by the failure detector, still probed before their entries go, ADR
+    /// 0014); down (nodes the manager lists that are neither).
+    pub members_alive: u64,
+    pub members_suspect: u64,
+    pub members_down: u64,
 }
 
 pub struct Gossip {
@@ -522,6 +528,19 @@ impl Gossip {
             self.stats.stream_bytes += data.len() as u64;
             self.out.push(Out::Stream { to, data });
         }
+    }
+
+    /// The counters, and the members by state now.
+    pub fn stats_now(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.members_alive = self.alive.len() as u64;
+        s.members_suspect = self.suspects.len() as u64;
+        s.members_down = self
+            .known
+            .as_ref()
+            .map(|k| k.iter().filter(|a| **a != self.me.addr && !self.alive.values().any(|i| i.addr == **a) && !self.suspects.values().any(|x| x.id.addr == **a)).count() as u64)
+            .unwrap_or(0);
+        s
     }
 
     /// Drains what foca asked for: packets, timers, notifications.

@@ -423,7 +423,7 @@ async fn run(
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
                     Cmd::Join(n) => g.join_network(&n),
                     Cmd::Stats { reply } => {
-                        let _ = reply.send(g.stats.clone());
+                        let _ = reply.send(g.stats_now());
                     }
                     Cmd::Stop => return,
                     Cmd::Keys(k) => {
