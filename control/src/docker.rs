@@ -290,53 +290,189 @@ pub fn service_json(svc: &ServiceInfo, nets: &[NetworkInfo], status: bool) -> Va
     v
 }
 
-/// A task as Docker's `swarm.Task`.
-pub fn task_json(t: &TaskInfo, svc: Option<&ServiceInfo>, nets: &[NetworkInfo]) -> Value {
-    let state = s(t.state);
-    let attachments: Vec<Value> = t
+/// A task as Docker's `swarm.Task`, typed (a list of 10,000 is written straight from these,
+/// without a JSON tree per task).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TaskDoc<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    version: Index,
+    created_at: &'a str,
+    updated_at: &'a str,
+    name: &'a str,
+    labels: Empty,
+    spec: TaskSpecDoc<'a>,
+    #[serde(rename = "ServiceID")]
+    service_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<u64>,
+    #[serde(rename = "NodeID")]
+    node_id: &'a str,
+    status: TaskStatusDoc<'a>,
+    desired_state: &'static str,
+    networks_attachments: Vec<AttachmentDoc<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Index {
+    #[serde(rename = "Index")]
+    index: u64,
+}
+
+#[derive(serde::Serialize)]
+struct Empty {}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct TaskSpecDoc<'a> {
+    container_spec: ContainerSpecDoc<'a>,
+    networks: Vec<TargetDoc<'a>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerSpecDoc<'a> {
+    image: &'a str,
+    command: &'a [String],
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct TargetDoc<'a> {
+    target: &'a str,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct TaskStatusDoc<'a> {
+    timestamp: &'a str,
+    state: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    err: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_status: Option<ContainerStatusDoc<'a>>,
+    port_status: PortStatusDoc,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerStatusDoc<'a> {
+    #[serde(rename = "ContainerID")]
+    container_id: &'a str,
+    #[serde(rename = "PID")]
+    pid: u32,
+    exit_code: i32,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct PortStatusDoc {
+    ports: Vec<Value>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct AttachmentDoc<'a> {
+    network: NetworkRefDoc<'a>,
+    addresses: [String; 1],
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct NetworkRefDoc<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    spec: NetworkSpecDoc<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct NetworkSpecDoc<'a> {
+    name: &'a str,
+    labels: Empty,
+    driver_configuration: DriverDoc,
+    scope: &'static str,
+    ingress: bool,
+    attachable: bool,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct DriverDoc {
+    name: &'static str,
+}
+
+fn state_str(t: swarmnet_api::TaskState) -> &'static str {
+    use swarmnet_api::TaskState::*;
+    match t {
+        Pending => "pending",
+        Assigned => "assigned",
+        Starting => "starting",
+        Running => "running",
+        Complete => "complete",
+        Failed => "failed",
+        Shutdown => "shutdown",
+    }
+}
+
+/// A task's document; `time` is its state's time, formatted by the caller (once per task).
+pub fn task_doc<'a>(t: &'a TaskInfo, svc: Option<&'a ServiceInfo>, nets: &'a [NetworkInfo], time: &'a str) -> TaskDoc<'a> {
+    let attachments: Vec<AttachmentDoc<'a>> = t
         .addresses
         .iter()
         .filter_map(|(name, ip)| {
             let n = net_by_name(nets, name)?;
-            Some(json!({
-                "Network": {"ID": n.id, "Spec": {"Name": n.name, "Labels": {}, "DriverConfiguration": {"Name": s(n.driver)}, "Scope": "swarm", "Ingress": n.ingress, "Attachable": n.attachable}},
-                "Addresses": [format!("{ip}/{}", n.subnet.prefix())]
-            }))
+            let driver = match n.driver {
+                swarmnet_types::Driver::Overlay => "overlay",
+            };
+            Some(AttachmentDoc {
+                network: NetworkRefDoc {
+                    id: &n.id,
+                    spec: NetworkSpecDoc { name: &n.name, labels: Empty {}, driver_configuration: DriverDoc { name: driver }, scope: "swarm", ingress: n.ingress, attachable: n.attachable },
+                },
+                addresses: [format!("{ip}/{}", n.subnet.prefix())],
+            })
         })
         .collect();
-    let host_ports: Vec<Value> = svc.map(|s| s.ports.iter().filter(|p| p.mode == PublishMode::Host).map(port_json).collect()).unwrap_or_default();
-    let command = svc.map(|s| s.command.clone()).unwrap_or_default();
-    let message = if t.error.is_empty() { state.clone() } else { t.error.clone() };
-    let mut status = json!({
-        "Timestamp": time(t.since_ms),
-        "State": state,
-        "Message": message,
-        "PortStatus": {"Ports": host_ports}
-    });
-    if matches!(t.state, swarmnet_api::TaskState::Failed) || !t.error.is_empty() && t.state != swarmnet_api::TaskState::Running {
-        status["Err"] = json!(t.error);
+    let command: &[String] = svc.map(|s| s.command.as_slice()).unwrap_or(&[]);
+    let state = state_str(t.state);
+    let failed = t.state == swarmnet_api::TaskState::Failed || (!t.error.is_empty() && t.state != swarmnet_api::TaskState::Running);
+    TaskDoc {
+        id: &t.id,
+        version: Index { index: t.version.max(1) },
+        created_at: time,
+        updated_at: time,
+        name: &t.name,
+        labels: Empty {},
+        spec: TaskSpecDoc {
+            container_spec: ContainerSpecDoc { image: command.first().map(String::as_str).unwrap_or(""), command },
+            networks: attachments.iter().map(|a| TargetDoc { target: a.network.id }).collect(),
+        },
+        service_id: t.service_id.as_deref().unwrap_or(""),
+        slot: t.slot,
+        node_id: t.node_id.as_deref().unwrap_or(""),
+        status: TaskStatusDoc {
+            timestamp: time,
+            state,
+            message: if t.error.is_empty() { state } else { &t.error },
+            err: failed.then_some(t.error.as_str()),
+            container_status: t.pid.map(|pid| ContainerStatusDoc { container_id: &t.id, pid, exit_code: 0 }),
+            port_status: PortStatusDoc { ports: svc.map(|s| s.ports.iter().filter(|p| p.mode == PublishMode::Host).map(port_json).collect()).unwrap_or_default() },
+        },
+        desired_state: match t.desired_state {
+            swarmnet_api::DesiredState::Running => "running",
+            swarmnet_api::DesiredState::Shutdown => "shutdown",
+        },
+        networks_attachments: attachments,
     }
-    if let Some(pid) = t.pid {
-        status["ContainerStatus"] = json!({"ContainerID": t.id, "PID": pid, "ExitCode": 0});
-    }
-    let mut v = json!({
-        "ID": t.id,
-        "Version": {"Index": t.version.max(1)},
-        "CreatedAt": time(t.since_ms),
-        "UpdatedAt": time(t.since_ms),
-        "Name": t.name,
-        "Labels": {},
-        "Spec": {"ContainerSpec": {"Image": image(&command), "Command": command}, "Networks": attachments.iter().map(|a| json!({"Target": a["Network"]["ID"]})).collect::<Vec<_>>()},
-        "ServiceID": t.service_id.clone().unwrap_or_default(),
-        "NodeID": t.node_id.clone().unwrap_or_default(),
-        "Status": status,
-        "DesiredState": s(t.desired_state),
-        "NetworksAttachments": attachments
-    });
-    if let Some(slot) = t.slot {
-        v["Slot"] = json!(slot);
-    }
-    v
+}
+
+/// A task as Docker's `swarm.Task`, as JSON.
+pub fn task_json(t: &TaskInfo, svc: Option<&ServiceInfo>, nets: &[NetworkInfo]) -> Value {
+    let time = time(t.since_ms);
+    serde_json::to_value(task_doc(t, svc, nets, &time)).unwrap_or_default()
 }
 
 /// A network as Docker's `types.NetworkResource`.
@@ -395,12 +531,6 @@ pub struct Docker {
     slot: Option<tokio::sync::watch::Receiver<Option<Arc<Manager>>>>,
 }
 
-fn ok_json(v: &Value) -> Response<Body> {
-    let mut r = http::respond(200, "application/json", serde_json::to_vec(v).unwrap_or_default());
-    headers(&mut r);
-    r
-}
-
 fn headers(r: &mut Response<Body>) {
     let h = r.headers_mut();
     for (k, v) in [("api-version", format!("{}.{}", API_VERSION.0, API_VERSION.1)), ("server", format!("{ENGINE} (linux)")), ("ostype", "linux".into()), ("docker-experimental", "false".into())] {
@@ -442,7 +572,34 @@ impl Docker {
         out
     }
 
-    async fn answer(&self, r: Route, q: &HashMap<String, String>) -> Result<Value, DockerError> {
+    /// The answer to `r` as JSON bytes.
+    async fn answer(&self, r: Route, q: &HashMap<String, String>) -> Result<Vec<u8>, DockerError> {
+        if r == Route::Tasks {
+            return self.tasks(q).await;
+        }
+        let v = self.answer_value(r, q).await?;
+        serde_json::to_vec(&v).map_err(|e| DockerError(500, format!("cannot encode the answer: {e}")))
+    }
+
+    /// `/tasks`: written from typed documents (10,000 tasks in one answer).
+    async fn tasks(&self, q: &HashMap<String, String>) -> Result<Vec<u8>, DockerError> {
+        let f = filters(q)?;
+        let (services, nets) = self.services_and_networks().await?;
+        let leading = self.slot.as_ref().and_then(|s| s.borrow().clone()).filter(|m| m.leads());
+        let tasks: Vec<TaskInfo> = match leading {
+            Some(m) => tokio::task::block_in_place(|| m.task_list()),
+            None => self.agent.call_typed::<Vec<TaskInfo>>(ApiRequest::TaskLs).await.map_err(|e| DockerError(503, format!("the swarm's manager cannot be reached from this node: {e:#}")))??,
+        };
+        tokio::task::block_in_place(|| {
+            let by_id: HashMap<&str, &ServiceInfo> = services.iter().map(|x| (x.id.as_str(), x)).collect();
+            let sel = select_tasks(&tasks, &services, &f)?;
+            let times: Vec<String> = sel.iter().map(|t| time(t.since_ms)).collect();
+            let docs: Vec<TaskDoc> = sel.iter().zip(&times).map(|(t, tm)| task_doc(t, t.service_id.as_deref().and_then(|id| by_id.get(id).copied()), &nets, tm)).collect();
+            serde_json::to_vec(&docs).map_err(|e| DockerError(500, format!("cannot encode the tasks: {e}")))
+        })
+    }
+
+    async fn answer_value(&self, r: Route, q: &HashMap<String, String>) -> Result<Value, DockerError> {
         let f = filters(q)?;
         Ok(match r {
             Route::Ping => Value::Null,
@@ -511,13 +668,7 @@ impl Docker {
                 let (services, nets) = self.services_and_networks().await?;
                 service_json(find(&services, &id, |x| &x.id, |x| &x.name, "service")?, &nets, false)
             }
-            Route::Tasks => {
-                let (services, nets) = self.services_and_networks().await?;
-                let tasks: Vec<TaskInfo> = self.call(ApiRequest::TaskLs).await?;
-                let by_id: HashMap<&str, &ServiceInfo> = services.iter().map(|x| (x.id.as_str(), x)).collect();
-                let sel: Vec<Value> = select_tasks(&tasks, &services, &f)?.into_iter().map(|t| task_json(t, t.service_id.as_deref().and_then(|id| by_id.get(id).copied()), &nets)).collect();
-                json!(sel)
-            }
+            Route::Tasks => return Err(DockerError(500, "tasks are answered apart".into())),
             Route::Task(id) => {
                 let (services, nets) = self.services_and_networks().await?;
                 let tasks: Vec<TaskInfo> = self.call(ApiRequest::TaskLs).await?;
@@ -605,12 +756,16 @@ impl Docker {
         }
         let q = query(req.uri().query());
         match self.answer(r, &q).await {
-            Ok(v) if head => {
-                let mut resp = ok_json(&v);
-                *resp.body_mut() = Body::default();
+            Ok(_) if head => {
+                let mut resp = http::respond(200, "application/json", Vec::<u8>::new());
+                headers(&mut resp);
                 resp
             }
-            Ok(v) => ok_json(&v),
+            Ok(bytes) => {
+                let mut resp = http::respond(200, "application/json", bytes);
+                headers(&mut resp);
+                resp
+            }
             Err(e) => error(e),
         }
     }

@@ -1,11 +1,14 @@
-//! `cargo xtask bench metrics` (release build): what `--metrics-addr` costs (issue 21), the
-//! same 3-node lab made with metrics off (no listener, nobody scrapes) and on (every daemon
-//! scraped every second by a client on the underlay, more often than Prometheus's 15 s
-//! default), one after the other, three times each. In each: dnsperf against the resolver
-//! of a task on node 1 (QPS at saturation, 10 s) and wrk through a service VIP from a task
-//! on node 1 to nginx tasks on nodes 2 and 3 (new connections per second, 8 s). The
-//! counters in the DNS path are there in both: they are plain atomics, always on.
+//! `cargo xtask bench metrics` (release build): what `--metrics-addr` costs (issue 21). The
+//! flag adds a listener and the work of each scrape; the counters it reads are plain atomics,
+//! always there, flag or not. So, in one 3-node lab (alternating, four pairs, so that the
+//! lab's own variance — where tasks land, caches — is the same on both sides): every daemon
+//! not scraped, then scraped every second by a client in node 1's namespace (more often than
+//! Prometheus's 15 s default). In each: dnsperf against the resolver of a task on node 1
+//! (QPS at saturation, 10 s) and wrk through a service VIP from a task on node 1 to nginx
+//! tasks on nodes 2 and 3 (new connections per second, 8 s). Then the CPU one scrape costs
+//! the daemon of node 1 (100 scrapes back to back, its utime + stime).
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -33,13 +36,7 @@ while True:
     time.sleep(1)
 "#;
 
-/// One lab: (DNS QPS, VIP connections per second).
-fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
-    if on {
-        std::env::remove_var("SWARMNET_LAB_METRICS");
-    } else {
-        std::env::set_var("SWARMNET_LAB_METRICS", "off");
-    }
+pub fn bench_metrics() -> Result<()> {
     let lab = Lab::up_full(LAB, 3, 3, 5.0, &[], &["--dns-search", "."])?;
     lab.cli_ok(0, &["network", "create", "--attachable", "bench"])?;
     // Two sleepers on node 1 make it the busiest: the nginx tasks go to nodes 2 and 3.
@@ -69,56 +66,61 @@ fn round(on: bool, n: &mut usize) -> Result<(f64, f64)> {
     })?;
     let queries = lab.nodes[0].data_dir.join("bench-queries");
     std::fs::write(&queries, "web A\ntasks.web A\n")?;
-    // The scraper: every daemon's /metrics every second, one Python process in node 1's
-    // namespace (as a Prometheus elsewhere would cost the nodes nothing but the answers).
-    let scraper = if on {
-        let targets: Vec<String> = lab.nodes.iter().map(|n| format!("http://{}:{}/metrics", n.addr, swarmnet_lab::LAB_METRICS_PORT)).collect();
-        Some(
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &lab.nodes[0].ns, "python3", "-c", SCRAPER])
-                .args(&targets)
-                .env("SWARMNET_LAB", LAB)
-                .stdout(std::process::Stdio::piped())
-                .spawn()?,
-        )
-    } else {
-        None
-    };
-    let r = (|| -> Result<(f64, f64)> {
-        let (qps, _, _) = crate::bench_dns::dnsperf_qps(&asker_pid.to_string(), "127.0.0.11", &queries, "1")?;
-        *n += 1;
-        let w = wrk(&lab, *n, &format!("http://{vip}/"))?;
-        Ok((qps, w.rps))
-    })();
-    if let Some(s) = scraper {
-        // SIGTERM: it prints how many scrapes succeeded and exits.
-        let _ = std::process::Command::new("kill").args(["-TERM", &s.id().to_string()]).status();
-        let out = s.wait_with_output()?;
-        let scrapes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
-        if scrapes == 0 {
-            bail!("metrics on, but no scrape succeeded");
-        }
-        println!("  (scrapes during the round: {scrapes})");
-    }
-    drop(lab);
-    let _ = std::fs::remove_dir_all("/tmp/snbench-nginx");
-    r
-}
-
-pub fn bench_metrics() -> Result<()> {
+    let targets: Vec<String> = lab.nodes.iter().map(|n| format!("http://{}:{}/metrics", n.addr, swarmnet_lab::LAB_METRICS_PORT)).collect();
     let mut n = 0;
     let (mut dns, mut lb) = (Vec::new(), Vec::new());
-    for i in 1..=3 {
-        let (q_off, c_off) = round(false, &mut n)?;
-        let (q_on, c_on) = round(true, &mut n)?;
-        println!("round {i}: DNS {q_off:.0} qps off, {q_on:.0} qps on = {:.3}x; VIP {c_off:.0} conn/s off, {c_on:.0} conn/s on = {:.3}x", q_on / q_off, c_on / c_off);
+    for pair in 1..=4 {
+        let mut r = [(0.0, 0.0); 2];
+        for (k, scraped) in [false, true].into_iter().enumerate() {
+            // The scraper: one Python process in node 1's namespace, every daemon's /metrics
+            // every second.
+            let scraper = if scraped {
+                Some(Command::new("ip").args(["netns", "exec", &lab.nodes[0].ns, "python3", "-c", SCRAPER]).args(&targets).env("SWARMNET_LAB", LAB).stdout(Stdio::piped()).spawn()?)
+            } else {
+                None
+            };
+            let measured = (|| -> Result<(f64, f64)> {
+                let (qps, _, _) = crate::bench_dns::dnsperf_qps(&asker_pid.to_string(), "127.0.0.11", &queries, "1")?;
+                n += 1;
+                let w = wrk(&lab, n, &format!("http://{vip}/"))?;
+                Ok((qps, w.rps))
+            })();
+            if let Some(s) = scraper {
+                // SIGTERM: it prints how many scrapes succeeded and exits.
+                let _ = Command::new("kill").args(["-TERM", &s.id().to_string()]).status();
+                let out = s.wait_with_output()?;
+                let scrapes: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+                if scrapes == 0 {
+                    bail!("scraped, but no scrape succeeded");
+                }
+            }
+            r[k] = measured?;
+        }
+        let ((q_off, c_off), (q_on, c_on)) = (r[0], r[1]);
+        println!("pair {pair}: DNS {q_off:.0} qps not scraped, {q_on:.0} qps scraped = {:.3}x; VIP {c_off:.0} conn/s, {c_on:.0} conn/s = {:.3}x", q_on / q_off, c_on / c_off);
         dns.push(q_on / q_off);
         lb.push(c_on / c_off);
     }
-    std::env::remove_var("SWARMNET_LAB_METRICS");
+    // What one scrape costs node 1's daemon.
+    let pid = lab.daemon_pid(0).context("node 1's daemon")?;
+    let ticks = || -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let f: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+    };
+    let t0 = ticks()?;
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        swarmnet_lab::in_ns(&lab.nodes[0].ns, &["curl", "-sf", "-o", "/dev/null", &targets[0]])?;
+    }
+    let wall = started.elapsed();
+    let cpu_ms = (ticks()? - t0) as f64 * 10.0 / 100.0;
     let worst = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    println!("\nfigures (for docs/benchmarks.md): metrics on / off (goal >= 0.98x)");
+    println!("\nfigures (for docs/benchmarks.md): scraped every second / not scraped, same lab, 4 pairs (goal >= 0.98x)");
     println!("  DNS QPS: mean {:.3}x, worst {:.3}x; VIP connections/s: mean {:.3}x, worst {:.3}x", mean(&dns), worst(&dns), mean(&lb), worst(&lb));
+    println!("  one scrape of the manager's daemon: {cpu_ms:.2} ms of CPU ({:.1} ms wall each, 100 in a row)", wall.as_secs_f64() * 10.0);
+    drop(lab);
+    let _ = std::fs::remove_dir_all("/tmp/snbench-nginx");
     Ok(())
 }

@@ -296,6 +296,22 @@ impl Agent {
         Err(last)
     }
 
+    /// [`Agent::call`], its reply read straight into `T` (a large answer: no JSON tree).
+    pub async fn call_typed<T: serde::de::DeserializeOwned>(&self, request: ApiRequest) -> anyhow::Result<Result<T, ApiError>> {
+        let mut last = anyhow!("no manager known");
+        for manager in self.managers_in_turn() {
+            match connect(&manager, self.tls.clone()).await {
+                Ok(mut tls) => {
+                    write_msg(&mut tls, &Hello::Api { request }).await?;
+                    let r: TypedReply<T> = read_reply(&mut tls, &manager).await?;
+                    return Ok(r.into_result());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// A request whose answer is a stream (`service logs`): the manager's reply and every
     /// frame after it are copied to `out` as they come, until either side ends. An error:
     /// no manager could be reached (nothing was written to `out`).

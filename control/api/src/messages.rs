@@ -307,6 +307,36 @@ pub struct Reply {
     pub stale: Option<String>,
 }
 
+/// A reply written straight from its data, without a JSON tree: the same shape as [`Reply`]
+/// (a large answer, such as every task, costs one encoding instead of three).
+#[derive(Debug, Serialize)]
+pub struct DataReply<'a, T: Serialize> {
+    pub ok: bool,
+    pub data: &'a T,
+}
+
+/// A [`Reply`] read straight into its data's type.
+#[derive(Debug, Deserialize)]
+pub struct TypedReply<T> {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    #[serde(default = "Option::default")]
+    pub data: Option<T>,
+    #[serde(default)]
+    pub stale: Option<String>,
+}
+
+impl<T> TypedReply<T> {
+    pub fn into_result(self) -> Result<T, ApiError> {
+        match (self.ok, self.data) {
+            (true, Some(d)) => Ok(d),
+            (true, None) => Err(ApiError::internal("a reply without its data")),
+            (false, _) => Err(self.error.unwrap_or_else(|| ApiError::internal("refused without a reason"))),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplyError {
     /// The other side refused, with the kind and its reason.

@@ -40,6 +40,12 @@ impl Manager {
         }
     }
 
+    /// Every task (`TaskLs`), read under the lock without copying the state.
+    pub fn task_list(&self) -> Vec<TaskInfo> {
+        let inner = self.lock();
+        inner.state.tasks.values().map(|t| TaskInfo { since_ms: inner.task_since.get(&t.id).copied().unwrap_or(self.started_ms), ..task_info(t, &inner.state) }).collect()
+    }
+
     fn api_inner(&self, req: ApiRequest, caller: Option<&Id>) -> Result<Value, ManagerError> {
         let pool = self.pool;
         let v = match req {
@@ -109,14 +115,7 @@ impl Manager {
                 let warnings = mesh_warnings(s, &st, &self.lock().mesh_warnings);
                 to_value(ServicePsReply { tasks, warnings })?
             }
-            ApiRequest::TaskLs => {
-                let (st, since) = {
-                    let inner = self.lock();
-                    (inner.state.clone(), inner.task_since.clone())
-                };
-                let tasks: Vec<TaskInfo> = st.tasks.values().map(|t| TaskInfo { since_ms: since.get(&t.id).copied().unwrap_or(self.started_ms), ..task_info(t, &st) }).collect();
-                to_value(tasks)?
-            }
+            ApiRequest::TaskLs => to_value(self.task_list())?,
             ApiRequest::ServiceInspect { name } => {
                 let st = self.state();
                 let s = st.service_by_name(&name).ok_or_else(|| OpError::NotFound(format!("service {name} not found")))?;

@@ -646,6 +646,12 @@ impl Manager {
                     info!(peer = %peer, node = %node, error = %e, "log stream ended");
                 }
             }
+            // Every task (the Docker API's /tasks on another node): written straight from
+            // the list.
+            Hello::Api { request: ApiRequest::TaskLs } if node.is_some() => {
+                let tasks = self.task_list();
+                write_msg(&mut w, &DataReply { ok: true, data: &tasks }).await?;
+            }
             Hello::Api { request } => {
                 let Some(node) = node else {
                     write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
