@@ -253,6 +253,11 @@ pub fn spawn_in_netns(
     tokio::process::Command::from(cmd).kill_on_drop(false).spawn()
 }
 
+/// Whether process `pid` is a task's log writer (`swarmnet task-log …`, [`spawn_log_writer`]).
+pub fn is_log_writer(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"task-log".as_slice()))
+}
+
 /// The start time of a process (field 22 of /proc/PID/stat, clock ticks since boot), or
 /// None if there is no such live process (a zombie counts as gone).
 pub fn proc_start_time(pid: u32) -> Option<u64> {

@@ -212,7 +212,9 @@ impl Host {
         let name = cgroup.file_name()?.to_owned();
         let (mut ours, mut foreign) = (Vec::new(), 0);
         for pid in procs_of(&cgroup) {
-            if tasks.contains(&pid) || crate::task::session_of(pid).is_some_and(|s| tasks.contains(&s)) {
+            // A task's process, one of its session, or a task's log writer (in the node's
+            // cgroup with it, in a session of its own).
+            if tasks.contains(&pid) || crate::task::session_of(pid).is_some_and(|s| tasks.contains(&s)) || crate::task::is_log_writer(pid) {
                 ours.push(pid);
             } else {
                 foreign += 1;
