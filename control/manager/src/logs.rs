@@ -191,7 +191,7 @@ async fn relay_node(mut nrx: mpsc::Receiver<NodeEvent>, tx: &mpsc::Sender<LogFra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Driver, EndpointMode, Node, NodeStatus, Role, ServiceMode};
+    use crate::model::{Driver, EndpointMode, Node, ServiceMode};
     use crate::ops;
     use swarmnet_api::{NetworkAttach, NetworkCreate, ServiceCreate};
 
@@ -200,20 +200,7 @@ mod tests {
     fn state() -> ClusterState {
         let mut st = ClusterState::default();
         for (id, host) in [("n1", "alpha"), ("n2", "beta")] {
-            let n = Node {
-                id: id.into(),
-                hostname: host.into(),
-                addr: "10.210.0.1".parse().expect("addr"),
-                role: Role::Worker,
-                status: NodeStatus::Ready,
-                underlay: vec![],
-                cert_sha256: String::new(),
-                ingress_ip: None,
-                manager_port: None,
-                availability: Default::default(),
-                labels: Default::default(),
-            };
-            st.nodes.insert(id.into(), n);
+            st.nodes.insert(id.into(), Node::test(id, host));
         }
         let mut n = 0;
         let mut g = move || {

@@ -74,6 +74,26 @@ pub struct Service {
     pub update_status: Option<UpdateStatus>,
 }
 
+#[cfg(test)]
+impl Node {
+    /// A ready worker with nothing else set, for tests.
+    pub(crate) fn test(id: &str, hostname: &str) -> Node {
+        Node {
+            id: id.into(),
+            hostname: hostname.into(),
+            addr: "10.210.0.1".parse().expect("addr"),
+            role: Role::Worker,
+            status: NodeStatus::Ready,
+            underlay: vec![],
+            cert_sha256: String::new(),
+            ingress_ip: None,
+            manager_port: None,
+            availability: Default::default(),
+            labels: Default::default(),
+        }
+    }
+}
+
 impl Service {
     pub fn updating(&self) -> bool {
         self.update_status.as_ref().is_some_and(|u| u.state == UpdateState::Updating)

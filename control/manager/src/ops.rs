@@ -979,19 +979,7 @@ mod tests {
     }
 
     fn node(id: &str) -> Node {
-        Node {
-            id: id.into(),
-            hostname: id.into(),
-            addr: "10.210.0.1".parse().expect("addr"),
-            role: Role::Worker,
-            status: NodeStatus::Ready,
-            underlay: vec!["10.210.0.0/24".parse().expect("net")],
-            cert_sha256: String::new(),
-            ingress_ip: None,
-            manager_port: None,
-            availability: Default::default(),
-            labels: Default::default(),
-        }
+        Node { underlay: vec!["10.210.0.0/24".parse().expect("net")], ..Node::test(id, id) }
     }
 
     fn cluster(nodes: &[&str]) -> (ClusterState, impl FnMut() -> Id) {

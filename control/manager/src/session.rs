@@ -292,22 +292,7 @@ mod tests {
 
     fn state() -> ClusterState {
         let mut st = ClusterState::default();
-        st.nodes.insert(
-            "a".into(),
-            Node {
-                id: "a".into(),
-                hostname: "a".into(),
-                addr: "10.210.0.1".parse().expect("addr"),
-                role: Role::Worker,
-                status: NodeStatus::Ready,
-                underlay: vec![],
-                cert_sha256: String::new(),
-                ingress_ip: None,
-                manager_port: None,
-                availability: Default::default(),
-                labels: Default::default(),
-            },
-        );
+        st.nodes.insert("a".into(), Node::test("a", "a"));
         let subnet = "10.0.1.0/24".parse().expect("subnet");
         st.networks
             .insert("n1".into(), Network { id: "n1".into(), name: "appnet".into(), driver: Driver::Overlay, attachable: true, subnet, gateway: Ipv4Addr::new(10, 0, 1, 1), vni: 4096, ingress: false });

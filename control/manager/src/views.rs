@@ -119,19 +119,7 @@ mod tests {
     use super::*;
 
     fn node(id: &str, status: NodeStatus) -> Node {
-        Node {
-            id: id.into(),
-            hostname: format!("host-{id}"),
-            addr: "10.210.0.1".parse().expect("addr"),
-            role: Role::Worker,
-            status,
-            underlay: vec![],
-            cert_sha256: String::new(),
-            ingress_ip: None,
-            manager_port: None,
-            availability: Default::default(),
-            labels: Default::default(),
-        }
+        Node { status, ..Node::test(id, &format!("host-{id}")) }
     }
 
     fn state() -> ClusterState {
