@@ -65,6 +65,21 @@ fn programs_on(cgroup: &Path) -> Result<usize> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("sn_")).count())
 }
 
+/// How many of node `i`'s pinned load-balancer links are attached to `cgroup`.
+fn links_on(lab: &Lab, i: usize, cgroup: &Path) -> Result<usize> {
+    use swarmnet_dataplane::bpf_link::{cgroup_id, pinned_target, LinkTarget};
+    let want = cgroup_id(cgroup)?;
+    let pins = swarmnet_lab::lab_bpffs()?.join("swarmnet").join(lab.node_id(i)?).join("lb-v1");
+    let mut n = 0;
+    for e in std::fs::read_dir(&pins)? {
+        let p = e?.path();
+        if p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("link_")) && matches!(pinned_target(&p)?, LinkTarget::Cgroup(id) if id == want) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// The cgroup2 path of each task process of node `i`.
 fn task_cgroups(lab: &Lab, i: usize) -> Vec<String> {
     swarmnet_dataplane::task::find_task_processes(&lab.nodes[i].data_dir)
@@ -96,7 +111,9 @@ fn rebuild_old_layout(lab: &Lab, i: usize) -> Result<()> {
     let bpffs = swarmnet_lab::lab_bpffs()?;
     let top = bpffs.join("swarmnet");
     std::fs::rename(top.join(&id), top.join(&name)).context("move the node's pins under its hostname")?;
-    let old = Host::prepare(&name, Some(&bpffs))?;
+    let mut old = Host::prepare(&name, Some(&bpffs))?;
+    // Agents of that layout attached to the node's own cgroup.
+    old.attach_to = old.cgroup.clone();
     // Attached to the cgroup named after the hostname, on the node's own maps.
     let lock = tempdir(&format!("{}-oldlock", lab.name))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -133,7 +150,11 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     assert_all_reach("before any restart", &client.round()?, &["web.1", "web.2", "web.3", "web.4", "web.5", "web.6"]);
     let cgroup = swarmnet_dataplane::lb::host::node_cgroup(&id).context("node 2's cgroup")?;
     assert!(cgroup.ends_with(&id), "the cgroup is named after the node id: {}", cgroup.display());
-    assert_eq!(programs_on(&cgroup)?, 4);
+    // The programs are on the root of cgroup2 (every process of a task's namespace, whatever
+    // its cgroup; issue 22), four per node.
+    let root = cgroup.parent().and_then(Path::parent).context("cgroup2's root")?.to_path_buf();
+    assert_eq!(programs_on(&root)?, 12);
+    assert_eq!(links_on(&lab, 1, &root)?, 4, "node 2's pinned links are attached to the root");
 
     // 1. A new hostname.
     lab.stop_node(1, libc::SIGKILL)?;
@@ -142,7 +163,8 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     wait_for("node ls shows the new hostname", T, || lab.cli_json(0, &["node", "ls"]).ok()?.as_array()?.iter().any(|n| n["id"] == id.as_str() && n["hostname"] == "snx-ident-renamed").then_some(()))?;
     scale_and_wait(&lab, 1, &vip, 4)?;
     assert_all_reach("after a hostname change and a scale-down", &client.round()?, &["web.1", "web.2", "web.3", "web.4"]);
-    assert_eq!(programs_on(&cgroup)?, 4, "the same four programs on the same cgroup: nothing attached twice");
+    assert_eq!(programs_on(&root)?, 12, "the same four programs per node on the root: nothing attached twice");
+    assert_eq!(links_on(&lab, 1, &root)?, 4);
     assert!(lab.log(1).contains("programs_adopted=4"), "the restarted daemon adopted the programs");
 
     // 2. The layout before issue 19: the folders named after the hostname.
@@ -158,7 +180,8 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     let old_cgroup = cgroup.with_file_name("snx-ident-renamed");
     assert!(!old_cgroup.exists(), "the old cgroup is gone");
     assert!(!swarmnet_lab::lab_bpffs()?.join("swarmnet").join("snx-ident-renamed").exists(), "the old pins are gone");
-    assert_eq!(programs_on(&cgroup)?, 4, "the node's cgroup holds the programs");
+    assert_eq!(programs_on(&root)?, 12, "the root holds the programs, four per node");
+    assert_eq!(links_on(&lab, 1, &root)?, 4, "node 2's links moved to the root");
 
     // 3. The underlay interface replaced while the daemon is away: the pinned entry link is
     // severed; the new daemon attaches a new one (before: "Link has been severed", and

@@ -1,5 +1,5 @@
 //! The eBPF backend: loads the programs of `ebpf/programs` (embedded in this binary),
-//! attaches them to the node's cgroup, and writes the maps. Maps and links are pinned in the
+//! attaches them to the root of cgroup2, and writes the maps. Maps and links are pinned in the
 //! node's bpffs folder, so translation goes on while the agent is down, and a restarted
 //! agent adopts them: the links found pinned are never attached again, and the bookkeeping
 //! (ids, generations) is read back from the maps.
@@ -218,28 +218,35 @@ impl EbpfLb {
             loader.map_pin_path(m, p.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(|source| EbpfError::Load { pins: host.pins.clone(), source: Box::new(source) })?;
-        let cgroup = host.cgroup_dir()?;
-        let cgroup_id = crate::bpf_link::cgroup_id(&host.cgroup).map_err(|source| HostError::Io { what: "read the id of cgroup", path: host.cgroup.clone(), source })?;
+        let cgroup = host.attach_dir()?;
+        let cgroup_id = crate::bpf_link::cgroup_id(&host.attach_to).map_err(|source| HostError::Io { what: "read the id of cgroup", path: host.attach_to.clone(), source })?;
+        let node_cgroup = crate::bpf_link::cgroup_id(&host.cgroup).ok();
         let (mut adopted, mut replaced) = (0, 0);
         let mut retired = Vec::new();
+        // Links of an agent before issue 22 on the node's own cgroup: detached once the new
+        // ones are attached (until then both translate, and the second finds nothing to do).
+        let mut superseded = Vec::new();
         for prog in PROGRAMS {
             let pin = host.pins.join(format!("link_{prog}"));
             match crate::bpf_link::pinned_target(&pin) {
-                // Attached to this node's cgroup by an earlier agent and still pinned:
+                // Attached where this agent attaches by an earlier agent and still pinned:
                 // attaching again would stack a second copy.
                 Ok(LinkTarget::Cgroup(id)) if id == cgroup_id => {
                     adopted += 1;
                     continue;
                 }
-                // Pinned but attached elsewhere (the cgroup of the layout before issue 19,
-                // whose tasks move into this one next) or severed (its cgroup is gone): a new
+                // Pinned but attached elsewhere (the node's own cgroup, where agents before
+                // issue 22 attached; the cgroup of the layout before issue 19, whose tasks
+                // move into the node's next) or severed (its cgroup is gone): a new
                 // link replaces it. An old one that still works stays attached until its
                 // tasks have moved (`release_retired`).
                 Ok(target) => {
                     let old = PinnedLink::from_pin(&pin).map_err(prog_err(prog, "open pinned link"))?;
                     let old = old.unpin().map_err(prog_err(prog, "unpin the link it replaces"))?;
-                    info!(program = prog, ?target, cgroup = %host.cgroup.display(), "load balancer: a pinned link attached elsewhere is replaced");
-                    if !target.severed() {
+                    info!(program = prog, ?target, cgroup = %host.attach_to.display(), "load balancer: a pinned link attached elsewhere is replaced");
+                    if matches!(target, LinkTarget::Cgroup(id) if Some(id) == node_cgroup) {
+                        superseded.push(old);
+                    } else if !target.severed() {
                         retired.push(old);
                     }
                     replaced += 1;
@@ -249,10 +256,14 @@ impl EbpfLb {
             }
             let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?.try_into().map_err(prog_err(prog, "type"))?;
             p.load().map_err(prog_err(prog, "load (verifier)"))?;
+            // A link (no flags: the kernel refuses any with one) sits beside other links
+            // there (another node's on this kernel, a lab's, any other software's): each
+            // program acts only for the namespaces in its own map.
             let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(prog, "attach"))?;
             let link: FdLink = p.take_link(id).map_err(prog_err(prog, "take link"))?.try_into().map_err(prog_err(prog, "link"))?;
             link.pin(&pin).map_err(prog_err(prog, "pin link"))?;
         }
+        drop(superseded);
         let services = take::<u32, Service>(&mut ebpf, MAP_SERVICES)?;
         let slots = take::<SlotKey, Slot>(&mut ebpf, MAP_SLOTS)?;
         let backends = take::<u32, Backend>(&mut ebpf, MAP_BACKENDS)?;
@@ -262,7 +273,7 @@ impl EbpfLb {
         let zeros = aya::util::nr_cpus().map_err(|(what, e)| EbpfError::Other(format!("{what}: {e}")))?;
         let mut inner = Inner { services, slots, backends, netns, handed, svc: BTreeMap::new(), svc_ids: Ids::default(), backend_ids: Ids::default(), tasks: BTreeMap::new(), zeros };
         inner.recover()?;
-        info!(cgroup = %host.cgroup.display(), pins = %host.pins.display(), programs_adopted = adopted, links_replaced = replaced, vips = inner.svc.len(), "load balancer: eBPF programs attached");
+        info!(cgroup = %host.attach_to.display(), pins = %host.pins.display(), programs_adopted = adopted, links_replaced = replaced, vips = inner.svc.len(), "load balancer: eBPF programs attached");
         Ok(EbpfLb { inner: Arc::new(Mutex::new(inner)), ns, retired: Mutex::new(retired), _lock: lock, _ebpf: Mutex::new(ebpf) })
     }
 

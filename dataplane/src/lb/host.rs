@@ -48,6 +48,11 @@ pub const CLAIMS: &str = "/run/swarmnet/nodes";
 pub struct Host {
     /// The node's cgroup folder.
     pub cgroup: PathBuf,
+    /// Where the load balancer's programs are attached: the root of cgroup2, so that they
+    /// act for every process of a namespace they translate for, whatever its cgroup (a
+    /// container a CNI runtime made, an `nsenter`ed command; issue 22). Their gate is the
+    /// socket's network namespace, never its cgroup.
+    pub attach_to: PathBuf,
     /// The node's folder of the load balancer's pins (`<bpffs>/swarmnet/<node>/lb-v1`).
     pub pins: PathBuf,
     /// The node's folder of the routing mesh entry's pins (`.../ingress-v1`).
@@ -178,12 +183,12 @@ impl Host {
         for (what, p) in [("create cgroup", &cgroup), ("create bpffs folder", &pins), ("create bpffs folder", &ingress_pins)] {
             std::fs::create_dir_all(p).map_err(|source| HostError::Io { what, path: p.clone(), source })?;
         }
-        Ok(Host { cgroup, pins, ingress_pins })
+        Ok(Host { cgroup, attach_to: cg2, pins, ingress_pins })
     }
 
-    /// The node's cgroup folder, opened (what programs are attached to).
-    pub fn cgroup_dir(&self) -> Result<File, HostError> {
-        File::open(&self.cgroup).map_err(|source| HostError::Io { what: "open cgroup", path: self.cgroup.clone(), source })
+    /// The cgroup the programs are attached to, opened.
+    pub fn attach_dir(&self) -> Result<File, HostError> {
+        File::open(&self.attach_to).map_err(|source| HostError::Io { what: "open cgroup", path: self.attach_to.clone(), source })
     }
 
     /// `cgroup.procs` of the node's cgroup, open for writing: a task writes "0" to it
