@@ -43,6 +43,11 @@ async fn start_agent(cfg: &NodeConfig, base: NodeBase, id: Identity) -> anyhow::
     let n = node::start(cfg, base, &id.node_id).await?;
     let agent = Agent::new(id, n.runtime, n.reports, n.gossip, n.ingress, AgentConfig { gossip_port: cfg.gossip_port, data_dir: cfg.data_dir.clone(), hostname: cfg.hostname.clone() })?;
     tokio::spawn(agent.clone().run());
+    let a = agent.clone();
+    tokio::spawn(async move {
+        a.adopt_containers().await;
+        a.watch_containers().await
+    });
     Ok((agent, n.claim))
 }
 
@@ -596,6 +601,10 @@ async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&Sta
     let me = Some(&agent.id.node_id);
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,
+        (ApiRequest::CniAdd { req }, _) => Reply::from_result(agent.cni_add(req).await),
+        (ApiRequest::CniCheck { req }, _) => Reply::from_result(agent.cni_check(req).await),
+        (ApiRequest::CniDel { req }, _) => Reply::from_result(agent.cni_del(req).await),
+        (ApiRequest::CniGc { spec }, _) => Reply::from_result(agent.cni_gc(spec).await),
         (ApiRequest::LbLs, _) => agent.lb_table().await,
         (ApiRequest::ExecLocate { task }, _) => Reply::from_result(agent.exec_target(&task).await),
         (req @ (ApiRequest::NodeRm { .. } | ApiRequest::RotateGossipKey), Some(m)) => m.api_async(req, me).await,

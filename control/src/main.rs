@@ -1,5 +1,6 @@
 //! `swarmnet`: the daemons (composed of the manager's and the agent's crates) and the CLI.
 
+mod cni;
 mod converge;
 mod daemon;
 mod docker;
@@ -317,6 +318,28 @@ enum Cmd {
         /// The command to run, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// The CNI plugin: containers of other runtimes (containerd, CRI-O, podman, Nomad) on
+    /// swarmnet's attachable networks. A runtime runs this binary with CNI_COMMAND set.
+    #[command(subcommand)]
+    Cni(CniCmd),
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Put the plugin binary (as `swarmnet`, the conf's type) into the runtime's plugin
+    /// folder and write a conflist for each attachable network (or the one named).
+    #[command(after_help = "Examples:\n  swarmnet cni install\n  swarmnet cni install --network appnet --conf-dir /etc/cni/net.d")]
+    Install {
+        /// Where the runtime looks for plugin binaries.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// Where the runtime reads network confs.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// Only this network (it must be attachable).
+        #[arg(long)]
+        network: Option<String>,
     },
 }
 
@@ -744,6 +767,10 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
+    // Run by a container runtime as its CNI plugin (issue 22).
+    if cni::invoked_as_plugin() {
+        return cni::plugin_main();
+    }
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => code,
@@ -931,6 +958,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Network(NetworkCmd::Create { driver, attachable, subnet, ingress, name }) => {
             let n: NetworkInfo = call(&host, ApiRequest::NetworkCreate { spec: NetworkCreate { name, driver, attachable, subnet, ingress } })?;
             println!("{}", n.id);
+        }
+        Cmd::Cni(CniCmd::Install { bin_dir, conf_dir, network }) => {
+            for f in cni::install(&host, &bin_dir, &conf_dir, network.as_deref())? {
+                println!("{}", f.display());
+            }
         }
         Cmd::Network(NetworkCmd::Inspect { name }) => print_json(&call::<NetworkDetail>(&host, ApiRequest::NetworkInspect { name })?)?,
         Cmd::Network(NetworkCmd::Rm { name }) => println!("{}", call::<Removed>(&host, ApiRequest::NetworkRm { name })?.name),

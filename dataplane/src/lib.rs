@@ -8,6 +8,7 @@
 //! - [`state`]: atomic state files.
 
 pub mod bpf_link;
+pub mod cni;
 pub mod ingress;
 pub mod lb;
 pub mod netlink;

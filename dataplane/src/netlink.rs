@@ -29,6 +29,8 @@ pub enum Error {
     Open(#[source] std::io::Error),
     #[error("link {0} not found")]
     NoLink(String),
+    #[error("{0} exists already")]
+    Exists(String),
 }
 
 fn ctx(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
@@ -67,6 +69,16 @@ fn link_info(m: &LinkMessage) -> LinkInfo {
         }
     }
     info
+}
+
+/// One IPv4 route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteV4 {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    /// The output link's index.
+    pub oif: u32,
 }
 
 /// A handle on one namespace's rtnetlink socket.
@@ -137,6 +149,51 @@ impl Netlink {
         let idx = self.index(link).await?;
         let msg = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(idx).build();
         self.h.route().add(msg).replace().execute().await.map_err(ctx(format!("add default route via {gateway} dev {link}")))
+    }
+
+    /// A route to `dst/prefix` out of `link`: through `gateway`, or on the link itself
+    /// (scope link) without one. Replaces one to the same destination.
+    pub async fn add_route_v4(&self, link: &str, dst: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> Result<(), Error> {
+        let idx = self.index(link).await?;
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).output_interface(idx);
+        b = match gateway {
+            Some(g) => b.gateway(g),
+            None => b.scope(netlink_packet_route::route::RouteScope::Link),
+        };
+        self.h.route().add(b.build()).replace().execute().await.map_err(ctx(format!("add route {dst}/{prefix} dev {link}")))
+    }
+
+    /// Deletes the route to `dst/prefix` of the main table; `Ok(false)` if there was none.
+    pub async fn del_route_v4(&self, dst: Ipv4Addr, prefix: u8) -> Result<bool, Error> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, prefix).build();
+        match self.h.route().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(ctx(format!("delete route {dst}/{prefix}"))(e)),
+        }
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn routes_v4(&self) -> Result<Vec<RouteV4>, Error> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let msgs: Vec<_> = self.h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute().try_collect().await.map_err(ctx("list routes"))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.table != 254 {
+                continue;
+            }
+            let mut r = RouteV4 { dst: Ipv4Addr::UNSPECIFIED, prefix: m.header.destination_prefix_length, gateway: None, oif: 0 };
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => r.dst = *ip,
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => r.gateway = Some(*ip),
+                    RouteAttribute::Oif(i) => r.oif = *i,
+                    _ => {}
+                }
+            }
+            out.push(r);
+        }
+        Ok(out)
     }
 
     pub async fn create_bridge(&self, name: &str) -> Result<(), Error> {

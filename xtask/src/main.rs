@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use swarmnet_lab::{cleanup, Lab};
 
+mod bench_cni;
 mod bench_convergence;
 mod bench_dns;
 mod bench_docker;
@@ -229,13 +230,19 @@ fn real_main() -> Result<()> {
                 build()?;
                 bench_logs::bench_logs(20)?
             }
+            "cni" => {
+                need("iperf3", "iperf3")?;
+                need("go", "golang-go")?;
+                release_binary()?;
+                bench_cni::bench_cni(runs.max(50))?
+            }
             "ha" => {
                 need("etcd", "etcd-server")?;
                 build()?;
                 bench_ha::bench_ha(runs)?
             }
             other => {
-                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs, metrics)")
+                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs, metrics, docker-api, cni)")
             }
         },
     }

@@ -34,6 +34,9 @@ pub struct NodeDns {
     pub shared: Arc<Shared>,
     /// What goes into every task's resolv.conf besides our nameserver.
     task_resolv: String,
+    /// Its search domains and options (a container's CNI result carries them).
+    search: Vec<String>,
+    options: Vec<String>,
 }
 
 impl NodeDns {
@@ -53,7 +56,12 @@ impl NodeDns {
         };
         info!(upstreams = ?upstreams, search = ?task.search, ttl = opts.ttl, timeout_ms = opts.timeout.as_millis() as u64, "embedded DNS");
         let shared = Shared::new(Config { ttl: opts.ttl, forwarder: Forwarder { upstreams, timeout: opts.timeout } }).context("start the DNS thread")?;
-        Ok(NodeDns { shared, task_resolv: resolvconf::task_resolv_conf(&task) })
+        Ok(NodeDns { shared, task_resolv: resolvconf::task_resolv_conf(&task), search: task.search.clone(), options: task.options.clone() })
+    }
+
+    /// The search domains and options a task's resolv.conf has.
+    pub fn search_and_options(&self) -> (Vec<String>, Vec<String>) {
+        (self.search.clone(), self.options.clone())
     }
 
     /// Opens the task's resolver in its namespace and serves it here.

@@ -12,6 +12,7 @@
 //! - [`tasklog`]: task output, stamped and rotated by a writer process per task;
 //! - [`node`]: all of it wired together.
 
+pub mod cni;
 pub mod dns;
 pub mod follow;
 pub mod gossip_keys;

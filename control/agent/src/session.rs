@@ -176,6 +176,8 @@ pub struct Agent {
     gossip_keys: Mutex<swarmnet_api::GossipKeySet>,
     /// Set by `swarm leave`: the session ends and is not opened again.
     leaving: tokio::sync::watch::Sender<bool>,
+    /// Containers of other runtimes attached by the CNI plugin (issue 22).
+    pub(crate) containers: crate::cni::Containers,
 }
 
 impl Agent {
@@ -203,6 +205,7 @@ impl Agent {
             });
         }
         let managers = std::sync::Mutex::new((id.manager_list(), 0));
+        let containers = crate::cni::Containers::open(runtime.clone(), &data_dir)?;
         Ok(Arc::new(Agent {
             id,
             managers,
@@ -218,6 +221,7 @@ impl Agent {
             data_dir,
             gossip_keys: Mutex::new(swarmnet_api::GossipKeySet::default()),
             leaving: tokio::sync::watch::channel(false).0,
+            containers,
         }))
     }
 
@@ -579,6 +583,7 @@ impl Agent {
             self.runtime.reconcile(&BTreeMap::new());
             let _ = self.ingress.send(None);
         }
+        self.leave_containers().await;
         let mut left = Vec::new();
         let deadline = Instant::now() + LEAVE_WITHIN;
         loop {

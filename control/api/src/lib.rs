@@ -4,6 +4,7 @@
 //! endpoint modes), the rustls configurations of both ends, and join tokens.
 
 pub mod cluster;
+pub mod cni;
 pub mod error;
 pub mod logs;
 pub mod messages;

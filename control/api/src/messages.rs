@@ -279,6 +279,20 @@ pub enum ApiRequest {
     NodeInspect { node: String },
     /// From an agent: a standalone task on the calling node. `TaskInfo`
     Run { spec: StandaloneCreate },
+    /// From an agent: a container of the calling node joins an attachable network (its CNI
+    /// ADD). `ContainerAttached`
+    Attach { spec: crate::cni::ContainerAttach },
+    /// From an agent: a container of the calling node leaves a network (its CNI DEL, or
+    /// the agent found its namespace gone). `ContainerDetached`
+    Detach { spec: crate::cni::ContainerDetach },
+    /// From the CNI plugin to its node's daemon: ADD. `CniAttached`
+    CniAdd { req: crate::cni::CniRequest },
+    /// From the CNI plugin to its node's daemon: CHECK (an error names what drifted). `CniAttached`
+    CniCheck { req: crate::cni::CniRequest },
+    /// From the CNI plugin to its node's daemon: DEL (done also when nothing is attached). `CniRemoved`
+    CniDel { req: crate::cni::CniRequest },
+    /// From the CNI plugin to its node's daemon: GC. `CniRemoved`
+    CniGc { spec: crate::cni::CniGc },
     /// From the CLI to its local daemon: where task `task` (a name such as `web.1`, an id or
     /// an id's unique prefix) runs on this node, for `exec`. `ExecTarget`
     ExecLocate { task: String },

@@ -138,6 +138,22 @@ impl Manager {
                 let t = self.mutate(|st, g| ops::create_standalone(st, &spec, node, g))?;
                 to_value(task_info(&t, &self.state()))?
             }
+            ApiRequest::Attach { spec } => {
+                let node = caller.ok_or_else(|| OpError::Invalid("attach: no calling node".into()))?;
+                let t = self.mutate(|st, g| ops::attach_container(st, &spec, node, g))?;
+                let st = self.state();
+                let attachment = t
+                    .networks
+                    .first()
+                    .and_then(|n| Some(swarmnet_api::Attachment { network: st.networks.get(n)?.clone(), address: *t.addresses.get(n)?, vip: None, aliases: Vec::new() }))
+                    .ok_or_else(|| OpError::Invalid(format!("container {}: its attachment has no network", spec.container_id)))?;
+                to_value(swarmnet_api::cni::ContainerAttached { task_id: t.id, name: t.name, attachment })?
+            }
+            ApiRequest::Detach { spec } => {
+                let node = caller.ok_or_else(|| OpError::Invalid("detach: no calling node".into()))?;
+                let t = self.mutate(|st, _| ops::detach_container(st, &spec, node))?;
+                to_value(swarmnet_api::cni::ContainerDetached { task_id: t.map(|t| t.id) })?
+            }
             ApiRequest::NodeInspect { node } => {
                 let st = self.state();
                 let n = st.nodes.values().find(|n| n.id == node || n.hostname == node).ok_or_else(|| OpError::NotFound(format!("node {node} not found")))?;
@@ -169,7 +185,16 @@ impl Manager {
                 info!(node = %n.id, hostname = %n.hostname, "worker promoted to a manager");
                 to_value(Removed { id: n.id, name: n.hostname })?
             }
-            ApiRequest::RunLocal { .. } | ApiRequest::ExecLocate { .. } | ApiRequest::LbLs | ApiRequest::RotateGossipKey | ApiRequest::NodeRm { .. } | ApiRequest::SwarmLeave { .. } => {
+            ApiRequest::RunLocal { .. }
+            | ApiRequest::CniAdd { .. }
+            | ApiRequest::CniCheck { .. }
+            | ApiRequest::CniDel { .. }
+            | ApiRequest::CniGc { .. }
+            | ApiRequest::ExecLocate { .. }
+            | ApiRequest::LbLs
+            | ApiRequest::RotateGossipKey
+            | ApiRequest::NodeRm { .. }
+            | ApiRequest::SwarmLeave { .. } => {
                 return Err(OpError::Invalid("this request is answered by the node's own daemon".into()).into());
             }
             ApiRequest::ServiceLogs { .. } => return Err(OpError::Invalid("service logs is a stream: it is answered on a connection of its own".into()).into()),

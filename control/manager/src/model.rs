@@ -130,6 +130,17 @@ pub struct Task {
     pub version: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// A container of another runtime on the node (its CNI ADD; Docker's network
+    /// attachment task): no process of swarmnet's, only its address on one network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRef>,
+}
+
+/// Which container interface a network attachment task stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    pub id: String,
+    pub ifname: String,
 }
 
 /// Everything the manager knows, as one value: operations clone it, change the clone

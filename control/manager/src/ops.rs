@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
+pub use swarmnet_api::cni::{ContainerAttach, ContainerDetach};
 pub use swarmnet_api::{NetworkAttach, NetworkCreate, PublishSpec, PublishedPort, ServiceCreate, ServiceUpdate, StandaloneCreate, TaskReport};
 
 use crate::ipam;
@@ -195,6 +196,10 @@ fn resolve_networks(st: &ClusterState, args: &[NetworkAttach]) -> Result<(Vec<Id
         }
     }
     Ok((ids, aliases))
+}
+
+fn find_network<'a>(st: &'a ClusterState, n: &str) -> Result<&'a Network, OpError> {
+    st.network_by_name(n).ok_or_else(|| OpError::NotFound(format!("network {n} not found")))
 }
 
 fn name_in_use(st: &ClusterState, name: &str) -> Option<String> {
@@ -465,6 +470,7 @@ fn service_task(svc: &Service, id: Id, name: String, slot: Option<u64>, node_id:
         aliases: BTreeMap::new(),
         version: svc.version,
         env: svc.env.clone(),
+        container: None,
     }
 }
 
@@ -619,25 +625,7 @@ pub fn create_standalone(st: &mut ClusterState, req: &StandaloneCreate, node_id:
             return Err(invalid(format!("network {} is not attachable: create it with --attachable to run standalone tasks on it", net.name)));
         }
     }
-    let mut task = Task {
-        id: new_id(),
-        name: req.name.clone(),
-        service_id: None,
-        slot: None,
-        node_id: Some(node_id.clone()),
-        desired_state: DesiredState::Running,
-        state: TaskState::Assigned,
-        error: String::new(),
-        addresses: BTreeMap::new(),
-        networks: networks.clone(),
-        command: req.command.clone(),
-        restart: false,
-        restarts: 0,
-        pid: None,
-        aliases,
-        version: 0,
-        env: BTreeMap::new(),
-    };
+    let mut task = Task { aliases, ..node_task(new_id(), &req.name, node_id, TaskState::Assigned, networks.clone(), req.command.clone()) };
     for id in &networks {
         let a = ipam::allocate(st, id)?;
         task.addresses.insert(id.clone(), a);
@@ -646,6 +634,78 @@ pub fn create_standalone(st: &mut ClusterState, req: &StandaloneCreate, node_id:
     }
     st.tasks.insert(task.id.clone(), task.clone());
     Ok(task)
+}
+
+/// A task of node `node_id` that is no service's (a standalone task, a container's
+/// attachment), wanted running, without addresses yet.
+fn node_task(id: Id, name: &str, node_id: &Id, state: TaskState, networks: Vec<Id>, command: Vec<String>) -> Task {
+    Task {
+        id,
+        name: name.to_string(),
+        service_id: None,
+        slot: None,
+        node_id: Some(node_id.clone()),
+        desired_state: DesiredState::Running,
+        state,
+        error: String::new(),
+        addresses: BTreeMap::new(),
+        networks,
+        command,
+        restart: false,
+        restarts: 0,
+        pid: None,
+        aliases: BTreeMap::new(),
+        version: 0,
+        env: BTreeMap::new(),
+        container: None,
+    }
+}
+
+/// A container of node `node_id` joins an attachable network (CNI ADD, issue 22): a task
+/// standing for it, with an address, running at once (the node plumbs it when it has the
+/// answer). The same container, interface and network again: the same task.
+pub fn attach_container(st: &mut ClusterState, req: &ContainerAttach, node_id: &Id, new_id: IdGen) -> Result<Task, OpError> {
+    check_name("container", &req.name)?;
+    if req.container_id.is_empty() || req.ifname.is_empty() {
+        return Err(invalid("a container attachment needs a container id and an interface name"));
+    }
+    let net = find_network(st, &req.network)?.clone();
+    if net.ingress || !net.attachable {
+        return Err(invalid(format!("network {} is not attachable: create it with --attachable to attach containers to it", net.name)));
+    }
+    let same = |t: &&Task| t.node_id.as_ref() == Some(node_id) && t.container.as_ref().is_some_and(|c| c.id == req.container_id && c.ifname == req.ifname) && t.networks.first() == Some(&net.id);
+    if let Some(t) = st.tasks.values().find(same) {
+        return Ok(t.clone());
+    }
+    let mut task = Task {
+        container: Some(ContainerRef { id: req.container_id.clone(), ifname: req.ifname.clone() }),
+        ..node_task(new_id(), &req.name, node_id, TaskState::Running, vec![net.id.clone()], Vec::new())
+    };
+    let a = ipam::allocate(st, &net.id)?;
+    task.addresses.insert(net.id.clone(), a);
+    st.tasks.insert(task.id.clone(), task.clone());
+    Ok(task)
+}
+
+/// A container of node `node_id` leaves a network (CNI DEL): its task goes, its address is
+/// free. None: it had none (a DEL repeated, or an ADD that never reached the manager).
+pub fn detach_container(st: &mut ClusterState, req: &ContainerDetach, node_id: &Id) -> Result<Option<Task>, OpError> {
+    let net = match find_network(st, &req.network) {
+        Ok(n) => Some(n.id.clone()),
+        // The network went: its containers went before it (network rm refuses one in use).
+        Err(OpError::NotFound(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let id = st
+        .tasks
+        .values()
+        .find(|t| {
+            t.node_id.as_ref() == Some(node_id)
+                && t.container.as_ref().is_some_and(|c| c.id == req.container_id && c.ifname == req.ifname)
+                && net.as_ref().is_none_or(|n| t.networks.first() == Some(n))
+        })
+        .map(|t| t.id.clone());
+    Ok(id.and_then(|id| st.tasks.remove(&id)))
 }
 
 /// Applies an agent's reports. With `full`, the report lists every task the node has, so a
@@ -1376,6 +1436,38 @@ mod tests {
         // It finished: it is dropped and its address freed.
         apply_reports(&mut st, &"a".into(), &[TaskReport { task_id: t.id.clone(), state: TaskState::Complete, error: String::new(), pid: None, restarts: 0 }], false, &mut g);
         assert!(!st.tasks.contains_key(&t.id));
+    }
+
+    #[test]
+    fn a_container_attaches_once_per_interface_and_detaches_freeing_its_address() {
+        let (mut st, mut g) = cluster(&["a", "b"]);
+        create_network(&mut st, &NetworkCreate { name: "closed".into(), driver: Driver::Overlay, attachable: false, subnet: None, ingress: false }, "10.0.0.0/8".parse().expect("pool"), &mut g)
+            .expect("closed");
+        let req = ContainerAttach { network: "appnet".into(), container_id: "c1".into(), ifname: "eth0".into(), name: "pod-a".into() };
+        let t = attach_container(&mut st, &req, &"a".into(), &mut g).expect("attached");
+        assert_eq!((t.state, t.container.as_ref().map(|c| c.id.as_str())), (TaskState::Running, Some("c1")));
+        let again = attach_container(&mut st, &req, &"a".into(), &mut g).expect("again");
+        assert_eq!(again.id, t.id, "the same container interface: the same task and address");
+        let other = attach_container(&mut st, &ContainerAttach { ifname: "eth1".into(), ..req.clone() }, &"a".into(), &mut g).expect("second interface");
+        assert_ne!(other.addresses, t.addresses);
+        let on_b = attach_container(&mut st, &req, &"b".into(), &mut g).expect("another node's container of that id");
+        assert_ne!(on_b.id, t.id);
+        assert!(crate::session::assignments(&st, &"a".into()).is_empty(), "nothing for the node's runtime to run");
+        // The node's full report (it lists no container) leaves them alone.
+        apply_reports(&mut st, &"a".into(), &[], true, &mut g);
+        assert!(st.tasks.contains_key(&t.id));
+        let closed = ContainerAttach { network: "closed".into(), ..req.clone() };
+        assert!(attach_container(&mut st, &closed, &"a".into(), &mut g).expect_err("closed").to_string().contains("not attachable"));
+        let nowhere = ContainerAttach { network: "nope".into(), ..req.clone() };
+        assert!(matches!(attach_container(&mut st, &nowhere, &"a".into(), &mut g), Err(OpError::NotFound(_))));
+        let bad = ContainerAttach { name: "no spaces".into(), ..req.clone() };
+        assert!(matches!(attach_container(&mut st, &bad, &"a".into(), &mut g), Err(OpError::Invalid(_))));
+        let del = ContainerDetach { network: "appnet".into(), container_id: "c1".into(), ifname: "eth0".into() };
+        assert_eq!(detach_container(&mut st, &del, &"a".into()).expect("detached").map(|t| t.id), Some(t.id.clone()));
+        assert!(detach_container(&mut st, &del, &"a".into()).expect("again").is_none(), "a DEL repeated finds nothing");
+        assert!(st.tasks.contains_key(&on_b.id), "node b's container stays");
+        let reused = attach_container(&mut st, &ContainerAttach { container_id: "c9".into(), ..req }, &"a".into(), &mut g).expect("reattach");
+        assert_eq!(reused.addresses, t.addresses, "the freed address is given again (lowest free)");
     }
 
     fn with_ingress(nodes: &[&str]) -> (ClusterState, impl FnMut() -> Id) {

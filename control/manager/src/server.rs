@@ -657,10 +657,11 @@ impl Manager {
                     write_msg(&mut w, &Reply::err(ApiError::new(ErrorKind::Refused, "refused: a client certificate of this cluster is required (join first)"))).await?;
                     return Ok(());
                 };
-                // Workers read, and run standalone tasks on themselves; changes come from
+                // Workers read, and run standalone tasks and attach containers on
+                // themselves; changes come from
                 // managers (a standby's CLI, forwarded).
                 let role = self.lock().state.nodes.get(&node).map(|n| n.role);
-                let reply = if role != Some(Role::Manager) && !request.is_read() && !matches!(request, ApiRequest::Run { .. }) {
+                let reply = if role != Some(Role::Manager) && !request.is_read() && !matches!(request, ApiRequest::Run { .. } | ApiRequest::Attach { .. } | ApiRequest::Detach { .. }) {
                     Reply::err(ApiError::new(ErrorKind::NotManager, "refused: only a manager node may change the cluster over 2377"))
                 } else {
                     self.api_async(request, Some(&node)).await

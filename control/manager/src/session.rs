@@ -102,7 +102,8 @@ impl Sent {
 pub fn assignments(st: &ClusterState, node: &Id) -> BTreeMap<Id, Assignment> {
     st.tasks
         .values()
-        .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Running && t.state != TaskState::Pending)
+        // A container's attachment runs nothing of swarmnet's: its node's CNI side has it.
+        .filter(|t| t.node_id.as_ref() == Some(node) && t.desired_state == DesiredState::Running && t.state != TaskState::Pending && t.container.is_none())
         .filter_map(|t| {
             let svc = t.service_id.as_ref().and_then(|s| st.services.get(s));
             let attachments = t
@@ -320,6 +321,7 @@ mod tests {
                 aliases: Default::default(),
                 version: 0,
                 env: Default::default(),
+                container: None,
             },
         );
     }

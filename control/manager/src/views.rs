@@ -171,6 +171,7 @@ mod tests {
                     aliases: BTreeMap::new(),
                     version: 0,
                     env: Default::default(),
+                    container: None,
                 },
             );
         }

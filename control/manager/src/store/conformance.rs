@@ -73,6 +73,7 @@ pub fn sample_state(tasks: usize) -> ClusterState {
                 aliases: BTreeMap::new(),
                 version: 0,
                 env: Default::default(),
+                container: None,
             },
         );
     }
