@@ -94,8 +94,8 @@ pub struct Conf {
     pub socket: Option<PathBuf>,
     pub runtime_config: Value,
     pub prev_result: Option<Value>,
-    /// CNI GC's `cni.dev/valid-attachments`: (container id, interface).
-    pub valid: Vec<(String, String)>,
+    /// CNI GC's `cni.dev/valid-attachments`: (container id, interface); None: not given.
+    pub valid: Option<Vec<(String, String)>>,
 }
 
 /// Reads the conf from stdin's bytes.
@@ -123,11 +123,16 @@ pub fn parse_conf(raw: &[u8]) -> Result<Conf, CniError> {
     if network.is_empty() {
         return Err(CniError::new(code::INVALID_CONFIG, "network is empty: name the swarmnet network to attach to"));
     }
-    let valid = o
-        .get("cni.dev/valid-attachments")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| Some((x.get("containerID")?.as_str()?.to_string(), x.get("ifname")?.as_str()?.to_string()))).collect())
-        .unwrap_or_default();
+    let valid = match o.get("cni.dev/valid-attachments") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| Some((x.get("containerID")?.as_str()?.to_string(), x.get("ifname")?.as_str()?.to_string())))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| CniError::new(code::DECODE, "cni.dev/valid-attachments: every entry needs containerID and ifname (strings)"))?,
+        ),
+        Some(other) => return Err(CniError::new(code::DECODE, format!("cni.dev/valid-attachments: expected an array, got {other}"))),
+    };
     Ok(Conf {
         cni_version,
         name,
@@ -143,11 +148,9 @@ pub fn parse_conf(raw: &[u8]) -> Result<Conf, CniError> {
 /// CNI_ARGS, `name` in runtimeConfig), else its id (its first 12 characters, Docker's short
 /// id, if the whole id is no DNS label).
 pub fn container_name(env: &Env, conf: &Conf) -> String {
-    if let Some(n) = env.args.get("K8S_POD_NAME").filter(|n| !n.is_empty()) {
-        return n.clone();
-    }
-    if let Some(n) = conf.runtime_config.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()) {
-        return n.to_string();
+    let given = env.args.get("K8S_POD_NAME").map(String::as_str).or_else(|| conf.runtime_config.get("name").and_then(Value::as_str));
+    if let Some(n) = given.and_then(dns_label) {
+        return n;
     }
     let id = &env.container_id;
     if id.len() <= 63 {
@@ -155,6 +158,14 @@ pub fn container_name(env: &Env, conf: &Conf) -> String {
     } else {
         id.chars().take(12).collect()
     }
+}
+
+/// `name` as a name the cluster's DNS takes (1-63 letters, digits, '_', '.', '-', starting
+/// with a letter or digit): other characters become '-', the rest is cut at 63.
+fn dns_label(name: &str) -> Option<String> {
+    let cleaned: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') { c } else { '-' }).take(63).collect();
+    let trimmed = cleaned.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    (!trimmed.is_empty()).then(|| trimmed.to_string())
 }
 
 fn version_is_0x(v: &str) -> bool {
@@ -205,12 +216,12 @@ pub fn result(version: &str, a: &CniAttached, netns: &str, prev: Option<&Value>)
 /// The CNI code for a refusal of the daemon (or the manager behind it).
 pub fn code_for(kind: ErrorKind, command: &str) -> u32 {
     match kind {
-        ErrorKind::Unavailable | ErrorKind::NotLeader => code::TRY_AGAIN_LATER,
+        ErrorKind::Unavailable | ErrorKind::NotLeader | ErrorKind::Timeout => code::TRY_AGAIN_LATER,
         ErrorKind::NotFound if command == "CHECK" => code::UNKNOWN_CONTAINER,
         ErrorKind::NotFound | ErrorKind::Invalid => code::INVALID_CONFIG,
         ErrorKind::Conflict if command == "CHECK" => code::DRIFT,
         ErrorKind::Conflict => code::ATTACH_FAILED,
-        ErrorKind::NotManager | ErrorKind::Refused | ErrorKind::Internal | ErrorKind::Timeout => code::INTERNAL,
+        ErrorKind::NotManager | ErrorKind::Refused | ErrorKind::Internal => code::INTERNAL,
     }
 }
 
@@ -255,7 +266,14 @@ fn run(env: &Env, raw: &[u8]) -> Result<Option<Value>, CniError> {
     let conf = parse_conf(raw)?;
     let socket = conf.socket.clone().unwrap_or_else(|| crate::daemon::control_socket(Path::new(crate::DEFAULT_DATA_DIR)));
     let need = |what: &str, v: &str| if v.is_empty() { Err(CniError::new(code::INVALID_ENV, format!("{what} is not set"))) } else { Ok(()) };
-    let req = |env: &Env| CniRequest { network: conf.network.clone(), container_id: env.container_id.clone(), netns: env.netns.clone(), ifname: env.ifname.clone(), name: container_name(env, &conf) };
+    let req = |env: &Env| CniRequest {
+        network: conf.network.clone(),
+        conf_name: conf.name.clone(),
+        container_id: env.container_id.clone(),
+        netns: env.netns.clone(),
+        ifname: env.ifname.clone(),
+        name: container_name(env, &conf),
+    };
     match env.command.as_str() {
         "ADD" => {
             need("CNI_CONTAINERID", &env.container_id)?;
@@ -289,7 +307,9 @@ fn run(env: &Env, raw: &[u8]) -> Result<Option<Value>, CniError> {
             Ok(None)
         }
         "GC" => {
-            let _: CniRemoved = ask(&socket, ApiRequest::CniGc { spec: CniGc { network: conf.network.clone(), valid: conf.valid.clone() } }, "GC")?;
+            // Without the list, every attachment would look stale: refused, not guessed.
+            let valid = conf.valid.clone().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "GC needs cni.dev/valid-attachments"))?;
+            let _: CniRemoved = ask(&socket, ApiRequest::CniGc { spec: CniGc { conf_name: conf.name.clone(), valid } }, "GC")?;
             Ok(None)
         }
         "STATUS" => match std::os::unix::net::UnixStream::connect(&socket) {
@@ -402,7 +422,9 @@ mod tests {
         assert_eq!(parse_conf(br#"{"name":"a"}"#).map_err(|e| e.code), Err(code::INVALID_CONFIG));
         assert_eq!(parse_conf(br#"{"cniVersion":"1.0.0","name":"a","network":7}"#).map_err(|e| e.code), Err(code::INVALID_CONFIG));
         let gc = parse_conf(br#"{"cniVersion":"1.1.0","name":"a","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]}"#).expect("gc");
-        assert_eq!(gc.valid, vec![("c1".to_string(), "eth0".to_string())]);
+        assert_eq!(gc.valid, Some(vec![("c1".to_string(), "eth0".to_string())]));
+        assert_eq!(parse_conf(br#"{"cniVersion":"1.1.0","name":"a","cni.dev/valid-attachments":[{"containerID":"c1"}]}"#).map_err(|e| e.code), Err(code::DECODE));
+        assert_eq!(parse_conf(br#"{"cniVersion":"1.1.0","name":"a","cni.dev/valid-attachments":{}}"#).map_err(|e| e.code), Err(code::DECODE));
     }
 
     #[test]
@@ -414,6 +436,8 @@ mod tests {
             _ => None,
         });
         assert_eq!(container_name(&env, &conf), "pod-a");
+        env.args.insert("K8S_POD_NAME".into(), format!("-web/{}", "x".repeat(80)));
+        assert_eq!(container_name(&env, &conf), format!("web-{}", "x".repeat(58)), "made a DNS label");
         env.args.clear();
         assert_eq!(container_name(&env, &conf), "from-rc");
         let bare = parse_conf(br#"{"cniVersion":"1.0.0","name":"a"}"#).expect("conf");

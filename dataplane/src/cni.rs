@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::netlink::{fmt_mac, Netlink};
+use crate::netlink::{fmt_mac, Netlink, VethEnd};
 use crate::netns::{raw, NsError, NsWorker};
 
 /// The node's address on every container's link to it (link-local, never on the wire).
@@ -40,6 +40,15 @@ pub fn ns_id(path: &Path) -> std::io::Result<NsId> {
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     if st.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a network namespace", path.display())));
+    }
+    // A namespace, but a network one (not a mount or PID namespace's file)?
+    let f = File::open(path)?;
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: NS_GET_NSTYPE takes no argument and only returns the namespace's type; the
+    // descriptor is open (owned by `f`) for the whole call.
+    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is a namespace, but not a network namespace", path.display())));
     }
     Ok(NsId { dev: m.dev(), ino: m.ino() })
 }
@@ -65,69 +74,80 @@ pub struct ContainerNet {
     pub host_link: String,
 }
 
-/// What [`attach`] made: the namespace (a handle on it) and the links' MACs.
+/// The link group of every link swarmnet makes in a container's namespace: DEL deletes
+/// them (and so their node ends) in one request, with one RCU grace period.
+pub const LINK_GROUP: u32 = 0x534e;
+
+/// What [`attach`] made: the namespace (a handle on it: held while it is attached, so its
+/// inode is never another namespace's meanwhile), its cookie and the links' MACs.
 #[derive(Debug)]
 pub struct Attached {
     pub netns: File,
     pub ns: NsId,
+    pub cookie: u64,
     pub host_link_mac: String,
     pub container_link_mac: String,
+    /// Whether its default route is ours (a namespace that had one keeps it).
+    pub default_route: bool,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> NsError {
     move |e| NsError::Io(std::io::Error::new(e.kind(), format!("{what}: {e}")))
 }
 
-/// Puts the container of namespace `c.netns` on a network: its veth, its link to the node
-/// (made once per namespace), their addresses and routes. `ifname` must not exist in the
-/// namespace yet. On failure, removes what it made.
-pub async fn attach(ns: &NsWorker, c: ContainerNet) -> Result<Attached, NsError> {
+/// Puts the container of namespace `c.netns` on a network whose sandbox is `sandbox`: its
+/// veth (node end born in the sandbox, to be put on its bridge), its link to the node,
+/// their addresses and routes; every link born where it belongs (no moves between
+/// namespaces). Refused if the namespace has `ifname` or a link to its node already (one
+/// swarmnet network per namespace). On failure, removes what it made.
+pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Attached, NsError> {
     ns.run(move |ctx| -> Result<Attached, NsError> {
         let netns = File::open(&c.netns).map_err(io(format!("open the container's namespace {}", c.netns.display())))?;
         let id = ns_id(&c.netns).map_err(io(format!("container namespace {}", c.netns.display())))?;
+        let cookie = ctx.netns_cookie(&netns)?;
         let tnl = ctx.netlink_in(&netns)?;
-        let fd = raw(&netns);
-        let peer = format!("snp{}", &c.host_if[3..]);
-        let link_peer = format!("snk{}", &c.host_link[3..]);
+        let (cfd, sfd) = (raw(&netns), raw(&sandbox));
         let made = ctx.block_on(async {
-            if tnl.link(&c.ifname).await?.is_some() {
-                return Err(crate::netlink::Error::Exists(format!("interface {} in namespace {}", c.ifname, c.netns.display())));
+            for name in [c.ifname.as_str(), CONTAINER_LINK] {
+                if tnl.link(name).await?.is_some() {
+                    return Err(crate::netlink::Error::Exists(format!("interface {name} in namespace {} (one swarmnet network per container namespace)", c.netns.display())));
+                }
             }
             tnl.configure_link("lo", None, None, None).await?;
             let home = ctx.home();
-            home.delete_link(&c.host_if).await?;
-            home.delete_link(&peer).await?;
-            home.create_veth(&c.host_if, &peer).await?;
-            home.move_to_netns(&peer, fd).await?;
-            home.configure_link(&c.host_if, None, None, Some(c.mtu)).await?;
-            tnl.configure_link(&peer, Some(&c.ifname), Some(c.mac), Some(c.mtu)).await?;
+            // A node end an earlier daemon left behind (it crashed between the two).
+            home.delete_link(&c.host_link).await?;
+            let group = Some(LINK_GROUP);
+            home.create_veth_pair(
+                &VethEnd { name: &c.host_if, netns: Some(sfd), mtu: Some(c.mtu), ..Default::default() },
+                &VethEnd { name: &c.ifname, netns: Some(cfd), mtu: Some(c.mtu), mac: Some(c.mac), group },
+            )
+            .await?;
+            tnl.configure_link(&c.ifname, None, None, None).await?;
             tnl.add_address(&c.ifname, c.address.into(), c.prefix).await?;
-            // The namespace's link to its node, once.
-            if tnl.link(CONTAINER_LINK).await?.is_none() || home.link(&c.host_link).await?.is_none() {
-                tnl.delete_link(CONTAINER_LINK).await?;
-                home.delete_link(&c.host_link).await?;
-                home.delete_link(&link_peer).await?;
-                home.create_veth(&c.host_link, &link_peer).await?;
-                home.move_to_netns(&link_peer, fd).await?;
-                tnl.configure_link(&link_peer, Some(CONTAINER_LINK), None, None).await?;
-                home.configure_link(&c.host_link, None, None, None).await?;
-                home.add_address(&c.host_link, NODE_GATEWAY.into(), 32).await?;
-                tnl.add_route_v4(CONTAINER_LINK, NODE_GATEWAY, 32, None).await?;
+            home.create_veth_pair(&VethEnd { name: &c.host_link, ..Default::default() }, &VethEnd { name: CONTAINER_LINK, netns: Some(cfd), group, ..Default::default() }).await?;
+            tnl.configure_link(CONTAINER_LINK, None, None, None).await?;
+            home.add_address(&c.host_link, NODE_GATEWAY.into(), 32).await?;
+            tnl.add_route_v4(CONTAINER_LINK, NODE_GATEWAY, 32, None).await?;
+            let default_route = !tnl.routes_v4().await?.iter().any(|r| r.prefix == 0);
+            if default_route {
                 tnl.add_route_v4(CONTAINER_LINK, Ipv4Addr::UNSPECIFIED, 0, Some(NODE_GATEWAY)).await?;
             }
             home.add_route_v4(&c.host_link, c.address, 32, None).await?;
             let hl = home.link(&c.host_link).await?.map(|l| fmt_mac(&l.mac)).unwrap_or_default();
             let cl = tnl.link(CONTAINER_LINK).await?.map(|l| fmt_mac(&l.mac)).unwrap_or_default();
-            Ok((hl, cl))
+            Ok((hl, cl, default_route))
         });
         match made {
-            Ok((host_link_mac, container_link_mac)) => Ok(Attached { netns, ns: id, host_link_mac, container_link_mac }),
+            Ok((host_link_mac, container_link_mac, default_route)) => Ok(Attached { netns, ns: id, cookie, host_link_mac, container_link_mac, default_route }),
             Err(e) => {
-                ctx.block_on(async {
-                    let _ = ctx.home().delete_link(&c.host_if).await;
-                    let _ = ctx.home().delete_link(&peer).await;
-                    let _ = ctx.home().del_route_v4(c.address, 32).await;
-                });
+                // Unless it was refused for what is there already: only ours carry the group.
+                if !matches!(e, crate::netlink::Error::Exists(_)) {
+                    ctx.block_on(async {
+                        let _ = tnl.delete_group(LINK_GROUP).await;
+                        let _ = ctx.home().delete_link(&c.host_link).await;
+                    });
+                }
                 Err(e.into())
             }
         }
@@ -135,21 +155,21 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet) -> Result<Attached, NsError>
     .await?
 }
 
-/// Takes a container interface off its network (its veth's node end must be back in the
-/// node's namespace or gone): the node's route to `address`, the veth, and with `last` the
-/// namespace's link to its node. Gone already is fine.
-pub async fn detach(ns: &NsWorker, host_if: String, address: Ipv4Addr, host_link: String, last: bool) -> Result<(), NsError> {
+/// Takes a container interface off its network: with its namespace (`netns`, a handle
+/// held since ADD), every link of ours in it at once (their node ends and the node's route
+/// go with them); without, from the node's side: the link to the node, and the veth's end
+/// in the network's sandbox. Gone already is fine.
+pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_if: String, sandbox: Option<File>) -> Result<(), NsError> {
     ns.run(move |ctx| -> Result<(), NsError> {
-        ctx.block_on(async {
-            let home = ctx.home();
-            if last {
-                home.delete_link(&host_link).await?;
-            } else {
-                home.del_route_v4(address, 32).await?;
-            }
-            home.delete_link(&host_if).await?;
-            Ok::<(), crate::netlink::Error>(())
-        })?;
+        if let Some(netns) = netns {
+            let tnl = ctx.netlink_in(&netns)?;
+            ctx.block_on(tnl.delete_group(LINK_GROUP))?;
+        }
+        ctx.block_on(ctx.home().delete_link(&host_link))?;
+        if let Some(sb) = sandbox {
+            let snl = ctx.netlink_in(&sb)?;
+            ctx.block_on(snl.delete_link(&host_if))?;
+        }
         Ok(())
     })
     .await?
@@ -157,7 +177,7 @@ pub async fn detach(ns: &NsWorker, host_if: String, address: Ipv4Addr, host_link
 
 /// Everything that differs from what [`attach`] made of `e` in namespace `id` (empty:
 /// nothing drifted).
-pub async fn check(ns: &NsWorker, e: ContainerNet, id: NsId) -> Result<Vec<String>, NsError> {
+pub async fn check(ns: &NsWorker, e: ContainerNet, id: NsId, default_route: bool) -> Result<Vec<String>, NsError> {
     ns.run(move |ctx| -> Result<Vec<String>, NsError> {
         let mut drift = Vec::new();
         match ns_id(&e.netns) {
@@ -168,7 +188,7 @@ pub async fn check(ns: &NsWorker, e: ContainerNet, id: NsId) -> Result<Vec<Strin
         let netns = File::open(&e.netns).map_err(io(format!("open {}", e.netns.display())))?;
         let tnl = ctx.netlink_in(&netns)?;
         ctx.block_on(async {
-            inside(&tnl, &e, &mut drift).await?;
+            inside(&tnl, &e, default_route, &mut drift).await?;
             match ctx.home().link(&e.host_link).await? {
                 None => drift.push(format!("the node's end of the container's link, {}, is gone", e.host_link)),
                 Some(l) => {
@@ -185,7 +205,7 @@ pub async fn check(ns: &NsWorker, e: ContainerNet, id: NsId) -> Result<Vec<Strin
     .await?
 }
 
-async fn inside(tnl: &Netlink, e: &ContainerNet, drift: &mut Vec<String>) -> Result<(), crate::netlink::Error> {
+async fn inside(tnl: &Netlink, e: &ContainerNet, default_route: bool, drift: &mut Vec<String>) -> Result<(), crate::netlink::Error> {
     let Some(l) = tnl.link(&e.ifname).await? else {
         drift.push(format!("interface {} is gone from the container", e.ifname));
         return Ok(());
@@ -208,7 +228,7 @@ async fn inside(tnl: &Netlink, e: &ContainerNet, drift: &mut Vec<String>) -> Res
     match tnl.link(CONTAINER_LINK).await? {
         None => drift.push(format!("the container's link to its node, {CONTAINER_LINK}, is gone")),
         Some(cl) => {
-            if !routes.iter().any(|r| r.prefix == 0 && r.gateway == Some(NODE_GATEWAY) && r.oif == cl.index) {
+            if default_route && !routes.iter().any(|r| r.prefix == 0 && r.gateway == Some(NODE_GATEWAY) && r.oif == cl.index) {
                 drift.push(format!("no default route via {NODE_GATEWAY} on {CONTAINER_LINK}"));
             }
         }

@@ -81,6 +81,33 @@ pub fn lab_bpffs() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The load balancer's programs on the root of cgroup2 (ADR 0024): how many the kernel
+/// lists there (bpftool), and how many pinned links of lab nodes (in the lab's bpffs) are
+/// attached there. Equal: nothing is attached twice or left attached unpinned.
+pub fn lb_programs_on_root() -> Result<(usize, usize, PathBuf)> {
+    use swarmnet_dataplane::bpf_link::{cgroup_id, pinned_target, LinkTarget};
+    let cg2 = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2")).then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 mount")?;
+    let out = Command::new("bpftool").args(["cgroup", "show"]).arg(&cg2).output().context("bpftool (bash .ci/setup installs it)")?;
+    let listed = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("sn_")).count();
+    let root = cgroup_id(&cg2)?;
+    let mut pinned = 0;
+    for node in std::fs::read_dir(lab_bpffs()?.join("swarmnet")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(node.path().join("lb-v1")).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("link_")) && matches!(pinned_target(&p), Ok(LinkTarget::Cgroup(id)) if id == root) {
+                pinned += 1;
+            }
+        }
+    }
+    Ok((listed, pinned, cg2))
+}
+
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
     Ok(out)

@@ -292,7 +292,8 @@ fn bad_input_faults_restarts_and_a_hundred_adds_at_once() -> Result<()> {
     assert!(err.contains("not attachable"), "{err}");
     let conf = rt.conflist(&lab, 0, "appnet")?;
     let (code, err) = rt.code(&lab, "add", &At(0, &conf, "/run/netns/snx-cnif-nosuchns", "c1"))?;
-    assert!(code == 4 || err.contains("snx-cnif-nosuchns"), "a missing namespace: {err}");
+    assert_eq!(code, 4, "a missing namespace: {err}");
+    assert!(err.contains("CNI_NETNS /run/netns/snx-cnif-nosuchns"), "{err}");
     assert!(in_ns(&ns, &["ip", "-o", "link"])?.lines().count() == 1, "nothing was made");
 
     // The plugin run by hand: no stdin, bad stdin, no CNI_NETNS.
@@ -328,6 +329,19 @@ fn bad_input_faults_restarts_and_a_hundred_adds_at_once() -> Result<()> {
     let again = rt.run(&lab, "add", &At(0, &conf, &path, "c1"), None)?;
     let again: Value = serde_json::from_slice(&again.stdout).with_context(|| String::from_utf8_lossy(&again.stderr).into_owned())?;
     assert_eq!(first["ips"], again["ips"], "a repeated ADD answers what the first did");
+    // One swarmnet network per namespace: another interface of it, or another container id
+    // for the same namespace, is refused (code 100) and leaves c1 as it was.
+    lab.cli_ok(0, &["network", "create", "--attachable", "appnet2"])?;
+    let conf_b = rt.conflist(&lab, 0, "appnet2")?;
+    let (code, err) = rt.code(&lab, "add", &At(0, &conf_b, &path, "c1"))?;
+    assert_eq!(code, 100, "{err}");
+    assert!(err.contains("attached to network appnet already"), "{err}");
+    let (code, err) = rt.code(&lab, "add", &At(0, &conf_b, &path, "c1-other"))?;
+    assert_eq!(code, 100, "{err}");
+    assert!(err.contains("one swarmnet network per container namespace"), "{err}");
+    rt.ok(&lab, "check", &At(0, &conf, &path, "c1"), None)?;
+    let net2: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet2"])?)?;
+    assert_eq!(net2["endpoints"].as_array().map(Vec::len), Some(0), "the refused ADDs gave their addresses back: {net2}");
 
     // The agent down: ADD is "try again later", DEL too, and succeeds once it is back.
     let (ns2, path2) = container_ns(&lab, "c2")?;
@@ -362,6 +376,29 @@ fn bad_input_faults_restarts_and_a_hundred_adds_at_once() -> Result<()> {
         (!net["endpoints"].as_array()?.iter().any(|e| e["name"] == "c2")).then_some(())
     })?;
     assert!(lab.log(1).contains("namespace is gone without a DEL"), "the node noticed");
+
+    // CNI 1.1's GC and STATUS, by hand (Debian's libcni knows neither): c1 is valid, then
+    // it is not.
+    let gc = |valid: Value| -> Result<std::process::Output> {
+        let conf =
+            json!({ "cniVersion": "1.1.0", "name": "appnet", "type": "swarmnet", "network": "appnet", "socket": lab.nodes[0].data_dir.join("control.sock"), "cni.dev/valid-attachments": valid });
+        let mut child =
+            Command::new("ip").args(["netns", "exec", &lab.nodes[0].ns]).arg(&plugin).env("CNI_COMMAND", "GC").env("CNI_PATH", "/nonexistent").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        child.stdin.take().context("stdin")?.write_all(conf.to_string().as_bytes())?;
+        Ok(child.wait_with_output()?)
+    };
+    assert!(gc(json!([{ "containerID": "c1", "ifname": "eth0" }]))?.status.success());
+    rt.ok(&lab, "check", &At(0, &conf, &path, "c1"), None)?;
+    assert!(gc(json!([]))?.status.success());
+    let (code, err) = rt.code(&lab, "check", &At(0, &conf, &path, "c1"))?;
+    assert_eq!(code, 3, "GC took c1 off: {err}");
+    assert!(!in_ns(&ns, &["ip", "-o", "link"])?.contains("eth0"), "its interface went");
+    let bad = gc(Value::Null)?;
+    let e: Value = serde_json::from_slice(&bad.stdout)?;
+    assert_eq!(e["code"], 7, "GC without its list is refused: {e}");
+    let mut status = Command::new("ip").args(["netns", "exec", &lab.nodes[0].ns]).arg(&plugin).env("CNI_COMMAND", "STATUS").stdin(Stdio::piped()).spawn()?;
+    status.stdin.take().context("stdin")?.write_all(&single)?;
+    assert!(status.wait()?.success(), "STATUS: the daemon answers");
 
     // 100 ADDs at once on one node, then 100 DELs.
     let mut made = Vec::new();

@@ -65,6 +65,14 @@ fn programs_on(cgroup: &Path) -> Result<usize> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("sn_")).count())
 }
 
+/// The programs on cgroup2's root are exactly the lab nodes' pinned links there.
+fn assert_root_programs(when: &str) -> Result<()> {
+    let (listed, pinned, root) = swarmnet_lab::lb_programs_on_root()?;
+    assert!(pinned >= 12, "{when}: three nodes' four links each are pinned on {}: {pinned}", root.display());
+    assert_eq!(listed, pinned, "{when}: the programs on {} are the pinned links", root.display());
+    Ok(())
+}
+
 /// How many of node `i`'s pinned load-balancer links are attached to `cgroup`.
 fn links_on(lab: &Lab, i: usize, cgroup: &Path) -> Result<usize> {
     use swarmnet_dataplane::bpf_link::{cgroup_id, pinned_target, LinkTarget};
@@ -153,7 +161,7 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     // The programs are on the root of cgroup2 (every process of a task's namespace, whatever
     // its cgroup; issue 22), four per node.
     let root = cgroup.parent().and_then(Path::parent).context("cgroup2's root")?.to_path_buf();
-    assert_eq!(programs_on(&root)?, 12);
+    assert_root_programs("at the start")?;
     assert_eq!(links_on(&lab, 1, &root)?, 4, "node 2's pinned links are attached to the root");
 
     // 1. A new hostname.
@@ -163,7 +171,7 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     wait_for("node ls shows the new hostname", T, || lab.cli_json(0, &["node", "ls"]).ok()?.as_array()?.iter().any(|n| n["id"] == id.as_str() && n["hostname"] == "snx-ident-renamed").then_some(()))?;
     scale_and_wait(&lab, 1, &vip, 4)?;
     assert_all_reach("after a hostname change and a scale-down", &client.round()?, &["web.1", "web.2", "web.3", "web.4"]);
-    assert_eq!(programs_on(&root)?, 12, "the same four programs per node on the root: nothing attached twice");
+    assert_root_programs("after a hostname change: nothing attached twice")?;
     assert_eq!(links_on(&lab, 1, &root)?, 4);
     assert!(lab.log(1).contains("programs_adopted=4"), "the restarted daemon adopted the programs");
 
@@ -180,7 +188,7 @@ fn a_nodes_kernel_state_follows_its_id_across_hostnames_layouts_and_interfaces()
     let old_cgroup = cgroup.with_file_name("snx-ident-renamed");
     assert!(!old_cgroup.exists(), "the old cgroup is gone");
     assert!(!swarmnet_lab::lab_bpffs()?.join("swarmnet").join("snx-ident-renamed").exists(), "the old pins are gone");
-    assert_eq!(programs_on(&root)?, 12, "the root holds the programs, four per node");
+    assert_root_programs("after the old layout was taken over")?;
     assert_eq!(links_on(&lab, 1, &root)?, 4, "node 2's links moved to the root");
 
     // 3. The underlay interface replaced while the daemon is away: the pinned entry link is

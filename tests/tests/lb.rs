@@ -265,13 +265,11 @@ fn agent_kill_and_restart(lb: &str) -> Result<()> {
             l.contains("programs_adopted=4").then_some(l)
         })?;
         assert_eq!(log.matches("programs_adopted=0").count(), 1, "the programs were attached once, by the first agent only");
-        // And the kernel says so: four programs per node on the root of cgroup2 (ADR 0024),
-        // twelve for the lab's three nodes, not sixteen.
-        let cg = swarmnet_dataplane::lb::host::node_cgroup(&lab.node_id(1)?).context("node 2's cgroup")?;
-        let root = cg.parent().and_then(std::path::Path::parent).context("cgroup2's root")?;
-        let out = std::process::Command::new("bpftool").args(["cgroup", "show"]).arg(root).output().context("bpftool (bash .ci/setup installs it)")?;
-        let shown = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(shown.lines().filter(|l| l.contains("sn_")).count(), 12, "programs attached to {}:\n{shown}", root.display());
+        // And the kernel says so: the programs on the root of cgroup2 (ADR 0024) are the
+        // lab's pinned links, four per node, not one more.
+        let (listed, pinned, root) = swarmnet_lab::lb_programs_on_root()?;
+        assert!(pinned >= 12, "three nodes' four links each are pinned on {}: {pinned}", root.display());
+        assert_eq!(listed, pinned, "the programs on {} are the pinned links", root.display());
     }
     let (ok_at_restart, _) = read(&counter).context("counter")?;
     wait_for("more connections after the restart", T, || read(&counter).filter(|(ok, _)| *ok > ok_at_restart + 100))?;

@@ -8,6 +8,7 @@
 //! - 100 ADDs in parallel on one node: the wall time and each call's p50/p99;
 //! - single-stream TCP (iperf3), container → task across nodes vs task → task.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -165,16 +166,19 @@ pub fn bench_cni(runs: usize) -> Result<()> {
         let p = netns(&ns)?;
         let mut l = listener(&ns)?;
         wait_for("the listener", Duration::from_secs(10), || in_ns(&ns, &["ss", "-Htln", "sport = :7000"]).ok().filter(|o| !o.trim().is_empty()))?;
-        let t = Instant::now();
+        // The probe is started first (python's start is no part of the figure): it reads the
+        // address once ADD has given it, then connects until the container answers, and
+        // prints the wall clock of its success.
+        let code = "import socket,sys,time\nip=sys.stdin.readline().strip()\nwhile True:\n try:\n  socket.create_connection((ip,7000),timeout=0.02).close(); break\n except OSError: time.sleep(0.0005)\nprint(time.time())\n";
+        let mut probe = Command::new("ip").args(["netns", "exec", &probe_ns, "timeout", "10", "python3", "-c", code]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
         let (_, out) = cni.timed(&n1, "add", &c1, &p, &format!("r{k}"))?;
         let ip = address(&out)?;
-        // Connect from node 2's container until it answers (each try: a 20 ms timeout).
-        let code = format!("import socket,time\nwhile True:\n try:\n  socket.create_connection(('{ip}',7000),timeout=0.02).close(); break\n except OSError: time.sleep(0.001)\n");
-        let o = Command::new("ip").args(["netns", "exec", &probe_ns, "timeout", "10", "python3", "-c", &code]).output()?;
-        if !o.status.success() {
-            bail!("container r{k} ({ip}) was not reachable from node 2 within 10 s");
-        }
-        reach.push(t.elapsed());
+        probe.stdin.take().context("the probe's stdin")?.write_all(format!("{ip}\n").as_bytes())?;
+        let o = probe.wait_with_output()?;
+        let done: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().with_context(|| format!("container r{k} ({ip}) was not reachable from node 2 within 10 s"))?;
+        reach.push(Duration::from_secs_f64((done - start).max(0.0)));
         cni.timed(&n1, "del", &c1, &p, &format!("r{k}"))?;
         let _ = l.kill();
         let _ = l.wait();

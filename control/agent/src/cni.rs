@@ -36,13 +36,30 @@ pub struct Record {
     pub ifname: String,
     /// The network as the conf named it (what a DEL names it by).
     pub network_arg: String,
+    /// The conf's name (what GC names it by).
+    #[serde(default)]
+    pub conf_name: String,
     pub attachment: Attachment,
     pub netns: PathBuf,
     pub ns: NsId,
+    /// The namespace's cookie: a namespace made later at the same path, whose inode number
+    /// may be the old one's again, is another one.
+    #[serde(default)]
+    pub cookie: u64,
     pub host_if: String,
     pub host_link: String,
     pub host_link_mac: String,
     pub container_link_mac: String,
+    /// Its default route is ours.
+    #[serde(default = "yes")]
+    pub default_route: bool,
+    /// Its links were made (false: recorded before they were: a crash left it half made).
+    #[serde(default = "yes")]
+    pub complete: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Record {
@@ -72,6 +89,15 @@ impl Record {
             host_link: self.host_link.clone(),
         }
     }
+
+    fn detach_spec(&self) -> ContainerDetach {
+        ContainerDetach { network: self.network_arg.clone(), container_id: self.container_id.clone(), ifname: self.ifname.clone(), task_id: Some(self.task_id.clone()) }
+    }
+
+    /// Whether a request naming network `n` means this record's network.
+    fn on(&self, n: &str) -> bool {
+        self.network_arg == n || self.attachment.network.name == n || self.attachment.network.id == n
+    }
 }
 
 /// What survives a restart.
@@ -88,13 +114,19 @@ fn key(container_id: &str, ifname: &str) -> String {
     format!("{container_id}/{ifname}")
 }
 
+/// What an attached container has while this daemon runs: its resolver, and a handle on its
+/// namespace (so DEL finds its links even after the runtime removed the namespace's path).
+struct Live {
+    _resolver: swarmnet_dns::server::Listener,
+    netns: std::fs::File,
+}
+
 /// The node's attached containers.
 pub struct Containers {
     rt: Arc<Runtime>,
     file: StateFile,
     saved: Mutex<Saved>,
-    /// Each attached interface's resolver (served while it is held).
-    resolvers: Mutex<HashMap<String, swarmnet_dns::server::Listener>>,
+    live: Mutex<HashMap<String, Live>>,
     /// One operation at a time per container interface.
     busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Requests to the manager under way: a burst of ADDs (a node starting 100 containers)
@@ -125,28 +157,43 @@ impl Containers {
             rt,
             file: StateFile::new(path, 0o600),
             saved: Mutex::new(saved),
-            resolvers: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             calls: tokio::sync::Semaphore::new(MANAGER_CALLS),
         })
     }
 
     fn guard(&self, k: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.busy).entry(k.to_string()).or_default().clone()
+        let mut busy = lock(&self.busy);
+        // Those nobody holds any more go (only the map has them).
+        busy.retain(|_, g| Arc::strong_count(g) > 1);
+        busy.entry(k.to_string()).or_default().clone()
     }
 
-    async fn save(&self, f: impl FnOnce(&mut Saved)) {
+    /// Changes the record and writes it; an error: it is not on disk.
+    async fn save(&self, f: impl FnOnce(&mut Saved)) -> anyhow::Result<()> {
         let pending = {
             let mut g = lock(&self.saved);
             f(&mut g);
             self.file.prepare(&*g)
         };
-        if let Err(e) = match pending {
+        match pending {
             Ok(p) => p.write().await,
             Err(e) => Err(e),
-        } {
-            error!(error = %e, "could not save the record of attached containers");
         }
+        .map_err(|e| anyhow::anyhow!("save the record of attached containers ({}): {e}", self.file.path().display()))
+    }
+
+    /// [`Containers::save`], an error only logged (the change is made in memory, and the
+    /// next save writes it).
+    async fn save_or_log(&self, f: impl FnOnce(&mut Saved)) {
+        if let Err(e) = self.save(f).await {
+            error!(error = %format!("{e:#}"), "could not save the record of attached containers");
+        }
+    }
+
+    fn record(&self, k: &str) -> Option<Record> {
+        lock(&self.saved).attached.get(k).cloned()
     }
 
     /// Every attached container interface.
@@ -157,6 +204,10 @@ impl Containers {
     fn attached(&self, r: &Record) -> CniAttached {
         let net = &r.attachment.network;
         let (search, options) = self.rt.dns().search_and_options();
+        let mut routes = vec![CniRoute { dst: net.subnet.to_string(), gw: None }];
+        if r.default_route {
+            routes.push(CniRoute { dst: "0.0.0.0/0".into(), gw: Some(NODE_GATEWAY) });
+        }
         CniAttached {
             task_id: r.task_id.clone(),
             name: r.name.clone(),
@@ -171,52 +222,112 @@ impl Containers {
             host_link_mac: r.host_link_mac.clone(),
             container_link: CONTAINER_LINK.to_string(),
             container_link_mac: r.container_link_mac.clone(),
-            routes: vec![CniRoute { dst: net.subnet.to_string(), gw: None }, CniRoute { dst: "0.0.0.0/0".into(), gw: Some(NODE_GATEWAY) }],
+            routes,
             nameservers: vec![swarmnet_dns::resolvconf::RESOLVER_ADDR.to_string()],
             search,
             options,
         }
     }
 
-    /// Plugs a record's interface into the node's side of its network: hold, sandbox and
-    /// gossip, the bridge, the load balancer, the resolver, the endpoint.
-    async fn connect(&self, r: &Record, netns: &std::fs::File) -> anyhow::Result<()> {
+    /// Plugs a record's interface (its links made) into the node's side of its network:
+    /// hold, sandbox and gossip, the bridge, the load balancer, the resolver, the endpoint.
+    async fn connect(&self, r: &Record, netns: std::fs::File) -> anyhow::Result<()> {
         let net = &r.attachment.network;
         self.rt.membership().hold(net, &r.task_id);
         self.rt.membership().settle(&net.id, true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         self.rt.sandboxes().plug(&net.id, &r.host_if).await?;
         if let Some(lb) = self.rt.lb() {
-            lb.backend.add_task(&r.task_id, netns, &[net.vni]).await.map_err(|e| anyhow::anyhow!("load balancer: add the container's namespace: {e}"))?;
+            lb.backend.add_task(&r.task_id, &netns, &[net.vni]).await.map_err(|e| anyhow::anyhow!("load balancer: add the container's namespace: {e}"))?;
         }
-        let l = self.rt.dns().serve_task(&self.rt.ns, netns, &r.task_id, vec![net.id.clone()]).await?;
-        lock(&self.resolvers).insert(key(&r.container_id, &r.ifname), l);
+        let resolver = self.rt.dns().serve_task(&self.rt.ns, &netns, &r.task_id, vec![net.id.clone()]).await?;
+        lock(&self.live).insert(key(&r.container_id, &r.ifname), Live { _resolver: resolver, netns });
         self.rt.publish(&r.assignment(), EndpointState::Active);
         Ok(())
     }
 
-    /// Takes a record's interface off: the endpoint, the load balancer, the resolver, the
+    /// Takes a record's interface off: the endpoint, the load balancer, the resolver, its
     /// links, the hold. Whatever is gone already is fine.
     async fn disconnect(&self, r: &Record) {
         let net = &r.attachment.network;
         self.rt.withdraw(&r.assignment());
+        let live = lock(&self.live).remove(&key(&r.container_id, &r.ifname));
         if let Some(lb) = self.rt.lb() {
-            if let Err(e) = lb.backend.remove_task(&r.task_id, None, &[net.vni]).await {
-                warn!(container = %r.container_id, network = %net.name, error = %e, "load balancer: could not remove the container's namespace");
+            if let Err(e) = lb.backend.remove_task(&r.task_id, live.as_ref().map(|l| &l.netns), &[net.vni]).await {
+                warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "load balancer: could not remove the container's namespace");
             }
         }
-        lock(&self.resolvers).remove(&key(&r.container_id, &r.ifname));
-        if let Err(e) = self.rt.sandboxes().unplug(&net.id, &r.host_if).await {
-            warn!(container = %r.container_id, network = %net.name, error = %e, "could not unplug the container's interface");
-        }
-        // The namespace's link to its node goes with its last interface.
-        let last = !lock(&self.saved).attached.values().any(|o| o.ns == r.ns && o.task_id != r.task_id);
-        if let Err(e) = dp::detach(&self.rt.ns, r.host_if.clone(), r.attachment.address, r.host_link.clone(), last).await {
-            warn!(container = %r.container_id, network = %net.name, error = %e, "could not remove the container's links");
+        // Without a handle on the namespace (a record adopted without one), from the node's
+        // side: the veth's end is in the network's sandbox.
+        let netns = live.map(|l| l.netns);
+        let sandbox = match netns {
+            Some(_) => None,
+            None => self.rt.sandboxes().netns(&net.id).await,
+        };
+        if let Err(e) = dp::detach(&self.rt.ns, netns, r.host_link.clone(), r.host_if.clone(), sandbox).await {
+            warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not remove the container's links");
         }
         self.rt.membership().release(&net.id, &r.task_id);
         if let Err(e) = self.rt.membership().settle(&net.id, false).await {
             warn!(network = %net.name, error = %e, "could not settle the node's presence on the network");
         }
+    }
+
+    /// Makes a recorded interface's links and plugs it in; on failure, undoes it all (the
+    /// record included) and says why.
+    async fn make(&self, k: &str, mut r: Record) -> Result<Record, ApiError> {
+        let net = r.attachment.network.clone();
+        let what = |e: &dyn std::fmt::Display| format!("container {} interface {} network {} vni {} ({}): {e}", r.container_id, r.ifname, net.name, net.vni, r.attachment.address);
+        let Some(sandbox) = ({
+            self.rt.membership().hold(&net, &r.task_id);
+            match self.rt.membership().settle(&net.id, true).await {
+                Ok(()) => self.rt.sandboxes().netns(&net.id).await,
+                Err(e) => {
+                    warn!(network = %net.name, error = %e, "the node could not join the network");
+                    None
+                }
+            }
+        }) else {
+            self.disconnect(&r).await;
+            self.save_or_log(|s| {
+                s.attached.remove(k);
+            })
+            .await;
+            return Err(err(ErrorKind::Unavailable, what(&"the node could not join the network")));
+        };
+        let made = match dp::attach(&self.rt.ns, r.container_net(self.rt.mtu), sandbox).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.rt.membership().release(&net.id, &r.task_id);
+                let _ = self.rt.membership().settle(&net.id, false).await;
+                self.save_or_log(|s| {
+                    s.attached.remove(k);
+                })
+                .await;
+                return Err(err(ErrorKind::Conflict, what(&e)));
+            }
+        };
+        r.cookie = made.cookie;
+        r.host_link_mac = made.host_link_mac;
+        r.container_link_mac = made.container_link_mac;
+        r.default_route = made.default_route;
+        r.complete = true;
+        let done = r.clone();
+        let saved = self.save(|s| {
+            s.attached.insert(k.to_string(), done);
+        });
+        let connected = async {
+            saved.await?;
+            self.connect(&r, made.netns).await
+        };
+        if let Err(e) = connected.await {
+            self.disconnect(&r).await;
+            self.save_or_log(|s| {
+                s.attached.remove(k);
+            })
+            .await;
+            return Err(err(ErrorKind::Unavailable, what(&format!("{e:#}"))));
+        }
+        Ok(r)
     }
 }
 
@@ -230,74 +341,80 @@ impl Agent {
     /// CNI ADD.
     pub async fn cni_add(&self, req: CniRequest) -> Result<CniAttached, ApiError> {
         let c = &self.containers;
+        let t0 = std::time::Instant::now();
         let Some(netns) = req.netns.clone() else { return Err(err(ErrorKind::Invalid, "CNI_NETNS is not set: ADD needs the container's network namespace")) };
         let netns = PathBuf::from(netns);
         let ns = dp::ns_id(&netns).map_err(|e| err(ErrorKind::Invalid, format!("CNI_NETNS {}: {e}", netns.display())))?;
         let k = key(&req.container_id, &req.ifname);
         let g = c.guard(&k);
         let _held = g.lock().await;
-        if let Some(r) = lock(&c.saved).attached.get(&k).cloned() {
-            if r.ns == ns {
+        if let Some(r) = c.record(&k) {
+            if r.complete && r.ns == ns && r.on(&req.network) {
                 // The same ADD again (a runtime's retry): the same answer.
                 return Ok(c.attached(&r));
             }
-            return Err(err(
-                ErrorKind::Conflict,
-                format!("container {} interface {} is attached to network {} already, in namespace {}: DEL it first", req.container_id, req.ifname, r.attachment.network.name, r.netns.display()),
-            ));
+            if r.complete {
+                return Err(err(
+                    ErrorKind::Conflict,
+                    format!("container {} interface {} is attached to network {} already, in namespace {}: DEL it first", req.container_id, req.ifname, r.attachment.network.name, r.netns.display()),
+                ));
+            }
+            // Half made by a daemon that crashed: undone, then made again.
+            c.disconnect(&r).await;
+            c.save_or_log(|s| {
+                s.attached.remove(&k);
+            })
+            .await;
         }
         let spec = ContainerAttach { network: req.network.clone(), container_id: req.container_id.clone(), ifname: req.ifname.clone(), name: req.name.clone() };
         let given: ContainerAttached =
             self.manager_call(ApiRequest::Attach { spec }).await.map_err(|e| err(ErrorKind::Unavailable, format!("the swarm's manager cannot be reached from this node: {e:#}")))??;
+        let t_manager = t0.elapsed();
         let at = given.attachment;
         let host_if = host_if_name(&given.task_id, 0);
-        let host_link = dp::host_link_name(ns);
-        let spec = ContainerNet {
-            netns: netns.clone(),
-            host_if: host_if.clone(),
-            ifname: req.ifname.clone(),
-            address: at.address,
-            prefix: at.network.subnet.prefix(),
-            mac: mac_for(at.address),
-            mtu: c.rt.mtu,
-            host_link: host_link.clone(),
-        };
-        let made = match dp::attach(&c.rt.ns, spec).await {
-            Ok(m) => m,
-            Err(e) => {
-                self.detach_at_manager(&req.network, &req.container_id, &req.ifname).await;
-                return Err(err(ErrorKind::Conflict, format!("container {} network {} vni {}: {e}", req.container_id, at.network.name, at.network.vni)));
-            }
-        };
         let r = Record {
+            host_link: dp::host_link_name(ns),
             task_id: given.task_id,
             name: given.name,
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
             network_arg: req.network.clone(),
+            conf_name: req.conf_name.clone(),
             attachment: at,
             netns,
-            ns: made.ns,
+            ns,
+            cookie: 0,
             host_if,
-            host_link,
-            host_link_mac: made.host_link_mac,
-            container_link_mac: made.container_link_mac,
+            host_link_mac: String::new(),
+            container_link_mac: String::new(),
+            default_route: true,
+            complete: false,
         };
-        // Recorded before it is plugged: a crash from here on leaves something to clean up.
-        c.save(|s| {
-            s.attached.insert(k.clone(), r.clone());
-        })
-        .await;
-        if let Err(e) = c.connect(&r, &made.netns).await {
-            c.disconnect(&r).await;
-            c.save(|s| {
+        // Recorded before anything is made (a crash from here on leaves it to undo), and a
+        // late detach of this same task (a DEL the manager missed) is no longer wanted.
+        let pending = r.clone();
+        let recorded = c
+            .save(|s| {
+                s.unconfirmed.retain(|u| u.task_id.as_ref() != Some(&pending.task_id));
+                s.attached.insert(k.clone(), pending);
+            })
+            .await;
+        if let Err(e) = recorded {
+            c.save_or_log(|s| {
                 s.attached.remove(&k);
             })
             .await;
-            self.detach_at_manager(&req.network, &req.container_id, &req.ifname).await;
-            return Err(err(ErrorKind::Unavailable, format!("container {} network {} vni {}: {e:#}", req.container_id, r.attachment.network.name, r.attachment.network.vni)));
+            self.detach_at_manager(r.detach_spec()).await;
+            return Err(err(ErrorKind::Internal, format!("container {}: {e:#}", req.container_id)));
         }
-        info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, name = %r.name, task = %r.task_id, "container attached");
+        let r = match c.make(&k, r.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.detach_at_manager(r.detach_spec()).await;
+                return Err(e);
+            }
+        };
+        info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, name = %r.name, task = %r.task_id, manager_ms = t_manager.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, "container attached");
         Ok(c.attached(&r))
     }
 
@@ -305,18 +422,27 @@ impl Agent {
     pub async fn cni_check(&self, req: CniRequest) -> Result<CniAttached, ApiError> {
         let c = &self.containers;
         let k = key(&req.container_id, &req.ifname);
-        let Some(r) = lock(&c.saved).attached.get(&k).cloned() else {
+        let Some(r) = c.record(&k).filter(|r| r.complete) else {
             return Err(err(ErrorKind::NotFound, format!("container {} interface {} is not attached on this node", req.container_id, req.ifname)));
         };
-        let mut drift = dp::check(&c.rt.ns, r.container_net(c.rt.mtu), r.ns).await.map_err(|e| err(ErrorKind::Internal, format!("container {}: read its interfaces: {e}", req.container_id)))?;
-        if !lock(&c.resolvers).contains_key(&k) {
+        let mut drift =
+            dp::check(&c.rt.ns, r.container_net(c.rt.mtu), r.ns, r.default_route).await.map_err(|e| err(ErrorKind::Internal, format!("container {}: read its interfaces: {e}", req.container_id)))?;
+        if let Some(p) = &req.netns {
+            if dp::ns_id(Path::new(p)).ok() != Some(r.ns) {
+                drift.push(format!("CNI_NETNS {p} is not the namespace attached ({})", r.netns.display()));
+            }
+        }
+        if !r.on(&req.network) {
+            drift.push(format!("it is attached to network {}, not {}", r.attachment.network.name, req.network));
+        }
+        if !lock(&c.live).contains_key(&k) {
             drift.push("its resolver on 127.0.0.11 is not served".into());
         }
         if !c.rt.membership().wanted().contains(&r.attachment.network.id) {
             drift.push(format!("the node does not hold network {}", r.attachment.network.name));
         }
         if !drift.is_empty() {
-            return Err(err(ErrorKind::Conflict, format!("container {} network {}: {}", req.container_id, r.attachment.network.name, drift.join("; "))));
+            return Err(err(ErrorKind::Conflict, format!("container {} interface {} network {}: {}", req.container_id, req.ifname, r.attachment.network.name, drift.join("; "))));
         }
         Ok(c.attached(&r))
     }
@@ -325,69 +451,64 @@ impl Agent {
     /// one whose namespace is gone.
     pub async fn cni_del(&self, req: CniRequest) -> Result<CniRemoved, ApiError> {
         let k = key(&req.container_id, &req.ifname);
-        let removed = self.remove_container(&k, Some(&req.network)).await;
+        let removed = self.remove_container(&k, None, Some(&req.network)).await;
         Ok(CniRemoved { removed: removed.into_iter().collect() })
     }
 
-    /// CNI GC: what is attached to `spec.network` here and not in `spec.valid` goes.
+    /// CNI GC: what was attached through conf `spec.conf_name` here and is not in
+    /// `spec.valid` goes.
     pub async fn cni_gc(&self, spec: CniGc) -> Result<CniRemoved, ApiError> {
-        let stale: Vec<String> = self
-            .containers
-            .records()
-            .into_iter()
-            .filter(|r| {
-                (r.network_arg == spec.network || r.attachment.network.name == spec.network || r.attachment.network.id == spec.network)
-                    && !spec.valid.iter().any(|(c, i)| *c == r.container_id && *i == r.ifname)
-            })
-            .map(|r| key(&r.container_id, &r.ifname))
-            .collect();
+        let stale: Vec<Record> = self.containers.records().into_iter().filter(|r| r.conf_name == spec.conf_name && !spec.valid.iter().any(|(c, i)| *c == r.container_id && *i == r.ifname)).collect();
         let mut removed = Vec::new();
-        for k in stale {
-            removed.extend(self.remove_container(&k, None).await);
+        for r in stale {
+            removed.extend(self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None).await);
         }
         Ok(CniRemoved { removed })
     }
 
     /// Takes container interface `k` off its network and frees its address at the manager
-    /// (later, if the manager cannot be reached now). `network`: the network a DEL names, for
-    /// an interface this node has no record of.
-    async fn remove_container(&self, k: &str, network: Option<&str>) -> Option<Id> {
+    /// (later, if the manager cannot be reached now). `task`: only if it is still that
+    /// attachment (a watch or GC acting on what it saw before). `network`: the network a DEL
+    /// names, for an interface this node has no record of.
+    async fn remove_container(&self, k: &str, task: Option<&Id>, network: Option<&str>) -> Option<Id> {
         let c = &self.containers;
         let g = c.guard(k);
         let _held = g.lock().await;
-        let r = lock(&c.saved).attached.get(k).cloned();
-        let (network, container_id, ifname) = match &r {
-            Some(r) => (r.network_arg.clone(), r.container_id.clone(), r.ifname.clone()),
+        let r = c.record(k);
+        if task.is_some() && r.as_ref().map(|r| &r.task_id) != task {
+            return None;
+        }
+        let spec = match &r {
+            Some(r) => r.detach_spec(),
             None => {
                 let (cid, ifname) = k.rsplit_once('/').unwrap_or((k, ""));
-                (network.unwrap_or_default().to_string(), cid.to_string(), ifname.to_string())
+                ContainerDetach { network: network.unwrap_or_default().to_string(), container_id: cid.to_string(), ifname: ifname.to_string(), task_id: None }
             }
         };
         if let Some(r) = &r {
             c.disconnect(r).await;
-            c.save(|s| {
+            c.save_or_log(|s| {
                 s.attached.remove(k);
             })
             .await;
             info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, "container detached");
         }
-        if !network.is_empty() {
-            self.detach_at_manager(&network, &container_id, &ifname).await;
+        if !spec.network.is_empty() {
+            self.detach_at_manager(spec).await;
         }
         r.map(|r| r.task_id)
     }
 
     /// Frees a container's address at the manager; if it cannot be reached, the detach is
     /// kept and retried by the watch.
-    async fn detach_at_manager(&self, network: &str, container_id: &str, ifname: &str) {
-        let spec = ContainerDetach { network: network.to_string(), container_id: container_id.to_string(), ifname: ifname.to_string() };
+    async fn detach_at_manager(&self, spec: ContainerDetach) {
         match self.manager_call::<ContainerDetached>(ApiRequest::Detach { spec: spec.clone() }).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind == ErrorKind::NotFound => {}
             failed => {
-                warn!(container = %container_id, network = %network, error = ?failed.err().map(|e| format!("{e:#}")), "the manager could not be told that a container left: retried later");
+                warn!(container = %spec.container_id, ifname = %spec.ifname, network = %spec.network, error = ?failed.err().map(|e| format!("{e:#}")), "the manager could not be told that a container left: retried later");
                 self.containers
-                    .save(|s| {
+                    .save_or_log(|s| {
                         if !s.unconfirmed.contains(&spec) {
                             s.unconfirmed.push(spec);
                         }
@@ -397,27 +518,47 @@ impl Agent {
         }
     }
 
-    /// Plugs back what an earlier daemon attached (its namespace still there), and takes off
-    /// what lost its namespace meanwhile.
+    /// Plugs back what an earlier daemon attached (its namespace still the same one), and
+    /// takes off what lost its namespace meanwhile, or was left half made.
     pub async fn adopt_containers(&self) {
-        for r in self.containers.records() {
-            let k = key(&r.container_id, &r.ifname);
-            let alive = dp::ns_id(&r.netns).ok() == Some(r.ns);
-            let netns = std::fs::File::open(&r.netns);
-            match (alive, netns) {
-                (true, Ok(f)) => {
-                    if let Err(e) = self.containers.connect(&r, &f).await {
-                        error!(container = %r.container_id, network = %r.attachment.network.name, error = %format!("{e:#}"), "an attached container could not be adopted: CHECK reports it");
-                    } else {
-                        info!(container = %r.container_id, network = %r.attachment.network.name, ip = %r.attachment.address, "attached container adopted");
-                    }
+        let c = &self.containers;
+        for seen in c.records() {
+            let k = key(&seen.container_id, &seen.ifname);
+            let adopted = {
+                let g = c.guard(&k);
+                let _held = g.lock().await;
+                // A DEL may have come first.
+                let Some(r) = c.record(&k).filter(|r| r.task_id == seen.task_id) else { continue };
+                match self.still_there(&r).await {
+                    Some(f) if r.complete => match c.connect(&r, f).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            error!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, error = %format!("{e:#}"), "an attached container could not be adopted: CHECK reports it");
+                            continue;
+                        }
+                    },
+                    _ => false,
                 }
-                _ => {
-                    info!(container = %r.container_id, network = %r.attachment.network.name, netns = %r.netns.display(), "an attached container's namespace went while the daemon was away: detached");
-                    self.remove_container(&k, None).await;
-                }
+            };
+            if adopted {
+                info!(container = %seen.container_id, network = %seen.attachment.network.name, ip = %seen.attachment.address, "attached container adopted");
+            } else {
+                info!(container = %seen.container_id, network = %seen.attachment.network.name, netns = %seen.netns.display(), complete = seen.complete, "an attached container's namespace went while the daemon was away (or it was left half made): detached");
+                self.remove_container(&k, Some(&seen.task_id), None).await;
             }
         }
+    }
+
+    /// The record's namespace, if its path still names the same one (device, inode, and
+    /// cookie: an inode number is given again once its namespace is gone).
+    async fn still_there(&self, r: &Record) -> Option<std::fs::File> {
+        if dp::ns_id(&r.netns).ok() != Some(r.ns) {
+            return None;
+        }
+        let f = std::fs::File::open(&r.netns).ok()?;
+        let probe = f.try_clone().ok()?;
+        let cookie = self.runtime.ns.run(move |ctx| ctx.netns_cookie(&probe)).await.ok()?.ok()?;
+        (r.cookie == 0 || cookie == r.cookie).then_some(f)
     }
 
     /// Runs for the daemon's life: takes off containers whose namespace went without a DEL
@@ -426,9 +567,10 @@ impl Agent {
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             for r in self.containers.records() {
-                if dp::ns_id(&r.netns).ok() != Some(r.ns) {
+                // While attached, the daemon holds the namespace: its inode is its own.
+                if r.complete && dp::ns_id(&r.netns).ok() != Some(r.ns) {
                     info!(container = %r.container_id, network = %r.attachment.network.name, netns = %r.netns.display(), "an attached container's namespace is gone without a DEL: detached");
-                    self.remove_container(&key(&r.container_id, &r.ifname), None).await;
+                    self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None).await;
                 }
             }
             let unconfirmed = lock(&self.containers.saved).unconfirmed.clone();
@@ -439,7 +581,7 @@ impl Agent {
                     Err(_) => false,
                 };
                 if done {
-                    self.containers.save(|s| s.unconfirmed.retain(|u| *u != spec)).await;
+                    self.containers.save_or_log(|s| s.unconfirmed.retain(|u| *u != spec)).await;
                 }
             }
         }
@@ -448,13 +590,13 @@ impl Agent {
     /// `swarm leave`: every container's interface goes (the node leaves the swarm; the
     /// manager forgets the node's tasks with it).
     pub async fn leave_containers(&self) {
-        for r in self.containers.records() {
-            let c = &self.containers;
+        let c = &self.containers;
+        for r in c.records() {
+            let k = key(&r.container_id, &r.ifname);
+            let g = c.guard(&k);
+            let _held = g.lock().await;
             c.disconnect(&r).await;
-            c.save(|s| {
-                s.attached.remove(&key(&r.container_id, &r.ifname));
-            })
-            .await;
         }
+        c.save_or_log(|s| *s = Saved::default()).await;
     }
 }

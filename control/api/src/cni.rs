@@ -32,11 +32,15 @@ pub struct ContainerAttached {
 
 /// Agent to manager: the attachment of this node's container `container_id` (interface
 /// `ifname`) to `network` is over; its address is free again. Done also when there is none.
+/// With `task_id`, only that task goes (a detach retried late must not take a newer
+/// attachment of the same container).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerDetach {
     pub network: String,
     pub container_id: String,
     pub ifname: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<Id>,
 }
 
 /// The manager's answer to [`ContainerDetach`]: the task it removed, if there was one.
@@ -50,6 +54,9 @@ pub struct ContainerDetached {
 pub struct CniRequest {
     /// The network's name or id (the conf's `network`, else its `name`).
     pub network: String,
+    /// The conf's `name` (what GC names the attachments by).
+    #[serde(default)]
+    pub conf_name: String,
     pub container_id: String,
     /// `CNI_NETNS`: a path to the container's network namespace (None for a DEL whose
     /// runtime no longer has one).
@@ -92,11 +99,11 @@ pub struct CniRoute {
     pub gw: Option<Ipv4Addr>,
 }
 
-/// CNI GC: every attachment of `network` on this node that is not in `valid` (container id,
-/// interface) goes.
+/// CNI GC: every attachment made through conf `conf_name` on this node that is not in
+/// `valid` (container id, interface) goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CniGc {
-    pub network: String,
+    pub conf_name: String,
     pub valid: Vec<(String, String)>,
 }
 

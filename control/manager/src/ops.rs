@@ -703,6 +703,7 @@ pub fn detach_container(st: &mut ClusterState, req: &ContainerDetach, node_id: &
             t.node_id.as_ref() == Some(node_id)
                 && t.container.as_ref().is_some_and(|c| c.id == req.container_id && c.ifname == req.ifname)
                 && net.as_ref().is_none_or(|n| t.networks.first() == Some(n))
+                && req.task_id.as_ref().is_none_or(|id| *id == t.id)
         })
         .map(|t| t.id.clone());
     Ok(id.and_then(|id| st.tasks.remove(&id)))
@@ -1462,7 +1463,9 @@ mod tests {
         assert!(matches!(attach_container(&mut st, &nowhere, &"a".into(), &mut g), Err(OpError::NotFound(_))));
         let bad = ContainerAttach { name: "no spaces".into(), ..req.clone() };
         assert!(matches!(attach_container(&mut st, &bad, &"a".into(), &mut g), Err(OpError::Invalid(_))));
-        let del = ContainerDetach { network: "appnet".into(), container_id: "c1".into(), ifname: "eth0".into() };
+        let del = ContainerDetach { network: "appnet".into(), container_id: "c1".into(), ifname: "eth0".into(), task_id: None };
+        let late = ContainerDetach { task_id: Some("an-older-task".into()), ..del.clone() };
+        assert!(detach_container(&mut st, &late, &"a".into()).expect("late").is_none(), "a late detach of an older task leaves the newer one");
         assert_eq!(detach_container(&mut st, &del, &"a".into()).expect("detached").map(|t| t.id), Some(t.id.clone()));
         assert!(detach_container(&mut st, &del, &"a".into()).expect("again").is_none(), "a DEL repeated finds nothing");
         assert!(st.tasks.contains_key(&on_b.id), "node b's container stays");

@@ -228,7 +228,7 @@ impl EbpfLb {
         let mut superseded = Vec::new();
         for prog in PROGRAMS {
             let pin = host.pins.join(format!("link_{prog}"));
-            match crate::bpf_link::pinned_target(&pin) {
+            let replacing = match crate::bpf_link::pinned_target(&pin) {
                 // Attached where this agent attaches by an earlier agent and still pinned:
                 // attaching again would stack a second copy.
                 Ok(LinkTarget::Cgroup(id)) if id == cgroup_id => {
@@ -237,23 +237,14 @@ impl EbpfLb {
                 }
                 // Pinned but attached elsewhere (the node's own cgroup, where agents before
                 // issue 22 attached; the cgroup of the layout before issue 19, whose tasks
-                // move into the node's next) or severed (its cgroup is gone): a new
-                // link replaces it. An old one that still works stays attached until its
-                // tasks have moved (`release_retired`).
-                Ok(target) => {
-                    let old = PinnedLink::from_pin(&pin).map_err(prog_err(prog, "open pinned link"))?;
-                    let old = old.unpin().map_err(prog_err(prog, "unpin the link it replaces"))?;
-                    info!(program = prog, ?target, cgroup = %host.attach_to.display(), "load balancer: a pinned link attached elsewhere is replaced");
-                    if matches!(target, LinkTarget::Cgroup(id) if Some(id) == node_cgroup) {
-                        superseded.push(old);
-                    } else if !target.severed() {
-                        retired.push(old);
-                    }
-                    replaced += 1;
-                }
+                // move into the node's next) or severed (its cgroup is gone): a new link
+                // replaces it, attached and pinned before the old one is unpinned (a failure
+                // on the way leaves the old one working). An old one that still works stays
+                // attached until its tasks have moved (`release_retired`).
+                Ok(target) => Some(target),
                 Err(e) if pin.exists() => return Err(EbpfError::Program { prog, what: "read what the pinned link is attached to", source: Box::new(e) }),
-                Err(_) => {}
-            }
+                Err(_) => None,
+            };
             let p: &mut CgroupSockAddr = ebpf.program_mut(prog).ok_or_else(|| EbpfError::Other(format!("program {prog} is missing from the object")))?.try_into().map_err(prog_err(prog, "type"))?;
             p.load().map_err(prog_err(prog, "load (verifier)"))?;
             // A link (no flags: the kernel refuses any with one) sits beside other links
@@ -261,7 +252,31 @@ impl EbpfLb {
             // program acts only for the namespaces in its own map.
             let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(prog_err(prog, "attach"))?;
             let link: FdLink = p.take_link(id).map_err(prog_err(prog, "take link"))?.try_into().map_err(prog_err(prog, "link"))?;
-            link.pin(&pin).map_err(prog_err(prog, "pin link"))?;
+            let Some(target) = replacing else {
+                link.pin(&pin).map_err(prog_err(prog, "pin link"))?;
+                continue;
+            };
+            // (bpffs refuses a '.' in a name.)
+            let fresh = host.pins.join(format!("link_{prog}_new"));
+            let _ = std::fs::remove_file(&fresh);
+            let fresh_link = link.pin(&fresh).map_err(prog_err(prog, "pin link"))?;
+            let old = match PinnedLink::from_pin(&pin).map_err(prog_err(prog, "open pinned link")).and_then(|l| l.unpin().map_err(prog_err(prog, "unpin the link it replaces"))) {
+                Ok(old) => old,
+                Err(e) => {
+                    // The new one goes (its pin removed, its last descriptor closed).
+                    let _ = std::fs::remove_file(&fresh);
+                    drop(fresh_link);
+                    return Err(e);
+                }
+            };
+            std::fs::rename(&fresh, &pin).map_err(|e| EbpfError::Other(format!("program {prog}: rename {} to {}: {e}", fresh.display(), pin.display())))?;
+            info!(program = prog, ?target, cgroup = %host.attach_to.display(), "load balancer: a pinned link attached elsewhere is replaced");
+            if matches!(target, LinkTarget::Cgroup(id) if Some(id) == node_cgroup) {
+                superseded.push(old);
+            } else if !target.severed() {
+                retired.push(old);
+            }
+            replaced += 1;
         }
         drop(superseded);
         let services = take::<u32, Service>(&mut ebpf, MAP_SERVICES)?;

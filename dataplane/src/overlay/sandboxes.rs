@@ -206,6 +206,11 @@ impl Sandboxes {
         true
     }
 
+    /// A handle on the network's sandbox namespace (None: the node is not on it).
+    pub async fn netns(&self, net: &NetworkId) -> Option<std::fs::File> {
+        self.map.lock().await.get(net).and_then(|sb| sb.ns.try_clone().ok())
+    }
+
     /// Plugs a task's node-side veth end into the network's bridge.
     pub async fn plug(&self, net: &NetworkId, host_if: &str) -> Result<(), SandboxError> {
         let map = self.map.lock().await;
