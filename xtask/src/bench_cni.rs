@@ -184,7 +184,7 @@ pub fn bench_cni(runs: usize) -> Result<()> {
         let _ = l.wait();
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
     }
-    println!("ADD start → reachable from node 2 ({runs}; includes starting a python probe, ~20 ms): p50 {:.1} ms p99 {:.1} ms", pct(&mut reach, 0.5), pct(&mut reach, 0.99));
+    println!("ADD start → reachable from node 2 ({runs}; the probe started before): p50 {:.1} ms p99 {:.1} ms", pct(&mut reach, 0.5), pct(&mut reach, 0.99));
 
     // 100 ADDs in parallel on node 1, then 100 DELs; the same with the bridge.
     let spaces: Vec<String> = (0..100).map(|k| netns(&format!("{LAB}-p{k}"))).collect::<Result<_>>()?;

@@ -249,6 +249,7 @@ impl Containers {
     /// links, the hold. Whatever is gone already is fine.
     async fn disconnect(&self, r: &Record) {
         let net = &r.attachment.network;
+        let t0 = std::time::Instant::now();
         self.rt.withdraw(&r.assignment());
         let live = lock(&self.live).remove(&key(&r.container_id, &r.ifname));
         if let Some(lb) = self.rt.lb() {
@@ -263,13 +264,16 @@ impl Containers {
             Some(_) => None,
             None => self.rt.sandboxes().netns(&net.id).await,
         };
+        let t_lb = t0.elapsed();
         if let Err(e) = dp::detach(&self.rt.ns, netns, r.host_link.clone(), r.host_if.clone(), sandbox).await {
             warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not remove the container's links");
         }
+        let t_links = t0.elapsed();
         self.rt.membership().release(&net.id, &r.task_id);
         if let Err(e) = self.rt.membership().settle(&net.id, false).await {
             warn!(network = %net.name, error = %e, "could not settle the node's presence on the network");
         }
+        tracing::debug!(container = %r.container_id, lb_us = t_lb.as_micros() as u64, links_us = (t_links - t_lb).as_micros() as u64, settle_us = (t0.elapsed() - t_links).as_micros() as u64, "container disconnected");
     }
 
     /// Makes a recorded interface's links and plugs it in; on failure, undoes it all (the
@@ -485,16 +489,20 @@ impl Agent {
                 ContainerDetach { network: network.unwrap_or_default().to_string(), container_id: cid.to_string(), ifname: ifname.to_string(), task_id: None }
             }
         };
+        let t0 = std::time::Instant::now();
         if let Some(r) = &r {
             c.disconnect(r).await;
             c.save_or_log(|s| {
                 s.attached.remove(k);
             })
             .await;
-            info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, "container detached");
         }
+        // Only once its links are gone here: the manager may give the address again at once.
         if !spec.network.is_empty() {
             self.detach_at_manager(spec).await;
+        }
+        if let Some(r) = &r {
+            info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, total_ms = t0.elapsed().as_millis() as u64, "container detached");
         }
         r.map(|r| r.task_id)
     }
