@@ -574,9 +574,10 @@ async fn leave(force: bool, manager: Option<&ManagerSlot>, agent: &Agent) -> Rep
 
 /// What a node keeps in its data dir, by name: its identity, certificates and gossip keys
 /// (`node/`), its tasks' state and files, its sandboxes' records, its load balancer's and
-/// mesh's records, a manager's store. Anything else there (an operator's log, an imported
-/// store kept as `….imported`, TLS files for etcd) is not the node's and stays.
-const STATE: [&str; 7] = ["node", "tasks", "sandboxes", "ingress.json", "lb.lock", "lb-nftables.json", "manager.redb"];
+/// mesh's records, its attached containers' record, a manager's store. Anything else there
+/// (an operator's log, an imported store kept as `….imported`, TLS files for etcd) is not the
+/// node's and stays.
+const STATE: [&str; 8] = ["node", "tasks", "sandboxes", "ingress.json", "lb.lock", "lb-nftables.json", "cni.json", "manager.redb"];
 
 /// Erases the node's state once it has left; what could not be removed.
 fn erase_state(data_dir: &Path) -> Vec<String> {

@@ -210,7 +210,7 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
         let addr = in_ns(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
         assert!(addr.contains(&ip), "{addr}");
         assert!(in_ns(&ns, &["ip", "-o", "link", "show", "dev", "eth0"])?.contains("mtu 1450"));
-        assert_eq!(in_ns(&ns, &["sysctl", "-n", "net.core.somaxconn"])?.trim(), "512", "tuning ran after swarmnet");
+        assert_eq!(in_ns(&ns, &["cat", "/proc/sys/net/core/somaxconn"])?.trim(), "512", "tuning ran after swarmnet");
         containers.push((i, name, ns, path, conf, ip.split('/').next().unwrap_or_default().to_string()));
     }
     let (_, _, ns1, _, _, _) = &containers[0];
