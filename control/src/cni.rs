@@ -243,7 +243,7 @@ pub fn plugin_main() -> ExitCode {
         .unwrap_or_else(|| "1.0.0".into());
     let out = match read {
         Err(e) => Err(CniError::new(code::IO, format!("read stdin: {e}"))),
-        Ok(_) => run(&env, &raw),
+        Ok(_) => run(&env, &raw, &version),
     };
     match out {
         Ok(Some(v)) => {
@@ -258,9 +258,10 @@ pub fn plugin_main() -> ExitCode {
     }
 }
 
-fn run(env: &Env, raw: &[u8]) -> Result<Option<Value>, CniError> {
+/// One command; `version`: the conf's cniVersion if it is one this plugin speaks, else
+/// 1.0.0 (what VERSION and errors answer in).
+fn run(env: &Env, raw: &[u8], version: &str) -> Result<Option<Value>, CniError> {
     if env.command == "VERSION" {
-        let version = serde_json::from_slice::<Value>(raw).ok().and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string)).unwrap_or_else(|| "1.0.0".into());
         return Ok(Some(json!({ "cniVersion": version, "supportedVersions": SUPPORTED })));
     }
     let conf = parse_conf(raw)?;
@@ -481,12 +482,12 @@ mod tests {
     fn commands_without_their_environment_are_refused_before_the_daemon_is_asked() {
         let conf = br#"{"cniVersion":"1.0.0","name":"a","socket":"/nonexistent/control.sock"}"#;
         let env = |cmd: &str, netns: Option<&str>| Env { command: cmd.into(), container_id: "c1".into(), netns: netns.map(str::to_string), ifname: "eth0".into(), args: BTreeMap::new() };
-        assert_eq!(run(&env("ADD", None), conf).map_err(|e| e.code), Err(code::INVALID_ENV));
-        assert_eq!(run(&env("ADD", Some("/nonexistent/netns")), conf).map_err(|e| e.code), Err(code::INVALID_ENV));
-        assert_eq!(run(&env("BOGUS", None), conf).map_err(|e| e.code), Err(code::INVALID_ENV));
-        assert_eq!(run(&env("DEL", None), conf).map_err(|e| e.code), Err(code::TRY_AGAIN_LATER), "the daemon is not there");
-        assert_eq!(run(&env("STATUS", None), conf).map_err(|e| e.code), Err(code::NOT_AVAILABLE));
-        let v = run(&env("VERSION", None), conf).expect("version").expect("a result");
+        assert_eq!(run(&env("ADD", None), conf, "1.0.0").map_err(|e| e.code), Err(code::INVALID_ENV));
+        assert_eq!(run(&env("ADD", Some("/nonexistent/netns")), conf, "1.0.0").map_err(|e| e.code), Err(code::INVALID_ENV));
+        assert_eq!(run(&env("BOGUS", None), conf, "1.0.0").map_err(|e| e.code), Err(code::INVALID_ENV));
+        assert_eq!(run(&env("DEL", None), conf, "1.0.0").map_err(|e| e.code), Err(code::TRY_AGAIN_LATER), "the daemon is not there");
+        assert_eq!(run(&env("STATUS", None), conf, "1.0.0").map_err(|e| e.code), Err(code::NOT_AVAILABLE));
+        let v = run(&env("VERSION", None), conf, "1.0.0").expect("version").expect("a result");
         assert!(v["supportedVersions"].as_array().is_some_and(|a| a.contains(&json!("1.0.0"))));
     }
 }

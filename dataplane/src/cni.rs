@@ -34,15 +34,15 @@ pub struct NsId {
 
 /// The namespace `path` names now, if it names one.
 pub fn ns_id(path: &Path) -> std::io::Result<NsId> {
-    let m = std::fs::metadata(path)?;
-    let st = nix::sys::statfs::statfs(path).map_err(std::io::Error::from)?;
+    let f = File::open(path)?;
+    let m = f.metadata()?;
+    let st = nix::sys::statfs::fstatfs(&f).map_err(std::io::Error::from)?;
     // nsfs: a plain file (a runtime's placeholder whose namespace was unmounted) is none.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     if st.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} is not a network namespace", path.display())));
     }
     // A namespace, but a network one (not a mount or PID namespace's file)?
-    let f = File::open(path)?;
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     // SAFETY: NS_GET_NSTYPE takes no argument and only returns the namespace's type; the
     // descriptor is open (owned by `f`) for the whole call.
@@ -162,20 +162,22 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
 /// deletion waits for the kernel (an RCU barrier, ~15 ms here), and DELs of many containers
 /// at once wait side by side, each on a thread of its own in its container's namespace.
 pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_if: String, sandbox: Option<File>) -> Result<(), NsError> {
-    if let Some(netns) = netns {
-        tokio::task::spawn_blocking(move || crate::netns::in_netns(&netns, delete_ours_here))
+    match netns {
+        Some(netns) => tokio::task::spawn_blocking(move || crate::netns::in_netns(&netns, delete_ours_here))
             .await
-            .map_err(|e| NsError::Io(std::io::Error::other(format!("delete the container's links: {e}"))))???;
-    }
-    ns.run(move |ctx| -> Result<(), NsError> {
-        ctx.block_on(ctx.home().delete_link(&host_link))?;
-        if let Some(sb) = sandbox {
-            let snl = ctx.netlink_in(&sb)?;
-            ctx.block_on(snl.delete_link(&host_if))?;
+            .map_err(|e| NsError::Io(std::io::Error::other(format!("delete the container's links: {e}"))))??,
+        None => {
+            ns.run(move |ctx| -> Result<(), NsError> {
+                ctx.block_on(ctx.home().delete_link(&host_link))?;
+                if let Some(sb) = sandbox {
+                    let snl = ctx.netlink_in(&sb)?;
+                    ctx.block_on(snl.delete_link(&host_if))?;
+                }
+                Ok(())
+            })
+            .await?
         }
-        Ok(())
-    })
-    .await?
+    }
 }
 
 /// Deletes the links of [`LINK_GROUP`] of the calling thread's namespace.

@@ -46,8 +46,6 @@ pub struct Record {
     /// may be the old one's again, is another one.
     #[serde(default)]
     pub cookie: u64,
-    pub host_if: String,
-    pub host_link: String,
     pub host_link_mac: String,
     pub container_link_mac: String,
     /// Its default route is ours.
@@ -80,14 +78,24 @@ impl Record {
     fn container_net(&self, mtu: u32) -> ContainerNet {
         ContainerNet {
             netns: self.netns.clone(),
-            host_if: self.host_if.clone(),
+            host_if: self.host_if(),
             ifname: self.ifname.clone(),
             address: self.attachment.address,
             prefix: self.attachment.network.subnet.prefix(),
             mac: mac_for(self.attachment.address),
             mtu,
-            host_link: self.host_link.clone(),
+            host_link: self.host_link(),
         }
+    }
+
+    /// The node's end of its veth (in the network's sandbox), named as a task's.
+    fn host_if(&self) -> String {
+        host_if_name(&self.task_id, 0)
+    }
+
+    /// The node's end of its namespace's link to the node.
+    fn host_link(&self) -> String {
+        dp::host_link_name(self.ns)
     }
 
     fn detach_spec(&self) -> ContainerDetach {
@@ -218,7 +226,7 @@ impl Containers {
             address: r.attachment.address,
             prefix: net.subnet.prefix(),
             gateway: net.gateway,
-            host_link: r.host_link.clone(),
+            host_link: r.host_link(),
             host_link_mac: r.host_link_mac.clone(),
             container_link: CONTAINER_LINK.to_string(),
             container_link_mac: r.container_link_mac.clone(),
@@ -229,13 +237,34 @@ impl Containers {
         }
     }
 
-    /// Plugs a record's interface (its links made) into the node's side of its network:
-    /// hold, sandbox and gossip, the bridge, the load balancer, the resolver, the endpoint.
-    async fn connect(&self, r: &Record, netns: std::fs::File) -> anyhow::Result<()> {
+    /// Puts the node on a record's network for it (hold; sandbox and gossip): the sandbox's
+    /// namespace, where the veth's other end belongs.
+    async fn join(&self, r: &Record) -> anyhow::Result<std::fs::File> {
         let net = &r.attachment.network;
         self.rt.membership().hold(net, &r.task_id);
-        self.rt.membership().settle(&net.id, true).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.rt.sandboxes().plug(&net.id, &r.host_if).await?;
+        self.rt.membership().settle(&net.id, true).await.map_err(|e| anyhow::anyhow!("the node could not join the network: {e}"))?;
+        self.rt.sandboxes().netns(&net.id).await.ok_or_else(|| anyhow::anyhow!("the network's sandbox is gone"))
+    }
+
+    /// Gives back a record's hold on its network (the node leaves a network nothing holds
+    /// any more) and forgets the record: what a failed ADD undoes before it plugged anything.
+    async fn abandon(&self, k: &str, r: &Record) {
+        let net = &r.attachment.network;
+        self.rt.membership().release(&net.id, &r.task_id);
+        if let Err(e) = self.rt.membership().settle(&net.id, false).await {
+            warn!(network = %net.name, error = %e, "could not settle the node's presence on the network");
+        }
+        self.save_or_log(|s| {
+            s.attached.remove(k);
+        })
+        .await;
+    }
+
+    /// Plugs a record's interface (its links made, the node on its network) into the node's
+    /// side of it: the bridge, the load balancer, the resolver, the endpoint.
+    async fn connect(&self, r: &Record, netns: std::fs::File) -> anyhow::Result<()> {
+        let net = &r.attachment.network;
+        self.rt.sandboxes().plug(&net.id, &r.host_if()).await?;
         if let Some(lb) = self.rt.lb() {
             lb.backend.add_task(&r.task_id, &netns, &[net.vni]).await.map_err(|e| anyhow::anyhow!("load balancer: add the container's namespace: {e}"))?;
         }
@@ -265,7 +294,7 @@ impl Containers {
             None => self.rt.sandboxes().netns(&net.id).await,
         };
         let t_lb = t0.elapsed();
-        if let Err(e) = dp::detach(&self.rt.ns, netns, r.host_link.clone(), r.host_if.clone(), sandbox).await {
+        if let Err(e) = dp::detach(&self.rt.ns, netns, r.host_link(), r.host_if(), sandbox).await {
             warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not remove the container's links");
         }
         let t_links = t0.elapsed();
@@ -281,32 +310,17 @@ impl Containers {
     async fn make(&self, k: &str, mut r: Record) -> Result<Record, ApiError> {
         let net = r.attachment.network.clone();
         let what = |e: &dyn std::fmt::Display| format!("container {} interface {} network {} vni {} ({}): {e}", r.container_id, r.ifname, net.name, net.vni, r.attachment.address);
-        let Some(sandbox) = ({
-            self.rt.membership().hold(&net, &r.task_id);
-            match self.rt.membership().settle(&net.id, true).await {
-                Ok(()) => self.rt.sandboxes().netns(&net.id).await,
-                Err(e) => {
-                    warn!(network = %net.name, error = %e, "the node could not join the network");
-                    None
-                }
+        let sandbox = match self.join(&r).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                self.abandon(k, &r).await;
+                return Err(err(ErrorKind::Unavailable, what(&format!("{e:#}"))));
             }
-        }) else {
-            self.disconnect(&r).await;
-            self.save_or_log(|s| {
-                s.attached.remove(k);
-            })
-            .await;
-            return Err(err(ErrorKind::Unavailable, what(&"the node could not join the network")));
         };
         let made = match dp::attach(&self.rt.ns, r.container_net(self.rt.mtu), sandbox).await {
             Ok(m) => m,
             Err(e) => {
-                self.rt.membership().release(&net.id, &r.task_id);
-                let _ = self.rt.membership().settle(&net.id, false).await;
-                self.save_or_log(|s| {
-                    s.attached.remove(k);
-                })
-                .await;
+                self.abandon(k, &r).await;
                 return Err(err(ErrorKind::Conflict, what(&e)));
             }
         };
@@ -375,9 +389,7 @@ impl Agent {
             self.manager_call(ApiRequest::Attach { spec }).await.map_err(|e| err(ErrorKind::Unavailable, format!("the swarm's manager cannot be reached from this node: {e:#}")))??;
         let t_manager = t0.elapsed();
         let at = given.attachment;
-        let host_if = host_if_name(&given.task_id, 0);
         let r = Record {
-            host_link: dp::host_link_name(ns),
             task_id: given.task_id,
             name: given.name,
             container_id: req.container_id.clone(),
@@ -388,7 +400,6 @@ impl Agent {
             netns,
             ns,
             cookie: 0,
-            host_if,
             host_link_mac: String::new(),
             container_link_mac: String::new(),
             default_route: true,
@@ -538,7 +549,12 @@ impl Agent {
                 // A DEL may have come first.
                 let Some(r) = c.record(&k).filter(|r| r.task_id == seen.task_id) else { continue };
                 match self.still_there(&r).await {
-                    Some(f) if r.complete => match c.connect(&r, f).await {
+                    Some(f) if r.complete => match async {
+                        c.join(&r).await.map(drop)?;
+                        c.connect(&r, f).await
+                    }
+                    .await
+                    {
                         Ok(()) => true,
                         Err(e) => {
                             error!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, error = %format!("{e:#}"), "an attached container could not be adopted: CHECK reports it");
