@@ -598,7 +598,7 @@ fn erase_state(data_dir: &Path) -> Vec<String> {
 
 /// One request of the local CLI: the manager's answer, completed with what only this node
 /// knows (its gossip table, its resolvers' counters, its failure detector's view).
-async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&StaleReader>, agent: &Agent) -> Reply {
+async fn answer(req: ApiRequest, manager: Option<&Manager>, standby: Option<&StaleReader>, agent: &Arc<Agent>) -> Reply {
     let me = Some(&agent.id.node_id);
     match (req, manager) {
         (ApiRequest::RunLocal { spec, detach }, _) => agent.run_local(spec, detach).await,

@@ -247,12 +247,15 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
     assert_eq!(code, 101, "drift: {err}");
     assert!(err.contains(&format!("address {ip}/24 is missing")), "{err}");
 
-    // DEL (twice): off every node.
+    // DEL (twice): off every node. DEL answers once the container is off the network; its
+    // links go right after.
     for (i, name, ns, path, conf, _) in &containers {
         rt.ok(lab, "del", &At(*i, conf, path, name), Some(&caps))?;
         rt.ok(lab, "del", &At(*i, conf, path, name), Some(&caps))?;
-        let links = in_ns(ns, &["ip", "-o", "link"])?;
-        assert!(!links.contains("eth0") && !links.contains("swarmnet0"), "the container's links are gone: {links}");
+        wait_for("the container's links gone", T, || {
+            let links = in_ns(ns, &["ip", "-o", "link"]).ok()?;
+            (!links.contains("eth0") && !links.contains("swarmnet0")).then_some(())
+        })?;
     }
     let mut k = 0;
     wait_for("c2 leaving the cluster's DNS", T, || {
@@ -264,9 +267,10 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
         let neigh = in_ns(&format!("{}-n{}", lab.name, n + 1), &["ip", "neigh"]).unwrap_or_default();
         assert!(!neigh.contains(&format!("{ip2} ")), "node {}: {neigh}", n + 1);
     }
-    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
-    let eps = net["endpoints"].as_array().context("endpoints")?;
-    assert!(!eps.iter().any(|e| e["name"] == "c1" || e["name"] == "c2"), "the manager freed their addresses: {net}");
+    wait_for("the manager freeing c1's and c2's addresses", T, || {
+        let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"]).ok()?).ok()?;
+        (!net["endpoints"].as_array()?.iter().any(|e| e["name"] == "c1" || e["name"] == "c2")).then_some(())
+    })?;
     let refused = Command::new("ip").args(["netns", "exec", &cl, "python3", "-c", &format!("import socket\nsocket.create_connection(('{}',8080),timeout=3)", lab.nodes[1].addr)]).output()?;
     assert!(!refused.status.success(), "portmap's host port is gone after DEL");
     Ok(())
@@ -418,9 +422,21 @@ fn bad_input_faults_restarts_and_a_hundred_adds_at_once() -> Result<()> {
     for d in dels {
         d?;
     }
-    let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"])?)?;
-    let left = net["endpoints"].as_array().map(|e| e.iter().filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with('p'))).count());
-    assert_eq!(left, Some(0), "every address given back: {net}");
+    wait_for("every address given back", T, || {
+        let net: Value = serde_json::from_str(&lab.cli_ok(0, &["network", "inspect", "appnet"]).ok()?).ok()?;
+        (!net["endpoints"].as_array()?.iter().any(|e| e["name"].as_str().is_some_and(|n| n.starts_with('p')))).then_some(())
+    })?;
+    for (ns, _) in &made {
+        wait_for("a container's links gone", T, || (!in_ns(ns, &["ip", "-o", "link"]).ok()?.contains("eth0")).then_some(()))?;
+    }
+    // DEL answers before its links are gone; an ADD into the same namespace right after it
+    // (another container id: a runtime's new container in the pod's namespace) waits for them.
+    let (_, p0) = &made[0];
+    rt.ok(&lab, "add", &At(0, &conf, p0, "p0"), None)?;
+    rt.ok(&lab, "del", &At(0, &conf, p0, "p0"), None)?;
+    rt.ok(&lab, "add", &At(0, &conf, p0, "p0-new"), None)?;
+    rt.ok(&lab, "check", &At(0, &conf, p0, "p0-new"), None)?;
+    rt.ok(&lab, "del", &At(0, &conf, p0, "p0-new"), None)?;
     for (n, _) in &made {
         Command::new("ip").args(["netns", "del", n]).output()?;
     }

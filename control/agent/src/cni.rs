@@ -54,6 +54,10 @@ pub struct Record {
     /// Its links were made (false: recorded before they were: a crash left it half made).
     #[serde(default = "yes")]
     pub complete: bool,
+    /// A DEL was answered: its links and the manager's record of it go in the background
+    /// (a daemon that stopped meanwhile finishes it when it starts).
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 fn yes() -> bool {
@@ -122,6 +126,12 @@ fn key(container_id: &str, ifname: &str) -> String {
     format!("{container_id}/{ifname}")
 }
 
+/// The guard of a container namespace: held while an interface's links in it are being
+/// deleted, so that an ADD into the same namespace waits for them to be gone.
+fn ns_key(ns: NsId) -> String {
+    format!("netns {}:{}", ns.dev, ns.ino)
+}
+
 /// What an attached container has while this daemon runs: its resolver, and a handle on its
 /// namespace (so DEL finds its links even after the runtime removed the namespace's path).
 struct Live {
@@ -144,6 +154,14 @@ pub struct Containers {
 
 /// At most this many requests of containers to the manager at once.
 const MANAGER_CALLS: usize = 8;
+
+/// Whether [`Agent::remove_container`] returns after the whole removal, or once the
+/// container is off the network and the rest (links, manager) goes on in the background.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Finish {
+    Now,
+    Later,
+}
 
 fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
     ApiError::new(kind, msg.into())
@@ -204,8 +222,13 @@ impl Containers {
         lock(&self.saved).attached.get(k).cloned()
     }
 
-    /// Every attached container interface.
+    /// Every attached container interface (not those a DEL took off already).
     pub fn records(&self) -> Vec<Record> {
+        lock(&self.saved).attached.values().filter(|r| !r.leaving).cloned().collect()
+    }
+
+    /// Every record, those being taken off included.
+    fn all_records(&self) -> Vec<Record> {
         lock(&self.saved).attached.values().cloned().collect()
     }
 
@@ -277,8 +300,15 @@ impl Containers {
     /// Takes a record's interface off: the endpoint, the load balancer, the resolver, its
     /// links, the hold. Whatever is gone already is fine.
     async fn disconnect(&self, r: &Record) {
+        let netns = self.unplug(r).await;
+        self.unlink(r, netns).await;
+    }
+
+    /// The first half of [`Containers::disconnect`], what the rest of the cluster and the
+    /// container see: its endpoint withdrawn, its namespace out of the load balancer, its
+    /// resolver stopped. Gives back the handle on its namespace, if the daemon had one.
+    async fn unplug(&self, r: &Record) -> Option<std::fs::File> {
         let net = &r.attachment.network;
-        let t0 = std::time::Instant::now();
         self.rt.withdraw(&r.assignment());
         let live = lock(&self.live).remove(&key(&r.container_id, &r.ifname));
         if let Some(lb) = self.rt.lb() {
@@ -286,14 +316,20 @@ impl Containers {
                 warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "load balancer: could not remove the container's namespace");
             }
         }
+        live.map(|l| l.netns)
+    }
+
+    /// The second half of [`Containers::disconnect`]: the links (in one request, through
+    /// the namespace handle `netns` if there is one) and the record's hold on its network.
+    async fn unlink(&self, r: &Record, netns: Option<std::fs::File>) {
+        let net = &r.attachment.network;
+        let t0 = std::time::Instant::now();
         // Without a handle on the namespace (a record adopted without one), from the node's
         // side: the veth's end is in the network's sandbox.
-        let netns = live.map(|l| l.netns);
         let sandbox = match netns {
             Some(_) => None,
             None => self.rt.sandboxes().netns(&net.id).await,
         };
-        let t_lb = t0.elapsed();
         if let Err(e) = dp::detach(&self.rt.ns, netns, r.host_link(), r.host_if(), sandbox).await {
             warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not remove the container's links");
         }
@@ -302,7 +338,7 @@ impl Containers {
         if let Err(e) = self.rt.membership().settle(&net.id, false).await {
             warn!(network = %net.name, error = %e, "could not settle the node's presence on the network");
         }
-        tracing::debug!(container = %r.container_id, lb_us = t_lb.as_micros() as u64, links_us = (t_links - t_lb).as_micros() as u64, settle_us = (t0.elapsed() - t_links).as_micros() as u64, "container disconnected");
+        tracing::debug!(container = %r.container_id, links_us = t_links.as_micros() as u64, settle_us = (t0.elapsed() - t_links).as_micros() as u64, "container unlinked");
     }
 
     /// Makes a recorded interface's links and plugs it in; on failure, undoes it all (the
@@ -366,6 +402,8 @@ impl Agent {
         let k = key(&req.container_id, &req.ifname);
         let g = c.guard(&k);
         let _held = g.lock().await;
+        // Links a DEL is still deleting in this namespace (another container id's) go first.
+        drop(c.guard(&ns_key(ns)).lock().await);
         if let Some(r) = c.record(&k) {
             if r.complete && r.ns == ns && r.on(&req.network) {
                 // The same ADD again (a runtime's retry): the same answer.
@@ -404,6 +442,7 @@ impl Agent {
             container_link_mac: String::new(),
             default_route: true,
             complete: false,
+            leaving: false,
         };
         // Recorded before anything is made (a crash from here on leaves it to undo), and a
         // late detach of this same task (a DEL the manager missed) is no longer wanted.
@@ -437,7 +476,7 @@ impl Agent {
     pub async fn cni_check(&self, req: CniRequest) -> Result<CniAttached, ApiError> {
         let c = &self.containers;
         let k = key(&req.container_id, &req.ifname);
-        let Some(r) = c.record(&k).filter(|r| r.complete) else {
+        let Some(r) = c.record(&k).filter(|r| r.complete && !r.leaving) else {
             return Err(err(ErrorKind::NotFound, format!("container {} interface {} is not attached on this node", req.container_id, req.ifname)));
         };
         let mut drift =
@@ -464,19 +503,19 @@ impl Agent {
 
     /// CNI DEL: done also for a container this node does not know (a DEL repeated), and for
     /// one whose namespace is gone.
-    pub async fn cni_del(&self, req: CniRequest) -> Result<CniRemoved, ApiError> {
+    pub async fn cni_del(self: &Arc<Self>, req: CniRequest) -> Result<CniRemoved, ApiError> {
         let k = key(&req.container_id, &req.ifname);
-        let removed = self.remove_container(&k, None, Some(&req.network)).await;
+        let removed = self.remove_container(&k, None, Some(&req.network), Finish::Later).await;
         Ok(CniRemoved { removed: removed.into_iter().collect() })
     }
 
     /// CNI GC: what was attached through conf `spec.conf_name` here and is not in
     /// `spec.valid` goes.
-    pub async fn cni_gc(&self, spec: CniGc) -> Result<CniRemoved, ApiError> {
+    pub async fn cni_gc(self: &Arc<Self>, spec: CniGc) -> Result<CniRemoved, ApiError> {
         let stale: Vec<Record> = self.containers.records().into_iter().filter(|r| r.conf_name == spec.conf_name && !spec.valid.iter().any(|(c, i)| *c == r.container_id && *i == r.ifname)).collect();
         let mut removed = Vec::new();
         for r in stale {
-            removed.extend(self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None).await);
+            removed.extend(self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None, Finish::Now).await);
         }
         Ok(CniRemoved { removed })
     }
@@ -484,64 +523,110 @@ impl Agent {
     /// Takes container interface `k` off its network and frees its address at the manager
     /// (later, if the manager cannot be reached now). `task`: only if it is still that
     /// attachment (a watch or GC acting on what it saw before). `network`: the network a DEL
-    /// names, for an interface this node has no record of.
-    async fn remove_container(&self, k: &str, task: Option<&Id>, network: Option<&str>) -> Option<Id> {
+    /// names, for an interface this node has no record of. With [`Finish::Later`], it returns
+    /// once the container is off the network for everyone (endpoint, load balancer,
+    /// resolver) and its record says so; its links, then the manager, follow in the
+    /// background, still holding the interface's guard and its namespace's.
+    async fn remove_container(self: &Arc<Self>, k: &str, task: Option<&Id>, network: Option<&str>, finish: Finish) -> Option<Id> {
         let c = &self.containers;
-        let g = c.guard(k);
-        let _held = g.lock().await;
+        let held = c.guard(k).lock_owned().await;
         let r = c.record(k);
         if task.is_some() && r.as_ref().map(|r| &r.task_id) != task {
             return None;
         }
-        let spec = match &r {
-            Some(r) => r.detach_spec(),
-            None => {
+        let Some(r) = r else {
+            // No record (a DEL repeated, or of an interface this node lost): the manager is
+            // told all the same.
+            if let Some(n) = network.filter(|n| !n.is_empty()) {
                 let (cid, ifname) = k.rsplit_once('/').unwrap_or((k, ""));
-                ContainerDetach { network: network.unwrap_or_default().to_string(), container_id: cid.to_string(), ifname: ifname.to_string(), task_id: None }
-            }
-        };
-        let t0 = std::time::Instant::now();
-        if let Some(r) = &r {
-            c.disconnect(r).await;
-            c.save_or_log(|s| {
-                s.attached.remove(k);
-            })
-            .await;
-        }
-        // Only once its links are gone here: the manager may give the address again at once.
-        if !spec.network.is_empty() {
-            self.detach_at_manager(spec).await;
-        }
-        if let Some(r) = &r {
-            info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, total_ms = t0.elapsed().as_millis() as u64, "container detached");
-        }
-        r.map(|r| r.task_id)
-    }
-
-    /// Frees a container's address at the manager; if it cannot be reached, the detach is
-    /// kept and retried by the watch.
-    async fn detach_at_manager(&self, spec: ContainerDetach) {
-        match self.manager_call::<ContainerDetached>(ApiRequest::Detach { spec: spec.clone() }).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind == ErrorKind::NotFound => {}
-            failed => {
-                warn!(container = %spec.container_id, ifname = %spec.ifname, network = %spec.network, error = ?failed.err().map(|e| format!("{e:#}")), "the manager could not be told that a container left: retried later");
-                self.containers
-                    .save_or_log(|s| {
+                let spec = ContainerDetach { network: n.to_string(), container_id: cid.to_string(), ifname: ifname.to_string(), task_id: None };
+                if !self.tell_manager(&spec).await {
+                    c.save_or_log(|s| {
                         if !s.unconfirmed.contains(&spec) {
                             s.unconfirmed.push(spec);
                         }
                     })
                     .await;
+                }
+            }
+            return None;
+        };
+        let t0 = std::time::Instant::now();
+        let ns_held = c.guard(&ns_key(r.ns)).lock_owned().await;
+        let netns = c.unplug(&r).await;
+        // Recorded as leaving, its detach as owed: a daemon that stops from here on leaves
+        // the rest to the next one.
+        let spec = r.detach_spec();
+        let owed = spec.clone();
+        c.save_or_log(|s| {
+            if let Some(x) = s.attached.get_mut(k) {
+                x.leaving = true;
+            }
+            if !s.unconfirmed.contains(&owed) {
+                s.unconfirmed.push(owed);
+            }
+        })
+        .await;
+        let t_off = t0.elapsed();
+        let me = self.clone();
+        let k = k.to_string();
+        let id = r.task_id.clone();
+        let rest = async move {
+            let _held = (held, ns_held);
+            let c = &me.containers;
+            c.unlink(&r, netns).await;
+            // Only once its links are gone: the manager may give the address again at once.
+            let told = me.tell_manager(&spec).await;
+            c.save_or_log(|s| {
+                s.attached.remove(&k);
+                if told {
+                    s.unconfirmed.retain(|u| *u != spec);
+                }
+            })
+            .await;
+            info!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, ip = %r.attachment.address, off_ms = t_off.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, manager_told = told, "container detached");
+        };
+        match finish {
+            Finish::Now => rest.await,
+            Finish::Later => {
+                tokio::spawn(rest);
+            }
+        }
+        Some(id)
+    }
+
+    /// Frees a container's address at the manager; if it cannot be reached, the detach is
+    /// kept and retried by the watch.
+    async fn detach_at_manager(&self, spec: ContainerDetach) {
+        if !self.tell_manager(&spec).await {
+            self.containers
+                .save_or_log(|s| {
+                    if !s.unconfirmed.contains(&spec) {
+                        s.unconfirmed.push(spec);
+                    }
+                })
+                .await;
+        }
+    }
+
+    /// Asks the manager to free a container's address: whether it did (or had nothing to
+    /// free).
+    async fn tell_manager(&self, spec: &ContainerDetach) -> bool {
+        match self.manager_call::<ContainerDetached>(ApiRequest::Detach { spec: spec.clone() }).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) if e.kind == ErrorKind::NotFound || e.kind == ErrorKind::Invalid => true,
+            failed => {
+                warn!(container = %spec.container_id, ifname = %spec.ifname, network = %spec.network, error = ?failed.err().map(|e| format!("{e:#}")), "the manager could not be told that a container left: retried later");
+                false
             }
         }
     }
 
     /// Plugs back what an earlier daemon attached (its namespace still the same one), and
     /// takes off what lost its namespace meanwhile, or was left half made.
-    pub async fn adopt_containers(&self) {
+    pub async fn adopt_containers(self: &Arc<Self>) {
         let c = &self.containers;
-        for seen in c.records() {
+        for seen in c.all_records() {
             let k = key(&seen.container_id, &seen.ifname);
             let adopted = {
                 let g = c.guard(&k);
@@ -549,7 +634,7 @@ impl Agent {
                 // A DEL may have come first.
                 let Some(r) = c.record(&k).filter(|r| r.task_id == seen.task_id) else { continue };
                 match self.still_there(&r).await {
-                    Some(f) if r.complete => match async {
+                    Some(f) if r.complete && !r.leaving => match async {
                         c.join(&r).await.map(drop)?;
                         c.connect(&r, f).await
                     }
@@ -567,8 +652,8 @@ impl Agent {
             if adopted {
                 info!(container = %seen.container_id, network = %seen.attachment.network.name, ip = %seen.attachment.address, "attached container adopted");
             } else {
-                info!(container = %seen.container_id, network = %seen.attachment.network.name, netns = %seen.netns.display(), complete = seen.complete, "an attached container's namespace went while the daemon was away (or it was left half made): detached");
-                self.remove_container(&k, Some(&seen.task_id), None).await;
+                info!(container = %seen.container_id, network = %seen.attachment.network.name, netns = %seen.netns.display(), complete = seen.complete, leaving = seen.leaving, "an attached container's namespace went while the daemon was away (or it was left half made, or half deleted): detached");
+                self.remove_container(&k, Some(&seen.task_id), None, Finish::Now).await;
             }
         }
     }
@@ -594,17 +679,16 @@ impl Agent {
                 // While attached, the daemon holds the namespace: its inode is its own.
                 if r.complete && dp::ns_id(&r.netns).ok() != Some(r.ns) {
                     info!(container = %r.container_id, network = %r.attachment.network.name, netns = %r.netns.display(), "an attached container's namespace is gone without a DEL: detached");
-                    self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None).await;
+                    self.remove_container(&key(&r.container_id, &r.ifname), Some(&r.task_id), None, Finish::Now).await;
                 }
             }
-            let unconfirmed = lock(&self.containers.saved).unconfirmed.clone();
+            // Not those of interfaces still being taken off: their links go first.
+            let unconfirmed: Vec<ContainerDetach> = {
+                let s = lock(&self.containers.saved);
+                s.unconfirmed.iter().filter(|u| !s.attached.values().any(|r| Some(&r.task_id) == u.task_id.as_ref())).cloned().collect()
+            };
             for spec in unconfirmed {
-                let done = match self.manager_call::<ContainerDetached>(ApiRequest::Detach { spec: spec.clone() }).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => e.kind == ErrorKind::NotFound || e.kind == ErrorKind::Invalid,
-                    Err(_) => false,
-                };
-                if done {
+                if self.tell_manager(&spec).await {
                     self.containers.save_or_log(|s| s.unconfirmed.retain(|u| *u != spec)).await;
                 }
             }
@@ -615,11 +699,14 @@ impl Agent {
     /// manager forgets the node's tasks with it).
     pub async fn leave_containers(&self) {
         let c = &self.containers;
-        for r in c.records() {
-            let k = key(&r.container_id, &r.ifname);
+        for seen in c.all_records() {
+            let k = key(&seen.container_id, &seen.ifname);
             let g = c.guard(&k);
             let _held = g.lock().await;
-            c.disconnect(&r).await;
+            // A DEL's deletion may have finished meanwhile.
+            if let Some(r) = c.record(&k) {
+                c.disconnect(&r).await;
+            }
         }
         c.save_or_log(|s| *s = Saved::default()).await;
     }
