@@ -180,6 +180,27 @@ pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_
     }
 }
 
+/// Takes a container's links out of its namespace's way at once, without deleting them
+/// (that waits for the kernel: [`detach`] does it later): down, so their routes go, and
+/// renamed, so that `ifname` is free for whatever the runtime adds next. What DEL does
+/// before it answers.
+pub async fn retire(netns: &File) -> Result<(), NsError> {
+    let netns = netns.try_clone()?;
+    tokio::task::spawn_blocking(move || {
+        crate::netns::in_netns(&netns, || -> Result<(), NsError> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let (nl, conn) = Netlink::open()?;
+                tokio::spawn(conn);
+                nl.retire_group(LINK_GROUP).await
+            })?;
+            Ok(())
+        })
+    })
+    .await
+    .map_err(|e| NsError::Io(std::io::Error::other(format!("take the container's links down: {e}"))))??
+}
+
 /// Deletes the links of [`LINK_GROUP`] of the calling thread's namespace.
 fn delete_ours_here() -> Result<(), NsError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

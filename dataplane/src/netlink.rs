@@ -56,13 +56,19 @@ pub struct LinkInfo {
     pub name: String,
     pub mtu: u32,
     pub mac: Vec<u8>,
+    /// Its link group.
+    pub group: u32,
+    /// The index of its bridge, if it is a bridge port.
+    pub master: Option<u32>,
 }
 
 fn link_info(m: &LinkMessage) -> LinkInfo {
-    let mut info = LinkInfo { index: m.header.index, name: String::new(), mtu: 0, mac: Vec::new() };
+    let mut info = LinkInfo { index: m.header.index, name: String::new(), mtu: 0, mac: Vec::new(), group: 0, master: None };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Group(g) => info.group = *g,
+            LinkAttribute::Controller(i) => info.master = Some(*i),
             LinkAttribute::Mtu(v) => info.mtu = *v,
             LinkAttribute::Address(mac) => info.mac = mac.clone(),
             _ => {}
@@ -173,6 +179,18 @@ impl Netlink {
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
             Err(e) => Err(ctx(format!("delete the links of group {group}"))(e)),
         }
+    }
+
+    /// Takes the links of link group `group` out of the way without deleting them (what
+    /// costs an RCU barrier): each down (its routes go), then renamed `snr<index>` (its name
+    /// is free again). They keep their group, for [`Netlink::delete_group`] later.
+    pub async fn retire_group(&self, group: u32) -> Result<(), Error> {
+        for l in self.links().await?.into_iter().filter(|l| l.group == group && !l.name.starts_with("snr")) {
+            self.h.link().set(LinkUnspec::new_with_index(l.index).down().build()).execute().await.map_err(ctx(format!("set link {} down", l.name)))?;
+            let to = format!("snr{}", l.index);
+            self.h.link().set(LinkUnspec::new_with_index(l.index).name(to.clone()).build()).execute().await.map_err(ctx(format!("rename link {} to {to}", l.name)))?;
+        }
+        Ok(())
     }
 
     /// Moves a link into the namespace of `netns_fd`.

@@ -247,15 +247,17 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
     assert_eq!(code, 101, "drift: {err}");
     assert!(err.contains(&format!("address {ip}/24 is missing")), "{err}");
 
-    // DEL (twice): off every node. DEL answers once the container is off the network; its
-    // links go right after.
+    // DEL (twice): off every node. DEL answers once the container is off the network and
+    // its links are down and out of the way (renamed: `eth0` is free at once); they are
+    // deleted right after.
     for (i, name, ns, path, conf, _) in &containers {
         rt.ok(lab, "del", &At(*i, conf, path, name), Some(&caps))?;
+        let links = in_ns(ns, &["ip", "-o", "link"])?;
+        assert!(!links.contains("eth0") && !links.contains("swarmnet0"), "the container's interface names are free when DEL answers: {links}");
+        let routes = in_ns(ns, &["ip", "route"])?;
+        assert!(routes.trim().is_empty(), "no route of ours is left when DEL answers: {routes}");
         rt.ok(lab, "del", &At(*i, conf, path, name), Some(&caps))?;
-        wait_for("the container's links gone", T, || {
-            let links = in_ns(ns, &["ip", "-o", "link"]).ok()?;
-            (!links.contains("eth0") && !links.contains("swarmnet0")).then_some(())
-        })?;
+        wait_for("the container's links deleted", T, || (in_ns(ns, &["ip", "-o", "link"]).ok()?.lines().count() == 1).then_some(()))?;
     }
     let mut k = 0;
     wait_for("c2 leaving the cluster's DNS", T, || {

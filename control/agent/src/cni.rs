@@ -306,7 +306,8 @@ impl Containers {
 
     /// The first half of [`Containers::disconnect`], what the rest of the cluster and the
     /// container see: its endpoint withdrawn, its namespace out of the load balancer, its
-    /// resolver stopped. Gives back the handle on its namespace, if the daemon had one.
+    /// resolver stopped, its links down and renamed out of the way (`ifname` is free).
+    /// Gives back the handle on its namespace, if the daemon had one.
     async fn unplug(&self, r: &Record) -> Option<std::fs::File> {
         let net = &r.attachment.network;
         self.rt.withdraw(&r.assignment());
@@ -316,7 +317,13 @@ impl Containers {
                 warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "load balancer: could not remove the container's namespace");
             }
         }
-        live.map(|l| l.netns)
+        let netns = live.map(|l| l.netns);
+        if let Some(f) = &netns {
+            if let Err(e) = dp::retire(f).await {
+                warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not take the container's links down");
+            }
+        }
+        netns
     }
 
     /// The second half of [`Containers::disconnect`]: the links (in one request, through
