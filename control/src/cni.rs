@@ -186,6 +186,9 @@ pub fn result(version: &str, a: &CniAttached, netns: &str, prev: Option<&Value>)
     }
     interfaces.push(ours);
     interfaces.push(json!({ "name": a.container_link, "mac": a.container_link_mac, "sandbox": netns }));
+    if !a.host_if.is_empty() {
+        interfaces.push(json!({ "name": a.host_if, "mac": a.host_if_mac }));
+    }
     let mut ip = json!({ "address": format!("{}/{}", a.address, a.prefix), "gateway": a.gateway.to_string(), "interface": base + 1 });
     if version_is_0x(version) {
         ip["version"] = json!("4");
@@ -402,6 +405,8 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 1, 1),
             host_link: "snh0123".into(),
             host_link_mac: "aa:bb:cc:dd:ee:ff".into(),
+            host_if: "sntabcdef0".into(),
+            host_if_mac: "aa:bb:cc:dd:ee:00".into(),
             container_link: "swarmnet0".into(),
             container_link_mac: "aa:bb:cc:dd:ee:00".into(),
             routes: vec![CniRoute { dst: "10.0.1.0/24".into(), gw: None }, CniRoute { dst: "0.0.0.0/0".into(), gw: Some(Ipv4Addr::new(169, 254, 1, 1)) }],

@@ -1,8 +1,11 @@
 //! A container of another runtime on a swarmnet network (issue 22): its kernel state. The
 //! container's namespace is the runtime's (`CNI_NETNS`); swarmnet adds to it:
 //! - one veth per network: the container end `ifname` (`eth0`) with the network's address,
-//!   the derived MAC and the overlay's MTU; the node end (`snt…`, as a task's) goes onto the
-//!   network's bridge in its sandbox;
+//!   the derived MAC and the overlay's MTU; the node end (`snt…`, named as a task's) stays in
+//!   the node's namespace, a port of the network's node-side bridge `sncb<vni>`, which a veth
+//!   pair joins to the sandbox's `br0` (see [`crate::overlay::container_bridge_name`]): so
+//!   the plugins chained after swarmnet's find the container's host interface where CNI
+//!   expects it (the reference `bandwidth` shapes it);
 //! - one link to its node per namespace, as Docker's `docker_gwbridge` gives a container on
 //!   overlays only: container end [`CONTAINER_LINK`] (no address), node end `snh…` holding
 //!   [`NODE_GATEWAY`] (/32, the same on every such link). The container's default route goes
@@ -63,7 +66,8 @@ pub fn host_link_name(ns: NsId) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerNet {
     pub netns: PathBuf,
-    /// Node end of the network's veth (`snt…`): plugged into the sandbox's bridge after.
+    pub vni: u32,
+    /// Node end of the network's veth (`snt…`), a port of the network's node-side bridge.
     pub host_if: String,
     pub ifname: String,
     pub address: Ipv4Addr,
@@ -87,6 +91,7 @@ pub struct Attached {
     pub cookie: u64,
     pub host_link_mac: String,
     pub container_link_mac: String,
+    pub host_if_mac: String,
     /// Whether its default route is ours (a namespace that had one keeps it).
     pub default_route: bool,
 }
@@ -96,7 +101,8 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> NsError {
 }
 
 /// Puts the container of namespace `c.netns` on a network whose sandbox is `sandbox`: its
-/// veth (node end born in the sandbox, to be put on its bridge), its link to the node,
+/// veth (node end born a port of the network's node-side bridge, made with the first
+/// container), its link to the node,
 /// their addresses and routes; every link born where it belongs (no moves between
 /// namespaces). Refused if the namespace has `ifname` or a link to its node already (one
 /// swarmnet network per namespace). On failure, removes what it made.
@@ -106,6 +112,7 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
         let id = ns_id(&c.netns).map_err(io(format!("container namespace {}", c.netns.display())))?;
         let cookie = ctx.netns_cookie(&netns)?;
         let tnl = ctx.netlink_in(&netns)?;
+        let snl = ctx.netlink_in(&sandbox)?;
         let (cfd, sfd) = (raw(&netns), raw(&sandbox));
         let made = ctx.block_on(async {
             for name in [c.ifname.as_str(), CONTAINER_LINK] {
@@ -115,12 +122,14 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
             }
             tnl.configure_link("lo", None, None, None).await?;
             let home = ctx.home();
-            // A node end an earlier daemon left behind (it crashed between the two).
+            let bridge = crate::overlay::ensure_container_bridge(home, &snl, sfd, c.vni, c.mtu).await?;
+            // Node ends an earlier daemon left behind (it crashed between the two).
             home.delete_link(&c.host_link).await?;
+            home.delete_link(&c.host_if).await?;
             let group = Some(LINK_GROUP);
             home.create_veth_pair(
-                &VethEnd { name: &c.host_if, netns: Some(sfd), mtu: Some(c.mtu), ..Default::default() },
-                &VethEnd { name: &c.ifname, netns: Some(cfd), mtu: Some(c.mtu), mac: Some(c.mac), group },
+                &VethEnd { name: &c.host_if, mtu: Some(c.mtu), master: Some(bridge), ..Default::default() },
+                &VethEnd { name: &c.ifname, netns: Some(cfd), mtu: Some(c.mtu), mac: Some(c.mac), group, ..Default::default() },
             )
             .await?;
             tnl.configure_link(&c.ifname, None, None, None).await?;
@@ -136,16 +145,18 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
             home.add_route_v4(&c.host_link, c.address, 32, None).await?;
             let hl = home.link(&c.host_link).await?.map(|l| fmt_mac(&l.mac)).unwrap_or_default();
             let cl = tnl.link(CONTAINER_LINK).await?.map(|l| fmt_mac(&l.mac)).unwrap_or_default();
-            Ok((hl, cl, default_route))
+            let hi = home.link(&c.host_if).await?.map(|l| fmt_mac(&l.mac)).unwrap_or_default();
+            Ok((hl, cl, hi, default_route))
         });
         match made {
-            Ok((host_link_mac, container_link_mac, default_route)) => Ok(Attached { netns, ns: id, cookie, host_link_mac, container_link_mac, default_route }),
+            Ok((host_link_mac, container_link_mac, host_if_mac, default_route)) => Ok(Attached { netns, ns: id, cookie, host_link_mac, container_link_mac, host_if_mac, default_route }),
             Err(e) => {
                 // Unless it was refused for what is there already: only ours carry the group.
                 if !matches!(e, crate::netlink::Error::Exists(_)) {
                     ctx.block_on(async {
                         let _ = tnl.delete_group(LINK_GROUP).await;
                         let _ = ctx.home().delete_link(&c.host_link).await;
+                        let _ = ctx.home().delete_link(&c.host_if).await;
                     });
                 }
                 Err(e.into())
@@ -157,8 +168,9 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
 
 /// Takes a container interface off its network: with its namespace (`netns`, a handle
 /// held since ADD), every link of ours in it at once (their other ends and the node's route
-/// go with them); without, from the node's side: the link to the node, and the veth's end
-/// in the network's sandbox. Gone already is fine. Not on the namespace worker: a link's
+/// go with them); without, from the node's side: the link to the node and the veth's node
+/// end (in the node's namespace, or in the network's sandbox where an older daemon put it).
+/// Gone already is fine. Not on the namespace worker: a link's
 /// deletion waits for the kernel (an RCU barrier, ~15 ms here), and DELs of many containers
 /// at once wait side by side, each on a thread of its own in its container's namespace.
 pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_if: String, sandbox: Option<File>) -> Result<(), NsError> {
@@ -169,6 +181,7 @@ pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_
         None => {
             ns.run(move |ctx| -> Result<(), NsError> {
                 ctx.block_on(ctx.home().delete_link(&host_link))?;
+                ctx.block_on(ctx.home().delete_link(&host_if))?;
                 if let Some(sb) = sandbox {
                     let snl = ctx.netlink_in(&sb)?;
                     ctx.block_on(snl.delete_link(&host_if))?;
@@ -226,6 +239,13 @@ pub async fn check(ns: &NsWorker, e: ContainerNet, id: NsId, default_route: bool
         let tnl = ctx.netlink_in(&netns)?;
         ctx.block_on(async {
             inside(&tnl, &e, default_route, &mut drift).await?;
+            let bridge = ctx.home().link(&crate::overlay::container_bridge_name(e.vni)).await?;
+            match (ctx.home().link(&e.host_if).await?, bridge) {
+                (None, _) => drift.push(format!("the node's end of {}, {}, is gone", e.ifname, e.host_if)),
+                (Some(_), None) => drift.push(format!("the network's node-side bridge {} is gone", crate::overlay::container_bridge_name(e.vni))),
+                (Some(h), Some(b)) if h.master != Some(b.index) => drift.push(format!("{} is not a port of {}", e.host_if, b.name)),
+                _ => {}
+            }
             match ctx.home().link(&e.host_link).await? {
                 None => drift.push(format!("the node's end of the container's link, {}, is gone", e.host_link)),
                 Some(l) => {

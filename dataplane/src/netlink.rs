@@ -86,6 +86,8 @@ pub struct VethEnd<'a> {
     pub mtu: Option<u32>,
     pub mac: Option<[u8; 6]>,
     pub group: Option<u32>,
+    /// The index of the bridge it is born a port of (in its namespace).
+    pub master: Option<u32>,
 }
 
 /// One IPv4 route of the main table.
@@ -153,6 +155,9 @@ impl Netlink {
             if let Some(g) = e.group {
                 b = b.link_group(g);
             }
+            if let Some(m) = e.master {
+                b = b.controller(m);
+            }
             b
         };
         let peer_msg = side(LinkUnspec::new_with_name(peer.name), peer).build();
@@ -165,6 +170,9 @@ impl Netlink {
         }
         if let Some(g) = end.group {
             b = b.link_group(g);
+        }
+        if let Some(m) = end.master {
+            b = b.controller(m);
         }
         self.h.link().add(b.up().build()).execute().await.map_err(ctx(format!("create veth {} peer {}", end.name, peer.name)))
     }

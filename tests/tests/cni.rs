@@ -72,16 +72,22 @@ impl Runtime {
 
     /// The conflist `[swarmnet, portmap, tuning]` for network `net`, asking node `i`'s daemon.
     fn conflist(&self, lab: &Lab, i: usize, net: &str) -> Result<PathBuf> {
-        let list = json!({
-            "cniVersion": "1.0.0",
-            "name": net,
-            "plugins": [
-                { "type": "swarmnet", "network": net, "socket": lab.nodes[i].data_dir.join("control.sock") },
-                { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
-                { "type": "tuning", "sysctl": { "net.core.somaxconn": "512" } }
-            ]
-        });
-        let p = self.dir.join(format!("{net}-n{i}.conflist"));
+        self.conflist_with(lab, i, net, false)
+    }
+
+    /// The same, with the reference `bandwidth` after them if `bandwidth` (its rates given
+    /// by the runtime: the `bandwidth` capability).
+    fn conflist_with(&self, lab: &Lab, i: usize, net: &str, bandwidth: bool) -> Result<PathBuf> {
+        let mut plugins = vec![
+            json!({ "type": "swarmnet", "network": net, "socket": lab.nodes[i].data_dir.join("control.sock") }),
+            json!({ "type": "portmap", "capabilities": { "portMappings": true }, "snat": true }),
+            json!({ "type": "tuning", "sysctl": { "net.core.somaxconn": "512" } }),
+        ];
+        if bandwidth {
+            plugins.push(json!({ "type": "bandwidth", "capabilities": { "bandwidth": true } }));
+        }
+        let list = json!({ "cniVersion": "1.0.0", "name": net, "plugins": plugins });
+        let p = self.dir.join(format!("{net}-n{i}{}.conflist", if bandwidth { "-bw" } else { "" }));
         std::fs::write(&p, serde_json::to_vec_pretty(&list)?)?;
         Ok(p)
     }
@@ -173,7 +179,8 @@ fn from_task(lab: &Lab, i: usize, probe: &str, target: &str) -> Result<String> {
     Ok(lab.cli_ok(i, &["run", "--name", probe, "--network", "appnet", "--", "python3", "-c", &code])?.trim().to_string())
 }
 
-/// ADD, CHECK and DEL through libcni with `[swarmnet, portmap, tuning]` on two nodes: the
+/// ADD, CHECK and DEL through libcni with `[swarmnet, portmap, tuning, bandwidth]` on two
+/// nodes: the
 /// container gets its address, routes, DNS and MTU; from inside it, `web` resolves to the
 /// VIP and a connection to it reaches a task (the load balancer acts for a process in no
 /// cgroup of swarmnet's); a task reaches the container by its name on another node; the
@@ -192,11 +199,13 @@ fn libcni_attaches_containers_to_the_overlay_dns_vips_and_host_ports_nftables() 
 fn libcni_attaches(lab: &Lab) -> Result<()> {
     let rt = Runtime::new(lab)?;
     let vip = vip(lab)?;
-    let caps = json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 7000, "protocol": "tcp" }] });
+    // Rates high enough not to slow the checks below; bursts in bits.
+    let shaped = json!({ "ingressRate": 400_000_000u64, "ingressBurst": 4_000_000u64, "egressRate": 300_000_000u64, "egressBurst": 4_000_000u64 });
+    let caps = json!({ "portMappings": [{ "hostPort": 8080, "containerPort": 7000, "protocol": "tcp" }], "bandwidth": shaped });
     let mut containers = Vec::new();
     for (i, name) in [(0, "c1"), (1, "c2")] {
         let (ns, path) = container_ns(lab, name)?;
-        let conf = rt.conflist(lab, i, "appnet")?;
+        let conf = rt.conflist_with(lab, i, "appnet", true)?;
         let out = rt.ok(lab, "add", &At(i, &conf, &path, name), Some(&caps))?;
         let r: Value = serde_json::from_str(&out).with_context(|| format!("the ADD result: {out}"))?;
         assert_eq!(r["cniVersion"], "1.0.0", "{r}");
@@ -206,6 +215,28 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
         assert_eq!(r["interfaces"][idx]["name"], "eth0", "{r}");
         assert_eq!(r["interfaces"][idx]["sandbox"], path.as_str(), "{r}");
         assert!(r["routes"].as_array().is_some_and(|rs| rs.iter().any(|x| x["dst"] == "0.0.0.0/0")), "{r}");
+        // bandwidth found eth0's host interface on the node (a port of the network's
+        // node-side bridge) and shaped it: a qdisc on it (to the container), and its ifb
+        // (listed in the result) shaping what the container sends.
+        let node_ns = &lab.nodes[i].ns;
+        let host_if = r["interfaces"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["sandbox"].is_null() && x["name"].as_str().is_some_and(|n| n.starts_with("snt"))))
+            .and_then(|x| x["name"].as_str())
+            .context("eth0's host interface in the result")?
+            .to_string();
+        let port = in_ns(node_ns, &["ip", "-o", "link", "show", "dev", &host_if])?;
+        assert!(port.contains("master sncb"), "{host_if} is a port of the node-side bridge: {port}");
+        let qdisc = in_ns(node_ns, &["tc", "qdisc", "show", "dev", &host_if])?;
+        assert!(qdisc.contains("tbf") || qdisc.contains("htb"), "bandwidth shaped {host_if}: {qdisc}");
+        let ifb = r["interfaces"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["name"].as_str().is_some_and(|n| n.starts_with("bwp"))))
+            .and_then(|x| x["name"].as_str())
+            .context("bandwidth's ifb in the result")?
+            .to_string();
+        let ifb_qdisc = in_ns(node_ns, &["tc", "qdisc", "show", "dev", &ifb])?;
+        assert!(ifb_qdisc.contains("tbf") || ifb_qdisc.contains("htb"), "the container's egress is shaped on {ifb}: {ifb_qdisc}");
         // In the namespace: the address, the MTU of the overlay, tuning's sysctl after ours.
         let addr = in_ns(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
         assert!(addr.contains(&ip), "{addr}");
@@ -238,8 +269,9 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
 
     // CHECK (without the port mappings: portmap 1.1.1's own CHECK of them is broken,
     // containernetworking/plugins#819), then drift.
+    let check_caps = json!({ "bandwidth": shaped });
     for (i, name, _, path, conf, _) in &containers {
-        rt.ok(lab, "check", &At(*i, conf, path, name), None)?;
+        rt.ok(lab, "check", &At(*i, conf, path, name), Some(&check_caps))?;
     }
     let (i, name, ns, path, conf, ip) = &containers[0];
     in_ns(ns, &["ip", "addr", "del", &format!("{ip}/24"), "dev", "eth0"])?;

@@ -48,6 +48,8 @@ pub struct Record {
     pub cookie: u64,
     pub host_link_mac: String,
     pub container_link_mac: String,
+    #[serde(default)]
+    pub host_if_mac: String,
     /// Its default route is ours.
     #[serde(default = "yes")]
     pub default_route: bool,
@@ -82,6 +84,7 @@ impl Record {
     fn container_net(&self, mtu: u32) -> ContainerNet {
         ContainerNet {
             netns: self.netns.clone(),
+            vni: self.attachment.network.vni,
             host_if: self.host_if(),
             ifname: self.ifname.clone(),
             address: self.attachment.address,
@@ -92,7 +95,8 @@ impl Record {
         }
     }
 
-    /// The node's end of its veth (in the network's sandbox), named as a task's.
+    /// The node's end of its veth (in the node's namespace, a port of the network's
+    /// node-side bridge), named as a task's.
     fn host_if(&self) -> String {
         host_if_name(&self.task_id, 0)
     }
@@ -253,6 +257,8 @@ impl Containers {
             host_link_mac: r.host_link_mac.clone(),
             container_link: CONTAINER_LINK.to_string(),
             container_link_mac: r.container_link_mac.clone(),
+            host_if: r.host_if(),
+            host_if_mac: r.host_if_mac.clone(),
             routes,
             nameservers: vec![swarmnet_dns::resolvconf::RESOLVER_ADDR.to_string()],
             search,
@@ -284,10 +290,13 @@ impl Containers {
     }
 
     /// Plugs a record's interface (its links made, the node on its network) into the node's
-    /// side of it: the bridge, the load balancer, the resolver, the endpoint.
-    async fn connect(&self, r: &Record, netns: std::fs::File) -> anyhow::Result<()> {
+    /// side of it: the bridge (`adopted`: made by an earlier daemon; a fresh one is born a
+    /// port of it), the load balancer, the resolver, the endpoint.
+    async fn connect(&self, r: &Record, netns: std::fs::File, adopted: bool) -> anyhow::Result<()> {
         let net = &r.attachment.network;
-        self.rt.sandboxes().plug(&net.id, &r.host_if()).await?;
+        if adopted {
+            self.rt.sandboxes().plug_container(&net.id, &r.host_if()).await?;
+        }
         if let Some(lb) = self.rt.lb() {
             lb.backend.add_task(&r.task_id, &netns, &[net.vni]).await.map_err(|e| anyhow::anyhow!("load balancer: add the container's namespace: {e}"))?;
         }
@@ -370,6 +379,7 @@ impl Containers {
         r.cookie = made.cookie;
         r.host_link_mac = made.host_link_mac;
         r.container_link_mac = made.container_link_mac;
+        r.host_if_mac = made.host_if_mac;
         r.default_route = made.default_route;
         r.complete = true;
         let done = r.clone();
@@ -378,7 +388,7 @@ impl Containers {
         });
         let connected = async {
             saved.await?;
-            self.connect(&r, made.netns).await
+            self.connect(&r, made.netns, false).await
         };
         if let Err(e) = connected.await {
             self.disconnect(&r).await;
@@ -447,6 +457,7 @@ impl Agent {
             cookie: 0,
             host_link_mac: String::new(),
             container_link_mac: String::new(),
+            host_if_mac: String::new(),
             default_route: true,
             complete: false,
             leaving: false,
@@ -643,7 +654,7 @@ impl Agent {
                 match self.still_there(&r).await {
                     Some(f) if r.complete && !r.leaving => match async {
                         c.join(&r).await.map(drop)?;
-                        c.connect(&r, f).await
+                        c.connect(&r, f, true).await
                     }
                     .await
                     {

@@ -84,6 +84,12 @@ pub struct CniAttached {
     pub host_link_mac: String,
     pub container_link: String,
     pub container_link_mac: String,
+    /// The node end of `ifname`'s veth, in the node's namespace (a port of the network's
+    /// node-side bridge): the host interface the plugins chained after look for.
+    #[serde(default)]
+    pub host_if: String,
+    #[serde(default)]
+    pub host_if_mac: String,
     /// The container's routes: the network's subnet on `ifname` (its gateway), everything else
     /// through its node.
     pub routes: Vec<CniRoute>,

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
 
+use crate::netlink::{Netlink, VethEnd};
 use crate::netns::{raw, NsError, NsWorker};
 
 pub use sandboxes::{SandboxError, Sandboxes};
@@ -25,6 +26,71 @@ pub const BRIDGE: &str = "br0";
 
 pub fn vxlan_name(vni: u32) -> String {
     format!("snvx{vni}")
+}
+
+/// The node-side bridge of a network that containers of other runtimes are on (issue 22):
+/// their veths' node ends are its ports, in the node's namespace, where the plugins chained
+/// after swarmnet's (the reference `bandwidth`) look for a container's host interface. Made
+/// with the first container, it is joined to the sandbox's `br0` by the veth pair
+/// [`container_trunk_name`] (both ends named so), and goes with the sandbox.
+pub fn container_bridge_name(vni: u32) -> String {
+    format!("sncb{vni}")
+}
+
+/// The veth pair joining [`container_bridge_name`] to the sandbox's `br0`.
+pub fn container_trunk_name(vni: u32) -> String {
+    format!("snct{vni}")
+}
+
+/// Makes (or completes) the network's node-side bridge for containers and its trunk into the
+/// sandbox (`sb`, whose descriptor is `sb_fd`); returns the bridge's index. Idempotent; run
+/// inside a namespace-worker job, whose `home` is the node's namespace.
+pub(crate) async fn ensure_container_bridge(home: &Netlink, sb: &Netlink, sb_fd: std::os::fd::RawFd, vni: u32, mtu: u32) -> Result<u32, crate::netlink::Error> {
+    let br = container_bridge_name(vni);
+    let tr = container_trunk_name(vni);
+    let bridge = match home.link(&br).await? {
+        Some(l) => l,
+        None => {
+            home.create_bridge(&br).await?;
+            home.configure_link(&br, None, None, Some(mtu)).await?;
+            home.link(&br).await?.ok_or_else(|| crate::netlink::Error::NoLink(br.clone()))?
+        }
+    };
+    let in_sandbox = sb.link(&tr).await?;
+    let sb_bridge = sb.link(BRIDGE).await?.map(|l| l.index);
+    match (home.link(&tr).await?, in_sandbox) {
+        (Some(h), Some(s)) if s.master.is_some() && s.master == sb_bridge => {
+            if h.master != Some(bridge.index) {
+                home.set_master(&tr, &br).await?;
+            }
+        }
+        (h, _) => {
+            // Missing, or half of an earlier sandbox's: made again.
+            if h.is_some() {
+                home.delete_link(&tr).await?;
+            }
+            sb.delete_link(&tr).await?;
+            home.create_veth_pair(
+                &VethEnd { name: &tr, mtu: Some(mtu), master: Some(bridge.index), ..Default::default() },
+                &VethEnd { name: &tr, netns: Some(sb_fd), mtu: Some(mtu), ..Default::default() },
+            )
+            .await?;
+            sb.set_master(&tr, BRIDGE).await?;
+        }
+    }
+    Ok(bridge.index)
+}
+
+/// Removes the network's node-side bridge for containers and its trunk, if there are.
+pub async fn remove_container_bridge(ns: &NsWorker, vni: u32) -> Result<(), NsError> {
+    ns.run(move |ctx| -> Result<(), NsError> {
+        ctx.block_on(async {
+            ctx.home().delete_link(&container_trunk_name(vni)).await?;
+            ctx.home().delete_link(&container_bridge_name(vni)).await
+        })?;
+        Ok(())
+    })
+    .await?
 }
 
 /// A remote endpoint as the overlay needs it.

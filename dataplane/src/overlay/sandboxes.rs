@@ -197,6 +197,9 @@ impl Sandboxes {
     pub async fn remove(&self, net: &NetworkId) -> bool {
         let mut map = self.map.lock().await;
         let Some(sb) = map.remove(net) else { return false };
+        if let Err(e) = super::remove_container_bridge(&self.ns, sb.holder.vni).await {
+            warn!(network = %sb.name, vni = sb.holder.vni, error = %e, "could not remove the node-side bridge of its containers");
+        }
         if let Err(e) = super::remove_vxlan(&self.ns, &sb.ns, sb.holder.vni).await {
             warn!(network = %sb.name, vni = sb.holder.vni, error = %e, "could not remove the vxlan device");
         }
@@ -216,6 +219,38 @@ impl Sandboxes {
         let map = self.map.lock().await;
         let sb = map.get(net).ok_or_else(|| SandboxError::NoSandbox(net.clone()))?;
         super::plug(&self.ns, &sb.ns, host_if.to_string()).await.map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "plug a task", source: Box::new(source) })
+    }
+
+    /// Plugs a container's node-side veth end (in the node's namespace) into the network's
+    /// node-side bridge, making the bridge and its trunk into the sandbox if they are missing
+    /// (a sandbox made again after a restart). Idempotent; an end not in the node's namespace
+    /// (an older daemon put it in the sandbox, on `br0`) is left as it is.
+    pub async fn plug_container(&self, net: &NetworkId, host_if: &str) -> Result<(), SandboxError> {
+        let map = self.map.lock().await;
+        let sb = map.get(net).ok_or_else(|| SandboxError::NoSandbox(net.clone()))?;
+        let (sb_ns, vni, mtu, host_if) = (
+            sb.ns.try_clone().map_err(|e| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "plug a container", source: Box::new(e.into()) })?,
+            sb.holder.vni,
+            self.mtu,
+            host_if.to_string(),
+        );
+        self.ns
+            .run(move |ctx| -> Result<(), NsError> {
+                let snl = ctx.netlink_in(&sb_ns)?;
+                ctx.block_on(async {
+                    let bridge = super::ensure_container_bridge(ctx.home(), &snl, crate::netns::raw(&sb_ns), vni, mtu).await?;
+                    if let Some(l) = ctx.home().link(&host_if).await? {
+                        if l.master != Some(bridge) {
+                            ctx.home().set_master(&host_if, &super::container_bridge_name(vni)).await?;
+                        }
+                    }
+                    Ok::<(), crate::netlink::Error>(())
+                })?;
+                Ok(())
+            })
+            .await
+            .and_then(|r| r)
+            .map_err(|source| SandboxError::Kernel { network: sb.name.clone(), vni: sb.holder.vni, what: "plug a container", source: Box::new(source) })
     }
 
     /// Removes a task's veth end from the sandbox (the task's end goes with it).
