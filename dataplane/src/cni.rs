@@ -78,6 +78,45 @@ pub struct ContainerNet {
     pub host_link: String,
 }
 
+/// The node's nftables table for containers of other runtimes (made with the first one,
+/// removed when the node leaves the swarm).
+pub const TABLE: &str = "swarmnet-cni";
+
+/// [`TABLE`], whole (made or replaced atomically):
+/// - `egress`: what a container sends through its link to the node (`snh…`) and the node
+///   forwards elsewhere is masqueraded to the node's address, as Docker's `docker_gwbridge`
+///   does: a container on overlays only reaches the world outside the cluster;
+/// - `bridged`: the overlay's frames crossing a network's node-side bridge (`sncb…`), which
+///   `br_netfilter` hands to the node's IPv4 hooks, are not tracked: they are the overlay's
+///   own traffic (tracked, if anywhere, in the containers and tasks), not the node's to NAT,
+///   and tracking them would cost every packet a conntrack lookup.
+pub fn node_table() -> crate::nft::Tx {
+    use crate::nft::{self, eq, meta, MetaKey, NfChainType, NfFamily, NfHook, Operator, Statement};
+    let fam = NfFamily::IP;
+    let mut tx = nft::Tx::new();
+    tx.replace_table(fam, TABLE);
+    tx.add(nft::base_chain(fam, TABLE, "bridged", NfChainType::Filter, NfHook::Prerouting, -300));
+    tx.add(nft::rule(fam, TABLE, "bridged", vec![eq(meta(MetaKey::Iifname), nft::s("sncb*")), Statement::Notrack]));
+    tx.add(nft::base_chain(fam, TABLE, "egress", NfChainType::NAT, NfHook::Postrouting, 100));
+    tx.add(nft::rule(fam, TABLE, "egress", vec![eq(meta(MetaKey::Iifname), nft::s("snh*")), nft::m(meta(MetaKey::Oifname), Operator::NEQ, nft::s("snh*")), nft::masquerade_fully_random()]));
+    tx
+}
+
+/// Makes [`TABLE`] in the node's namespace and turns on forwarding there (what a
+/// container's packets to the outside need, as Docker turns it on).
+pub async fn apply_node_table() -> Result<(), NsError> {
+    crate::nft::apply(None, &node_table()).await.map_err(|e| NsError::Io(std::io::Error::other(format!("nftables table {TABLE}: {e}"))))?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io("turn on forwarding (/proc/sys/net/ipv4/ip_forward)".into()))?;
+    Ok(())
+}
+
+/// Removes [`TABLE`] from the node's namespace, if it is there.
+pub async fn remove_node_table() -> Result<(), NsError> {
+    let mut tx = crate::nft::Tx::new();
+    tx.remove_table(crate::nft::NfFamily::IP, TABLE);
+    crate::nft::apply(None, &tx).await.map_err(|e| NsError::Io(std::io::Error::other(format!("remove nftables table {TABLE}: {e}"))))
+}
+
 /// The link group of every link swarmnet makes in a container's namespace: DEL deletes
 /// them (and so their node ends) in one request, with one RCU grace period.
 pub const LINK_GROUP: u32 = 0x534e;
@@ -291,4 +330,36 @@ async fn inside(tnl: &Netlink, e: &ContainerNet, default_route: bool, drift: &mu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_table_masquerades_container_egress_and_leaves_bridged_frames_untracked() {
+        let v: serde_json::Value = serde_json::from_str(&node_table().json()).expect("nft JSON");
+        let adds: Vec<&serde_json::Value> = v["nftables"].as_array().expect("a list").iter().filter_map(|o| o.get("add")).collect();
+        let chain = |name: &str| adds.iter().find_map(|a| a.get("chain").filter(|c| c["name"] == name)).unwrap_or_else(|| panic!("chain {name}: {v}"));
+        let rule = |name: &str| adds.iter().find_map(|a| a.get("rule").filter(|r| r["chain"] == name)).unwrap_or_else(|| panic!("rule of {name}: {v}"));
+        let matches = |r: &serde_json::Value, key: &str, op: &str, right: &str| {
+            r["expr"].as_array().is_some_and(|e| e.iter().any(|x| x["match"]["left"]["meta"]["key"] == key && x["match"]["op"] == op && x["match"]["right"] == right))
+        };
+        assert_eq!((chain("egress")["type"].as_str(), chain("egress")["hook"].as_str()), (Some("nat"), Some("postrouting")));
+        let egress = rule("egress");
+        assert!(matches(egress, "iifname", "==", "snh*") && matches(egress, "oifname", "!=", "snh*"), "{egress}");
+        assert!(egress["expr"].as_array().is_some_and(|e| e.iter().any(|x| x.get("masquerade").is_some())), "{egress}");
+        assert_eq!((chain("bridged")["hook"].as_str(), chain("bridged")["prio"].as_i64()), (Some("prerouting"), Some(-300)));
+        let bridged = rule("bridged");
+        assert!(matches(bridged, "iifname", "==", "sncb*"), "{bridged}");
+        assert!(bridged["expr"].as_array().is_some_and(|e| e.iter().any(|x| x.get("notrack").is_some())), "{bridged}");
+    }
+
+    #[test]
+    fn host_link_names_fit_and_differ() {
+        let a = host_link_name(NsId { dev: 4, ino: 4026532000 });
+        let b = host_link_name(NsId { dev: 4, ino: 4026532001 });
+        assert!(a.len() <= 15 && a.starts_with("snh"), "{a}");
+        assert_ne!(a, b);
+    }
 }

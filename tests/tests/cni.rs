@@ -267,6 +267,16 @@ fn libcni_attaches(lab: &Lab) -> Result<()> {
     let cl = lab.outside_client()?;
     assert_eq!(first_line(&cl, &lab.nodes[1].addr, "8080")?, "c2", "the host port 8080 of node 2");
 
+    // Egress: a container reaches a server outside the cluster (on the underlay, not an
+    // overlay), masqueraded to its node's address, as Docker's gwbridge does.
+    let code = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7100))\ns.listen(8)\nwhile True:\n c,a=s.accept()\n c.sendall((a[0]+'\\n').encode())\n c.close()\n";
+    let mut outside = Command::new("ip").args(["netns", "exec", &cl, "python3", "-c", code]).env("SWARMNET_LAB", &lab.name).stdout(Stdio::null()).spawn()?;
+    wait_for("the server outside the cluster", T, || in_ns(&cl, &["ss", "-Htln", "sport = :7100"]).ok().filter(|o| !o.trim().is_empty()))?;
+    let seen = first_line(ns1, &format!("{}.250", swarmnet_lab::UNDERLAY_PREFIX), "7100");
+    let _ = outside.kill();
+    let _ = outside.wait();
+    assert_eq!(seen?, lab.nodes[0].addr, "the container's connection outside the cluster comes from its node's address");
+
     // CHECK (without the port mappings: portmap 1.1.1's own CHECK of them is broken,
     // containernetworking/plugins#819), then drift.
     let check_caps = json!({ "bandwidth": shaped });

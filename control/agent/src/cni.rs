@@ -154,6 +154,8 @@ pub struct Containers {
     /// Requests to the manager under way: a burst of ADDs (a node starting 100 containers)
     /// must stay under 2377's cap of connections per address, beside the session's own.
     calls: tokio::sync::Semaphore,
+    /// Whether this daemon made the node's table for containers (egress, bridged frames).
+    table: tokio::sync::Mutex<bool>,
 }
 
 /// At most this many requests of containers to the manager at once.
@@ -190,6 +192,7 @@ impl Containers {
             live: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             calls: tokio::sync::Semaphore::new(MANAGER_CALLS),
+            table: tokio::sync::Mutex::new(false),
         })
     }
 
@@ -266,6 +269,17 @@ impl Containers {
         }
     }
 
+    /// Makes the node's nftables table for containers, once per daemon (the first ADD or
+    /// adoption): their egress masqueraded, the bridged overlay frames untracked.
+    async fn ensure_table(&self) -> anyhow::Result<()> {
+        let mut made = self.table.lock().await;
+        if !*made {
+            dp::apply_node_table().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            *made = true;
+        }
+        Ok(())
+    }
+
     /// Puts the node on a record's network for it (hold; sandbox and gossip): the sandbox's
     /// namespace, where the veth's other end belongs.
     async fn join(&self, r: &Record) -> anyhow::Result<std::fs::File> {
@@ -294,6 +308,7 @@ impl Containers {
     /// port of it), the load balancer, the resolver, the endpoint.
     async fn connect(&self, r: &Record, netns: std::fs::File, adopted: bool) -> anyhow::Result<()> {
         let net = &r.attachment.network;
+        self.ensure_table().await?;
         if adopted {
             self.rt.sandboxes().plug_container(&net.id, &r.host_if()).await?;
         }
@@ -726,6 +741,11 @@ impl Agent {
                 c.disconnect(&r).await;
             }
         }
+        let mut made = c.table.lock().await;
+        if let Err(e) = dp::remove_node_table().await {
+            warn!(error = %e, "could not remove the node's table for containers");
+        }
+        *made = false;
         c.save_or_log(|s| *s = Saved::default()).await;
     }
 }
