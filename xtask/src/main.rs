@@ -59,10 +59,29 @@ enum Cmd {
     Fuzz(FuzzCmd),
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha
+        /// control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
+        /// gossip-sim: sizes, comma-separated (default 1000,10000).
+        #[arg(long)]
+        nodes: Option<String>,
+        /// gossip-sim: probability that a datagram is lost.
+        #[arg(long)]
+        loss: Option<f64>,
+        /// gossip-sim: one-way latency, `LO..HI` milliseconds (default 1..20).
+        #[arg(long)]
+        latency_ms: Option<String>,
+        /// gossip-sim: `free`, `per-node` or `shared:K` (what a node's work costs).
+        #[arg(long)]
+        cpu: Option<String>,
+        /// gossip-sim: seal every packet.
+        #[arg(long)]
+        sealed: bool,
+        /// gossip-sim: instead, the real processes and the simulator side by side at these
+        /// sizes (e.g. 50,200,300).
+        #[arg(long)]
+        validate: Option<String>,
     },
 }
 
@@ -178,7 +197,7 @@ fn real_main() -> Result<()> {
             let targets = if targets.is_empty() { fuzz::TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
             fuzz::run(&targets, runs, seconds, keep)?;
         }
-        Cmd::Bench { what, runs } => match what.as_str() {
+        Cmd::Bench { what, runs, nodes, loss, latency_ms, cpu, sealed, validate } => match what.as_str() {
             "control" => bench_control(runs)?,
             "manager-memory" => bench_manager_memory()?,
             "agent-memory" => bench_agent_memory()?,
@@ -187,10 +206,23 @@ fn real_main() -> Result<()> {
                 build()?;
                 bench_overlay::bench_overlay(8, 3)?
             }
-            "gossip" => bench_gossip::bench_gossip(&[10, 50, 100, 200], runs.max(50), Duration::from_secs(10), 50, 10)?,
-            "failure" => bench_gossip::bench_failure(50, runs.max(10))?,
-            "gossip-seal" => bench_gossip::bench_gossip_seal(200, runs.max(50), 3)?,
-            "soak" => bench_gossip::bench_soak(50, Duration::from_secs(600))?,
+            "gossip" => bench_gossip::run(&["gossip".into(), "--trials".into(), runs.max(50).to_string()])?,
+            "failure" => bench_gossip::run(&["gossip-failure".into(), "--trials".into(), runs.max(10).to_string()])?,
+            "gossip-seal" => bench_gossip::run(&["gossip-seal".into(), "--trials".into(), runs.max(50).to_string()])?,
+            "soak" => bench_gossip::run(&["gossip-soak".into()])?,
+            "gossip-sim" => {
+                let mut a = vec!["gossip-sim".to_string(), "--trials".into(), runs.max(50).to_string()];
+                for (flag, v) in [("--nodes", nodes.or(Some("1000,10000".into()))), ("--loss", loss.map(|l| l.to_string())), ("--latency-ms", latency_ms), ("--cpu", cpu), ("--validate", validate)] {
+                    if let Some(v) = v {
+                        a.push(flag.into());
+                        a.push(v);
+                    }
+                }
+                if sealed {
+                    a.push("--sealed".into());
+                }
+                bench_gossip::run(&a)?
+            }
             "convergence" => {
                 build()?;
                 bench_convergence::bench_convergence(runs.max(50))?
@@ -242,7 +274,7 @@ fn real_main() -> Result<()> {
                 bench_ha::bench_ha(runs)?
             }
             other => {
-                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, dns, lb, ingress, nft, ha, logs, metrics, docker-api, cni)")
+                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha, logs, metrics, docker-api, cni)")
             }
         },
     }
@@ -255,7 +287,7 @@ pub fn sim_binary(bin: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Builds the release binary and makes the lab use it.
-fn release_binary() -> Result<()> {
+pub(crate) fn release_binary() -> Result<()> {
     build()?;
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(["build", "--release", "-j2", "-p", "swarmnet-control", "-p", "swarmnet-sim"]).status()?;
     if !st.success() {

@@ -11,6 +11,7 @@ pub mod memnet;
 pub mod seal;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod sim;
 pub mod table;
 
 use std::cmp::Reverse;
@@ -321,6 +322,11 @@ impl Gossip {
     /// Live members other than this node.
     pub fn members(&self) -> impl Iterator<Item = &Ident> {
         self.alive.values()
+    }
+
+    /// How many live members other than this node (what `members().count()` is, at once).
+    pub fn member_count(&self) -> usize {
+        self.alive.len()
     }
 
     pub fn take_out(&mut self) -> Vec<Out> {

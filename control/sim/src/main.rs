@@ -1,7 +1,13 @@
 //! `swarmnet-sim`: the benchmarks' load generators, kept out of the shipped `swarmnet` binary
 //! (issue 19). `cargo xtask bench` runs it next to the daemons.
 
+mod alloc;
+mod gossip_real;
+mod gossip_sim;
 mod sim;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -50,14 +56,170 @@ enum Cmd {
         #[arg(long)]
         keys_from: PathBuf,
     },
+    /// The real gossip core at NODES nodes in virtual time over a network model (issue 23):
+    /// membership convergence, idle traffic, a change reaching every node, peak heap.
+    GossipSim {
+        /// Sizes, comma-separated.
+        #[arg(long, default_value = "1000")]
+        nodes: String,
+        /// Probability that a datagram is lost.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// One-way latency range in milliseconds, `LO..HI` (or one figure).
+        #[arg(long, default_value = "1..20")]
+        latency_ms: String,
+        /// What a node's work costs in virtual time: `free`, `per-node` (the real time its
+        /// code took, each node on its own machine) or `shared:K` (all on K cores).
+        #[arg(long, default_value = "free")]
+        cpu: String,
+        /// Seal and open every packet, as the server does.
+        #[arg(long)]
+        sealed: bool,
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// Milliseconds from one trial's start to the next one's.
+        #[arg(long, default_value_t = 1000)]
+        pace_ms: u64,
+        /// Virtual seconds of idle traffic to measure.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// Longest virtual time for membership to converge.
+        #[arg(long, default_value_t = 300)]
+        limit_secs: u64,
+        /// Longest real time for one size; what was measured by then is reported.
+        #[arg(long, default_value_t = 1800)]
+        budget_secs: u64,
+        /// Most heap for one size, GiB; past it, the same.
+        #[arg(long, default_value_t = 12)]
+        max_heap_gib: usize,
+        /// What the system costs per message, microseconds (default: measured here when
+        /// the CPU is modelled, else 0).
+        #[arg(long)]
+        per_message_us: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Instead: the real processes and the simulator side by side at these sizes
+        /// (comma-separated), sealed, on 2 shared cores.
+        #[arg(long)]
+        validate: Option<String>,
+    },
+    /// N real gossip instances in this process on loopback (the server the agent runs), for
+    /// each size: a change reaching every node, bytes per node; then failure detection.
+    Gossip {
+        #[arg(long, default_value = "10,50,100,200")]
+        sizes: String,
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        #[arg(long, default_value_t = 50)]
+        fail_nodes: usize,
+        #[arg(long, default_value_t = 10)]
+        fail_trials: usize,
+    },
+    /// Failure detection alone, at N real instances.
+    GossipFailure {
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+    },
+    /// What sealing costs at N real instances: rounds without and with it.
+    GossipSeal {
+        #[arg(long, default_value_t = 200)]
+        nodes: usize,
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// N real instances with both cores kept busy: live nodes declared dead.
+    GossipSoak {
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
+}
+
+fn sizes(s: &str) -> anyhow::Result<Vec<usize>> {
+    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| anyhow::anyhow!("sizes {s:?}: {x:?}: {e} (give N,N,…)"))).filter(|r| !matches!(r, Ok(0))).collect()
+}
+
+fn cpu(s: &str) -> anyhow::Result<swarmnet_gossip::sim::Cpu> {
+    use swarmnet_gossip::sim::Cpu;
+    match s {
+        "free" => Ok(Cpu::Free),
+        "per-node" => Ok(Cpu::PerNode),
+        _ => match s.strip_prefix("shared:").map(str::parse::<usize>) {
+            Some(Ok(k)) if k > 0 => Ok(Cpu::Shared(k)),
+            _ => anyhow::bail!("--cpu {s:?}: free, per-node or shared:K (K > 0)"),
+        },
+    }
+}
+
+/// `LO..HI` or `X` (milliseconds).
+fn latency_range(s: &str) -> anyhow::Result<(f64, f64)> {
+    let parse = |x: &str| x.trim().parse::<f64>().map_err(|e| anyhow::anyhow!("--latency-ms {s:?}: {e} (give LO..HI or one figure, in milliseconds)"));
+    let (lo, hi) = match s.split_once("..") {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => (parse(s)?, parse(s)?),
+    };
+    if !(lo >= 0.0 && hi >= lo) {
+        anyhow::bail!("--latency-ms {s:?}: need 0 <= LO <= HI");
+    }
+    Ok((lo, hi))
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))).init();
+    use std::time::Duration;
+    match cli.cmd {
+        Cmd::GossipSim { nodes, loss, latency_ms, cpu: c, sealed, trials, pace_ms, idle_secs, limit_secs, budget_secs, max_heap_gib, per_message_us, seed, validate } => {
+            if let Some(v) = validate {
+                return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
+            }
+            if !(0.0..1.0).contains(&loss) {
+                anyhow::bail!("--loss {loss}: a probability, 0 <= loss < 1");
+            }
+            let latency_ms = latency_range(&latency_ms)?;
+            let cpu = cpu(&c)?;
+            let per_message = match per_message_us {
+                Some(us) if us >= 0.0 => Duration::from_nanos((us * 1000.0) as u64),
+                Some(us) => anyhow::bail!("--per-message-us {us}: not negative"),
+                None if cpu == swarmnet_gossip::sim::Cpu::Free => Duration::ZERO,
+                None => gossip_sim::calibrate()?,
+            };
+            for n in sizes(&nodes)? {
+                gossip_sim::simulate(&gossip_sim::Args {
+                    nodes: n,
+                    loss,
+                    latency_ms,
+                    cpu,
+                    sealed,
+                    trials,
+                    pace: Duration::from_millis(pace_ms),
+                    idle: Duration::from_secs(idle_secs),
+                    limit: Duration::from_secs(limit_secs),
+                    budget: Duration::from_secs(budget_secs),
+                    max_heap: max_heap_gib << 30,
+                    per_message,
+                    seed,
+                });
+            }
+            return Ok(());
+        }
+        Cmd::Gossip { sizes: s, trials, idle_secs, fail_nodes, fail_trials } => return gossip_real::bench_gossip(&sizes(&s)?, trials, Duration::from_secs(idle_secs), fail_nodes, fail_trials),
+        Cmd::GossipFailure { nodes, trials } => return gossip_real::bench_failure(nodes, trials),
+        Cmd::GossipSeal { nodes, trials, rounds } => return gossip_real::bench_gossip_seal(nodes, trials, rounds),
+        Cmd::GossipSoak { nodes, secs } => return gossip_real::bench_soak(nodes, Duration::from_secs(secs)),
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.cmd {
         Cmd::Nodes { join, token, count, advertise_addr, data_dir } => rt.block_on(sim::run(join, token, count, &data_dir, advertise_addr)),
         Cmd::Endpoints { gossip_addr, seed, network, count, vips, keys_from } => rt.block_on(sim::endpoints(gossip_addr, seed, network, count, vips, &keys_from)),
+        _ => Ok(()),
     }
 }

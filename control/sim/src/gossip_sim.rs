@@ -1,0 +1,277 @@
+//! `swarmnet-sim gossip-sim`: the real gossip core ([`swarmnet_gossip::sim::Sim`]) at N
+//! nodes in virtual time (issue 23). Prints, one line each: membership convergence, idle
+//! traffic, a change reaching every node (p50/p99 over the trials) and the traffic while
+//! changing, stream syncs in flight at most, and peak heap per node. `--validate` runs the
+//! real processes (`gossip_real`) and the simulator side by side at the same sizes.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use swarmnet_gossip::sim::{Cpu, NetModel, Sim};
+use swarmnet_gossip::{Config, Event};
+use swarmnet_types::{Endpoint, EndpointState};
+
+use crate::alloc;
+use crate::gossip_real::{self, pct};
+
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub nodes: usize,
+    pub loss: f64,
+    pub latency_ms: (f64, f64),
+    pub cpu: Cpu,
+    pub sealed: bool,
+    pub trials: usize,
+    /// One trial starts this long after the one before started (or once it is done).
+    pub pace: Duration,
+    pub idle: Duration,
+    /// Longest virtual time for membership to converge.
+    pub limit: Duration,
+    /// Longest real time the whole run may take; past it, what was measured is reported.
+    pub budget: Duration,
+    /// Most heap the run may hold (bytes); past it, the same.
+    pub max_heap: usize,
+    /// What the system costs per message sent or received (see [`calibrate`]).
+    pub per_message: Duration,
+    pub seed: u64,
+}
+
+/// What a simulated run measured (virtual time).
+#[derive(Clone, Debug, Default)]
+pub struct SimFigures {
+    /// None: not converged within the limit (or the budget).
+    pub converged_s: Option<f64>,
+    pub short: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub reached_all: usize,
+    pub idle_bps: f64,
+    pub busy_bps: f64,
+    pub max_streams: usize,
+    pub heap_per_node_kib: f64,
+    pub real_s: f64,
+    /// The real-time budget ran out: what follows it was not measured.
+    pub out_of_budget: bool,
+}
+
+fn ep(k: usize, owner: usize) -> Endpoint {
+    Endpoint {
+        network: "bench".into(),
+        id: format!("t{k}"),
+        task_name: format!("web.{k}"),
+        service_name: "web".into(),
+        service_id: "svc".into(),
+        aliases: vec![],
+        ip: Ipv4Addr::new(10, 1, (k / 250) as u8, (k % 250) as u8 + 2),
+        mac: [2, 0x42, 10, 1, (k / 250) as u8, (k % 250) as u8 + 2],
+        vtep: std::net::IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (owner as u32 & 0xff_ffff))),
+        vip: None,
+        ports: vec![],
+        state: EndpointState::Active,
+    }
+}
+
+/// Per node per second, in bytes.
+fn rate(bytes: u64, n: usize, d: Duration) -> f64 {
+    bytes as f64 / n.max(1) as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn kib_per_node(bytes: usize, n: usize) -> f64 {
+    bytes as f64 / 1024.0 / n.max(1) as f64
+}
+
+/// One simulated run, printed as it goes.
+pub fn simulate(a: &Args) -> SimFigures {
+    let real = Instant::now();
+    let n = a.nodes;
+    let ms = |x: f64| Duration::from_micros((x * 1000.0) as u64);
+    let model = NetModel { latency: (ms(a.latency_ms.0), ms(a.latency_ms.1)), loss: a.loss, cpu: a.cpu, sealed: a.sealed, per_message: a.per_message, ..NetModel::default() };
+    println!("gossip-sim: {n} nodes, latency {:?}..{:?}, loss {}, cpu {:?} ({:?} a message), sealed {}, seed {}", model.latency.0, model.latency.1, a.loss, a.cpu, a.per_message, a.sealed, a.seed);
+    let mut f = SimFigures { p50_ms: f64::NAN, p99_ms: f64::NAN, ..SimFigures::default() };
+    let heap0 = alloc::current();
+    alloc::reset_peak();
+    let mut s = Sim::new(n, Config::default(), model, a.seed);
+    // Who has seen each endpoint id, and when the last one did.
+    let seen: Rc<RefCell<HashMap<String, (usize, Instant)>>> = Rc::new(RefCell::new(HashMap::new()));
+    let sink = seen.clone();
+    s.observe(Box::new(move |_, e, t| {
+        if let Event::Endpoint(c) = e {
+            if c.new.is_some() {
+                let mut m = sink.borrow_mut();
+                let x = m.entry(c.id.clone()).or_insert((0, t));
+                x.0 += 1;
+                x.1 = t;
+            }
+        }
+    }));
+    let spent = || real.elapsed() > a.budget || alloc::current() > a.max_heap;
+    let over = |f: &mut SimFigures| {
+        f.out_of_budget = f.out_of_budget || spent();
+        f.out_of_budget
+    };
+    s.join_all();
+    let conv = s.run_until(a.limit, Duration::from_millis(10), |s| s.converged() || spent());
+    let max_streams = s.max_streams;
+    f.short = s.not_converged();
+    f.converged_s = conv.filter(|_| f.short == 0).map(|t| t.as_secs_f64());
+    match f.converged_s {
+        Some(t) => println!("membership converged in {t:.2} s virtual ({:.1} s real); stream syncs in flight at most {max_streams}", real.elapsed().as_secs_f64()),
+        None => println!(
+            "membership NOT converged within {:.1} s virtual ({:.1} s real{}): {} of {n} nodes short; stream syncs in flight at most {max_streams}",
+            conv.unwrap_or(a.limit).as_secs_f64(),
+            real.elapsed().as_secs_f64(),
+            if spent() { ", real-time or heap budget spent" } else { "" },
+            f.short
+        ),
+    }
+    println!("peak heap while joining: {:.1} KiB per node", kib_per_node(alloc::peak().saturating_sub(heap0), n));
+    if over(&mut f) {
+        f.max_streams = max_streams;
+        f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
+        f.real_s = real.elapsed().as_secs_f64();
+        return f;
+    }
+    for i in 0..n {
+        s.with(i, |g, _| g.join_network("bench"));
+    }
+    s.run_for(Duration::from_secs(2));
+    let b0 = s.bytes_sent();
+    s.run_for(a.idle);
+    f.idle_bps = rate(s.bytes_sent() - b0, n, a.idle);
+    println!("idle: {:.0} bytes per node per second over {:.0} s virtual", f.idle_bps, a.idle.as_secs_f64());
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let (b0, t0) = (s.bytes_sent(), s.now);
+    let mut took = Vec::new();
+    for k in 0..a.trials {
+        if over(&mut f) {
+            break;
+        }
+        // The real benchmark's sequence of owners.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let owner = (rng % n as u64) as usize;
+        let id = format!("t{k}");
+        let start = s.now;
+        s.with(owner, |g, now| g.set_endpoint(ep(k, owner), now));
+        let all = s.run_until(Duration::from_secs(30), Duration::from_millis(1), |_| seen.borrow().get(&id).is_some_and(|x| x.0 >= n));
+        if let (Some(_), Some(x)) = (all, seen.borrow().get(&id)) {
+            took.push(x.1.saturating_duration_since(start).as_secs_f64() * 1000.0);
+        }
+        s.run_for(a.pace.saturating_sub(s.now - start));
+    }
+    let changing = s.now - t0;
+    f.reached_all = took.len();
+    f.p50_ms = pct(&mut took.clone(), 50.0);
+    f.p99_ms = pct(&mut took, 99.0);
+    f.busy_bps = rate(s.bytes_sent() - b0, n, changing);
+    f.max_streams = s.max_streams;
+    println!(
+        "a change reaching every node: {}/{} trials reached all, p50 {:.1} ms p99 {:.1} ms virtual{}",
+        f.reached_all,
+        a.trials,
+        f.p50_ms,
+        f.p99_ms,
+        if f.out_of_budget { " (real-time budget spent: trials cut short)" } else { "" }
+    );
+    println!("while changing: {:.0} bytes per node per second; stream syncs in flight at most {} (all run)", f.busy_bps, s.max_streams);
+    println!("network: {:?}; real time in the nodes' code {:.1} s", s.net, s.work.as_secs_f64());
+    f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
+    f.real_s = real.elapsed().as_secs_f64();
+    println!("peak heap: {:.1} KiB per node; {:.1} s real in all", f.heap_per_node_kib, f.real_s);
+    f
+}
+
+/// What one message costs a node beyond the gossip code, measured here the way the real
+/// server handles it: two tokio UDP sockets on loopback on a runtime of 2 worker threads
+/// play ping-pong; half a round trip, less the kernel's loopback delivery (modelled apart as
+/// latency, and small), is one send, one receive and the wake-ups between them.
+pub fn calibrate() -> anyhow::Result<Duration> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let (aa, ba) = (a.local_addr()?, b.local_addr()?);
+        const ROUNDS: usize = 5000;
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            for _ in 0..ROUNDS {
+                let (k, _) = b.recv_from(&mut buf).await?;
+                b.send_to(&buf[..k], aa).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        let msg = [7u8; 200];
+        let mut buf = [0u8; 512];
+        let t = Instant::now();
+        for _ in 0..ROUNDS {
+            a.send_to(&msg, ba).await?;
+            a.recv_from(&mut buf).await?;
+        }
+        let rtt = t.elapsed() / ROUNDS as u32;
+        echo.await??;
+        // Two messages each way make a round trip: a send and a receive on each side.
+        Ok(rtt / 2)
+    })
+}
+
+fn ratio(sim: f64, real: f64) -> String {
+    if real > 0.0 && sim.is_finite() && real.is_finite() {
+        format!("{:.2}x", sim / real)
+    } else {
+        "-".into()
+    }
+}
+
+/// The real processes and the simulator (sealed, every node on 2 shared cores, loopback
+/// latency) at each size, and how far apart their figures are.
+pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Result<()> {
+    let per_message = calibrate()?;
+    println!("calibrated: {per_message:?} a message (a send, a receive, the wake-ups)");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    for (k, &n) in sizes.iter().enumerate() {
+        let real = rt.block_on(gossip_real::dissemination(n, trials, 21000 + 1000 * k as u16, idle, true))?;
+        let a = Args {
+            nodes: n,
+            loss: 0.0,
+            latency_ms: (0.02, 0.05),
+            cpu: Cpu::Shared(2),
+            sealed: true,
+            trials,
+            pace: Duration::from_secs(1),
+            idle,
+            limit: Duration::from_secs(300),
+            budget: Duration::from_secs(3600),
+            max_heap: 8 << 30,
+            per_message,
+            seed: 1,
+        };
+        let sim = simulate(&a);
+        println!(
+            "VALIDATE N={n}: reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+            real.reached_all,
+            real.trials,
+            sim.reached_all,
+            real.converged_s,
+            sim.converged_s.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "none".into()),
+            ratio(sim.converged_s.unwrap_or(f64::NAN), real.converged_s),
+            real.p50_ms,
+            sim.p50_ms,
+            ratio(sim.p50_ms, real.p50_ms),
+            real.p99_ms,
+            sim.p99_ms,
+            ratio(sim.p99_ms, real.p99_ms),
+            real.idle_bps,
+            sim.idle_bps,
+            ratio(sim.idle_bps, real.idle_bps),
+            real.busy_bps,
+            sim.busy_bps,
+            ratio(sim.busy_bps, real.busy_bps),
+        );
+    }
+    Ok(())
+}
