@@ -211,7 +211,7 @@ fn real_main() -> Result<()> {
             "gossip-seal" => bench_gossip::run(&["gossip-seal".into(), "--trials".into(), runs.max(50).to_string()])?,
             "soak" => bench_gossip::run(&["gossip-soak".into()])?,
             "gossip-sim" => {
-                let mut a = vec!["gossip-sim".to_string(), "--trials".into(), runs.max(50).to_string()];
+                let mut a = vec!["gossip-sim".to_string(), "--trials".into(), runs.to_string()];
                 for (flag, v) in [("--nodes", nodes.or(Some("1000,10000".into()))), ("--loss", loss.map(|l| l.to_string())), ("--latency-ms", latency_ms), ("--cpu", cpu), ("--validate", validate)] {
                     if let Some(v) = v {
                         a.push(flag.into());

@@ -129,6 +129,12 @@ pub struct Sim {
     /// run at once.
     streams: usize,
     pub max_streams: usize,
+    /// Asked every 4,096 events: true stops the run where it is (a runner's budget of real
+    /// time or memory, which one step of virtual time can otherwise blow through).
+    pub abort: Option<fn() -> bool>,
+    /// `abort` said so: nothing runs any more.
+    pub aborted: bool,
+    events_run: u64,
 }
 
 impl Sim {
@@ -173,6 +179,9 @@ impl Sim {
             sealing_bytes: 0,
             streams: 0,
             max_streams: 0,
+            abort: None,
+            aborted: false,
+            events_run: 0,
         };
         for i in 0..n {
             let now = s.now;
@@ -381,6 +390,14 @@ impl Sim {
     pub fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
         loop {
+            if self.aborted {
+                return;
+            }
+            self.events_run += 1;
+            if self.events_run.is_multiple_of(4096) && self.abort.is_some_and(|f| f()) {
+                self.aborted = true;
+                return;
+            }
             let next_packet = self.packets.peek().map(|Reverse((t, _))| *t);
             let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
             let Some(t) = [next_packet, next_timer].into_iter().flatten().min().filter(|t| *t <= end) else {
@@ -416,7 +433,7 @@ impl Sim {
     /// virtual time it took.
     pub fn run_until(&mut self, limit: Duration, step: Duration, mut f: impl FnMut(&Sim) -> bool) -> Option<Duration> {
         let start = self.now;
-        while self.now - start < limit {
+        while self.now - start < limit && !self.aborted {
             if f(self) {
                 return Some(self.now - start);
             }

@@ -15,6 +15,16 @@ use swarmnet_gossip::{Config, Event};
 use swarmnet_types::{Endpoint, EndpointState};
 
 use crate::alloc;
+
+/// The running size's budgets, for [`Sim::abort`] (a plain function: it captures nothing).
+static BUDGET: std::sync::Mutex<Option<(Instant, Duration, usize)>> = std::sync::Mutex::new(None);
+
+fn over_budget() -> bool {
+    match *BUDGET.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some((start, real, heap)) => start.elapsed() > real || alloc::current() > heap,
+        None => false,
+    }
+}
 use crate::gossip_real::{self, pct};
 
 #[derive(Clone, Debug)]
@@ -93,7 +103,9 @@ pub fn simulate(a: &Args) -> SimFigures {
     let mut f = SimFigures { p50_ms: f64::NAN, p99_ms: f64::NAN, ..SimFigures::default() };
     let heap0 = alloc::current();
     alloc::reset_peak();
+    *BUDGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((real, a.budget, a.max_heap));
     let mut s = Sim::new(n, Config::default(), model, a.seed);
+    s.abort = Some(over_budget);
     // Who has seen each endpoint id, and when the last one did.
     let seen: Rc<RefCell<HashMap<String, (usize, Instant)>>> = Rc::new(RefCell::new(HashMap::new()));
     let sink = seen.clone();
@@ -107,7 +119,7 @@ pub fn simulate(a: &Args) -> SimFigures {
             }
         }
     }));
-    let spent = || real.elapsed() > a.budget || alloc::current() > a.max_heap;
+    let spent = over_budget;
     let over = |f: &mut SimFigures| {
         f.out_of_budget = f.out_of_budget || spent();
         f.out_of_budget
