@@ -214,9 +214,7 @@ pub async fn attach(ns: &NsWorker, c: ContainerNet, sandbox: File) -> Result<Att
 /// at once wait side by side, each on a thread of its own in its container's namespace.
 pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_if: String, sandbox: Option<File>) -> Result<(), NsError> {
     match netns {
-        Some(netns) => tokio::task::spawn_blocking(move || crate::netns::in_netns(&netns, delete_ours_here))
-            .await
-            .map_err(|e| NsError::Io(std::io::Error::other(format!("delete the container's links: {e}"))))??,
+        Some(netns) => group_op(netns, GroupOp::Delete).await,
         None => {
             ns.run(move |ctx| -> Result<(), NsError> {
                 ctx.block_on(ctx.home().delete_link(&host_link))?;
@@ -237,31 +235,36 @@ pub async fn detach(ns: &NsWorker, netns: Option<File>, host_link: String, host_
 /// renamed, so that `ifname` is free for whatever the runtime adds next. What DEL does
 /// before it answers.
 pub async fn retire(netns: &File) -> Result<(), NsError> {
-    let netns = netns.try_clone()?;
+    group_op(netns.try_clone()?, GroupOp::Retire).await
+}
+
+/// What to do with the links of [`LINK_GROUP`] in a container's namespace.
+#[derive(Clone, Copy, Debug)]
+enum GroupOp {
+    Retire,
+    Delete,
+}
+
+/// `op` on the links of [`LINK_GROUP`] in namespace `netns`, in one request, on a thread of
+/// its own inside that namespace (not the namespace worker: a deletion waits for the
+/// kernel, and many containers' wait side by side).
+async fn group_op(netns: File, op: GroupOp) -> Result<(), NsError> {
     tokio::task::spawn_blocking(move || {
         crate::netns::in_netns(&netns, || -> Result<(), NsError> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 let (nl, conn) = Netlink::open()?;
                 tokio::spawn(conn);
-                nl.retire_group(LINK_GROUP).await
+                match op {
+                    GroupOp::Retire => nl.retire_group(LINK_GROUP).await,
+                    GroupOp::Delete => nl.delete_group(LINK_GROUP).await,
+                }
             })?;
             Ok(())
         })
     })
     .await
-    .map_err(|e| NsError::Io(std::io::Error::other(format!("take the container's links down: {e}"))))??
-}
-
-/// Deletes the links of [`LINK_GROUP`] of the calling thread's namespace.
-fn delete_ours_here() -> Result<(), NsError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let (nl, conn) = Netlink::open()?;
-        tokio::spawn(conn);
-        nl.delete_group(LINK_GROUP).await
-    })?;
-    Ok(())
+    .map_err(|e| NsError::Io(std::io::Error::other(format!("{op:?} the container's links: {e}"))))??
 }
 
 /// Everything that differs from what [`attach`] made of `e` in namespace `id` (empty:

@@ -330,8 +330,7 @@ impl Containers {
 
     /// The first half of [`Containers::disconnect`], what the rest of the cluster and the
     /// container see: its endpoint withdrawn, its namespace out of the load balancer, its
-    /// resolver stopped, its links down and renamed out of the way (`ifname` is free).
-    /// Gives back the handle on its namespace, if the daemon had one.
+    /// resolver stopped. Gives back the handle on its namespace, if the daemon had one.
     async fn unplug(&self, r: &Record) -> Option<std::fs::File> {
         let net = &r.attachment.network;
         self.rt.withdraw(&r.assignment());
@@ -341,13 +340,7 @@ impl Containers {
                 warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "load balancer: could not remove the container's namespace");
             }
         }
-        let netns = live.map(|l| l.netns);
-        if let Some(f) = &netns {
-            if let Err(e) = dp::retire(f).await {
-                warn!(container = %r.container_id, ifname = %r.ifname, network = %net.name, error = %e, "could not take the container's links down");
-            }
-        }
-        netns
+        live.map(|l| l.netns)
     }
 
     /// The second half of [`Containers::disconnect`]: the links (in one request, through
@@ -587,6 +580,13 @@ impl Agent {
         let t0 = std::time::Instant::now();
         let ns_held = c.guard(&ns_key(r.ns)).lock_owned().await;
         let netns = c.unplug(&r).await;
+        // Answered before the links are deleted: they are taken down and out of the way
+        // first (`ifname` free, no route of ours left).
+        if let (Finish::Later, Some(f)) = (finish, &netns) {
+            if let Err(e) = dp::retire(f).await {
+                warn!(container = %r.container_id, ifname = %r.ifname, network = %r.attachment.network.name, error = %e, "could not take the container's links down");
+            }
+        }
         // Recorded as leaving, its detach as owed: a daemon that stops from here on leaves
         // the rest to the next one.
         let spec = r.detach_spec();

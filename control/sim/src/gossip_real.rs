@@ -16,7 +16,8 @@ use swarmnet_gossip::server::{self, Cmd, GossipHandle};
 use swarmnet_gossip::{Config, Event, Ident};
 use swarmnet_types::{Endpoint, EndpointState};
 
-fn ep(k: usize) -> Endpoint {
+/// The `k`-th trial's endpoint (the real and the simulated benchmarks publish the same).
+pub fn ep(k: usize) -> Endpoint {
     Endpoint {
         network: "bench".into(),
         id: format!("t{k}"),
@@ -34,6 +35,18 @@ fn ep(k: usize) -> Endpoint {
 }
 
 type Seen = Arc<Mutex<HashMap<(usize, String), Instant>>>;
+
+/// Where the sequence of trial owners starts (see [`next_owner`]).
+pub const OWNERS_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The next trial's owner among `n` nodes (xorshift): the real and the simulated benchmarks
+/// take the same sequence.
+pub fn next_owner(rng: &mut u64, n: usize) -> usize {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    (*rng % n.max(1) as u64) as usize
+}
 
 /// `p` percent of `v` (NaN for none).
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -152,12 +165,9 @@ pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, s
     let b1 = bytes(&hs).await?;
     let t_start = Instant::now();
     let (mut times, mut incomplete) = (Vec::new(), 0);
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = OWNERS_SEED;
     for k in 0..trials {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let r = (rng % n as u64) as usize;
+        let r = next_owner(&mut rng, n);
         let t0 = Instant::now();
         hs[r].send(Cmd::Set(Box::new(ep(k))))?;
         let id = format!("t{k}");

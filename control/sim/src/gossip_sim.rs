@@ -6,13 +6,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use swarmnet_gossip::sim::{Cpu, NetModel, Sim};
 use swarmnet_gossip::{Config, Event};
-use swarmnet_types::{Endpoint, EndpointState};
 
 use crate::alloc;
 
@@ -65,23 +63,6 @@ pub struct SimFigures {
     pub real_s: f64,
     /// The real-time budget ran out: what follows it was not measured.
     pub out_of_budget: bool,
-}
-
-fn ep(k: usize, owner: usize) -> Endpoint {
-    Endpoint {
-        network: "bench".into(),
-        id: format!("t{k}"),
-        task_name: format!("web.{k}"),
-        service_name: "web".into(),
-        service_id: "svc".into(),
-        aliases: vec![],
-        ip: Ipv4Addr::new(10, 1, (k / 250) as u8, (k % 250) as u8 + 2),
-        mac: [2, 0x42, 10, 1, (k / 250) as u8, (k % 250) as u8 + 2],
-        vtep: std::net::IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (owner as u32 & 0xff_ffff))),
-        vip: None,
-        ports: vec![],
-        state: EndpointState::Active,
-    }
 }
 
 /// Per node per second, in bytes.
@@ -155,7 +136,7 @@ pub fn simulate(a: &Args) -> SimFigures {
     f.idle_bps = rate(s.bytes_sent() - b0, n, a.idle);
     println!("idle: {:.0} bytes per node per second over {:.0} s virtual", f.idle_bps, a.idle.as_secs_f64());
 
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = gossip_real::OWNERS_SEED;
     let (b0, t0) = (s.bytes_sent(), s.now);
     let mut took = Vec::new();
     for k in 0..a.trials {
@@ -163,13 +144,10 @@ pub fn simulate(a: &Args) -> SimFigures {
             break;
         }
         // The real benchmark's sequence of owners.
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let owner = (rng % n as u64) as usize;
+        let owner = gossip_real::next_owner(&mut rng, n);
         let id = format!("t{k}");
         let start = s.now;
-        s.with(owner, |g, now| g.set_endpoint(ep(k, owner), now));
+        s.with(owner, |g, now| g.set_endpoint(gossip_real::ep(k), now));
         let all = s.run_until(Duration::from_secs(30), Duration::from_millis(1), |_| seen.borrow().get(&id).is_some_and(|x| x.0 >= n));
         if let (Some(_), Some(x)) = (all, seen.borrow().get(&id)) {
             took.push(x.1.saturating_duration_since(start).as_secs_f64() * 1000.0);
