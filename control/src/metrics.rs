@@ -125,6 +125,16 @@ async fn node(out: &mut Out, agent: &Agent) {
             vec![(l1("reason", "unauthenticated"), s.unauthenticated), (l1("reason", "malformed"), s.malformed), (l1("reason", "oversized"), s.oversized), (l1("reason", "stale"), s.stale)],
         );
         out.counter("gossip_failures_detected", "Members this node's failure detector declared down", s.failures_detected);
+        out.counters(
+            "gossip_pushes",
+            "Pushed changes and membership records sent again for want of an acknowledgement, and given up on after the last try",
+            vec![(l1("outcome", "retransmitted"), s.retransmitted), (l1("outcome", "given_up"), s.push_given_up)],
+        );
+        out.counters(
+            "gossip_exchanges_held_back",
+            "Anti-entropy exchanges not started (max_syncs running) and whole views not sent (full_replies_per_sec spent)",
+            vec![(l1("reason", "max_syncs"), s.syncs_deferred), (l1("reason", "full_view_rate"), s.full_replies_withheld)],
+        );
         out.histogram("gossip_probe_rtt_seconds", "Round trips of this node's direct failure-detector probes (ping to ack)", s.probe_rtt.snapshot());
     }
     let ov = agent.runtime.overlay_stats();

@@ -95,7 +95,7 @@ fn gossip_seeds(dir: &Path) -> Result<()> {
     let mut ga = Gossip::new(Ident { node: "node-a".into(), addr: a, gen: 1 }, Config::default(), 1, t0);
     let mut gb = Gossip::new(Ident { node: "node-b".into(), addr: b, gen: 1 }, Config::default(), 2, t0);
     for g in [&mut ga, &mut gb] {
-        g.join_network("fuzznet");
+        g.join_network("fuzznet", t0);
     }
     for i in 1..=3u8 {
         let ip = Ipv4Addr::new(10, 0, 9, i);

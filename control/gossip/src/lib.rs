@@ -2,7 +2,7 @@
 //! replicated endpoint table. A caller feeds it packets and the time, and sends what it
 //! asks to send; `memnet` runs many of them over an in-memory network for tests.
 //!
-//! Wire: every packet starts `S N <version> <kind>` (version 2); kind 1 is a foca packet, kind 2 one of our
+//! Wire: every packet starts `S N <version> <kind>` (version 3); kind 1 is a foca packet, kind 2 one of our
 //! `Wire` messages (postcard). UDP packets are at most `max_packet` bytes; bulk messages
 //! (digests and owner sets) go over a reliable stream (TCP). Room is left in the header for
 //! an encrypted kind later.
@@ -18,6 +18,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, PostcardCodec, Timer};
@@ -29,8 +30,9 @@ use swarmnet_types::{Change, Endpoint};
 use table::Applied;
 pub use table::{Item, NodeId, OwnerSet, Summary, Table};
 
-/// The last byte is the wire version: 2 since ports carry a protocol enum (issue 8).
-const MAGIC: [u8; 3] = [b'S', b'N', 2];
+/// The last byte is the wire version: 2 since ports carry a protocol enum (issue 8), 3 since
+/// pushed changes are acknowledged (issue 23).
+pub const MAGIC: [u8; 3] = [b'S', b'N', 3];
 const KIND_FOCA: u8 = 1;
 const KIND_WIRE: u8 = 2;
 /// Largest reliable message accepted.
@@ -84,6 +86,30 @@ pub struct Config {
     /// Streams (7946 TCP) open at once, in total and from one address (server only).
     pub max_streams: usize,
     pub max_streams_per_peer: usize,
+    /// Exchanges (push-pull over a stream) this node starts and has not had answered, at
+    /// most: anti-entropy and the exchanges with new members wait for a free one, so a
+    /// join storm cannot make every node sync with every other at once (memberlist's
+    /// push-pull storms, its cap of 128). A network join's fetch is not held back.
+    pub max_syncs: usize,
+    /// An exchange not answered within this time no longer counts against `max_syncs`.
+    pub sync_timeout: Duration,
+    /// Exchanges carrying this node's whole SWIM view it answers per second, at most (with
+    /// a burst of as many); past that it answers without the view (a joining node learns
+    /// the members from the others, and from SWIM's own gossip). Bounds what one seed sends
+    /// when thousands join through it.
+    pub full_replies_per_sec: u32,
+    /// A pushed change (or membership record) not acknowledged in time is sent again, up
+    /// to `push_tries` sends in all: a lost datagram costs a round trip and a little, not
+    /// an anti-entropy round. The time is measured (RFC 6298's smoothed round trip plus
+    /// four times its variation, from acks and probes) and kept between `min_retransmit`
+    /// and `max_retransmit`; `retransmit` until a round trip has been measured.
+    pub retransmit: Duration,
+    pub min_retransmit: Duration,
+    pub max_retransmit: Duration,
+    pub push_tries: u8,
+    /// Pushes awaiting an acknowledgement, at most; past it pushes go unacknowledged
+    /// (anti-entropy repairs what they lose).
+    pub max_unacked: usize,
 }
 
 impl Default for Config {
@@ -102,6 +128,14 @@ impl Default for Config {
             rejoin_every: Duration::from_secs(1),
             max_streams: 512,
             max_streams_per_peer: 32,
+            max_syncs: 3,
+            sync_timeout: Duration::from_secs(5),
+            full_replies_per_sec: 32,
+            retransmit: Duration::from_millis(150),
+            min_retransmit: Duration::from_millis(20),
+            max_retransmit: Duration::from_secs(1),
+            push_tries: 6,
+            max_unacked: 16384,
         }
     }
 }
@@ -112,7 +146,8 @@ impl Config {
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down;
-        c.max_packet_size = NonZeroUsize::new(self.max_packet).unwrap_or(NonZeroUsize::MIN);
+        // Our 4-byte header goes in front of foca's packet: a full one must still fit.
+        c.max_packet_size = NonZeroUsize::new(self.max_packet.saturating_sub(4)).unwrap_or(NonZeroUsize::MIN);
         // Membership updates ride on every message to anyone; in a small cluster a
         // suspicion's few transmissions are spent in one probe round, and a node cut off for
         // that round never hears it is suspected, so cannot refute it. Send them longer.
@@ -159,12 +194,78 @@ enum Wire {
         /// The sender's whole SWIM view (push-pull, as memberlist does on join), so a
         /// joining node learns every member at once instead of one packet's worth.
         swim: Vec<foca::Member<Ident>>,
+        /// Checksum of the live members the sender knows (itself included): when it differs
+        /// from the receiver's, the reply carries the whole view.
+        members_sum: u64,
     },
     Sync {
         from: NodeId,
         memberships: Vec<Membership>,
         sets: Vec<OwnerSet>,
     },
+    /// `Items` that the receiver acknowledges (`Ack` with the same number).
+    ItemsAcked {
+        seq: u64,
+        items: Vec<Item>,
+    },
+    /// `Member` that the receiver acknowledges.
+    MemberAcked {
+        seq: u64,
+        membership: Membership,
+    },
+    Ack {
+        seq: u64,
+    },
+}
+
+/// A membership record as a node holds it: the owner is the key of the map, and the
+/// networks' names are shared (with 10,000 members, a `BTreeSet<String>` per record was
+/// most of a node's memory).
+#[derive(Clone, Debug)]
+struct Held {
+    gen: u64,
+    version: u64,
+    networks: Box<[Arc<str>]>,
+}
+
+/// Network names, each held once.
+#[derive(Default)]
+struct Names(std::collections::HashSet<Arc<str>>);
+
+impl Names {
+    /// More distinct names than this are held apart (not shared): a bound on what peers
+    /// can make this set grow to.
+    const MAX: usize = 65536;
+
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        if self.0.len() < Self::MAX {
+            self.0.insert(n.clone());
+        }
+        n
+    }
+
+    fn hold(&mut self, m: &Membership) -> Held {
+        Held { gen: m.gen, version: m.version, networks: m.networks.iter().map(|n| self.get(n)).collect() }
+    }
+}
+
+impl Held {
+    fn membership(&self, owner: &str) -> Membership {
+        Membership { owner: owner.to_string(), gen: self.gen, version: self.version, networks: self.networks.iter().map(|n| n.to_string()).collect() }
+    }
+}
+
+/// A push sent and not yet acknowledged.
+#[derive(Clone, Debug)]
+struct Unacked {
+    to: SocketAddr,
+    data: Vec<u8>,
+    sent: u8,
+    first: Instant,
 }
 
 /// Something to send.
@@ -214,6 +315,13 @@ pub struct Stats {
     pub received_bytes: u64,
     /// Members this node's failure detector declared down.
     pub failures_detected: u64,
+    /// Pushes sent again for want of an acknowledgement, and given up on after the last try.
+    pub retransmitted: u64,
+    pub push_given_up: u64,
+    /// Exchanges not started because `max_syncs` were running, and full views not sent
+    /// because `full_replies_per_sec` was spent.
+    pub syncs_deferred: u64,
+    pub full_replies_withheld: u64,
     /// Round trips of this node's direct probes (a ping to the ack that answers it).
     pub probe_rtt: swarmnet_types::metrics::LoopHistogram,
     /// Other members now, by state (filled in by [`Gossip::stats_now`]): alive; suspect
@@ -234,7 +342,8 @@ pub struct Gossip {
     seq: u64,
     clock: u64,
     table: Table,
-    memberships: BTreeMap<NodeId, Membership>,
+    memberships: BTreeMap<NodeId, Held>,
+    names: Names,
     alive: BTreeMap<NodeId, Ident>,
     epoch: Instant,
     next_ae: Instant,
@@ -256,6 +365,23 @@ pub struct Gossip {
     /// We had members and lost them all: renew our identity before announcing again.
     lost_all: bool,
     next_rejoin: Instant,
+    /// Exchanges started and not answered: peer → when started.
+    syncing: HashMap<SocketAddr, Instant>,
+    /// Full-view replies left in this second, and when the second began.
+    full_replies: (u32, Instant),
+    /// Pushes awaiting an acknowledgement, by number, and when each is next due again.
+    unacked: HashMap<u64, Unacked>,
+    resend: BinaryHeap<Reverse<(Instant, u64)>>,
+    push_seq: u64,
+    /// Smoothed round trip and its variation, once one has been measured.
+    rtt: Option<(Duration, Duration)>,
+    /// The latest time an entry point was given (for the calls that are not given one).
+    now: Instant,
+    /// Joined (or started over), and no peer's view has agreed with ours yet: ask a random
+    /// member for its view every second (the first answers may come without one, or from
+    /// peers that are still joining themselves).
+    want_view: bool,
+    next_view: Instant,
 }
 
 /// A member declared down, its host under probe.
@@ -288,7 +414,8 @@ impl Gossip {
             seq: 0,
             clock: 0,
             table: Table::default(),
-            memberships: BTreeMap::from([(me.node.clone(), membership)]),
+            memberships: BTreeMap::from([(me.node.clone(), Names::default().hold(&membership))]),
+            names: Names::default(),
             alive: BTreeMap::new(),
             epoch: now,
             next_ae: now + cfg.anti_entropy,
@@ -304,6 +431,15 @@ impl Gossip {
             handovers: Vec::new(),
             lost_all: false,
             next_rejoin: now,
+            syncing: HashMap::new(),
+            full_replies: (cfg.full_replies_per_sec, now),
+            unacked: HashMap::new(),
+            resend: BinaryHeap::new(),
+            push_seq: 0,
+            rtt: None,
+            now,
+            want_view: true,
+            next_view: now + Duration::from_secs(1),
             me,
             cfg,
         };
@@ -329,6 +465,16 @@ impl Gossip {
         self.alive.len()
     }
 
+    /// Exchanges this node started that are running (unanswered, not yet timed out).
+    pub fn syncs_running(&self) -> usize {
+        self.syncing.values().filter(|t| self.now.saturating_duration_since(**t) < self.cfg.sync_timeout).count()
+    }
+
+    /// Pushes awaiting an acknowledgement.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
     pub fn take_out(&mut self) -> Vec<Out> {
         std::mem::take(&mut self.out)
     }
@@ -344,6 +490,7 @@ impl Gossip {
     /// The manager's list of ready nodes: joins through them, and a member declared down
     /// that is not on it is dead at once (no host probe, no hold).
     pub fn set_nodes(&mut self, nodes: &[SocketAddr], now: Instant) {
+        self.now = self.now.max(now);
         let known: BTreeSet<SocketAddr> = nodes.iter().copied().collect();
         let gone: Vec<NodeId> = self.suspects.iter().filter(|(_, s)| !known.contains(&s.id.addr)).map(|(n, _)| n.clone()).collect();
         self.known = Some(known);
@@ -373,6 +520,7 @@ impl Gossip {
 
     /// Joins the cluster through known addresses.
     pub fn join_via(&mut self, seeds: &[SocketAddr], now: Instant) {
+        self.now = self.now.max(now);
         self.seeds = seeds.iter().copied().filter(|s| *s != self.me.addr).collect();
         for s in seeds {
             if *s == self.me.addr {
@@ -390,11 +538,15 @@ impl Gossip {
         let suspects = self.suspects.values().map(|s| s.deadline.min(s.next_probe)).min();
         let handover = self.handovers.iter().map(|(t, _, _)| *t).min();
         let rejoin = self.isolated().then_some(self.next_rejoin);
-        [Some(self.next_ae), Some(self.next_reap), t, suspects, handover, rejoin].into_iter().flatten().min().unwrap_or(self.next_ae)
+        let resend = self.resend.peek().map(|Reverse((t, _))| *t);
+        let view = (self.want_view && !self.alive.is_empty()).then_some(self.next_view);
+        [Some(self.next_ae), Some(self.next_reap), t, suspects, handover, rejoin, resend, view].into_iter().flatten().min().unwrap_or(self.next_ae)
     }
 
     /// Runs what is due at `now`.
     pub fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        self.resend_due(now);
         while let Some(Reverse((t, seq))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -408,6 +560,12 @@ impl Gossip {
         if now >= self.next_ae {
             self.next_ae = now + self.cfg.anti_entropy;
             self.anti_entropy();
+        }
+        if self.want_view && !self.alive.is_empty() && now >= self.next_view {
+            self.next_view = now + Duration::from_secs(1);
+            let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
+            let p = peers[self.rng.random_range(0..peers.len())];
+            self.start_sync(p, true, false);
         }
         let due: Vec<NodeId> = self.suspects.iter().filter(|(_, s)| now >= s.deadline).map(|(n, _)| n.clone()).collect();
         for n in due {
@@ -460,6 +618,7 @@ impl Gossip {
             self.timer_events.clear();
             self.me = new;
             self.restamp(now);
+            self.want_view = true;
             self.events.push(Event::Renewed(self.me.clone()));
         }
         let seeds = self.seeds.clone();
@@ -479,6 +638,7 @@ impl Gossip {
 
     /// A packet from `from`; `stream` if it came over the reliable channel.
     pub fn handle(&mut self, from: SocketAddr, data: &[u8], stream: bool, now: Instant) {
+        self.now = self.now.max(now);
         self.stats.received += 1;
         self.stats.received_bytes += data.len() as u64;
         let limit = if stream { MAX_STREAM_MESSAGE } else { self.cfg.max_packet };
@@ -496,7 +656,9 @@ impl Gossip {
                 if let Ok(h) = foca::Codec::<Ident>::decode_header(&mut PostcardCodec, body) {
                     if let foca::Message::Ack(n) = h.message {
                         if let Some(sent) = self.probes.remove(&(h.src.node, n)) {
-                            self.stats.probe_rtt.observe(now.saturating_duration_since(sent));
+                            let rtt = now.saturating_duration_since(sent);
+                            self.stats.probe_rtt.observe(rtt);
+                            self.observe_rtt(rtt);
                         }
                     }
                 }
@@ -525,6 +687,73 @@ impl Gossip {
             self.stats.udp_sent += 1;
             self.stats.udp_bytes += data.len() as u64;
             self.out.push(Out::Udp { to, data });
+        }
+    }
+
+    /// Sends a push that the receiver acknowledges (`make(Some(seq))`), and sends it again
+    /// until it does (`retransmit`, `push_tries`); past `max_unacked` waiting, `make(None)`
+    /// goes unacknowledged.
+    fn push_udp(&mut self, to: SocketAddr, make: impl Fn(Option<u64>) -> Wire) {
+        if self.unacked.len() >= self.cfg.max_unacked {
+            self.send_udp(to, &make(None));
+            return;
+        }
+        self.push_seq += 1;
+        let seq = self.push_seq;
+        let Ok(body) = postcard::to_allocvec(&make(Some(seq))) else { return };
+        let data = frame(KIND_WIRE, &body);
+        self.stats.udp_sent += 1;
+        self.stats.udp_bytes += data.len() as u64;
+        self.out.push(Out::Udp { to, data: data.clone() });
+        self.unacked.insert(seq, Unacked { to, data, sent: 1, first: self.now });
+        self.resend.push(Reverse((self.now + self.rto(), seq)));
+    }
+
+    /// A round trip measured (RFC 6298: srtt += (r - srtt) / 8, rttvar += (|srtt - r| -
+    /// rttvar) / 4).
+    fn observe_rtt(&mut self, r: Duration) {
+        self.rtt = Some(match self.rtt {
+            None => (r, r / 2),
+            Some((srtt, var)) => (srtt * 7 / 8 + r / 8, var * 3 / 4 + srtt.abs_diff(r) / 4),
+        });
+    }
+
+    /// How long a push waits for its ack before it is sent again.
+    pub fn retransmit_timeout(&self) -> Duration {
+        self.rto()
+    }
+
+    fn rto(&self) -> Duration {
+        match self.rtt {
+            None => self.cfg.retransmit,
+            Some((srtt, var)) => (srtt + var * 4).clamp(self.cfg.min_retransmit, self.cfg.max_retransmit.max(self.cfg.min_retransmit)),
+        }
+    }
+
+    /// Sends again the pushes not acknowledged in time: every `retransmit` for the first
+    /// three tries, then twice as long each time; after the last, the push is given up.
+    fn resend_due(&mut self, now: Instant) {
+        while let Some(Reverse((t, seq))) = self.resend.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.resend.pop();
+            let tries = self.cfg.push_tries;
+            let rto = self.rto();
+            let Some(u) = self.unacked.get_mut(&seq) else { continue };
+            if u.sent >= tries {
+                self.unacked.remove(&seq);
+                self.stats.push_given_up += 1;
+                continue;
+            }
+            u.sent += 1;
+            let wait = rto * (1u32 << u32::from(u.sent.saturating_sub(3)).min(4));
+            let (to, data) = (u.to, u.data.clone());
+            self.stats.retransmitted += 1;
+            self.stats.udp_sent += 1;
+            self.stats.udp_bytes += data.len() as u64;
+            self.out.push(Out::Udp { to, data });
+            self.resend.push(Reverse((now + wait, seq)));
         }
     }
 
@@ -594,9 +823,10 @@ impl Gossip {
                 // members (we just joined), and with a newcomer at a probability that gives
                 // it about 8 such exchanges cluster-wide. Every member doing it with every
                 // newcomer costs O(N^2) stream connections when many join at once.
+                // Both within `max_syncs`: past it, anti-entropy catches up.
                 let n = self.alive.len();
                 if n <= 8 || self.rng.random_range(0..n) < 8 {
-                    self.send_digest(id.addr, false);
+                    self.start_sync(id.addr, true, false);
                 }
             }
             // Our own earlier identity declared down (we were, and came back under a new
@@ -669,22 +899,26 @@ impl Gossip {
     }
 
     fn my_membership(&self) -> Membership {
-        self.memberships.get(&self.me.node).cloned().unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
+        self.memberships.get(&self.me.node).map(|h| h.membership(&self.me.node)).unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
     }
 
     fn bump_membership(&mut self) {
         self.clock += 1;
         let m = Membership { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, networks: self.table.joined().clone() };
-        self.memberships.insert(self.me.node.clone(), m.clone());
+        let held = self.names.hold(&m);
+        self.memberships.insert(self.me.node.clone(), held);
         let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
         for p in peers {
-            self.send_udp(p, &Wire::Member(m.clone()));
+            self.push_udp(p, |seq| match seq {
+                Some(seq) => Wire::MemberAcked { seq, membership: m.clone() },
+                None => Wire::Member(m.clone()),
+            });
         }
     }
 
     /// Peers that have joined `network`, as far as we know.
     fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
-        self.alive.values().filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.contains(network))).map(|i| i.addr).collect()
+        self.alive.values().filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
     }
 
     /// Pushes owned items to every peer on their network, in packets that fit.
@@ -707,13 +941,17 @@ impl Gossip {
             }
             for p in self.network_peers(&net) {
                 for c in &chunks {
-                    self.send_udp(p, &Wire::Items { items: c.clone() });
+                    self.push_udp(p, |seq| match seq {
+                        Some(seq) => Wire::ItemsAcked { seq, items: c.clone() },
+                        None => Wire::Items { items: c.clone() },
+                    });
                 }
             }
         }
     }
 
-    pub fn join_network(&mut self, network: &str) {
+    pub fn join_network(&mut self, network: &str, now: Instant) {
+        self.now = self.now.max(now);
         if self.table.joined().contains(network) {
             return;
         }
@@ -727,12 +965,13 @@ impl Gossip {
             }
             let k = self.rng.random_range(0..peers.len());
             let p = peers.swap_remove(k);
-            self.send_digest(p, false);
+            self.start_sync(p, true, true);
         }
     }
 
     /// Leaves a network; the caller removes its own endpoints there first.
-    pub fn leave_network(&mut self, network: &str) {
+    pub fn leave_network(&mut self, network: &str, now: Instant) {
+        self.now = self.now.max(now);
         if !self.table.joined().contains(network) {
             return;
         }
@@ -743,8 +982,9 @@ impl Gossip {
 
     /// Publishes (adds or changes) one of this node's endpoints.
     pub fn set_endpoint(&mut self, ep: Endpoint, now: Instant) {
+        self.now = self.now.max(now);
         if !self.table.joined().contains(&ep.network) {
-            self.join_network(&ep.network.clone());
+            self.join_network(&ep.network.clone(), now);
         }
         self.clock += 1;
         let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: ep.network.clone(), id: ep.id.clone(), value: Some(ep) };
@@ -755,6 +995,7 @@ impl Gossip {
 
     /// Withdraws one of this node's endpoints (a tombstone).
     pub fn remove_endpoint(&mut self, network: &str, id: &str, now: Instant) {
+        self.now = self.now.max(now);
         if self.table.get(network, id).is_none_or(|i| i.value.is_none()) {
             return;
         }
@@ -765,19 +1006,50 @@ impl Gossip {
         self.push_items(vec![item]);
     }
 
+    /// Checksum of the live members, this node included (what `Wire::Digest` compares).
+    fn members_sum(&self) -> u64 {
+        self.alive.values().chain(std::iter::once(&self.me)).fold(0u64, |acc, i| acc.wrapping_add(table::fnv(i.node.as_bytes(), i.gen, 0)))
+    }
+
     fn memberships_sum(&self) -> u64 {
-        self.memberships.values().fold(0u64, |acc, m| acc.wrapping_add(table::fnv(m.owner.as_bytes(), m.gen, m.version)))
+        self.memberships.iter().fold(0u64, |acc, (owner, m)| acc.wrapping_add(table::fnv(owner.as_bytes(), m.gen, m.version)))
     }
 
     /// `full`: also carry the whole SWIM view (at join time; periodic rounds do without).
     fn digest_of(&self, reply: bool, full: bool) -> Wire {
         let nets = self.table.joined().iter().map(|n| (n.clone(), self.table.digest(n))).collect();
         let swim = if full { self.foca.iter_membership_state().cloned().collect() } else { Vec::new() };
-        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships_sum: self.memberships_sum(), nets, swim }
+        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships_sum: self.memberships_sum(), nets, swim, members_sum: self.members_sum() }
     }
 
-    fn send_digest(&mut self, to: SocketAddr, reply: bool) {
-        self.send_digest_with(to, reply, true);
+    /// Starts an exchange with `to` (a digest it answers with its own) unless one with `to`
+    /// runs, or `max_syncs` do and this one is not `forced`.
+    fn start_sync(&mut self, to: SocketAddr, full: bool, forced: bool) -> bool {
+        let (now, timeout) = (self.now, self.cfg.sync_timeout);
+        self.syncing.retain(|_, t| now.saturating_duration_since(*t) < timeout);
+        if self.syncing.contains_key(&to) {
+            return false;
+        }
+        if !forced && self.syncing.len() >= self.cfg.max_syncs {
+            self.stats.syncs_deferred += 1;
+            return false;
+        }
+        self.syncing.insert(to, now);
+        self.send_digest_with(to, false, full);
+        true
+    }
+
+    /// May this reply carry the whole SWIM view (`full_replies_per_sec`)?
+    fn take_full_reply(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.full_replies.1) >= Duration::from_secs(1) {
+            self.full_replies = (self.cfg.full_replies_per_sec, now);
+        }
+        if self.full_replies.0 == 0 {
+            self.stats.full_replies_withheld += 1;
+            return false;
+        }
+        self.full_replies.0 -= 1;
+        true
     }
 
     fn send_digest_with(&mut self, to: SocketAddr, reply: bool, full: bool) {
@@ -791,7 +1063,7 @@ impl Gossip {
             return;
         }
         let p = peers[self.rng.random_range(0..peers.len())];
-        self.send_digest_with(p, false, false);
+        self.start_sync(p, false, false);
     }
 
     fn apply_membership(&mut self, m: Membership) {
@@ -800,7 +1072,8 @@ impl Gossip {
         }
         let newer = self.memberships.get(&m.owner).is_none_or(|cur| (m.gen, m.version) > (cur.gen, cur.version));
         if newer {
-            self.memberships.insert(m.owner.clone(), m);
+            let held = self.names.hold(&m);
+            self.memberships.insert(m.owner, held);
         } else {
             self.stats.stale += 1;
         }
@@ -809,6 +1082,24 @@ impl Gossip {
     fn handle_wire(&mut self, from: SocketAddr, w: Wire, now: Instant) {
         let now_ms = self.ms(now);
         match w {
+            Wire::ItemsAcked { seq, items } => {
+                self.send_udp(from, &Wire::Ack { seq });
+                self.handle_wire(from, Wire::Items { items }, now);
+            }
+            Wire::MemberAcked { seq, membership } => {
+                self.send_udp(from, &Wire::Ack { seq });
+                self.apply_membership(membership);
+            }
+            Wire::Ack { seq } => {
+                if let Some(u) = self.unacked.remove(&seq) {
+                    if u.to != from {
+                        self.unacked.insert(seq, u);
+                    } else if u.sent == 1 {
+                        // Only a push sent once tells its round trip (Karn).
+                        self.observe_rtt(now.saturating_duration_since(u.first));
+                    }
+                }
+            }
             Wire::Items { items } => {
                 for i in items {
                     if i.owner == self.me.node {
@@ -822,18 +1113,34 @@ impl Gossip {
                 }
             }
             Wire::Member(m) => self.apply_membership(m),
-            Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim } => {
-                let full = !swim.is_empty();
+            Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim, members_sum } => {
+                // A view was sent (a join), or the views differ: answer with ours.
+                let full = !swim.is_empty() || (!reply && members_sum != self.members_sum());
                 if self.foca.apply_many(swim.into_iter(), false, &mut self.rt).is_err() {
                     self.stats.malformed += 1;
                 }
                 self.pump(now);
+                // A joining node asks for views until one peer's agrees with its own; any
+                // node whose view still differs from a peer's after an exchange runs its
+                // next anti-entropy round sooner (SWIM's dissemination misses a few pairs
+                // in a join storm; otherwise they wait a whole round).
+                if reply {
+                    if members_sum == self.members_sum() {
+                        self.want_view = false;
+                    } else {
+                        self.next_ae = self.next_ae.min(now + Duration::from_secs(2));
+                    }
+                }
                 let peer_nets = membership.networks.clone();
                 self.apply_membership(membership);
                 let to = self.alive.get(&peer).map_or(from, |i| i.addr);
+                if reply {
+                    self.syncing.remove(&to);
+                    self.syncing.remove(&from);
+                }
                 // Membership records differ somewhere: send ours (the reply digest lets the
                 // peer send its own).
-                let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.memberships.values().cloned().collect() } else { Vec::new() };
+                let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.memberships.iter().map(|(o, h)| h.membership(o)).collect() } else { Vec::new() };
                 // Owner sets the peer lacks or has older, on networks we both joined.
                 let mut sets = Vec::new();
                 for net in self.table.joined().iter().filter(|n| peer_nets.contains(*n)) {
@@ -851,6 +1158,7 @@ impl Gossip {
                     self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets });
                 }
                 if !reply {
+                    let full = full && self.take_full_reply(now);
                     self.send_digest_with(to, true, full);
                 }
             }

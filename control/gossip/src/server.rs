@@ -418,10 +418,10 @@ async fn run(
                 match c {
                     Cmd::Seeds(s) => g.join_via(&s, now),
                     Cmd::Nodes(s) => g.set_nodes(&s, now),
-                    Cmd::Leave(n) => g.leave_network(&n),
+                    Cmd::Leave(n) => g.leave_network(&n, now),
                     Cmd::Set(e) => g.set_endpoint(*e, now),
                     Cmd::Remove { network, id } => g.remove_endpoint(&network, &id, now),
-                    Cmd::Join(n) => g.join_network(&n),
+                    Cmd::Join(n) => g.join_network(&n, now),
                     Cmd::Stats { reply } => {
                         let _ = reply.send(g.stats_now());
                     }

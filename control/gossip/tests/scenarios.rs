@@ -39,7 +39,7 @@ fn cluster(n: usize) -> MemNet {
     let all = net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == n - 1));
     assert!(all.is_some(), "membership converges");
     for i in 0..n {
-        net.with(i, |g, _| g.join_network("a"));
+        net.with(i, |g, now| g.join_network("a", now));
     }
     net.run_for(Duration::from_millis(200));
     net
@@ -64,7 +64,7 @@ fn only_members_of_a_network_get_its_entries() {
     net.join_all();
     net.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 3)).expect("members");
     for i in 0..3 {
-        net.with(i, |g, _| g.join_network("a"));
+        net.with(i, |g, now| g.join_network("a", now));
     }
     net.run_for(Duration::from_millis(100));
     net.with(0, |g, now| g.set_endpoint(ep("a", "t1", 3, 0), now));
@@ -73,7 +73,7 @@ fn only_members_of_a_network_get_its_entries() {
     assert!(!has(&net, 3, "a", "t1"), "node 3 never joined a");
     assert_eq!(net.nodes[3].table().len(), 0);
     // Node 3 joins later and fetches the table at once.
-    net.with(3, |g, _| g.join_network("a"));
+    net.with(3, |g, now| g.join_network("a", now));
     let t = net.run_until(Duration::from_secs(5), |m| has(m, 3, "a", "t1")).expect("fetched on join");
     assert!(t < Duration::from_millis(100), "fetched on join, not at the next round: {t:?}");
 }
@@ -83,8 +83,8 @@ fn a_missed_join_event_does_not_make_entries_rejected_forever() {
     let mut net = cluster(3);
     // Node 2 cannot hear node 0 while node 0 joins network b and publishes on it.
     net.cut(0, 2);
-    net.with(0, |g, _| g.join_network("b"));
-    net.with(2, |g, _| g.join_network("b"));
+    net.with(0, |g, now| g.join_network("b", now));
+    net.with(2, |g, now| g.join_network("b", now));
     net.with(0, |g, now| g.set_endpoint(ep("b", "x", 9, 0), now));
     net.run_for(Duration::from_millis(500));
     assert!(!has(&net, 2, "b", "x"));
@@ -225,8 +225,8 @@ fn garbage_is_dropped_and_counted_and_the_cluster_keeps_working() {
     let before = net.nodes[1].stats.clone();
     net.inject(0, 1, b"", false);
     net.inject(0, 1, b"hello world", false);
-    net.inject(0, 1, &[b'S', b'N', 2, 1, 0xff, 0xff, 0xff], false);
-    net.inject(0, 1, &[b'S', b'N', 2, 2, 0xff, 0xff, 0xff], true);
+    net.inject(0, 1, &[b'S', b'N', 3, 1, 0xff, 0xff, 0xff], false);
+    net.inject(0, 1, &[b'S', b'N', 3, 2, 0xff, 0xff, 0xff], true);
     net.inject(0, 1, &[b'S', b'N', 2, 9], false);
     net.inject(0, 1, &vec![b'S'; 5000], false);
     let s = &net.nodes[1].stats;
@@ -267,13 +267,13 @@ fn large_tables_respect_the_mtu_and_converge() {
     big.join_all();
     big.run_until(Duration::from_secs(10), |m| m.nodes.iter().all(|g| g.members().count() == 2)).expect("members");
     big.with(0, |g, now| {
-        g.join_network("a");
+        g.join_network("a", now);
         for k in 0..200u32 {
             g.set_endpoint(ep("a", &format!("task-{k:04}"), (k % 250) as u8, 0), now);
         }
     });
     big.run_for(Duration::from_millis(100));
-    big.with(2, |g, _| g.join_network("a"));
+    big.with(2, |g, now| g.join_network("a", now));
     big.run_until(Duration::from_secs(5), |m| m.nodes[2].table().endpoints("a").len() == 200).expect("bulk sync");
     assert_eq!(big.dropped_mtu, 0);
 }
