@@ -82,6 +82,10 @@ enum Cmd {
         /// sizes (e.g. 50,200,300).
         #[arg(long)]
         validate: Option<String>,
+        /// gossip-sim: then the faults (halves healed, 10 % restarting, a clock 50 s off,
+        /// 5 % loss).
+        #[arg(long)]
+        faults: bool,
     },
 }
 
@@ -197,7 +201,7 @@ fn real_main() -> Result<()> {
             let targets = if targets.is_empty() { fuzz::TARGETS.iter().map(|t| t.to_string()).collect() } else { targets };
             fuzz::run(&targets, runs, seconds, keep)?;
         }
-        Cmd::Bench { what, runs, nodes, loss, latency_ms, cpu, sealed, validate } => match what.as_str() {
+        Cmd::Bench { what, runs, nodes, loss, latency_ms, cpu, sealed, validate, faults } => match what.as_str() {
             "control" => bench_control(runs)?,
             "manager-memory" => bench_manager_memory()?,
             "agent-memory" => bench_agent_memory()?,
@@ -220,6 +224,9 @@ fn real_main() -> Result<()> {
                 }
                 if sealed {
                     a.push("--sealed".into());
+                }
+                if faults {
+                    a.push("--faults".into());
                 }
                 bench_gossip::run(&a)?
             }

@@ -45,6 +45,12 @@ pub struct Args {
     /// What the system costs per message sent or received (see [`calibrate`]).
     pub per_message: Duration,
     pub seed: u64,
+    /// After the trials: every node publishes its share of this many endpoints, then one
+    /// node restarts and rejoins the network (0: not run).
+    pub rejoin_endpoints: usize,
+    /// After that: the faults (halves healed, 10 % restarting at once, a clock 50 s off,
+    /// 5 % loss).
+    pub faults: bool,
 }
 
 /// What a simulated run measured (virtual time).
@@ -128,7 +134,7 @@ pub fn simulate(a: &Args) -> SimFigures {
         return f;
     }
     for i in 0..n {
-        s.with(i, |g, _| g.join_network("bench"));
+        s.with(i, |g, now| g.join_network("bench", now));
     }
     s.run_for(Duration::from_secs(2));
     let b0 = s.bytes_sent();
@@ -170,10 +176,154 @@ pub fn simulate(a: &Args) -> SimFigures {
     );
     println!("while changing: {:.0} bytes per node per second; stream syncs in flight at most {} (all run)", f.busy_bps, s.max_streams);
     println!("network: {:?}; real time in the nodes' code {:.1} s", s.net, s.work.as_secs_f64());
+    let sum = |f: fn(&swarmnet_gossip::Stats) -> u64| s.nodes.iter().map(|g| f(&g.stats)).sum::<u64>();
+    println!(
+        "pushes sent again {}, given up {}; exchanges deferred (max_syncs) {}, views withheld (full_replies_per_sec) {}",
+        sum(|x| x.retransmitted),
+        sum(|x| x.push_given_up),
+        sum(|x| x.syncs_deferred),
+        sum(|x| x.full_replies_withheld)
+    );
+    if a.rejoin_endpoints > 0 && !over(&mut f) {
+        rejoin(&mut s, a.rejoin_endpoints);
+    }
+    if a.faults && !over(&mut f) {
+        faults(&mut s, a);
+    }
     f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
     f.real_s = real.elapsed().as_secs_f64();
     println!("peak heap: {:.1} KiB per node; {:.1} s real in all", f.heap_per_node_kib, f.real_s);
     f
+}
+
+/// An endpoint of node `i` (its `k`-th) for the rejoin phase.
+fn owned_ep(i: usize, k: usize) -> swarmnet_types::Endpoint {
+    let mut e = gossip_real::ep(k);
+    e.id = format!("r{i}-{k}");
+    e.ip = std::net::Ipv4Addr::from(0x0a80_0000u32 | ((i as u32) << 6) | k as u32);
+    e
+}
+
+/// Every node publishes its share of `total` endpoints; once every node holds them all, one
+/// node restarts (empty table, a new generation) and rejoins the network: how long until
+/// it holds every other node's endpoints again, the stream messages in flight meanwhile,
+/// and the bytes it received.
+fn rejoin(s: &mut Sim, total: usize) {
+    let real = Instant::now();
+    let n = s.nodes.len();
+    let per = total.div_ceil(n).min(64);
+    for i in 0..n {
+        s.with(i, |g, now| {
+            for k in 0..per {
+                g.set_endpoint(owned_ep(i, k), now);
+            }
+        });
+    }
+    let want = per * n;
+    let spread = s.run_until(Duration::from_secs(120), Duration::from_millis(50), |s| s.nodes.iter().all(|g| g.table().endpoints("bench").len() >= want));
+    let Some(spread) = spread else {
+        println!("rejoin: {want} endpoints did not reach every node within 120 s virtual");
+        return;
+    };
+    let k = n / 2 + 1;
+    s.run_for(Duration::from_secs(5));
+    s.max_streams = s.streams_in_flight();
+    let start = s.now;
+    s.crash(k);
+    s.restart(k, 0);
+    s.with(k, |g, now| g.join_network("bench", now));
+    let others = want - per;
+    let took = s.run_until(Duration::from_secs(60), Duration::from_millis(10), |s| s.nodes[k].table().endpoints("bench").len() >= others);
+    let g = &s.nodes[k];
+    match took {
+        Some(t) => println!(
+            "rejoin: {want} endpoints ({per} a node) reached every node in {:.2} s virtual; node {k} restarted and held the others' {others} again {:.0} ms virtual after it started (goal ≤ 2 s); stream messages in flight at most {} meanwhile; it received {:.1} MiB in {} messages ({:.0} s real)",
+            spread.as_secs_f64(),
+            t.as_secs_f64() * 1000.0,
+            s.max_streams,
+            g.stats.received_bytes as f64 / (1 << 20) as f64,
+            g.stats.received,
+            real.elapsed().as_secs_f64()
+        ),
+        None => println!("rejoin: node {k} restarted and holds {} of {others} endpoints after 60 s virtual", g.table().endpoints("bench").len()),
+    }
+    let _ = start;
+}
+
+fn failures(s: &Sim) -> u64 {
+    s.nodes.iter().map(|g| g.stats.failures_detected).sum()
+}
+
+/// The faults, one after the other on the converged cluster, each with the time to
+/// converge again.
+fn faults(s: &mut Sim, a: &Args) {
+    let n = s.nodes.len();
+    let limit = Duration::from_secs(120);
+    let step = Duration::from_millis(50);
+    let real = Instant::now();
+    let report = |what: &str, t: Option<Duration>, s: &Sim| match t {
+        Some(t) => println!("fault: {what}: converged again {:.2} s virtual after ({:.0} s real so far)", t.as_secs_f64(), real.elapsed().as_secs_f64()),
+        None => println!("fault: {what}: NOT converged again within {} s virtual ({} nodes short)", limit.as_secs(), s.not_converged()),
+    };
+    // Halves, apart for 10 s (each declares the other down), then healed.
+    for i in n / 2..n {
+        s.set_partition(i, 1);
+    }
+    s.run_for(Duration::from_secs(10));
+    s.heal();
+    let t = s.run_until(limit, step, Sim::converged);
+    report("partition into halves for 10 s, healed", t, s);
+    // A tenth of the nodes restart at once (new generation, empty state).
+    s.run_for(Duration::from_secs(5));
+    let restarting: Vec<usize> = (0..n).filter(|i| i % 10 == 5).collect();
+    for &i in &restarting {
+        s.crash(i);
+    }
+    for &i in &restarting {
+        s.restart(i, 0);
+        s.with(i, |g, now| g.join_network("bench", now));
+    }
+    let t = s.run_until(limit, step, Sim::converged);
+    report(&format!("{} nodes (10 %) restarting at once", restarting.len()), t, s);
+    // A node whose clock runs 50 s ahead restarts and joins.
+    s.run_for(Duration::from_secs(5));
+    let k = n / 3 + 1;
+    s.crash(k);
+    s.skew_clock(k, true, Duration::from_secs(50));
+    s.restart(k, 0);
+    s.with(k, |g, now| g.join_network("bench", now));
+    let t = s.run_until(limit, step, Sim::converged);
+    report("a node with a clock 50 s ahead restarting", t, s);
+    // 5 % loss for 60 s, no node down: every member declared down is a false death.
+    s.run_for(Duration::from_secs(5));
+    let loss = s.model.loss;
+    s.model.loss = 0.05;
+    let before = failures(s);
+    let loss_start = s.now;
+    let mut took = Vec::new();
+    let mut rng = gossip_real::OWNERS_SEED ^ 0x55;
+    for k in 0..20 {
+        let owner = gossip_real::next_owner(&mut rng, n);
+        let mut e = gossip_real::ep(100_000 + k);
+        e.id = format!("loss{k}");
+        let start = s.now;
+        s.with(owner, |g, now| g.set_endpoint(e, now));
+        let id = format!("loss{k}");
+        if let Some(t) = s.run_until(Duration::from_secs(30), Duration::from_millis(5), |s| s.nodes.iter().all(|g| g.table().get("bench", &id).is_some())) {
+            took.push(t.as_secs_f64() * 1000.0);
+        }
+        s.run_for(Duration::from_secs(3).saturating_sub(s.now - start));
+    }
+    let false_deaths = failures(s) - before;
+    println!(
+        "fault: 5 % loss for {:.0} s: {false_deaths} members declared down (none was); a change reaching every node {}/20, p50 {:.1} ms p99 {:.1} ms virtual (checked every 5 ms)",
+        (s.now - loss_start).as_secs_f64(),
+        took.len(),
+        pct(&mut took.clone(), 50.0),
+        pct(&mut took, 99.0)
+    );
+    s.model.loss = loss;
+    let _ = a;
 }
 
 /// What one message costs a node beyond the gossip code, measured here the way the real
@@ -239,6 +389,8 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
             max_heap: 8 << 30,
             per_message,
             seed: 1,
+            rejoin_endpoints: 0,
+            faults: false,
         };
         let sim = simulate(&a);
         println!(

@@ -102,6 +102,14 @@ enum Cmd {
         /// (comma-separated), sealed, on 2 shared cores.
         #[arg(long)]
         validate: Option<String>,
+        /// After the trials, every node publishes its share of this many endpoints (at
+        /// most 64 a node) and one node restarts and rejoins the network (0: skipped).
+        #[arg(long, default_value_t = 10000)]
+        rejoin_endpoints: usize,
+        /// Then the faults: halves healed, 10 % restarting at once, a clock 50 s off, 5 %
+        /// loss.
+        #[arg(long)]
+        faults: bool,
     },
     /// N real gossip instances in this process on loopback (the server the agent runs), for
     /// each size: a change reaching every node, bytes per node; then failure detection.
@@ -176,7 +184,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))).init();
     use std::time::Duration;
     match cli.cmd {
-        Cmd::GossipSim { nodes, loss, latency_ms, cpu: c, sealed, trials, pace_ms, idle_secs, limit_secs, budget_secs, max_heap_gib, per_message_us, seed, validate } => {
+        Cmd::GossipSim { nodes, loss, latency_ms, cpu: c, sealed, trials, pace_ms, idle_secs, limit_secs, budget_secs, max_heap_gib, per_message_us, seed, validate, rejoin_endpoints, faults } => {
             if let Some(v) = validate {
                 return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
             }
@@ -206,6 +214,8 @@ fn main() -> anyhow::Result<()> {
                     max_heap: max_heap_gib << 30,
                     per_message,
                     seed,
+                    rejoin_endpoints,
+                    faults,
                 });
             }
             return Ok(());
