@@ -132,7 +132,7 @@ async fn node(out: &mut Out, agent: &Agent) {
         );
         out.counters(
             "gossip_exchanges_held_back",
-            "Anti-entropy exchanges not started (max_syncs running) and whole views not sent (full_replies_per_sec spent)",
+            "Exchanges this node would have started but did not (max_syncs running: anti-entropy, new members, view requests) and whole views not sent (full_replies_per_sec spent)",
             vec![(l1("reason", "max_syncs"), s.syncs_deferred), (l1("reason", "full_view_rate"), s.full_replies_withheld)],
         );
         out.histogram("gossip_probe_rtt_seconds", "Round trips of this node's direct failure-detector probes (ping to ack)", s.probe_rtt.snapshot());

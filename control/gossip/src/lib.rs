@@ -93,8 +93,8 @@ pub struct Config {
     pub max_syncs: usize,
     /// An exchange not answered within this time no longer counts against `max_syncs`.
     pub sync_timeout: Duration,
-    /// Exchanges carrying this node's whole SWIM view it answers per second, at most (with
-    /// a burst of as many); past that it answers without the view (a joining node learns
+    /// Exchanges carrying this node's whole SWIM view it answers in each one-second window,
+    /// at most; past that it answers without the view (a joining node learns
     /// the members from the others, and from SWIM's own gossip). Bounds what one seed sends
     /// when thousands join through it.
     pub full_replies_per_sec: u32,
@@ -195,8 +195,12 @@ enum Wire {
         /// joining node learns every member at once instead of one packet's worth.
         swim: Vec<foca::Member<Ident>>,
         /// Checksum of the live members the sender knows (itself included): when it differs
-        /// from the receiver's, the reply carries the whole view.
+        /// from the receiver's, the reply carries the whole view (unless
+        /// `full_replies_per_sec` is spent).
         members_sum: u64,
+        /// The sender's gossip address: where the reply goes when the receiver does not
+        /// know the sender yet (a stream comes from an ephemeral port).
+        addr: SocketAddr,
     },
     Sync {
         from: NodeId,
@@ -382,6 +386,7 @@ pub struct Gossip {
     /// peers that are still joining themselves).
     want_view: bool,
     next_view: Instant,
+    view_tries: u8,
 }
 
 /// A member declared down, its host under probe.
@@ -440,6 +445,7 @@ impl Gossip {
             now,
             want_view: true,
             next_view: now + Duration::from_secs(1),
+            view_tries: 0,
             me,
             cfg,
         };
@@ -563,6 +569,12 @@ impl Gossip {
         }
         if self.want_view && !self.alive.is_empty() && now >= self.next_view {
             self.next_view = now + Duration::from_secs(1);
+            // Views that keep changing (or a one-way link) must not make this go on: after
+            // 30 tries, anti-entropy alone.
+            self.view_tries += 1;
+            if self.view_tries >= 30 {
+                self.want_view = false;
+            }
             let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
             let p = peers[self.rng.random_range(0..peers.len())];
             self.start_sync(p, true, false);
@@ -592,6 +604,8 @@ impl Gossip {
             let ttl = u64::try_from(self.cfg.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
             let now_ms = self.ms(now);
             self.table.reap(now_ms, ttl);
+            // Names no record uses any more.
+            self.names.0.retain(|n| Arc::strong_count(n) > 1);
         }
     }
 
@@ -618,7 +632,8 @@ impl Gossip {
             self.timer_events.clear();
             self.me = new;
             self.restamp(now);
-            self.want_view = true;
+            self.ask_views();
+            self.syncing.clear();
             self.events.push(Event::Renewed(self.me.clone()));
         }
         let seeds = self.seeds.clone();
@@ -730,8 +745,9 @@ impl Gossip {
         }
     }
 
-    /// Sends again the pushes not acknowledged in time: every `retransmit` for the first
-    /// three tries, then twice as long each time; after the last, the push is given up.
+    /// Sends again the pushes not acknowledged in time: after the retransmission timeout
+    /// (`rto`) for the first three tries, then twice as long each time; after the last, the
+    /// push is given up.
     fn resend_due(&mut self, now: Instant) {
         while let Some(Reverse((t, seq))) = self.resend.peek().copied() {
             if t > now {
@@ -873,6 +889,7 @@ impl Gossip {
                 // everything we own so that others take it again.
                 self.me = new;
                 self.restamp(now);
+                self.ask_views();
             }
             _ => {}
         }
@@ -932,7 +949,8 @@ impl Gossip {
             for i in items {
                 let mut candidate = chunks.last().cloned().unwrap_or_default();
                 candidate.push(i.clone());
-                let size = postcard::to_allocvec(&Wire::Items { items: candidate }).map(|v| v.len() + 4).unwrap_or(usize::MAX);
+                // Sized as sent: acknowledged, with the largest sequence number.
+                let size = postcard::to_allocvec(&Wire::ItemsAcked { seq: u64::MAX, items: candidate }).map(|v| v.len() + 4).unwrap_or(usize::MAX);
                 if size > self.cfg.max_packet && chunks.last().is_some_and(|c| !c.is_empty()) {
                     chunks.push(vec![i]);
                 } else if let Some(last) = chunks.last_mut() {
@@ -1019,15 +1037,21 @@ impl Gossip {
     fn digest_of(&self, reply: bool, full: bool) -> Wire {
         let nets = self.table.joined().iter().map(|n| (n.clone(), self.table.digest(n))).collect();
         let swim = if full { self.foca.iter_membership_state().cloned().collect() } else { Vec::new() };
-        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships_sum: self.memberships_sum(), nets, swim, members_sum: self.members_sum() }
+        Wire::Digest { from: self.me.node.clone(), reply, membership: self.my_membership(), memberships_sum: self.memberships_sum(), nets, swim, members_sum: self.members_sum(), addr: self.me.addr }
     }
 
-    /// Starts an exchange with `to` (a digest it answers with its own) unless one with `to`
-    /// runs, or `max_syncs` do and this one is not `forced`.
+    /// Asks members for their views again (this node started over).
+    fn ask_views(&mut self) {
+        self.want_view = true;
+        self.view_tries = 0;
+    }
+
+    /// Starts an exchange with `to` (a digest it answers with its own) unless, and this one
+    /// is not `forced` (a network join's fetch), one with `to` runs or `max_syncs` do.
     fn start_sync(&mut self, to: SocketAddr, full: bool, forced: bool) -> bool {
         let (now, timeout) = (self.now, self.cfg.sync_timeout);
         self.syncing.retain(|_, t| now.saturating_duration_since(*t) < timeout);
-        if self.syncing.contains_key(&to) {
+        if self.syncing.contains_key(&to) && !forced {
             return false;
         }
         if !forced && self.syncing.len() >= self.cfg.max_syncs {
@@ -1113,7 +1137,14 @@ impl Gossip {
                 }
             }
             Wire::Member(m) => self.apply_membership(m),
-            Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim, members_sum } => {
+            Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim, members_sum, addr } => {
+                let to = self.alive.get(&peer).map_or(addr, |i| i.addr);
+                if reply {
+                    // The exchange is over: its slot is free for the members this reply
+                    // brings.
+                    self.syncing.remove(&to);
+                    self.syncing.remove(&addr);
+                }
                 // A view was sent (a join), or the views differ: answer with ours.
                 let full = !swim.is_empty() || (!reply && members_sum != self.members_sum());
                 if self.foca.apply_many(swim.into_iter(), false, &mut self.rt).is_err() {
@@ -1133,11 +1164,6 @@ impl Gossip {
                 }
                 let peer_nets = membership.networks.clone();
                 self.apply_membership(membership);
-                let to = self.alive.get(&peer).map_or(from, |i| i.addr);
-                if reply {
-                    self.syncing.remove(&to);
-                    self.syncing.remove(&from);
-                }
                 // Membership records differ somewhere: send ours (the reply digest lets the
                 // peer send its own).
                 let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.memberships.iter().map(|(o, h)| h.membership(o)).collect() } else { Vec::new() };

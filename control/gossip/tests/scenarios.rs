@@ -292,3 +292,46 @@ fn a_lost_push_is_repaired_by_anti_entropy() {
     assert!(has(&net, 2, "a", "later"));
     net.run_until(Duration::from_secs(30), |m| has(m, 2, "a", "lost")).expect("repaired");
 }
+
+#[test]
+fn a_digest_from_a_sender_not_yet_known_is_answered_at_its_gossip_address() {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+    use swarmnet_gossip::{Gossip, Ident, Out};
+    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = ("10.210.0.1:7946".parse().expect("a"), "10.210.0.2:7946".parse().expect("b"), "10.210.0.3:7946".parse().expect("c"));
+    let t0 = Instant::now();
+    let mut ga = Gossip::new(Ident { node: "a".into(), addr: a, gen: 1 }, Config::default(), 1, t0);
+    let mut gb = Gossip::new(Ident { node: "b".into(), addr: b, gen: 1 }, Config::default(), 2, t0);
+    let mut gc = Gossip::new(Ident { node: "c".into(), addr: c, gen: 1 }, Config::default(), 3, t0);
+    ga.join_via(&[b], t0);
+    let mut now = t0;
+    let mut digest = None;
+    for _ in 0..100 {
+        now += Duration::from_millis(50);
+        ga.tick(now);
+        for o in ga.take_out() {
+            match o {
+                Out::Udp { data, .. } => gb.handle(a, &data, false, now),
+                // Kept for c once a knows b; b is not given it.
+                Out::Stream { data, .. } if ga.member_count() == 1 => digest = digest.or(Some(data)),
+                _ => {}
+            }
+        }
+        gb.tick(now);
+        for o in gb.take_out() {
+            match o {
+                Out::Udp { data, .. } => ga.handle(b, &data, false, now),
+                Out::Stream { data, .. } => ga.handle(b, &data, true, now),
+                Out::Probe { .. } => {}
+            }
+        }
+    }
+    let digest = digest.expect("a started an exchange with b");
+    // c has never heard of a; the stream comes from an ephemeral port.
+    let ephemeral: SocketAddr = "10.210.0.1:40123".parse().expect("ephemeral");
+    gc.handle(ephemeral, &digest, true, now);
+    let replies: Vec<SocketAddr> = gc.take_out().into_iter().filter_map(|o| if let Out::Stream { to, .. } = o { Some(to) } else { None }).collect();
+    // (c may also start an exchange with b, whom a's view told it of.)
+    assert!(replies.contains(&a), "no reply to a's gossip address {a}: {replies:?}");
+    assert!(!replies.contains(&ephemeral), "a reply went to the stream's ephemeral port: {replies:?}");
+}
