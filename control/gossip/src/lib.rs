@@ -698,11 +698,15 @@ impl Gossip {
 
     fn send_udp(&mut self, to: SocketAddr, w: &Wire) {
         if let Ok(body) = postcard::to_allocvec(w) {
-            let data = frame(KIND_WIRE, &body);
-            self.stats.udp_sent += 1;
-            self.stats.udp_bytes += data.len() as u64;
-            self.out.push(Out::Udp { to, data });
+            self.udp_out(to, frame(KIND_WIRE, &body));
         }
+    }
+
+    /// A framed datagram out, counted.
+    fn udp_out(&mut self, to: SocketAddr, data: Vec<u8>) {
+        self.stats.udp_sent += 1;
+        self.stats.udp_bytes += data.len() as u64;
+        self.out.push(Out::Udp { to, data });
     }
 
     /// Sends a push that the receiver acknowledges (`make(Some(seq))`), and sends it again
@@ -717,11 +721,9 @@ impl Gossip {
         let seq = self.push_seq;
         let Ok(body) = postcard::to_allocvec(&make(Some(seq))) else { return };
         let data = frame(KIND_WIRE, &body);
-        self.stats.udp_sent += 1;
-        self.stats.udp_bytes += data.len() as u64;
-        self.out.push(Out::Udp { to, data: data.clone() });
+        self.udp_out(to, data.clone());
         self.unacked.insert(seq, Unacked { to, data, sent: 1, first: self.now });
-        self.resend.push(Reverse((self.now + self.rto(), seq)));
+        self.resend.push(Reverse((self.now + self.retransmit_timeout(), seq)));
     }
 
     /// A round trip measured (RFC 6298: srtt += (r - srtt) / 8, rttvar += (|srtt - r| -
@@ -735,10 +737,6 @@ impl Gossip {
 
     /// How long a push waits for its ack before it is sent again.
     pub fn retransmit_timeout(&self) -> Duration {
-        self.rto()
-    }
-
-    fn rto(&self) -> Duration {
         match self.rtt {
             None => self.cfg.retransmit,
             Some((srtt, var)) => (srtt + var * 4).clamp(self.cfg.min_retransmit, self.cfg.max_retransmit.max(self.cfg.min_retransmit)),
@@ -746,7 +744,7 @@ impl Gossip {
     }
 
     /// Sends again the pushes not acknowledged in time: after the retransmission timeout
-    /// (`rto`) for the first three tries, then twice as long each time; after the last, the
+    /// (`retransmit_timeout`) for the first three tries, then twice as long each time; after the last, the
     /// push is given up.
     fn resend_due(&mut self, now: Instant) {
         while let Some(Reverse((t, seq))) = self.resend.peek().copied() {
@@ -755,7 +753,7 @@ impl Gossip {
             }
             self.resend.pop();
             let tries = self.cfg.push_tries;
-            let rto = self.rto();
+            let rto = self.retransmit_timeout();
             let Some(u) = self.unacked.get_mut(&seq) else { continue };
             if u.sent >= tries {
                 self.unacked.remove(&seq);
@@ -766,9 +764,7 @@ impl Gossip {
             let wait = rto * (1u32 << u32::from(u.sent.saturating_sub(3)).min(4));
             let (to, data) = (u.to, u.data.clone());
             self.stats.retransmitted += 1;
-            self.stats.udp_sent += 1;
-            self.stats.udp_bytes += data.len() as u64;
-            self.out.push(Out::Udp { to, data });
+            self.udp_out(to, data);
             self.resend.push(Reverse((now + wait, seq)));
         }
     }
@@ -806,10 +802,7 @@ impl Gossip {
                     self.probes.insert((h.dst.node, n), now);
                 }
             }
-            let data = frame(KIND_FOCA, &data);
-            self.stats.udp_sent += 1;
-            self.stats.udp_bytes += data.len() as u64;
-            self.out.push(Out::Udp { to: to.addr, data });
+            self.udp_out(to.addr, frame(KIND_FOCA, &data));
         }
         while let Some((after, ev)) = self.rt.to_schedule() {
             self.seq += 1;
@@ -1048,19 +1041,18 @@ impl Gossip {
 
     /// Starts an exchange with `to` (a digest it answers with its own) unless, and this one
     /// is not `forced` (a network join's fetch), one with `to` runs or `max_syncs` do.
-    fn start_sync(&mut self, to: SocketAddr, full: bool, forced: bool) -> bool {
+    fn start_sync(&mut self, to: SocketAddr, full: bool, forced: bool) {
         let (now, timeout) = (self.now, self.cfg.sync_timeout);
         self.syncing.retain(|_, t| now.saturating_duration_since(*t) < timeout);
         if self.syncing.contains_key(&to) && !forced {
-            return false;
+            return;
         }
         if !forced && self.syncing.len() >= self.cfg.max_syncs {
             self.stats.syncs_deferred += 1;
-            return false;
+            return;
         }
         self.syncing.insert(to, now);
         self.send_digest_with(to, false, full);
-        true
     }
 
     /// May this reply carry the whole SWIM view (`full_replies_per_sec`)?

@@ -188,7 +188,7 @@ pub fn simulate(a: &Args) -> SimFigures {
         rejoin(&mut s, a.rejoin_endpoints);
     }
     if a.faults && !over(&mut f) {
-        faults(&mut s, a);
+        faults(&mut s);
     }
     f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
     f.real_s = real.elapsed().as_secs_f64();
@@ -228,7 +228,6 @@ fn rejoin(s: &mut Sim, total: usize) {
     let k = n / 2 + 1;
     s.run_for(Duration::from_secs(5));
     s.max_streams = s.streams_in_flight();
-    let start = s.now;
     s.crash(k);
     s.restart(k, 0);
     s.with(k, |g, now| g.join_network("bench", now));
@@ -247,7 +246,6 @@ fn rejoin(s: &mut Sim, total: usize) {
         ),
         None => println!("rejoin: node {k} restarted and holds {} of {others} endpoints after 60 s virtual", g.table().endpoints("bench").len()),
     }
-    let _ = start;
 }
 
 fn failures(s: &Sim) -> u64 {
@@ -256,7 +254,7 @@ fn failures(s: &Sim) -> u64 {
 
 /// The faults, one after the other on the converged cluster, each with the time to
 /// converge again.
-fn faults(s: &mut Sim, a: &Args) {
+fn faults(s: &mut Sim) {
     let n = s.nodes.len();
     let limit = Duration::from_secs(120);
     let step = Duration::from_millis(50);
@@ -323,7 +321,6 @@ fn faults(s: &mut Sim, a: &Args) {
         pct(&mut took, 99.0)
     );
     s.model.loss = loss;
-    let _ = a;
 }
 
 /// What one message costs a node beyond the gossip code, measured here the way the real
