@@ -128,7 +128,7 @@ async fn node(out: &mut Out, agent: &Agent) {
         out.counters(
             "gossip_pushes",
             "Pushed changes and membership records sent again for want of an acknowledgement, and given up on after the last try",
-            vec![(l1("outcome", "retransmitted"), s.retransmitted), (l1("outcome", "given_up"), s.push_given_up)],
+            vec![(l1("outcome", "retransmitted"), s.retransmitted), (l1("outcome", "given_up"), s.push_given_up), (l1("outcome", "deferred"), s.retransmits_deferred)],
         );
         out.counters(
             "gossip_exchanges_held_back",

@@ -176,6 +176,14 @@ fn real_main() -> Result<()> {
             if !st.success() {
                 bail!("tests failed");
             }
+            // The vendored foca's own tests, with swarmnet's changes (ADR 0028): not a
+            // workspace member, so run on its own.
+            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["test", "-j2", "--manifest-path", "third_party/foca/Cargo.toml", "--features", "std,postcard-codec", "--target-dir", "target/foca"])
+                .status()?;
+            if !st.success() {
+                bail!("the vendored foca's tests failed");
+            }
             // A short run of every fuzz target on its seeds and kept corpus (issue 11).
             let all: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
             fuzz::run(&all, 30_000, 120, false)?;

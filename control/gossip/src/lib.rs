@@ -32,7 +32,7 @@ pub use table::{Item, NodeId, OwnerSet, Summary, Table};
 
 /// The last byte is the wire version: 2 since ports carry a protocol enum (issue 8), 3 since
 /// pushed changes are acknowledged (issue 23).
-pub const MAGIC: [u8; 3] = [b'S', b'N', 3];
+pub const MAGIC: [u8; 3] = [b'S', b'N', 4];
 const KIND_FOCA: u8 = 1;
 const KIND_WIRE: u8 = 2;
 /// Largest reliable message accepted.
@@ -107,6 +107,14 @@ pub struct Config {
     pub min_retransmit: Duration,
     pub max_retransmit: Duration,
     pub push_tries: u8,
+    /// What may be sent again: `retransmit_percent` of the pushes sent first, plus
+    /// `retransmits_per_sec` (so that a lone lost push is still sent again). A push due again
+    /// past the budget waits another timeout without counting a try. When every push is
+    /// late, the node is overloaded (its peers are slow to answer, not losing packets):
+    /// sending all again would double the load that made them late (issue 23: 300 instances
+    /// on 2 cores collapsed under six sends of every membership push).
+    pub retransmit_percent: u32,
+    pub retransmits_per_sec: u32,
     /// Pushes awaiting an acknowledgement, at most; past it pushes go unacknowledged
     /// (anti-entropy repairs what they lose).
     pub max_unacked: usize,
@@ -135,6 +143,8 @@ impl Default for Config {
             min_retransmit: Duration::from_millis(20),
             max_retransmit: Duration::from_secs(1),
             push_tries: 6,
+            retransmit_percent: 10,
+            retransmits_per_sec: 20,
             max_unacked: 16384,
         }
     }
@@ -180,7 +190,6 @@ enum Wire {
     Items {
         items: Vec<Item>,
     },
-    Member(Membership),
     /// Anti-entropy: what the sender has; the receiver answers with what the sender lacks
     /// and, unless this is a reply, a digest of its own.
     Digest {
@@ -212,11 +221,6 @@ enum Wire {
         seq: u64,
         items: Vec<Item>,
     },
-    /// `Member` that the receiver acknowledges.
-    MemberAcked {
-        seq: u64,
-        membership: Membership,
-    },
     Ack {
         seq: u64,
     },
@@ -230,6 +234,10 @@ struct Held {
     gen: u64,
     version: u64,
     networks: Box<[Arc<str>]>,
+    /// This node has passed the record on (it came in a broadcast, or is its own); one
+    /// learned from anti-entropy is passed on when a broadcast of it comes (otherwise
+    /// nodes that caught up by anti-entropy would end the broadcast's spread early).
+    relayed: bool,
 }
 
 /// Network names, each held once.
@@ -253,13 +261,95 @@ impl Names {
     }
 
     fn hold(&mut self, m: &Membership) -> Held {
-        Held { gen: m.gen, version: m.version, networks: m.networks.iter().map(|n| self.get(n)).collect() }
+        Held { gen: m.gen, version: m.version, networks: m.networks.iter().map(|n| self.get(n)).collect(), relayed: false }
     }
 }
 
 impl Held {
     fn membership(&self, owner: &str) -> Membership {
         Membership { owner: owner.to_string(), gen: self.gen, version: self.version, networks: self.networks.iter().map(|n| n.to_string()).collect() }
+    }
+}
+
+/// The membership records this node holds, inside foca as its custom broadcast handler:
+/// a node's record (the networks it joined) spreads as SWIM's own updates do, piggybacked
+/// on probes and on the periodic gossip to a few members, each node passing on what is new
+/// to it a bounded number of times. Pushing each change to every member cost N^2
+/// datagrams when a cluster joined a network (issue 23: 300 instances on 2 cores
+/// collapsed). Anti-entropy still repairs what this misses, in bulk.
+#[derive(Default)]
+struct Book {
+    me: NodeId,
+    memberships: BTreeMap<NodeId, Held>,
+    names: Names,
+    /// Records received that were not newer than ours.
+    stale: u64,
+    /// Peers whose newer record names networks their older one did not (or that were not
+    /// known before), with those networks: the node pushes them its own entries there
+    /// (`Gossip::greet_joiners`).
+    joins: Vec<(NodeId, Vec<Arc<str>>)>,
+}
+
+impl Book {
+    /// Keeps `m` if it is newer than what this node holds (this node's own record only
+    /// from this node: `own`). True when it is to be passed on: it came in a broadcast
+    /// (`broadcast`, or `own`) and this node has not passed it on yet.
+    fn apply(&mut self, m: &Membership, own: bool, broadcast: bool) -> bool {
+        if (m.owner == self.me) != own {
+            return false;
+        }
+        let relay = own || broadcast;
+        match self.memberships.get_mut(&m.owner) {
+            Some(cur) if (m.gen, m.version) == (cur.gen, cur.version) && relay && !cur.relayed => {
+                cur.relayed = true;
+                true
+            }
+            Some(cur) if (m.gen, m.version) <= (cur.gen, cur.version) => {
+                self.stale += 1;
+                false
+            }
+            _ => {
+                let mut held = self.names.hold(m);
+                held.relayed = relay;
+                if !own {
+                    let before = self.memberships.get(&m.owner).map(|h| h.networks.clone()).unwrap_or_default();
+                    let added: Vec<Arc<str>> = held.networks.iter().filter(|n| !before.contains(n)).cloned().collect();
+                    if !added.is_empty() {
+                        self.joins.push((m.owner.clone(), added));
+                    }
+                }
+                self.memberships.insert(m.owner.clone(), held);
+                relay
+            }
+        }
+    }
+}
+
+/// What a membership broadcast is known by in foca's queue: its owner (a newer record
+/// replaces the older one still being passed on).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct OwnerKey(NodeId);
+
+impl foca::Invalidates for OwnerKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self == other
+    }
+
+    const EQUAL_ONLY: bool = true;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed membership record in a SWIM message")]
+struct MalformedRecord;
+
+impl foca::BroadcastHandler<Ident> for Book {
+    type Key = OwnerKey;
+    type Error = MalformedRecord;
+
+    fn receive_item(&mut self, data: &[u8], sender: Option<&Ident>) -> Result<Option<OwnerKey>, MalformedRecord> {
+        let m: Membership = postcard::from_bytes(data).map_err(|_| MalformedRecord)?;
+        // `sender` is None for this node's own record (`Foca::add_broadcast`).
+        Ok(self.apply(&m, sender.is_none(), true).then_some(OwnerKey(m.owner)))
     }
 }
 
@@ -322,6 +412,8 @@ pub struct Stats {
     /// Pushes sent again for want of an acknowledgement, and given up on after the last try.
     pub retransmitted: u64,
     pub push_given_up: u64,
+    /// Pushes due again that waited another timeout: the retransmission budget was spent.
+    pub retransmits_deferred: u64,
     /// Exchanges not started because `max_syncs` were running, and full views not sent
     /// because `full_replies_per_sec` was spent.
     pub syncs_deferred: u64,
@@ -339,15 +431,13 @@ pub struct Stats {
 pub struct Gossip {
     me: Ident,
     cfg: Config,
-    foca: Foca<Ident, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    foca: Foca<Ident, PostcardCodec, StdRng, Book>,
     rt: AccumulatingRuntime<Ident>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_events: HashMap<u64, Timer<Ident>>,
     seq: u64,
     clock: u64,
     table: Table,
-    memberships: BTreeMap<NodeId, Held>,
-    names: Names,
     alive: BTreeMap<NodeId, Ident>,
     epoch: Instant,
     next_ae: Instant,
@@ -377,6 +467,12 @@ pub struct Gossip {
     unacked: HashMap<u64, Unacked>,
     resend: BinaryHeap<Reverse<(Instant, u64)>>,
     push_seq: u64,
+    /// Owned items changed and not pushed yet (`push_items`).
+    pending: Vec<Item>,
+    /// Retransmissions the budget allows now, in hundredths, and when it was last refilled
+    /// by time.
+    retransmit_budget: u64,
+    budget_refilled: Instant,
     /// Smoothed round trip and its variation, once one has been measured.
     rtt: Option<(Duration, Duration)>,
     /// The latest time an entry point was given (for the calls that are not given one).
@@ -409,8 +505,10 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 
 impl Gossip {
     pub fn new(me: Ident, cfg: Config, seed: u64, now: Instant) -> Gossip {
-        let foca = Foca::new(me.clone(), cfg.foca(8), StdRng::seed_from_u64(seed), PostcardCodec);
         let membership = Membership { owner: me.node.clone(), gen: me.gen, version: 0, networks: BTreeSet::new() };
+        let mut book = Book { me: me.node.clone(), ..Book::default() };
+        book.apply(&membership, true, false);
+        let foca = Foca::with_custom_broadcast(me.clone(), cfg.foca(8), StdRng::seed_from_u64(seed), PostcardCodec, book);
         let mut g = Gossip {
             foca,
             rt: AccumulatingRuntime::new(),
@@ -419,8 +517,6 @@ impl Gossip {
             seq: 0,
             clock: 0,
             table: Table::default(),
-            memberships: BTreeMap::from([(me.node.clone(), Names::default().hold(&membership))]),
-            names: Names::default(),
             alive: BTreeMap::new(),
             epoch: now,
             next_ae: now + cfg.anti_entropy,
@@ -441,6 +537,9 @@ impl Gossip {
             unacked: HashMap::new(),
             resend: BinaryHeap::new(),
             push_seq: 0,
+            pending: Vec::new(),
+            retransmit_budget: 100 * u64::from(cfg.retransmits_per_sec),
+            budget_refilled: now,
             rtt: None,
             now,
             want_view: true,
@@ -482,6 +581,11 @@ impl Gossip {
     }
 
     pub fn take_out(&mut self) -> Vec<Out> {
+        self.greet_joiners();
+        if !self.pending.is_empty() {
+            let items = std::mem::take(&mut self.pending);
+            self.send_items(items, None);
+        }
         std::mem::take(&mut self.out)
     }
 
@@ -605,7 +709,7 @@ impl Gossip {
             let now_ms = self.ms(now);
             self.table.reap(now_ms, ttl);
             // Names no record uses any more.
-            self.names.0.retain(|n| Arc::strong_count(n) > 1);
+            self.foca.broadcast_handler_mut().names.0.retain(|n| Arc::strong_count(n) > 1);
         }
     }
 
@@ -627,7 +731,8 @@ impl Gossip {
         if self.lost_all {
             self.lost_all = false;
             let new = Ident { gen: self.me.gen + 1, ..self.me.clone() };
-            self.foca = Foca::new(new.clone(), self.cfg.foca(8), StdRng::seed_from_u64(new.gen ^ self.rng.random::<u64>()), PostcardCodec);
+            let book = std::mem::take(self.foca.broadcast_handler_mut());
+            self.foca = Foca::with_custom_broadcast(new.clone(), self.cfg.foca(8), StdRng::seed_from_u64(new.gen ^ self.rng.random::<u64>()), PostcardCodec, book);
             self.timers.clear();
             self.timer_events.clear();
             self.me = new;
@@ -722,6 +827,7 @@ impl Gossip {
         let Ok(body) = postcard::to_allocvec(&make(Some(seq))) else { return };
         let data = frame(KIND_WIRE, &body);
         self.udp_out(to, data.clone());
+        self.retransmit_budget = (self.retransmit_budget + u64::from(self.cfg.retransmit_percent)).min(self.budget_cap());
         self.unacked.insert(seq, Unacked { to, data, sent: 1, first: self.now });
         self.resend.push(Reverse((self.now + self.retransmit_timeout(), seq)));
     }
@@ -743,10 +849,23 @@ impl Gossip {
         }
     }
 
+    /// The most the retransmission budget holds (hundredths): a second of the floor, or the
+    /// share of a full `max_unacked`.
+    fn budget_cap(&self) -> u64 {
+        100 * u64::from(self.cfg.retransmits_per_sec).max(self.cfg.max_unacked as u64 * u64::from(self.cfg.retransmit_percent) / 100)
+    }
+
     /// Sends again the pushes not acknowledged in time: after the retransmission timeout
-    /// (`retransmit_timeout`) for the first three tries, then twice as long each time; after the last, the
-    /// push is given up.
+    /// (`retransmit_timeout`) for the first three tries, then twice as long each time; after
+    /// the last, the push is given up. Each costs one of the retransmission budget; past it,
+    /// the push waits another timeout.
     fn resend_due(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.budget_refilled);
+        let refill = (elapsed.as_millis() as u64).saturating_mul(u64::from(self.cfg.retransmits_per_sec)) / 10;
+        if refill > 0 {
+            self.retransmit_budget = (self.retransmit_budget + refill).min(self.budget_cap());
+            self.budget_refilled = now;
+        }
         while let Some(Reverse((t, seq))) = self.resend.peek().copied() {
             if t > now {
                 break;
@@ -760,6 +879,12 @@ impl Gossip {
                 self.stats.push_given_up += 1;
                 continue;
             }
+            if self.retransmit_budget < 100 {
+                self.stats.retransmits_deferred += 1;
+                self.resend.push(Reverse((now + rto, seq)));
+                continue;
+            }
+            self.retransmit_budget -= 100;
             u.sent += 1;
             let wait = rto * (1u32 << u32::from(u.sent.saturating_sub(3)).min(4));
             let (to, data) = (u.to, u.data.clone());
@@ -780,6 +905,7 @@ impl Gossip {
     /// The counters, and the members by state now.
     pub fn stats_now(&self) -> Stats {
         let mut s = self.stats.clone();
+        s.stale += self.book().stale;
         s.members_alive = self.alive.len() as u64;
         s.members_suspect = self.suspects.len() as u64;
         s.members_down = self
@@ -852,8 +978,9 @@ impl Gossip {
                         self.next_rejoin = now + self.cfg.rejoin_every;
                     }
                 }
-                if self.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
-                    self.memberships.remove(&id.node);
+                let book = self.foca.broadcast_handler_mut();
+                if book.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
+                    book.memberships.remove(&id.node);
                 }
                 // A dead agent is not a dead host: its entries stay while its host answers
                 // a probe (its tasks may well be running), unless the manager no longer
@@ -909,48 +1036,93 @@ impl Gossip {
     }
 
     fn my_membership(&self) -> Membership {
-        self.memberships.get(&self.me.node).map(|h| h.membership(&self.me.node)).unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
+        self.book().memberships.get(&self.me.node).map(|h| h.membership(&self.me.node)).unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
     }
 
     fn bump_membership(&mut self) {
         self.clock += 1;
         let m = Membership { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, networks: self.table.joined().clone() };
-        let held = self.names.hold(&m);
-        self.memberships.insert(self.me.node.clone(), held);
-        let peers: Vec<SocketAddr> = self.alive.values().map(|i| i.addr).collect();
-        for p in peers {
-            self.push_udp(p, |seq| match seq {
-                Some(seq) => Wire::MemberAcked { seq, membership: m.clone() },
-                None => Wire::Member(m.clone()),
-            });
+        // Kept, and passed on by foca with its next messages (a record too large for a
+        // packet is kept all the same: anti-entropy carries it).
+        let sent = postcard::to_allocvec(&m).ok().and_then(|data| self.foca.add_broadcast(&data).ok());
+        if sent != Some(true) {
+            self.foca.broadcast_handler_mut().apply(&m, true, false);
         }
+        self.pump(self.now);
+    }
+
+    fn book(&self) -> &Book {
+        self.foca.broadcast_handler()
+    }
+
+    /// How many live peers this node knows to have joined `network`.
+    pub fn network_peer_count(&self, network: &str) -> usize {
+        self.network_peers(network).len()
     }
 
     /// Peers that have joined `network`, as far as we know.
     fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
-        self.alive.values().filter(|i| self.memberships.get(&i.node).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
+        self.alive.values().filter(|i| self.book().memberships.get(&i.node).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
     }
 
-    /// Pushes owned items to every peer on their network, in packets that fit.
+    /// Queues owned items to push: what one call changes (an agent publishing a service's
+    /// tasks, a restart re-stamping everything) goes out together, in as few packets as fit,
+    /// when the caller takes what to send.
     fn push_items(&mut self, items: Vec<Item>) {
-        let mut by_net: BTreeMap<String, Vec<Item>> = BTreeMap::new();
-        for i in items {
-            by_net.entry(i.network.clone()).or_default().push(i);
+        self.pending.extend(items);
+    }
+
+    /// Peers that joined networks this node is on learn its own entries there at once (a
+    /// membership record spreads by gossip, so a peer that joined when this node published
+    /// may not have been among the peers it pushed to).
+    fn greet_joiners(&mut self) {
+        let joins = std::mem::take(&mut self.foca.broadcast_handler_mut().joins);
+        for (owner, nets) in joins {
+            let Some(addr) = self.alive.get(&owner).map(|i| i.addr) else { continue };
+            let mut items = Vec::new();
+            for net in nets.iter().filter(|n| self.table.joined().contains(&***n)) {
+                items.extend(self.table.owner_items(net, &self.me.node));
+            }
+            if !items.is_empty() {
+                self.send_items(items, Some(addr));
+            }
         }
-        for (net, items) in by_net {
+    }
+
+    /// Pushes owned items to every peer on their network (or to `only`), in packets that
+    /// fit.
+    fn send_items(&mut self, items: Vec<Item>, only: Option<SocketAddr>) {
+        // The latest change of each entry only.
+        let mut seen = std::collections::HashSet::new();
+        let mut by_net: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        for i in items.into_iter().rev() {
+            if seen.insert((i.network.clone(), i.id.clone())) {
+                by_net.entry(i.network.clone()).or_default().push(i);
+            }
+        }
+        // Sized as sent: acknowledged, with the largest sequence number, and room for the
+        // list's length to grow (a varint).
+        let base = postcard::to_allocvec(&Wire::ItemsAcked { seq: u64::MAX, items: Vec::new() }).map(|v| v.len() + 4 + 4).unwrap_or(usize::MAX);
+        for (net, mut items) in by_net {
+            items.reverse();
             let mut chunks: Vec<Vec<Item>> = vec![Vec::new()];
+            let mut size = base;
             for i in items {
-                let mut candidate = chunks.last().cloned().unwrap_or_default();
-                candidate.push(i.clone());
-                // Sized as sent: acknowledged, with the largest sequence number.
-                let size = postcard::to_allocvec(&Wire::ItemsAcked { seq: u64::MAX, items: candidate }).map(|v| v.len() + 4).unwrap_or(usize::MAX);
-                if size > self.cfg.max_packet && chunks.last().is_some_and(|c| !c.is_empty()) {
-                    chunks.push(vec![i]);
-                } else if let Some(last) = chunks.last_mut() {
+                let len = postcard::to_allocvec(&i).map(|v| v.len()).unwrap_or(usize::MAX);
+                if size.saturating_add(len) > self.cfg.max_packet && chunks.last().is_some_and(|c| !c.is_empty()) {
+                    chunks.push(Vec::new());
+                    size = base;
+                }
+                size = size.saturating_add(len);
+                if let Some(last) = chunks.last_mut() {
                     last.push(i);
                 }
             }
-            for p in self.network_peers(&net) {
+            let peers = match only {
+                Some(p) => vec![p],
+                None => self.network_peers(&net),
+            };
+            for p in peers {
                 for c in &chunks {
                     self.push_udp(p, |seq| match seq {
                         Some(seq) => Wire::ItemsAcked { seq, items: c.clone() },
@@ -1023,7 +1195,7 @@ impl Gossip {
     }
 
     fn memberships_sum(&self) -> u64 {
-        self.memberships.iter().fold(0u64, |acc, (owner, m)| acc.wrapping_add(table::fnv(owner.as_bytes(), m.gen, m.version)))
+        self.book().memberships.iter().fold(0u64, |acc, (owner, m)| acc.wrapping_add(table::fnv(owner.as_bytes(), m.gen, m.version)))
     }
 
     /// `full`: also carry the whole SWIM view (at join time; periodic rounds do without).
@@ -1083,16 +1255,7 @@ impl Gossip {
     }
 
     fn apply_membership(&mut self, m: Membership) {
-        if m.owner == self.me.node {
-            return;
-        }
-        let newer = self.memberships.get(&m.owner).is_none_or(|cur| (m.gen, m.version) > (cur.gen, cur.version));
-        if newer {
-            let held = self.names.hold(&m);
-            self.memberships.insert(m.owner, held);
-        } else {
-            self.stats.stale += 1;
-        }
+        self.foca.broadcast_handler_mut().apply(&m, false, false);
     }
 
     fn handle_wire(&mut self, from: SocketAddr, w: Wire, now: Instant) {
@@ -1101,10 +1264,6 @@ impl Gossip {
             Wire::ItemsAcked { seq, items } => {
                 self.send_udp(from, &Wire::Ack { seq });
                 self.handle_wire(from, Wire::Items { items }, now);
-            }
-            Wire::MemberAcked { seq, membership } => {
-                self.send_udp(from, &Wire::Ack { seq });
-                self.apply_membership(membership);
             }
             Wire::Ack { seq } => {
                 if let Some(u) = self.unacked.remove(&seq) {
@@ -1128,7 +1287,6 @@ impl Gossip {
                     self.emit(ch);
                 }
             }
-            Wire::Member(m) => self.apply_membership(m),
             Wire::Digest { from: peer, reply, membership, memberships_sum, nets, swim, members_sum, addr } => {
                 let to = self.alive.get(&peer).map_or(addr, |i| i.addr);
                 if reply {
@@ -1158,7 +1316,7 @@ impl Gossip {
                 self.apply_membership(membership);
                 // Membership records differ somewhere: send ours (the reply digest lets the
                 // peer send its own).
-                let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.memberships.iter().map(|(o, h)| h.membership(o)).collect() } else { Vec::new() };
+                let ms: Vec<Membership> = if memberships_sum != self.memberships_sum() { self.book().memberships.iter().map(|(o, h)| h.membership(o)).collect() } else { Vec::new() };
                 // Owner sets the peer lacks or has older, on networks we both joined.
                 let mut sets = Vec::new();
                 for net in self.table.joined().iter().filter(|n| peer_nets.contains(*n)) {

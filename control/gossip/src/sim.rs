@@ -112,6 +112,10 @@ pub struct Sim {
     /// (when, node): a node's next deadline as it was after it last acted; stale entries
     /// (the node's deadline moved) are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Each node's earliest wake-up in `timers` (None: none queued). A later deadline is
+    /// not queued while an earlier wake-up is (that one queues it when it pops): a queue
+    /// entry for every action of every node made the heap millions long.
+    queued: Vec<Option<Instant>>,
     seq: u64,
     pub net: NetStats,
     observer: Option<Observer>,
@@ -168,6 +172,7 @@ impl Sim {
             packets: BinaryHeap::new(),
             in_flight: HashMap::new(),
             timers: BinaryHeap::new(),
+            queued: vec![None; n],
             seq: 0,
             net: NetStats::default(),
             observer: None,
@@ -227,6 +232,10 @@ impl Sim {
 
     fn schedule(&mut self, i: usize) {
         let t = self.true_time(i, self.nodes[i].next_deadline()).max(self.now);
+        if self.queued[i].is_some_and(|q| q <= t) {
+            return;
+        }
+        self.queued[i] = Some(t);
         self.timers.push(Reverse((t, i)));
     }
 
@@ -414,13 +423,19 @@ impl Sim {
                         self.deliver(p);
                     }
                 }
-            } else if let Some(Reverse((_, i))) = self.timers.pop() {
+            } else if let Some(Reverse((t, i))) = self.timers.pop() {
+                if self.queued[i] != Some(t) {
+                    // Stale: an earlier wake-up was queued after this one.
+                    continue;
+                }
+                self.queued[i] = None;
                 if self.down[i] {
                     continue;
                 }
                 let due = self.true_time(i, self.nodes[i].next_deadline());
                 if due > self.now {
-                    // Stale: the node acted since, and its newer deadline is queued.
+                    // The node acted since: its deadline moved later.
+                    self.schedule(i);
                     continue;
                 }
                 let now = self.now;

@@ -68,6 +68,9 @@ pub(crate) fn fnv(id: &[u8], gen: u64, version: u64) -> u64 {
 #[derive(Default)]
 pub struct Table {
     entries: BTreeMap<(String, String), (Item, Option<u64>)>,
+    /// The keys of each owner's entries: what one owner has is found without going through
+    /// the whole table (every exchange asks it for each owner: O(N x E) before, issue 23).
+    owned: BTreeMap<NodeId, BTreeSet<(String, String)>>,
     joined: BTreeSet<String>,
     /// Highest generation seen per owner; older generations are gone.
     gens: BTreeMap<NodeId, u64>,
@@ -82,6 +85,42 @@ fn change(network: &str, id: &str, old: Option<Endpoint>, new: Option<Endpoint>)
 }
 
 impl Table {
+    /// Puts an entry in, and in its owner's index.
+    fn put(&mut self, key: (String, String), item: Item, tomb: Option<u64>) {
+        let owner = item.owner.clone();
+        if let Some((old, _)) = self.entries.insert(key.clone(), (item, tomb)) {
+            if old.owner != owner {
+                self.unindex(&old.owner, &key);
+            }
+        }
+        self.owned.entry(owner).or_default().insert(key);
+    }
+
+    fn unindex(&mut self, owner: &str, key: &(String, String)) {
+        if let Some(keys) = self.owned.get_mut(owner) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.owned.remove(owner);
+            }
+        }
+    }
+
+    /// Takes an entry out, and out of its owner's index.
+    fn take(&mut self, key: &(String, String)) -> Option<Item> {
+        let (item, _) = self.entries.remove(key)?;
+        self.unindex(&item.owner, key);
+        Some(item)
+    }
+
+    /// The keys `owner` has entries under (in `network` only, if given).
+    fn keys_of(&self, owner: &str, network: Option<&str>) -> Vec<(String, String)> {
+        let Some(keys) = self.owned.get(owner) else { return Vec::new() };
+        match network {
+            Some(net) => keys.range((net.to_string(), String::new())..).take_while(|(n, _)| n == net).cloned().collect(),
+            None => keys.iter().cloned().collect(),
+        }
+    }
+
     pub fn joined(&self) -> &BTreeSet<String> {
         &self.joined
     }
@@ -96,7 +135,7 @@ impl Table {
         let keys: Vec<(String, String)> = self.entries.keys().filter(|(n, _)| n == network).cloned().collect();
         keys.into_iter()
             .filter_map(|k| {
-                let (item, _) = self.entries.remove(&k)?;
+                let item = self.take(&k)?;
                 change(&k.0, &k.1, item.value, None)
             })
             .collect()
@@ -165,10 +204,10 @@ impl Table {
     }
 
     fn drop_owner_where(&mut self, owner: &str, f: impl Fn(&Item) -> bool) -> Vec<Change> {
-        let keys: Vec<(String, String)> = self.entries.iter().filter(|(_, (i, _))| i.owner == owner && f(i)).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<(String, String)> = self.keys_of(owner, None).into_iter().filter(|k| self.entries.get(k).is_some_and(|(i, _)| f(i))).collect();
         keys.into_iter()
             .filter_map(|k| {
-                let (item, _) = self.entries.remove(&k)?;
+                let item = self.take(&k)?;
                 change(&k.0, &k.1, item.value, None)
             })
             .collect()
@@ -197,7 +236,7 @@ impl Table {
         };
         let tomb = item.value.is_none().then_some(now_ms);
         let new = item.value.clone();
-        self.entries.insert(key, (item.clone(), tomb));
+        self.put(key, item.clone(), tomb);
         changes.extend(change(&item.network, &item.id, old, new));
         (Applied::Changed, changes)
     }
@@ -219,7 +258,7 @@ impl Table {
 
     /// Every entry `owner` has in `network`, tombstones included.
     pub fn owner_items(&self, network: &str, owner: &str) -> Vec<Item> {
-        self.entries.range((network.to_string(), String::new())..).take_while(|((n, _), _)| n == network).filter(|(_, (i, _))| i.owner == owner).map(|(_, (i, _))| i.clone()).collect()
+        self.keys_of(owner, Some(network)).iter().filter_map(|k| self.entries.get(k)).map(|(i, _)| i.clone()).collect()
     }
 
     /// Applies an owner's set as of stamp (`gen`, `version`). When the owner itself sent it
@@ -243,9 +282,9 @@ impl Table {
             return changes;
         }
         let gone: Vec<(String, String)> =
-            self.entries.iter().filter(|((n, id), (i, _))| n == network && i.owner == owner && i.stamp() <= (gen, version) && !ids.contains(id)).map(|(k, _)| k.clone()).collect();
+            self.keys_of(owner, Some(network)).into_iter().filter(|k| !ids.contains(&k.1) && self.entries.get(k).is_some_and(|(i, _)| i.stamp() <= (gen, version))).collect();
         for k in gone {
-            if let Some((item, _)) = self.entries.remove(&k) {
+            if let Some(item) = self.take(&k) {
                 changes.extend(change(&k.0, &k.1, item.value, None));
             }
         }
@@ -254,9 +293,11 @@ impl Table {
 
     /// Forgets tombstones older than `ttl_ms`.
     pub fn reap(&mut self, now_ms: u64, ttl_ms: u64) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, (_, t)| t.is_none_or(|t| now_ms.saturating_sub(t) < ttl_ms));
-        before - self.entries.len()
+        let gone: Vec<(String, String)> = self.entries.iter().filter(|(_, (_, t))| t.is_some_and(|t| now_ms.saturating_sub(t) >= ttl_ms)).map(|(k, _)| k.clone()).collect();
+        for k in &gone {
+            self.take(k);
+        }
+        gone.len()
     }
 }
 
@@ -354,5 +395,44 @@ mod tests {
         assert_eq!(u.digest("n")["a"].stamp, v.digest("n")["a"].stamp);
         assert_ne!(u.digest("n")["a"].sum, v.digest("n")["a"].sum);
         assert_eq!(t.endpoints("n").len(), 2);
+    }
+
+    /// The owners' index holds exactly the table's keys, each under its entry's owner.
+    fn assert_indexed(t: &Table) {
+        let mut from_index: Vec<(String, (String, String))> = t.owned.iter().flat_map(|(o, ks)| ks.iter().map(move |k| (o.clone(), k.clone()))).collect();
+        let mut from_entries: Vec<(String, (String, String))> = t.entries.iter().map(|(k, (i, _))| (i.owner.clone(), k.clone())).collect();
+        from_index.sort();
+        from_entries.sort();
+        assert_eq!(from_index, from_entries);
+        assert!(t.owned.values().all(|ks| !ks.is_empty()));
+    }
+
+    #[test]
+    fn the_owners_index_follows_every_change() {
+        let mut t = Table::default();
+        t.join("n");
+        t.join("m");
+        t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0);
+        t.apply(item("a", 1, 2, "e2", Some(ep("n", "e2", 4))), 0);
+        t.apply(Item { network: "m".into(), ..item("a", 1, 3, "e9", Some(ep("m", "e9", 7))) }, 0);
+        t.apply(item("b", 1, 1, "f1", Some(ep("n", "f1", 9))), 0);
+        assert_indexed(&t);
+        // An entry taken over by another owner (a newer stamp) moves to its index.
+        t.apply(item("b", 1, 5, "e2", Some(ep("n", "e2", 4))), 0);
+        assert_indexed(&t);
+        assert_eq!(t.owner_items("n", "a").len(), 1);
+        assert_eq!(t.owner_items("n", "b").len(), 2);
+        assert_eq!(t.owner_items("m", "a").len(), 1);
+        let set = OwnerSet { network: "n".into(), owner: "b".into(), gen: 1, version: 5, items: vec![item("b", 1, 5, "e2", Some(ep("n", "e2", 4)))] };
+        assert_eq!(t.apply_owner_set(set, true, 0).len(), 1, "f1 gone");
+        assert_indexed(&t);
+        t.apply(item("a", 1, 4, "e1", None), 10);
+        assert_eq!(t.reap(100, 50), 1);
+        assert_indexed(&t);
+        assert_eq!(t.owner_dead("b", 1).len(), 1);
+        assert_indexed(&t);
+        assert_eq!(t.leave("m").len(), 1);
+        assert_indexed(&t);
+        assert!(t.is_empty());
     }
 }
