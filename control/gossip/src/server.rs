@@ -330,7 +330,7 @@ fn refused(g: &mut Gossip, from: SocketAddr, stream: bool, why: &str, last_warn:
     g.stats.unauthenticated += 1;
     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
         *last_warn = Some(Instant::now());
-        warn!(%from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
+        warn!(node = %g.me().node, %from, stream, why = %why, dropped = g.stats.unauthenticated, "gossip: dropped a message that does not authenticate");
     }
 }
 
