@@ -148,7 +148,13 @@ pub fn simulate(a: &Args) -> SimFigures {
     let b0 = s.bytes_sent();
     s.run_for(a.idle);
     f.idle_bps = rate(s.bytes_sent() - b0, n, a.idle);
-    println!("idle: {:.0} bytes per node per second over {:.0} s virtual", f.idle_bps, a.idle.as_secs_f64());
+    println!(
+        "idle: {:.0} bytes per node per second over {:.0} s virtual; heap in use then {:.1} KiB per node ({:.0} B per member)",
+        f.idle_bps,
+        a.idle.as_secs_f64(),
+        kib_per_node(alloc::current().saturating_sub(heap0), n),
+        alloc::current().saturating_sub(heap0) as f64 / (n as f64 * n as f64)
+    );
 
     let mut rng = gossip_real::OWNERS_SEED;
     let (b0, t0) = (s.bytes_sent(), s.now);

@@ -789,7 +789,13 @@ where
 
                     // Only actually gossip if there are updates to send
                     if !self.updates.is_empty() || !self.custom_broadcasts.is_empty() {
-                        self.choose_and_send(params.num_members.get(), Message::Gossip, runtime)?;
+                        // swarmnet: to more members while the backlog is long (a mass
+                        // join: a packet carries a few dozen updates, and each is sent
+                        // `max_transmissions` times), up to 4 times as many.
+                        let backlog = self.updates.len() + self.custom_broadcasts.len();
+                        let wanted = params.num_members.get();
+                        let num_members = wanted.max(backlog / 128).min(wanted.saturating_mul(4));
+                        self.choose_and_send(num_members, Message::Gossip, runtime)?;
                     }
                 }
                 Ok(())
