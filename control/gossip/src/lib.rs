@@ -305,7 +305,11 @@ impl Book {
                 true
             }
             Some(cur) if (m.gen, m.version) <= (cur.gen, cur.version) => {
-                self.stale += 1;
+                // Gossip brings every record several times: only an older record from
+                // anti-entropy counts as stale.
+                if !broadcast {
+                    self.stale += 1;
+                }
                 false
             }
             _ => {
@@ -324,6 +328,10 @@ impl Book {
         }
     }
 }
+
+/// The largest membership record passed on by gossip: half a packet leaves room for foca's
+/// header (two identities) and its updates.
+const MAX_BROADCAST_RECORD: usize = 600;
 
 /// What a membership broadcast is known by in foca's queue: its owner (a newer record
 /// replaces the older one still being passed on).
@@ -348,8 +356,11 @@ impl foca::BroadcastHandler<Ident> for Book {
 
     fn receive_item(&mut self, data: &[u8], sender: Option<&Ident>) -> Result<Option<OwnerKey>, MalformedRecord> {
         let m: Membership = postcard::from_bytes(data).map_err(|_| MalformedRecord)?;
-        // `sender` is None for this node's own record (`Foca::add_broadcast`).
-        Ok(self.apply(&m, sender.is_none(), true).then_some(OwnerKey(m.owner)))
+        // `sender` is None for this node's own record (`Foca::add_broadcast`). A record
+        // too large to share a packet with foca's header is kept, not passed on (it would
+        // never fit and stay queued): anti-entropy carries it.
+        let relay = self.apply(&m, sender.is_none(), true);
+        Ok((relay && data.len() <= MAX_BROADCAST_RECORD).then_some(OwnerKey(m.owner)))
     }
 }
 
@@ -860,11 +871,12 @@ impl Gossip {
     /// the last, the push is given up. Each costs one of the retransmission budget; past it,
     /// the push waits another timeout.
     fn resend_due(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.budget_refilled);
-        let refill = (elapsed.as_millis() as u64).saturating_mul(u64::from(self.cfg.retransmits_per_sec)) / 10;
-        if refill > 0 {
-            self.retransmit_budget = (self.retransmit_budget + refill).min(self.budget_cap());
-            self.budget_refilled = now;
+        // Whole milliseconds credited; the remainder counts at the next call.
+        let ms = u64::try_from(now.saturating_duration_since(self.budget_refilled).as_millis()).unwrap_or(u64::MAX);
+        if ms > 0 {
+            let refill = ms.saturating_mul(u64::from(self.cfg.retransmits_per_sec)) / 10;
+            self.retransmit_budget = (self.retransmit_budget.saturating_add(refill)).min(self.budget_cap());
+            self.budget_refilled += Duration::from_millis(ms);
         }
         while let Some(Reverse((t, seq))) = self.resend.peek().copied() {
             if t > now {
@@ -1042,10 +1054,11 @@ impl Gossip {
     fn bump_membership(&mut self) {
         self.clock += 1;
         let m = Membership { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, networks: self.table.joined().clone() };
-        // Kept, and passed on by foca with its next messages (a record too large for a
-        // packet is kept all the same: anti-entropy carries it).
+        // Kept, and passed on by foca with its next messages (a record too large is kept
+        // all the same: anti-entropy carries it).
         let sent = postcard::to_allocvec(&m).ok().and_then(|data| self.foca.add_broadcast(&data).ok());
-        if sent != Some(true) {
+        // Ok(false): kept by the handler, too large to pass on; an error: not kept yet.
+        if sent.is_none() {
             self.foca.broadcast_handler_mut().apply(&m, true, false);
         }
         self.pump(self.now);
