@@ -284,6 +284,10 @@ struct Book {
     names: Names,
     /// Records received that were not newer than ours.
     stale: u64,
+    /// Owners declared down, with the generation that died and when: a copy of its record
+    /// still in flight must not bring it back (every node would store and pass it on
+    /// again). Kept for the tombstone time, as the table's dead owners are.
+    gone: BTreeMap<NodeId, (u64, Instant)>,
     /// Peers whose newer record names networks their older one did not (or that were not
     /// known before), with those networks: the node pushes them its own entries there
     /// (`Gossip::greet_joiners`).
@@ -297,6 +301,15 @@ impl Book {
     fn apply(&mut self, m: &Membership, own: bool, broadcast: bool) -> bool {
         if (m.owner == self.me) != own {
             return false;
+        }
+        if let Some(&(gen, _)) = self.gone.get(&m.owner) {
+            if m.gen <= gen {
+                if !broadcast {
+                    self.stale += 1;
+                }
+                return false;
+            }
+            self.gone.remove(&m.owner);
         }
         let relay = own || broadcast;
         match self.memberships.get_mut(&m.owner) {
@@ -719,8 +732,11 @@ impl Gossip {
             let ttl = u64::try_from(self.cfg.tombstone_ttl.as_millis()).unwrap_or(u64::MAX);
             let now_ms = self.ms(now);
             self.table.reap(now_ms, ttl);
-            // Names no record uses any more.
-            self.foca.broadcast_handler_mut().names.0.retain(|n| Arc::strong_count(n) > 1);
+            // Names no record uses any more, and dead owners past the tombstone time.
+            let ttl = self.cfg.tombstone_ttl;
+            let book = self.foca.broadcast_handler_mut();
+            book.names.0.retain(|n| Arc::strong_count(n) > 1);
+            book.gone.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
         }
     }
 
@@ -742,7 +758,11 @@ impl Gossip {
         if self.lost_all {
             self.lost_all = false;
             let new = Ident { gen: self.me.gen + 1, ..self.me.clone() };
-            let book = std::mem::take(self.foca.broadcast_handler_mut());
+            let mut book = std::mem::take(self.foca.broadcast_handler_mut());
+            // The new foca has passed nothing on yet.
+            for held in book.memberships.values_mut() {
+                held.relayed = false;
+            }
             self.foca = Foca::with_custom_broadcast(new.clone(), self.cfg.foca(8), StdRng::seed_from_u64(new.gen ^ self.rng.random::<u64>()), PostcardCodec, book);
             self.timers.clear();
             self.timer_events.clear();
@@ -966,6 +986,16 @@ impl Gossip {
                 }
                 self.alive.insert(id.node.clone(), id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
+                // Its record came before it was up (gossip carries both, in any order):
+                // `greet_joiners` passed it over then, so greet it now.
+                let joined = self.table.joined();
+                let book = self.foca.broadcast_handler_mut();
+                if let Some(held) = book.memberships.get(&id.node) {
+                    let nets: Vec<Arc<str>> = held.networks.iter().filter(|n| joined.contains(&***n)).cloned().collect();
+                    if !nets.is_empty() {
+                        book.joins.push((id.node.clone(), nets));
+                    }
+                }
                 // A full exchange at once rather than at the next round: with our first few
                 // members (we just joined), and with a newcomer at a probability that gives
                 // it about 8 such exchanges cluster-wide. Every member doing it with every
@@ -993,6 +1023,9 @@ impl Gossip {
                 let book = self.foca.broadcast_handler_mut();
                 if book.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
                     book.memberships.remove(&id.node);
+                }
+                if book.gone.get(&id.node).is_none_or(|&(g, _)| g < id.gen) {
+                    book.gone.insert(id.node.clone(), (id.gen, now));
                 }
                 // A dead agent is not a dead host: its entries stay while its host answers
                 // a probe (its tasks may well be running), unless the manager no longer
@@ -1366,5 +1399,49 @@ impl Gossip {
             }
         }
         self.schedule_handovers(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(owner: &str, gen: u64, version: u64, nets: &[&str]) -> Membership {
+        Membership { owner: owner.to_string(), gen, version, networks: nets.iter().map(|n| n.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_dead_owners_record_in_flight_does_not_come_back() {
+        let mut book = Book { me: "me".into(), ..Book::default() };
+        assert!(book.apply(&record("x", 1, 5, &["a"]), false, true));
+        // x (generation 1) declared down: what Gossip does on MemberDown.
+        book.memberships.remove("x");
+        book.gone.insert("x".into(), (1, Instant::now()));
+        // A copy of its record still in flight, or an older one from anti-entropy.
+        assert!(!book.apply(&record("x", 1, 5, &["a"]), false, true));
+        assert!(!book.apply(&record("x", 1, 3, &["a"]), false, false));
+        assert!(!book.memberships.contains_key("x"));
+        assert_eq!(book.stale, 1, "only the anti-entropy copy counts as stale");
+        // x restarted under a new generation: taken, and passed on.
+        assert!(book.apply(&record("x", 2, 1, &["a"]), false, true));
+        assert_eq!(book.memberships.get("x").map(|h| (h.gen, h.version)), Some((2, 1)));
+        assert!(!book.gone.contains_key("x"));
+    }
+
+    #[test]
+    fn a_record_is_passed_on_once_and_a_join_is_noted_once() {
+        let mut book = Book { me: "me".into(), ..Book::default() };
+        // Learned by anti-entropy first: kept, not passed on, the join noted.
+        assert!(!book.apply(&record("y", 1, 1, &["a"]), false, false));
+        assert_eq!(book.joins.len(), 1);
+        // Its broadcast then: passed on once.
+        assert!(book.apply(&record("y", 1, 1, &["a"]), false, true));
+        assert!(!book.apply(&record("y", 1, 1, &["a"]), false, true));
+        // A newer record naming one more network: only that one is a join.
+        assert!(book.apply(&record("y", 1, 2, &["a", "b"]), false, true));
+        assert_eq!(book.joins.last().map(|(o, n)| (o.as_str(), n.iter().map(|s| s.to_string()).collect::<Vec<_>>())), Some(("y", vec!["b".to_string()])));
+        // Nobody but this node may set its own record.
+        assert!(!book.apply(&record("me", 9, 9, &["a"]), false, true));
+        assert!(!book.memberships.contains_key("me"));
     }
 }
