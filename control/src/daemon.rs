@@ -676,7 +676,7 @@ async fn with_local_view(mut d: NetworkDetail, agent: &Agent) -> NetworkDetail {
 
 /// Adds each node's gossip state as this (the manager's) node sees it.
 async fn with_gossip_view(mut nodes: Vec<NodeInfo>, agent: &Agent) -> Vec<NodeInfo> {
-    let alive = agent.gossip.members().await.map(|m| m.into_iter().map(|m| m.node).collect::<std::collections::BTreeSet<String>>());
+    let alive = agent.gossip.members().await.map(|m| m.into_iter().map(|m| m.node.clone()).collect::<std::collections::BTreeSet<String>>());
     for n in &mut nodes {
         n.gossip = Some(match &alive {
             Err(_) => GossipView::Unknown,

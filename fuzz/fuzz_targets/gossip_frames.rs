@@ -14,7 +14,7 @@ use swarmnet_gossip::{Config, Gossip, Ident};
 const NOW_MS: u64 = 1_800_000_000_000;
 
 fn node() -> Gossip {
-    let me = Ident { node: "fuzz-node".into(), addr: "10.210.0.1:7946".parse().expect("addr"), gen: 1 };
+    let me = Ident::new("fuzz-node", "10.210.0.1:7946".parse().expect("addr"), 1);
     let now = Instant::now();
     let mut g = Gossip::new(me, Config::default(), 7, now);
     // The seeds' network: their table items are applied, not skipped as unknown.

@@ -92,8 +92,8 @@ fn gossip_seeds(dir: &Path) -> Result<()> {
     let a: SocketAddr = "10.210.0.1:7946".parse()?;
     let b: SocketAddr = "10.210.0.2:7946".parse()?;
     let t0 = Instant::now();
-    let mut ga = Gossip::new(Ident { node: "node-a".into(), addr: a, gen: 1 }, Config::default(), 1, t0);
-    let mut gb = Gossip::new(Ident { node: "node-b".into(), addr: b, gen: 1 }, Config::default(), 2, t0);
+    let mut ga = Gossip::new(Ident::new("node-a", a, 1), Config::default(), 1, t0);
+    let mut gb = Gossip::new(Ident::new("node-b", b, 1), Config::default(), 2, t0);
     for g in [&mut ga, &mut gb] {
         g.join_network("fuzznet", t0);
     }

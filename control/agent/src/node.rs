@@ -252,7 +252,7 @@ pub async fn start(cfg: &NodeConfig, base: NodeBase, node_id: &str) -> anyhow::R
         bail!("--advertise-addr {}: an IPv6 underlay is not supported yet", cfg.advertise);
     };
     let gen = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1);
-    let me = swarmnet_gossip::Ident { node: node_id.to_string(), addr: SocketAddr::new(cfg.advertise, cfg.gossip_port), gen };
+    let me = swarmnet_gossip::Ident::new(node_id.to_string(), SocketAddr::new(cfg.advertise, cfg.gossip_port), gen);
     let gossip = gossip_server::start(me, swarmnet_gossip::Config::default()).await?;
     // Gossip is sealed (issue 11): the keys of the last run, until the manager's arrive.
     crate::gossip_keys::restore(&gossip, &cfg.data_dir);

@@ -7,6 +7,7 @@
 //! (digests and owner sets) go over a reliable stream (TCP). Room is left in the header for
 //! an encrypted kind later.
 
+mod ident;
 pub mod memnet;
 pub mod seal;
 #[cfg(feature = "server")]
@@ -26,6 +27,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+pub use ident::{interned, name, Ident, IdentParts};
 use swarmnet_types::{Change, Endpoint};
 use table::Applied;
 pub use table::{Item, NodeId, OwnerSet, Summary, Table};
@@ -38,19 +40,11 @@ const KIND_WIRE: u8 = 2;
 /// Largest reliable message accepted.
 pub const MAX_STREAM_MESSAGE: usize = 16 << 20;
 
-/// A node as the membership layer knows it. A restarted node has a higher generation.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Ident {
-    pub node: NodeId,
-    pub addr: SocketAddr,
-    pub gen: u64,
-}
-
 impl foca::Identity for Ident {
     type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
-        Some(Ident { gen: self.gen + 1, ..self.clone() })
+        Some(self.with_gen(self.gen + 1))
     }
 
     fn addr(&self) -> SocketAddr {
@@ -233,16 +227,17 @@ enum Wire {
 struct Held {
     gen: u64,
     version: u64,
-    networks: Box<[Arc<str>]>,
+    networks: Arc<[Arc<str>]>,
     /// This node has passed the record on (it came in a broadcast, or is its own); one
     /// learned from anti-entropy is passed on when a broadcast of it comes (otherwise
     /// nodes that caught up by anti-entropy would end the broadcast's spread early).
     relayed: bool,
 }
 
-/// Network names, each held once.
+/// Network names, and lists of them (most nodes are on the same few networks), each held
+/// once.
 #[derive(Default)]
-struct Names(std::collections::HashSet<Arc<str>>);
+struct Names(std::collections::HashSet<Arc<str>>, std::collections::HashSet<Arc<[Arc<str>]>>);
 
 impl Names {
     /// More distinct names than this are held apart (not shared): a bound on what peers
@@ -261,7 +256,24 @@ impl Names {
     }
 
     fn hold(&mut self, m: &Membership) -> Held {
-        Held { gen: m.gen, version: m.version, networks: m.networks.iter().map(|n| self.get(n)).collect(), relayed: false }
+        let list: Vec<Arc<str>> = m.networks.iter().map(|n| self.get(n)).collect();
+        let networks = match self.1.get(list.as_slice()) {
+            Some(l) => l.clone(),
+            None => {
+                let l: Arc<[Arc<str>]> = Arc::from(list);
+                if self.1.len() < Self::MAX {
+                    self.1.insert(l.clone());
+                }
+                l
+            }
+        };
+        Held { gen: m.gen, version: m.version, networks, relayed: false }
+    }
+
+    /// Drops the names and lists no record uses any more.
+    fn prune(&mut self) {
+        self.1.retain(|l| Arc::strong_count(l) > 1);
+        self.0.retain(|n| Arc::strong_count(n) > 1);
     }
 }
 
@@ -280,14 +292,15 @@ impl Held {
 #[derive(Default)]
 struct Book {
     me: NodeId,
-    memberships: BTreeMap<NodeId, Held>,
+    /// Keyed by the process's shared copy of each name ([`ident::name`]).
+    memberships: BTreeMap<Arc<str>, Held>,
     names: Names,
     /// Records received that were not newer than ours.
     stale: u64,
     /// Owners declared down, with the generation that died and when: a copy of its record
     /// still in flight must not bring it back (every node would store and pass it on
     /// again). Kept for the tombstone time, as the table's dead owners are.
-    gone: BTreeMap<NodeId, (u64, Instant)>,
+    gone: BTreeMap<Arc<str>, (u64, Instant)>,
     /// Peers whose newer record names networks their older one did not (or that were not
     /// known before), with those networks: the node pushes them its own entries there
     /// (`Gossip::greet_joiners`).
@@ -302,17 +315,17 @@ impl Book {
         if (m.owner == self.me) != own {
             return false;
         }
-        if let Some(&(gen, _)) = self.gone.get(&m.owner) {
+        if let Some(&(gen, _)) = self.gone.get(m.owner.as_str()) {
             if m.gen <= gen {
                 if !broadcast {
                     self.stale += 1;
                 }
                 return false;
             }
-            self.gone.remove(&m.owner);
+            self.gone.remove(m.owner.as_str());
         }
         let relay = own || broadcast;
-        match self.memberships.get_mut(&m.owner) {
+        match self.memberships.get_mut(m.owner.as_str()) {
             Some(cur) if (m.gen, m.version) == (cur.gen, cur.version) && relay && !cur.relayed => {
                 cur.relayed = true;
                 true
@@ -329,18 +342,22 @@ impl Book {
                 let mut held = self.names.hold(m);
                 held.relayed = relay;
                 if !own {
-                    let before = self.memberships.get(&m.owner).map(|h| h.networks.clone()).unwrap_or_default();
+                    let before = self.memberships.get(m.owner.as_str()).map(|h| h.networks.clone()).unwrap_or_default();
                     let added: Vec<Arc<str>> = held.networks.iter().filter(|n| !before.contains(n)).cloned().collect();
                     if !added.is_empty() {
                         self.joins.push((m.owner.clone(), added));
                     }
                 }
-                self.memberships.insert(m.owner.clone(), held);
+                self.memberships.insert(ident::name(&m.owner), held);
                 relay
             }
         }
     }
 }
+
+/// The parts [`Gossip::shed`] drops, in its order.
+#[doc(hidden)]
+pub const HEAP_PARTS: [&str; 5] = ["membership records", "alive map", "endpoint table", "timers and probes", "foca"];
 
 /// The largest membership record passed on by gossip: half a packet leaves room for foca's
 /// header (two identities) and its updates.
@@ -374,6 +391,68 @@ impl foca::BroadcastHandler<Ident> for Book {
         // never fit and stay queued): anti-entropy carries it.
         let relay = self.apply(&m, sender.is_none(), true);
         Ok((relay && data.len() <= MAX_BROADCAST_RECORD).then_some(OwnerKey(m.owner)))
+    }
+}
+
+/// A live member, known by its node's name.
+#[derive(Clone, Debug)]
+struct ByNode(Ident);
+
+impl PartialEq for ByNode {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.node == other.0.node
+    }
+}
+
+impl Eq for ByNode {}
+
+impl PartialOrd for ByNode {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByNode {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.node.cmp(&other.0.node)
+    }
+}
+
+impl std::borrow::Borrow<str> for ByNode {
+    fn borrow(&self) -> &str {
+        &self.0.node
+    }
+}
+
+/// The live members, one identity per node: the shared identity only, no copy of the name
+/// as a key (10,000 members on each of 10,000 simulated nodes).
+#[derive(Default)]
+struct Alive(BTreeSet<ByNode>);
+
+impl Alive {
+    fn get(&self, node: &str) -> Option<&Ident> {
+        self.0.get(node).map(|b| &b.0)
+    }
+
+    /// Adds `id`, or replaces its node's identity.
+    fn insert(&mut self, id: Ident) {
+        self.0.replace(ByNode(id));
+    }
+
+    fn remove(&mut self, node: &str) {
+        self.0.remove(node);
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Ident> {
+        self.0.iter().map(|b| &b.0)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -462,7 +541,7 @@ pub struct Gossip {
     seq: u64,
     clock: u64,
     table: Table,
-    alive: BTreeMap<NodeId, Ident>,
+    alive: Alive,
     epoch: Instant,
     next_ae: Instant,
     next_reap: Instant,
@@ -471,7 +550,7 @@ pub struct Gossip {
     events: Vec<Event>,
     pub stats: Stats,
     /// Direct probes sent and not yet answered: (member, probe number) → when.
-    probes: HashMap<(NodeId, foca::ProbeNumber), Instant>,
+    probes: HashMap<(Ident, foca::ProbeNumber), Instant>,
     /// The manager's list of ready nodes (None: never given; then probes alone decide).
     known: Option<BTreeSet<SocketAddr>>,
     /// Where to announce ourselves: the known nodes, or the last seeds.
@@ -519,6 +598,20 @@ struct Suspect {
     next_probe: Instant,
 }
 
+/// Shrinks a queue down to twice what it holds once it uses less than a quarter of its room.
+fn trim_heap<T: Ord>(h: &mut BinaryHeap<T>) {
+    if h.capacity() > 64 && h.len() < h.capacity() / 4 {
+        h.shrink_to(h.len() * 2);
+    }
+}
+
+/// The same for a map.
+fn trim_map<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 64 && m.len() < m.capacity() / 4 {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(4 + body.len());
     v.extend_from_slice(&MAGIC);
@@ -541,7 +634,7 @@ impl Gossip {
             seq: 0,
             clock: 0,
             table: Table::default(),
-            alive: BTreeMap::new(),
+            alive: Alive::default(),
             epoch: now,
             next_ae: now + cfg.anti_entropy,
             next_reap: now + Duration::from_secs(1),
@@ -660,7 +753,7 @@ impl Gossip {
             if *s == self.me.addr {
                 continue;
             }
-            let placeholder = Ident { node: String::new(), addr: *s, gen: 0 };
+            let placeholder = Ident::new(String::new(), *s, 0);
             let _ = self.foca.announce(placeholder, &mut self.rt);
         }
         self.pump(now);
@@ -735,8 +828,38 @@ impl Gossip {
             // Names no record uses any more, and dead owners past the tombstone time.
             let ttl = self.cfg.tombstone_ttl;
             let book = self.foca.broadcast_handler_mut();
-            book.names.0.retain(|n| Arc::strong_count(n) > 1);
+            book.names.prune();
             book.gone.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+            // Room the queues grew to while a cluster joined, not in use any more.
+            self.rt.trim();
+            trim_heap(&mut self.timers);
+            trim_map(&mut self.timer_events);
+            trim_map(&mut self.probes);
+        }
+    }
+
+    /// Drops one part of this node's state (one of [`HEAP_PARTS`]), leaving the node unfit
+    /// to run on: for the simulator's breakdown of where the heap goes.
+    #[doc(hidden)]
+    pub fn shed(&mut self, part: &str) {
+        match part {
+            "membership records" => {
+                let book = self.foca.broadcast_handler_mut();
+                book.memberships = BTreeMap::new();
+                book.gone = BTreeMap::new();
+                book.joins = Vec::new();
+                book.names = Names::default();
+            }
+            "alive map" => self.alive = Alive::default(),
+            "endpoint table" => self.table = Table::default(),
+            "timers and probes" => {
+                self.timers = BinaryHeap::new();
+                self.timer_events = HashMap::new();
+                self.probes = HashMap::new();
+                self.rt = AccumulatingRuntime::new();
+            }
+            "foca" => self.foca = Foca::with_custom_broadcast(self.me.clone(), self.cfg.foca(8), StdRng::seed_from_u64(0), PostcardCodec, Book::default()),
+            _ => {}
         }
     }
 
@@ -757,7 +880,7 @@ impl Gossip {
     fn rejoin(&mut self, now: Instant) {
         if self.lost_all {
             self.lost_all = false;
-            let new = Ident { gen: self.me.gen + 1, ..self.me.clone() };
+            let new = self.me.with_gen(self.me.gen + 1);
             let mut book = std::mem::take(self.foca.broadcast_handler_mut());
             // The new foca has passed nothing on yet.
             for held in book.memberships.values_mut() {
@@ -774,7 +897,7 @@ impl Gossip {
         }
         let seeds = self.seeds.clone();
         for s in seeds {
-            let placeholder = Ident { node: String::new(), addr: s, gen: 0 };
+            let placeholder = Ident::new(String::new(), s, 0);
             let _ = self.foca.announce(placeholder, &mut self.rt);
         }
         self.pump(now);
@@ -806,7 +929,7 @@ impl Gossip {
             KIND_FOCA if !stream => {
                 if let Ok(h) = foca::Codec::<Ident>::decode_header(&mut PostcardCodec, body) {
                     if let foca::Message::Ack(n) = h.message {
-                        if let Some(sent) = self.probes.remove(&(h.src.node, n)) {
+                        if let Some(sent) = self.probes.remove(&(h.src, n)) {
                             let rtt = now.saturating_duration_since(sent);
                             self.stats.probe_rtt.observe(rtt);
                             self.observe_rtt(rtt);
@@ -943,7 +1066,10 @@ impl Gossip {
         s.members_down = self
             .known
             .as_ref()
-            .map(|k| k.iter().filter(|a| **a != self.me.addr && !self.alive.values().any(|i| i.addr == **a) && !self.suspects.values().any(|x| x.id.addr == **a)).count() as u64)
+            .map(|k| {
+                let seen: std::collections::HashSet<SocketAddr> = self.alive.values().map(|i| i.addr).chain(self.suspects.values().map(|x| x.id.addr)).collect();
+                k.iter().filter(|a| **a != self.me.addr && !seen.contains(*a)).count() as u64
+            })
             .unwrap_or(0);
         s
     }
@@ -957,7 +1083,7 @@ impl Gossip {
                     if self.probes.len() >= 1024 {
                         self.probes.retain(|_, t| now.saturating_duration_since(*t) < Duration::from_secs(10));
                     }
-                    self.probes.insert((h.dst.node, n), now);
+                    self.probes.insert((h.dst, n), now);
                 }
             }
             self.udp_out(to.addr, frame(KIND_FOCA, &data));
@@ -984,13 +1110,13 @@ impl Gossip {
                 if self.suspects.get(&id.node).is_some_and(|s| s.id.gen <= id.gen) {
                     self.suspects.remove(&id.node);
                 }
-                self.alive.insert(id.node.clone(), id.clone());
+                self.alive.insert(id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
                 // Its record came before it was up (gossip carries both, in any order):
                 // `greet_joiners` passed it over then, so greet it now.
                 let joined = self.table.joined();
                 let book = self.foca.broadcast_handler_mut();
-                if let Some(held) = book.memberships.get(&id.node) {
+                if let Some(held) = book.memberships.get(id.node.as_str()) {
                     let nets: Vec<Arc<str>> = held.networks.iter().filter(|n| joined.contains(&***n)).cloned().collect();
                     if !nets.is_empty() {
                         book.joins.push((id.node.clone(), nets));
@@ -1021,11 +1147,11 @@ impl Gossip {
                     }
                 }
                 let book = self.foca.broadcast_handler_mut();
-                if book.memberships.get(&id.node).is_some_and(|m| m.gen <= id.gen) {
-                    book.memberships.remove(&id.node);
+                if book.memberships.get(id.node.as_str()).is_some_and(|m| m.gen <= id.gen) {
+                    book.memberships.remove(id.node.as_str());
                 }
-                if book.gone.get(&id.node).is_none_or(|&(g, _)| g < id.gen) {
-                    book.gone.insert(id.node.clone(), (id.gen, now));
+                if book.gone.get(id.node.as_str()).is_none_or(|&(g, _)| g < id.gen) {
+                    book.gone.insert(ident::name(&id.node), (id.gen, now));
                 }
                 // A dead agent is not a dead host: its entries stay while its host answers
                 // a probe (its tasks may well be running), unless the manager no longer
@@ -1045,8 +1171,8 @@ impl Gossip {
                 if self.suspects.get(&new.node).is_some_and(|s| s.id.gen <= new.gen) {
                     self.suspects.remove(&new.node);
                 }
-                if self.alive.contains_key(&new.node) {
-                    self.alive.insert(new.node.clone(), new);
+                if self.alive.get(&new.node).is_some() {
+                    self.alive.insert(new);
                 }
             }
             OwnedNotification::Rejoin(new) => {
@@ -1081,7 +1207,12 @@ impl Gossip {
     }
 
     fn my_membership(&self) -> Membership {
-        self.book().memberships.get(&self.me.node).map(|h| h.membership(&self.me.node)).unwrap_or(Membership { owner: self.me.node.clone(), gen: self.me.gen, version: 0, networks: BTreeSet::new() })
+        self.book().memberships.get(self.me.node.as_str()).map(|h| h.membership(&self.me.node)).unwrap_or(Membership {
+            owner: self.me.node.clone(),
+            gen: self.me.gen,
+            version: 0,
+            networks: BTreeSet::new(),
+        })
     }
 
     fn bump_membership(&mut self) {
@@ -1108,7 +1239,7 @@ impl Gossip {
 
     /// Peers that have joined `network`, as far as we know.
     fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
-        self.alive.values().filter(|i| self.book().memberships.get(&i.node).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
+        self.alive.values().filter(|i| self.book().memberships.get(i.node.as_str()).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
     }
 
     /// Queues owned items to push: what one call changes (an agent publishing a service's

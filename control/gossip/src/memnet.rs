@@ -47,7 +47,7 @@ impl MemNet {
     pub fn new(n: usize, cfg: Config) -> MemNet {
         let now = Instant::now();
         let addrs: Vec<SocketAddr> = (0..n).map(addr_of).collect();
-        let nodes = (0..n).map(|i| Gossip::new(Ident { node: format!("n{i}"), addr: addrs[i], gen: 1 }, cfg.clone(), i as u64 + 1, now)).collect();
+        let nodes = (0..n).map(|i| Gossip::new(Ident::new(format!("n{i}"), addrs[i], 1), cfg.clone(), i as u64 + 1, now)).collect();
         MemNet {
             nodes,
             addrs,
@@ -215,7 +215,7 @@ impl MemNet {
     /// (or node 1 if it is node 0).
     pub fn restart(&mut self, i: usize) {
         let gen = self.nodes[i].me().gen + 1;
-        let id = Ident { node: format!("n{i}"), addr: self.addrs[i], gen };
+        let id = Ident::new(format!("n{i}"), self.addrs[i], gen);
         self.nodes[i] = Gossip::new(id, self.cfg.clone(), gen * 1000 + i as u64, self.now);
         self.crashed[i] = false;
         self.host_up[i] = true;

@@ -495,7 +495,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_loop_answers_errors_and_closes_the_stream_never_an_empty_table() {
-        let me = Ident { node: "n1".into(), addr: "127.0.0.1:0".parse().expect("addr"), gen: 1 };
+        let me = Ident::new("n1", "127.0.0.1:0".parse().expect("addr"), 1);
         let h = start(me, Config::default()).await.expect("start");
         let mut events = h.subscribe();
         h.send(Cmd::Join("net".into())).expect("send");

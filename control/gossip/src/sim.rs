@@ -145,8 +145,7 @@ impl Sim {
     /// `n` nodes, not yet introduced to each other (see [`Sim::join_all`]).
     pub fn new(n: usize, cfg: Config, model: NetModel, seed: u64) -> Sim {
         let now = Instant::now();
-        let nodes: Vec<Gossip> =
-            (0..n).map(|i| Gossip::new(Ident { node: format!("n{i}"), addr: addr_of(i), gen: 1 }, cfg.clone(), seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + 1), now)).collect();
+        let nodes: Vec<Gossip> = (0..n).map(|i| Gossip::new(Ident::new(format!("n{i}"), addr_of(i), 1), cfg.clone(), seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + 1), now)).collect();
         let index = (0..n).map(|i| (addr_of(i), i)).collect();
         let cores = match model.cpu {
             Cpu::Shared(k) => (0..k.max(1)).map(|_| Reverse(now)).collect(),
@@ -506,7 +505,7 @@ impl Sim {
     /// Starts node `i` again, with a new generation and an empty table, joining via `seed`.
     pub fn restart(&mut self, i: usize, seed: usize) {
         let gen = self.nodes[i].me().gen + 1;
-        let id = Ident { node: format!("n{i}"), addr: addr_of(i), gen };
+        let id = Ident::new(format!("n{i}"), addr_of(i), gen);
         let now = self.now;
         let at = self.clock_at(i, now);
         self.nodes[i] = Gossip::new(id, self.cfg.clone(), gen.wrapping_mul(1_000_003) ^ i as u64, at);

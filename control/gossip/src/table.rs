@@ -72,8 +72,9 @@ pub struct Table {
     /// the whole table (every exchange asks it for each owner: O(N x E) before, issue 23).
     owned: BTreeMap<NodeId, BTreeSet<(String, String)>>,
     joined: BTreeSet<String>,
-    /// Highest generation seen per owner; older generations are gone.
-    gens: BTreeMap<NodeId, u64>,
+    /// Highest generation seen per owner; older generations are gone. Keyed by the process's
+    /// shared copy of the name: every member has one.
+    gens: BTreeMap<std::sync::Arc<str>, u64>,
     /// Owners declared dead, at the generation they died with.
     dead: BTreeMap<NodeId, u64>,
     /// Newer generations seen, for the caller's handover (`take_new_generations`).
@@ -167,7 +168,7 @@ impl Table {
         if gen <= known {
             return;
         }
-        self.gens.insert(owner.to_string(), gen);
+        self.gens.insert(crate::ident::name(owner), gen);
         if self.dead.get(owner).is_some_and(|d| *d < gen) {
             self.dead.remove(owner);
         }
@@ -223,7 +224,7 @@ impl Table {
         }
         let mut changes = Vec::new();
         self.owner_generation(&item.owner, item.gen);
-        if self.gens.get(&item.owner).is_some_and(|g| item.gen < *g) {
+        if self.gens.get(item.owner.as_str()).is_some_and(|g| item.gen < *g) {
             return (Applied::Stale, changes);
         }
         let key = (item.network.clone(), item.id.clone());

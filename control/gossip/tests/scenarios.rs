@@ -300,9 +300,9 @@ fn a_digest_from_a_sender_not_yet_known_is_answered_at_its_gossip_address() {
     use swarmnet_gossip::{Gossip, Ident, Out};
     let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = ("10.210.0.1:7946".parse().expect("a"), "10.210.0.2:7946".parse().expect("b"), "10.210.0.3:7946".parse().expect("c"));
     let t0 = Instant::now();
-    let mut ga = Gossip::new(Ident { node: "a".into(), addr: a, gen: 1 }, Config::default(), 1, t0);
-    let mut gb = Gossip::new(Ident { node: "b".into(), addr: b, gen: 1 }, Config::default(), 2, t0);
-    let mut gc = Gossip::new(Ident { node: "c".into(), addr: c, gen: 1 }, Config::default(), 3, t0);
+    let mut ga = Gossip::new(Ident::new("a", a, 1), Config::default(), 1, t0);
+    let mut gb = Gossip::new(Ident::new("b", b, 1), Config::default(), 2, t0);
+    let mut gc = Gossip::new(Ident::new("c", c, 1), Config::default(), 3, t0);
     ga.join_via(&[b], t0);
     let mut now = t0;
     let mut digest = None;

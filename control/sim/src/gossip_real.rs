@@ -79,7 +79,7 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
         // Every instance is on 127.0.0.1: the per-address stream cap would count them as one
         // peer.
         let cfg = Config { max_streams_per_peer: usize::MAX, ..Config::default() };
-        let h = server::start(Ident { node: format!("b{i}"), addr, gen: 1 }, cfg).await?;
+        let h = server::start(Ident::new(format!("b{i}"), addr, 1), cfg).await?;
         if sealed {
             h.send(Cmd::Keys(Box::new(swarmnet_gossip::seal::Keyring::new(&[(1, key)]).map_err(anyhow::Error::msg)?)))?;
         } else {
@@ -96,7 +96,7 @@ async fn start_cluster(n: usize, base: u16, seen: &Seen, downs: &Arc<Mutex<HashM
                         seen.lock().unwrap_or_else(|p| p.into_inner()).entry((i, c.id)).or_insert(now);
                     }
                     Event::NodeDown(id) => {
-                        downs.lock().unwrap_or_else(|p| p.into_inner()).entry((i, id.node)).or_insert(now);
+                        downs.lock().unwrap_or_else(|p| p.into_inner()).entry((i, id.node.clone())).or_insert(now);
                     }
                     _ => {}
                 }

@@ -51,6 +51,8 @@ pub struct Args {
     /// After that: the faults (halves healed, 10 % restarting at once, a clock 50 s off,
     /// 5 % loss).
     pub faults: bool,
+    /// Once idle: print where the heap goes, by part, and stop.
+    pub heap_breakdown: bool,
 }
 
 /// What a simulated run measured (virtual time).
@@ -155,6 +157,21 @@ pub fn simulate(a: &Args) -> SimFigures {
         kib_per_node(alloc::current().saturating_sub(heap0), n),
         alloc::current().saturating_sub(heap0) as f64 / (n as f64 * n as f64)
     );
+    if a.heap_breakdown {
+        // Each part dropped on every node in turn: what the heap fell by is what it held.
+        for part in swarmnet_gossip::HEAP_PARTS {
+            let before = alloc::current();
+            for g in &mut s.nodes {
+                g.shed(part);
+            }
+            println!("  heap in {part}: {:.0} B per member", before.saturating_sub(alloc::current()) as f64 / (n as f64 * n as f64));
+        }
+        let (ids, id_bytes) = swarmnet_gossip::interned();
+        println!("  interned identities: {ids} ({:.0} B each; the simulator's nodes share them, a real node holds one per member)", id_bytes as f64 / ids.max(1) as f64);
+        println!("  left (the simulator's own, the nodes' fixed state, the shared identities): {:.1} KiB per node", kib_per_node(alloc::current().saturating_sub(heap0), n));
+        f.real_s = real.elapsed().as_secs_f64();
+        return f;
+    }
 
     let mut rng = gossip_real::OWNERS_SEED;
     let (b0, t0) = (s.bytes_sent(), s.now);
@@ -424,6 +441,7 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
             seed: 1,
             rejoin_endpoints: 0,
             faults: false,
+            heap_breakdown: false,
         };
         let sim = simulate(&a);
         println!(

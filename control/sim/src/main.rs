@@ -110,6 +110,10 @@ enum Cmd {
         /// loss.
         #[arg(long)]
         faults: bool,
+        /// Once idle, print where each node's heap goes (bytes per member, by part of the
+        /// gossip core) and stop there.
+        #[arg(long)]
+        heap_breakdown: bool,
     },
     /// N real gossip instances in this process on loopback (the server the agent runs), for
     /// each size: a change reaching every node, bytes per node; then failure detection.
@@ -184,7 +188,25 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))).init();
     use std::time::Duration;
     match cli.cmd {
-        Cmd::GossipSim { nodes, loss, latency_ms, cpu: c, sealed, trials, pace_ms, idle_secs, limit_secs, budget_secs, max_heap_gib, per_message_us, seed, validate, rejoin_endpoints, faults } => {
+        Cmd::GossipSim {
+            nodes,
+            loss,
+            latency_ms,
+            cpu: c,
+            sealed,
+            trials,
+            pace_ms,
+            idle_secs,
+            limit_secs,
+            budget_secs,
+            max_heap_gib,
+            per_message_us,
+            seed,
+            validate,
+            rejoin_endpoints,
+            faults,
+            heap_breakdown,
+        } => {
             if let Some(v) = validate {
                 return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
             }
@@ -216,6 +238,7 @@ fn main() -> anyhow::Result<()> {
                     seed,
                     rejoin_endpoints,
                     faults,
+                    heap_breakdown,
                 });
             }
             return Ok(());

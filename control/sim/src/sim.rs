@@ -96,7 +96,7 @@ pub async fn endpoints(addr: std::net::SocketAddr, seed: std::net::SocketAddr, n
     use swarmnet_gossip::server::{self, Cmd};
     use swarmnet_gossip::{Config, Ident};
     use swarmnet_types::{Endpoint, EndpointState};
-    let h = server::start(Ident { node: "sim-endpoints".into(), addr, gen: 1 }, Config::default()).await?;
+    let h = server::start(Ident::new("sim-endpoints", addr, 1), Config::default()).await?;
     let keys = swarmnet_agent::gossip_keys::load(keys_from).map_err(|e| anyhow!(e))?;
     swarmnet_agent::gossip_keys::install(&h, &keys).map_err(|e| anyhow!(e))?;
     h.send(Cmd::Seeds(vec![seed]))?;

@@ -3,6 +3,7 @@
  * file, You can obtain one at https://mozilla.org/MPL/2.0/. */
 extern crate alloc;
 use alloc::vec::Vec;
+use core::hash::BuildHasher;
 
 use rand::{
     RngExt,
@@ -137,8 +138,10 @@ pub(crate) struct Members<T: crate::Identity> {
     pub(crate) inner: Vec<Member<T>>,
     // swarmnet: where each address is in `inner`, kept through every change to it, so that
     // an update finds its member in O(1) rather than by a scan (O(N) per update, O(N^2)
-    // per node for a cluster joining).
-    index: std::collections::HashMap<T::Addr, usize>,
+    // per node for a cluster joining). It holds positions only, hashed by the address of
+    // the member there: about 10 bytes a member (a map from address to position took 84).
+    index: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
     cursor: usize,
     num_active: usize,
 }
@@ -167,7 +170,8 @@ where
         let mut members = Self {
             cursor: 0,
             num_active,
-            index: std::collections::HashMap::new(),
+            index: hashbrown::HashTable::new(),
+            hasher: std::hash::RandomState::new(),
             inner,
         };
         members.reindex();
@@ -176,13 +180,40 @@ where
 
     fn reindex(&mut self) {
         self.index.clear();
-        for (pos, m) in self.inner.iter().enumerate() {
-            self.index.insert(m.id.addr(), pos);
+        for pos in 0..self.inner.len() {
+            self.index_insert(pos);
+        }
+    }
+
+    fn hash_at(&self, pos: usize) -> u64 {
+        self.hasher.hash_one(self.inner[pos].id.addr())
+    }
+
+    // Indexes the member at `pos` (every other entry's position must be in `inner`: a
+    // growing table rehashes them).
+    fn index_insert(&mut self, pos: usize) {
+        debug_assert!(u32::try_from(pos).is_ok());
+        let hash = self.hash_at(pos);
+        let (inner, hasher) = (&self.inner, &self.hasher);
+        self.index.insert_unique(hash, pos as u32, |&p| {
+            hasher.hash_one(inner[p as usize].id.addr())
+        });
+    }
+
+    // Drops the index entry of the member at `pos`.
+    fn index_remove(&mut self, pos: usize) {
+        let hash = self.hash_at(pos);
+        if let Ok(entry) = self.index.find_entry(hash, |&p| p as usize == pos) {
+            entry.remove();
         }
     }
 
     fn position(&self, addr: &T::Addr) -> Option<usize> {
-        self.index.get(addr).copied()
+        self.index
+            .find(self.hasher.hash_one(addr), |&p| {
+                &self.inner[p as usize].id.addr() == addr
+            })
+            .map(|&p| p as usize)
     }
 
     // Swaps two positions of `inner`, and their index entries.
@@ -190,9 +221,11 @@ where
         if a == b {
             return;
         }
+        self.index_remove(a);
+        self.index_remove(b);
         self.inner.swap(a, b);
-        self.index.insert(self.inner[a].id.addr(), a);
-        self.index.insert(self.inner[b].id.addr(), b);
+        self.index_insert(a);
+        self.index_insert(b);
     }
 
     // Next member that's considered active
@@ -298,10 +331,14 @@ where
         let pos = self
             .position(&id.addr())
             .filter(|pos| &self.inner[*pos].id == id && self.inner[*pos].state == State::Down)?;
+        let last = self.inner.len() - 1;
+        self.index_remove(pos);
+        if pos != last {
+            self.index_remove(last);
+        }
         let removed = self.inner.swap_remove(pos);
-        self.index.remove(&removed.id.addr());
-        if let Some(moved) = self.inner.get(pos) {
-            self.index.insert(moved.id.addr(), pos);
+        if pos != last {
+            self.index_insert(pos);
         }
         Some(removed)
     }
@@ -395,9 +432,9 @@ where
                 let is_active_now = update.is_active();
 
                 // Insert at the end and swap with a random position.
-                self.index.insert(update.id.addr(), self.inner.len());
                 self.inner.push(update);
                 let inserted_at = self.inner.len() - 1;
+                self.index_insert(inserted_at);
 
                 let swap_idx = (0..self.inner.len())
                     .choose(&mut rng)
@@ -899,7 +936,7 @@ mod tests {
             }
             assert_eq!(members.index.len(), members.inner.len());
             for (pos, m) in members.inner.iter().enumerate() {
-                assert_eq!(members.index.get(m.id().addr()), Some(&pos));
+                assert_eq!(members.position(&m.id().addr()), Some(pos));
                 assert_eq!(members.is_active(m.id()), m.is_active());
             }
         }

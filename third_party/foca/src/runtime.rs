@@ -390,6 +390,14 @@ impl<T> AccumulatingRuntime<T> {
     pub fn backlog(&self) -> usize {
         self.to_send.len() + self.to_schedule.len() + self.notifications.len()
     }
+
+    /// swarmnet: gives back the room its queues no longer use (a cluster joining fills them
+    /// with one notification and a few messages per member; the room stayed, on every node).
+    pub fn trim(&mut self) {
+        self.to_send.shrink_to(self.to_send.len() * 2);
+        self.to_schedule.shrink_to(self.to_schedule.len() * 2);
+        self.notifications.shrink_to(self.notifications.len() * 2);
+    }
 }
 
 #[cfg(test)]
