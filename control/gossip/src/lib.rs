@@ -1298,12 +1298,17 @@ impl Gossip {
 
     /// How many live peers this node knows to have joined `network`.
     pub fn network_peer_count(&self, network: &str) -> usize {
-        self.network_peers(network).len()
+        self.alive.values().filter(|i| self.on_network(&i.node, network)).count()
+    }
+
+    /// Whether `node`'s record says it joined `network`.
+    fn on_network(&self, node: &str, network: &str) -> bool {
+        self.book().memberships.get(node).is_some_and(|m| m.networks.iter().any(|n| &**n == network))
     }
 
     /// Peers that have joined `network`, as far as we know.
     fn network_peers(&self, network: &str) -> Vec<SocketAddr> {
-        self.alive.values().filter(|i| self.book().memberships.get(i.node.as_str()).is_some_and(|m| m.networks.iter().any(|n| &**n == network))).map(|i| i.addr).collect()
+        self.alive.values().filter(|i| self.on_network(&i.node, network)).map(|i| i.addr).collect()
     }
 
     /// Queues owned items to push: what one call changes (an agent publishing a service's
