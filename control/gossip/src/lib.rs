@@ -338,8 +338,16 @@ impl Book {
             }
         }
         self.memberships.insert(ident::name(&m.owner), held);
+        self.gone.remove(m.owner.as_str());
         self.fresh |= broadcast && !own;
         relay
+    }
+
+    /// `id` is alive: a tombstone of its generation or older goes.
+    fn revive(&mut self, id: &Ident) {
+        if self.gone.get(id.node.as_str()).is_some_and(|&(dead, _)| dead <= id.gen) {
+            self.gone.remove(id.node.as_str());
+        }
     }
 
     /// Decides about a record from its owner and stamp alone, when it is not new to this
@@ -349,14 +357,13 @@ impl Book {
         if (owner == self.me) != own {
             return Some(false);
         }
-        if let Some(&(dead, _)) = self.gone.get(owner) {
-            if gen <= dead {
-                if !broadcast {
-                    self.stale += 1;
-                }
-                return Some(false);
+        // (A newer generation's record clears the tombstone once it is decoded and kept:
+        // `apply`.)
+        if self.gone.get(owner).is_some_and(|&(dead, _)| gen <= dead) {
+            if !broadcast {
+                self.stale += 1;
             }
-            self.gone.remove(owner);
+            return Some(false);
         }
         let relay = own || broadcast;
         match self.memberships.get_mut(owner) {
@@ -595,7 +602,6 @@ pub struct Gossip {
     alive: Alive,
     epoch: Instant,
     next_ae: Instant,
-    last_ae: Instant,
     next_reap: Instant,
     rng: StdRng,
     out: Vec<Out>,
@@ -689,7 +695,6 @@ impl Gossip {
             alive: Alive::default(),
             epoch: now,
             next_ae: now + cfg.anti_entropy,
-            last_ae: now,
             next_reap: now + Duration::from_secs(1),
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             out: Vec::new(),
@@ -839,7 +844,6 @@ impl Gossip {
         }
         if now >= self.next_ae {
             self.next_ae = now + self.cfg.anti_entropy;
-            self.last_ae = now;
             self.anti_entropy();
         }
         if self.want_view && !self.alive.is_empty() && now >= self.next_view {
@@ -1156,13 +1160,12 @@ impl Gossip {
         }
         // Records changed by gossip: an anti-entropy round a settling time later (once the
         // gossip is done), not the whole period later: the few nodes gossip missed catch up
-        // in seconds (a mass network join took 10 s to reach every pair). At most one
-        // round per settling time: records changing all the time cost at most that.
+        // in seconds (a mass network join took 10 s to reach every pair). A round already
+        // due sooner stays; once it has run, the next one is a settling time away at the
+        // earliest: records changing all the time cost at most one round per settling time.
         let book = self.foca.broadcast_handler_mut();
         if std::mem::take(&mut book.fresh) {
-            let settle = self.cfg.anti_entropy / 4;
-            let at = (now + settle).max(self.last_ae + settle);
-            self.next_ae = self.next_ae.min(at);
+            self.next_ae = self.next_ae.min(now + self.cfg.anti_entropy / 4);
         }
     }
 
@@ -1176,6 +1179,10 @@ impl Gossip {
                 }
                 self.alive.insert(id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
+                // Up at the generation it was declared dead with (this node was cut off and
+                // started over; only it saw the others go): its records are taken again, as
+                // the table takes its entries again (`revive`).
+                self.foca.broadcast_handler_mut().revive(&id);
                 // Its record came before it was up (gossip carries both, in any order):
                 // `greet_joiners` passed it over then, so greet it now.
                 let joined = self.table.joined();
@@ -1232,6 +1239,7 @@ impl Gossip {
             }
             OwnedNotification::Rename(_, new) => {
                 self.table.owner_generation(&new.node, new.gen);
+                self.foca.broadcast_handler_mut().revive(&new);
                 if self.suspects.get(&new.node).is_some_and(|s| s.id.gen <= new.gen) {
                     self.suspects.remove(&new.node);
                 }
@@ -1701,6 +1709,24 @@ mod tests {
         let again = foca::BroadcastHandler::<Ident>::receive_item(&mut book, &data, Some(&Ident::new("peer", "10.209.0.9:7946".parse().expect("addr"), 1)));
         assert_eq!(again.ok().flatten(), None, "passed on once");
         assert!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, &data[..3], None).is_err(), "a truncated record is malformed");
+    }
+
+    #[test]
+    fn a_dead_owner_up_again_at_its_generation_is_taken_again() {
+        // This node was cut off and started over: only it saw x (generation 1) go down.
+        let mut book = Book { me: "me".into(), ..Book::default() };
+        book.gone.insert(ident::name("x"), (1, Instant::now()));
+        assert!(!book.apply(&record("x", 1, 5, &["a"]), false, false));
+        // A malformed record of a newer generation does not clear the tombstone.
+        let mut bad = postcard::to_allocvec(&record("x", 2, 1, &["a"])).expect("encode");
+        bad.truncate(bad.len() - 1);
+        let peer = Ident::new("peer", "10.209.0.9:7946".parse().expect("addr"), 1);
+        assert!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, &bad, Some(&peer)).is_err());
+        assert!(book.gone.contains_key("x"));
+        // x is up at generation 1 after all (MemberUp): its record is taken.
+        book.revive(&Ident::new("x", "10.209.0.8:7946".parse().expect("addr"), 1));
+        assert!(book.apply(&record("x", 1, 5, &["a"]), false, true));
+        assert!(book.memberships.contains_key("x"));
     }
 
     #[test]
