@@ -661,7 +661,11 @@ async fn forward(req: ApiRequest, agent: &Agent, stale: &StaleReader) -> Reply {
 /// Adds the network's table as this node's gossip holds it, and this node's DNS counters.
 async fn with_local_view(mut d: NetworkDetail, agent: &Agent) -> NetworkDetail {
     d.local_endpoints = match agent.gossip.endpoints(&d.network.id).await {
-        Ok(eps) => Some(eps.into_iter().map(|e| LocalEndpoint { name: e.task_name, task_id: e.id, service: e.service_name, ip: e.ip, mac: format_mac(e.mac), vtep: e.vtep, state: e.state }).collect()),
+        Ok(eps) => Some(
+            eps.into_iter()
+                .map(|e| LocalEndpoint { name: e.task_name.clone(), task_id: e.id.clone(), service: e.service_name.clone(), ip: e.ip, mac: format_mac(e.mac), vtep: e.vtep, state: e.state })
+                .collect(),
+        ),
         Err(e) => {
             warn!(network = %d.network.name, error = %e, "network inspect: this node's table cannot be read");
             None

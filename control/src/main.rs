@@ -6,6 +6,7 @@ mod daemon;
 mod docker;
 mod http;
 mod logs;
+mod memory;
 mod metrics;
 mod table;
 
@@ -798,7 +799,10 @@ fn raise_nofile_limit() {
 
 fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     raise_nofile_limit();
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    memory::limit_arenas();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.spawn(memory::trim_every(memory::TRIM_EVERY));
+    Ok(rt)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {

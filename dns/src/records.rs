@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use swarmnet_types::{Change, Endpoint, EndpointState, Protocol};
 
@@ -39,7 +40,7 @@ pub enum Answer {
 #[derive(Default)]
 pub struct Records {
     /// network id → endpoint id → endpoint
-    nets: BTreeMap<String, BTreeMap<String, Endpoint>>,
+    nets: BTreeMap<String, BTreeMap<String, Arc<Endpoint>>>,
 }
 
 fn norm(name: &str) -> String {
@@ -64,7 +65,7 @@ impl Records {
     }
 
     fn in_scope<'a>(&'a self, scope: &'a [String]) -> impl Iterator<Item = &'a Endpoint> + 'a {
-        scope.iter().filter_map(|n| self.nets.get(n)).flat_map(|m| m.values())
+        scope.iter().filter_map(|n| self.nets.get(n)).flat_map(|m| m.values().map(|e| &**e))
     }
 
     fn active_ips<'a>(eps: impl Iterator<Item = &'a Endpoint>) -> Vec<Ipv4Addr> {
@@ -81,7 +82,7 @@ impl Records {
     }
 
     /// Replaces everything known about `network` (after the change stream lagged).
-    pub fn replace_network(&mut self, network: &str, eps: Vec<Endpoint>) {
+    pub fn replace_network(&mut self, network: &str, eps: Vec<Arc<Endpoint>>) {
         if eps.is_empty() {
             self.nets.remove(network);
             return;
@@ -228,7 +229,7 @@ mod tests {
     }
 
     fn add(r: &mut Records, e: Endpoint) {
-        r.apply(&Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(e) });
+        r.apply(&Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(Arc::new(e)) });
     }
 
     fn del(r: &mut Records, net: &str, id: &str) {
@@ -335,7 +336,7 @@ mod tests {
     fn replacing_a_network_after_a_lag() {
         let mut r = Records::default();
         add(&mut r, ep("n", "t1", "web", "web.1", 3, Some(2)));
-        r.replace_network("n", vec![ep("n", "t2", "web", "web.2", 4, Some(2))]);
+        r.replace_network("n", vec![Arc::new(ep("n", "t2", "web", "web.2", 4, Some(2)))]);
         assert_eq!(r.a(&scope(&["n"]), "tasks.web"), Answer::Addrs(vec![ip(4)]));
         r.replace_network("n", vec![]);
         assert!(r.nets.is_empty(), "an empty network leaves nothing behind");

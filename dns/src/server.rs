@@ -666,10 +666,10 @@ mod tests {
         shared.write(|r| {
             for i in 1..=40 {
                 let e = ep(i, "big", None);
-                r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(e) });
+                r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(std::sync::Arc::new(e)) });
             }
             let e = ep(100, "web", Some(Ipv4Addr::new(10, 0, 1, 250)));
-            r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(e) });
+            r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(std::sync::Arc::new(e)) });
         });
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         let addr = udp.local_addr().expect("addr");

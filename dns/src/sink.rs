@@ -43,7 +43,7 @@ impl Sink for DnsSink {
         Ok(())
     }
 
-    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError> {
         write(&self.store, |r| match how {
             Resync::Complete => r.replace_network(network, endpoints.to_vec()),
             Resync::Partial => {
@@ -97,7 +97,7 @@ mod tests {
     async fn changes_resyncs_and_forget_reach_the_records() {
         let store = RecordStore::default();
         let mut s = DnsSink::new(store.clone());
-        let (a, b, c) = (ep("a", 3), ep("b", 4), ep("c", 5));
+        let (a, b, c) = (Arc::new(ep("a", 3)), Arc::new(ep("b", 4)), Arc::new(ep("c", 5)));
         s.apply(&[Change { network: "n".into(), id: "a".into(), old: None, new: Some(a.clone()) }]).await.expect("apply");
         assert_eq!(tasks(&store), addrs(&[3]));
         s.resync(&"n".into(), std::slice::from_ref(&b), Resync::Partial).await.expect("partial");

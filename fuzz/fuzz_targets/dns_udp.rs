@@ -47,7 +47,7 @@ fn env() -> &'static Env {
                     _ => ("cache", Some(Ipv4Addr::new(10, 0, 1, 251))),
                 };
                 let e = endpoint(i, svc, vip);
-                r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(e) });
+                r.apply(&Change { network: "n".into(), id: e.id.clone(), old: None, new: Some(std::sync::Arc::new(e)) });
             }
         });
         Env { rt: tokio::runtime::Builder::new_current_thread().build().expect("runtime"), shared }

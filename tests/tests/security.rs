@@ -89,7 +89,7 @@ fn gossip_is_unreadable_and_forged_packets_change_nothing() -> Result<()> {
         ep.service_name = "zebrafish".into();
         ep.task_name = "zebrafish.9".into();
         // It claims to be node 2's, with a version far ahead.
-        let item = Item { owner: node2, gen: u64::MAX / 2, version: 1 << 40, network: net_id.clone(), id: ep.id.clone(), value: Some(ep) };
+        let item = Item { owner: node2, gen: u64::MAX / 2, version: 1 << 40, network: net_id.clone(), id: ep.id.clone(), value: Some(std::sync::Arc::new(ep)) };
         let plain = Gossip::plaintext_items(vec![item]).context("encode")?;
         let sealed_other = Keyring::new(&[(1, new_key().map_err(anyhow::Error::msg)?)]).map_err(anyhow::Error::msg)?.seal(&plain, now_ms()).map_err(anyhow::Error::msg)?;
         let send = script("send_udp.py");
@@ -264,7 +264,7 @@ fn a_removed_node_cannot_come_back() -> Result<()> {
     let ring = Keyring::with_send(&keys, u32::try_from(saved["send"].as_u64().unwrap_or(0))?).map_err(anyhow::Error::msg)?;
     let ip = std::net::Ipv4Addr::new(10, 0, 0, 201);
     let ep = forged(&net_id, "ghost", ip, "10.210.0.3")?;
-    let item = Item { owner: "removed".into(), gen: 1, version: 1, network: net_id, id: ep.id.clone(), value: Some(ep) };
+    let item = Item { owner: "removed".into(), gen: 1, version: 1, network: net_id, id: ep.id.clone(), value: Some(std::sync::Arc::new(ep)) };
     let pkt = ring.seal(&Gossip::plaintext_items(vec![item]).context("encode")?, now_ms()).map_err(anyhow::Error::msg)?;
     let f = lab.nodes[2].data_dir.join("ghost.pkt");
     std::fs::write(&f, &pkt)?;

@@ -59,7 +59,7 @@ enum Cmd {
     Fuzz(FuzzCmd),
     /// Benchmarks; figures go to docs/benchmarks.md by hand, with the command and machine.
     Bench {
-        /// control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha
+        /// control, manager-memory, agent-memory, lb-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha
         what: String,
         #[arg(long, default_value_t = 20)]
         runs: usize,
@@ -248,6 +248,10 @@ fn real_main() -> Result<()> {
                 release_binary()?;
                 bench_lb::bench_lb()?
             }
+            "lb-memory" => {
+                release_binary()?;
+                bench_lb::agent_rss()?
+            }
             "ingress" => {
                 need("wrk", "wrk")?;
                 need("nginx", "nginx-light")?;
@@ -289,7 +293,7 @@ fn real_main() -> Result<()> {
                 bench_ha::bench_ha(runs)?
             }
             other => {
-                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha, logs, metrics, docker-api, cni)")
+                bail!("unknown benchmark {other:?} (known: control, manager-memory, agent-memory, lb-memory, overlay, convergence, gossip, gossip-seal, failure, soak, gossip-sim, dns, lb, ingress, nft, ha, logs, metrics, docker-api, cni)")
             }
         },
     }

@@ -20,6 +20,7 @@
 //!   a reader) goes to the sink it names, between batches: every sink has one writer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use swarmnet_gossip::server::{GossipHandle, Stopped};
@@ -38,7 +39,7 @@ pub trait Source: Send + Sync {
     fn subscribe(&self) -> broadcast::Receiver<Event>;
     /// The endpoints of `network` now; an error if that cannot be known (never an empty
     /// list in its place).
-    async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Endpoint>, Stopped>;
+    async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Arc<Endpoint>>, Stopped>;
 }
 
 #[async_trait::async_trait]
@@ -47,7 +48,7 @@ impl Source for GossipHandle {
         GossipHandle::subscribe(self)
     }
 
-    async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Endpoint>, Stopped> {
+    async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Arc<Endpoint>>, Stopped> {
         GossipHandle::endpoints(self, network).await
     }
 }
@@ -298,7 +299,7 @@ mod tests {
     struct FakeSource {
         tx: Mutex<Option<broadcast::Sender<Event>>>,
         rx: broadcast::Receiver<Event>,
-        table: Mutex<BTreeMap<NetworkId, Vec<Endpoint>>>,
+        table: Mutex<BTreeMap<NetworkId, Vec<Arc<Endpoint>>>>,
         stopped: Mutex<bool>,
     }
 
@@ -308,7 +309,7 @@ mod tests {
             Arc::new(FakeSource { tx: Mutex::new(Some(tx)), rx, table: Mutex::new(BTreeMap::new()), stopped: Mutex::new(false) })
         }
         fn set(&self, net: &str, eps: Vec<Endpoint>) {
-            self.table.lock().expect("lock").insert(net.into(), eps);
+            self.table.lock().expect("lock").insert(net.into(), eps.into_iter().map(Arc::new).collect());
         }
         fn emit(&self, c: Change) {
             if let Some(tx) = self.tx.lock().expect("lock").as_ref() {
@@ -328,7 +329,7 @@ mod tests {
         fn subscribe(&self) -> broadcast::Receiver<Event> {
             self.rx.resubscribe()
         }
-        async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Endpoint>, Stopped> {
+        async fn endpoints(&self, network: &NetworkId) -> Result<Vec<Arc<Endpoint>>, Stopped> {
             if *self.stopped.lock().expect("lock") {
                 return Err(Stopped);
             }
@@ -357,7 +358,7 @@ mod tests {
             }
             Ok(())
         }
-        async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+        async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError> {
             self.1.calls.lock().expect("lock").push(format!("{} resync {network} {:?} [{}]", self.0, how, endpoints.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(",")));
             if *self.1.fail.lock().expect("lock") {
                 return Err("kernel said no".into());
@@ -393,7 +394,7 @@ mod tests {
     }
 
     fn add(net: &str, id: &str) -> Change {
-        Change { network: net.into(), id: id.into(), old: None, new: Some(ep(net, id)) }
+        Change { network: net.into(), id: id.into(), old: None, new: Some(Arc::new(ep(net, id))) }
     }
 
     struct Harness {

@@ -1424,7 +1424,7 @@ impl Gossip {
             self.join_network(&ep.network.clone(), now);
         }
         self.clock += 1;
-        let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: ep.network.clone(), id: ep.id.clone(), value: Some(ep) };
+        let item = Item { owner: self.me.node.clone(), gen: self.me.gen, version: self.clock, network: ep.network.clone(), id: ep.id.clone(), value: Some(Arc::new(ep)) };
         let (_, ch) = self.table.apply(item.clone(), self.ms(now));
         self.emit(ch);
         self.push_items(vec![item]);

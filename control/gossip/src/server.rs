@@ -30,7 +30,7 @@ pub enum Cmd {
     },
     Endpoints {
         network: String,
-        reply: oneshot::Sender<Vec<Endpoint>>,
+        reply: oneshot::Sender<Vec<Arc<Endpoint>>>,
     },
     Members {
         reply: oneshot::Sender<Vec<Ident>>,
@@ -98,7 +98,7 @@ impl GossipHandle {
     }
 
     /// The endpoints of `network` as this node's table holds them now.
-    pub async fn endpoints(&self, network: &str) -> Result<Vec<Endpoint>, Stopped> {
+    pub async fn endpoints(&self, network: &str) -> Result<Vec<Arc<Endpoint>>, Stopped> {
         self.ask(|reply| Cmd::Endpoints { network: network.to_string(), reply }).await
     }
 }
@@ -443,7 +443,7 @@ async fn run(
                         let _ = reply.send(g.table().joined().iter().cloned().collect());
                     }
                     Cmd::Endpoints { network, reply } => {
-                        let _ = reply.send(g.table().endpoints(&network).into_iter().cloned().collect());
+                        let _ = reply.send(g.table().endpoints(&network));
                     }
                 }
             }

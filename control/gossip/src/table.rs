@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use swarmnet_types::{Change, Endpoint};
 
 pub use swarmnet_types::NodeId;
@@ -18,7 +19,7 @@ pub struct Item {
     pub network: String,
     pub id: String,
     /// None: a tombstone.
-    pub value: Option<Endpoint>,
+    pub value: Option<Arc<Endpoint>>,
 }
 
 impl Item {
@@ -74,31 +75,63 @@ pub(crate) fn fnv(id: &[u8], gen: u64, version: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// A network's name or an entry's id, as the table keys it.
+type Name = Arc<str>;
+
+/// One entry as the table holds it: the names are in the keys (the network's shared by the
+/// process, the owner's too), the endpoint is the one the sinks are handed (issue 23: the
+/// table took about 900 B per entry holding `Item`s under string keys, its index repeating
+/// the keys).
+#[derive(Clone, Debug)]
+struct Slot {
+    owner: Name,
+    gen: u64,
+    version: u64,
+    value: Option<Arc<Endpoint>>,
+    /// When it became a tombstone.
+    tomb: Option<u64>,
+}
+
+impl Slot {
+    fn stamp(&self) -> (u64, u64) {
+        (self.gen, self.version)
+    }
+
+    fn item(&self, network: &str, id: &str) -> Item {
+        Item { owner: self.owner.to_string(), gen: self.gen, version: self.version, network: network.to_string(), id: id.to_string(), value: self.value.clone() }
+    }
+}
+
 #[derive(Default)]
 pub struct Table {
-    entries: BTreeMap<(String, String), (Item, Option<u64>)>,
+    /// Per network, per id.
+    entries: BTreeMap<Name, BTreeMap<Name, Slot>>,
     /// The keys of each owner's entries: what one owner has is found without going through
     /// the whole table (every exchange asks it for each owner: O(N x E) before, issue 23).
-    owned: BTreeMap<NodeId, BTreeSet<(String, String)>>,
+    owned: BTreeMap<Name, BTreeSet<(Name, Name)>>,
     joined: BTreeSet<String>,
     /// Highest generation seen per owner; older generations are gone. Keyed by the process's
     /// shared copy of the name: every member has one.
-    gens: BTreeMap<std::sync::Arc<str>, u64>,
+    gens: BTreeMap<Name, u64>,
     /// Owners declared dead, at the generation they died with.
     dead: BTreeMap<NodeId, u64>,
     /// Newer generations seen, for the caller's handover (`take_new_generations`).
     new_gens: Vec<(NodeId, u64)>,
 }
 
-fn change(network: &str, id: &str, old: Option<Endpoint>, new: Option<Endpoint>) -> Option<Change> {
+fn change(network: &str, id: &str, old: Option<Arc<Endpoint>>, new: Option<Arc<Endpoint>>) -> Option<Change> {
     (old != new).then(|| Change { network: network.to_string(), id: id.to_string(), old, new })
 }
 
 impl Table {
+    fn slot(&self, key: &(Name, Name)) -> Option<&Slot> {
+        self.entries.get(&key.0)?.get(&key.1)
+    }
+
     /// Puts an entry in, and in its owner's index.
-    fn put(&mut self, key: (String, String), item: Item, tomb: Option<u64>) {
-        let owner = item.owner.clone();
-        if let Some((old, _)) = self.entries.insert(key.clone(), (item, tomb)) {
+    fn put(&mut self, key: (Name, Name), slot: Slot) {
+        let owner = slot.owner.clone();
+        if let Some(old) = self.entries.entry(key.0.clone()).or_default().insert(key.1.clone(), slot) {
             if old.owner != owner {
                 self.unindex(&old.owner, &key);
             }
@@ -106,7 +139,7 @@ impl Table {
         self.owned.entry(owner).or_default().insert(key);
     }
 
-    fn unindex(&mut self, owner: &str, key: &(String, String)) {
+    fn unindex(&mut self, owner: &str, key: &(Name, Name)) {
         if let Some(keys) = self.owned.get_mut(owner) {
             keys.remove(key);
             if keys.is_empty() {
@@ -116,19 +149,33 @@ impl Table {
     }
 
     /// Takes an entry out, and out of its owner's index.
-    fn take(&mut self, key: &(String, String)) -> Option<Item> {
-        let (item, _) = self.entries.remove(key)?;
-        self.unindex(&item.owner, key);
-        Some(item)
+    fn take(&mut self, key: &(Name, Name)) -> Option<Slot> {
+        let net = self.entries.get_mut(&key.0)?;
+        let slot = net.remove(&key.1)?;
+        if net.is_empty() {
+            self.entries.remove(&key.0);
+        }
+        self.unindex(&slot.owner, key);
+        Some(slot)
     }
 
     /// The keys `owner` has entries under (in `network` only, if given).
-    fn keys_of(&self, owner: &str, network: Option<&str>) -> Vec<(String, String)> {
+    fn keys_of(&self, owner: &str, network: Option<&str>) -> Vec<(Name, Name)> {
         let Some(keys) = self.owned.get(owner) else { return Vec::new() };
         match network {
-            Some(net) => keys.range((net.to_string(), String::new())..).take_while(|(n, _)| n == net).cloned().collect(),
+            Some(net) => keys.iter().filter(|(n, _)| &**n == net).cloned().collect(),
             None => keys.iter().cloned().collect(),
         }
+    }
+
+    /// Takes the entries of `keys` out: the changes their going makes.
+    fn take_all(&mut self, keys: Vec<(Name, Name)>) -> Vec<Change> {
+        keys.into_iter()
+            .filter_map(|k| {
+                let slot = self.take(&k)?;
+                change(&k.0, &k.1, slot.value, None)
+            })
+            .collect()
     }
 
     pub fn joined(&self) -> &BTreeSet<String> {
@@ -142,25 +189,22 @@ impl Table {
     /// Leaves a network: every entry of it goes.
     pub fn leave(&mut self, network: &str) -> Vec<Change> {
         self.joined.remove(network);
-        let keys: Vec<(String, String)> = self.entries.keys().filter(|(n, _)| n == network).cloned().collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let item = self.take(&k)?;
-                change(&k.0, &k.1, item.value, None)
-            })
-            .collect()
+        let keys: Vec<(Name, Name)> = self.entries.get_key_value(network).map(|(n, m)| m.keys().map(|id| (n.clone(), id.clone())).collect()).unwrap_or_default();
+        self.take_all(keys)
     }
 
-    pub fn get(&self, network: &str, id: &str) -> Option<&Item> {
-        self.entries.get(&(network.to_string(), id.to_string())).map(|(i, _)| i)
+    /// The entry `id` of `network`, tombstones included.
+    pub fn get(&self, network: &str, id: &str) -> Option<Item> {
+        self.entries.get(network)?.get(id).map(|s| s.item(network, id))
     }
 
-    pub fn endpoints(&self, network: &str) -> Vec<&Endpoint> {
-        self.entries.range((network.to_string(), String::new())..).take_while(|((n, _), _)| n == network).filter_map(|(_, (i, _))| i.value.as_ref()).collect()
+    /// The endpoints of `network` (tombstones left out), shared with the table.
+    pub fn endpoints(&self, network: &str) -> Vec<Arc<Endpoint>> {
+        self.entries.get(network).map(|m| m.values().filter_map(|s| s.value.clone()).collect()).unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.values().map(BTreeMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -202,7 +246,7 @@ impl Table {
 
     /// Drops `owner`'s entries older than generation `gen` (the handover is over).
     pub fn drop_older(&mut self, owner: &str, gen: u64) -> Vec<Change> {
-        self.drop_owner_where(owner, |i| i.gen < gen)
+        self.drop_owner_where(owner, |s| s.gen < gen)
     }
 
     /// `owner` died at generation `gen`: its entries go, and stay gone until it comes back
@@ -210,17 +254,12 @@ impl Table {
     pub fn owner_dead(&mut self, owner: &str, gen: u64) -> Vec<Change> {
         let d = self.dead.entry(owner.to_string()).or_insert(gen);
         *d = (*d).max(gen);
-        self.drop_owner_where(owner, |i| i.gen <= gen)
+        self.drop_owner_where(owner, |s| s.gen <= gen)
     }
 
-    fn drop_owner_where(&mut self, owner: &str, f: impl Fn(&Item) -> bool) -> Vec<Change> {
-        let keys: Vec<(String, String)> = self.keys_of(owner, None).into_iter().filter(|k| self.entries.get(k).is_some_and(|(i, _)| f(i))).collect();
-        keys.into_iter()
-            .filter_map(|k| {
-                let item = self.take(&k)?;
-                change(&k.0, &k.1, item.value, None)
-            })
-            .collect()
+    fn drop_owner_where(&mut self, owner: &str, f: impl Fn(&Slot) -> bool) -> Vec<Change> {
+        let keys: Vec<(Name, Name)> = self.keys_of(owner, None).into_iter().filter(|k| self.slot(k).is_some_and(&f)).collect();
+        self.take_all(keys)
     }
 
     /// Applies one entry if it is newer than what we hold.
@@ -236,18 +275,22 @@ impl Table {
         if self.gens.get(item.owner.as_str()).is_some_and(|g| item.gen < *g) {
             return (Applied::Stale, changes);
         }
-        let key = (item.network.clone(), item.id.clone());
-        let old = match self.entries.get(&key) {
-            Some((cur, _)) if (cur.stamp(), cur.owner.as_str()) >= (item.stamp(), item.owner.as_str()) => {
+        let (net, held) = match self.entries.get_key_value(item.network.as_str()) {
+            Some((n, m)) => (n.clone(), m.get_key_value(item.id.as_str())),
+            None => (crate::ident::name(&item.network), None),
+        };
+        let (id, old) = match held {
+            Some((_, cur)) if (cur.stamp(), &*cur.owner) >= (item.stamp(), item.owner.as_str()) => {
                 return (Applied::Stale, changes);
             }
-            Some((cur, _)) => cur.value.clone(),
-            None => None,
+            Some((id, cur)) => (id.clone(), cur.value.clone()),
+            None => (Name::from(item.id.as_str()), None),
         };
-        let tomb = item.value.is_none().then_some(now_ms);
-        let new = item.value.clone();
-        self.put(key, item.clone(), tomb);
-        changes.extend(change(&item.network, &item.id, old, new));
+        let Item { owner, gen, version, value, .. } = item;
+        let tomb = value.is_none().then_some(now_ms);
+        let slot = Slot { owner: crate::ident::name(&owner), gen, version, value: value.clone(), tomb };
+        changes.extend(change(&net, &id, old, value));
+        self.put((net, id), slot);
         (Applied::Changed, changes)
     }
 
@@ -255,20 +298,21 @@ impl Table {
     /// stamps (so a lost older change shows even when a newer one arrived).
     pub fn digest(&self, network: &str) -> BTreeMap<NodeId, Summary> {
         let mut d: BTreeMap<NodeId, Summary> = BTreeMap::new();
-        for ((n, id), (i, _)) in self.entries.range((network.to_string(), String::new())..) {
-            if n != network {
-                break;
-            }
-            let e = d.entry(i.owner.clone()).or_default();
-            e.stamp = e.stamp.max(i.stamp());
-            e.sum = e.sum.wrapping_add(fnv(id.as_bytes(), i.gen, i.version));
+        for (id, s) in self.entries.get(network).into_iter().flatten() {
+            // The owner's name is copied once per owner, not once per entry.
+            let e = match d.get_mut(&*s.owner) {
+                Some(e) => e,
+                None => d.entry(s.owner.to_string()).or_default(),
+            };
+            e.stamp = e.stamp.max(s.stamp());
+            e.sum = e.sum.wrapping_add(fnv(id.as_bytes(), s.gen, s.version));
         }
         d
     }
 
     /// Every entry `owner` has in `network`, tombstones included.
     pub fn owner_items(&self, network: &str, owner: &str) -> Vec<Item> {
-        self.keys_of(owner, Some(network)).iter().filter_map(|k| self.entries.get(k)).map(|(i, _)| i.clone()).collect()
+        self.keys_of(owner, Some(network)).iter().filter_map(|k| Some(self.slot(k)?.item(&k.0, &k.1))).collect()
     }
 
     /// Applies an owner's set as of stamp (`gen`, `version`). When the owner itself sent it
@@ -291,19 +335,15 @@ impl Table {
         if !authoritative {
             return changes;
         }
-        let gone: Vec<(String, String)> =
-            self.keys_of(owner, Some(network)).into_iter().filter(|k| !ids.contains(&k.1) && self.entries.get(k).is_some_and(|(i, _)| i.stamp() <= (gen, version))).collect();
-        for k in gone {
-            if let Some(item) = self.take(&k) {
-                changes.extend(change(&k.0, &k.1, item.value, None));
-            }
-        }
+        let gone: Vec<(Name, Name)> = self.keys_of(owner, Some(network)).into_iter().filter(|k| !ids.contains(&*k.1) && self.slot(k).is_some_and(|s| s.stamp() <= (gen, version))).collect();
+        changes.extend(self.take_all(gone));
         changes
     }
 
     /// Forgets tombstones older than `ttl_ms`.
     pub fn reap(&mut self, now_ms: u64, ttl_ms: u64) -> usize {
-        let gone: Vec<(String, String)> = self.entries.iter().filter(|(_, (_, t))| t.is_some_and(|t| now_ms.saturating_sub(t) >= ttl_ms)).map(|(k, _)| k.clone()).collect();
+        let gone: Vec<(Name, Name)> =
+            self.entries.iter().flat_map(|(n, m)| m.iter().filter(|(_, s)| s.tomb.is_some_and(|t| now_ms.saturating_sub(t) >= ttl_ms)).map(move |(id, _)| (n.clone(), id.clone()))).collect();
         for k in &gone {
             self.take(k);
         }
@@ -335,7 +375,7 @@ mod tests {
     }
 
     fn item(owner: &str, gen: u64, version: u64, id: &str, value: Option<Endpoint>) -> Item {
-        Item { owner: owner.into(), gen, version, network: "n".into(), id: id.into(), value }
+        Item { owner: owner.into(), gen, version, network: "n".into(), id: id.into(), value: value.map(Arc::new) }
     }
 
     #[test]
@@ -409,12 +449,13 @@ mod tests {
 
     /// The owners' index holds exactly the table's keys, each under its entry's owner.
     fn assert_indexed(t: &Table) {
-        let mut from_index: Vec<(String, (String, String))> = t.owned.iter().flat_map(|(o, ks)| ks.iter().map(move |k| (o.clone(), k.clone()))).collect();
-        let mut from_entries: Vec<(String, (String, String))> = t.entries.iter().map(|(k, (i, _))| (i.owner.clone(), k.clone())).collect();
+        let mut from_index: Vec<(Name, (Name, Name))> = t.owned.iter().flat_map(|(o, ks)| ks.iter().map(move |k| (o.clone(), k.clone()))).collect();
+        let mut from_entries: Vec<(Name, (Name, Name))> = t.entries.iter().flat_map(|(n, m)| m.iter().map(move |(id, s)| (s.owner.clone(), (n.clone(), id.clone())))).collect();
         from_index.sort();
         from_entries.sort();
         assert_eq!(from_index, from_entries);
         assert!(t.owned.values().all(|ks| !ks.is_empty()));
+        assert!(t.entries.values().all(|m| !m.is_empty()));
     }
 
     #[test]

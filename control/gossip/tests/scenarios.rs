@@ -53,7 +53,7 @@ fn a_change_reaches_every_member_fast_and_a_delete_too() {
     let t = net.run_until(Duration::from_secs(5), |m| everyone(m, &all, "a", "t1", true)).expect("spread");
     assert!(t < Duration::from_millis(50), "pushed at once, took {t:?}");
     let got = net.nodes[7].table().endpoints("a")[0].clone();
-    assert_eq!(got, ep("a", "t1", 3, 3), "every field arrives");
+    assert_eq!(*got, ep("a", "t1", 3, 3), "every field arrives");
     net.with(3, |g, now| g.remove_endpoint("a", "t1", now));
     net.run_until(Duration::from_secs(5), |m| everyone(m, &all, "a", "t1", false)).expect("delete spreads");
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -96,13 +97,15 @@ pub struct Endpoint {
     pub state: EndpointState,
 }
 
-/// One endpoint appearing (`old` None), changing, or going away (`new` None).
+/// One endpoint appearing (`old` None), changing, or going away (`new` None). The endpoint
+/// is shared: the gossip table and every sink that keeps it hold the same copy (issue 23:
+/// four copies per endpoint were most of an agent's memory at 10,000 services).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub network: NetworkId,
     pub id: TaskId,
-    pub old: Option<Endpoint>,
-    pub new: Option<Endpoint>,
+    pub old: Option<Arc<Endpoint>>,
+    pub new: Option<Arc<Endpoint>>,
 }
 
 /// MAC address of a task interface: `02:42:` + the four bytes of its IPv4 address.

@@ -5,6 +5,8 @@
 //! and after a sink failed), and it never hands a sink an empty table because gossip stopped
 //! answering. Sinks hold no policy of their own about lag or resync.
 
+use std::sync::Arc;
+
 use crate::{Change, Endpoint, NetworkId};
 
 /// How much a resync's endpoint list can be trusted to be all there is.
@@ -32,7 +34,7 @@ pub trait Sink: Send {
     async fn apply(&mut self, changes: &[Change]) -> Result<(), SinkError>;
 
     /// Every endpoint of `network` the table holds now.
-    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError>;
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError>;
 
     /// This node left `network`: drop what is held for it (the kernel objects of the network
     /// go with its sandbox; a sink only forgets its own bookkeeping).

@@ -126,7 +126,7 @@ struct State {
     me: Option<Me>,
     /// Endpoints with published ports, and nodes' ingress endpoints, of every network
     /// (the ingress network may be known only after its endpoints arrived).
-    endpoints: BTreeMap<NetworkId, BTreeMap<TaskId, Endpoint>>,
+    endpoints: BTreeMap<NetworkId, BTreeMap<TaskId, Arc<Endpoint>>>,
     /// Networks completely resynced since this agent started.
     complete: BTreeSet<NetworkId>,
     /// The ingress endpoints an earlier agent programmed (its record): until the ingress
@@ -360,7 +360,7 @@ impl Core {
     /// resync, those an earlier agent programmed that the table has not spoken of.
     fn ingress_endpoints(st: &State) -> Vec<Endpoint> {
         let Some(me) = &st.me else { return Vec::new() };
-        let mut eps: BTreeMap<TaskId, Endpoint> = st.endpoints.get(&me.network).cloned().unwrap_or_default();
+        let mut eps: BTreeMap<TaskId, Endpoint> = st.endpoints.get(&me.network).into_iter().flatten().map(|(id, e)| (id.clone(), Endpoint::clone(e))).collect();
         if !st.complete.contains(&me.network) {
             for (id, e) in st.adopted.iter().filter(|(_, e)| e.network == me.network) {
                 eps.entry(id.clone()).or_insert_with(|| e.clone());
@@ -382,7 +382,7 @@ impl Core {
     }
 
     async fn program_task(&self, st: &mut State, task: &TaskId, entries: &[Ipv4Addr]) -> Result<(), SinkError> {
-        let own = st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).and_then(|eps| eps.get(task)).map(rules::direct_return).unwrap_or_default();
+        let own = st.me.as_ref().and_then(|m| st.endpoints.get(&m.network)).and_then(|eps| eps.get(task)).map(|e| rules::direct_return(e)).unwrap_or_default();
         let Some(t) = st.tasks.get_mut(task) else { return Ok(()) };
         let tx = rules::task_tables(&t.ifname, entries, &own);
         let text = tx.json();
@@ -543,7 +543,7 @@ impl Sink for IngressSink {
         }
     }
 
-    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError> {
         let st = &mut self.state;
         let net = st.endpoints.entry(network.clone()).or_default();
         if how == Resync::Complete {

@@ -38,7 +38,7 @@ struct Core {
     backend: Arc<dyn LbBackend>,
     vni_of: VniOf,
     /// The endpoint table of the networks the node is on.
-    eps: BTreeMap<NetworkId, BTreeMap<TaskId, Endpoint>>,
+    eps: BTreeMap<NetworkId, BTreeMap<TaskId, Arc<Endpoint>>>,
     /// VIPs from the manager.
     vips: BTreeMap<Ipv4Addr, VipInfo>,
     /// What is programmed, per VIP.
@@ -123,7 +123,7 @@ impl Core {
             }
         };
         let vni = (self.vni_of)(&network)?;
-        let eps: Vec<&Endpoint> = self.eps.get(&network).map(|m| m.values().filter(|e| e.vip == Some(vip)).collect()).unwrap_or_default();
+        let eps: Vec<&Endpoint> = self.eps.get(&network).map(|m| m.values().filter(|e| e.vip == Some(vip)).map(|e| &**e).collect()).unwrap_or_default();
         let service = self.vips.get(&vip).map(|i| i.service.clone()).or_else(|| eps.first().map(|e| e.service_name.clone())).unwrap_or_default();
         let mut backends: Vec<BackendLb> = eps.iter().map(|e| BackendLb { task: e.id.clone(), ip: e.ip, state: state_of(e) }).collect();
         let mut known = !backends.is_empty() || self.vips.contains_key(&vip);
@@ -295,9 +295,9 @@ impl Sink for LbSink {
         c.program(touched, None).await
     }
 
-    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError> {
         let mut c = self.core.lock().await;
-        let eps: BTreeMap<TaskId, Endpoint> = endpoints.iter().map(|e| (e.id.clone(), e.clone())).collect();
+        let eps: BTreeMap<TaskId, Arc<Endpoint>> = endpoints.iter().map(|e| (e.id.clone(), e.clone())).collect();
         c.seen.insert(network.clone());
         match how {
             Resync::Complete => {
@@ -430,11 +430,11 @@ mod tests {
     }
 
     fn add(e: &Endpoint) -> Change {
-        Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(e.clone()) }
+        Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(Arc::new(e.clone())) }
     }
 
     fn del(e: &Endpoint) -> Change {
-        Change { network: e.network.clone(), id: e.id.clone(), old: Some(e.clone()), new: None }
+        Change { network: e.network.clone(), id: e.id.clone(), old: Some(Arc::new(e.clone())), new: None }
     }
 
     fn setup() -> (Arc<Fake>, LbSink) {
@@ -461,7 +461,7 @@ mod tests {
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3 10.0.0.4]"], "one step for the whole batch");
         let mut drained = b.clone();
         drained.state = EndpointState::Draining;
-        sink.apply(&[Change { network: "n".into(), id: "b".into(), old: Some(b.clone()), new: Some(drained.clone()) }]).await.expect("apply");
+        sink.apply(&[Change { network: "n".into(), id: "b".into(), old: Some(Arc::new(b.clone())), new: Some(Arc::new(drained.clone())) }]).await.expect("apply");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3 10.0.0.4(d)]"]);
         // Unrelated news changes nothing.
         let mut other = ep("c", 9, EndpointState::Active);
@@ -495,13 +495,13 @@ mod tests {
         let left = |ip: u8| BackendRow { ip: Ipv4Addr::new(10, 0, 0, ip), state: BackendState::Active, connections: 7 };
         fake.left.lock().expect("lock").push(ServiceRow { vip: VIP, vni: 4096, backends: vec![left(3), left(4), left(5)] });
         // The table is filling: only .3 is known yet; .4 and .5 keep taking connections.
-        sink.resync(&"n".into(), &[ep("a", 3, EndpointState::Active)], Resync::Partial).await.expect("partial");
+        sink.resync(&"n".into(), &[Arc::new(ep("a", 3, EndpointState::Active))], Resync::Partial).await.expect("partial");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3 10.0.0.4 10.0.0.5]"]);
         // The table says .4's task went away.
         sink.apply(&[del(&ep("b", 4, EndpointState::Active))]).await.expect("apply");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3 10.0.0.5]"]);
         // The complete resync: .5 was gone while the agent was down.
-        sink.resync(&"n".into(), &[ep("a", 3, EndpointState::Active)], Resync::Complete).await.expect("complete");
+        sink.resync(&"n".into(), &[Arc::new(ep("a", 3, EndpointState::Active))], Resync::Complete).await.expect("complete");
         assert_eq!(fake.take(), vec!["set 10.0.0.2 [10.0.0.3]"]);
     }
 
@@ -529,7 +529,7 @@ mod tests {
         assert!(names.failed.get(&VIP).is_some_and(|w| w.contains("no space left")), "lb ls shows why");
         assert_eq!(fake.table.lock().expect("lock")[&VIP].backends.len(), 1, "the old set stays live");
         *fake.full.lock().expect("lock") = false;
-        sink.resync(&"n".into(), &[ep("a", 3, EndpointState::Active), ep("b", 4, EndpointState::Active)], Resync::Complete).await.expect("retry");
+        sink.resync(&"n".into(), &[Arc::new(ep("a", 3, EndpointState::Active)), Arc::new(ep("b", 4, EndpointState::Active))], Resync::Complete).await.expect("retry");
         assert!(sink.names().await.failed.is_empty());
         assert_eq!(fake.table.lock().expect("lock")[&VIP].backends.len(), 2);
     }

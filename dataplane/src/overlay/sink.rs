@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use swarmnet_types::{Change, Endpoint, NetworkId, Resync, Sink, SinkError, TaskId};
 use tracing::debug;
@@ -136,7 +137,7 @@ impl<K: OverlayKernel> Sink for OverlaySink<K> {
         }
     }
 
-    async fn resync(&mut self, network: &NetworkId, endpoints: &[Endpoint], how: Resync) -> Result<(), SinkError> {
+    async fn resync(&mut self, network: &NetworkId, endpoints: &[Arc<Endpoint>], how: Resync) -> Result<(), SinkError> {
         let remotes: BTreeMap<TaskId, Remote> = endpoints.iter().filter_map(|e| Some((e.id.clone(), self.remote(e)?))).collect();
         match how {
             Resync::Complete => {
@@ -230,11 +231,11 @@ mod tests {
     }
 
     fn add(e: &Endpoint) -> Change {
-        Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(e.clone()) }
+        Change { network: e.network.clone(), id: e.id.clone(), old: None, new: Some(Arc::new(e.clone())) }
     }
 
     fn del(e: &Endpoint) -> Change {
-        Change { network: e.network.clone(), id: e.id.clone(), old: Some(e.clone()), new: None }
+        Change { network: e.network.clone(), id: e.id.clone(), old: Some(Arc::new(e.clone())), new: None }
     }
 
     fn sink(k: &Arc<FakeKernel>) -> OverlaySink<Arc<FakeKernel>> {
@@ -259,7 +260,7 @@ mod tests {
         let mut drained = b.clone();
         drained.state = EndpointState::Draining;
         let before = k.ops.lock().expect("lock").len();
-        s.apply(&[Change { network: "n".into(), id: "b".into(), old: Some(b.clone()), new: Some(drained) }]).await.expect("apply");
+        s.apply(&[Change { network: "n".into(), id: "b".into(), old: Some(Arc::new(b.clone())), new: Some(Arc::new(drained)) }]).await.expect("apply");
         assert_eq!(k.ops.lock().expect("lock").len(), before);
     }
 
@@ -270,7 +271,7 @@ mod tests {
         let a = ep("n", "a", 3, 2);
         s.apply(&[add(&a)]).await.expect("apply");
         let moved = ep("n", "a", 3, 3);
-        s.apply(&[Change { network: "n".into(), id: "a".into(), old: Some(a), new: Some(moved.clone()) }]).await.expect("apply");
+        s.apply(&[Change { network: "n".into(), id: "a".into(), old: Some(Arc::new(a)), new: Some(Arc::new(moved.clone())) }]).await.expect("apply");
         assert_eq!(k.fdb("n"), vec![(moved.mac, Ipv4Addr::new(10, 210, 0, 3))]);
     }
 
@@ -306,9 +307,9 @@ mod tests {
         let other = ep("n", "other", 6, 3);
         s.apply(&[add(&other)]).await.expect("apply");
         assert_eq!(k.neigh("n"), vec![ip(4), ip(6), ip(9)], "an unrelated change removes nothing");
-        s.resync(&"n".into(), std::slice::from_ref(&other), Resync::Partial).await.expect("partial");
+        s.resync(&"n".into(), &[Arc::new(other.clone())], Resync::Partial).await.expect("partial");
         assert_eq!(k.neigh("n"), vec![ip(4), ip(6), ip(9)], "a partial resync removes nothing");
-        s.resync(&"n".into(), &[other, live], Resync::Complete).await.expect("complete");
+        s.resync(&"n".into(), &[Arc::new(other), Arc::new(live)], Resync::Complete).await.expect("complete");
         assert_eq!(k.neigh("n"), vec![ip(4), ip(6)], "a complete resync removes what the table does not hold");
     }
 
@@ -324,7 +325,7 @@ mod tests {
         assert!(e.to_string().contains("network n"), "{e}");
         *k.fail.lock().expect("lock") = false;
         // What it holds survives the failure: a resync programs both.
-        s.resync(&"n".into(), &[ep("n", "a", 3, 2), ep("n", "b", 4, 2)], Resync::Complete).await.expect("resync");
+        s.resync(&"n".into(), &[Arc::new(ep("n", "a", 3, 2)), Arc::new(ep("n", "b", 4, 2))], Resync::Complete).await.expect("resync");
         assert_eq!(k.neigh("n"), vec![ip(3), ip(4)]);
         s.forget(&"n".into()).await.expect("forget");
         assert!(s.desired.is_empty());
