@@ -16,7 +16,7 @@ pub mod sim;
 pub mod table;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
@@ -116,12 +116,12 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// Tuned for a LAN: a dead node is declared within about 2 s.
+    /// Tuned for a LAN: a dead node is declared within about 1.5 s (ADR 0032).
     fn default() -> Self {
         Config {
-            probe_period: Duration::from_millis(500),
-            probe_rtt: Duration::from_millis(200),
-            suspect_to_down: Duration::from_millis(1500),
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(100),
+            suspect_to_down: Duration::from_millis(1000),
             anti_entropy: Duration::from_secs(10),
             tombstone_ttl: Duration::from_secs(60),
             max_packet: 1400,
@@ -317,6 +317,8 @@ struct Book {
     /// A peer's record new to this node came by gossip since `Gossip` last looked: records
     /// are changing, and gossip leaves a few nodes without some of them.
     fresh: bool,
+    /// Owners of records held whose owner was not alive at the last scan ([`Book::drop_orphans`]).
+    orphans: HashSet<Arc<str>>,
 }
 
 impl Book {
@@ -341,6 +343,26 @@ impl Book {
         self.gone.remove(m.owner.as_str());
         self.fresh |= broadcast && !own;
         relay
+    }
+
+    /// Drops the records of owners not alive (`alive`) at this scan and the one before
+    /// (scans a tombstone time apart), and keeps them out for a tombstone time. A record
+    /// comes before its owner is seen up in a join, so one scan is not enough; a record of
+    /// an owner this node never saw alive (it died before this node joined) was never
+    /// dropped by a death, and anti-entropy passed it back to nodes whose tombstone had
+    /// expired. Returns how many went.
+    fn drop_orphans(&mut self, alive: impl Fn(&str) -> bool, now: Instant) -> usize {
+        let me = self.me.as_str();
+        let orphans: HashSet<Arc<str>> = self.memberships.keys().filter(|o| &***o != me && !alive(o)).cloned().collect();
+        let mut gone = 0;
+        for o in orphans.intersection(&self.orphans) {
+            if let Some(held) = self.memberships.remove(o) {
+                self.gone.insert(o.clone(), (held.gen, now));
+                gone += 1;
+            }
+        }
+        self.orphans = orphans.into_iter().filter(|o| self.memberships.contains_key(o)).collect();
+        gone
     }
 
     /// `id` is alive: a tombstone of its generation or older goes.
@@ -379,6 +401,41 @@ impl Book {
                 Some(false)
             }
             _ => None,
+        }
+    }
+}
+
+/// Lifeguard's local health multiplier (ADR 0032): a score this node raises when it sees
+/// itself slow or unreachable, and lowers with each probe answered in time. Its judgements
+/// of others (the wait for a probe's answer, the next probe, a suspicion's time to death)
+/// take (score + 1) times as long: a node starved of CPU, or cut off, slows down before it
+/// declares healthy members dead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Health {
+    score: u32,
+}
+
+impl Health {
+    /// memberlist's `AwarenessMaxMultiplier` is 8.
+    const MAX_SCORE: u32 = 7;
+
+    fn multiplier(self) -> u32 {
+        self.score + 1
+    }
+
+    fn raise(&mut self) {
+        self.score = (self.score + 1).min(Self::MAX_SCORE);
+    }
+
+    fn lower(&mut self) {
+        self.score = self.score.saturating_sub(1);
+    }
+
+    /// The delay foca asked for `timer`, scaled if it is a judgement of others.
+    fn scale(self, after: Duration, timer: &Timer<Ident>) -> Duration {
+        match timer {
+            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } | Timer::ChangeSuspectToDown { .. } => after * self.multiplier(),
+            _ => after,
         }
     }
 }
@@ -603,6 +660,8 @@ pub struct Gossip {
     epoch: Instant,
     next_ae: Instant,
     next_reap: Instant,
+    /// The next scan for records of owners not alive ([`Book::drop_orphans`]).
+    next_orphan_scan: Instant,
     rng: StdRng,
     out: Vec<Out>,
     events: Vec<Event>,
@@ -636,6 +695,11 @@ pub struct Gossip {
     budget_refilled: Instant,
     /// Smoothed round trip and its variation, once one has been measured.
     rtt: Option<(Duration, Duration)>,
+    /// Lifeguard's local health: how far this node's judgements of others are slowed.
+    health: Health,
+    /// foca's incarnation of this node when last looked at (a rise: it refuted a suspicion
+    /// of itself).
+    incarnation: u16,
     /// The latest time an entry point was given (for the calls that are not given one).
     now: Instant,
     /// Joined (or started over), and no peer's view has agreed with ours yet: ask a random
@@ -696,6 +760,7 @@ impl Gossip {
             epoch: now,
             next_ae: now + cfg.anti_entropy,
             next_reap: now + Duration::from_secs(1),
+            next_orphan_scan: now + cfg.tombstone_ttl,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             out: Vec::new(),
             events: Vec::new(),
@@ -716,6 +781,8 @@ impl Gossip {
             retransmit_budget: 100 * u64::from(cfg.retransmits_per_sec),
             budget_refilled: now,
             rtt: None,
+            health: Health::default(),
+            incarnation: 0,
             now,
             want_view: true,
             next_view: now + Duration::from_secs(1),
@@ -838,6 +905,13 @@ impl Gossip {
             }
             self.timers.pop();
             if let Some(ev) = self.timer_events.remove(&seq) {
+                if let Timer::ProbeRandomMember(_) = ev {
+                    // A probe round this late: this node's own process (or host) is slow,
+                    // and what it would judge of others now it cannot trust as much.
+                    if now.saturating_duration_since(t) > self.cfg.probe_period / 2 {
+                        self.health.raise();
+                    }
+                }
                 let _ = self.foca.handle_timer(ev, &mut self.rt);
                 self.pump(now);
             }
@@ -888,6 +962,11 @@ impl Gossip {
             let book = self.foca.broadcast_handler_mut();
             book.names.prune();
             book.gone.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+            if now >= self.next_orphan_scan {
+                self.next_orphan_scan = now + ttl;
+                let alive = &self.alive;
+                book.drop_orphans(|o| alive.get(o).is_some(), now);
+            }
             // Room the queues grew to while a cluster joined, not in use any more.
             self.rt.trim();
             trim_heap(&mut self.timers);
@@ -991,6 +1070,10 @@ impl Gossip {
                             let rtt = now.saturating_duration_since(sent);
                             self.stats.probe_rtt.observe(rtt);
                             self.observe_rtt(rtt);
+                            // Answered within its wait: this node's view is sound.
+                            if rtt <= self.cfg.probe_rtt * self.health.multiplier() {
+                                self.health.lower();
+                            }
                         }
                     }
                 }
@@ -1146,7 +1229,16 @@ impl Gossip {
             }
             self.udp_out(to.addr, frame(KIND_FOCA, &data));
         }
+        // A refutation of a suspicion of this node: others could not reach it in time.
+        let incarnation = self.foca.current_incarnation();
+        if incarnation != self.incarnation {
+            if incarnation > self.incarnation {
+                self.health.raise();
+            }
+            self.incarnation = incarnation;
+        }
         while let Some((after, ev)) = self.rt.to_schedule() {
+            let after = self.health.scale(after, &ev);
             self.seq += 1;
             self.timers.push(Reverse((now + after, self.seq)));
             self.timer_events.insert(self.seq, ev);
@@ -1727,6 +1819,46 @@ mod tests {
         book.revive(&Ident::new("x", "10.209.0.8:7946".parse().expect("addr"), 1));
         assert!(book.apply(&record("x", 1, 5, &["a"]), false, true));
         assert!(book.memberships.contains_key("x"));
+    }
+
+    #[test]
+    fn local_health_slows_judgements_only_and_is_bounded() {
+        let mut h = Health::default();
+        let probe = Timer::ProbeRandomMember(0);
+        let announce = Timer::PeriodicAnnounce(0);
+        let ms = Duration::from_millis;
+        assert_eq!(h.scale(ms(250), &probe), ms(250), "healthy: as foca asked");
+        h.raise();
+        h.raise();
+        assert_eq!(h.scale(ms(250), &probe), ms(750));
+        assert_eq!(h.scale(ms(250), &announce), ms(250), "only judgements of others are slowed");
+        for _ in 0..20 {
+            h.raise();
+        }
+        assert_eq!(h.multiplier(), 8, "at most 8 times, as memberlist");
+        for _ in 0..20 {
+            h.lower();
+        }
+        assert_eq!(h, Health::default());
+    }
+
+    #[test]
+    fn records_of_owners_not_alive_at_two_scans_go() {
+        let t0 = Instant::now();
+        let mut book = Book { me: "me".into(), ..Book::default() };
+        for o in ["me", "up", "late", "never"] {
+            book.memberships.insert(ident::name(o), book.names.hold(&record(o, 1, 1, &["a"])));
+        }
+        // "late"'s record came before its owner was seen up; "never" died before this node
+        // joined: neither is alive at the first scan, and neither goes yet.
+        assert_eq!(book.drop_orphans(|o| o == "up", t0), 0);
+        assert_eq!(book.memberships.len(), 4);
+        // "late" is up by the next scan; "never" is not, and goes, tombstoned.
+        assert_eq!(book.drop_orphans(|o| o == "up" || o == "late", t0), 1);
+        assert!(!book.memberships.contains_key("never"));
+        assert!(!book.apply(&record("never", 1, 1, &["a"]), false, false), "kept out for a tombstone time");
+        assert_eq!(book.memberships.len(), 3, "this node's own record and the live owners' stay");
+        assert!(book.orphans.is_empty());
     }
 
     #[test]

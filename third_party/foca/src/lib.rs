@@ -834,6 +834,13 @@ where
         self.custom_broadcasts.len()
     }
 
+    // swarmnet: for the local health (a refutation raises it).
+    /// This instance's incarnation: it grows each time it refutes a
+    /// suspicion of itself.
+    pub fn current_incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
     /// Replaces the current configuration with a new one.
     ///
     /// Most of the time a static configuration is more than enough, but
@@ -1499,10 +1506,30 @@ where
                     num_items += 1;
                 }
             } else {
+                // swarmnet: Lifeguard's buddy system. A message to a member
+                // this node suspects tells it so first, whatever transmissions
+                // the suspicion has left in the updates: a member cut off
+                // while its suspicion was gossiped hears it on the first probe
+                // that reaches it, and refutes it in the reply.
+                if let Some(suspected) = self
+                    .members
+                    .get(&dst)
+                    .filter(|m| m.state() == State::Suspect)
+                    .cloned()
+                {
+                    let pos = buf.get_ref().len();
+                    if self.codec.encode_member(&suspected, &mut buf).is_ok() {
+                        num_items += 1;
+                    } else {
+                        buf.get_mut().truncate(pos);
+                    }
+                }
                 // u16::MAX guarantees that num_events can be safely
                 // cast from usize to u16
-                let num_updates = self.updates.fill(&mut buf, u16::MAX.into());
-                num_items = u16::try_from(num_updates).expect("usize bound by u16::MAX");
+                let num_updates = self
+                    .updates
+                    .fill(&mut buf, usize::from(u16::MAX - num_items));
+                num_items += u16::try_from(num_updates).expect("usize bound by u16::MAX");
             }
 
             // Seek back and write the correct number of items added
@@ -2665,6 +2692,42 @@ mod tests {
         )?;
         assert_eq!(ConnectionState::Undead, foca.connection_state());
 
+        Ok(())
+    }
+
+    // swarmnet: the buddy system (see `send_message`).
+    #[test]
+    fn a_message_to_a_suspected_member_tells_it_so() -> Result<()> {
+        let config = Config {
+            max_transmissions: NonZeroU8::MIN,
+            ..config()
+        };
+        let mut foca = Foca::new(ID::new(1), config, rng(), codec());
+        let mut runtime = AccumulatingRuntime::new();
+        foca.apply(Member::alive(ID::new(2)), &mut runtime)?;
+        foca.apply(Member::alive(ID::new(3)), &mut runtime)?;
+        foca.apply(Member::new(ID::new(2), 0, State::Suspect), &mut runtime)?;
+        // The updates' one transmission is spent.
+        for _ in 0..10 {
+            foca.gossip(&mut runtime)?;
+        }
+        assert_eq!(0, foca.updates_backlog(), "no update left to gossip");
+        runtime.clear();
+        // 2 pings this node: the ack tells it it is suspected.
+        let ping = (
+            Header {
+                src: ID::new(2),
+                src_incarnation: 0,
+                dst: ID::new(1),
+                message: Message::Ping(1),
+            },
+            Vec::new(),
+        );
+        foca.handle_data(&encode(ping), &mut runtime)?;
+        let ack = runtime.take_data(ID::new(2)).expect("an ack to 2");
+        let (header, updates) = decode(ack);
+        assert_eq!(Message::Ack(1), header.message);
+        assert_eq!(vec![Member::new(ID::new(2), 0, State::Suspect)], updates);
         Ok(())
     }
 

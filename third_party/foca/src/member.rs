@@ -347,6 +347,13 @@ where
         self.inner.iter().filter(|m| m.is_active())
     }
 
+    // swarmnet: the member known by `id`, for the buddy system (`Foca::send_message`).
+    pub(crate) fn get(&self, id: &T) -> Option<&Member<T>> {
+        self.position(&id.addr())
+            .map(|pos| &self.inner[pos])
+            .filter(|m| &m.id == id)
+    }
+
     pub(crate) fn is_active(&self, id: &T) -> bool {
         self.position(&id.addr())
             .is_some_and(|pos| &self.inner[pos].id == id && self.inner[pos].is_active())
