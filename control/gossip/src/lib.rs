@@ -306,9 +306,9 @@ struct Book {
     names: Names,
     /// Records received that were not newer than ours.
     stale: u64,
-    /// Owners declared down, with the generation that died and when: a copy of its record
-    /// still in flight must not bring it back (every node would store and pass it on
-    /// again). Kept for the tombstone time, as the table's dead owners are.
+    /// Owners declared down, with the generation that died and until when it is kept out: a
+    /// copy of its record still in flight must not bring it back (every node would store
+    /// and pass it on again). Kept for the tombstone time, as the table's dead owners are.
     gone: BTreeMap<Arc<str>, (u64, Instant)>,
     /// Peers whose newer record names networks their older one did not (or that were not
     /// known before), with those networks: the node pushes them its own entries there
@@ -346,18 +346,18 @@ impl Book {
     }
 
     /// Drops the records of owners not alive (`alive`) at this scan and the one before
-    /// (scans a tombstone time apart), and keeps them out for a tombstone time. A record
+    /// (scans a tombstone time apart), and keeps them out `until` then. A record
     /// comes before its owner is seen up in a join, so one scan is not enough; a record of
     /// an owner this node never saw alive (it died before this node joined) was never
     /// dropped by a death, and anti-entropy passed it back to nodes whose tombstone had
     /// expired. Returns how many went.
-    fn drop_orphans(&mut self, alive: impl Fn(&str) -> bool, now: Instant) -> usize {
+    fn drop_orphans(&mut self, alive: impl Fn(&str) -> bool, until: Instant) -> usize {
         let me = self.me.as_str();
         let orphans: HashSet<Arc<str>> = self.memberships.keys().filter(|o| &***o != me && !alive(o)).cloned().collect();
         let mut gone = 0;
         for o in orphans.intersection(&self.orphans) {
             if let Some(held) = self.memberships.remove(o) {
-                self.gone.insert(o.clone(), (held.gen, now));
+                self.gone.insert(o.clone(), (held.gen, until));
                 gone += 1;
             }
         }
@@ -961,11 +961,13 @@ impl Gossip {
             let ttl = self.cfg.tombstone_ttl;
             let book = self.foca.broadcast_handler_mut();
             book.names.prune();
-            book.gone.retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+            book.gone.retain(|_, (_, until)| now < *until);
             if now >= self.next_orphan_scan {
                 self.next_orphan_scan = now + ttl;
                 let alive = &self.alive;
-                book.drop_orphans(|o| alive.get(o).is_some(), now);
+                // Kept out three tombstone times: longer than other nodes hold the record
+                // before they drop it (one to two scans) and pass it around meanwhile.
+                book.drop_orphans(|o| alive.get(o).is_some(), now + ttl * 3);
             }
             // Room the queues grew to while a cluster joined, not in use any more.
             self.rt.trim();
@@ -1314,7 +1316,7 @@ impl Gossip {
                     book.memberships.remove(id.node.as_str());
                 }
                 if book.gone.get(id.node.as_str()).is_none_or(|&(g, _)| g < id.gen) {
-                    book.gone.insert(ident::name(&id.node), (id.gen, now));
+                    book.gone.insert(ident::name(&id.node), (id.gen, now + self.cfg.tombstone_ttl));
                 }
                 // A dead agent is not a dead host: its entries stay while its host answers
                 // a probe (its tasks may well be running), unless the manager no longer

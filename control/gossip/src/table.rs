@@ -163,7 +163,10 @@ impl Table {
     fn keys_of(&self, owner: &str, network: Option<&str>) -> Vec<(Name, Name)> {
         let Some(keys) = self.owned.get(owner) else { return Vec::new() };
         match network {
-            Some(net) => keys.iter().filter(|(n, _)| &**n == net).cloned().collect(),
+            Some(net) => {
+                let Some((net, _)) = self.entries.get_key_value(net) else { return Vec::new() };
+                keys.range((net.clone(), Name::from(""))..).take_while(|(n, _)| n == net).cloned().collect()
+            }
             None => keys.iter().cloned().collect(),
         }
     }
@@ -287,6 +290,12 @@ impl Table {
             None => (Name::from(item.id.as_str()), None),
         };
         let Item { owner, gen, version, value, .. } = item;
+        // An unchanged value re-published (a restart's handover, a rejoin's re-stamp) keeps
+        // the copy the sinks hold: no change reaches them to swap theirs.
+        let value = match (&old, value) {
+            (Some(o), Some(v)) if **o == *v => Some(o.clone()),
+            (_, v) => v,
+        };
         let tomb = value.is_none().then_some(now_ms);
         let slot = Slot { owner: crate::ident::name(&owner), gen, version, value: value.clone(), tomb };
         changes.extend(change(&net, &id, old, value));
@@ -485,6 +494,18 @@ mod tests {
         assert_eq!(t.leave("m").len(), 1);
         assert_indexed(&t);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_value_republished_keeps_the_shared_copy() {
+        let mut t = Table::default();
+        t.join("n");
+        let (_, ch) = t.apply(item("a", 1, 1, "e1", Some(ep("n", "e1", 3))), 0);
+        let held = ch[0].new.clone().expect("added");
+        // The owner restarted and publishes the same endpoint again: no change, same copy.
+        let (a, ch) = t.apply(item("a", 2, 1, "e1", Some(ep("n", "e1", 3))), 0);
+        assert_eq!((a, ch.len()), (Applied::Changed, 0));
+        assert!(Arc::ptr_eq(&held, &t.endpoints("n")[0]), "the sinks' copy is the table's");
     }
 
     #[test]
