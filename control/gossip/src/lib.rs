@@ -1858,7 +1858,7 @@ mod tests {
         // "late" is up by the next scan; "never" is not, and goes, tombstoned.
         assert_eq!(book.drop_orphans(|o| o == "up" || o == "late", t0), 1);
         assert!(!book.memberships.contains_key("never"));
-        assert!(!book.apply(&record("never", 1, 1, &["a"]), false, false), "kept out for a tombstone time");
+        assert!(!book.apply(&record("never", 1, 1, &["a"]), false, false), "kept out until the given time");
         assert_eq!(book.memberships.len(), 3, "this node's own record and the live owners' stay");
         assert!(book.orphans.is_empty());
     }
