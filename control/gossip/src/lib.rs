@@ -236,17 +236,50 @@ enum Wire {
 struct Held {
     gen: u64,
     version: u64,
-    networks: Arc<[Arc<str>]>,
+    networks: Nets,
     /// This node has passed the record on (it came in a broadcast, or is its own); one
     /// learned from anti-entropy is passed on when a broadcast of it comes (otherwise
     /// nodes that caught up by anti-entropy would end the broadcast's spread early).
     relayed: bool,
 }
 
+/// A shared list of network names behind a thin pointer (a record's 8 bytes, not 16: every
+/// node holds a record per member).
+#[derive(Clone, Debug, Default)]
+struct Nets(Arc<Box<[Arc<str>]>>);
+
+impl std::ops::Deref for Nets {
+    type Target = [Arc<str>];
+
+    fn deref(&self) -> &[Arc<str>] {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<[Arc<str>]> for Nets {
+    fn borrow(&self) -> &[Arc<str>] {
+        &self.0
+    }
+}
+
+impl PartialEq for Nets {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Nets {}
+
+impl std::hash::Hash for Nets {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
 /// Network names, and lists of them (most nodes are on the same few networks), each held
 /// once.
 #[derive(Default)]
-struct Names(std::collections::HashSet<Arc<str>>, std::collections::HashSet<Arc<[Arc<str>]>>);
+struct Names(std::collections::HashSet<Arc<str>>, std::collections::HashSet<Nets>);
 
 impl Names {
     /// More distinct names than this are held apart (not shared): a bound on what peers
@@ -269,7 +302,7 @@ impl Names {
         let networks = match self.1.get(list.as_slice()) {
             Some(l) => l.clone(),
             None => {
-                let l: Arc<[Arc<str>]> = Arc::from(list);
+                let l = Nets(Arc::new(list.into_boxed_slice()));
                 if self.1.len() < Self::MAX {
                     self.1.insert(l.clone());
                 }
@@ -281,7 +314,7 @@ impl Names {
 
     /// Drops the names and lists no record uses any more.
     fn prune(&mut self) {
-        self.1.retain(|l| Arc::strong_count(l) > 1);
+        self.1.retain(|l| Arc::strong_count(&l.0) > 1);
         self.0.retain(|n| Arc::strong_count(n) > 1);
     }
 }
@@ -471,9 +504,10 @@ pub const HEAP_PARTS: [&str; 5] = ["membership records", "alive map", "endpoint 
 const MAX_BROADCAST_RECORD: usize = 600;
 
 /// What a membership broadcast is known by in foca's queue: its owner (a newer record
-/// replaces the older one still being passed on).
+/// replaces the older one still being passed on), the process's shared copy of the name
+/// (a mass network join queues about one per member on every node).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct OwnerKey(NodeId);
+struct OwnerKey(Arc<str>);
 
 impl foca::Invalidates for OwnerKey {
     fn invalidates(&self, other: &Self) -> bool {
@@ -500,12 +534,12 @@ impl foca::BroadcastHandler<Ident> for Book {
         // A copy of a record held already is decided on its head (no allocation).
         if let Ok((h, _)) = postcard::take_from_bytes::<RecordHead>(data) {
             if let Some(relay) = self.known(h.owner, h.gen, h.version, own, true) {
-                return Ok((relay && fits).then(|| OwnerKey(h.owner.to_string())));
+                return Ok((relay && fits).then(|| OwnerKey(ident::name(h.owner))));
             }
         }
         let m: Membership = postcard::from_bytes(data).map_err(|_| MalformedRecord)?;
         let relay = self.apply(&m, own, true);
-        Ok((relay && fits).then_some(OwnerKey(m.owner)))
+        Ok((relay && fits).then(|| OwnerKey(ident::name(&m.owner))))
     }
 }
 
@@ -1263,6 +1297,15 @@ impl Gossip {
         }
     }
 
+    /// Before an entry of `owner` is taken: the table learns the generation `owner` is alive
+    /// at, so that a copy from an older one still in flight is stale (the table notes the
+    /// generations of owners it holds entries of only, [`Table::owner_generation`]).
+    fn note_live_generation(&mut self, owner: &str) {
+        if let Some(id) = self.alive.get(owner) {
+            self.table.note_generation(&id.node, id.gen);
+        }
+    }
+
     fn notified(&mut self, n: OwnedNotification<Ident>, now: Instant) {
         match n {
             OwnedNotification::MemberUp(id) => {
@@ -1655,6 +1698,7 @@ impl Gossip {
                     if i.owner == self.me.node {
                         continue;
                     }
+                    self.note_live_generation(&i.owner);
                     let (a, ch) = self.table.apply(i, now_ms);
                     if matches!(a, Applied::Stale) {
                         self.stats.stale += 1;
@@ -1755,6 +1799,7 @@ impl Gossip {
                         continue;
                     }
                     let authoritative = s.owner == sender;
+                    self.note_live_generation(&s.owner);
                     let ch = self.table.apply_owner_set(s, authoritative, now_ms);
                     self.emit(ch);
                 }
@@ -1788,6 +1833,24 @@ mod tests {
         assert!(book.apply(&record("x", 2, 1, &["a"]), false, true));
         assert_eq!(book.memberships.get("x").map(|h| (h.gen, h.version)), Some((2, 1)));
         assert!(!book.gone.contains_key("x"));
+    }
+
+    #[test]
+    fn an_older_generations_entry_after_the_newer_is_up_is_stale() {
+        // The table keeps no generation for owners without entries here: the live one is
+        // noted before an owner's entries are taken.
+        let now = Instant::now();
+        let mut g = Gossip::new(Ident::new("me", "10.209.0.1:7946".parse().expect("addr"), 1), Config::default(), 1, now);
+        g.join_network("a", now);
+        let x = "10.209.0.2:7946".parse().expect("addr");
+        g.alive.insert(Ident::new("x", x, 2));
+        let item = |gen: u64, id: &str| Item { owner: "x".into(), gen, version: 1, network: "a".into(), id: id.into(), value: Some(Arc::new(crate::table::tests::ep("a", id, 3))) };
+        let items = |i: Item| frame(KIND_WIRE, &postcard::to_allocvec(&Wire::Items { items: vec![i] }).expect("encode"));
+        g.handle(x, &items(item(1, "old")), false, now);
+        assert!(g.table().get("a", "old").is_none(), "generation 1's entry is taken after generation 2 is up");
+        assert_eq!(g.stats.stale, 1);
+        g.handle(x, &items(item(2, "new")), false, now);
+        assert!(g.table().get("a", "new").is_some());
     }
 
     #[test]

@@ -133,6 +133,10 @@ pub struct Sim {
     /// run at once.
     streams: usize,
     pub max_streams: usize,
+    /// Bytes of the messages in flight now, and at most so far: memory the simulator holds
+    /// for the network (in a real cluster, socket buffers spread over the machines).
+    in_flight_bytes: usize,
+    pub max_in_flight_bytes: usize,
     /// Asked every 4,096 events: true stops the run where it is (a runner's budget of real
     /// time or memory, which one step of virtual time can otherwise blow through).
     pub abort: Option<fn() -> bool>,
@@ -183,6 +187,8 @@ impl Sim {
             sealing_bytes: 0,
             streams: 0,
             max_streams: 0,
+            in_flight_bytes: 0,
+            max_in_flight_bytes: 0,
             abort: None,
             aborted: false,
             events_run: 0,
@@ -251,6 +257,10 @@ impl Sim {
         if matches!(payload, Payload::Data { stream: true, .. }) {
             self.streams += 1;
             self.max_streams = self.max_streams.max(self.streams);
+        }
+        if let Payload::Data { data, .. } = &payload {
+            self.in_flight_bytes += data.len();
+            self.max_in_flight_bytes = self.max_in_flight_bytes.max(self.in_flight_bytes);
         }
         self.seq += 1;
         self.packets.push(Reverse((at, self.seq)));
@@ -416,8 +426,9 @@ impl Sim {
             if next_packet == Some(t) {
                 if let Some(Reverse((_, seq))) = self.packets.pop() {
                     if let Some(p) = self.in_flight.remove(&seq) {
-                        if matches!(p.payload, Payload::Data { stream: true, .. }) {
-                            self.streams -= 1;
+                        if let Payload::Data { data, stream } = &p.payload {
+                            self.streams -= usize::from(*stream);
+                            self.in_flight_bytes -= data.len();
                         }
                         self.deliver(p);
                     }
@@ -458,9 +469,15 @@ impl Sim {
 
     /// Every node announces itself to node 0 (as agents do to the manager's node list).
     pub fn join_all(&mut self) {
+        self.join_range(0..self.nodes.len());
+    }
+
+    /// The nodes of `range` announce themselves to node 0 (node 0 itself does not).
+    pub fn join_range(&mut self, range: std::ops::Range<usize>) {
         let seed = [addr_of(0)];
         let now = self.now;
-        for i in 1..self.nodes.len() {
+        let n = self.nodes.len();
+        for i in range.filter(|&i| i > 0 && i < n) {
             self.work(i, now, Duration::ZERO, |g, at| g.join_via(&seed, at));
         }
     }
@@ -522,6 +539,11 @@ impl Sim {
     }
 
     /// Streams (bulk messages over TCP) in flight now: how many syncs run at once.
+    /// Bytes of the messages in flight now.
+    pub fn bytes_in_flight(&self) -> usize {
+        self.in_flight_bytes
+    }
+
     pub fn streams_in_flight(&self) -> usize {
         self.streams
     }

@@ -53,7 +53,13 @@ pub struct Args {
     pub faults: bool,
     /// Once idle: print where the heap goes, by part, and stop.
     pub heap_breakdown: bool,
+    /// The nodes join the cluster, then the benchmark's network, in this many waves, [`WAVE_GAP`] apart.
+    pub join_waves: usize,
 }
+
+/// Virtual time between two waves of a network join: a wave's records have spread by then
+/// (2.7 s at 1,000 and 2,000 nodes all at once).
+const WAVE_GAP: Duration = Duration::from_secs(3);
 
 /// What a simulated run measured (virtual time).
 #[derive(Clone, Debug, Default)]
@@ -130,13 +136,20 @@ pub fn simulate(a: &Args) -> SimFigures {
         f.out_of_budget = f.out_of_budget || spent();
         f.out_of_budget
     };
-    s.join_all();
+    let waves = a.join_waves.clamp(1, n);
+    for w in 0..waves {
+        if w > 0 {
+            s.run_for(WAVE_GAP);
+        }
+        s.join_range(w * n / waves..(w + 1) * n / waves);
+    }
+    let wave = if waves > 1 { format!(" (joined in {waves} waves {} s apart; from the last)", WAVE_GAP.as_secs()) } else { String::new() };
     let conv = s.run_until(a.limit, Duration::from_millis(10), |s| s.converged() || spent());
     let max_streams = s.max_streams;
     f.short = s.not_converged();
     f.converged_s = conv.filter(|_| f.short == 0).map(|t| t.as_secs_f64());
     match f.converged_s {
-        Some(t) => println!("membership converged in {t:.2} s virtual ({:.1} s real); stream syncs in flight at most {max_streams}", real.elapsed().as_secs_f64()),
+        Some(t) => println!("membership converged in {t:.2} s virtual{wave} ({:.1} s real); stream syncs in flight at most {max_streams}", real.elapsed().as_secs_f64()),
         None => println!(
             "membership NOT converged within {:.1} s virtual ({:.1} s real{}): {} of {n} nodes short; stream syncs in flight at most {max_streams}",
             conv.unwrap_or(a.limit).as_secs_f64(),
@@ -145,24 +158,41 @@ pub fn simulate(a: &Args) -> SimFigures {
             f.short
         ),
     }
-    println!("peak heap while joining: {:.1} KiB per node", kib_per_node(alloc::peak().saturating_sub(heap0), n));
+    println!(
+        "peak heap while joining: {:.1} KiB per node; messages in flight at most {:.1} KiB per node; members declared down {}",
+        kib_per_node(alloc::peak().saturating_sub(heap0), n),
+        kib_per_node(s.max_in_flight_bytes, n),
+        failures(&s)
+    );
     if over(&mut f) {
         f.max_streams = max_streams;
         f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
         f.real_s = real.elapsed().as_secs_f64();
         return f;
     }
-    for i in 0..n {
-        s.with(i, |g, now| g.join_network("bench", now));
+    for w in 0..waves {
+        if w > 0 {
+            s.run_for(WAVE_GAP);
+        }
+        for i in w * n / waves..(w + 1) * n / waves {
+            s.with(i, |g, now| g.join_network("bench", now));
+        }
     }
     // Idle is measured once every node knows every other is on the network (the records
     // spread by gossip; a mass join's tail is not idle), and at least 2 s after the join, as
     // the real benchmark waits.
     let joined = s.run_until(Duration::from_secs(60), Duration::from_millis(10), all_know_all(n, n, "bench"));
     match joined {
-        Some(t) => println!("network join: {n} nodes joined a network at once; each knew every other was on it {:.2} s virtual later", t.as_secs_f64()),
-        None => println!("network join: {n} nodes joined a network at once; NOT all known to each other within 60 s virtual"),
+        Some(t) => println!("network join: {n} nodes joined a network{wave}; each knew every other was on it {:.2} s virtual later", t.as_secs_f64()),
+        None => println!("network join: {n} nodes joined a network{wave}; NOT all known to each other within 60 s virtual"),
     }
+    println!(
+        "peak heap so far: {:.1} KiB per node ({:.0} B per member); messages in flight at most {:.1} KiB per node; members declared down so far {}",
+        kib_per_node(alloc::peak().saturating_sub(heap0), n),
+        alloc::peak().saturating_sub(heap0) as f64 / (n as f64 * n as f64),
+        kib_per_node(s.max_in_flight_bytes, n),
+        failures(&s)
+    );
     s.run_for(Duration::from_secs(2).saturating_sub(joined.unwrap_or_default()));
     let b0 = s.bytes_sent();
     s.run_for(a.idle);
@@ -242,7 +272,7 @@ pub fn simulate(a: &Args) -> SimFigures {
     }
     f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
     f.real_s = real.elapsed().as_secs_f64();
-    println!("peak heap: {:.1} KiB per node; {:.1} s real in all", f.heap_per_node_kib, f.real_s);
+    println!("peak heap: {:.1} KiB per node (messages in flight at most {:.1} KiB per node); {:.1} s real in all", f.heap_per_node_kib, kib_per_node(s.max_in_flight_bytes, n), f.real_s);
     f
 }
 
@@ -459,6 +489,7 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
             rejoin_endpoints: 0,
             faults: false,
             heap_breakdown: false,
+            join_waves: 1,
         };
         let sim = simulate(&a);
         println!(

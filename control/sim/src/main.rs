@@ -114,6 +114,10 @@ enum Cmd {
         /// gossip core) and stop there.
         #[arg(long)]
         heap_breakdown: bool,
+        /// Nodes join the cluster, then the benchmark's network, in this many waves, 3 s of virtual time apart
+        /// (1: all at once; in a mass network join each node's gossip backlog holds a record per member).
+        #[arg(long, default_value_t = 1)]
+        join_waves: usize,
     },
     /// N real gossip instances in this process on loopback (the server the agent runs), for
     /// each size: a change reaching every node, bytes per node; then failure detection.
@@ -206,9 +210,13 @@ fn main() -> anyhow::Result<()> {
             rejoin_endpoints,
             faults,
             heap_breakdown,
+            join_waves,
         } => {
             if let Some(v) = validate {
                 return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
+            }
+            if join_waves == 0 {
+                anyhow::bail!("--join-waves 0: at least 1 (all at once)");
             }
             if !(0.0..1.0).contains(&loss) {
                 anyhow::bail!("--loss {loss}: a probability, 0 <= loss < 1");
@@ -239,6 +247,7 @@ fn main() -> anyhow::Result<()> {
                     rejoin_endpoints,
                     faults,
                     heap_breakdown,
+                    join_waves: join_waves.clamp(1, n),
                 });
             }
             return Ok(());

@@ -115,8 +115,8 @@ pub(crate) struct Broadcasts<V> {
     flop: alloc::collections::BinaryHeap<Entry<V>>,
     // swarmnet: with `V::EQUAL_ONLY`, the serial of each item's current entry; a replaced
     // entry stays in the heap, stale, until it is popped (`stale` counts them).
-    live: std::collections::HashMap<V, u64>,
-    serial: u64,
+    live: std::collections::HashMap<V, u32>,
+    serial: u32,
     stale: usize,
 }
 
@@ -149,7 +149,8 @@ where
     pub(crate) fn add_or_replace(&mut self, item: T, data: Vec<u8>, max_tx: usize) {
         debug_assert!(max_tx > 0);
         let serial = if T::EQUAL_ONLY {
-            self.serial += 1;
+            // (0 is "not keyed": skipped when the count wraps.)
+            self.serial = self.serial.checked_add(1).unwrap_or(1);
             if self.live.insert(item.clone(), self.serial).is_some() {
                 self.stale += 1;
             }
@@ -159,9 +160,9 @@ where
             0
         };
         self.flip.push(Entry {
-            remaining_tx: max_tx,
+            remaining_tx: u8::try_from(max_tx).unwrap_or(u8::MAX),
             item,
-            data,
+            data: data.into_boxed_slice(),
             serial,
         });
     }
@@ -290,15 +291,18 @@ where
     }
 }
 
+// swarmnet: a backlog holds about one entry per member on every node while a cluster joins
+// (10,000 nodes: 10^8 entries in the simulator), so the entry is kept small: the count of
+// transmissions fits a byte (`max_transmissions` is a `NonZeroU8`), the data has no spare
+// room, the serial is 32 bits.
 #[derive(Debug, Clone)]
 struct Entry<T> {
-    remaining_tx: usize,
-    // XXX could be Bytes, or keep a pool in parent
-    data: Vec<u8>,
+    remaining_tx: u8,
+    data: alloc::boxed::Box<[u8]>,
     // ignored for eq/ord. sorting is unstable
     item: T,
     // swarmnet: 0, or (`EQUAL_ONLY`) which of its key's entries this is.
-    serial: u64,
+    serial: u32,
 }
 
 impl<T> PartialEq for Entry<T> {
