@@ -122,7 +122,13 @@ async fn node(out: &mut Out, agent: &Agent) {
         out.counters(
             "gossip_messages_refused",
             "Gossip messages dropped, by reason",
-            vec![(l1("reason", "unauthenticated"), s.unauthenticated), (l1("reason", "malformed"), s.malformed), (l1("reason", "oversized"), s.oversized), (l1("reason", "stale"), s.stale)],
+            vec![
+                (l1("reason", "unauthenticated"), s.unauthenticated),
+                (l1("reason", "malformed"), s.malformed),
+                (l1("reason", "oversized"), s.oversized),
+                (l1("reason", "stale"), s.stale),
+                (l1("reason", "unanswered"), s.unanswered),
+            ],
         );
         out.counter("gossip_failures_detected", "Members this node's failure detector declared down", s.failures_detected);
         out.counters(

@@ -398,6 +398,12 @@ impl Book {
         gone
     }
 
+    /// `data` is a whole record, with the networks of `owner`'s record held.
+    fn agrees(&self, owner: &str, data: &[u8]) -> bool {
+        let Ok(m) = postcard::from_bytes::<Membership>(data) else { return false };
+        self.memberships.get(owner).is_some_and(|h| h.networks.len() == m.networks.len() && h.networks.iter().zip(&m.networks).all(|(a, b)| **a == **b))
+    }
+
     /// `id` is alive: a tombstone of its generation or older goes.
     fn revive(&mut self, id: &Ident) {
         if self.gone.get(id.node.as_str()).is_some_and(|&(dead, _)| dead <= id.gen) {
@@ -534,6 +540,14 @@ impl foca::BroadcastHandler<Ident> for Book {
         // A copy of a record held already is decided on its head (no allocation).
         if let Ok((h, _)) = postcard::take_from_bytes::<RecordHead>(data) {
             if let Some(relay) = self.known(h.owner, h.gen, h.version, own, true) {
+                // Passed on as received: only a copy that decodes whole and names the
+                // networks of the record held (its head alone could front any tail).
+                if relay && !self.agrees(h.owner, data) {
+                    if let Some(cur) = self.memberships.get_mut(h.owner) {
+                        cur.relayed = false;
+                    }
+                    return Err(MalformedRecord);
+                }
                 return Ok((relay && fits).then(|| OwnerKey(ident::name(h.owner))));
             }
         }
@@ -649,6 +663,9 @@ pub struct Stats {
     /// before it had any): dropped unparsed.
     pub unauthenticated: u64,
     pub malformed: u64,
+    /// Exchanges from senders not known yet that named a gossip address on another host
+    /// than the one they came from: not answered ([`Gossip::reply_to`]).
+    pub unanswered: u64,
     pub oversized: u64,
     pub stale: u64,
     pub udp_sent: u64,
@@ -1672,6 +1689,23 @@ impl Gossip {
         self.start_sync(p, false, false);
     }
 
+    /// Where to answer `peer`, whose message names `named` as its gossip address and came
+    /// from `from`: a live member at the address it is known by; another only at the
+    /// address it names, and only if that is on the host the message came from (a stream
+    /// leaves from the sender's gossip address, on an ephemeral port). A message naming
+    /// some other host would make this node send its replies there (a reflection), so it
+    /// is not answered, and is counted as `unanswered`.
+    fn reply_to(&mut self, peer: &str, named: SocketAddr, from: SocketAddr) -> Option<SocketAddr> {
+        if let Some(i) = self.alive.get(peer) {
+            return Some(i.addr);
+        }
+        if named.ip() == from.ip() {
+            return Some(named);
+        }
+        self.stats.unanswered += 1;
+        None
+    }
+
     fn apply_membership(&mut self, m: Membership) {
         self.foca.broadcast_handler_mut().apply(&m, false, false);
     }
@@ -1707,12 +1741,14 @@ impl Gossip {
                 }
             }
             Wire::Digest { from: peer, reply, membership, memberships_sum, buckets, nets, swim, members_sum, addr } => {
-                let to = self.alive.get(&peer).map_or(addr, |i| i.addr);
+                let to = self.reply_to(&peer, addr, from);
                 if reply {
                     // The exchange is over: its slot is free for the members this reply
                     // brings.
-                    self.syncing.remove(&to);
                     self.syncing.remove(&addr);
+                    if let Some(to) = to {
+                        self.syncing.remove(&to);
+                    }
                 }
                 // A view was sent (a join), or the views differ: answer with ours.
                 let full = !swim.is_empty() || (!reply && members_sum != self.members_sum());
@@ -1764,13 +1800,15 @@ impl Gossip {
                         }
                     }
                 }
-                if !ms.is_empty() || !sets.is_empty() || !want.is_empty() {
-                    let buckets = u32::try_from(n).unwrap_or(0);
-                    self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets, want, buckets, addr: self.me.addr });
-                }
-                if !reply {
-                    let full = full && self.take_full_reply(now);
-                    self.send_digest_with(to, true, full, differ);
+                if let Some(to) = to {
+                    if !ms.is_empty() || !sets.is_empty() || !want.is_empty() {
+                        let buckets = u32::try_from(n).unwrap_or(0);
+                        self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets, want, buckets, addr: self.me.addr });
+                    }
+                    if !reply {
+                        let full = full && self.take_full_reply(now);
+                        self.send_digest_with(to, true, full, differ);
+                    }
                 }
             }
             Wire::Sync { from: sender, memberships, sets, want, buckets, addr } => {
@@ -1790,8 +1828,7 @@ impl Gossip {
                 for m in memberships {
                     self.apply_membership(m);
                 }
-                if let Some(ms) = answer.filter(|ms| !ms.is_empty()) {
-                    let to = self.alive.get(&sender).map_or(addr, |i| i.addr);
+                if let Some((ms, to)) = answer.filter(|ms| !ms.is_empty()).zip(self.reply_to(&sender, addr, from)) {
                     self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets: Vec::new(), want: Vec::new(), buckets: 0, addr: self.me.addr });
                 }
                 for s in sets {
@@ -1865,6 +1902,19 @@ mod tests {
         assert_eq!(key.ok().flatten(), Some(OwnerKey("owner-x".into())));
         let again = foca::BroadcastHandler::<Ident>::receive_item(&mut book, &data, Some(&Ident::new("peer", "10.209.0.9:7946".parse().expect("addr"), 1)));
         assert_eq!(again.ok().flatten(), None, "passed on once");
+        // A copy whose head matches a record held but not yet passed on, with another tail:
+        // refused, not relayed; the true copy still is.
+        let peer = Ident::new("peer", "10.209.0.9:7946".parse().expect("addr"), 1);
+        let mut book = Book { me: "me".into(), ..Book::default() };
+        assert!(!book.apply(&record("owner-y", 1, 1, &["a"]), false, false), "taken from anti-entropy: not passed on yet");
+        let forged = postcard::to_allocvec(&record("owner-y", 1, 1, &["z"])).expect("encode");
+        let mut torn = postcard::to_allocvec(&record("owner-y", 1, 1, &["a"])).expect("encode");
+        torn.truncate(torn.len() - 1);
+        for bad in [&forged, &torn] {
+            assert!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, bad, Some(&peer)).is_err(), "a head-matching copy with another tail is malformed");
+        }
+        let good = postcard::to_allocvec(&record("owner-y", 1, 1, &["a"])).expect("encode");
+        assert_eq!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, &good, Some(&peer)).ok().flatten(), Some(OwnerKey("owner-y".into())));
         assert!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, &data[..3], None).is_err(), "a truncated record is malformed");
     }
 

@@ -287,10 +287,17 @@ async fn probe_host(addr: SocketAddr, within: Duration) -> bool {
     }
 }
 
-/// Sends one stream message: its chunks, each a frame (a length, then the chunk).
-async fn send_stream(to: SocketAddr, frames: Vec<Vec<u8>>) {
+/// Sends one stream message: its chunks, each a frame (a length, then the chunk). The
+/// connection leaves from this node's gossip address (`from`, unless unspecified): a node
+/// that does not know the sender yet answers only at an address of the host the stream
+/// came from (`Gossip::reply_to`).
+async fn send_stream(from: Option<std::net::IpAddr>, to: SocketAddr, frames: Vec<Vec<u8>>) {
     let r = tokio::time::timeout(Duration::from_secs(3), async {
-        let mut s = TcpStream::connect(to).await?;
+        let sock = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == to.is_ipv4()) {
+            sock.bind(SocketAddr::new(ip, 0))?;
+        }
+        let mut s = sock.connect(to).await?;
         for f in &frames {
             let len = u32::try_from(f.len()).map_err(std::io::Error::other)?;
             s.write_all(&len.to_be_bytes()).await?;
@@ -379,7 +386,7 @@ fn send_sealed(k: Option<&Keyring>, replays: &std::sync::Mutex<ReplayGuard>, udp
             };
             let Some(frames) = seal::chunks(id, &data).iter().map(|c| seal(c)).collect::<Option<Vec<_>>>() else { return 0 };
             let added = frames.len() * per;
-            tokio::spawn(send_stream(to, frames));
+            tokio::spawn(send_stream(udp.local_addr().ok().map(|a| a.ip()), to, frames));
             added
         }
         Out::Probe { .. } => 0,
