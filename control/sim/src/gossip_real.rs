@@ -151,6 +151,18 @@ fn label(sealed: bool) -> &'static str {
     }
 }
 
+/// The CPU time this process has used (user and system), from `/proc/self/stat` (None
+/// where it cannot be read).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command's closing parenthesis: utime and stime are the 12th and
+    // 13th there, in clock ticks (100 a second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ').skip(11);
+    let (u, s): (u64, u64) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    Some(Duration::from_millis((u + s) * 10))
+}
+
 pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, sealed: bool) -> Result<Figures> {
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let downs = Arc::new(Mutex::new(HashMap::new()));
@@ -160,8 +172,13 @@ pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, s
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let b0 = bytes(&hs).await?;
+    let c0 = cpu_time();
     tokio::time::sleep(idle).await;
+    let idle_cpu = cpu_time().zip(c0).map(|(c1, c0)| c1.saturating_sub(c0).as_secs_f64() / idle.as_secs_f64());
     let idle_bps = (bytes(&hs).await? - b0) as f64 / n as f64 / idle.as_secs_f64();
+    if let Some(c) = idle_cpu {
+        println!("N={n} {}: idle CPU {:.1} % of a core ({:.3} % per instance)", label(sealed), c * 100.0, c * 100.0 / n as f64);
+    }
     let b1 = bytes(&hs).await?;
     let t_start = Instant::now();
     let (mut times, mut incomplete) = (Vec::new(), 0);

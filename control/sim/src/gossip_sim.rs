@@ -44,13 +44,15 @@ pub struct Args {
     pub max_heap: usize,
     /// What the system costs per message sent or received (see [`calibrate`]).
     pub per_message: Duration,
+    /// The nodes' gossip settings (the agent's defaults unless overridden).
+    pub cfg: Config,
     pub seed: u64,
     /// After the trials: every node publishes its share of this many endpoints, then one
     /// node restarts and rejoins the network (0: not run).
     pub rejoin_endpoints: usize,
     /// After that: the faults (halves healed, 10 % restarting at once, a clock 50 s off,
-    /// 5 % loss).
-    pub faults: bool,
+    /// 5 % loss), those of [`FAULTS`] named here.
+    pub faults: Vec<String>,
     /// Once idle: print where the heap goes, by part, and stop.
     pub heap_breakdown: bool,
     /// The nodes join the cluster, then the benchmark's network, in this many waves, [`WAVE_GAP`] apart.
@@ -116,7 +118,7 @@ pub fn simulate(a: &Args) -> SimFigures {
     let heap0 = alloc::current();
     alloc::reset_peak();
     *BUDGET.lock().unwrap_or_else(|p| p.into_inner()) = Some((real, a.budget, a.max_heap));
-    let mut s = Sim::new(n, Config::default(), model, a.seed);
+    let mut s = Sim::new(n, a.cfg.clone(), model, a.seed);
     s.abort = Some(over_budget);
     // Who has seen each endpoint id, and when the last one did.
     let seen: Rc<RefCell<HashMap<String, (usize, Instant)>>> = Rc::new(RefCell::new(HashMap::new()));
@@ -267,8 +269,8 @@ pub fn simulate(a: &Args) -> SimFigures {
     if a.rejoin_endpoints > 0 && !over(&mut f) {
         rejoin(&mut s, a.rejoin_endpoints);
     }
-    if a.faults && !over(&mut f) {
-        faults(&mut s);
+    if !a.faults.is_empty() && !over(&mut f) {
+        faults(&mut s, &a.faults);
     }
     f.heap_per_node_kib = kib_per_node(alloc::peak().saturating_sub(heap0), n);
     f.real_s = real.elapsed().as_secs_f64();
@@ -352,9 +354,13 @@ fn failures(s: &Sim) -> u64 {
     s.nodes.iter().map(|g| g.stats.failures_detected).sum()
 }
 
-/// The faults, one after the other on the converged cluster, each with the time to
-/// converge again.
-fn faults(s: &mut Sim) {
+/// The faults, by name, in the order they run.
+pub const FAULTS: [&str; 4] = ["partition", "restart", "clock", "loss"];
+
+/// The faults (those of [`FAULTS`] in `which`), one after the other on the converged
+/// cluster, each with the time to converge again.
+fn faults(s: &mut Sim, which: &[String]) {
+    let on = |f: &str| which.iter().any(|w| w == f);
     let n = s.nodes.len();
     let limit = Duration::from_secs(120);
     let step = Duration::from_millis(50);
@@ -364,34 +370,43 @@ fn faults(s: &mut Sim) {
         None => println!("fault: {what}: NOT converged again within {} s virtual ({} nodes short)", limit.as_secs(), s.not_converged()),
     };
     // Halves, apart for 10 s (each declares the other down), then healed.
-    for i in n / 2..n {
-        s.set_partition(i, 1);
+    if on("partition") {
+        for i in n / 2..n {
+            s.set_partition(i, 1);
+        }
+        s.run_for(Duration::from_secs(10));
+        s.heal();
+        let t = s.run_until(limit, step, Sim::converged);
+        report("partition into halves for 10 s, healed", t, s);
     }
-    s.run_for(Duration::from_secs(10));
-    s.heal();
-    let t = s.run_until(limit, step, Sim::converged);
-    report("partition into halves for 10 s, healed", t, s);
     // A tenth of the nodes restart at once (new generation, empty state).
-    s.run_for(Duration::from_secs(5));
-    let restarting: Vec<usize> = (0..n).filter(|i| i % 10 == 5).collect();
-    for &i in &restarting {
-        s.crash(i);
+    if on("restart") {
+        s.run_for(Duration::from_secs(5));
+        let restarting: Vec<usize> = (0..n).filter(|i| i % 10 == 5).collect();
+        for &i in &restarting {
+            s.crash(i);
+        }
+        for &i in &restarting {
+            s.restart(i, 0);
+            s.with(i, |g, now| g.join_network("bench", now));
+        }
+        let t = s.run_until(limit, step, Sim::converged);
+        report(&format!("{} nodes (10 %) restarting at once", restarting.len()), t, s);
     }
-    for &i in &restarting {
-        s.restart(i, 0);
-        s.with(i, |g, now| g.join_network("bench", now));
-    }
-    let t = s.run_until(limit, step, Sim::converged);
-    report(&format!("{} nodes (10 %) restarting at once", restarting.len()), t, s);
     // A node whose clock runs 50 s ahead restarts and joins.
-    s.run_for(Duration::from_secs(5));
-    let k = n / 3 + 1;
-    s.crash(k);
-    s.skew_clock(k, true, Duration::from_secs(50));
-    s.restart(k, 0);
-    s.with(k, |g, now| g.join_network("bench", now));
-    let t = s.run_until(limit, step, Sim::converged);
-    report("a node with a clock 50 s ahead restarting", t, s);
+    if on("clock") {
+        s.run_for(Duration::from_secs(5));
+        let k = n / 3 + 1;
+        s.crash(k);
+        s.skew_clock(k, true, Duration::from_secs(50));
+        s.restart(k, 0);
+        s.with(k, |g, now| g.join_network("bench", now));
+        let t = s.run_until(limit, step, Sim::converged);
+        report("a node with a clock 50 s ahead restarting", t, s);
+    }
+    if !on("loss") {
+        return;
+    }
     // 5 % loss for 60 s, no node down: every member declared down is a false death.
     s.run_for(Duration::from_secs(5));
     let loss = s.model.loss;
@@ -485,9 +500,10 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
             budget: Duration::from_secs(3600),
             max_heap: 8 << 30,
             per_message,
+            cfg: Config::default(),
             seed: 1,
             rejoin_endpoints: 0,
-            faults: false,
+            faults: Vec::new(),
             heap_breakdown: false,
             join_waves: 1,
         };

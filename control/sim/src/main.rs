@@ -110,6 +110,9 @@ enum Cmd {
         /// loss.
         #[arg(long)]
         faults: bool,
+        /// With `--faults`: which of them, comma-separated (partition, restart, clock, loss).
+        #[arg(long, default_value = "partition,restart,clock,loss")]
+        fault_phases: String,
         /// Once idle, print where each node's heap goes (bytes per member, by part of the
         /// gossip core) and stop there.
         #[arg(long)]
@@ -118,6 +121,14 @@ enum Cmd {
         /// (1: all at once; in a mass network join each node's gossip backlog holds a record per member).
         #[arg(long, default_value_t = 1)]
         join_waves: usize,
+        /// Failure detection's settings, milliseconds (default: the agent's): the probe
+        /// period, the wait for a probe's answer, and a suspicion's time to death.
+        #[arg(long)]
+        probe_ms: Option<u64>,
+        #[arg(long)]
+        rtt_ms: Option<u64>,
+        #[arg(long)]
+        suspect_ms: Option<u64>,
     },
     /// N real gossip instances in this process on loopback (the server the agent runs), for
     /// each size: a change reaching every node, bytes per node; then failure detection.
@@ -209,12 +220,21 @@ fn main() -> anyhow::Result<()> {
             validate,
             rejoin_endpoints,
             faults,
+            fault_phases,
             heap_breakdown,
             join_waves,
+            probe_ms,
+            rtt_ms,
+            suspect_ms,
         } => {
             if let Some(v) = validate {
                 return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
             }
+            let phases: Vec<String> = fault_phases.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+            if let Some(bad) = phases.iter().find(|p| !gossip_sim::FAULTS.contains(&p.as_str())) {
+                anyhow::bail!("--fault-phases {fault_phases:?}: {bad:?} is not one of {}", gossip_sim::FAULTS.join(", "));
+            }
+            let faults = if faults { phases } else { Vec::new() };
             if join_waves == 0 {
                 anyhow::bail!("--join-waves 0: at least 1 (all at once)");
             }
@@ -229,8 +249,17 @@ fn main() -> anyhow::Result<()> {
                 None if cpu == swarmnet_gossip::sim::Cpu::Free => Duration::ZERO,
                 None => gossip_sim::calibrate()?,
             };
+            let mut gcfg = swarmnet_gossip::Config::default();
+            let ms = Duration::from_millis;
+            gcfg.probe_period = probe_ms.map_or(gcfg.probe_period, ms);
+            gcfg.probe_rtt = rtt_ms.map_or(gcfg.probe_rtt, ms);
+            gcfg.suspect_to_down = suspect_ms.map_or(gcfg.suspect_to_down, ms);
+            if gcfg.probe_rtt.is_zero() || gcfg.probe_rtt >= gcfg.probe_period || gcfg.suspect_to_down.is_zero() {
+                anyhow::bail!("--probe-ms {:?} --rtt-ms {:?} --suspect-ms {:?}: need 0 < rtt < probe and a suspicion > 0", gcfg.probe_period, gcfg.probe_rtt, gcfg.suspect_to_down);
+            }
             for n in sizes(&nodes)? {
                 gossip_sim::simulate(&gossip_sim::Args {
+                    cfg: gcfg.clone(),
                     nodes: n,
                     loss,
                     latency_ms,
@@ -245,7 +274,7 @@ fn main() -> anyhow::Result<()> {
                     per_message,
                     seed,
                     rejoin_endpoints,
-                    faults,
+                    faults: faults.clone(),
                     heap_breakdown,
                     join_waves: join_waves.clamp(1, n),
                 });
