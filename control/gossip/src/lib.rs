@@ -398,10 +398,10 @@ impl Book {
         gone
     }
 
-    /// `data` is a whole record, with the networks of `owner`'s record held.
+    /// `data` is, byte for byte, `owner`'s record held (no other tail, nothing appended:
+    /// it is passed on as received).
     fn agrees(&self, owner: &str, data: &[u8]) -> bool {
-        let Ok(m) = postcard::from_bytes::<Membership>(data) else { return false };
-        self.memberships.get(owner).is_some_and(|h| h.networks.len() == m.networks.len() && h.networks.iter().zip(&m.networks).all(|(a, b)| **a == **b))
+        self.memberships.get(owner).and_then(|h| postcard::to_allocvec(&h.membership(owner)).ok()).is_some_and(|mine| mine == data)
     }
 
     /// `id` is alive: a tombstone of its generation or older goes.
@@ -1136,6 +1136,9 @@ impl Gossip {
                 self.pump(now);
             }
             KIND_WIRE => match postcard::from_bytes::<Wire>(body) {
+                // Exchanges come by stream only (`send_stream`). A datagram's source
+                // address can be forged, which would defeat `reply_to`'s check.
+                Ok(Wire::Digest { .. } | Wire::Sync { .. }) if !stream => self.stats.malformed += 1,
                 Ok(w) => self.handle_wire(from, w, now),
                 Err(_) => self.stats.malformed += 1,
             },
@@ -1318,8 +1321,10 @@ impl Gossip {
     /// at, so that a copy from an older one still in flight is stale (the table notes the
     /// generations of owners it holds entries of only, [`Table::owner_generation`]).
     fn note_live_generation(&mut self, owner: &str) {
-        if let Some(id) = self.alive.get(owner) {
-            self.table.note_generation(&id.node, id.gen);
+        // Alive, or declared down and still held while its host is probed.
+        let gen = self.alive.get(owner).map(|i| i.gen).max(self.suspects.get(owner).map(|s| s.id.gen));
+        if let Some(gen) = gen {
+            self.table.note_generation(owner, gen);
         }
     }
 
@@ -1689,21 +1694,17 @@ impl Gossip {
         self.start_sync(p, false, false);
     }
 
-    /// Where to answer `peer`, whose message names `named` as its gossip address and came
-    /// from `from`: a live member at the address it is known by; another only at the
-    /// address it names, and only if that is on the host the message came from (a stream
-    /// leaves from the sender's gossip address, on an ephemeral port). A message naming
-    /// some other host would make this node send its replies there (a reflection), so it
-    /// is not answered, and is counted as `unanswered`.
-    fn reply_to(&mut self, peer: &str, named: SocketAddr, from: SocketAddr) -> Option<SocketAddr> {
+    /// Where to answer `peer`, whose stream message names `named` as its gossip address
+    /// and came from `from`: a live member at the address it is known by; another only at
+    /// the address it names, and only if that is on the host the message came from (a
+    /// stream leaves from the sender's gossip address, on an ephemeral port). A message
+    /// naming some other host would make this node send its replies there (a reflection):
+    /// None, and the caller counts it as `unanswered` if a reply was due.
+    fn reply_to(&self, peer: &str, named: SocketAddr, from: SocketAddr) -> Option<SocketAddr> {
         if let Some(i) = self.alive.get(peer) {
             return Some(i.addr);
         }
-        if named.ip() == from.ip() {
-            return Some(named);
-        }
-        self.stats.unanswered += 1;
-        None
+        (named.ip().to_canonical() == from.ip().to_canonical()).then_some(named)
     }
 
     fn apply_membership(&mut self, m: Membership) {
@@ -1732,7 +1733,9 @@ impl Gossip {
                     if i.owner == self.me.node {
                         continue;
                     }
-                    self.note_live_generation(&i.owner);
+                    if self.table.joined().contains(&i.network) {
+                        self.note_live_generation(&i.owner);
+                    }
                     let (a, ch) = self.table.apply(i, now_ms);
                     if matches!(a, Applied::Stale) {
                         self.stats.stale += 1;
@@ -1742,13 +1745,11 @@ impl Gossip {
             }
             Wire::Digest { from: peer, reply, membership, memberships_sum, buckets, nets, swim, members_sum, addr } => {
                 let to = self.reply_to(&peer, addr, from);
-                if reply {
+                if let (true, Some(to)) = (reply, to) {
                     // The exchange is over: its slot is free for the members this reply
                     // brings.
                     self.syncing.remove(&addr);
-                    if let Some(to) = to {
-                        self.syncing.remove(&to);
-                    }
+                    self.syncing.remove(&to);
                 }
                 // A view was sent (a join), or the views differ: answer with ours.
                 let full = !swim.is_empty() || (!reply && members_sum != self.members_sum());
@@ -1789,7 +1790,7 @@ impl Gossip {
                 }
                 // Owner sets the peer lacks or has older, on networks we both joined.
                 let mut sets = Vec::new();
-                for net in self.table.joined().iter().filter(|n| peer_nets.contains(*n)) {
+                for net in self.table.joined().iter().filter(|n| to.is_some() && peer_nets.contains(*n)) {
                     let theirs = nets.get(net).cloned().unwrap_or_default();
                     for (owner, mine) in self.table.digest(net) {
                         // Send when we differ and are not behind; if they are ahead, their
@@ -1799,6 +1800,9 @@ impl Gossip {
                             sets.push(OwnerSet { network: net.clone(), owner, gen: mine.stamp.0, version: mine.stamp.1, items });
                         }
                     }
+                }
+                if to.is_none() && (!reply || !ms.is_empty() || !sets.is_empty() || !want.is_empty()) {
+                    self.stats.unanswered += 1;
                 }
                 if let Some(to) = to {
                     if !ms.is_empty() || !sets.is_empty() || !want.is_empty() {
@@ -1828,15 +1832,20 @@ impl Gossip {
                 for m in memberships {
                     self.apply_membership(m);
                 }
-                if let Some((ms, to)) = answer.filter(|ms| !ms.is_empty()).zip(self.reply_to(&sender, addr, from)) {
-                    self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets: Vec::new(), want: Vec::new(), buckets: 0, addr: self.me.addr });
+                if let Some(ms) = answer.filter(|ms| !ms.is_empty()) {
+                    match self.reply_to(&sender, addr, from) {
+                        Some(to) => self.send_stream(to, &Wire::Sync { from: self.me.node.clone(), memberships: ms, sets: Vec::new(), want: Vec::new(), buckets: 0, addr: self.me.addr }),
+                        None => self.stats.unanswered += 1,
+                    }
                 }
                 for s in sets {
                     if s.owner == self.me.node {
                         continue;
                     }
                     let authoritative = s.owner == sender;
-                    self.note_live_generation(&s.owner);
+                    if self.table.joined().contains(&s.network) {
+                        self.note_live_generation(&s.owner);
+                    }
                     let ch = self.table.apply_owner_set(s, authoritative, now_ms);
                     self.emit(ch);
                 }
@@ -1910,7 +1919,9 @@ mod tests {
         let forged = postcard::to_allocvec(&record("owner-y", 1, 1, &["z"])).expect("encode");
         let mut torn = postcard::to_allocvec(&record("owner-y", 1, 1, &["a"])).expect("encode");
         torn.truncate(torn.len() - 1);
-        for bad in [&forged, &torn] {
+        let mut padded = postcard::to_allocvec(&record("owner-y", 1, 1, &["a"])).expect("encode");
+        padded.extend_from_slice(b"appended");
+        for bad in [&forged, &torn, &padded] {
             assert!(foca::BroadcastHandler::<Ident>::receive_item(&mut book, bad, Some(&peer)).is_err(), "a head-matching copy with another tail is malformed");
         }
         let good = postcard::to_allocvec(&record("owner-y", 1, 1, &["a"])).expect("encode");

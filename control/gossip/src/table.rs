@@ -110,10 +110,11 @@ pub struct Table {
     /// the whole table (every exchange asks it for each owner: O(N x E) before, issue 23).
     owned: BTreeMap<Name, BTreeSet<(Name, Name)>>,
     joined: BTreeSet<String>,
-    /// Highest generation seen per owner that has (or had) entries here; older generations
-    /// are gone. Keyed by the process's shared copy of the name. Owners without entries are
-    /// left out (10,000 members on each of 10,000 simulated nodes, most of them publishing
-    /// nothing on this node's networks).
+    /// Highest generation seen per owner whose entries came here (on a network this node
+    /// joined, taken or not); older generations are gone. Keyed by the process's shared
+    /// copy of the name. Other owners are left out (10,000 members on each of 10,000
+    /// simulated nodes, most of them publishing nothing on this node's networks). Not
+    /// pruned: bounded by the owners that ever published here.
     gens: BTreeMap<Name, u64>,
     /// Owners declared dead, at the generation they died with.
     dead: BTreeMap<NodeId, u64>,

@@ -335,11 +335,18 @@ fn a_digest_from_a_sender_not_yet_known_is_answered_at_its_gossip_address() {
     assert!(replies.contains(&a), "no reply to a's gossip address {a}: {replies:?}");
     assert!(!replies.contains(&ephemeral), "a reply went to the stream's ephemeral port: {replies:?}");
     // The same digest from another host: it names a's address, which is not the host it
-    // came from. Answering it would send c's replies to a host that did not ask (a
-    // reflection); it is left unanswered and counted.
+    // came from. Answering it would send d's replies to a host that did not ask (a
+    // reflection); it is left unanswered and counted. (What it carries is still taken: d
+    // may then start exchanges of its own with the members its view names, as with any
+    // view. The reflection of replies is what goes.)
     let mut gd = Gossip::new(Ident::new("d", "10.210.0.4:7946".parse().expect("d"), 1), Config::default(), 4, t0);
     gd.handle("10.210.0.99:40123".parse().expect("elsewhere"), &digest, true, now);
     let to_a = gd.take_out().into_iter().filter(|o| matches!(o, Out::Stream { to, .. } if *to == a)).count();
     assert_eq!(to_a, 0, "a digest from another host than the one it names was answered there");
     assert_eq!(gd.stats.unanswered, 1);
+    // By datagram (whose source address can be forged), an exchange is not taken at all.
+    let mut ge = Gossip::new(Ident::new("e", "10.210.0.5:7946".parse().expect("e"), 1), Config::default(), 5, t0);
+    ge.handle(a, &digest, false, now);
+    assert!(ge.take_out().is_empty(), "a digest by datagram was acted on");
+    assert_eq!((ge.stats.malformed, ge.member_count()), (1, 0));
 }

@@ -149,7 +149,9 @@ where
     pub(crate) fn add_or_replace(&mut self, item: T, data: Vec<u8>, max_tx: usize) {
         debug_assert!(max_tx > 0);
         let serial = if T::EQUAL_ONLY {
-            // (0 is "not keyed": skipped when the count wraps.)
+            // (0 is "not keyed": skipped when the count wraps. A stale entry still queued
+            // 2^32 insertions later could then share its key's serial and be sent again:
+            // a backlog drains in seconds, so this is left.)
             self.serial = self.serial.checked_add(1).unwrap_or(1);
             if self.live.insert(item.clone(), self.serial).is_some() {
                 self.stale += 1;
