@@ -540,8 +540,8 @@ impl foca::BroadcastHandler<Ident> for Book {
         // A copy of a record held already is decided on its head (no allocation).
         if let Ok((h, _)) = postcard::take_from_bytes::<RecordHead>(data) {
             if let Some(relay) = self.known(h.owner, h.gen, h.version, own, true) {
-                // Passed on as received: only a copy that decodes whole and names the
-                // networks of the record held (its head alone could front any tail).
+                // Passed on as received: only a copy that is, byte for byte, the record
+                // held (its head alone could front any tail).
                 if relay && !self.agrees(h.owner, data) {
                     if let Some(cur) = self.memberships.get_mut(h.owner) {
                         cur.relayed = false;

@@ -538,11 +538,6 @@ impl Sim {
         self.nodes.iter().map(|g| g.stats.udp_bytes + g.stats.stream_bytes).sum::<u64>() + self.sealing_bytes
     }
 
-    /// Bytes of the messages in flight now.
-    pub fn bytes_in_flight(&self) -> usize {
-        self.in_flight_bytes
-    }
-
     /// Streams (bulk messages over TCP) in flight now: how many syncs run at once.
     pub fn streams_in_flight(&self) -> usize {
         self.streams
