@@ -132,6 +132,16 @@ async fn node(out: &mut Out, agent: &Agent) {
         );
         out.counter("gossip_failures_detected", "Members this node's failure detector declared down", s.failures_detected);
         out.counters(
+            "gossip_suspicions",
+            "Suspicions this node's probes raised, and those its timer turned into a death (the rest were refuted in time)",
+            vec![(l1("outcome", "raised"), s.suspicions), (l1("outcome", "declared_down"), s.suspicions_to_death)],
+        );
+        out.counters(
+            "gossip_self_suspicions",
+            "This node's answers to being suspected or declared down: refuted in time; came back under a new generation after being declared down; started over after losing every member",
+            vec![(l1("outcome", "refuted"), s.refutations), (l1("outcome", "rejoined"), s.rejoins), (l1("outcome", "renewed"), s.renewals)],
+        );
+        out.counters(
             "gossip_pushes",
             "Pushed changes and membership records sent again for want of an acknowledgement, and given up on after the last try",
             vec![(l1("outcome", "retransmitted"), s.retransmitted), (l1("outcome", "given_up"), s.push_given_up), (l1("outcome", "deferred"), s.retransmits_deferred)],

@@ -678,6 +678,16 @@ pub struct Stats {
     pub received_bytes: u64,
     /// Members this node's failure detector declared down.
     pub failures_detected: u64,
+    /// Suspicions this node's own probes raised (a timer to declare the member down), and
+    /// those of them its timer turned into a death (the rest were refuted in time).
+    pub suspicions: u64,
+    pub suspicions_to_death: u64,
+    /// Suspicions of this node that it refuted (its incarnation rose).
+    pub refutations: u64,
+    /// Times this node was declared down and came back under a new generation (foca's
+    /// rejoin), and times it lost every member and started over (`Gossip::rejoin`).
+    pub rejoins: u64,
+    pub renewals: u64,
     /// Pushes sent again for want of an acknowledgement, and given up on after the last try.
     pub retransmitted: u64,
     pub push_given_up: u64,
@@ -963,8 +973,13 @@ impl Gossip {
                         self.health.raise();
                     }
                 }
+                let verdict = matches!(ev, Timer::ChangeSuspectToDown { .. });
+                let before = self.stats.failures_detected;
                 let _ = self.foca.handle_timer(ev, &mut self.rt);
                 self.pump(now);
+                if verdict && self.stats.failures_detected > before {
+                    self.stats.suspicions_to_death += 1;
+                }
             }
         }
         if now >= self.next_ae {
@@ -1083,6 +1098,7 @@ impl Gossip {
             self.restamp(now);
             self.ask_views();
             self.syncing.clear();
+            self.stats.renewals += 1;
             self.events.push(Event::Renewed(self.me.clone()));
         }
         let seeds = self.seeds.clone();
@@ -1290,11 +1306,15 @@ impl Gossip {
         if incarnation != self.incarnation {
             if incarnation > self.incarnation {
                 self.health.raise();
+                self.stats.refutations += 1;
             }
             self.incarnation = incarnation;
         }
         while let Some((after, ev)) = self.rt.to_schedule() {
             let after = self.health.scale(after, &ev);
+            if let Timer::ChangeSuspectToDown { .. } = ev {
+                self.stats.suspicions += 1;
+            }
             self.seq += 1;
             self.timers.push(Reverse((now + after, self.seq)));
             self.timer_events.insert(self.seq, ev);
@@ -1409,6 +1429,7 @@ impl Gossip {
             OwnedNotification::Rejoin(new) => {
                 // We were declared down and came back under a new generation: re-stamp
                 // everything we own so that others take it again.
+                self.stats.rejoins += 1;
                 self.me = new;
                 self.restamp(now);
                 self.ask_views();

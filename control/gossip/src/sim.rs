@@ -590,6 +590,26 @@ mod tests {
     }
 
     #[test]
+    fn suspicions_refuted_under_heavy_loss_kill_no_one() {
+        // 10 % loss: probes fail now and then and their members are suspected; each refutes
+        // in time. foca used to tell a refuted member it was down all the same (its timer
+        // fired on the old suspicion), and the member rejoined as a new generation: the
+        // cluster saw a death (ADR 0034).
+        let model = NetModel { latency: (Duration::from_millis(1), Duration::from_millis(20)), loss: 0.01, ..NetModel::default() };
+        let mut s = Sim::new(60, Config::default(), model, 3);
+        s.join_all();
+        assert!(s.run_until(Duration::from_secs(60), Duration::from_millis(100), Sim::converged).is_some(), "{} nodes short", s.not_converged());
+        s.model.loss = 0.10;
+        s.run_for(Duration::from_secs(20));
+        let sum = |f: fn(&crate::Stats) -> u64| s.nodes.iter().map(|g| f(&g.stats)).sum::<u64>();
+        assert!(sum(|x| x.suspicions) > 0, "the loss raised suspicions");
+        assert!(sum(|x| x.refutations) > 0, "suspected members refuted");
+        assert_eq!(0, sum(|x| x.suspicions_to_death), "no timer declared a death");
+        assert_eq!(0, sum(|x| x.failures_detected), "no member declared down");
+        assert_eq!(0, sum(|x| x.rejoins) + sum(|x| x.renewals), "no node rejoined");
+    }
+
+    #[test]
     fn lost_pushes_are_sent_again_until_acknowledged() {
         // A third of all datagrams lost: a change reaches every node by retransmission,
         // well before anti-entropy (10 s) could bring it.

@@ -354,6 +354,12 @@ fn failures(s: &Sim) -> u64 {
     s.nodes.iter().map(|g| g.stats.failures_detected).sum()
 }
 
+/// Suspicions raised by the nodes' own probes, those their timers turned into deaths, and
+/// the refutations the suspected members made, in all.
+fn suspicions(s: &Sim) -> [u64; 5] {
+    s.nodes.iter().fold([0; 5], |[a, b, c, d, e], g| [a + g.stats.suspicions, b + g.stats.suspicions_to_death, c + g.stats.refutations, d + g.stats.rejoins, e + g.stats.renewals])
+}
+
 /// The faults, by name, in the order they run.
 pub const FAULTS: [&str; 4] = ["partition", "restart", "clock", "loss"];
 
@@ -412,6 +418,7 @@ fn faults(s: &mut Sim, which: &[String]) {
     let loss = s.model.loss;
     s.model.loss = 0.05;
     let before = failures(s);
+    let sus_before = suspicions(s);
     let loss_start = s.now;
     let mut took = Vec::new();
     let mut rng = gossip_real::OWNERS_SEED ^ 0x55;
@@ -428,6 +435,15 @@ fn faults(s: &mut Sim, which: &[String]) {
         s.run_for(Duration::from_secs(3).saturating_sub(s.now - start));
     }
     let false_deaths = failures(s) - before;
+    let sus = suspicions(s);
+    println!(
+        "fault: 5 % loss: {} suspicions raised by probes, {} of them declared down by their suspecter's timer, {} refutations; {} nodes came back after being declared down, {} started over",
+        sus[0] - sus_before[0],
+        sus[1] - sus_before[1],
+        sus[2] - sus_before[2],
+        sus[3] - sus_before[3],
+        sus[4] - sus_before[4]
+    );
     println!(
         "fault: 5 % loss for {:.0} s: {false_deaths} members declared down (none was); a change reaching every node {}/20, p50 {:.1} ms p99 {:.1} ms virtual (checked every 5 ms)",
         (s.now - loss_start).as_secs_f64(),

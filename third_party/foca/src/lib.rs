@@ -198,7 +198,15 @@ pub struct Foca<T: Identity, C, RNG, B: BroadcastHandler<T>> {
 
     broadcast_handler: B,
     custom_broadcasts: Broadcasts<B::Key>,
+
+    // swarmnet: the members this node's own failed probes made suspect, with the
+    // incarnation suspected: each is pinged again every probe round until it is refuted
+    // or declared down (see `reprobe_suspects`).
+    own_suspects: Vec<(T, Incarnation)>,
 }
+
+// swarmnet: the most members one node re-probes as its own suspects at once.
+const MAX_OWN_SUSPECTS: usize = 16;
 
 impl<T, C, RNG> Foca<T, C, RNG, NoCustomBroadcast>
 where
@@ -266,6 +274,7 @@ where
             updates: Broadcasts::new(),
             send_buf: Vec::with_capacity(max_bytes),
             custom_broadcasts: Broadcasts::new(),
+            own_suspects: Vec::new(),
             broadcast_handler,
         }
     }
@@ -721,11 +730,17 @@ where
                         .apply_existing_if(as_down.clone(), |member| {
                             member.incarnation() == incarnation
                         })
+                        // swarmnet: only if it was still under that suspicion. A
+                        // summary comes back for a member refuted since (the
+                        // condition failed), and upstream then sent it `TurnUndead`
+                        // all the same: a live member that had refuted in time was
+                        // told it was down and rejoined under a new identity, which
+                        // the cluster saw as a death (ADR 0034).
+                        .filter(|summary| summary.apply_successful)
                     {
                         self.handle_apply_summary(summary, as_down, true, &mut runtime)?;
                         // Member went down we might need to adjust our internal state
                         self.adjust_connection_state(&mut runtime);
-
                         if self.config.notify_down_members {
                             // As a courtesy, we send a lightweight message to the member
                             // we're declaring down so that if it manages to receive it,
@@ -1121,6 +1136,8 @@ where
         self.connection_state = ConnectionState::Disconnected;
         self.incarnation = Incarnation::default();
         self.timer_token = self.timer_token.wrapping_add(1);
+        // swarmnet: suspicions whose timers no longer count are not re-probed.
+        self.own_suspects.clear();
         self.probe.clear();
         // XXX It might make sense to `self.updates.clear()` if we're
         //     down for a very long while, but we don't track instants
@@ -1203,9 +1220,17 @@ where
                         },
                         self.config.suspect_to_down_after,
                     );
+                    let own = (failed.id().clone(), failed.incarnation());
+                    if !self.own_suspects.contains(&own)
+                        && self.own_suspects.len() < MAX_OWN_SUSPECTS
+                    {
+                        self.own_suspects.push(own);
+                    }
                 }
             }
         }
+
+        self.reprobe_suspects(&mut runtime)?;
 
         if let Some(member) = self.members.next(&mut self.rng) {
             let member_id = member.id().clone();
@@ -1240,6 +1265,31 @@ where
         } else {
             Ok(())
         }
+    }
+
+    // swarmnet: a suspicion is refuted only if the refutation reaches the suspecter, the one
+    // node with a timer to declare the member down, before that timer fires. Left to
+    // gossip, the suspicion must first reach the member and its refutation then come back,
+    // both epidemically: in a cluster of thousands under loss that takes about as long as
+    // the suspicion lasts, and live members were declared down (ADR 0034). So the
+    // suspecter pings each member it suspects once every probe round: the ping carries the
+    // suspicion (the buddy system, in `send_message`) and the member's reply carries its
+    // refuting incarnation in its header, straight back to the one that needs it. A member
+    // really down does not answer, and its verdict comes no later.
+    fn reprobe_suspects(&mut self, mut runtime: impl Runtime<T>) -> Result<()> {
+        let members = &self.members;
+        self.own_suspects.retain(|(id, incarnation)| {
+            members
+                .get(id)
+                .is_some_and(|m| m.state() == State::Suspect && m.incarnation() == *incarnation)
+        });
+        for i in 0..self.own_suspects.len() {
+            let id = self.own_suspects[i].0.clone();
+            // The probe number of the round under way: the ack is not that probe's (it
+            // comes from another member), and only its header matters.
+            self.send_message(id, Message::Ping(self.probe.probe_number()), &mut runtime)?;
+        }
+        Ok(())
     }
 
     // shortcut for apply + handle
@@ -1366,6 +1416,8 @@ where
         // being switched the Down state since we have little
         // confidence about our own state at this point.
         self.timer_token = self.timer_token.wrapping_add(1);
+        // swarmnet: suspicions whose timers no longer count are not re-probed.
+        self.own_suspects.clear();
         self.probe.clear();
 
         runtime.notify(Notification::Idle);
@@ -1380,6 +1432,8 @@ where
         // Just like `become_disconnected`, we want to avoid
         // handling events that aren't relevant anymore.
         self.timer_token = self.timer_token.wrapping_add(1);
+        // swarmnet: suspicions whose timers no longer count are not re-probed.
+        self.own_suspects.clear();
 
         runtime.notify(Notification::Defunct);
     }
@@ -2731,6 +2785,85 @@ mod tests {
         Ok(())
     }
 
+    // swarmnet: the suspecter pings its suspect every round (`reprobe_suspects`).
+    #[test]
+    fn a_suspecter_pings_its_suspect_every_round_until_refuted() -> Result<()> {
+        let (mut foca, probed, send_indirect_probe) = craft_probing_foca(3, config());
+        let mut runtime = AccumulatingRuntime::new();
+        // No ack, direct or indirect: the next round finds the probe failed.
+        foca.handle_timer(send_indirect_probe, &mut runtime)?;
+        // The pings to `probed` in a round, less the one of the round's own probe.
+        let pings_beyond_probe =
+            |foca: &Foca<ID, BadCodec, SmallRng, NoCustomBroadcast>,
+             runtime: &mut AccumulatingRuntime<ID>| {
+                let mut pings = 0;
+                while let Some(data) = runtime.take_data(probed) {
+                    let (header, updates) = decode(data);
+                    assert!(matches!(header.message, Message::Ping(_)));
+                    if foca.members.get(&probed).map(|m| m.state()) == Some(State::Suspect) {
+                        assert_eq!(
+                            Some(&Member::new(probed, 0, State::Suspect)),
+                            updates.first(),
+                            "a ping to a suspect carries its suspicion"
+                        );
+                    }
+                    pings += 1;
+                }
+                pings - usize::from(foca.probe().target() == Some(&probed))
+            };
+        for _ in 0..3 {
+            runtime.clear();
+            foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+            assert_eq!(
+                1,
+                pings_beyond_probe(&foca, &mut runtime),
+                "the suspect is pinged again"
+            );
+            // The round's own probe is answered, so only `probed` is suspected.
+            let target = *foca.probe().target().expect("a probe under way");
+            let ack = (
+                Header {
+                    src: target,
+                    src_incarnation: 0,
+                    dst: ID::new(1),
+                    message: Message::Ack(foca.probe().probe_number()),
+                },
+                Vec::new(),
+            );
+            if target != probed {
+                foca.handle_data(&encode(ack), &mut runtime)?;
+            }
+            let indirect = Timer::SendIndirectProbe {
+                probed_id: target,
+                token: foca.timer_token(),
+            };
+            foca.handle_timer(indirect, &mut runtime)?;
+        }
+        // Its answer (to any ping) carries its new incarnation: refuted.
+        let refuting = (
+            Header {
+                src: probed,
+                src_incarnation: 1,
+                dst: ID::new(1),
+                message: Message::Ack(0),
+            },
+            Vec::new(),
+        );
+        foca.handle_data(&encode(refuting), &mut runtime)?;
+        assert_eq!(
+            Some(State::Alive),
+            foca.members.get(&probed).map(|m| m.state())
+        );
+        runtime.clear();
+        foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+        assert_eq!(
+            0,
+            pings_beyond_probe(&foca, &mut runtime),
+            "no longer pinged once refuted"
+        );
+        Ok(())
+    }
+
     #[test]
     fn incarnation_does_not_increase_for_stale_suspicion() {
         let mut foca = Foca::new(ID::new(1), config(), rng(), codec());
@@ -3810,6 +3943,51 @@ mod tests {
                 .is_some(),
             "didn't submit a new probe event"
         );
+    }
+
+    // swarmnet: a suspicion refuted before its timer fires tells the member nothing.
+    #[test]
+    fn a_refuted_suspicions_timer_does_not_tell_the_member_it_is_down() -> Result<()> {
+        let config = {
+            let mut c = Config::simple();
+            c.notify_down_members = true;
+            c
+        };
+        let (mut foca, probed, send_indirect_probe) = craft_probing_foca(2, config);
+        let mut runtime = AccumulatingRuntime::new();
+        foca.handle_timer(send_indirect_probe, &mut runtime)?;
+        runtime.clear();
+        // The probe failed: at the next round `probed` is suspected at incarnation 0.
+        foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+        let suspect_to_down = Timer::ChangeSuspectToDown {
+            member_id: probed,
+            incarnation: Incarnation::default(),
+            token: foca.timer_token(),
+        };
+        assert!(runtime.take_scheduling(suspect_to_down.clone()).is_some());
+        // It refutes in time: a message from it at incarnation 1.
+        let refuting = (
+            Header {
+                src: probed,
+                src_incarnation: 1,
+                dst: ID::new(1),
+                message: Message::Gossip,
+            },
+            Vec::new(),
+        );
+        foca.handle_data(&encode(refuting), &mut runtime)?;
+        runtime.clear();
+        foca.handle_timer(suspect_to_down, &mut runtime)?;
+        reject_notification!(runtime, Notification::MemberDown(&probed));
+        assert!(
+            runtime.take_data(probed).is_none(),
+            "nothing is sent to it (upstream sent TurnUndead, and it rejoined)"
+        );
+        assert_eq!(
+            Some(State::Alive),
+            foca.members.get(&probed).map(|m| m.state())
+        );
+        Ok(())
     }
 
     #[test]
