@@ -79,6 +79,9 @@ pub struct SimFigures {
     pub real_s: f64,
     /// The real-time budget ran out: what follows it was not measured.
     pub out_of_budget: bool,
+    /// Real time in the nodes' code per message sent or received, with the sealing and the
+    /// `per_message` charged, in microseconds.
+    pub work_per_message_us: f64,
 }
 
 /// Per node per second, in bytes.
@@ -123,7 +126,14 @@ pub fn simulate(a: &Args) -> SimFigures {
     // Who has seen each endpoint id, and when the last one did.
     let seen: Rc<RefCell<HashMap<String, (usize, Instant)>>> = Rc::new(RefCell::new(HashMap::new()));
     let sink = seen.clone();
+    // When the latest `NodeUp` came: membership converged then (the check below, every
+    // 10 ms, only says that it has).
+    let last_up: Rc<std::cell::Cell<Option<Instant>>> = Rc::new(std::cell::Cell::new(None));
+    let ups = last_up.clone();
     s.observe(Box::new(move |_, e, t| {
+        if let Event::NodeUp(_) = e {
+            ups.set(Some(t));
+        }
         if let Event::Endpoint(c) = e {
             if c.new.is_some() {
                 let mut m = sink.borrow_mut();
@@ -146,10 +156,12 @@ pub fn simulate(a: &Args) -> SimFigures {
         s.join_range(w * n / waves..(w + 1) * n / waves);
     }
     let wave = if waves > 1 { format!(" (joined in {waves} waves {} s apart; from the last)", WAVE_GAP.as_secs()) } else { String::new() };
+    let last_wave = s.now;
     let conv = s.run_until(a.limit, Duration::from_millis(10), |s| s.converged() || spent());
     let max_streams = s.max_streams;
     f.short = s.not_converged();
-    f.converged_s = conv.filter(|_| f.short == 0).map(|t| t.as_secs_f64());
+    let exact = last_up.get().map(|t| t.saturating_duration_since(last_wave));
+    f.converged_s = conv.filter(|_| f.short == 0).map(|t| exact.unwrap_or(t).min(t).as_secs_f64());
     match f.converged_s {
         Some(t) => println!("membership converged in {t:.2} s virtual{wave} ({:.1} s real); stream syncs in flight at most {max_streams}", real.elapsed().as_secs_f64()),
         None => println!(
@@ -257,6 +269,8 @@ pub fn simulate(a: &Args) -> SimFigures {
     println!("while changing: {:.0} bytes per node per second; stream syncs in flight at most {} (all run)", f.busy_bps, s.max_streams);
     println!("network: {:?}; real time in the nodes' code {:.1} s", s.net, s.work.as_secs_f64());
     let sum = |f: fn(&swarmnet_gossip::Stats) -> u64| s.nodes.iter().map(|g| f(&g.stats)).sum::<u64>();
+    let messages = sum(|x| x.udp_sent) + sum(|x| x.received);
+    f.work_per_message_us = s.work.as_secs_f64() * 1e6 / messages.max(1) as f64;
     println!(
         "members declared down {}; pushes sent again {}, given up {}, held back by the budget {}; exchanges deferred (max_syncs) {}, views withheld (full_replies_per_sec) {}",
         sum(|x| x.failures_detected),
@@ -437,7 +451,7 @@ fn faults(s: &mut Sim, which: &[String]) {
     let false_deaths = failures(s) - before;
     let sus = suspicions(s);
     println!(
-        "fault: 5 % loss: {} suspicions raised by probes, {} of them declared down by their suspecter's timer, {} refutations; {} nodes came back after being declared down, {} started over",
+        "fault: 5 % loss: {} suspicions raised by probes, {} of them declared down by their suspecter's timer, {} refutations; {} rejoins after being declared down, {} starts over",
         sus[0] - sus_before[0],
         sus[1] - sus_before[1],
         sus[2] - sus_before[2],
@@ -498,11 +512,30 @@ fn ratio(sim: f64, real: f64) -> String {
 /// The real processes and the simulator (sealed, every node on 2 shared cores, loopback
 /// latency) at each size, and how far apart their figures are.
 pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Result<()> {
-    let per_message = calibrate()?;
-    println!("calibrated: {per_message:?} a message (a send, a receive, the wake-ups)");
+    let ping_pong = calibrate()?;
+    println!("calibrated: {ping_pong:?} a message (a send, a receive, the wake-ups)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     for (k, &n) in sizes.iter().enumerate() {
         let real = rt.block_on(gossip_real::dissemination(n, trials, 21000 + 1000 * k as u16, idle, true))?;
+        // First with the ping-pong's cost a message; then with what the real instances
+        // spent a message while idle (their CPU time over the messages they sent and
+        // received), less what the simulator already charges for the nodes' own code.
+        let sim = validate_one(n, trials, idle, ping_pong, &real, "ping-pong calibration");
+        if let Some(cpu) = real.cpu_per_message_us {
+            // The simulator's time a message includes the cost it charged (per send and
+            // per receive): what is left is the nodes' code, sealing included.
+            let code = (sim.work_per_message_us - ping_pong.as_secs_f64() * 1e6).max(0.0);
+            let rest = (cpu - code).max(0.0);
+            println!("N={n}: the real instances spent {cpu:.1} us a message idle; the nodes' code {code:.1} us of it: {rest:.1} us charged a message");
+            validate_one(n, trials, idle, Duration::from_nanos((rest * 1000.0) as u64), &real, "in-run calibration");
+        }
+    }
+    Ok(())
+}
+
+/// One simulated run beside the real figures, both printed.
+fn validate_one(n: usize, trials: usize, idle: Duration, per_message: Duration, real: &gossip_real::Figures, how: &str) -> SimFigures {
+    {
         let a = Args {
             nodes: n,
             loss: 0.0,
@@ -525,7 +558,7 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
         };
         let sim = simulate(&a);
         println!(
-            "VALIDATE N={n}: reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+            "VALIDATE N={n} ({how}, {per_message:?} a message): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
             real.reached_all,
             real.trials,
             sim.reached_all,
@@ -545,6 +578,6 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
             sim.busy_bps,
             ratio(sim.busy_bps, real.busy_bps),
         );
+        sim
     }
-    Ok(())
 }
