@@ -133,7 +133,7 @@ async fn node(out: &mut Out, agent: &Agent) {
         out.counter("gossip_failures_detected", "Members this node's failure detector declared down", s.failures_detected);
         out.counters(
             "gossip_suspicions",
-            "Suspicions this node's probes raised, and those its timer turned into a death (the rest were refuted in time)",
+            "Suspicions this node's probes raised (raised), and of those the ones its timer turned into a death (declared_down, a part of raised)",
             vec![(l1("outcome", "raised"), s.suspicions), (l1("outcome", "declared_down"), s.suspicions_to_death)],
         );
         out.counters(

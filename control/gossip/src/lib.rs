@@ -678,8 +678,9 @@ pub struct Stats {
     pub received_bytes: u64,
     /// Members this node's failure detector declared down.
     pub failures_detected: u64,
-    /// Suspicions this node's own probes raised (a timer to declare the member down), and
-    /// those of them its timer turned into a death (the rest were refuted in time).
+    /// Suspicions this node's own probes raised (each member and incarnation once: a
+    /// timer of this node's may declare it down), and those its timer turned into a death
+    /// (the rest were refuted in time, or another node's verdict came first).
     pub suspicions: u64,
     pub suspicions_to_death: u64,
     /// Suspicions of this node that it refuted (its incarnation rose).
@@ -761,6 +762,8 @@ pub struct Gossip {
     /// foca's incarnation of this node when last looked at (a rise: it refuted a suspicion
     /// of itself).
     incarnation: u16,
+    /// foca's count of suspicions raised, as last read (`Stats::suspicions` takes the rest).
+    suspicions_seen: u64,
     /// The latest time an entry point was given (for the calls that are not given one).
     now: Instant,
     /// Joined (or started over), and no peer's view has agreed with ours yet: ask a random
@@ -844,6 +847,7 @@ impl Gossip {
             rtt: None,
             health: Health::default(),
             incarnation: 0,
+            suspicions_seen: 0,
             now,
             want_view: true,
             next_view: now + Duration::from_secs(1),
@@ -1063,7 +1067,10 @@ impl Gossip {
                 self.probes = HashMap::new();
                 self.rt = AccumulatingRuntime::new();
             }
-            "foca" => self.foca = Foca::with_custom_broadcast(self.me.clone(), self.cfg.foca(8), StdRng::seed_from_u64(0), PostcardCodec, Book::default()),
+            "foca" => {
+                self.foca = Foca::with_custom_broadcast(self.me.clone(), self.cfg.foca(8), StdRng::seed_from_u64(0), PostcardCodec, Book::default());
+                self.suspicions_seen = 0;
+            }
             _ => {}
         }
     }
@@ -1092,6 +1099,7 @@ impl Gossip {
                 held.relayed = false;
             }
             self.foca = Foca::with_custom_broadcast(new.clone(), self.cfg.foca(8), StdRng::seed_from_u64(new.gen ^ self.rng.random::<u64>()), PostcardCodec, book);
+            self.suspicions_seen = 0;
             self.timers.clear();
             self.timer_events.clear();
             self.me = new;
@@ -1301,6 +1309,11 @@ impl Gossip {
             }
             self.udp_out(to.addr, frame(KIND_FOCA, &data));
         }
+        // Suspicions this node's probes raised (foca counts them; a new foca, after a
+        // start over, counts from 0).
+        let raised = self.foca.suspicions_raised();
+        self.stats.suspicions += raised.wrapping_sub(self.suspicions_seen);
+        self.suspicions_seen = raised;
         // A refutation of a suspicion of this node: others could not reach it in time.
         let incarnation = self.foca.current_incarnation();
         if incarnation != self.incarnation {
@@ -1312,9 +1325,6 @@ impl Gossip {
         }
         while let Some((after, ev)) = self.rt.to_schedule() {
             let after = self.health.scale(after, &ev);
-            if let Timer::ChangeSuspectToDown { .. } = ev {
-                self.stats.suspicions += 1;
-            }
             self.seq += 1;
             self.timers.push(Reverse((now + after, self.seq)));
             self.timer_events.insert(self.seq, ev);
@@ -1358,6 +1368,10 @@ impl Gossip {
                 }
                 self.alive.insert(id.clone());
                 self.events.push(Event::NodeUp(id.clone()));
+                // A member came up: an anti-entropy round a settling time later, as for
+                // records. In a cluster growing in waves, the few members of a wave that
+                // SWIM's gossip did not bring to every node came at the next round, 10 s on.
+                self.next_ae = self.next_ae.min(now + self.cfg.anti_entropy / 4);
                 // Up at the generation it was declared dead with (this node was cut off and
                 // started over; only it saw the others go): its records are taken again, as
                 // the table takes its entries again (`revive`).

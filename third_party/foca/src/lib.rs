@@ -203,6 +203,8 @@ pub struct Foca<T: Identity, C, RNG, B: BroadcastHandler<T>> {
     // incarnation suspected: each is pinged again every probe round until it is refuted
     // or declared down (see `reprobe_suspects`).
     own_suspects: Vec<(T, Incarnation)>,
+    // swarmnet: see `suspicions_raised`.
+    suspicions_raised: u64,
 }
 
 // swarmnet: the most members one node re-probes as its own suspects at once.
@@ -275,6 +277,7 @@ where
             send_buf: Vec::with_capacity(max_bytes),
             custom_broadcasts: Broadcasts::new(),
             own_suspects: Vec::new(),
+            suspicions_raised: 0,
             broadcast_handler,
         }
     }
@@ -1220,17 +1223,21 @@ where
                         },
                         self.config.suspect_to_down_after,
                     );
+                    // swarmnet: a suspicion this node's timer can end in a death (the
+                    // member is suspect at the incarnation probed), counted once.
                     let own = (failed.id().clone(), failed.incarnation());
-                    if !self.own_suspects.contains(&own)
-                        && self.own_suspects.len() < MAX_OWN_SUSPECTS
-                    {
-                        self.own_suspects.push(own);
+                    let suspected = self.members.get(failed.id()).is_some_and(|m| {
+                        m.state() == State::Suspect && m.incarnation() == failed.incarnation()
+                    });
+                    if suspected && !self.own_suspects.contains(&own) {
+                        self.suspicions_raised = self.suspicions_raised.wrapping_add(1);
+                        if self.own_suspects.len() < MAX_OWN_SUSPECTS {
+                            self.own_suspects.push(own);
+                        }
                     }
                 }
             }
         }
-
-        self.reprobe_suspects(&mut runtime)?;
 
         if let Some(member) = self.members.next(&mut self.rng) {
             let member_id = member.id().clone();
@@ -1260,10 +1267,14 @@ where
             self.config.probe_period,
         );
 
+        // swarmnet: after the round's own probe and its next round are in place, so that a
+        // failure here cannot stop the probing.
+        let reprobed = self.reprobe_suspects(&mut runtime);
+
         if probe_was_incomplete {
             Err(Error::IncompleteProbeCycle)
         } else {
-            Ok(())
+            reprobed
         }
     }
 
@@ -1276,6 +1287,10 @@ where
     // suspicion (the buddy system, in `send_message`) and the member's reply carries its
     // refuting incarnation in its header, straight back to the one that needs it. A member
     // really down does not answer, and its verdict comes no later.
+    //
+    // The ping goes through `send_message` like any other: its answer counts as an answered
+    // probe in swarmnet's wrapper (round trip, local health), and it carries updates as
+    // any message does.
     fn reprobe_suspects(&mut self, mut runtime: impl Runtime<T>) -> Result<()> {
         let members = &self.members;
         self.own_suspects.retain(|(id, incarnation)| {
@@ -1283,13 +1298,25 @@ where
                 .get(id)
                 .is_some_and(|m| m.state() == State::Suspect && m.incarnation() == *incarnation)
         });
+        let mut result = Ok(());
         for i in 0..self.own_suspects.len() {
             let id = self.own_suspects[i].0.clone();
-            // The probe number of the round under way: the ack is not that probe's (it
-            // comes from another member), and only its header matters.
-            self.send_message(id, Message::Ping(self.probe.probe_number()), &mut runtime)?;
+            // The number of the probe under way: the ack completes it only if this member
+            // is its target as well; otherwise only the ack's header matters.
+            let sent =
+                self.send_message(id, Message::Ping(self.probe.probe_number()), &mut runtime);
+            if result.is_ok() {
+                result = sent;
+            }
         }
-        Ok(())
+        result
+    }
+
+    /// swarmnet: suspicions this node's own failed probes raised so far (each member and
+    /// incarnation once; the members already suspect at that incarnation included, since
+    /// this node's timer can now declare them down).
+    pub fn suspicions_raised(&self) -> u64 {
+        self.suspicions_raised
     }
 
     // shortcut for apply + handle
@@ -2839,6 +2866,7 @@ mod tests {
             };
             foca.handle_timer(indirect, &mut runtime)?;
         }
+        assert_eq!(1, foca.suspicions_raised(), "one suspicion, counted once");
         // Its answer (to any ping) carries its new incarnation: refuted.
         let refuting = (
             Header {
@@ -3943,6 +3971,41 @@ mod tests {
                 .is_some(),
             "didn't submit a new probe event"
         );
+    }
+
+    // swarmnet: the re-probe ends with the suspicion's death too.
+    #[test]
+    fn a_suspect_declared_down_is_pinged_no_more() -> Result<()> {
+        let (mut foca, probed, send_indirect_probe) = craft_probing_foca(3, config());
+        let mut runtime = AccumulatingRuntime::new();
+        foca.handle_timer(send_indirect_probe, &mut runtime)?;
+        foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+        assert_eq!(1, foca.suspicions_raised());
+        let target = *foca.probe().target().expect("a probe under way");
+        foca.handle_timer(
+            Timer::ChangeSuspectToDown {
+                member_id: probed,
+                incarnation: Incarnation::default(),
+                token: foca.timer_token(),
+            },
+            &mut runtime,
+        )?;
+        assert_eq!(
+            Some(State::Down),
+            foca.members.get(&probed).map(|m| m.state())
+        );
+        let indirect = Timer::SendIndirectProbe {
+            probed_id: target,
+            token: foca.timer_token(),
+        };
+        foca.handle_timer(indirect, &mut runtime)?;
+        runtime.clear();
+        foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+        assert!(
+            runtime.take_data(probed).is_none(),
+            "nothing sent to a member declared down"
+        );
+        Ok(())
     }
 
     // swarmnet: a suspicion refuted before its timer fires tells the member nothing.
