@@ -733,18 +733,25 @@ where
                         .apply_existing_if(as_down.clone(), |member| {
                             member.incarnation() == incarnation
                         })
-                        // swarmnet: only if it was still under that suspicion. A
-                        // summary comes back for a member refuted since (the
-                        // condition failed), and upstream then sent it `TurnUndead`
-                        // all the same: a live member that had refuted in time was
-                        // told it was down and rejoined under a new identity, which
-                        // the cluster saw as a death (ADR 0034).
-                        .filter(|summary| summary.apply_successful)
                     {
-                        self.handle_apply_summary(summary, as_down, true, &mut runtime)?;
-                        // Member went down we might need to adjust our internal state
-                        self.adjust_connection_state(&mut runtime);
-                        if self.config.notify_down_members {
+                        // swarmnet: a summary comes back for a member refuted since
+                        // (the condition failed), and upstream then sent it
+                        // `TurnUndead` all the same: a live member that had refuted in
+                        // time was told it was down and rejoined under a new identity,
+                        // which the cluster saw as a death (ADR 0034). Only a member
+                        // down now is told so: by this verdict, or by another node's
+                        // that came first (telling it then still speeds a partition's
+                        // healing: it renews at once).
+                        let down_now = self
+                            .members
+                            .get(&member_id)
+                            .is_some_and(|m| m.state() == State::Down);
+                        if summary.apply_successful {
+                            self.handle_apply_summary(summary, as_down, true, &mut runtime)?;
+                            // Member went down we might need to adjust our internal state
+                            self.adjust_connection_state(&mut runtime);
+                        }
+                        if down_now && self.config.notify_down_members {
                             // As a courtesy, we send a lightweight message to the member
                             // we're declaring down so that if it manages to receive it,
                             // it can react accordingly
@@ -4005,6 +4012,34 @@ mod tests {
             runtime.take_data(probed).is_none(),
             "nothing sent to a member declared down"
         );
+        Ok(())
+    }
+
+    // swarmnet: a member another node declared down first is still told so when this
+    // node's timer fires (it renews at once: a partition heals sooner).
+    #[test]
+    fn a_timer_on_a_member_already_down_still_tells_it() -> Result<()> {
+        let config = {
+            let mut c = Config::simple();
+            c.notify_down_members = true;
+            c
+        };
+        let (mut foca, probed, send_indirect_probe) = craft_probing_foca(2, config);
+        let mut runtime = AccumulatingRuntime::new();
+        foca.handle_timer(send_indirect_probe, &mut runtime)?;
+        foca.handle_timer(Timer::ProbeRandomMember(foca.timer_token()), &mut runtime)?;
+        foca.apply(Member::down(probed), &mut runtime)?;
+        runtime.clear();
+        foca.handle_timer(
+            Timer::ChangeSuspectToDown {
+                member_id: probed,
+                incarnation: Incarnation::default(),
+                token: foca.timer_token(),
+            },
+            &mut runtime,
+        )?;
+        reject_notification!(runtime, Notification::MemberDown(&probed));
+        expect_message!(runtime, probed, Message::<ID>::TurnUndead);
         Ok(())
     }
 
