@@ -535,49 +535,47 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Resul
 
 /// One simulated run beside the real figures, both printed.
 fn validate_one(n: usize, trials: usize, idle: Duration, per_message: Duration, real: &gossip_real::Figures, how: &str) -> SimFigures {
-    {
-        let a = Args {
-            nodes: n,
-            loss: 0.0,
-            latency_ms: (0.02, 0.05),
-            cpu: Cpu::Shared(2),
-            sealed: true,
-            trials,
-            pace: Duration::from_secs(1),
-            idle,
-            limit: Duration::from_secs(300),
-            budget: Duration::from_secs(3600),
-            max_heap: 8 << 30,
-            per_message,
-            cfg: Config::default(),
-            seed: 1,
-            rejoin_endpoints: 0,
-            faults: Vec::new(),
-            heap_breakdown: false,
-            join_waves: 1,
-        };
-        let sim = simulate(&a);
-        println!(
-            "VALIDATE N={n} ({how}, {per_message:?} a message): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
-            real.reached_all,
-            real.trials,
-            sim.reached_all,
-            real.converged_s,
-            sim.converged_s.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "none".into()),
-            ratio(sim.converged_s.unwrap_or(f64::NAN), real.converged_s),
-            real.p50_ms,
-            sim.p50_ms,
-            ratio(sim.p50_ms, real.p50_ms),
-            real.p99_ms,
-            sim.p99_ms,
-            ratio(sim.p99_ms, real.p99_ms),
-            real.idle_bps,
-            sim.idle_bps,
-            ratio(sim.idle_bps, real.idle_bps),
-            real.busy_bps,
-            sim.busy_bps,
-            ratio(sim.busy_bps, real.busy_bps),
-        );
-        sim
-    }
+    let a = Args {
+        nodes: n,
+        loss: 0.0,
+        latency_ms: (0.02, 0.05),
+        cpu: Cpu::Shared(2),
+        sealed: true,
+        trials,
+        pace: Duration::from_secs(1),
+        idle,
+        limit: Duration::from_secs(300),
+        budget: Duration::from_secs(3600),
+        max_heap: 8 << 30,
+        per_message,
+        cfg: Config::default(),
+        seed: 1,
+        rejoin_endpoints: 0,
+        faults: Vec::new(),
+        heap_breakdown: false,
+        join_waves: 1,
+    };
+    let sim = simulate(&a);
+    println!(
+        "VALIDATE N={n} ({how}, {per_message:?} a message): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+        real.reached_all,
+        real.trials,
+        sim.reached_all,
+        real.converged_s,
+        sim.converged_s.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "none".into()),
+        ratio(sim.converged_s.unwrap_or(f64::NAN), real.converged_s),
+        real.p50_ms,
+        sim.p50_ms,
+        ratio(sim.p50_ms, real.p50_ms),
+        real.p99_ms,
+        sim.p99_ms,
+        ratio(sim.p99_ms, real.p99_ms),
+        real.idle_bps,
+        sim.idle_bps,
+        ratio(sim.idle_bps, real.idle_bps),
+        real.busy_bps,
+        sim.busy_bps,
+        ratio(sim.busy_bps, real.busy_bps),
+    );
+    sim
 }
