@@ -12,8 +12,11 @@
 //! `cargo xtask bench gossip` runs the real server), the real time the real code took for
 //! each packet and timer (its sealing and opening included when `sealed`) is charged in
 //! virtual time: a node does one thing at a time, the machine K at once, and what it sends
-//! leaves when it is done. That is what lets the simulator be checked against the real
-//! processes' figures.
+//! leaves when it is done. Two measured costs of the system come on top (see `swarmnet-sim`'s
+//! calibration): each datagram sent or received ([`NetModel::per_message`]), and the wake-up
+//! of a parked worker when something arrives while a core is idle ([`NetModel::wake`]); a
+//! busy runtime takes the next message without one. That is what lets the simulator be
+//! checked against the real processes' figures.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -39,15 +42,19 @@ pub struct NetModel {
     /// that its cost is charged too.
     pub sealed: bool,
     /// What the system costs a node per message sent and per message received, beyond its
-    /// own code (the send and receive calls, the runtime waking its task): charged with
-    /// the work when the CPU is modelled. Measured, not guessed: see `swarmnet-sim`'s
-    /// calibration.
+    /// own code (the send and receive calls and the runtime's share, on a busy runtime):
+    /// charged with the work when the CPU is modelled. Measured, not guessed: see
+    /// `swarmnet-sim`'s calibration.
     pub per_message: Duration,
+    /// How long a parked worker takes to start on what arrives (a packet, a timer) while a
+    /// core is idle: a delay before the work, charged when the CPU is modelled. A node that
+    /// is busy, or a machine whose cores all are, takes it without one.
+    pub wake: Duration,
 }
 
 impl Default for NetModel {
     fn default() -> Self {
-        NetModel { latency: (Duration::from_micros(200), Duration::from_micros(200)), loss: 0.0, mtu: 1400, cpu: Cpu::Free, sealed: false, per_message: Duration::ZERO }
+        NetModel { latency: (Duration::from_micros(200), Duration::from_micros(200)), loss: 0.0, mtu: 1400, cpu: Cpu::Free, sealed: false, per_message: Duration::ZERO, wake: Duration::ZERO }
     }
 }
 
@@ -286,12 +293,19 @@ impl Sim {
     }
 
     /// When node `i` can start on something that arrives at `t`: once its own work is done
-    /// and (shared cores) a core is free.
+    /// and (shared cores) a core is free. What finds the node idle and a core idle waits
+    /// for a worker to wake up; a node still at work, or a machine whose cores are all
+    /// busy, takes it as soon as it is free, with no wake-up.
     fn ready_at(&self, i: usize, t: Instant) -> Instant {
-        match self.model.cpu {
-            Cpu::Free => t,
-            Cpu::PerNode => t.max(self.busy[i]),
-            Cpu::Shared(_) => t.max(self.busy[i]).max(self.cores.peek().map(|Reverse(c)| *c).unwrap_or(t)),
+        let core = match self.model.cpu {
+            Cpu::Free => return t,
+            Cpu::PerNode => t,
+            Cpu::Shared(_) => self.cores.peek().map_or(t, |Reverse(c)| *c),
+        };
+        if self.busy[i] > t || core > t {
+            self.busy[i].max(core).max(t)
+        } else {
+            t + self.model.wake
         }
     }
 
@@ -689,6 +703,29 @@ mod tests {
         let took = s.run_until(Duration::from_secs(30), Duration::from_micros(100), |s| s.nodes.iter().all(|g| g.table().get("net", "t0").is_some())).expect("the change reached every node");
         // 29 sealed datagrams leave one after another, then each is opened on the one core.
         assert!(took > Duration::from_micros(200), "the work took virtual time: {took:?} after {:?}", s.now - start);
+    }
+
+    #[test]
+    fn a_wake_up_is_charged_only_when_the_node_and_a_core_are_idle() {
+        let ms = Duration::from_millis;
+        let model = NetModel { cpu: Cpu::Shared(1), wake: ms(1), ..NetModel::default() };
+        let mut s = Sim::new(2, Config::default(), model, 1);
+        let t = s.now + Duration::from_secs(1);
+        assert_eq!(s.ready_at(0, t), t + ms(1), "an idle machine wakes a worker");
+        // The one core at another node's work until t + 3 ms: no wake-up, the core's turn.
+        s.cores.clear();
+        s.cores.push(Reverse(t + ms(3)));
+        assert_eq!(s.ready_at(0, t), t + ms(3));
+        // The node itself still at work, a core free: its own turn.
+        s.cores.clear();
+        s.cores.push(Reverse(t));
+        s.busy[1] = t + ms(2);
+        assert_eq!(s.ready_at(1, t), t + ms(2));
+        // Nothing is charged without a CPU model.
+        let mut free = Sim::new(2, Config::default(), NetModel { wake: ms(1), ..NetModel::default() }, 1);
+        let t = free.now + Duration::from_secs(1);
+        free.busy[0] = t + ms(5);
+        assert_eq!(free.ready_at(0, t), t);
     }
 
     #[test]

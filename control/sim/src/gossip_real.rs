@@ -175,7 +175,7 @@ fn label(sealed: bool) -> &'static str {
 
 /// The CPU time this process has used (user and system), from `/proc/self/stat` (None
 /// where it cannot be read).
-fn cpu_time() -> Option<Duration> {
+pub fn cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The fields after the command's closing parenthesis: utime and stime are the 12th and
     // 13th there, in clock ticks (100 a second on Linux).

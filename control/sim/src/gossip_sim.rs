@@ -42,8 +42,10 @@ pub struct Args {
     pub budget: Duration,
     /// Most heap the run may hold (bytes); past it, the same.
     pub max_heap: usize,
-    /// What the system costs per message sent or received (see [`calibrate`]).
+    /// What the system costs per datagram sent or received (see [`calibrate`]).
     pub per_message: Duration,
+    /// What an idle runtime adds before it starts on something (see [`Costs::wake`]).
+    pub wake: Duration,
     /// The nodes' gossip settings (the agent's defaults unless overridden).
     pub cfg: Config,
     pub seed: u64,
@@ -79,9 +81,6 @@ pub struct SimFigures {
     pub real_s: f64,
     /// The real-time budget ran out: what follows it was not measured.
     pub out_of_budget: bool,
-    /// Real time in the nodes' code per message sent or received, with the sealing and the
-    /// `per_message` charged, in microseconds.
-    pub work_per_message_us: f64,
 }
 
 /// Per node per second, in bytes.
@@ -115,8 +114,11 @@ pub fn simulate(a: &Args) -> SimFigures {
     let real = Instant::now();
     let n = a.nodes;
     let ms = |x: f64| Duration::from_micros((x * 1000.0) as u64);
-    let model = NetModel { latency: (ms(a.latency_ms.0), ms(a.latency_ms.1)), loss: a.loss, cpu: a.cpu, sealed: a.sealed, per_message: a.per_message, ..NetModel::default() };
-    println!("gossip-sim: {n} nodes, latency {:?}..{:?}, loss {}, cpu {:?} ({:?} a message), sealed {}, seed {}", model.latency.0, model.latency.1, a.loss, a.cpu, a.per_message, a.sealed, a.seed);
+    let model = NetModel { latency: (ms(a.latency_ms.0), ms(a.latency_ms.1)), loss: a.loss, cpu: a.cpu, sealed: a.sealed, per_message: a.per_message, wake: a.wake, ..NetModel::default() };
+    println!(
+        "gossip-sim: {n} nodes, latency {:?}..{:?}, loss {}, cpu {:?} ({:?} a datagram, {:?} a wake-up), sealed {}, seed {}",
+        model.latency.0, model.latency.1, a.loss, a.cpu, a.per_message, a.wake, a.sealed, a.seed
+    );
     let mut f = SimFigures { p50_ms: f64::NAN, p99_ms: f64::NAN, ..SimFigures::default() };
     let heap0 = alloc::current();
     alloc::reset_peak();
@@ -269,8 +271,6 @@ pub fn simulate(a: &Args) -> SimFigures {
     println!("while changing: {:.0} bytes per node per second; stream syncs in flight at most {} (all run)", f.busy_bps, s.max_streams);
     println!("network: {:?}; real time in the nodes' code {:.1} s", s.net, s.work.as_secs_f64());
     let sum = |f: fn(&swarmnet_gossip::Stats) -> u64| s.nodes.iter().map(|g| f(&g.stats)).sum::<u64>();
-    let messages = sum(|x| x.udp_sent) + sum(|x| x.received);
-    f.work_per_message_us = s.work.as_secs_f64() * 1e6 / messages.max(1) as f64;
     println!(
         "members declared down {}; pushes sent again {}, given up {}, held back by the budget {}; exchanges deferred (max_syncs) {}, views withheld (full_replies_per_sec) {}",
         sum(|x| x.failures_detected),
@@ -468,15 +468,67 @@ fn faults(s: &mut Sim, which: &[String]) {
     s.model.loss = loss;
 }
 
-/// What one message costs a node beyond the gossip code, measured here the way the real
-/// server handles it: two tokio UDP sockets on loopback on a runtime of 2 worker threads
-/// play ping-pong; half a round trip, less the kernel's loopback delivery (modelled apart as
-/// latency, and small), is one send, one receive and the wake-ups between them.
-pub fn calibrate() -> anyhow::Result<Duration> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+/// What the system costs beyond the gossip code, measured on a runtime like the real
+/// server's: `workers` tokio workers, UDP sockets on loopback.
+#[derive(Clone, Copy, Debug)]
+pub struct Costs {
+    /// CPU time a datagram sent, or one received, takes on a busy runtime (half of what a
+    /// datagram takes from its send to its receipt).
+    pub per_message: Duration,
+    /// What an idle runtime adds to a message: half a ping-pong's round trip (one datagram
+    /// each way at a time, so each finds the runtime parked), less a datagram's CPU time.
+    pub wake: Duration,
+}
+
+/// Measures [`Costs`]. First busy: 16 pairs of sockets, each echoing 8 datagrams in flight
+/// for 1.5 s, the process's CPU time over the datagrams; then the same pair one datagram at
+/// a time.
+pub fn calibrate(workers: usize) -> anyhow::Result<Costs> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers.max(1)).enable_all().build()?;
     rt.block_on(async {
-        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let a = UdpSocket::bind("127.0.0.1:0").await?;
+            let b = UdpSocket::bind("127.0.0.1:0").await?;
+            let (aa, ba) = (a.local_addr()?, b.local_addr()?);
+            tasks.push(tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok((k, _)) = b.recv_from(&mut buf).await {
+                    let _ = b.send_to(&buf[..k], aa).await;
+                }
+            }));
+            let done = done.clone();
+            tasks.push(tokio::spawn(async move {
+                let msg = [7u8; 200];
+                for _ in 0..8 {
+                    let _ = a.send_to(&msg, ba).await;
+                }
+                let mut buf = [0u8; 512];
+                while a.recv_from(&mut buf).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    let _ = a.send_to(&msg, ba).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (d0, c0) = (done.load(Ordering::Relaxed), gossip_real::cpu_time());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (d1, c1) = (done.load(Ordering::Relaxed), gossip_real::cpu_time());
+        for t in &tasks {
+            t.abort();
+        }
+        let cpu = c1.zip(c0).map(|(c1, c0)| c1.saturating_sub(c0)).ok_or_else(|| anyhow::anyhow!("calibration: cannot read this process's CPU time"))?;
+        // Each echo answered is two datagrams, each a send and a receive.
+        let sends_and_receives = 4 * d1.saturating_sub(d0);
+        anyhow::ensure!(sends_and_receives > 0, "calibration: no datagram came back on loopback");
+        let per_message = cpu / u32::try_from(sends_and_receives).unwrap_or(u32::MAX);
+
+        let a = UdpSocket::bind("127.0.0.1:0").await?;
+        let b = UdpSocket::bind("127.0.0.1:0").await?;
         let (aa, ba) = (a.local_addr()?, b.local_addr()?);
         const ROUNDS: usize = 5000;
         let echo = tokio::spawn(async move {
@@ -496,8 +548,8 @@ pub fn calibrate() -> anyhow::Result<Duration> {
         }
         let rtt = t.elapsed() / ROUNDS as u32;
         echo.await??;
-        // Two messages each way make a round trip: a send and a receive on each side.
-        Ok(rtt / 2)
+        // Half a round trip is one datagram: a send, a receive and the wake-up between.
+        Ok(Costs { per_message, wake: (rtt / 2).saturating_sub(2 * per_message) })
     })
 }
 
@@ -509,37 +561,31 @@ fn ratio(sim: f64, real: f64) -> String {
     }
 }
 
-/// The real processes and the simulator (sealed, every node on 2 shared cores, loopback
-/// latency) at each size, and how far apart their figures are.
-pub fn validate(sizes: &[usize], trials: usize, idle: Duration) -> anyhow::Result<()> {
-    let ping_pong = calibrate()?;
-    println!("calibrated: {ping_pong:?} a message (a send, a receive, the wake-ups)");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+/// The real processes and the simulator (sealed, every node on `cores` shared cores,
+/// loopback latency) at each size, and how far apart their figures are. The real
+/// instances run on as many tokio workers; on a machine with more cores than that, pin the
+/// process to `cores` of them (`taskset`).
+pub fn validate(sizes: &[usize], trials: usize, idle: Duration, cores: usize) -> anyhow::Result<()> {
+    let costs = calibrate(cores)?;
+    println!("calibrated on {cores} workers: {:?} a datagram sent or received (busy), {:?} a wake-up", costs.per_message, costs.wake);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cores.max(1)).enable_all().build()?;
     for (k, &n) in sizes.iter().enumerate() {
         let real = rt.block_on(gossip_real::dissemination(n, trials, 21000 + 1000 * k as u16, idle, true))?;
-        // First with the ping-pong's cost a message; then with what the real instances
-        // spent a message while idle (their CPU time over the messages they sent and
-        // received), less what the simulator already charges for the nodes' own code.
-        let sim = validate_one(n, trials, idle, ping_pong, &real, "ping-pong calibration");
         if let Some(cpu) = real.cpu_per_message_us {
-            // The simulator's time a message includes the cost it charged (per send and
-            // per receive): what is left is the nodes' code, sealing included.
-            let code = (sim.work_per_message_us - ping_pong.as_secs_f64() * 1e6).max(0.0);
-            let rest = (cpu - code).max(0.0);
-            println!("N={n}: the real instances spent {cpu:.1} us a message idle; the nodes' code {code:.1} us of it: {rest:.1} us charged a message");
-            validate_one(n, trials, idle, Duration::from_nanos((rest * 1000.0) as u64), &real, "in-run calibration");
+            println!("N={n}: idle, the real instances spent {cpu:.1} us of CPU a datagram sent or received (their timers and wake-ups included)");
         }
+        validate_one(n, trials, idle, costs, cores, &real);
     }
     Ok(())
 }
 
 /// One simulated run beside the real figures, both printed.
-fn validate_one(n: usize, trials: usize, idle: Duration, per_message: Duration, real: &gossip_real::Figures, how: &str) -> SimFigures {
+fn validate_one(n: usize, trials: usize, idle: Duration, costs: Costs, cores: usize, real: &gossip_real::Figures) -> SimFigures {
     let a = Args {
         nodes: n,
         loss: 0.0,
         latency_ms: (0.02, 0.05),
-        cpu: Cpu::Shared(2),
+        cpu: Cpu::Shared(cores.max(1)),
         sealed: true,
         trials,
         pace: Duration::from_secs(1),
@@ -547,7 +593,8 @@ fn validate_one(n: usize, trials: usize, idle: Duration, per_message: Duration, 
         limit: Duration::from_secs(300),
         budget: Duration::from_secs(3600),
         max_heap: 8 << 30,
-        per_message,
+        per_message: costs.per_message,
+        wake: costs.wake,
         cfg: Config::default(),
         seed: 1,
         rejoin_endpoints: 0,
@@ -557,7 +604,9 @@ fn validate_one(n: usize, trials: usize, idle: Duration, per_message: Duration, 
     };
     let sim = simulate(&a);
     println!(
-        "VALIDATE N={n} ({how}, {per_message:?} a message): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+        "VALIDATE N={n} ({cores} cores, {:?} a datagram, {:?} a wake-up): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+        costs.per_message,
+        costs.wake,
         real.reached_all,
         real.trials,
         sim.reached_all,

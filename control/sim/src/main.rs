@@ -92,16 +92,24 @@ enum Cmd {
         /// Most heap for one size, GiB; past it, the same.
         #[arg(long, default_value_t = 12)]
         max_heap_gib: usize,
-        /// What the system costs per message, microseconds (default: measured here when
-        /// the CPU is modelled, else 0).
+        /// What the system costs per datagram sent or received, microseconds (default:
+        /// measured here when the CPU is modelled, else 0).
         #[arg(long)]
         per_message_us: Option<f64>,
+        /// What an idle runtime adds before it starts on something, microseconds (default:
+        /// measured here when the CPU is modelled, else 0).
+        #[arg(long)]
+        wake_us: Option<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Instead: the real processes and the simulator side by side at these sizes
-        /// (comma-separated), sealed, on 2 shared cores.
+        /// (comma-separated), sealed, on `--cores` shared cores.
         #[arg(long)]
         validate: Option<String>,
+        /// With `--validate`: tokio workers for the real instances, and cores modelled
+        /// (pin the process to as many with `taskset` where the machine has more).
+        #[arg(long, default_value_t = 2)]
+        cores: usize,
         /// After the trials, every node publishes its share of this many endpoints (at
         /// most 64 a node) and one node restarts and rejoins the network (0: skipped).
         #[arg(long, default_value_t = 10000)]
@@ -216,8 +224,10 @@ fn main() -> anyhow::Result<()> {
             budget_secs,
             max_heap_gib,
             per_message_us,
+            wake_us,
             seed,
             validate,
+            cores,
             rejoin_endpoints,
             faults,
             fault_phases,
@@ -228,7 +238,10 @@ fn main() -> anyhow::Result<()> {
             suspect_ms,
         } => {
             if let Some(v) = validate {
-                return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs));
+                if cores == 0 {
+                    anyhow::bail!("--cores 0: at least 1");
+                }
+                return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs), cores);
             }
             let phases: Vec<String> = fault_phases.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
             if let Some(bad) = phases.iter().find(|p| !gossip_sim::FAULTS.contains(&p.as_str())) {
@@ -243,11 +256,18 @@ fn main() -> anyhow::Result<()> {
             }
             let latency_ms = latency_range(&latency_ms)?;
             let cpu = cpu(&c)?;
-            let per_message = match per_message_us {
-                Some(us) if us >= 0.0 => Duration::from_nanos((us * 1000.0) as u64),
-                Some(us) => anyhow::bail!("--per-message-us {us}: not negative"),
-                None if cpu == swarmnet_gossip::sim::Cpu::Free => Duration::ZERO,
-                None => gossip_sim::calibrate()?,
+            let us = |flag: &str, v: f64| if v >= 0.0 { Ok(Duration::from_nanos((v * 1000.0) as u64)) } else { Err(anyhow::anyhow!("{flag} {v}: not negative")) };
+            let (per_message, wake) = match (per_message_us, wake_us) {
+                (Some(p), Some(w)) => (us("--per-message-us", p)?, us("--wake-us", w)?),
+                _ if cpu == swarmnet_gossip::sim::Cpu::Free => (Duration::ZERO, Duration::ZERO),
+                (p, w) => {
+                    let k = match cpu {
+                        swarmnet_gossip::sim::Cpu::Shared(k) => k,
+                        _ => 1,
+                    };
+                    let c = gossip_sim::calibrate(k)?;
+                    (p.map_or(Ok(c.per_message), |p| us("--per-message-us", p))?, w.map_or(Ok(c.wake), |w| us("--wake-us", w))?)
+                }
             };
             let mut gcfg = swarmnet_gossip::Config::default();
             let ms = Duration::from_millis;
@@ -272,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                     budget: Duration::from_secs(budget_secs),
                     max_heap: max_heap_gib << 30,
                     per_message,
+                    wake,
                     seed,
                     rejoin_endpoints,
                     faults: faults.clone(),
