@@ -295,7 +295,8 @@ async fn send_stream(from: Option<std::net::IpAddr>, to: SocketAddr, frames: Vec
     let r = tokio::time::timeout(Duration::from_secs(3), async {
         let sock = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == to.is_ipv4()) {
-            // Many streams to the same peers: ports in TIME_WAIT are taken again.
+            // Many streams to the same peers: a source port whose last connection to this
+            // peer is in TIME_WAIT may serve a new one.
             sock.set_reuseaddr(true)?;
             bind_address_no_port(&sock, to);
             sock.bind(SocketAddr::new(ip, 0))?;

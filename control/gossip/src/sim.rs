@@ -47,8 +47,9 @@ pub struct NetModel {
     /// `swarmnet-sim`'s calibration.
     pub per_message: Duration,
     /// How long a parked worker takes to start on what arrives (a packet, a timer) while a
-    /// core is idle: a delay before the work, charged when the CPU is modelled. A node that
-    /// is busy, or a machine whose cores all are, takes it without one.
+    /// core is idle: charged when the CPU is modelled, before the work and on the core that
+    /// takes it (what arrives meanwhile waits for that worker too). A node that is busy, or
+    /// a machine whose cores all are, takes it without one.
     pub wake: Duration,
 }
 

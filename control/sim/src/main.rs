@@ -107,9 +107,10 @@ enum Cmd {
         #[arg(long)]
         validate: Option<String>,
         /// With `--validate`: tokio workers for the real instances, and cores modelled
-        /// (pin the process to as many with `taskset` where the machine has more).
-        #[arg(long, default_value_t = 2)]
-        cores: usize,
+        /// (pin the process to as many with `taskset` where the machine has more) [default:
+        /// 2].
+        #[arg(long)]
+        cores: Option<usize>,
         /// After the trials, every node publishes its share of this many endpoints (at
         /// most 64 a node) and one node restarts and rejoins the network (0: skipped).
         #[arg(long, default_value_t = 10000)]
@@ -238,10 +239,17 @@ fn main() -> anyhow::Result<()> {
             suspect_ms,
         } => {
             if let Some(v) = validate {
+                if per_message_us.is_some() || wake_us.is_some() {
+                    anyhow::bail!("--validate measures its costs: --per-message-us and --wake-us go without it");
+                }
+                let cores = cores.unwrap_or(2);
                 if cores == 0 {
                     anyhow::bail!("--cores 0: at least 1");
                 }
                 return gossip_sim::validate(&sizes(&v)?, trials, Duration::from_secs(idle_secs), cores);
+            }
+            if cores.is_some() {
+                anyhow::bail!("--cores goes with --validate (the simulator alone models cores with --cpu shared:K)");
             }
             let phases: Vec<String> = fault_phases.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
             if let Some(bad) = phases.iter().find(|p| !gossip_sim::FAULTS.contains(&p.as_str())) {
@@ -256,17 +264,27 @@ fn main() -> anyhow::Result<()> {
             }
             let latency_ms = latency_range(&latency_ms)?;
             let cpu = cpu(&c)?;
-            let us = |flag: &str, v: f64| if v >= 0.0 { Ok(Duration::from_nanos((v * 1000.0) as u64)) } else { Err(anyhow::anyhow!("{flag} {v}: not negative")) };
-            let (per_message, wake) = match (per_message_us, wake_us) {
-                (Some(p), Some(w)) => (us("--per-message-us", p)?, us("--wake-us", w)?),
+            let us = |flag: &str, v: Option<f64>| match v {
+                Some(v) if v >= 0.0 => Ok(Some(Duration::from_nanos((v * 1000.0) as u64))),
+                Some(v) => Err(anyhow::anyhow!("{flag} {v}: not negative")),
+                None => Ok(None),
+            };
+            let (p, w) = (us("--per-message-us", per_message_us)?, us("--wake-us", wake_us)?);
+            let (per_message, wake) = match (p, w) {
+                _ if cpu == swarmnet_gossip::sim::Cpu::Free && (p.is_some() || w.is_some()) => {
+                    anyhow::bail!("--per-message-us and --wake-us are charged with --cpu per-node or shared:K only (--cpu free charges nothing)")
+                }
                 _ if cpu == swarmnet_gossip::sim::Cpu::Free => (Duration::ZERO, Duration::ZERO),
+                (Some(p), Some(w)) => (p, w),
                 (p, w) => {
+                    // Measured on a runtime of as many workers as cores modelled (per-node:
+                    // each node's machine runs it alone, on one).
                     let k = match cpu {
                         swarmnet_gossip::sim::Cpu::Shared(k) => k,
                         _ => 1,
                     };
                     let c = gossip_sim::calibrate(k)?;
-                    (p.map_or(Ok(c.per_message), |p| us("--per-message-us", p))?, w.map_or(Ok(c.wake), |w| us("--wake-us", w))?)
+                    (p.unwrap_or(c.per_message), w.unwrap_or(c.wake))
                 }
             };
             let mut gcfg = swarmnet_gossip::Config::default();
