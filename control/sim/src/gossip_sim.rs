@@ -81,6 +81,9 @@ pub struct SimFigures {
     pub real_s: f64,
     /// The real-time budget ran out: what follows it was not measured.
     pub out_of_budget: bool,
+    /// Real time in the nodes' code per datagram sent or received during the trials, the
+    /// system's costs charged included (none charged: the code alone), in microseconds.
+    pub trial_work_per_message_us: f64,
 }
 
 /// Per node per second, in bytes.
@@ -237,7 +240,8 @@ pub fn simulate(a: &Args) -> SimFigures {
     }
 
     let mut rng = gossip_real::OWNERS_SEED;
-    let (b0, t0) = (s.bytes_sent(), s.now);
+    let datagrams = |s: &Sim| s.nodes.iter().map(|g| g.stats.udp_sent + g.stats.received).sum::<u64>();
+    let (b0, t0, work0, d0) = (s.bytes_sent(), s.now, s.work, datagrams(&s));
     let mut took = Vec::new();
     for k in 0..a.trials {
         if over(&mut f) {
@@ -255,6 +259,7 @@ pub fn simulate(a: &Args) -> SimFigures {
         s.run_for(a.pace.saturating_sub(s.now - start));
     }
     let changing = s.now - t0;
+    f.trial_work_per_message_us = (s.work - work0).as_secs_f64() * 1e6 / datagrams(&s).saturating_sub(d0).max(1) as f64;
     f.reached_all = took.len();
     f.p50_ms = pct(&mut took.clone(), 50.0);
     f.p99_ms = pct(&mut took, 99.0);
@@ -571,7 +576,9 @@ fn ratio(sim: f64, real: f64) -> String {
 }
 
 /// The real processes and the simulator (sealed, every node on `cores` shared cores,
-/// loopback latency) at each size, and how far apart their figures are. The real
+/// loopback latency) at each size, and how far apart their figures are: the simulator
+/// charging the code alone, then the sockets' measured costs ([`calibrate`]), then what
+/// a datagram cost the real server in a burst less the code's share. The real
 /// instances run on as many tokio workers; on a machine with more cores than that, pin the
 /// process to `cores` of them (`taskset`).
 pub fn validate(sizes: &[usize], trials: usize, idle: Duration, cores: usize) -> anyhow::Result<()> {
@@ -583,13 +590,24 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration, cores: usize) ->
         if let Some(cpu) = real.cpu_per_message_us {
             println!("N={n}: idle, the real instances spent {cpu:.1} us of CPU a datagram sent or received (their timers and wake-ups included)");
         }
-        validate_one(n, trials, idle, costs, cores, &real);
+        // The code alone, then the sockets' costs; then what the real server's datagram
+        // cost in a burst, less the code's share, as the system's cost a datagram.
+        let code = validate_one(n, trials, idle, Costs { per_message: Duration::ZERO, wake: Duration::ZERO }, cores, &real, "the code alone");
+        validate_one(n, trials, idle, costs, cores, &real, "the sockets' costs");
+        match real.burst_cpu_per_message_us {
+            Some(burst) => {
+                let rest = (burst - code.trial_work_per_message_us).max(0.0);
+                println!("N={n}: in a burst, the real server spent {burst:.1} us of CPU a datagram sent or received; the code {:.1} us of it: {rest:.1} us charged", code.trial_work_per_message_us);
+                validate_one(n, trials, idle, Costs { per_message: Duration::from_nanos((rest * 1000.0) as u64), wake: costs.wake }, cores, &real, "the burst's cost");
+            }
+            None => println!("N={n}: the burst's CPU time could not be read"),
+        }
     }
     Ok(())
 }
 
 /// One simulated run beside the real figures, both printed.
-fn validate_one(n: usize, trials: usize, idle: Duration, costs: Costs, cores: usize, real: &gossip_real::Figures) -> SimFigures {
+fn validate_one(n: usize, trials: usize, idle: Duration, costs: Costs, cores: usize, real: &gossip_real::Figures, how: &str) -> SimFigures {
     let a = Args {
         nodes: n,
         loss: 0.0,
@@ -614,7 +632,7 @@ fn validate_one(n: usize, trials: usize, idle: Duration, costs: Costs, cores: us
     };
     let sim = simulate(&a);
     println!(
-        "VALIDATE N={n} ({cores} cores, {:?} a datagram, {:?} a wake-up): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
+        "VALIDATE N={n} ({how}: {cores} cores, {:?} a datagram, {:?} a wake-up): reached all real {}/{} sim {}/{trials}; converged real {:.2} s sim {} ({}); change p50 real {:.1} ms sim {:.1} ms ({}), p99 real {:.1} ms sim {:.1} ms ({}); idle real {:.0} sim {:.0} B/node/s ({}); changing real {:.0} sim {:.0} B/node/s ({})",
         costs.per_message,
         costs.wake,
         real.reached_all,
