@@ -185,7 +185,9 @@ pub fn cpu_time() -> Option<Duration> {
     Some(d(u.user_time()) + d(u.system_time()))
 }
 
-pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, sealed: bool) -> Result<Figures> {
+/// `burst`: after the trials, also measure a datagram's CPU cost in a burst (for
+/// `--validate`; at a thousand instances on one core the burst is a storm of its own).
+pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, sealed: bool, burst: bool) -> Result<Figures> {
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let downs = Arc::new(Mutex::new(HashMap::new()));
     let (hs, converged) = start_cluster(n, base, &seen, &downs, sealed).await?;
@@ -238,19 +240,23 @@ pub async fn dissemination(n: usize, trials: usize, base: u16, idle: Duration, s
     // A burst: a change at every instance at once, so that every push and ack is in flight
     // together and the runtime has no time to park. What a datagram costs then (the code's
     // share included) is measured by CPU time, not by how long anything took.
-    let idle_rate = (idle_cpu.unwrap_or(0.0), idle_messages as f64 / idle.as_secs_f64());
-    let (m0, seen0, c0, t0) = (messages(&hs).await?, seen.lock().unwrap_or_else(|p| p.into_inner()).len(), cpu_time(), Instant::now());
-    for (i, h) in hs.iter().enumerate() {
-        h.send(Cmd::Set(Box::new(ep(trials + i))))?;
-    }
-    while seen.lock().unwrap_or_else(|p| p.into_inner()).len() < seen0 + n * n && t0.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    // The last acknowledgements.
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let (c1, w) = (cpu_time(), t0.elapsed().as_secs_f64());
-    let burst_messages = messages(&hs).await?.saturating_sub(m0) as f64 - idle_rate.1 * w;
-    let burst_cpu_per_message_us = c1.zip(c0).filter(|_| burst_messages > 0.0).map(|(c1, c0)| (c1.saturating_sub(c0).as_secs_f64() - idle_rate.0 * w) * 1e6 / burst_messages);
+    let burst_cpu_per_message_us = if burst {
+        let idle_rate = (idle_cpu.unwrap_or(0.0), idle_messages as f64 / idle.as_secs_f64());
+        let (m0, seen0, c0, t0) = (messages(&hs).await?, seen.lock().unwrap_or_else(|p| p.into_inner()).len(), cpu_time(), Instant::now());
+        for (i, h) in hs.iter().enumerate() {
+            h.send(Cmd::Set(Box::new(ep(trials + i))))?;
+        }
+        while seen.lock().unwrap_or_else(|p| p.into_inner()).len() < seen0 + n * n && t0.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The last acknowledgements.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (c1, w) = (cpu_time(), t0.elapsed().as_secs_f64());
+        let burst_messages = messages(&hs).await?.saturating_sub(m0) as f64 - idle_rate.1 * w;
+        c1.zip(c0).filter(|_| burst_messages > 0.0).map(|(c1, c0)| (c1.saturating_sub(c0).as_secs_f64() - idle_rate.0 * w) * 1e6 / burst_messages)
+    } else {
+        None
+    };
     println!(
         "RESULT swarmnet {} N={n} trials={trials} reached-all={}/{trials} p50={:.1} ms p99={:.1} ms max={:.1} ms payload bytes/node/s: broadcasting {:.0}, idle {:.0}; per broadcast above idle {:.0} B/node",
         label(sealed),
@@ -384,7 +390,7 @@ pub fn bench_gossip_seal(n: usize, trials: usize, rounds: usize) -> Result<()> {
     rt.block_on(async {
         for r in 0..rounds {
             for (k, sealed) in [false, true].into_iter().enumerate() {
-                dissemination(n, trials, 21000 + 1000 * (2 * r + k) as u16, Duration::from_secs(10), sealed).await?;
+                dissemination(n, trials, 21000 + 1000 * (2 * r + k) as u16, Duration::from_secs(10), sealed, false).await?;
             }
         }
         Ok(())
@@ -398,7 +404,7 @@ pub fn bench_gossip(sizes: &[usize], trials: usize, idle: Duration, fail_n: usiz
         for (k, n) in sizes.iter().enumerate() {
             for sealed in [false, true] {
                 // Ports of their own: a stopped instance's listener may linger a moment.
-                dissemination(*n, trials, 21000 + 1000 * k as u16 + if sealed { 500 } else { 0 }, idle, sealed).await?;
+                dissemination(*n, trials, 21000 + 1000 * k as u16 + if sealed { 500 } else { 0 }, idle, sealed, false).await?;
             }
         }
         failure_detection(fail_n, fail_trials, 26000, false).await?;

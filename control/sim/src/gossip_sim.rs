@@ -586,7 +586,7 @@ pub fn validate(sizes: &[usize], trials: usize, idle: Duration, cores: usize) ->
     println!("calibrated on {cores} workers: {:?} a datagram sent or received (busy), {:?} a wake-up", costs.per_message, costs.wake);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cores.max(1)).enable_all().build()?;
     for (k, &n) in sizes.iter().enumerate() {
-        let real = rt.block_on(gossip_real::dissemination(n, trials, 21000 + 1000 * k as u16, idle, true))?;
+        let real = rt.block_on(gossip_real::dissemination(n, trials, 21000 + 1000 * k as u16, idle, true, true))?;
         if let Some(cpu) = real.cpu_per_message_us {
             println!("N={n}: idle, the real instances spent {cpu:.1} us of CPU a datagram sent or received (their timers and wake-ups included)");
         }
